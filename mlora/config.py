@@ -1,0 +1,376 @@
+"""Training configuration: JSON file <-> typed dataclasses, validated before anything loads.
+
+Key names follow upstream m-LoRA so existing configs keep working. Every key is checked up front
+and every problem is reported as one line that names the file, the adapter and the key; unknown
+keys are rejected so that a typo (``learning_rate`` for ``lr``) cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlora.errors import ConfigError
+
+SCHEDULER_TYPES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Names users often write for our keys (from PEFT / transformers / other trainers).
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "lora_r": "r",
+    "rank": "r",
+    "alpha": "lora_alpha",
+    "epochs": "num_epochs",
+    "num_train_epochs": "num_epochs",
+    "dropout": "lora_dropout",
+    "optimizer": "optim",
+    "lr_scheduler_type": "scheduler_type",
+    "max_seq_length": "cutoff_len",
+    "train_data": "data",
+}
+
+Check = Callable[[Any], str | None]
+
+
+def _key(default: Any, help: str, check: Check | None = None, **extra: Any) -> Any:
+    """A config key: its default, its ``--help`` text and the check its value must pass."""
+    meta = {"help": help, "check": check, **extra}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _required(help: str, check: Check) -> Any:
+    return field(default=None, metadata={"help": help, "check": check, "required": True})
+
+
+# --- value checks: each returns None when valid, else what the value must be ---------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def int_at_least(low: int) -> Check:
+    return lambda v: None if _is_int(v) and v >= low else f"an integer >= {low}"
+
+
+def positive_number(v: Any) -> str | None:
+    return None if _is_num(v) and v > 0 else "a number > 0"
+
+
+def non_negative_number(v: Any) -> str | None:
+    return None if _is_num(v) and v >= 0 else "a number >= 0"
+
+
+def fraction(v: Any) -> str | None:
+    return None if _is_num(v) and 0 <= v < 1 else "a number in [0, 1)"
+
+
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def non_empty_string(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.strip() else "a non-empty string"
+
+
+def optional(check: Check) -> Check:
+    return lambda v: None if v is None else check(v)
+
+
+def one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _adapter_name(v: Any) -> str | None:
+    bad = not isinstance(v, str) or not v.strip() or v in (".", "..") or any(c in v for c in "/\\")
+    return "a non-empty name usable as a folder name (no '/' or '\\')" if bad else None
+
+
+def _target_modules(v: Any) -> str | None:
+    if isinstance(v, list) and v and all(isinstance(m, str) and m for m in v):
+        return None
+    if isinstance(v, dict) and v and all(isinstance(b, bool) for b in v.values()):
+        return None if any(v.values()) else "a mapping with at least one module set to true"
+    return "a non-empty list of module names, or a {name: true|false} mapping"
+
+
+# --- the schema ------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterConfig:
+    """One adapter: its data, its LoRA shape and its own optimisation hyperparameters."""
+
+    name: str = _required("Adapter name; also its output folder DIR/NAME.", _adapter_name)
+    data: str = _required(
+        "Training data: a local .json/.jsonl/.csv/.parquet file, or a hub dataset name.",
+        non_empty_string,
+    )
+    task_name: str = _key(
+        "casual", "Task type: 'casual' (causal LM fine-tuning).", one_of("casual")
+    )
+    test_data: str | None = _key(
+        None, "Evaluation data, same schema as data.", optional(non_empty_string)
+    )
+    prompt: str = _key(
+        "alpaca", "Prompt template: 'alpaca' or a template JSON file.", non_empty_string
+    )
+    r: int = _key(8, "LoRA rank.", int_at_least(1))
+    lora_alpha: float = _key(
+        16, "LoRA alpha; scale = alpha / r (alpha / sqrt(r) with rsLoRA).", positive_number
+    )
+    lora_dropout: float = _key(0.05, "Dropout on the adapter input (0 disables it).", fraction)
+    target_modules: list[str] | dict[str, bool] = _key(
+        list(DEFAULT_TARGET_MODULES),
+        "Linear layers to adapt, by their last name component (q_proj, down_proj, ...).",
+        _target_modules,
+    )
+    use_dora: bool = _key(False, "DoRA: train a magnitude vector as well.", boolean)
+    use_rslora: bool = _key(False, "rsLoRA: scale = alpha / sqrt(r).", boolean)
+    loraplus_lr_ratio: float | None = _key(
+        None,
+        "LoRA+: learning rate of lora_B = lr * ratio (unset: same lr).",
+        optional(positive_number),
+    )
+    lora_init: str = _key(
+        "original",
+        "lora_A init: 'original' (Kaiming uniform) or 'gaussian'.",
+        one_of("original", "gaussian"),
+    )
+    batch_size: int = _key(16, "Rows per optimizer step.", int_at_least(1))
+    micro_batch_size: int | None = _key(
+        None,
+        "Rows per forward pass (divides batch_size; unset: batch_size).",
+        optional(int_at_least(1)),
+    )
+    evaluate_batch_size: int = _key(16, "Rows per evaluation pass.", int_at_least(1))
+    num_epochs: int = _key(3, "Passes over the training data.", int_at_least(1))
+    optim: str = _key("adamw", "Optimizer: 'adamw' or 'sgd'.", one_of("adamw", "sgd"))
+    lr: float = _key(3e-4, "Learning rate.", positive_number)
+    momentum: float = _key(0.0, "SGD momentum.", non_negative_number)
+    weight_decay: float = _key(0.0, "Weight decay.", non_negative_number)
+    scheduler_type: str = _key(
+        "constant",
+        "Any transformers get_scheduler name (linear, cosine, ...).",
+        one_of(*SCHEDULER_TYPES),
+    )
+    warmup_ratio: float = _key(0.0, "Warm-up as a fraction of this adapter's steps.", fraction)
+    warmup_steps: int = _key(
+        0, "Warm-up steps; when > 0 it takes precedence over warmup_ratio.", int_at_least(0)
+    )
+    group_by_length: bool = _key(False, "Order rows by length to cut padding.", boolean)
+    shuffle: bool = _key(
+        True, "Shuffle rows each epoch (seeded by --seed); false keeps file order.", boolean
+    )
+    train_on_inputs: bool = _key(
+        False, "Also train on the prompt tokens (default: output only).", boolean
+    )
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size is None:
+            self.micro_batch_size = self.batch_size
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA output scale: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches whose gradients make one optimizer step."""
+        assert self.micro_batch_size is not None
+        return self.batch_size // self.micro_batch_size
+
+    @property
+    def target_module_names(self) -> list[str]:
+        if isinstance(self.target_modules, dict):
+            return [name for name, on in self.target_modules.items() if on]
+        return list(self.target_modules)
+
+
+@dataclass
+class TrainConfig:
+    """A whole run: shared settings plus the list of adapters trained together."""
+
+    lora: list[AdapterConfig] = _required("The adapters, one object each.", lambda v: None)
+    cutoff_len: int = _key(256, "Maximum tokens per row (prompt + output + EOS).", int_at_least(2))
+    save_step: int = _key(
+        0,
+        "Write DIR/NAME/checkpoint-STEP every this many optimizer steps (0: only at the end).",
+        int_at_least(0),
+    )
+    save_total_limit: int = _key(
+        2, "Checkpoints kept per adapter (older ones are deleted).", int_at_least(1)
+    )
+    train_lora_candidate_num: int | None = _key(
+        None, "Adapters held in training at once (unset: all).", optional(int_at_least(1))
+    )
+    train_lora_simultaneously_num: int | None = _key(
+        None, "Adapters that share one step (unset: all candidates).", optional(int_at_least(1))
+    )
+    train_strategy: str = _key(
+        "optim",
+        "'optim' groups adapters whose next rows have similar lengths; 'none' takes them in order.",
+        one_of("optim", "none"),
+    )
+    log_step: int = _key(
+        10, "Print per-adapter loss, lr and tokens/s every this many steps.", int_at_least(1)
+    )
+    evaluate_result: str | None = _key(
+        None,
+        "Where evaluation writes its JSON (default DIR/evaluate_result.json).",
+        optional(non_empty_string),
+    )
+    source: str = field(default="<config>", metadata={"internal": True})
+
+    def adapter(self, name: str) -> AdapterConfig:
+        for adapter in self.lora:
+            if adapter.name == name:
+                return adapter
+        raise ConfigError(f"{self.source}: no adapter named {name!r}")
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def _user_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Validate one JSON object against a dataclass schema and build it."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a JSON object")
+    fields = {f.name: f for f in _user_fields(cls)}
+    for key in raw:
+        if key not in fields:
+            hint = (
+                [KEY_ALIASES[key]]
+                if key in KEY_ALIASES
+                else difflib.get_close_matches(key, fields, n=1)
+            )
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{suggestion}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.metadata.get("required"):
+                raise ConfigError(f"{where}: missing required key {name!r}")
+            continue
+        value = raw[name]
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and f.type in ("float", "float | None")
+        ):
+            value = float(value)
+        check = f.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{where}: key {name!r} must be {problem}, got {json.dumps(value)}")
+        values[name] = value
+    return cls(**values)
+
+
+def _check_adapter(adapter: AdapterConfig, where: str) -> None:
+    if adapter.batch_size % adapter.micro_batch_size:  # type: ignore[operator]
+        raise ConfigError(
+            f"{where}: key 'micro_batch_size' ({adapter.micro_batch_size}) must divide "
+            f"'batch_size' ({adapter.batch_size})"
+        )
+
+
+def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
+    """Build and validate a TrainConfig from parsed JSON.
+
+    Raises:
+        ConfigError: one line naming ``source``, the adapter and the key at fault.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a JSON object")
+    adapters_raw = raw.get("lora")
+    if not isinstance(adapters_raw, list) or not adapters_raw:
+        raise ConfigError(f"{source}: key 'lora' must be a non-empty list of adapters")
+    adapters = []
+    seen: set[str] = set()
+    for index, item in enumerate(adapters_raw):
+        label = item.get("name") if isinstance(item, dict) else None
+        where = (
+            f"{source}: adapter {label!r}" if isinstance(label, str) else f"{source}: lora[{index}]"
+        )
+        adapter = _build(AdapterConfig, item, where)
+        _check_adapter(adapter, where)
+        if adapter.name in seen:
+            raise ConfigError(f"{source}: duplicate adapter name {adapter.name!r}")
+        seen.add(adapter.name)
+        adapters.append(adapter)
+    top = _build(TrainConfig, {**raw, "lora": []}, source)
+    top.lora = adapters
+    top.source = source
+    return top
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a JSON config file.
+
+    Raises:
+        ConfigError: missing file, invalid JSON (with line and column), or an invalid key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    return parse_config(raw, source=str(path))
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The JSON form of a config (what ``load_config`` reads back)."""
+    top = {f.name: getattr(config, f.name) for f in _user_fields(TrainConfig) if f.name != "lora"}
+    top["lora"] = [
+        {f.name: getattr(a, f.name) for f in _user_fields(AdapterConfig)} for a in config.lora
+    ]
+    return top
+
+
+def describe_keys(cls: type) -> list[tuple[str, Any, str]]:
+    """(key, default, help) for each user key of a schema: the source of README's reference."""
+    rows = []
+    for f in _user_fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append(
+            (f.name, "(required)" if f.metadata.get("required") else default, f.metadata["help"])
+        )
+    return rows
