@@ -1,0 +1,124 @@
+"""LoRA for one adapter on one linear layer, with DoRA as a variant (PEFT's math exactly).
+
+LoRA adds ``scaling * B(A(dropout(x)))`` to the frozen layer's output. DoRA additionally
+rescales each output row by a trained magnitude over the norm of the adapted weight
+``m / ||W + scaling * B A||`` (the norm is detached, as in the DoRA paper section 4.3 and PEFT).
+Adapter weights are kept in fp32 whatever the base dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def init_lora_weights(lora_A: nn.Linear, lora_B: nn.Linear, init: str, r: int) -> None:
+    """PEFT's initialisation: B = 0 so the adapter starts as the identity on the base model.
+
+    Args:
+        init: "original" (Kaiming uniform A, PEFT's default) or "gaussian" (A ~ N(0, 1/r)).
+    """
+    if init == "gaussian":
+        nn.init.normal_(lora_A.weight, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(lora_B.weight)
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's trained magnitude vector, one value per output feature (PEFT: lora_magnitude_vector)."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(out_features))
+
+    @staticmethod
+    def weight_norm(
+        weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Row norms of the adapted weight, shape (out,)."""
+        return torch.linalg.norm(weight + scaling * lora_weight, dim=1).to(weight.dtype)
+
+    def reset(self, weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> None:
+        """Start at the norm of the adapted weight so the adapter starts as the identity."""
+        with torch.no_grad():
+            self.weight.copy_(self.weight_norm(weight.float(), lora_weight.float(), scaling))
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's LoRA matrices, dropout and (optionally) DoRA magnitude for one layer.
+
+    Args:
+        in_features, out_features: the wrapped layer's shape.
+        r: rank.
+        scaling: output scale (alpha / r, or alpha / sqrt(r) for rsLoRA).
+        dropout: probability applied to the adapter's input (0 disables).
+        init: "original" or "gaussian" initialisation of lora_A.
+        use_dora: add DoRA's magnitude vector (initialised from ``base_weight``).
+        base_weight: the dense (out, in) base weight; required with ``use_dora``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        init: str = "original",
+        use_dora: bool = False,
+        base_weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        init_lora_weights(self.lora_A, self.lora_B, init, r)
+        self.magnitude: DoraMagnitude | None = None
+        if use_dora:
+            if base_weight is None:
+                raise ValueError("DoRA needs the base weight to initialise its magnitude")
+            self.magnitude = DoraMagnitude(out_features)
+            self.magnitude.reset(base_weight, self.lora_weight(), scaling)
+
+    def lora_weight(self) -> torch.Tensor:
+        """B @ A, shape (out, in), without the scale."""
+        return self.lora_B.weight @ self.lora_A.weight
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_result: torch.Tensor,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What this adapter adds to the base output for its tokens.
+
+        Args:
+            x: (N, in) the segment's layer input.
+            base_result: (N, out) the frozen layer's output for the same tokens.
+            base_weight: (out, in) dense base weight; needed only for DoRA.
+            base_bias: the base layer's bias, removed from ``base_result`` for DoRA.
+
+        Returns:
+            (N, out) fp32 delta.
+        """
+        x = x.to(self.lora_A.weight.dtype)
+        if self.magnitude is None:
+            return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        assert base_weight is not None
+        weight = base_weight.to(x.dtype)
+        norm = DoraMagnitude.weight_norm(weight, self.lora_weight().detach(), self.scaling).detach()
+        mag_norm_scale = (self.magnitude.weight / norm).view(1, -1)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            lora_result = self.lora_B(self.lora_A(x))
+            base = base_result if base_bias is None else base_result - base_bias
+        else:
+            x = self.dropout(x)
+            lora_result = self.lora_B(self.lora_A(x))
+            base = F.linear(x, weight)
+        return (mag_norm_scale - 1) * base + mag_norm_scale * lora_result * self.scaling

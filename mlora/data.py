@@ -1,0 +1,113 @@
+"""Training data: load each adapter's rows, render prompts, tokenize and mask labels.
+
+The contract (tests and users rely on it): ``ids = tokenizer(prompt + output)`` truncated to
+``cutoff_len - 1``, then EOS appended; labels are -100 over the first ``len(tokenizer(prompt))``
+tokens unless ``train_on_inputs``. Rows whose prompt fills the whole cutoff have nothing to learn
+and are skipped with a warning that counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlora.errors import DataError
+from mlora.prompts import PromptTemplate
+
+IGNORE_INDEX = -100
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+REQUIRED_FIELDS = ("instruction", "output")
+
+logger = logging.getLogger("mlora")
+
+
+@dataclass(frozen=True)
+class TokenizedRow:
+    """One training row: token ids and labels (-100 where no loss is taken)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def load_rows(source: str) -> list[dict[str, Any]]:
+    """Read a local json/jsonl/csv/parquet file, or a hub dataset by name, as a list of dicts.
+
+    Raises:
+        DataError: missing file, unreadable file, unsupported extension or an empty dataset.
+    """
+    import datasets
+
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if path.exists() or suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise DataError(f"data file not found: {source}")
+        if suffix not in LOCAL_FORMATS:
+            raise DataError(f"{source}: unsupported data format (use {', '.join(LOCAL_FORMATS)})")
+        loader_args: dict[str, Any] = {"path": LOCAL_FORMATS[suffix], "data_files": str(path)}
+    else:
+        loader_args = {"path": source}
+    datasets.disable_progress_bars()
+    try:
+        dataset = datasets.load_dataset(**loader_args, split="train")
+    except Exception as exc:  # datasets raises many types; the user needs one line naming the file
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot load data {source}: {first_line}") from None
+    rows = dataset.to_list()
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty")
+    return rows
+
+
+def _check_row(row: dict[str, Any], source: str, index: int) -> None:
+    for key in REQUIRED_FIELDS:
+        if not isinstance(row.get(key), str):
+            raise DataError(f"{source}: row {index} is missing the field {key!r}")
+
+
+def tokenize_rows(
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    template: PromptTemplate,
+    cutoff_len: int,
+    train_on_inputs: bool = False,
+    source: str = "<data>",
+) -> list[TokenizedRow]:
+    """Tokenize alpaca-style rows following the contract in the module docstring.
+
+    Raises:
+        DataError: a row missing ``instruction`` or ``output`` (file and row named), or no row left.
+    """
+    for index, row in enumerate(rows):
+        _check_row(row, source, index)
+    prompts = [template.render(r["instruction"], r.get("input") or "") for r in rows]
+    full = tokenizer([p + r["output"] for p, r in zip(prompts, rows, strict=True)])["input_ids"]
+    prompt_lens = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    eos = tokenizer.eos_token_id
+    out: list[TokenizedRow] = []
+    skipped = 0
+    for ids, prompt_len in zip(full, prompt_lens, strict=True):
+        if not train_on_inputs and prompt_len >= cutoff_len - 1:
+            skipped += 1
+            continue
+        ids = [*ids[: cutoff_len - 1], eos]
+        masked = 0 if train_on_inputs else prompt_len
+        out.append(TokenizedRow(ids, [IGNORE_INDEX] * masked + ids[masked:]))
+    if skipped:
+        logger.warning(
+            "%s: skipped %d of %d rows whose prompt fills cutoff_len=%d (nothing left to learn)",
+            source,
+            skipped,
+            len(rows),
+            cutoff_len,
+        )
+    if not out:
+        raise DataError(
+            f"{source}: no usable rows (all {len(rows)} prompts are longer than cutoff_len)"
+        )
+    return out

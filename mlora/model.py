@@ -1,0 +1,245 @@
+"""The frozen base model with adapter-aware layers injected, and its per-adapter loss.
+
+We wrap transformers' own model classes (never copy them): the base causal LM is loaded with
+``AutoModelForCausalLM``, frozen, and each target linear layer is replaced in place by a
+``MultiLoraLinear``. Only the adapter-aware layers know adapters exist; they read the batch
+layout from a ``LayoutContext`` that this class sets around each pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlora.adapters import LoraAdapter, MultiLoraLinear
+from mlora.errors import MloraError
+from mlora.layout import BatchLayout, LayoutContext
+
+logger = logging.getLogger("mlora")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The shape of one LoRA adapter: flat arguments, so no config object reaches a layer."""
+
+    r: int
+    scaling: float
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    init: str = "original"
+    use_dora: bool = False
+
+
+@dataclass
+class LossBatch:
+    """One step's tensors on the model's device; label indices are prepared on the host.
+
+    Attributes:
+        input_ids, attention_mask: (B, T).
+        layout: the adapter segments of the B rows.
+        positions: (N,) flat indices ``b*T + t`` of positions whose next token is supervised.
+        targets: (N,) the supervised next tokens.
+        owners: (N,) index into ``layout.segments`` of each supervised position.
+        token_counts: (S,) supervised tokens per segment (float, > 0).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    layout: BatchLayout
+    positions: torch.Tensor
+    targets: torch.Tensor
+    owners: torch.Tensor
+    token_counts: torch.Tensor
+
+
+# Module replacement dispatch: (predicate, factory), first match wins (PEFT's pattern).
+LayerFactory = Callable[[nn.Module, LayoutContext], nn.Module]
+_DISPATCH: list[tuple[Callable[[nn.Module], bool], LayerFactory]] = [
+    (lambda m: isinstance(m, nn.Linear), MultiLoraLinear),
+]
+SUPPORTED_LAYERS = "torch.nn.Linear (including bitsandbytes Linear4bit / Linear8bitLt)"
+
+
+def wrap_layer(module: nn.Module, context: LayoutContext) -> nn.Module:
+    """Return the adapter-aware replacement of ``module``.
+
+    Raises:
+        MloraError: the layer type is not supported.
+    """
+    for matches, factory in _DISPATCH:
+        if matches(module):
+            return factory(module, context)
+    raise MloraError(f"cannot adapt a {type(module).__name__} layer; supported: {SUPPORTED_LAYERS}")
+
+
+def freeze(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+class MultiLoraModel(nn.Module):
+    """A frozen causal LM that trains and runs many named adapters side by side.
+
+    Args:
+        model: a transformers causal LM (``AutoModelForCausalLM``), already on its device.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        freeze(model)
+        self.model = model
+        self.context = LayoutContext()
+        self.specs: dict[str, LoraSpec] = {}
+
+    # --- adapters ------------------------------------------------------------------------------
+
+    def _linear_names(self) -> list[str]:
+        return sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, m in self.model.named_modules()
+                if isinstance(m, nn.Linear)
+            }
+        )
+
+    def adapter_layers(self) -> Iterator[tuple[str, MultiLoraLinear]]:
+        """(module path, layer) of every adapter-aware layer, in model order."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, MultiLoraLinear):
+                yield name, module
+
+    def add_adapter(self, name: str, spec: LoraSpec) -> None:
+        """Attach a new LoRA adapter to every target layer.
+
+        Raises:
+            MloraError: a duplicate name, or a target module the model does not have.
+        """
+        if name in self.specs:
+            raise MloraError(f"adapter {name!r} already exists")
+        targets = set(spec.target_modules)
+        found: set[str] = set()
+        for path, module in list(self.model.named_modules()):
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf not in targets:
+                continue
+            if not isinstance(module, MultiLoraLinear):
+                parent = (
+                    self.model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else self.model
+                )
+                module = wrap_layer(module, self.context)
+                setattr(parent, leaf, module)
+            module.add_adapter(name, spec.r, spec.scaling, spec.dropout, spec.init, spec.use_dora)
+            found.add(leaf)
+        missing = sorted(targets - found)
+        if missing:
+            self.remove_adapter(name, strict=False)
+            available = ", ".join(self._linear_names())
+            raise MloraError(
+                f"adapter {name!r}: target module {missing[0]!r} not found in "
+                f"{type(self.model).__name__} (its linear layers: {available})"
+            )
+        self.specs[name] = spec
+
+    def remove_adapter(self, name: str, strict: bool = True) -> None:
+        for _, layer in self.adapter_layers():
+            if name in layer.adapters:
+                del layer.adapters[name]
+        if strict and name not in self.specs:
+            raise MloraError(f"no adapter named {name!r}")
+        self.specs.pop(name, None)
+
+    def adapter_modules(self, name: str) -> Iterator[tuple[str, LoraAdapter]]:
+        """(base layer path, adapter module) of adapter ``name`` on every layer it targets."""
+        for path, layer in self.adapter_layers():
+            if name in layer.adapters:
+                yield path, layer.adapters[name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for _, module in self.adapter_modules(name) for p in module.parameters()]
+
+    # --- passes --------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BatchLayout
+    ) -> Any:
+        """Full logits of the wrapped model with each row using its segment's adapter."""
+        with self.context.use(layout):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    def segment_losses(self, batch: LossBatch) -> torch.Tensor:
+        """Mean next-token cross-entropy over each segment's supervised tokens, shape (S,).
+
+        Runs the backbone once for the whole batch, then applies ``lm_head`` only to the
+        positions that carry a label (most positions are prompt). The layout stays set on the
+        context until the next pass, so backward (and checkpoint recomputation) sees it too.
+        """
+        self.context.layout = batch.layout
+        backbone = self.model.base_model
+        hidden = backbone(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state  # (B, T, H)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # (N, H)
+        logits = self._logits(picked).float()  # (N, V)
+        token_loss = F.cross_entropy(logits, batch.targets, reduction="none")  # (N,)
+        sums = token_loss.new_zeros(len(batch.layout.segments)).index_add(
+            0, batch.owners, token_loss
+        )
+        return sums / batch.token_counts
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2 style soft-capping, as the model's own forward does
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def load_base_model(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local directory or the hub.
+
+    Raises:
+        MloraError: the path/name cannot be loaded (one line naming it).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name_or_path)
+    if (name_or_path.startswith((".", "/")) or local.exists()) and not (
+        local / "config.json"
+    ).is_file():
+        raise MloraError(f"base model not found: {name_or_path} (no config.json in that directory)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **from_pretrained_kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MloraError(f"cannot load base model {name_or_path}: {first}") from None
+    if "quantization_config" not in from_pretrained_kwargs:
+        model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    logger.info("loaded %s (%s, %s)", name_or_path, type(model).__name__, dtype)
+    return model, tokenizer
