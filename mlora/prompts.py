@@ -54,7 +54,8 @@ def load_template(name_or_path: str) -> PromptTemplate:
         if not path.is_file():
             known = ", ".join(BUILTIN_TEMPLATES)
             raise ConfigError(
-                f"unknown prompt template {name_or_path!r}: not a built-in ({known}) and no such file"
+                f"unknown prompt template {name_or_path!r}: "
+                f"not a built-in ({known}) and no such file"
             )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))

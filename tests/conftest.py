@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random LLaMA-style models and tokenizers built in-process (no downloads)."""
+"""Shared fixtures: tiny random LLaMA models and tokenizers built in-process (no downloads)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-TINY_WORDS = ["the", "a", "of", "to", "and", "is", "in", "it", "you", "that", "he", "was", "for", "on", "are", "with", "as", "his", "they", "at", "be", "this", "have", "from", "or", "one", "had", "by", "word", "but", "not", "what", "all", "were", "we", "when", "your", "can", "said", "there", "use", "an", "each", "which", "she", "do", "how", "their", "if", "will", "up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "her", "would", "make", "like", "him", "into", "time", "has", "look", "two", "more", "write", "go", "see", "number", "no", "way", "could", "people", "my", "than", "first", "water", "been", "call", "who", "oil", "its", "now", "find", "long", "down", "day", "did", "get", "come", "made", "may", "part", "red", "blue", "green", "sum", "plus", "minus", "equals", "zero", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "answer", "question", "instruction", "input", "response", "below", "task", "request", "write", "appropriately", "completes", "describes", "paired", "provides", "further", "context", "that", "an"]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

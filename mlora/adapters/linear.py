@@ -90,9 +90,9 @@ class MultiLoraLinear(nn.Module):
         pieces: list[torch.Tensor] = []
         cursor = 0
         for seg in layout.segments:
-            adapter = self.adapters[seg.adapter] if seg.adapter in self.adapters else None
-            if adapter is None:
+            if seg.adapter not in self.adapters:
                 continue
+            adapter = self.adapters[seg.adapter]
             start, end = seg.start * tokens_per_row, seg.end * tokens_per_row
             if start > cursor:
                 pieces.append(flat_y[cursor:start])

@@ -29,7 +29,7 @@ def init_lora_weights(lora_A: nn.Linear, lora_B: nn.Linear, init: str, r: int) -
 
 
 class DoraMagnitude(nn.Module):
-    """DoRA's trained magnitude vector, one value per output feature (PEFT: lora_magnitude_vector)."""
+    """DoRA's trained magnitude, one value per output feature (PEFT: lora_magnitude_vector)."""
 
     def __init__(self, out_features: int) -> None:
         super().__init__()
