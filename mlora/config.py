@@ -26,10 +26,6 @@ SCHEDULER_TYPES = (
     "constant",
     "constant_with_warmup",
     "inverse_sqrt",
-    "reduce_lr_on_plateau",
-    "cosine_with_min_lr",
-    "cosine_warmup_with_min_lr",
-    "warmup_stable_decay",
 )
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Names users often write for our keys (from PEFT / transformers / other trainers).
@@ -175,7 +171,7 @@ class AdapterConfig:
     weight_decay: float = _key(0.0, "Weight decay.", non_negative_number)
     scheduler_type: str = _key(
         "constant",
-        "Any transformers get_scheduler name (linear, cosine, ...).",
+        "A transformers get_scheduler name that needs no extra arguments.",
         one_of(*SCHEDULER_TYPES),
     )
     warmup_ratio: float = _key(0.0, "Warm-up as a fraction of this adapter's steps.", fraction)

@@ -1,0 +1,40 @@
+"""mlora: fine-tune many LoRA-family adapters at once on one shared, frozen base LLM.
+
+Notebook use::
+
+    import mlora
+    config = mlora.load_config("config/example.json")
+    trainer = mlora.train(config, base_model="path/to/model", output_dir="out")
+"""
+
+from mlora.api import check_outputs, train
+from mlora.config import AdapterConfig, TrainConfig, load_config, parse_config
+from mlora.errors import ConfigError, DataError, MloraError
+from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
+from mlora.model import LoraSpec, MultiLoraModel, load_base_model
+from mlora.persistence import read_adapter, save_adapter
+from mlora.trainer import Trainer, prepare_data
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterSegment",
+    "BatchLayout",
+    "ConfigError",
+    "DataError",
+    "LayoutContext",
+    "LoraSpec",
+    "MloraError",
+    "MultiLoraModel",
+    "TrainConfig",
+    "Trainer",
+    "check_outputs",
+    "load_base_model",
+    "load_config",
+    "parse_config",
+    "prepare_data",
+    "read_adapter",
+    "save_adapter",
+    "train",
+]

@@ -1,0 +1,82 @@
+"""The library entry points behind ``mlora.py`` and notebooks: load a model, train a config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mlora.config import TrainConfig, load_config
+from mlora.errors import MloraError
+from mlora.model import MultiLoraModel, load_base_model
+from mlora.trainer import Trainer, prepare_data
+
+logger = logging.getLogger("mlora")
+
+
+def check_outputs(
+    config: TrainConfig, output_dir: Path, overwrite: bool, load_adapter: bool
+) -> None:
+    """Refuse to replace an existing ``DIR/NAME`` unless asked (``--overwrite``/``--load_adapter``).
+
+    Raises:
+        MloraError: naming the first adapter folder that would be overwritten.
+    """
+    if overwrite or load_adapter:
+        return
+    for adapter in config.lora:
+        folder = output_dir / adapter.name
+        if folder.exists() and any(folder.iterdir()):
+            raise MloraError(f"{folder} already exists; pass --overwrite to replace it")
+
+
+def train(
+    config: TrainConfig | str | Path,
+    base_model: str,
+    output_dir: str | Path = ".",
+    seed: int = 42,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    load_adapter: bool = False,
+    overwrite: bool = False,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> Trainer:
+    """Train every adapter of ``config`` together on ``base_model``, saving to ``output_dir/NAME``.
+
+    Args:
+        config: a TrainConfig or the path of a JSON config.
+        base_model: a local model directory or a hub id.
+        load_adapter: continue each adapter from ``output_dir/NAME`` (ours or any PEFT LoRA).
+        overwrite: allow replacing existing ``output_dir/NAME`` folders.
+
+    Returns:
+        The finished Trainer (``trainer.model`` holds the trained adapters).
+
+    Raises:
+        MloraError: invalid config, data, paths or model (one line each).
+    """
+    if not isinstance(config, TrainConfig):
+        config = load_config(config)
+    output_dir = Path(output_dir)
+    check_outputs(config, output_dir, overwrite, load_adapter)
+    torch.manual_seed(seed)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise MloraError(
+            f"cannot load the tokenizer of {base_model}: {str(exc).strip().splitlines()[0]}"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
+    init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
+    hf_model, _ = load_base_model(base_model, dtype, device, attn_implementation, trust_remote_code)
+    trainer = Trainer(
+        MultiLoraModel(hf_model), tokenizer, config, data, output_dir, seed, base_model, init_from
+    )
+    trainer.train()
+    return trainer

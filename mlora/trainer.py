@@ -1,0 +1,280 @@
+"""The training recipe: many adapters, one frozen base, one forward and one backward per step.
+
+Lifecycle: ``setup`` (data, adapters, optimizers) -> ``train`` (the step loop) -> ``save``.
+Each step the dispatcher picks the adapters that share it; their micro-batches are collated into
+one batch whose layout gives each adapter its own segment. The loss of each adapter is the mean
+over its supervised tokens divided by its accumulation count; one backward fills every adapter's
+gradients (segments never mix, so each adapter gets exactly the gradient it would get alone),
+and each adapter steps its own optimizer and schedule when its batch is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mlora.batch import collate
+from mlora.config import AdapterConfig, TrainConfig
+from mlora.data import TokenizedRow, load_rows, tokenize_rows
+from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch
+from mlora.errors import MloraError
+from mlora.model import LoraSpec, MultiLoraModel
+from mlora.optim import build_optimizer, build_scheduler
+from mlora.persistence import (
+    load_adapter_weights,
+    peft_config,
+    read_adapter,
+    save_adapter,
+    spec_from_peft_config,
+)
+from mlora.prompts import load_template
+
+logger = logging.getLogger("mlora")
+
+
+def adapter_seed(seed: int, name: str) -> int:
+    """A per-adapter seed, so an adapter's init does not depend on which others exist."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def spec_from_config(config: AdapterConfig) -> LoraSpec:
+    return LoraSpec(
+        r=config.r,
+        scaling=config.scaling,
+        dropout=config.lora_dropout,
+        target_modules=tuple(config.target_module_names),
+        init=config.lora_init,
+        use_dora=config.use_dora,
+    )
+
+
+def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]]:
+    """Load and tokenize every adapter's training data (before the model loads: fail fast)."""
+    out = {}
+    for adapter in config.lora:
+        template = load_template(adapter.prompt)
+        rows = load_rows(adapter.data)
+        out[adapter.name] = tokenize_rows(
+            rows,
+            tokenizer,
+            template,
+            config.cutoff_len,
+            adapter.train_on_inputs,
+            source=adapter.data,
+        )
+    return out
+
+
+@dataclass
+class AdapterRun:
+    """Training state of one adapter."""
+
+    config: AdapterConfig
+    queue: AdapterQueue
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_done: int = 0
+    loss_sum: torch.Tensor | None = None  # on device; read only when logging
+    loss_count: int = 0
+    tokens: int = 0
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def finished(self) -> bool:
+        return self.queue.finished
+
+
+class Trainer:
+    """Trains every adapter of a config on one ``MultiLoraModel``.
+
+    Args:
+        model: the wrapped frozen base model.
+        tokenizer: its tokenizer (pad id for collation).
+        config: the validated run config.
+        data: tokenized rows per adapter name (see ``prepare_data``).
+        output_dir: adapters go to ``output_dir/NAME``.
+        seed: seeds data order and adapter initialisation.
+        base_model_name: recorded in each saved ``adapter_config.json``.
+        init_from: adapter folders to continue from, by adapter name (``--load_adapter``).
+    """
+
+    def __init__(
+        self,
+        model: MultiLoraModel,
+        tokenizer,
+        config: TrainConfig,
+        data: dict[str, list[TokenizedRow]],
+        output_dir: str | Path,
+        seed: int = 42,
+        base_model_name: str | None = None,
+        init_from: dict[str, Path] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.seed = seed
+        self.base_model_name = base_model_name
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        self.runs = [
+            self._setup_adapter(a, data[a.name], (init_from or {}).get(a.name)) for a in config.lora
+        ]
+        count = len(self.runs)
+        self.dispatcher = Dispatcher(
+            [run.queue for run in self.runs],
+            candidate_num=config.train_lora_candidate_num or count,
+            simultaneous_num=config.train_lora_simultaneously_num or count,
+            strategy=config.train_strategy,
+        )
+        self.global_step = 0
+        self.on_step: Callable[[Trainer], None] | None = None
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _setup_adapter(
+        self, config: AdapterConfig, rows: list[TokenizedRow], init_from: Path | None
+    ) -> AdapterRun:
+        spec = spec_from_config(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(adapter_seed(self.seed, config.name))
+            self.model.add_adapter(config.name, spec)
+        if init_from is not None:
+            self._load_initial_weights(config, spec, init_from)
+        queue = AdapterQueue(
+            config.name,
+            rows,
+            config.batch_size,
+            config.micro_batch_size or config.batch_size,
+            config.num_epochs,
+            shuffle=config.shuffle,
+            group_by_length=config.group_by_length,
+            seed=self.seed,
+        )
+        named = [
+            (f"{path}.{n}", p)
+            for path, module in self.model.adapter_modules(config.name)
+            for n, p in module.named_parameters()
+        ]
+        optimizer = build_optimizer(config, named)
+        scheduler = build_scheduler(config, optimizer, queue.total_steps)
+        return AdapterRun(config, queue, optimizer, scheduler)
+
+    def _load_initial_weights(self, config: AdapterConfig, spec: LoraSpec, folder: Path) -> None:
+        saved, tensors = read_adapter(folder)
+        saved_spec, _, _ = spec_from_peft_config(saved, str(folder))
+        for key, ours, theirs in [
+            ("r", spec.r, saved_spec.r),
+            ("target_modules", sorted(spec.target_modules), sorted(saved_spec.target_modules)),
+            ("use_dora", spec.use_dora, saved_spec.use_dora),
+        ]:
+            if ours != theirs:
+                raise MloraError(
+                    f"adapter {config.name!r}: {key} is {ours} in the config "
+                    f"but {theirs} in {folder}"
+                )
+        load_adapter_weights(self.model, config.name, tensors, str(folder))
+        logger.info("adapter %s: continuing from %s", config.name, folder)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, list[float]]:
+        """Run until every adapter has done all its epochs; returns each adapter's loss history."""
+        self.model.train()
+        total = sum(run.queue.total_micro_batches - run.queue.micro_steps_done for run in self.runs)
+        progress = tqdm(total=total, desc="training", unit="micro-batch", disable=None)
+        last_log = time.perf_counter()
+        by_queue = {id(run.queue): run for run in self.runs}
+        try:
+            while not self.dispatcher.finished:
+                step = [(by_queue[id(q)], mb) for q, mb in self.dispatcher.next_step()]
+                self.train_step(step)
+                self.global_step += 1
+                progress.update(len(step))
+                if self.global_step % self.config.log_step == 0 or self.dispatcher.finished:
+                    now = time.perf_counter()
+                    self._log(now - last_log)
+                    last_log = now
+                if self.on_step is not None:
+                    self.on_step(self)
+        finally:
+            progress.close()
+            self.model.context.layout = None
+        return {run.name: run.history for run in self.runs}
+
+    def train_step(self, step: list[tuple[AdapterRun, MicroBatch]]) -> None:
+        """One forward and one backward for every adapter in ``step``, then due optimizer steps."""
+        batch = collate(
+            [(run.name, mb.rows) for run, mb in step], self.pad_token_id, self.model.device
+        )
+        losses = self.model.segment_losses(batch)  # (S,)
+        divisors = torch.tensor(
+            [mb.accumulation for _, mb in step], dtype=losses.dtype, device=losses.device
+        )
+        (losses / divisors).sum().backward()
+        detached = losses.detach()
+        for i, (run, mb) in enumerate(step):
+            run.loss_sum = detached[i] if run.loss_sum is None else run.loss_sum + detached[i]
+            run.loss_count += 1
+            run.tokens += sum(len(row) for row in mb.rows)
+            if mb.ends_step:
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                run.steps_done += 1
+                if (
+                    self.config.save_step
+                    and run.steps_done % self.config.save_step == 0
+                    and not run.finished
+                ):
+                    self.save_checkpoint(run)
+                if run.finished:
+                    self.save_final(run)
+
+    def _log(self, elapsed: float) -> None:
+        for run in self.runs:
+            if run.loss_count == 0:
+                continue
+            loss = (
+                run.loss_sum / run.loss_count
+            ).item()  # the only host sync, every log_step steps
+            run.history.append(loss)
+            lr = run.optimizer.param_groups[0]["lr"]
+            logger.info(
+                "step %d | %s | epoch %d | adapter step %d/%d | loss %.4f | lr %.3e | %.0f tok/s",
+                self.global_step, run.name, min(run.queue.epoch + 1, run.config.num_epochs),
+                run.steps_done, run.queue.total_steps, loss, lr, run.tokens / max(elapsed, 1e-9),
+            )  # fmt: skip
+            if not math.isfinite(loss):
+                logger.warning("adapter %s: loss is %s", run.name, loss)
+            run.loss_sum, run.loss_count, run.tokens = None, 0, 0
+
+    # --- saving --------------------------------------------------------------------------------
+
+    def adapter_config_json(self, run: AdapterRun) -> dict:
+        spec = self.model.specs[run.name]
+        return peft_config(spec, run.config.lora_alpha, run.config.use_rslora, self.base_model_name)
+
+    def save_final(self, run: AdapterRun) -> Path:
+        folder = self.output_dir / run.name
+        save_adapter(self.model, run.name, folder, self.adapter_config_json(run))
+        logger.info("adapter %s: finished, saved to %s", run.name, folder)
+        return folder
+
+    def save_checkpoint(self, run: AdapterRun) -> Path:
+        from mlora.checkpoint import write_checkpoint
+
+        return write_checkpoint(self, run)
