@@ -1,0 +1,84 @@
+"""Building blocks shared by the core tests: short prompts, synthetic tasks, in-memory runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mlora.config import parse_config
+from mlora.model import MultiLoraModel
+from mlora.trainer import Trainer, prepare_data
+
+SHORT_TEMPLATE = {"prompt_input": "{instruction} {input}=", "prompt_no_input": "{instruction}="}
+
+
+def write_template(folder: Path) -> str:
+    path = folder / "short_template.json"
+    path.write_text(json.dumps(SHORT_TEMPLATE), encoding="utf-8")
+    return str(path)
+
+
+def addition_rows(count: int = 32, offset: int = 0) -> list[dict]:
+    return [
+        {"instruction": "add", "input": f"{a} {b}", "output": str(a + b)}
+        for a, b in ((i % 7 + offset, (3 * i) % 5) for i in range(count))
+    ]
+
+
+def reverse_rows(count: int = 24) -> list[dict]:
+    words = [
+        "cat",
+        "dog",
+        "bird",
+        "fish",
+        "lion",
+        "bear",
+        "wolf",
+        "frog",
+        "owl",
+        "ant",
+        "bee",
+        "yak",
+    ]
+    return [{"instruction": "rev", "input": w, "output": w[::-1]} for w in (words * 4)[:count]]
+
+
+def write_json(path: Path, rows: list[dict]) -> str:
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return str(path)
+
+
+def run_in_memory(
+    model_factory, tokenizer, raw_config: dict, output_dir: Path, seed: int = 7, init_from=None
+) -> Trainer:
+    """Train a config on a fresh model from ``model_factory`` without touching the CLI."""
+    config = parse_config(raw_config, "test-config")
+    data = prepare_data(config, tokenizer)
+    trainer = Trainer(
+        MultiLoraModel(model_factory()),
+        tokenizer,
+        config,
+        data,
+        output_dir,
+        seed,
+        "tiny",
+        init_from,
+    )
+    trainer.train()
+    return trainer
+
+
+def adapter_tensors(trainer: Trainer, name: str) -> dict[str, torch.Tensor]:
+    return {
+        f"{path}.{pname}": p.detach().clone()
+        for path, module in trainer.model.adapter_modules(name)
+        for pname, p in module.named_parameters()
+    }
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over tensors of ||a - b||_inf / ||b||_inf (robust to entries near zero)."""
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
