@@ -24,13 +24,13 @@ def adapters(tmp_path: Path) -> list[dict]:
     rev = write_json(tmp_path / "rev.json", reverse_rows(12))
     common = {"prompt": template, "lora_dropout": 0.0, "lr": 5e-3}
     return [
-        {"name": "plain", "data": add, "r": 4, "batch_size": 8, "micro_batch_size": 4, "num_epochs": 2,
-         "shuffle": True, **common},
+        {"name": "plain", "data": add, "r": 4, "batch_size": 8, "micro_batch_size": 4,
+         "num_epochs": 2, "shuffle": True, **common},
         {"name": "dora", "data": rev, "r": 2, "batch_size": 4, "num_epochs": 1, "use_dora": True,
          "target_modules": ["q_proj", "v_proj", "down_proj"], "group_by_length": True, **common},
-        {"name": "rslora", "data": rev, "r": 8, "batch_size": 6, "micro_batch_size": 3, "num_epochs": 1,
-         "use_rslora": True, "optim": "sgd", "momentum": 0.9, "loraplus_lr_ratio": 4.0,
-         "scheduler_type": "linear", "warmup_steps": 2, **common},
+        {"name": "rslora", "data": rev, "r": 8, "batch_size": 6, "micro_batch_size": 3,
+         "num_epochs": 1, "use_rslora": True, "optim": "sgd", "momentum": 0.9,
+         "loraplus_lr_ratio": 4.0, "scheduler_type": "linear", "warmup_steps": 2, **common},
     ]  # fmt: skip
 
 
