@@ -1,4 +1,4 @@
-"""Config validation: one line naming the key; every shipped config validates; README is complete."""
+"""Config validation: one line naming the key; shipped configs validate; README is complete."""
 
 from __future__ import annotations
 

@@ -26,8 +26,9 @@ def test_contract_ids_truncation_eos_and_masked_prompt() -> None:
     out = tokenize_rows(ROWS, tokenizer, template, cutoff)
     for row, got in zip(ROWS, out, strict=True):
         prompt = template.render(row["instruction"], row["input"])
-        ids = tokenizer(prompt + row["output"])["input_ids"][: cutoff - 1] + [
-            tokenizer.eos_token_id
+        ids = [
+            *tokenizer(prompt + row["output"])["input_ids"][: cutoff - 1],
+            tokenizer.eos_token_id,
         ]
         prompt_len = len(tokenizer(prompt)["input_ids"])
         assert got.input_ids == ids
@@ -84,7 +85,7 @@ def test_missing_field_names_file_and_row(tmp_path: Path) -> None:
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="data file not found: .*nope.json"):
+    with pytest.raises(DataError, match=r"data file not found: .*nope\.json"):
         load_rows(str(tmp_path / "nope.json"))
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
@@ -103,5 +104,5 @@ def test_template_file_and_unknown_template(tmp_path: Path) -> None:
         )
     )
     assert load_template(str(path)).render("hi", "there") == "Q: hi there\nA:"
-    with pytest.raises(Exception, match="unknown prompt template 'nope'"):
+    with pytest.raises(Exception, match=r"unknown prompt template 'nope'"):
         load_template("nope")
