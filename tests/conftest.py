@@ -33,7 +33,11 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_model(
-    vocab_size: int = 128, hidden: int = 64, layers: int = 2, seed: int = 0
+    vocab_size: int = 128,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    init_range: float = 0.02,
 ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -47,6 +51,7 @@ def make_model(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
+        initializer_range=init_range,
     )
     return LlamaForCausalLM(config).eval()
 
