@@ -30,7 +30,7 @@ def greedy(
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         with torch.no_grad():
             logits = model(batch, mask, BatchLayout.from_row_adapters(adapters)).logits[:, -1]
-        ids = [x + [int(t)] for x, t in zip(ids, logits.argmax(-1), strict=True)]
+        ids = [[*x, int(t)] for x, t in zip(ids, logits.argmax(-1), strict=True)]
     return [
         tokenizer.decode(x[len(tokenizer(p)["input_ids"]) :])
         for x, p in zip(ids, prompts, strict=True)
