@@ -1,0 +1,433 @@
+"""``launch.py`` / ``mlora-launch``: write a config from a template, then run it.
+
+Verbs (each a plain function; ``main`` only parses and dispatches):
+
+- ``gen``: one adapter per task, from ``templates/NAME.json``, validated before it is written.
+- ``run``: calls ``mlora.cli.main`` in the same process (no shelling out); without
+  ``--base_model`` it trains on the built-in random-weight demo model.
+- ``avail``: the templates, prompt templates, task types and bundled data sets.
+- ``help``: the overview, or one verb's help.
+
+A template is an ordinary config with one adapter object: ``gen`` copies its top-level keys,
+fills that adapter's ``name`` and ``data`` once per task and applies the command-line overrides,
+so adding a template (e.g. MixLoRA) is adding a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlora.config import AdapterConfig, describe_keys, load_config, parse_config
+from mlora.errors import ConfigError, MloraError
+
+DEFAULT_CONFIG = "mlora.json"
+# Data files look like paths; anything else in --tasks is a hub dataset name.
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# What a template cannot say in its own keys (templates stay valid configs, no comment keys).
+TEMPLATE_NOTES = {
+    "qlora": "meant for a 4-bit base model: run it with `launch.py run --quantize 4bit`",
+}
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+logger = logging.getLogger("mlora")
+
+
+# --- templates ---------------------------------------------------------------------------------
+
+
+def template_dirs() -> list[Path]:
+    """Where templates are looked up: ``./templates`` first, then the checkout's ``templates``."""
+    dirs = [Path.cwd() / "templates", PACKAGE_ROOT / "templates"]
+    unique: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
+            unique.append(d)
+    return unique
+
+
+def available_templates() -> dict[str, Path]:
+    """Template name -> file; an earlier folder wins on a name clash."""
+    found: dict[str, Path] = {}
+    for folder in template_dirs():
+        for path in sorted(folder.glob("*.json")):
+            found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
+def read_template(name: str) -> tuple[dict[str, Any], Path]:
+    """Load a template by name (or a path to a JSON file) and check it is a valid config.
+
+    Raises:
+        ConfigError: unknown template, invalid JSON, not exactly one adapter, or an invalid key.
+    """
+    templates = available_templates()
+    path = templates.get(name)
+    if path is None:
+        candidate = Path(name)
+        if candidate.suffix == ".json" and candidate.is_file():
+            path = candidate
+        else:
+            known = ", ".join(templates) or "none found"
+            raise ConfigError(f"unknown template {name!r} (available: {known})")
+    load_config(path)  # a broken template is reported as such, not as a broken config later
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if len(raw["lora"]) != 1:
+        raise ConfigError(f"{path}: a template must hold exactly one adapter object")
+    return raw, path
+
+
+def describe_template(raw: dict[str, Any]) -> str:
+    """A one-line summary read from the template's own keys."""
+    adapter = parse_config(raw).lora[0]
+    parts = [f"r={adapter.r} alpha={adapter.lora_alpha:g}", f"lr={adapter.lr:g}"]
+    if adapter.use_dora:
+        parts.append("DoRA")
+    if adapter.use_rslora:
+        parts.append("rsLoRA")
+    if adapter.loraplus_lr_ratio:
+        parts.append(f"LoRA+ ratio {adapter.loraplus_lr_ratio:g}")
+    parts.append("on " + ",".join(adapter.target_module_names))
+    return ", ".join(parts)
+
+
+# --- gen ---------------------------------------------------------------------------------------
+
+# gen flag -> (config key, where it goes: "top" level or each new "adapter")
+GEN_OVERRIDES: dict[str, tuple[str, str]] = {
+    "prompt_template": ("prompt", "adapter"),
+    "cutoff_len": ("cutoff_len", "top"),
+    "save_step": ("save_step", "top"),
+    "lr_scheduler": ("scheduler_type", "adapter"),
+    "warmup_steps": ("warmup_steps", "adapter"),
+    "learning_rate": ("lr", "adapter"),
+    "batch_size": ("batch_size", "adapter"),
+    "micro_batch_size": ("micro_batch_size", "adapter"),
+    "num_epochs": ("num_epochs", "adapter"),
+    "loraplus_lr_ratio": ("loraplus_lr_ratio", "adapter"),
+    "use_dora": ("use_dora", "adapter"),
+    "use_rslora": ("use_rslora", "adapter"),
+    "group_by_length": ("group_by_length", "adapter"),
+}
+
+
+def split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(";") if item.strip()]
+
+
+def check_task(task: str) -> None:
+    """A task that looks like a file must exist; any other name is left to the hub at run time.
+
+    Raises:
+        ConfigError: a data file that does not exist.
+    """
+    path = Path(task)
+    looks_local = path.suffix.lower() in DATA_SUFFIXES or task.startswith((".", "/", "~"))
+    if looks_local and not path.expanduser().is_file():
+        raise ConfigError(f"data file not found: {task}")
+
+
+def adapter_names(adapter_name: str | None, prefix: str, count: int, taken: set[str]) -> list[str]:
+    """Names for ``count`` new adapters.
+
+    ``--adapter_name "a;b"`` gives one name per task; a single name with a single task is used
+    as it is; otherwise it (or the template name) is a prefix: ``PREFIX_0``, ``PREFIX_1``, ...
+    skipping names the config already has.
+
+    Raises:
+        ConfigError: a name count that differs from the task count, or a name already taken.
+    """
+    if adapter_name and (";" in adapter_name or count == 1):
+        names = split_list(adapter_name)
+        if len(names) != count:
+            raise ConfigError(
+                f"--adapter_name gives {len(names)} names for {count} tasks "
+                "(use one name per task, or one prefix)"
+            )
+        for name in names:
+            if name in taken:
+                raise ConfigError(f"adapter name {name!r} is already in the config")
+        return names
+    base = adapter_name or prefix
+    names, index = [], 0
+    while len(names) < count:
+        name = f"{base}_{index}"
+        if name not in taken:
+            names.append(name)
+        index += 1
+    return names
+
+
+def build_config(
+    args: argparse.Namespace,
+    template: dict[str, Any],
+    template_name: str,
+    existing: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The config ``gen`` writes: the template (or ``existing``) plus one adapter per task.
+
+    Raises:
+        ConfigError: missing data file, bad names or an invalid value.
+    """
+    tasks = split_list(args.tasks)
+    if not tasks:
+        raise ConfigError("--tasks is empty: give data files or task names separated by ';'")
+    for task in tasks:
+        check_task(task)
+    config = copy.deepcopy(existing) if existing is not None else copy.deepcopy(template)
+    if existing is None:
+        config["lora"] = []
+    taken = {a["name"] for a in config["lora"]}
+    adapter_template = template["lora"][0]
+    names = adapter_names(args.adapter_name, template_name, len(tasks), taken)
+    for name, task in zip(names, tasks, strict=True):
+        adapter = copy.deepcopy(adapter_template)
+        adapter.update(name=name, data=task)
+        for flag, (key, level) in GEN_OVERRIDES.items():
+            value = getattr(args, flag)
+            if value is None or value is False:
+                continue
+            (config if level == "top" else adapter)[key] = value
+        if args.batch_size is not None and args.micro_batch_size is None:
+            micro = adapter.get("micro_batch_size")
+            if micro is not None and args.batch_size % micro:
+                adapter["micro_batch_size"] = args.batch_size  # the template's no longer divides
+        config["lora"].append(adapter)
+    parse_config(config, source=args.file_name)  # never write a config mlora.py would reject
+    return config
+
+
+def cmd_gen(args: argparse.Namespace) -> int:
+    """Write (or extend, with ``--append``) a config file from a template."""
+    from mlora.atomic import atomic_write_text
+
+    template, template_path = read_template(args.template)
+    target = Path(args.file_name)
+    existing = None
+    if target.exists():
+        if args.append:
+            load_config(target)  # refuse to extend a config that is already broken
+            existing = json.loads(target.read_text(encoding="utf-8"))
+        elif not args.overwrite:
+            raise MloraError(
+                f"{target} already exists; pass --append to add adapters or --overwrite to replace"
+            )
+    config = build_config(args, template, template_path.stem, existing)
+    atomic_write_text(target, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    added = config["lora"][len(existing["lora"]) if existing else 0 :]
+    verb = "added to" if existing else "wrote"
+    print(f"{verb} {target}: {len(added)} adapter(s) from template {template_path.stem}")
+    for adapter in added:
+        print(f"  {adapter['name']}: {adapter['data']}")
+    note = TEMPLATE_NOTES.get(template_path.stem)
+    if note:
+        print(f"note: {template_path.stem} is {note}")
+    config_flag = "" if target == Path(DEFAULT_CONFIG) else f" --config {target}"
+    print(f"next: python launch.py run{config_flag}")
+    return 0
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+# launch.py run option -> (value, the mlora.py flags it becomes)
+RUN_FLAG_MAP: dict[str, Callable[[Any], list[str]]] = {
+    "config": lambda v: ["--config", v],
+    "dir": lambda v: ["--dir", v],
+    "seed": lambda v: ["--seed", str(v)],
+    "device": lambda v: ["--device", v],
+    "load_adapter": lambda v: ["--load_adapter"] if v else [],
+    "overwrite": lambda v: ["--overwrite"] if v else [],
+    "tf32": lambda v: ["--tf32"] if v else [],
+    "dtype": lambda v: {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}[v],
+    "quantize": lambda v: [f"--load_{v}"],
+    "attn_impl": lambda v: ["--attn_impl", v],
+    "resume": lambda v: ["--resume"] if v else [],
+}
+
+
+def mlora_argv(args: argparse.Namespace) -> list[str]:
+    """The ``mlora.py`` flags equivalent to a ``launch.py run`` command line (but the model).
+
+    Raises:
+        MloraError: an option this version of ``mlora.py`` does not offer yet.
+    """
+    from mlora.cli import build_parser
+
+    known = set(build_parser()._option_string_actions)
+    argv: list[str] = []
+    for option, to_flags in RUN_FLAG_MAP.items():
+        value = getattr(args, option)
+        if value is None or value is False:
+            continue
+        flags = to_flags(value)
+        missing = [f for f in flags if f.startswith("--") and f not in known]
+        if missing:
+            raise MloraError(f"--{option} is not supported by this mlora.py (no {missing[0]})")
+        argv += flags
+    return argv
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Train the config in this process via ``mlora.cli.main``; its exit code is returned."""
+    from mlora import cli
+
+    load_config(args.config)  # fail before generating or loading any model
+    argv = mlora_argv(args)
+    base_model = args.base_model
+    if base_model is None:
+        from mlora.demo_model import demo_model_path
+
+        cli.setup_logging(verbose=False, log_file=None)
+        base_model = str(demo_model_path())
+    return cli.main(["--base_model", base_model, *argv])
+
+
+# --- avail / help ------------------------------------------------------------------------------
+
+
+def bundled_data() -> list[Path]:
+    folder = PACKAGE_ROOT / "data"
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+
+def cmd_avail(args: argparse.Namespace) -> int:
+    """List the templates, prompt templates, task types and bundled data sets."""
+    from mlora.prompts import BUILTIN_TEMPLATES
+
+    print("templates (launch.py gen --template NAME):")
+    for name in available_templates():
+        try:
+            raw, _ = read_template(name)
+            summary = describe_template(raw)
+        except MloraError as exc:
+            summary = f"INVALID: {exc}"
+        note = f"; {TEMPLATE_NOTES[name]}" if name in TEMPLATE_NOTES else ""
+        print(f"  {name:<18} {summary}{note}")
+    print("prompt templates (--prompt_template NAME, or a template JSON file):")
+    for name, template in BUILTIN_TEMPLATES.items():
+        print(f"  {name:<18} {template.get('description', '')}")
+    task_help = {key: text for key, _, text in describe_keys(AdapterConfig)}["task_name"]
+    print(f"task types (key task_name): {task_help}")
+    data = bundled_data()
+    if data:
+        print("bundled data sets (launch.py gen --tasks PATH):")
+        for path in data:
+            rows = len(json.loads(path.read_text(encoding="utf-8")))
+            print(f"  {_display(path):<30} {rows} rows")
+    print("tasks may also be local .json/.jsonl/.csv/.parquet files or hub dataset names")
+    return 0
+
+
+def _display(path: Path) -> str:
+    try:
+        return "./" + str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def cmd_help(args: argparse.Namespace) -> int:
+    """``help`` prints the overview; ``help VERB`` prints that verb's options."""
+    if args.verb:
+        return main([args.verb, "--help"])
+    build_parser().print_help()
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def _add_gen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gen",
+        help="write a config from a template, one adapter per task",
+        description="Write a config from templates/NAME.json with one adapter per task; it is "
+        "validated before it is written. Unset options keep the template's values.",
+    )
+    p.add_argument("--template", required=True, help="template name (see `avail`) or a .json file")
+    p.add_argument("--tasks", required=True, help="';'-separated data files or hub dataset names")
+    p.add_argument(
+        "--adapter_name",
+        help="';'-separated names (one per task), or a prefix for NAME_0, NAME_1, ... "
+        "(default prefix: the template name)",
+    )
+    p.add_argument("--file_name", default=DEFAULT_CONFIG, help="config to write (%(default)s)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="add adapters to an existing config")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing config")
+    p.add_argument("--prompt_template", help="prompt template name or JSON file (key prompt)")
+    p.add_argument("--cutoff_len", type=int, help="max tokens per row (key cutoff_len)")
+    p.add_argument("--save_step", type=int, help="checkpoint every N steps (key save_step)")
+    p.add_argument("--lr_scheduler", help="scheduler name, e.g. cosine (key scheduler_type)")
+    p.add_argument("--warmup_steps", type=int, help="warm-up steps (key warmup_steps)")
+    p.add_argument("--learning_rate", type=float, help="learning rate (key lr)")
+    p.add_argument("--batch_size", type=int, help="rows per optimizer step (key batch_size)")
+    p.add_argument("--micro_batch_size", type=int, help="rows per forward (key micro_batch_size)")
+    p.add_argument("--num_epochs", type=int, help="passes over the data (key num_epochs)")
+    p.add_argument("--loraplus_lr_ratio", type=float, help="LoRA+ lr ratio of lora_B")
+    p.add_argument("--use_dora", action="store_true", help="turn DoRA on")
+    p.add_argument("--use_rslora", action="store_true", help="turn rsLoRA on")
+    p.add_argument("--group_by_length", action="store_true", help="order rows by length")
+    p.set_defaults(func=cmd_gen)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="train a config (in this process, through mlora.py)",
+        description="Train every adapter of a config. Without --base_model it uses the built-in "
+        "random-weight demo model (a tiny LLaMA for trying mlora offline, not a real LLM), "
+        "cached in $MLORA_HOME/demo-model (default ~/.cache/mlora/demo-model).",
+    )
+    p.add_argument("--base_model", help="local model folder or hub id (default: demo model)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    p.add_argument("--dir", help="output folder; adapter NAME goes to DIR/NAME (default .)")
+    p.add_argument("--load_adapter", action="store_true", help="continue from DIR/NAME")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing DIR/NAME")
+    p.add_argument("--seed", type=int, help="seed for data order and adapter init")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="base model dtype (fp32)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA)")
+    p.add_argument("--quantize", choices=("4bit", "8bit"), help="load the base model quantized")
+    p.add_argument("--attn_impl", help="eager, sdpa or flash_attention_2")
+    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoints")
+    p.set_defaults(func=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Write mlora configs from templates and run them.",
+        epilog="Quickstart: launch.py gen --template lora --tasks ./data/dummy_data.json; "
+        "launch.py run",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="VERB", required=True)
+    _add_gen(sub)
+    _add_run(sub)
+    avail = sub.add_parser("avail", help="list templates, prompt templates and bundled data")
+    avail.set_defaults(func=cmd_avail)
+    help_ = sub.add_parser("help", help="show this help, or one verb's help")
+    help_.add_argument("verb", nargs="?", choices=("gen", "run", "avail", "help"))
+    help_.set_defaults(func=cmd_help)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for user errors, printed as one line)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) and usage errors (2) end here
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.func(args)
+    except MloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
