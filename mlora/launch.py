@@ -224,7 +224,8 @@ def cmd_gen(args: argparse.Namespace) -> int:
     verb = "added to" if existing else "wrote"
     print(f"{verb} {target}: {len(added)} adapter(s) from template {template_path.stem}")
     for adapter in added:
-        print(f"  {adapter['name']}: {adapter['data']}")
+        kind = "" if Path(adapter["data"]).is_file() else " (not a local file: a hub dataset name)"
+        print(f"  {adapter['name']}: {adapter['data']}{kind}")
     note = TEMPLATE_NOTES.get(template_path.stem)
     if note:
         print(f"note: {template_path.stem} is {note}")

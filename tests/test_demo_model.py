@@ -108,3 +108,15 @@ def test_incomplete_or_stale_cache_is_rebuilt(
 def test_default_home_is_user_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLORA_HOME", raising=False)
     assert demo_model.demo_model_home() == Path.home() / ".cache" / "mlora" / "demo-model"
+
+
+def test_losing_the_first_run_race_keeps_the_winners_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_build: None
+) -> None:
+    monkeypatch.setenv("MLORA_HOME", str(tmp_path))
+    winner = demo_model.demo_model_path()
+    late = tmp_path / ".demo-model-late"
+    demo_model.build_demo_model(late)
+    demo_model._install(late, winner)  # a concurrent first run finishing second
+    assert demo_model._is_current(winner)
+    assert (winner / "model.safetensors").is_file()

@@ -84,29 +84,21 @@ def test_batch_size_alone_keeps_the_config_valid(tmp_path: Path) -> None:
     assert load_config(tmp_path / "mlora.json").lora[0].micro_batch_size == 4
 
 
-def test_adapter_names_from_a_list_a_prefix_or_a_single_name(tmp_path: Path) -> None:
-    tasks = f"{DATA};{TEST_DATA}"
-    assert gen(tmp_path, "--template", "lora", "--tasks", tasks, "--adapter_name", "a;b") == 0
-    assert [a["name"] for a in adapters(tmp_path / "mlora.json")] == ["a", "b"]
-    assert (
-        gen(tmp_path, "--template", "lora", "--tasks", tasks, "--adapter_name", "x", "--overwrite")
-        == 0
-    )  # noqa: E501
-    assert [a["name"] for a in adapters(tmp_path / "mlora.json")] == ["x_0", "x_1"]
-    assert (
-        gen(
-            tmp_path,
-            "--template",
-            "lora",
-            "--tasks",
-            str(DATA),
-            "--adapter_name",
-            "solo",
-            "--overwrite",
-        )
-        == 0
-    )  # noqa: E501
-    assert [a["name"] for a in adapters(tmp_path / "mlora.json")] == ["solo"]
+@pytest.mark.parametrize(
+    ("tasks", "adapter_name", "names"),
+    [
+        (f"{DATA};{TEST_DATA}", "a;b", ["a", "b"]),
+        (f"{DATA};{TEST_DATA}", "x", ["x_0", "x_1"]),
+        (str(DATA), "solo", ["solo"]),
+        (str(DATA), None, ["lora_0"]),
+    ],
+)
+def test_adapter_names_from_a_list_a_prefix_or_a_single_name(
+    tmp_path: Path, tasks: str, adapter_name: str | None, names: list[str]
+) -> None:
+    name_flag = ["--adapter_name", adapter_name] if adapter_name else []
+    assert gen(tmp_path, "--template", "lora", "--tasks", tasks, *name_flag) == 0
+    assert [a["name"] for a in adapters(tmp_path / "mlora.json")] == names
 
 
 def test_append_keeps_existing_adapters_and_their_settings(tmp_path: Path) -> None:
@@ -221,6 +213,13 @@ def test_avail_lists_templates_prompts_and_data(capsys: pytest.CaptureFixture[st
 def test_every_verb_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert launch.main(argv) == 0
     assert "usage: launch.py" in capsys.readouterr().out
+
+
+def test_console_script_points_at_main() -> None:
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["mlora-launch"] == "mlora.launch:main"
 
 
 def test_usage_errors_exit_2() -> None:
