@@ -1,12 +1,14 @@
 """Whole-process time: mlora training 4 adapters at once vs PEFT training them one after another.
 
 Both sides train the same 4 adapters on the same data for the same steps on the same small
-random LLaMA (built here, no download) with a LLaMA-sized vocabulary, since the
-vocabulary projection is the largest matmul of small models. mlora is one `python mlora.py` process; the baseline is
-the usual one-job-per-adapter workflow: 4 `peft_train_one.py` processes run one after another.
+random LLaMA (built here, no download) with a LLaMA-sized vocabulary, since the vocabulary
+projection is the largest matmul of small models. mlora is one `python mlora.py` process; the
+baseline is the usual one-job-per-adapter workflow: 4 `peft_train_one.py` processes run one
+after another.
 Prints each time and the ratio.
 
-    python benchmarks/bench_concurrent_vs_peft.py [--hidden 256 --layers 4 --rows 64 --epochs 2 --vocab 32000]
+    python benchmarks/bench_concurrent_vs_peft.py [--hidden 256 --layers 4 --rows 64 --epochs 2]
+                                                  [--vocab 32000]
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def build_model(folder: Path, hidden: int, layers: int, vocab: int) -> None:
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+        vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )  # fmt: skip
@@ -104,7 +107,7 @@ def main() -> None:
                     name,
                     str(folder / "peft-out"),
                 ]
-            )  # fmt: skip
+            )
             for name in TASKS
         )
     steps = args.rows // 8 * args.epochs
