@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
+from mlora.checkpoint import clear_run_state, find_resume_point, restore
 from mlora.config import TrainConfig, load_config
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model
+from mlora.preflight import preflight
 from mlora.trainer import Trainer, prepare_data
 
 logger = logging.getLogger("mlora")
@@ -42,6 +44,7 @@ def train(
     overwrite: bool = False,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    resume: bool = False,
 ) -> Trainer:
     """Train every adapter of ``config`` together on ``base_model``, saving to ``output_dir/NAME``.
 
@@ -50,6 +53,8 @@ def train(
         base_model: a local model directory or a hub id.
         load_adapter: continue each adapter from ``output_dir/NAME`` (ours or any PEFT LoRA).
         overwrite: allow replacing existing ``output_dir/NAME`` folders.
+        resume: continue from the newest complete checkpoint in ``output_dir`` (exactly: the
+            result equals an uninterrupted run); finished adapters stay finished.
 
     Returns:
         The finished Trainer (``trainer.model`` holds the trained adapters).
@@ -60,7 +65,13 @@ def train(
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     output_dir = Path(output_dir)
-    check_outputs(config, output_dir, overwrite, load_adapter)
+    names = [a.name for a in config.lora]
+    point = find_resume_point(output_dir, names) if resume else None
+    if point is not None:
+        load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
+    else:
+        check_outputs(config, output_dir, overwrite, load_adapter)
+    preflight(config, base_model, output_dir, trust_remote_code)
     torch.manual_seed(seed)
     from transformers import AutoTokenizer
 
@@ -78,5 +89,9 @@ def train(
     trainer = Trainer(
         MultiLoraModel(hf_model), tokenizer, config, data, output_dir, seed, base_model, init_from
     )
+    if point is not None:
+        restore(trainer, point)
+    else:
+        clear_run_state(output_dir, names)  # stale checkpoints of a replaced run
     trainer.train()
     return trainer

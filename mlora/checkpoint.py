@@ -1,8 +1,26 @@
-"""Resumable checkpoints: ``DIR/NAME/checkpoint-STEP/``, complete or absent.
+"""Resumable checkpoints: per-adapter folders tied together by run-level cuts.
 
-A checkpoint holds the adapter (PEFT format), its optimizer and scheduler state, its data
-position and the step counters. It is written into a temporary folder and renamed into place,
-and only the newest ``save_total_limit`` are kept.
+Adapters share steps, so an exact resume needs every adapter's state *at the same global step*.
+A **cut** is that consistent snapshot; it has two parts, each written atomically (complete or
+absent) and the run-level one last:
+
+1. ``DIR/NAME/checkpoint-STEP/`` for every running adapter (STEP = its optimizer steps): the
+   adapter in PEFT format, ``optimizer.pt``, ``scheduler.pt`` and ``trainer_state.json``. Weights,
+   optimizer and schedule change only at optimizer steps, so a folder written earlier at the same
+   STEP is reused instead of rewritten.
+2. ``DIR/.mlora-run/step-G/`` (G = global step): ``manifest.json`` (step counters and dispatcher
+   position of every adapter, which checkpoint folder it uses, finished/failed status, loss
+   bookkeeping, the config) and ``state.safetensors`` (RNG states of torch CPU and device, the
+   partial gradients of adapters that are mid gradient-accumulation, pending loss sums).
+
+A cut can therefore be taken after any global step. ``--resume`` picks the newest cut whose parts
+all exist and restores it; since the RNG streams, gradients, optimizer, schedule and data
+position are all restored, the rest of the run is the same computation as without the
+interruption. A cut is taken at the start (``step-0``), whenever an adapter reaches a multiple
+of ``save_step`` or finishes, on Ctrl-C / SIGTERM, and at the end.
+
+Retention: each adapter keeps its newest ``save_total_limit`` folders; a cut that references a
+deleted folder is deleted first, so every cut left on disk is complete.
 """
 
 from __future__ import annotations
@@ -12,20 +30,35 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file, save
 
-from mlora.atomic import atomic_directory
-from mlora.persistence import save_adapter
+from mlora.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
+from mlora.config import config_to_dict
+from mlora.errors import MloraError
+from mlora.persistence import WEIGHTS_NAME, load_adapter_weights, save_adapter
 
 if TYPE_CHECKING:
     from mlora.trainer import AdapterRun, Trainer
 
 logger = logging.getLogger("mlora")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+CUT_PATTERN = re.compile(r"^step-(\d+)$")
+TEMP_PATTERN = re.compile(r"^\..+\.tmp(\.old)?$")  # leftovers of atomic writes cut short
 STATE_NAME = "trainer_state.json"
+RUN_DIR = ".mlora-run"
+MANIFEST_NAME = "manifest.json"
+TENSORS_NAME = "state.safetensors"
+FORMAT = 1
+# Run-wide keys that may change between a run and its resume without changing the result.
+RESUME_FREE_KEYS = {"save_step", "save_total_limit", "log_step", "evaluate_result"}
+
+
+# --- listing ---------------------------------------------------------------------------------
 
 
 def list_checkpoints(adapter_dir: Path) -> list[tuple[int, Path]]:
@@ -40,6 +73,29 @@ def list_checkpoints(adapter_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def list_cuts(output_dir: Path) -> list[tuple[int, Path]]:
+    """Run-level cuts under ``output_dir/.mlora-run``, oldest first."""
+    run_dir = output_dir / RUN_DIR
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        match = CUT_PATTERN.match(child.name)
+        if match and (child / MANIFEST_NAME).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def read_manifest(cut: Path) -> dict[str, Any]:
+    try:
+        return json.loads((cut / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MloraError(f"cannot read {cut / MANIFEST_NAME}: {exc}") from None
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
 def _torch_bytes(obj: object) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -47,13 +103,12 @@ def _torch_bytes(obj: object) -> bytes:
 
 
 def write_checkpoint(trainer: Trainer, run: AdapterRun) -> Path:
-    """Write ``run``'s checkpoint for its current step and prune old ones."""
-    adapter_dir = trainer.output_dir / run.name
-    target = adapter_dir / f"checkpoint-{run.steps_done}"
+    """Write ``DIR/NAME/checkpoint-STEP/`` for ``run``'s current optimizer step."""
+    target = trainer.output_dir / run.name / f"checkpoint-{run.steps_done}"
     with atomic_directory(target) as tmp:
         save_adapter(trainer.model, run.name, tmp, trainer.adapter_config_json(run))
-        (tmp / "optimizer.pt").write_bytes(_torch_bytes(run.optimizer.state_dict()))
-        (tmp / "scheduler.pt").write_bytes(_torch_bytes(run.scheduler.state_dict()))
+        atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(run.optimizer.state_dict()))
+        atomic_write_bytes(tmp / "scheduler.pt", _torch_bytes(run.scheduler.state_dict()))
         state = {
             "adapter": run.name,
             "steps_done": run.steps_done,
@@ -61,8 +116,269 @@ def write_checkpoint(trainer: Trainer, run: AdapterRun) -> Path:
             "queue": run.queue.state_dict(),
             "seed": trainer.seed,
         }
-        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    for _, old in list_checkpoints(adapter_dir)[: -trainer.config.save_total_limit]:
-        shutil.rmtree(old, ignore_errors=True)
+        atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
     logger.info("adapter %s: checkpoint %s", run.name, target)
     return target
+
+
+def _status(run: AdapterRun) -> str:
+    if run.failed is not None:
+        return "failed"
+    return "finished" if run.finished else "running"
+
+
+def write_cut(trainer: Trainer) -> Path:
+    """Write a consistent snapshot of the whole run at ``trainer.global_step``; returns it.
+
+    Adapter folders come first, the run-level folder (the manifest) last, so a cut that exists
+    is complete. Then old checkpoints are pruned (``save_total_limit`` per adapter).
+    """
+    from mlora.backends import get_backend
+
+    tensors: dict[str, torch.Tensor] = {}
+    adapters: dict[str, dict[str, Any]] = {}
+    for run in trainer.runs:
+        status = _status(run)
+        entry: dict[str, Any] = {
+            "status": status,
+            "steps_done": run.steps_done,
+            "queue": run.queue.state_dict(),
+            "loss_count": run.loss_count,
+            "tokens": run.tokens,
+            "history": run.history,
+            "checkpoint": None,
+            "message": run.failed,
+        }
+        if status == "running" and run.steps_done > 0:  # at step 0 the init is reproducible
+            folder = trainer.output_dir / run.name / f"checkpoint-{run.steps_done}"
+            if trainer.checkpoints_written.get(run.name) != run.steps_done or not folder.is_dir():
+                write_checkpoint(trainer, run)
+                trainer.checkpoints_written[run.name] = run.steps_done
+            entry["checkpoint"] = folder.name
+        if status == "running":
+            for i, param in enumerate(_optimizer_params(run)):
+                if param.grad is not None:  # mid gradient-accumulation
+                    tensors[f"grad/{run.name}/{i}"] = param.grad.detach().cpu().contiguous()
+            if run.step_loss is not None:
+                tensors[f"step_loss/{run.name}"] = run.step_loss.detach().cpu().reshape(1)
+        if run.loss_sum is not None:
+            tensors[f"loss_sum/{run.name}"] = run.loss_sum.detach().cpu().reshape(1)
+        adapters[run.name] = entry
+    rng = get_backend(str(trainer.model.device)).get_rng_state()
+    tensors["rng/cpu"] = rng.cpu
+    if rng.device is not None:
+        tensors["rng/device"] = rng.device.cpu()
+    manifest = {
+        "format": FORMAT,
+        "global_step": trainer.global_step,
+        "seed": trainer.seed,
+        "load_adapter": bool(trainer.init_from),
+        "config": _config_json(trainer),
+        "adapters": adapters,
+    }
+    target = trainer.output_dir / RUN_DIR / f"step-{trainer.global_step}"
+    with atomic_directory(target) as tmp:
+        atomic_write_bytes(tmp / TENSORS_NAME, save(tensors))
+        atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    prune(trainer.output_dir, [run.name for run in trainer.runs], trainer.config.save_total_limit)
+    logger.debug("run state %s", target)
+    return target
+
+
+def _optimizer_params(run: AdapterRun) -> list[torch.nn.Parameter]:
+    return [p for group in run.optimizer.param_groups for p in group["params"]]
+
+
+def _config_json(trainer: Trainer) -> dict[str, Any]:
+    return json.loads(json.dumps(config_to_dict(trainer.config)))
+
+
+def _referenced(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        (name, entry["checkpoint"])
+        for name, entry in manifest["adapters"].items()
+        if entry.get("checkpoint")
+    ]
+
+
+def prune(output_dir: Path, names: list[str], keep: int) -> None:
+    """Keep each adapter's newest ``keep`` checkpoints; drop cuts that need a dropped one."""
+    doomed: set[tuple[str, str]] = set()
+    for name in names:
+        for _, folder in list_checkpoints(output_dir / name)[:-keep]:
+            doomed.add((name, folder.name))
+    cuts = list_cuts(output_dir)
+    for index, (_, cut) in enumerate(cuts):
+        too_old = index < len(cuts) - max(keep, 2)
+        if too_old or any(ref in doomed for ref in _referenced(read_manifest(cut))):
+            shutil.rmtree(cut, ignore_errors=True)
+    for name, folder in sorted(doomed):
+        shutil.rmtree(output_dir / name / folder, ignore_errors=True)
+
+
+def clear_run_state(output_dir: Path, names: list[str]) -> None:
+    """Before a fresh run: forget the previous run's checkpoints and cuts of these adapters."""
+    for _, cut in list_cuts(output_dir):
+        if set(read_manifest(cut)["adapters"]) & set(names):
+            shutil.rmtree(cut, ignore_errors=True)
+    for name in names:
+        for _, folder in list_checkpoints(output_dir / name):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- resuming --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A complete cut to resume from."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def global_step(self) -> int:
+        return int(self.manifest["global_step"])
+
+
+def _complete(output_dir: Path, manifest: dict[str, Any]) -> bool:
+    for name, entry in manifest["adapters"].items():
+        if entry["status"] == "finished" and not (output_dir / name / WEIGHTS_NAME).is_file():
+            return False
+    return all(
+        (output_dir / name / folder / STATE_NAME).is_file()
+        for name, folder in _referenced(manifest)
+    )
+
+
+def find_resume_point(output_dir: Path, names: list[str]) -> ResumePoint:
+    """The newest complete cut of a run with exactly these adapters.
+
+    Raises:
+        MloraError: there is none (one line naming the folder).
+    """
+    for _, cut in reversed(list_cuts(output_dir)):
+        manifest = read_manifest(cut)
+        if manifest.get("format") != FORMAT or sorted(manifest["adapters"]) != sorted(names):
+            continue
+        if _complete(output_dir, manifest):
+            return ResumePoint(cut, manifest)
+        logger.warning("skipping incomplete checkpoint %s", cut)
+    raise MloraError(
+        f"nothing to resume in {output_dir}: no complete checkpoint of adapters "
+        f"{', '.join(names)} (run without --resume to start)"
+    )
+
+
+def check_same_run(point: ResumePoint, trainer: Trainer) -> None:
+    """Refuse to resume a run with a different seed or different training settings.
+
+    Raises:
+        MloraError: naming the first key that differs.
+    """
+    saved, now = point.manifest, _config_json(trainer)
+    if saved["seed"] != trainer.seed:
+        raise MloraError(
+            f"cannot resume {point.path}: it was trained with --seed {saved['seed']}, "
+            f"not {trainer.seed}"
+        )
+    old_top = {k: v for k, v in saved["config"].items() if k not in RESUME_FREE_KEYS | {"lora"}}
+    new_top = {k: v for k, v in now.items() if k not in RESUME_FREE_KEYS | {"lora"}}
+    pairs = [(None, old_top, new_top)]
+    old_adapters = {a["name"]: a for a in saved["config"]["lora"]}
+    pairs += [(a["name"], old_adapters[a["name"]], a) for a in now["lora"]]
+    for adapter, old, new in pairs:
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                where = f"adapter {adapter!r} key {key!r}" if adapter else f"key {key!r}"
+                raise MloraError(
+                    f"cannot resume {point.path}: {where} was {json.dumps(old.get(key))}, "
+                    f"now {json.dumps(new.get(key))} (resume with the same config, or start "
+                    "over with --overwrite)"
+                )
+
+
+def _load_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file is one line naming it
+        raise MloraError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def restore(trainer: Trainer, point: ResumePoint) -> None:
+    """Put ``trainer`` back in the exact state of the cut ``point`` and drop newer leftovers."""
+    from mlora.backends import RngState, get_backend
+    from mlora.persistence import read_adapter
+
+    check_same_run(point, trainer)
+    output_dir = trainer.output_dir
+    tensors = load_file(point.path / TENSORS_NAME)
+    device = trainer.model.device
+    for run in trainer.runs:
+        entry = point.manifest["adapters"][run.name]
+        run.queue.load_state_dict(entry["queue"])
+        run.steps_done = entry["steps_done"]
+        run.loss_count, run.tokens = entry["loss_count"], entry["tokens"]
+        run.history = list(entry["history"])
+        loss_sum = tensors.get(f"loss_sum/{run.name}")
+        run.loss_sum = None if loss_sum is None else loss_sum.to(device).reshape(())
+        if entry["status"] == "failed":
+            run.failed = entry["message"]
+        elif entry["status"] == "finished":
+            _, weights = read_adapter(output_dir / run.name)
+            load_adapter_weights(trainer.model, run.name, weights, str(output_dir / run.name))
+        if entry["status"] != "running":
+            continue
+        if entry["checkpoint"] is not None:
+            folder = output_dir / run.name / entry["checkpoint"]
+            _, weights = read_adapter(folder)
+            load_adapter_weights(trainer.model, run.name, weights, str(folder))
+            run.optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
+            run.scheduler.load_state_dict(_load_torch(folder / "scheduler.pt"))
+            trainer.checkpoints_written[run.name] = run.steps_done
+        for i, param in enumerate(_optimizer_params(run)):
+            grad = tensors.get(f"grad/{run.name}/{i}")
+            param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype)
+        step_loss = tensors.get(f"step_loss/{run.name}")
+        run.step_loss = None if step_loss is None else step_loss.to(device).reshape(())
+        _drop_newer_checkpoints(output_dir / run.name, run.steps_done)
+    for step, cut in list_cuts(output_dir):
+        if step > point.global_step:
+            shutil.rmtree(cut, ignore_errors=True)
+    _drop_temporaries([output_dir / RUN_DIR, *(output_dir / run.name for run in trainer.runs)])
+    trainer.global_step = point.global_step
+    trainer.last_cut_step = point.global_step
+    rng_device = tensors.get("rng/device")
+    get_backend(str(device)).set_rng_state(RngState(cpu=tensors["rng/cpu"], device=rng_device))
+    done = [run.name for run in trainer.runs if run.finished and run.failed is None]
+    logger.info(
+        "resuming from %s (global step %d)%s",
+        point.path,
+        point.global_step,
+        f"; already finished: {', '.join(done)}" if done else "",
+    )
+
+
+def _drop_newer_checkpoints(adapter_dir: Path, steps_done: int) -> None:
+    """Folders written after the cut by the interrupted process (they will be written again)."""
+    for step, folder in list_checkpoints(adapter_dir):
+        if step > steps_done:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _drop_temporaries(folders: list[Path]) -> None:
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            if TEMP_PATTERN.match(child.name):
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+
+
+def last_good_checkpoint(trainer: Trainer, run: AdapterRun) -> str:
+    """The newest checkpoint folder of ``run`` (for messages), or a note that there is none."""
+    found = list_checkpoints(trainer.output_dir / run.name)
+    return str(found[-1][1]) if found else "none (no checkpoint written yet)"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 from mlora.errors import MloraError
+from mlora.interrupt import TrainingInterrupted
 
 logger = logging.getLogger("mlora")
 
@@ -32,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="Allow replacing existing DIR/NAME folders."
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue every adapter from the newest complete checkpoint in DIR.",
     )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="Base model in float16.")
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    train(
+    trainer = train(
         config,
         base_model=args.base_model,
         output_dir=Path(args.dir),
@@ -88,8 +95,12 @@ def run(args: argparse.Namespace) -> int:
         load_adapter=args.load_adapter,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
+        resume=args.resume,
     )
-    return 0
+    failed = [run.failed for run in trainer.runs if run.failed]
+    for message in failed:
+        print(f"error: {message}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, args.log_file)
     try:
         return run(args)
+    except TrainingInterrupted as exc:
+        given = sys.argv[1:] if argv is None else argv
+        command = shlex.join(["python", "mlora.py", *given, *([] if args.resume else ["--resume"])])
+        print(f"error: {exc}; resume with: {command}", file=sys.stderr)
+        return exc.exit_code
     except MloraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

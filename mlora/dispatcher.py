@@ -147,6 +147,10 @@ class AdapterQueue:
                 self._epoch_batches = self._build_epoch(self.epoch)
         return batch
 
+    def stop(self) -> None:
+        """End this adapter's training early (it counts as finished from now on)."""
+        self.epoch, self.cursor = self.num_epochs, 0
+
     def state_dict(self) -> dict[str, int]:
         return {
             "epoch": self.epoch,

@@ -26,6 +26,7 @@ from mlora.config import AdapterConfig, TrainConfig
 from mlora.data import TokenizedRow, load_rows, tokenize_rows
 from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch
 from mlora.errors import MloraError
+from mlora.interrupt import GracefulStop, TrainingInterrupted
 from mlora.model import LoraSpec, MultiLoraModel
 from mlora.optim import build_optimizer, build_scheduler
 from mlora.persistence import (
@@ -83,6 +84,8 @@ class AdapterRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     steps_done: int = 0
     loss_sum: torch.Tensor | None = None  # on device; read only when logging
+    step_loss: torch.Tensor | None = None  # on device; loss of the optimizer step in progress
+    failed: str | None = None  # why the adapter was stopped (non-finite loss)
     loss_count: int = 0
     tokens: int = 0
     history: list[float] = field(default_factory=list)
@@ -142,6 +145,10 @@ class Trainer:
         )
         self.global_step = 0
         self.on_step: Callable[[Trainer], None] | None = None
+        self.init_from = dict(init_from or {})
+        self.checkpoints_written: dict[str, int] = {}  # adapter -> STEP of its newest folder
+        self._cut_due = False
+        self.last_cut_step: int | None = None
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -198,22 +205,37 @@ class Trainer:
         progress = tqdm(total=total, desc="training", unit="micro-batch", disable=None)
         last_log = time.perf_counter()
         by_queue = {id(run.queue): run for run in self.runs}
+        if self.config.save_step and self.global_step == 0:
+            self.save_cut()  # step-0: --resume after an early crash starts over exactly
         try:
-            while not self.dispatcher.finished:
-                step = [(by_queue[id(q)], mb) for q, mb in self.dispatcher.next_step()]
-                self.train_step(step)
-                self.global_step += 1
-                progress.update(len(step))
-                if self.global_step % self.config.log_step == 0 or self.dispatcher.finished:
-                    now = time.perf_counter()
-                    self._log(now - last_log)
-                    last_log = now
-                if self.on_step is not None:
-                    self.on_step(self)
+            with GracefulStop() as stop:
+                self._loop(stop, progress, by_queue, last_log)
         finally:
             progress.close()
             self.model.context.layout = None
         return {run.name: run.history for run in self.runs}
+
+    def _loop(self, stop: GracefulStop, progress, by_queue: dict, last_log: float) -> None:
+        while not self.dispatcher.finished:
+            step = [(by_queue[id(q)], mb) for q, mb in self.dispatcher.next_step()]
+            self.train_step(step)
+            self.global_step += 1
+            progress.update(len(step))
+            if self.global_step % self.config.log_step == 0 or self.dispatcher.finished:
+                now = time.perf_counter()
+                self._log(now - last_log)
+                last_log = now
+            if self._cut_due or (stop.signal_name and not self.dispatcher.finished):
+                cut = self.save_cut()
+                if stop.signal_name:
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.signal_name} after global step {self.global_step}; "
+                        f"checkpoint {cut} written"
+                    )
+            if self.on_step is not None:
+                self.on_step(self)
+        if self.config.save_step and self.last_cut_step != self.global_step:
+            self.save_cut()  # the end: --resume of a finished run has nothing left to do
 
     def train_step(self, step: list[tuple[AdapterRun, MicroBatch]]) -> None:
         """One forward and one backward for every adapter in ``step``, then due optimizer steps."""
@@ -228,21 +250,43 @@ class Trainer:
         detached = losses.detach()
         for i, (run, mb) in enumerate(step):
             run.loss_sum = detached[i] if run.loss_sum is None else run.loss_sum + detached[i]
+            run.step_loss = detached[i] if run.step_loss is None else run.step_loss + detached[i]
             run.loss_count += 1
             run.tokens += sum(len(row) for row in mb.rows)
-            if mb.ends_step:
-                run.optimizer.step()
-                run.scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                run.steps_done += 1
-                if (
-                    self.config.save_step
-                    and run.steps_done % self.config.save_step == 0
-                    and not run.finished
-                ):
-                    self.save_checkpoint(run)
-                if run.finished:
-                    self.save_final(run)
+        due = [run for run, mb in step if mb.ends_step]
+        # One host read per step that has an optimizer step: the price of never applying a
+        # non-finite gradient (see README, "Faults during training").
+        finite = torch.isfinite(torch.stack([run.step_loss for run in due])).tolist() if due else []
+        for run, ok in zip(due, finite, strict=True):
+            run.step_loss = None
+            if not ok:
+                self._stop_adapter(run)
+                continue
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.steps_done += 1
+            if self.config.save_step and (
+                run.steps_done % self.config.save_step == 0 or run.finished
+            ):
+                self._cut_due = True
+            if run.finished:
+                self.save_final(run)
+
+    def _stop_adapter(self, run: AdapterRun) -> None:
+        """Stop an adapter whose loss is not finite; its bad gradient is dropped, never applied."""
+        from mlora.checkpoint import last_good_checkpoint
+
+        run.optimizer.zero_grad(set_to_none=True)
+        run.queue.stop()
+        run.failed = (
+            f"adapter {run.name}: non-finite loss at adapter step {run.steps_done + 1} "
+            f"(global step {self.global_step + 1}); stopped it, the others carry on; "
+            f"last good checkpoint: {last_good_checkpoint(self, run)}"
+        )
+        logger.error("%s", run.failed)
+        if self.config.save_step:
+            self._cut_due = True
 
     def _log(self, elapsed: float) -> None:
         for run in self.runs:
@@ -278,3 +322,10 @@ class Trainer:
         from mlora.checkpoint import write_checkpoint
 
         return write_checkpoint(self, run)
+
+    def save_cut(self) -> Path:
+        """Write a resumable snapshot of every adapter at this global step (see checkpoint.py)."""
+        from mlora.checkpoint import write_cut
+
+        self._cut_due, self.last_cut_step = False, self.global_step
+        return write_cut(self)

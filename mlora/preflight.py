@@ -1,0 +1,124 @@
+"""Checks that run before anything expensive loads, so bad input fails in a second, not later.
+
+Loading a large base model takes minutes; a typo in a data path or a target module name should
+not cost that. These checks need only the config, the file system and the model's
+``config.json`` (the module structure is built on the ``meta`` device: no weights, no memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mlora.config import TrainConfig
+from mlora.data import LOCAL_FORMATS
+from mlora.errors import DataError, MloraError
+from mlora.prompts import load_template
+
+logger = logging.getLogger("mlora")
+
+
+def check_base_model_path(base_model: str) -> None:
+    """A local-looking base model must be a folder with ``config.json``.
+
+    Raises:
+        MloraError: naming the path.
+    """
+    local = Path(base_model)
+    if (base_model.startswith((".", "/", "~")) or local.exists()) and not (
+        local.expanduser() / "config.json"
+    ).is_file():
+        raise MloraError(f"base model not found: {base_model} (no config.json in that directory)")
+
+
+def check_data_sources(config: TrainConfig) -> None:
+    """Every local data file exists and has a supported extension; every template loads.
+
+    Raises:
+        DataError / ConfigError: naming the adapter's file or template.
+    """
+    for adapter in config.lora:
+        load_template(adapter.prompt)
+        path = Path(adapter.data)
+        suffix = path.suffix.lower()
+        if path.exists() or suffix in LOCAL_FORMATS:
+            if not path.is_file():
+                raise DataError(f"adapter {adapter.name!r}: data file not found: {adapter.data}")
+            if suffix not in LOCAL_FORMATS:
+                raise DataError(
+                    f"{adapter.data}: unsupported data format (use {', '.join(LOCAL_FORMATS)})"
+                )
+
+
+def adaptable_module_names(base_model: str, trust_remote_code: bool = False) -> set[str] | None:
+    """Last name components of the layers adapters can wrap, from the model's structure alone.
+
+    Builds the model on the ``meta`` device from its config (no weights are read). Returns
+    ``None`` when the config cannot be read here (e.g. a hub id while offline): the check then
+    happens when the model loads.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mlora.model import _DISPATCH
+
+    try:
+        model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                model_config, trust_remote_code=trust_remote_code
+            )
+    except Exception as exc:  # any failure here only postpones the check
+        logger.debug("target module check postponed: %s", exc)
+        return None
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name and any(matches(module) for matches, _ in _DISPATCH)
+    }
+
+
+def check_target_modules(config: TrainConfig, base_model: str, trust_remote_code: bool) -> None:
+    """Every adapter's target modules exist in the base model.
+
+    Raises:
+        MloraError: naming the adapter, the module and the model's adaptable layers.
+    """
+    names = adaptable_module_names(base_model, trust_remote_code)
+    if names is None:
+        return
+    for adapter in config.lora:
+        missing = sorted(set(adapter.target_module_names) - names)
+        if missing:
+            raise MloraError(
+                f"{config.source}: adapter {adapter.name!r}: target module {missing[0]!r} not "
+                f"found in {base_model} (its linear layers: {', '.join(sorted(names))})"
+            )
+
+
+def check_writable(output_dir: Path) -> None:
+    """``output_dir`` can be created and written (else one line now, not after training).
+
+    Raises:
+        MloraError: naming the folder and the reason (permission denied, disk full, ...).
+    """
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mlora-write-test.", dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MloraError(f"cannot write {output_dir}: {exc.strerror or exc}") from None
+
+
+def preflight(
+    config: TrainConfig, base_model: str, output_dir: Path, trust_remote_code: bool = False
+) -> None:
+    """All checks that need neither the tokenizer nor the model's weights."""
+    check_base_model_path(base_model)
+    check_data_sources(config)
+    check_target_modules(config, base_model, trust_remote_code)
+    check_writable(output_dir)
