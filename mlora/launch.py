@@ -43,8 +43,12 @@ logger = logging.getLogger("mlora")
 
 
 def template_dirs() -> list[Path]:
-    """Where templates are looked up: ``./templates`` first, then the checkout's ``templates``."""
-    dirs = [Path.cwd() / "templates", PACKAGE_ROOT / "templates"]
+    """Where templates are looked up: ``./templates``, the checkout's, then the package's own."""
+    dirs = [
+        Path.cwd() / "templates",
+        PACKAGE_ROOT / "templates",  # a checkout or editable install
+        Path(__file__).parent / "templates",  # shipped inside the package (wheel installs)
+    ]
     unique: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
@@ -230,8 +234,13 @@ def cmd_gen(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {template_path.stem} is {note}")
     config_flag = "" if target == Path(DEFAULT_CONFIG) else f" --config {target}"
-    print(f"next: python launch.py run{config_flag}")
+    print(f"next: {_command_name()} run{config_flag}")
     return 0
+
+
+def _command_name() -> str:
+    """How the user invoked us, for the hints we print."""
+    return "python launch.py" if sys.argv[0].endswith("launch.py") else "mlora-launch"
 
 
 # --- run ---------------------------------------------------------------------------------------
