@@ -1,0 +1,161 @@
+"""Mixed-adapter batched generation against PEFT's generate (one adapter at a time, no padding)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from mlora.errors import MloraError
+from mlora.generation import GenerationRequest, SamplingParams, generate
+from mlora.trained import load_trained
+from tests.eval_support import ADAPTERS, trained  # noqa: F401  (session fixture)
+
+PROMPTS = ["add 3 4=", "rev owl=", "up bee=", "dup cat=", "add 12 1=", "rev lion=", "hello"]
+
+
+@pytest.fixture(scope="module")
+def loaded(trained, tiny_model_dir):  # noqa: F811
+    out, _ = trained
+    model, tokenizer = load_trained(str(tiny_model_dir), {n: out / n for n in ADAPTERS})
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def peft_model(trained, tiny_model_dir):  # noqa: F811
+    out, _ = trained
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, out / ADAPTERS[0], adapter_name=ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        model.load_adapter(out / name, adapter_name=name)
+    return model.eval()
+
+
+def mixed_requests() -> list[GenerationRequest]:
+    """Adapters interleaved (not grouped) plus base-model rows; prompts of different lengths."""
+    names = [*ADAPTERS, None]
+    return [GenerationRequest(PROMPTS[i % len(PROMPTS)], names[i % len(names)]) for i in range(12)]
+
+
+def peft_greedy(peft_model, tokenizer, prompt: str, adapter: str | None, **kw) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    common = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kw)
+    if adapter is None:
+        with peft_model.disable_adapter():
+            seq = peft_model.generate(input_ids=ids, **common)
+    else:
+        peft_model.set_adapter(adapter)
+        seq = peft_model.generate(input_ids=ids, **common)
+    return seq[0, ids.shape[1] :].tolist()
+
+
+def test_adapters_are_trained(loaded):
+    model, _ = loaded
+    for name in ADAPTERS:
+        assert all(m.lora_B.weight.abs().max() > 0 for _, m in model.adapter_modules(name))
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_mixed_batch_greedy_equals_peft(loaded, peft_model, penalty):
+    model, tokenizer = loaded
+    requests = mixed_requests()
+    params = SamplingParams(max_new_tokens=12, repetition_penalty=penalty)
+    outputs = generate(model, tokenizer, requests, params)
+    assert [o.request for o in outputs] == requests
+    for out in outputs:
+        expected = peft_greedy(
+            peft_model, tokenizer, out.request.prompt, out.request.adapter,
+            repetition_penalty=penalty,
+        )  # fmt: skip
+        eos = tokenizer.eos_token_id
+        assert out.token_ids == expected[: len(out.token_ids)]
+        assert len(out.token_ids) == len(expected) or expected[len(out.token_ids) - 1] == eos
+        assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    # the adapters really change the answers (otherwise the comparison above proves little)
+    answers = {o.request.adapter: o.token_ids for o in outputs if o.request.prompt == PROMPTS[0]}
+    assert len({tuple(v) for v in answers.values()}) > 1 or len(answers) == 1
+
+
+def test_adapters_answer_differently_on_one_prompt(loaded):
+    model, tokenizer = loaded
+    outs = generate(model, tokenizer, [("rev owl=", n) for n in [*ADAPTERS, None]])
+    assert len({tuple(o.token_ids) for o in outs}) >= 3
+
+
+def test_batch_size_and_order_do_not_change_outputs(loaded):
+    model, tokenizer = loaded
+    requests = mixed_requests()
+    params = SamplingParams(max_new_tokens=8)
+    whole = generate(model, tokenizer, requests, params)
+    chunked = generate(model, tokenizer, requests, params, batch_size=5)
+    reversed_ = generate(model, tokenizer, requests[::-1], params)[::-1]
+    assert [o.token_ids for o in whole] == [o.token_ids for o in chunked]
+    assert [o.token_ids for o in whole] == [o.token_ids for o in reversed_]
+
+
+def test_stop_strings_and_streaming(loaded):
+    model, tokenizer = loaded
+    requests = mixed_requests()
+    free = generate(model, tokenizer, requests, SamplingParams(max_new_tokens=12))
+    stop = next(o.text[2:4] for o in free if len(o.text) >= 6)
+    pieces: dict[int, str] = {}
+
+    def on_text(index: int, text: str) -> None:
+        pieces[index] = pieces.get(index, "") + text
+
+    params = SamplingParams(max_new_tokens=12, stop=(stop,))
+    stopped = generate(model, tokenizer, requests, params, on_text=on_text)
+    for i, (f, s) in enumerate(zip(free, stopped, strict=True)):
+        cut = f.text.find(stop)
+        if cut >= 0:
+            assert s.text == f.text[:cut] and s.finish_reason == "stop"
+            assert f.token_ids[: len(s.token_ids)] == s.token_ids
+        else:
+            assert s.text == f.text and s.finish_reason == f.finish_reason
+        assert pieces.get(i, "") == s.text
+    assert any(s.finish_reason == "stop" for s in stopped)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(loaded):
+    model, tokenizer = loaded
+    requests = mixed_requests()
+    greedy = generate(model, tokenizer, requests, SamplingParams(max_new_tokens=8))
+    top1 = generate(
+        model, tokenizer, requests, SamplingParams(max_new_tokens=8, temperature=0.7, top_k=1)
+    )
+    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+    hot = SamplingParams(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=5)
+    a = generate(model, tokenizer, requests, hot)
+    b = generate(model, tokenizer, requests, hot)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_bad_input_is_one_line(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(MloraError, match="unknown adapter 'nope'") as info:
+        generate(model, tokenizer, [("x", "add"), ("y", "nope")])
+    assert "\n" not in str(info.value)
+    with pytest.raises(MloraError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_missing_adapter_folder(tiny_model_dir: Path, tmp_path: Path):
+    with pytest.raises(MloraError, match="adapter 'ghost'"):
+        load_trained(str(tiny_model_dir), {"ghost": tmp_path / "ghost"})
+
+
+def test_unseeded_sampling_draws_from_the_global_rng(loaded):
+    model, tokenizer = loaded
+    requests = mixed_requests()
+    hot = SamplingParams(max_new_tokens=8, temperature=1.5)
+    torch.manual_seed(11)
+    unseeded = generate(model, tokenizer, requests, hot)
+    after = torch.rand(1)
+    seeded = generate(model, tokenizer, requests, replace(hot, seed=11))
+    assert [o.token_ids for o in unseeded] == [o.token_ids for o in seeded]
+    torch.manual_seed(11)
+    assert not torch.equal(torch.rand(1), after)  # the unseeded call advanced the global RNG
