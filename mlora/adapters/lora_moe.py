@@ -1,0 +1,217 @@
+"""Per-linear mixtures of LoRA experts: LoRAMoE (dense) and MoLA (top-k), one adapter each.
+
+Both put E expert LoRAs and a router (a linear layer without bias, fp32) on each target linear
+layer and add a router-weighted sum of the experts' deltas to the frozen output:
+
+    p = softmax(router(x))                                     # (N, E)
+    LoRAMoE:  delta = sum_e p_e * expert_e(x)                  # every expert, every token
+    MoLA:     keep the top-k of p, renormalise them to sum 1; each token runs only its k experts
+
+This is the upstream m-LoRA / MoE-PEFT semantics (``LoraMoe`` and ``MolaSparseMoe``): the router
+is initialised with ``kaiming_uniform_(a=sqrt(router_init_range))`` (default range 5: the
+``nn.Linear`` default), expert ``i`` is an ordinary LoRA (its own dropout and scale; DoRA works
+too, which upstream lacks). Both modules have ``LoraAdapter``'s interface, so they sit in
+``MultiLoraLinear.adapters`` under one adapter name and see only that adapter's segment.
+
+MoLA dispatches tokens to experts by index: the (token, expert) pairs are sorted by expert, each
+expert runs once on its gathered tokens and the weighted results are scattered back. Splitting
+the sorted pairs needs the per-expert counts on the host: one device sync per MoLA layer call
+(as upstream and transformers' Mixtral do). Optionally MoLA also computes Mixtral's
+load-balancing loss (upstream offers it "for testing" only, off by default).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlora.adapters.lora import DoraMagnitude, LoraAdapter
+
+DEFAULT_ROUTER_INIT_RANGE = 5.0  # upstream's default for loramoe / mola: nn.Linear's own init
+
+
+def load_balancing_loss(
+    probs: torch.Tensor, selected: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mixtral's auxiliary loss ``E * sum_e f_e * P_e`` over the real tokens of one layer.
+
+    ``f_e`` is the fraction of (token, slot) choices that picked expert ``e`` and ``P_e`` the mean
+    router probability of ``e`` (transformers' ``load_balancing_loss_func`` for one layer).
+
+    Args:
+        probs: (N, E) router probabilities before top-k.
+        selected: (N, k) chosen experts.
+        num_experts: E.
+        mask: (N,) bool, True for real tokens; None counts every token.
+
+    Returns:
+        A scalar (not yet multiplied by any coefficient).
+    """
+    chosen = F.one_hot(selected, num_experts).to(probs.dtype)  # (N, k, E)
+    if mask is None:
+        tokens_per_expert = chosen.mean(dim=0)  # (k, E)
+        prob_per_expert = probs.mean(dim=0)  # (E,)
+    else:
+        weight = mask.to(probs.dtype)  # (N,)
+        count = weight.sum().clamp_min(1.0)
+        tokens_per_expert = (chosen * weight[:, None, None]).sum(dim=0) / count
+        prob_per_expert = (probs * weight[:, None]).sum(dim=0) / count
+    return num_experts * (tokens_per_expert * prob_per_expert[None]).sum()
+
+
+class _ExpertMixture(nn.Module):
+    """What LoRAMoE and MoLA share: the router and E expert LoRAs on one linear layer.
+
+    Args:
+        in_features, out_features: the wrapped layer's shape.
+        num_experts: E.
+        r, scaling, dropout, init, use_dora: each expert's LoRA shape (see ``LoraAdapter``).
+        base_weight: the dense (out, in) base weight; required with ``use_dora``.
+        router_init_range: router init ``kaiming_uniform_(a=sqrt(router_init_range))``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_experts: int,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        init: str = "original",
+        use_dora: bool = False,
+        base_weight: torch.Tensor | None = None,
+        router_init_range: float = DEFAULT_ROUTER_INIT_RANGE,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.out_features = out_features
+        self.moe_gate = nn.Linear(in_features, num_experts, bias=False)
+        nn.init.kaiming_uniform_(self.moe_gate.weight, a=math.sqrt(router_init_range))
+        self.experts = nn.ModuleList(
+            LoraAdapter(in_features, out_features, r, scaling, dropout, init, use_dora, base_weight)
+            for _ in range(num_experts)
+        )
+
+    @property
+    def magnitude(self) -> DoraMagnitude | None:
+        """Set when the experts use DoRA: ``MultiLoraLinear`` then passes the dense base weight."""
+        return self.experts[0].magnitude
+
+    def router_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, E) fp32 routing probabilities of the (N, in) input."""
+        return torch.softmax(self.moe_gate(x.to(self.moe_gate.weight.dtype)), dim=-1)
+
+
+class LoraMoeAdapter(_ExpertMixture):
+    """LoRAMoE (Dou et al. 2023) on one linear layer: every expert, softmax-weighted.
+
+    Dense by definition, so it has no load-balancing loss (neither has upstream).
+    """
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_result: torch.Tensor,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What this adapter adds to the base output for its tokens.
+
+        Args:
+            x: (N, in) the segment's layer input.
+            base_result: (N, out) the frozen layer's output for the same tokens.
+            base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
+
+        Returns:
+            (N, out) fp32 delta.
+        """
+        probs = self.router_probs(x)  # (N, E)
+        delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
+        for e, expert in enumerate(self.experts):
+            delta = delta + probs[:, e : e + 1] * expert(x, base_result, base_weight, base_bias)
+        return delta
+
+
+class MolaAdapter(_ExpertMixture):
+    """MoLA (Gao et al. 2024) on one linear layer: each token runs its top-k experts only.
+
+    Args:
+        top_k: experts per token; their probabilities are renormalised to sum to 1.
+        aux_loss: also compute Mixtral's load-balancing loss each training forward (stored in
+            ``aux_loss`` for the trainer to collect; ``token_mask`` restricts it to real tokens).
+        Others: see ``_ExpertMixture``.
+
+    Attributes:
+        aux_loss: the last training forward's load-balancing loss (None when off or in eval).
+        expert_load: (E,) tokens routed to each expert by the last forward (detached).
+        token_mask: optional (N,) bool mask of real tokens for the next forward, set by whoever
+            knows the padding (cleared after use).
+    """
+
+    def __init__(self, *args, top_k: int = 2, aux_loss: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not 1 <= top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, {self.num_experts}], got {top_k}")
+        self.top_k = top_k
+        self.compute_aux_loss = aux_loss
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_load: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probs (N, E), kept weights (N, k) summing to 1, selected experts (N, k))."""
+        probs = self.router_probs(x)
+        weights, selected = torch.topk(probs, self.top_k, dim=-1)
+        return probs, weights / weights.sum(dim=-1, keepdim=True), selected
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_result: torch.Tensor,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What this adapter adds to the base output for its tokens (same contract as LoRA).
+
+        Args:
+            x: (N, in) the segment's layer input.
+            base_result: (N, out) the frozen layer's output for the same tokens.
+            base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
+
+        Returns:
+            (N, out) fp32 delta.
+        """
+        n = x.shape[0]
+        probs, weights, selected = self.route(x)  # (N, E), (N, k), (N, k)
+        flat_expert = selected.reshape(-1)  # (N*k,) expert of each (token, slot) pair
+        order = torch.argsort(flat_expert, stable=True)  # pairs grouped by expert
+        token_of = order // self.top_k  # (N*k,) token of each sorted pair
+        load = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        counts = load.tolist()  # the one host sync: group sizes for the split below
+        xs = x.index_select(0, token_of)  # (N*k, in)
+        if self.magnitude is not None:  # DoRA experts rescale the base output of their tokens
+            bases = base_result.index_select(0, token_of).split(counts)
+        else:
+            bases = (base_result,) * self.num_experts  # unused by plain LoRA experts
+        outputs = [
+            expert(x_e, base_e, base_weight, base_bias)
+            for expert, x_e, base_e, count in zip(
+                self.experts, xs.split(counts), bases, counts, strict=True
+            )
+            if count > 0
+        ]
+        kept = weights.reshape(-1).index_select(0, order)  # (N*k,)
+        routed = torch.cat(outputs) * kept[:, None]  # (N*k, out)
+        delta = routed.new_zeros(n, self.out_features).index_add(0, token_of, routed)
+        self.expert_load = load.detach()
+        mask, self.token_mask = self.token_mask, None
+        self.aux_loss = (
+            load_balancing_loss(probs, selected, self.num_experts, mask)
+            if self.compute_aux_loss and self.training
+            else None
+        )
+        return delta
