@@ -180,9 +180,21 @@ class MultiLoraModel(nn.Module):
     def segment_losses(self, batch: LossBatch) -> torch.Tensor:
         """Mean next-token cross-entropy over each segment's supervised tokens, shape (S,).
 
+        The layout stays set on the context until the next pass, so backward (and checkpoint
+        recomputation) sees it too.
+        """
+        token_loss = self.token_losses(batch)  # (N,)
+        sums = token_loss.new_zeros(len(batch.layout.segments)).index_add(
+            0, batch.owners, token_loss
+        )
+        return sums / batch.token_counts
+
+    def token_losses(self, batch: LossBatch) -> torch.Tensor:
+        """Next-token cross-entropy (fp32) at each supervised position of ``batch``, shape (N,).
+
         Runs the backbone once for the whole batch, then applies ``lm_head`` only to the
-        positions that carry a label (most positions are prompt). The layout stays set on the
-        context until the next pass, so backward (and checkpoint recomputation) sees it too.
+        positions that carry a label (most positions are prompt). Training reduces these per
+        segment; evaluation also per row (a choice's log-likelihood is minus its row's sum).
         """
         self.context.layout = batch.layout
         backbone = self.model.base_model
@@ -191,11 +203,7 @@ class MultiLoraModel(nn.Module):
         ).last_hidden_state  # (B, T, H)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # (N, H)
         logits = self._logits(picked).float()  # (N, V)
-        token_loss = F.cross_entropy(logits, batch.targets, reduction="none")  # (N,)
-        sums = token_loss.new_zeros(len(batch.layout.segments)).index_add(
-            0, batch.owners, token_loss
-        )
-        return sums / batch.token_counts
+        return F.cross_entropy(logits, batch.targets, reduction="none")
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)
