@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlora.errors import ConfigError
+from mlora.eval_tasks import CHOICE_TASK_NAMES
 
 SCHEDULER_TYPES = (
     "linear",
@@ -127,10 +128,16 @@ class AdapterConfig:
         non_empty_string,
     )
     task_name: str = _key(
-        "casual", "Task type: 'casual' (causal LM fine-tuning).", one_of("casual")
+        "casual",
+        "Task type: 'casual' (causal LM fine-tuning; evaluation: loss, perplexity, exact match) or "
+        "a built-in multiple-choice evaluation task: " + ", ".join(CHOICE_TASK_NAMES) + ".",
+        one_of("casual", *CHOICE_TASK_NAMES),
     )
     test_data: str | None = _key(
-        None, "Evaluation data, same schema as data.", optional(non_empty_string)
+        None,
+        "Evaluation data, same schema as data (a choice task: a local file of its schema; unset: "
+        "a local data file, else the hub dataset).",
+        optional(non_empty_string),
     )
     prompt: str = _key(
         "alpaca", "Prompt template: 'alpaca' or a template JSON file.", non_empty_string
@@ -163,7 +170,12 @@ class AdapterConfig:
         "Rows per forward pass (divides batch_size; unset: batch_size).",
         optional(int_at_least(1)),
     )
-    evaluate_batch_size: int = _key(16, "Rows per evaluation pass.", int_at_least(1))
+    evaluate_batch_size: int = _key(
+        16,
+        "Test rows (questions, for choice tasks) of this adapter per evaluation batch; other "
+        "adapters' rows share the batch.",
+        int_at_least(1),
+    )
     num_epochs: int = _key(3, "Passes over the training data.", int_at_least(1))
     optim: str = _key("adamw", "Optimizer: 'adamw' or 'sgd'.", one_of("adamw", "sgd"))
     lr: float = _key(3e-4, "Learning rate.", positive_number)
