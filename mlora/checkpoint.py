@@ -158,11 +158,11 @@ def write_cut(trainer: Trainer) -> Path:
         if status == "running":
             for i, param in enumerate(_optimizer_params(run)):
                 if param.grad is not None:  # mid gradient-accumulation
-                    tensors[f"grad/{run.name}/{i}"] = param.grad.detach().cpu().contiguous()
+                    tensors[f"grad/{run.name}/{i}"] = _own(param.grad)
             if run.step_loss is not None:
-                tensors[f"step_loss/{run.name}"] = run.step_loss.detach().cpu().reshape(1)
+                tensors[f"step_loss/{run.name}"] = _own(run.step_loss.reshape(1))
         if run.loss_sum is not None:
-            tensors[f"loss_sum/{run.name}"] = run.loss_sum.detach().cpu().reshape(1)
+            tensors[f"loss_sum/{run.name}"] = _own(run.loss_sum.reshape(1))
         adapters[run.name] = entry
     rng = get_backend(str(trainer.model.device)).get_rng_state()
     tensors["rng/cpu"] = rng.cpu
@@ -183,6 +183,12 @@ def write_cut(trainer: Trainer) -> Path:
     prune(trainer.output_dir, [run.name for run in trainer.runs], trainer.config.save_total_limit)
     logger.debug("run state %s", target)
     return target
+
+
+def _own(value: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy with its own storage (safetensors refuses shared storage, and the
+    loss sums can be views of the same step's losses)."""
+    return value.detach().cpu().clone(memory_format=torch.contiguous_format)
 
 
 def _optimizer_params(run: AdapterRun) -> list[torch.nn.Parameter]:
