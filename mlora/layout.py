@@ -12,6 +12,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
+from mlora.aux_losses import AuxLossCollector
+
 
 @dataclass(frozen=True)
 class AdapterSegment:
@@ -65,11 +69,36 @@ class LayoutContext:
 
     def __init__(self) -> None:
         self.layout: BatchLayout | None = None
+        # (B*T,) bool, True at real (non-padding) tokens of the pass; None: all tokens are real.
+        self.token_mask: torch.Tensor | None = None
+        self.aux_losses = AuxLossCollector()
+
+    def segment_token_mask(self, start: int, end: int) -> torch.Tensor | None:
+        """(end - start,) real-token mask of flat tokens ``[start, end)``, or None (all real)."""
+        return None if self.token_mask is None else self.token_mask[start:end]
+
+    def adapter_token_mask(self, adapter: str) -> torch.Tensor | None:
+        """Real-token mask of ``adapter``'s segment, for modules that see only its tokens.
+
+        None when there is no mask or the adapter does not own exactly one segment (then treat
+        every token as real).
+        """
+        layout = self.layout
+        if self.token_mask is None or layout is None:
+            return None
+        owned = [seg for seg in layout.segments if seg.adapter == adapter]
+        if len(owned) != 1:
+            return None
+        per_row = self.token_mask.numel() // layout.num_rows
+        return self.token_mask[owned[0].start * per_row : owned[0].end * per_row]
 
     @contextmanager
-    def use(self, layout: BatchLayout | None) -> Iterator[None]:
-        previous, self.layout = self.layout, layout
+    def use(
+        self, layout: BatchLayout | None, token_mask: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        previous = self.layout, self.token_mask
+        self.layout, self.token_mask = layout, token_mask
         try:
             yield
         finally:
-            self.layout = previous
+            self.layout, self.token_mask = previous

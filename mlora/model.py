@@ -174,11 +174,14 @@ class MultiLoraModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BatchLayout
     ) -> Any:
         """Full logits of the wrapped model with each row using its segment's adapter."""
-        with self.context.use(layout):
+        with self.context.use(layout, attention_mask.reshape(-1).bool()):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     def segment_losses(self, batch: LossBatch) -> torch.Tensor:
         """Mean next-token cross-entropy over each segment's supervised tokens, shape (S,).
+
+        Plus, in training, each adapter's MoE router losses recorded during this pass on
+        ``context.aux_losses`` (see ``mlora.aux_losses``).
 
         The layout stays set on the context until the next pass, so backward (and checkpoint
         recomputation) sees it too.
@@ -187,7 +190,9 @@ class MultiLoraModel(nn.Module):
         sums = token_loss.new_zeros(len(batch.layout.segments)).index_add(
             0, batch.owners, token_loss
         )
-        return sums / batch.token_counts
+        losses = sums / batch.token_counts
+        aux = self.context.aux_losses.segment_losses(batch.layout.adapters, losses)
+        return losses if aux is None else losses + aux  # MoE router losses join their adapter's
 
     def token_losses(self, batch: LossBatch) -> torch.Tensor:
         """Next-token cross-entropy (fp32) at each supervised position of ``batch``, shape (N,).
@@ -197,6 +202,8 @@ class MultiLoraModel(nn.Module):
         segment; evaluation also per row (a choice's log-likelihood is minus its row's sum).
         """
         self.context.layout = batch.layout
+        self.context.token_mask = batch.attention_mask.reshape(-1).bool()
+        self.context.aux_losses.clear()
         backbone = self.model.base_model
         hidden = backbone(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
