@@ -115,6 +115,88 @@ def _target_modules(v: Any) -> str | None:
     return "a non-empty list of module names, or a {name: true|false} mapping"
 
 
+def _act_fn(v: Any) -> str | None:
+    from transformers.activations import ACT2FN
+
+    if isinstance(v, str) and v in ACT2FN:
+        return None
+    return "an activation name of transformers.activations.ACT2FN (e.g. 'silu', 'gelu_new')"
+
+
+EXPERT_LORA_KEYS: dict[str, Check] = {
+    "r": int_at_least(1),
+    "lora_alpha": positive_number,
+    "lora_dropout": fraction,
+}
+
+
+def _expert_lora(v: Any) -> str | None:
+    if not isinstance(v, dict):
+        return "an object with any of " + ", ".join(EXPERT_LORA_KEYS)
+    for key, value in v.items():
+        check = EXPERT_LORA_KEYS.get(key)
+        if check is None:
+            return "an object with any of " + ", ".join(EXPERT_LORA_KEYS) + f" (not {key!r})"
+        problem = check(value)
+        if problem:
+            return f"an object whose {key!r} is {problem}"
+    return None
+
+
+def probability(v: Any) -> str | None:
+    return None if _is_num(v) and 0 < v <= 1 else "a number in (0, 1]"
+
+
+# Mixture-of-experts strategies: the keys each one reads and their defaults (num_experts has
+# none: it is required).
+# A MoE key set for a strategy that does not read it is an error, not silently ignored.
+_MIXLORA_COMMON = {
+    "num_experts": None,
+    "router_aux_loss_coef": 0.001,
+    "router_loss": True,
+    "act_fn": None,  # the model's MLP activation
+    "expert_lora": None,  # the adapter's r, lora_alpha, lora_dropout
+}
+MOE_STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixlora": {
+        **_MIXLORA_COMMON,
+        "top_k": 2,
+        "router_init_range": 0.02,
+        "jitter_noise": 0.0,
+    },
+    "mixlora-dynamic": {
+        **_MIXLORA_COMMON,
+        "top_p": 0.8,
+        "temperature": 0.0,
+        "router_init_range": 0.02,
+        "jitter_noise": 0.0,
+    },
+    "mixlora-switch": {
+        **_MIXLORA_COMMON,
+        "router_init_range": 1.0,
+        "jitter_noise": 0.01,
+        "router_z_loss_coef": 0.001,
+        "expert_capacity": 32,
+        "ffn_dropout": 0.0,
+    },
+    "loramoe": {
+        "num_experts": None,
+        "router_init_range": 5.0,
+        "router_aux_loss_coef": 0.001,
+        "router_loss": False,
+    },
+    "mola": {
+        "num_experts": None,
+        "top_k": 2,
+        "router_init_range": 5.0,
+        "router_aux_loss_coef": 0.001,
+        "router_loss": False,
+    },
+}
+MOE_KEYS = sorted({key for table in MOE_STRATEGY_DEFAULTS.values() for key in table})
+MIXLORA_STRATEGIES = ("mixlora", "mixlora-dynamic", "mixlora-switch")
+
+
 # --- the schema ------------------------------------------------------------------------------
 
 
@@ -197,6 +279,65 @@ class AdapterConfig:
     train_on_inputs: bool = _key(
         False, "Also train on the prompt tokens (default: output only).", boolean
     )
+    routing_strategy: str | None = _key(
+        None,
+        "Mixture of LoRA experts: 'mixlora' (FFN experts, top-k), 'mixlora-dynamic' (top-p), "
+        "'mixlora-switch' (top-1 with capacity), 'loramoe' (dense, per linear), 'mola' (top-k, "
+        "per linear); unset: plain LoRA.",
+        optional(one_of(*MOE_STRATEGY_DEFAULTS)),
+    )
+    num_experts: int | None = _key(
+        None, "MoE: number of LoRA experts (required with routing_strategy).",
+        optional(int_at_least(1)),
+    )  # fmt: skip
+    top_k: int | None = _key(
+        None, "mixlora, mola: experts per token (default 2; <= num_experts).",
+        optional(int_at_least(1)),
+    )  # fmt: skip
+    top_p: float | None = _key(
+        None, "mixlora-dynamic: keep the fewest experts whose probabilities sum past this "
+        "(default 0.8).", optional(probability),
+    )  # fmt: skip
+    temperature: float | None = _key(
+        None, "mixlora-dynamic: router softmax temperature (default 0: none).",
+        optional(non_negative_number),
+    )  # fmt: skip
+    router_init_range: float | None = _key(
+        None, "MoE: std of the router's normal init (default 0.02; switch 1.0; loramoe/mola 5.0).",
+        optional(non_negative_number),
+    )  # fmt: skip
+    router_aux_loss_coef: float | None = _key(
+        None, "MoE: weight of the load-balancing loss over real tokens (default 0.001).",
+        optional(non_negative_number),
+    )  # fmt: skip
+    router_z_loss_coef: float | None = _key(
+        None, "mixlora-switch: weight of the router z-loss (default 0.001).",
+        optional(non_negative_number),
+    )  # fmt: skip
+    router_loss: bool | None = _key(
+        None, "MoE: add the router losses to the adapter's loss (default true; loramoe/mola "
+        "false).", optional(boolean),
+    )  # fmt: skip
+    jitter_noise: float | None = _key(
+        None, "mixlora*: multiplicative router-input noise in training (default 0; switch 0.01).",
+        optional(fraction),
+    )  # fmt: skip
+    expert_capacity: int | None = _key(
+        None, "mixlora-switch: tokens per expert per row in training; overflow tokens take the "
+        "frozen FFN (default 32).", optional(int_at_least(1)),
+    )  # fmt: skip
+    ffn_dropout: float | None = _key(
+        None, "mixlora-switch: dropout on the experts' output in training (default 0).",
+        optional(fraction),
+    )  # fmt: skip
+    act_fn: str | None = _key(
+        None, "mixlora*: experts' activation (default: the model's MLP activation).",
+        optional(_act_fn),
+    )  # fmt: skip
+    expert_lora: dict[str, Any] | None = _key(
+        None, "mixlora*: the experts' own {r, lora_alpha, lora_dropout} (default: the adapter's).",
+        optional(_expert_lora),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.micro_batch_size is None:
@@ -212,6 +353,12 @@ class AdapterConfig:
         """Micro-batches whose gradients make one optimizer step."""
         assert self.micro_batch_size is not None
         return self.batch_size // self.micro_batch_size
+
+    def moe(self, key: str) -> Any:
+        """A MoE key's value: the one set, else its routing_strategy's default."""
+        assert self.routing_strategy is not None
+        value = getattr(self, key)
+        return MOE_STRATEGY_DEFAULTS[self.routing_strategy][key] if value is None else value
 
     @property
     def target_module_names(self) -> list[str]:
@@ -309,6 +456,36 @@ def _check_adapter(adapter: AdapterConfig, where: str) -> None:
         raise ConfigError(
             f"{where}: key 'micro_batch_size' ({adapter.micro_batch_size}) must divide "
             f"'batch_size' ({adapter.batch_size})"
+        )
+    _check_moe(adapter, where)
+
+
+def _check_moe(adapter: AdapterConfig, where: str) -> None:
+    """MoE keys: only with a routing_strategy that reads them, num_experts set, top_k fits."""
+    strategy = adapter.routing_strategy
+    used = [key for key in MOE_KEYS if getattr(adapter, key) is not None]
+    if strategy is None:
+        if used:
+            raise ConfigError(
+                f"{where}: key {used[0]!r} needs 'routing_strategy' (one of "
+                + ", ".join(repr(s) for s in MOE_STRATEGY_DEFAULTS)
+                + ")"
+            )
+        return
+    table = MOE_STRATEGY_DEFAULTS[strategy]
+    for key in used:
+        if key not in table:
+            readers = [s for s, t in MOE_STRATEGY_DEFAULTS.items() if key in t]
+            raise ConfigError(
+                f"{where}: key {key!r} does not apply to routing_strategy {strategy!r} "
+                f"(only to {', '.join(repr(s) for s in readers)})"
+            )
+    if adapter.num_experts is None:
+        raise ConfigError(f"{where}: key 'num_experts' is required with routing_strategy")
+    if "top_k" in table and adapter.moe("top_k") > adapter.num_experts:
+        raise ConfigError(
+            f"{where}: key 'top_k' ({adapter.moe('top_k')}) must be <= 'num_experts' "
+            f"({adapter.num_experts})"
         )
 
 
