@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from mlora.backends import get_backend
 from mlora.checkpoint import clear_run_state, find_resume_point, restore
 from mlora.config import TrainConfig, load_config
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model
+from mlora.precision import build_quantization_config, check_dtype, resolve_attn_implementation
 from mlora.preflight import preflight
 from mlora.trainer import Trainer, prepare_data
 
@@ -39,18 +41,27 @@ def train(
     output_dir: str | Path = ".",
     seed: int = 42,
     dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     load_adapter: bool = False,
     overwrite: bool = False,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     resume: bool = False,
+    quantize: str | None = None,
+    tf32: bool = False,
 ) -> Trainer:
     """Train every adapter of ``config`` together on ``base_model``, saving to ``output_dir/NAME``.
 
     Args:
         config: a TrainConfig or the path of a JSON config.
         base_model: a local model directory or a hub id.
+        dtype: the frozen base's compute dtype; adapters are kept and updated in fp32 anyway.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``; ``None`` reads ``MLORA_BACKEND_TYPE``,
+            else picks CUDA, then MPS, then CPU.
+        attn_implementation: ``eager``, ``sdpa`` or ``flash_attn`` (``None``: flash-attn on
+            CUDA in fp16/bf16 when installed, else sdpa; unusable flash-attn warns and uses sdpa).
+        quantize: ``"4bit"`` (NF4, QLoRA) or ``"8bit"`` base through bitsandbytes (CUDA only).
+        tf32: allow TF32 matmuls (CUDA).
         load_adapter: continue each adapter from ``output_dir/NAME`` (ours or any PEFT LoRA).
         overwrite: allow replacing existing ``output_dir/NAME`` folders.
         resume: continue from the newest complete checkpoint in ``output_dir`` (exactly: the
@@ -62,8 +73,16 @@ def train(
     Raises:
         MloraError: invalid config, data, paths or model (one line each).
     """
+    backend = get_backend(None if device is None else str(device))  # before any device use
     if not isinstance(config, TrainConfig):
         config = load_config(config)
+    check_dtype(dtype, backend)
+    if quantize not in (None, "4bit", "8bit"):
+        raise MloraError(f"quantize {quantize!r} is not one of 4bit, 8bit")
+    quantization = build_quantization_config(quantize == "4bit", quantize == "8bit", dtype, backend)
+    attn = resolve_attn_implementation(attn_implementation, backend, dtype)
+    if tf32:
+        backend.allow_tf32(True)
     output_dir = Path(output_dir)
     names = [a.name for a in config.lora]
     point = find_resume_point(output_dir, names) if resume else None
@@ -72,7 +91,7 @@ def train(
     else:
         check_outputs(config, output_dir, overwrite, load_adapter)
     preflight(config, base_model, output_dir, trust_remote_code)
-    torch.manual_seed(seed)
+    backend.manual_seed(seed)
     from transformers import AutoTokenizer
 
     try:
@@ -85,7 +104,16 @@ def train(
         tokenizer.pad_token = tokenizer.eos_token
     data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
     init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
-    hf_model, _ = load_base_model(base_model, dtype, device, attn_implementation, trust_remote_code)
+    # A quantized base is placed by transformers (bitsandbytes quantizes while loading to CUDA).
+    placement = {"quantization_config": quantization, "device_map": {"": str(backend.device)}}
+    extra = placement if quantization is not None else {}
+    hf_model, _ = load_base_model(
+        base_model, dtype, backend.device, attn, trust_remote_code, **extra
+    )
+    logger.info(
+        "backend %s (%s), base dtype %s, attention %s, quantization %s",
+        backend.label, backend.device, dtype, attn, quantize or "none",
+    )  # fmt: skip
     trainer = Trainer(
         MultiLoraModel(hf_model), tokenizer, config, data, output_dir, seed, base_model, init_from
     )

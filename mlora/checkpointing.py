@@ -33,7 +33,7 @@ from mlora.backends import Backend, get_backend
 from mlora.errors import MloraError
 
 CHECKPOINT_MODES = ("none", "recompute", "offload")
-"""Values of the ``gradient_checkpoint`` config key."""
+"""Modes :func:`apply_gradient_checkpointing` applies (the config key also takes ``auto``)."""
 
 _STATE_ATTR = "_mlora_checkpoint"
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
@@ -280,6 +280,17 @@ def apply_gradient_checkpointing(
         layer.forward = functools.update_wrapper(wrapped, original)
         setattr(layer, _STATE_ATTR, (mode, previous))
     return layers
+
+
+def resolve_checkpoint_mode(mode: str, backend: Backend) -> str:
+    """The mode the ``gradient_checkpoint`` key asks for, with ``auto`` decided by the device.
+
+    ``auto`` recomputes on a GPU (CUDA, MPS), where activation memory is what limits the batch,
+    and does nothing on CPU, where host memory is usually ample and recomputing costs time.
+    """
+    if mode != "auto":
+        return mode
+    return "none" if backend.name == "cpu" else "recompute"
 
 
 def checkpoint_mode(model: nn.Module) -> str:

@@ -8,8 +8,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from mlora.errors import MloraError
 from mlora.interrupt import TrainingInterrupted
 
@@ -44,8 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true", help="Base model in float16.")
     precision.add_argument("--bf16", action="store_true", help="Base model in bfloat16.")
     parser.add_argument("--tf32", action="store_true", help="Allow TF32 matmuls (CUDA).")
+    quantize = parser.add_mutually_exclusive_group()
+    quantize.add_argument(
+        "--load_4bit", action="store_true", help="QLoRA: NF4 4-bit base (bitsandbytes, CUDA)."
+    )
+    quantize.add_argument(
+        "--load_8bit", action="store_true", help="8-bit base (bitsandbytes, CUDA)."
+    )
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)."
+        "--attn_impl",
+        type=lambda v: {"flash_attention_2": "flash_attn"}.get(v, v),
+        choices=("eager", "sdpa", "flash_attn"),
+        default=None,
+        help="Attention kernel (default: flash_attn on CUDA when installed and fp16/bf16, "
+        "else sdpa; unusable flash_attn warns and uses sdpa).",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, mps (default: $MLORA_BACKEND_TYPE, else best available).",
     )
     parser.add_argument(
         "--trust_remote_code", action="store_true", help="Allow the model's own code from the hub."
@@ -69,33 +84,29 @@ def setup_logging(verbose: bool, log_file: str | None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def run(args: argparse.Namespace) -> int:
     from mlora.api import train
+    from mlora.backends import get_backend
     from mlora.config import load_config
+    from mlora.precision import resolve_dtype
 
+    backend = get_backend(args.device)  # --device, else MLORA_BACKEND_TYPE, before any device use
     config = load_config(args.config)  # validate before anything heavy
-    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = resolve_dtype(args.fp16, args.bf16, backend)
     trainer = train(
         config,
         base_model=args.base_model,
         output_dir=Path(args.dir),
         seed=args.seed,
         dtype=dtype,
-        device=args.device or default_device(),
+        device=str(backend.device),
         load_adapter=args.load_adapter,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
         resume=args.resume,
+        quantize="4bit" if args.load_4bit else "8bit" if args.load_8bit else None,
+        attn_implementation=args.attn_impl,
+        tf32=args.tf32,
     )
     failed = [run.failed for run in trainer.runs if run.failed]
     for message in failed:

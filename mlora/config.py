@@ -395,6 +395,13 @@ class TrainConfig:
     log_step: int = _key(
         10, "Print per-adapter loss, lr and tokens/s every this many steps.", int_at_least(1)
     )
+    gradient_checkpoint: str = _key(
+        "auto",
+        "Per-decoder-layer activation checkpointing: 'none', 'recompute' (re-run each layer in "
+        "backward), 'offload' (park saved activations in host memory); 'auto' is recompute on a "
+        "GPU (CUDA/MPS) and none on CPU.",
+        one_of("auto", "none", "recompute", "offload"),
+    )
     evaluate_result: str | None = _key(
         None,
         "Where evaluation writes its JSON (default DIR/evaluate_result.json).",

@@ -404,7 +404,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="base model dtype (fp32)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA)")
     p.add_argument("--quantize", choices=("4bit", "8bit"), help="load the base model quantized")
-    p.add_argument("--attn_impl", help="eager, sdpa or flash_attention_2")
+    p.add_argument(
+        "--attn_impl",
+        choices=("eager", "sdpa", "flash_attn"),
+        help="attention kernel (default: flash_attn on CUDA when installed, else sdpa)",
+    )
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoints")
     p.set_defaults(func=cmd_run)
 

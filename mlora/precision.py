@@ -23,6 +23,9 @@ ATTN_IMPLEMENTATIONS: dict[str, str] = {
 }
 """``--attn_impl`` values and the ``attn_implementation`` transformers calls them."""
 
+_ALIASES = {"flash_attention_2": "flash_attn"}
+"""transformers' own names, accepted too (library callers pass them)."""
+
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -42,10 +45,19 @@ def resolve_dtype(fp16: bool, bf16: bool, backend: Backend | None = None) -> tor
     if fp16 and bf16:
         raise MloraError("--fp16 and --bf16 are mutually exclusive; pass at most one")
     dtype = torch.float16 if fp16 else torch.bfloat16 if bf16 else torch.float32
-    if backend is not None and dtype not in backend.supported_dtypes():
-        flag = "--fp16" if fp16 else "--bf16"
-        raise MloraError(f"{flag}: the {backend.label} device here does not support {dtype}")
+    if backend is not None:
+        check_dtype(dtype, backend, "--fp16" if fp16 else "--bf16")
     return dtype
+
+
+def check_dtype(dtype: torch.dtype, backend: Backend, flag: str = "dtype") -> None:
+    """Fail before loading when ``backend`` cannot compute in ``dtype``.
+
+    Raises:
+        MloraError: naming ``flag``, the backend and the dtype.
+    """
+    if dtype not in backend.supported_dtypes():
+        raise MloraError(f"{flag}: the {backend.label} device here does not support {dtype}")
 
 
 def build_quantization_config(
@@ -98,7 +110,8 @@ def resolve_attn_implementation(
     it cannot run falls back to sdpa with a warning rather than failing a long job.
 
     Args:
-        requested: ``eager``, ``sdpa``, ``flash_attn`` or ``None`` for the default.
+        requested: ``eager``, ``sdpa``, ``flash_attn`` (or ``flash_attention_2``) or ``None``
+            for the default.
         backend: Where the model will run.
         dtype: The base compute dtype, when known.
 
@@ -109,6 +122,7 @@ def resolve_attn_implementation(
         if _flash_attn_usable(backend) and dtype in _HALF_DTYPES:
             return ATTN_IMPLEMENTATIONS["flash_attn"]
         return ATTN_IMPLEMENTATIONS["sdpa"]
+    requested = _ALIASES.get(requested, requested)
     if requested not in ATTN_IMPLEMENTATIONS:
         choices = "|".join(ATTN_IMPLEMENTATIONS)
         raise MloraError(f"--attn_impl {requested!r} is not one of {choices}")

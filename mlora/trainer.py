@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mlora.backends import get_backend
 from mlora.batch import collate
+from mlora.checkpointing import (
+    apply_gradient_checkpointing,
+    checkpoint_mode,
+    resolve_checkpoint_mode,
+)
 from mlora.config import AdapterConfig, TrainConfig
 from mlora.data import TokenizedRow, load_rows, tokenize_rows
 from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch
@@ -149,6 +155,11 @@ class Trainer:
         self.checkpoints_written: dict[str, int] = {}  # adapter -> STEP of its newest folder
         self._cut_due = False
         self.last_cut_step: int | None = None
+        self.backend = get_backend(str(model.device))
+        self.gradient_checkpoint = resolve_checkpoint_mode(config.gradient_checkpoint, self.backend)
+        if self.gradient_checkpoint != "none" or checkpoint_mode(model.model) != "none":
+            apply_gradient_checkpointing(model.model, self.gradient_checkpoint, self.backend)
+            logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -213,6 +224,8 @@ class Trainer:
         finally:
             progress.close()
             self.model.context.layout = None
+        peak = self.backend.memory_stats()["peak"]  # CPU: process peak RSS; GPU: allocator peak
+        logger.info("peak memory %.0f MiB on %s", peak / 2**20, self.backend.device)
         return {run.name: run.history for run in self.runs}
 
     def _loop(self, stop: GracefulStop, progress, by_queue: dict, last_log: float) -> None:

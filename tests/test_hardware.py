@@ -1,0 +1,390 @@
+"""Backends, precision, quantization, attention and gradient checkpointing wired end to end:
+through ``mlora.train`` / ``mlora.py`` and the real trainer/model path, on CPU; the CUDA-only
+paths (4/8-bit, flash-attn, bf16 speed, CUDA RNG restore) are ``gpu`` tests."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlora.checkpointing as checkpointing
+from mlora import launch
+from mlora.adapters.linear import dense_weight
+from mlora.api import train
+from mlora.backends import CpuBackend, CudaBackend, get_backend
+from mlora.checkpointing import find_decoder_layers, resolve_checkpoint_mode
+from mlora.cli import main
+from mlora.config import parse_config
+from mlora.errors import ConfigError
+from mlora.layout import BatchLayout
+from mlora.model import LoraSpec, MultiLoraModel
+from mlora.precision import build_quantization_config
+from mlora.trainer import Trainer, prepare_data
+from tests.conftest import make_model, make_tokenizer
+from tests.helpers import adapter_tensors, addition_rows, reverse_rows, write_json, write_template
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mlora"
+DEVICE_CALL = re.compile(
+    r"torch\.(cuda|mps)\b|torch\.backends\.(cuda|cudnn|mps)\b|from torch import .*\b(cuda|mps)\b"
+    r"|\.cuda\("
+)
+
+
+def test_no_device_calls_outside_the_backend_module() -> None:
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if "backends" not in path.relative_to(PACKAGE).parts
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if DEVICE_CALL.search(line)
+    ]
+    assert not offenders, "route these through mlora.backends:\n" + "\n".join(offenders)
+
+
+# --- configs and runs -------------------------------------------------------------------------
+
+
+def raw_config(tmp_path: Path, gradient_checkpoint: str = "none", **extra) -> dict:
+    """Three adapters of different shapes sharing each step, dropout on, one DoRA."""
+    template = write_template(tmp_path)
+    add = write_json(tmp_path / "add.json", addition_rows(8))
+    rev = write_json(tmp_path / "rev.json", reverse_rows(8))
+    common = {"prompt": template, "num_epochs": 1, "lora_dropout": 0.1, "lr": 1e-2, **extra}
+    return {
+        "cutoff_len": 32,
+        "log_step": 1,
+        "gradient_checkpoint": gradient_checkpoint,
+        "lora": [
+            {"name": "a", "data": add, "r": 4, "batch_size": 4, "micro_batch_size": 2, **common},
+            {"name": "b", "data": rev, "r": 2, "batch_size": 4, "micro_batch_size": 2,
+             "target_modules": ["q_proj", "up_proj", "down_proj"], "use_dora": True, **common},
+            {"name": "c", "data": rev, "r": 8, "batch_size": 4, "micro_batch_size": 2,
+             "lora_init": "gaussian", **common},
+        ],
+    }  # fmt: skip
+
+
+def make_trainer(tmp_path: Path, mode: str, device: str = "cpu", **extra) -> Trainer:
+    tokenizer = make_tokenizer()
+    config = parse_config(raw_config(tmp_path, mode, **extra), "test-config")
+    model = make_model(vocab_size=len(tokenizer), init_range=0.2).to(device)
+    model.config.attention_dropout = 0.1  # the base's own dropout must replay too
+    trainer = Trainer(
+        MultiLoraModel(model), tokenizer, config, prepare_data(config, tokenizer), tmp_path, seed=5
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B != 0, so lora_A's gradient (behind the dropout mask) is not zero
+        for run in trainer.runs:
+            for _, module in trainer.model.adapter_modules(run.name):
+                weight = module.lora_B.weight
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+    return trainer
+
+
+def first_step_grads(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run the trainer's first step (a micro-batch of every adapter, no optimizer step yet)."""
+    trainer.model.train()
+    by_queue = {id(run.queue): run for run in trainer.runs}
+    step = [(by_queue[id(q)], mb) for q, mb in trainer.dispatcher.next_step()]
+    assert len(step) == 3 and not any(mb.ends_step for _, mb in step)
+    trainer.train_step(step)
+    grads = {
+        f"{run.name}/{path}.{n}": p.grad.detach().clone()
+        for run in trainer.runs
+        for path, module in trainer.model.adapter_modules(run.name)
+        for n, p in module.named_parameters()
+    }
+    losses = torch.stack([run.step_loss for run, _ in step])
+    return losses, grads
+
+
+def assert_same_grads(reference, candidate) -> None:
+    (loss_a, grads_a), (loss_b, grads_b) = reference, candidate
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    for name, grad in grads_a.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_b[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# --- gradient checkpointing through the trainer ------------------------------------------------
+
+
+def test_recompute_and_offload_equal_plain_through_the_trainer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = first_step_grads(make_trainer(tmp_path, "none"))
+
+    recompute = make_trainer(tmp_path, "recompute")
+    assert recompute.gradient_checkpoint == "recompute"
+    calls: list[int] = []
+    for layer in find_decoder_layers(recompute.model.model):
+        layer.mlp.register_forward_hook(lambda *_: calls.append(1))
+    assert_same_grads(reference, first_step_grads(recompute))
+    assert len(calls) == 2 * 2  # each of the 2 layers ran again in backward
+
+    # On CPU, offload's hooks leave host tensors in place; make them store copies instead, as
+    # a device -> host move would, so the unpacked activations are really new tensors.
+    packed: list[int] = []
+
+    def copy_pack(self, tensor: torch.Tensor):
+        if self._storage(tensor) in self.keep_storages:
+            return tensor
+        packed.append(1)
+        return tensor.device, tensor.detach().clone()
+
+    monkeypatch.setattr(checkpointing._OffloadHooks, "pack", copy_pack)
+    offload = make_trainer(tmp_path, "offload")
+    assert_same_grads(reference, first_step_grads(offload))
+    assert len(packed) > 20
+
+
+def test_whole_runs_with_checkpointing_equal_plain(tmp_path: Path) -> None:
+    weights = {}
+    for mode in ("none", "recompute"):
+        (tmp_path / mode).mkdir()
+        trainer = make_trainer(tmp_path / mode, mode)
+        trainer.train()
+        weights[mode] = {run.name: adapter_tensors(trainer, run.name) for run in trainer.runs}
+    for name, tensors in weights["none"].items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(weights["recompute"][name][key], value, msg=key)
+
+
+def test_gradient_checkpoint_key_and_auto_default(tmp_path: Path) -> None:
+    assert parse_config(raw_config(tmp_path, "auto"), "c").gradient_checkpoint == "auto"
+    with pytest.raises(ConfigError, match="key 'gradient_checkpoint' must be one of 'auto'"):
+        parse_config(raw_config(tmp_path, "full"), "c.json")
+    assert resolve_checkpoint_mode("auto", CpuBackend()) == "none"
+    assert resolve_checkpoint_mode("auto", _FakeCuda()) == "recompute"
+    assert resolve_checkpoint_mode("offload", CpuBackend()) == "offload"
+    assert make_trainer(tmp_path, "auto").gradient_checkpoint == "none"  # on this CPU
+
+
+class _FakeCuda(CudaBackend):
+    def __init__(self) -> None:
+        self._device = torch.device("cpu")
+
+
+# --- precision and attention through mlora.train ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Trainer]:
+    """The same two-adapter config trained four ways on CPU."""
+    root = tmp_path_factory.mktemp("precision")
+    raw = raw_config(root, "none", lora_dropout=0.0)
+    raw["lora"] = raw["lora"][:2]
+    config = parse_config(raw, "c")
+    kinds = {
+        "fp32": {},
+        "bf16": {"dtype": torch.bfloat16},
+        "eager": {"attn_implementation": "eager"},
+        "flash": {"attn_implementation": "flash_attn"},
+    }
+    out = {}
+    for kind, kwargs in kinds.items():
+        if kind == "flash":
+            with pytest.warns(UserWarning, match="--attn_impl flash_attn: .*; using sdpa"):
+                out[kind] = train(config, str(tiny_model_dir), root / kind, device="cpu", **kwargs)
+        else:
+            out[kind] = train(config, str(tiny_model_dir), root / kind, device="cpu", **kwargs)
+    return out
+
+
+def histories(trainer: Trainer) -> torch.Tensor:
+    return torch.tensor([run.history for run in trainer.runs])
+
+
+def test_bf16_base_keeps_adapters_fp32_and_matches_fp32_loss(runs: dict[str, Trainer]) -> None:
+    trainer = runs["bf16"]
+    base = trainer.model.model
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+    for run in trainer.runs:
+        params = trainer.model.adapter_parameters(run.name)
+        assert params and all(p.dtype == torch.float32 for p in params)
+        state = [s for s in run.optimizer.state.values() if "exp_avg" in s]
+        assert state and all(s["exp_avg"].dtype == torch.float32 for s in state)
+    reference = histories(runs["fp32"])
+    assert reference.shape[1] >= 2
+    torch.testing.assert_close(histories(trainer), reference, rtol=3e-2, atol=0)
+
+
+def test_attention_kernels_give_equal_losses(runs: dict[str, Trainer]) -> None:
+    assert runs["fp32"].model.model.config._attn_implementation == "sdpa"
+    assert runs["eager"].model.model.config._attn_implementation == "eager"
+    assert runs["flash"].model.model.config._attn_implementation == "sdpa"  # fell back
+    reference = histories(runs["fp32"])
+    torch.testing.assert_close(histories(runs["eager"]), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(histories(runs["flash"]), reference, rtol=0, atol=0)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def cli_args(tmp_path: Path, model_dir: Path) -> list[str]:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(raw_config(tmp_path)))
+    return ["--base_model", str(model_dir), "--config", str(config), "--dir", str(tmp_path / "o")]
+
+
+@pytest.mark.parametrize("flag", ["--load_4bit", "--load_8bit"])
+def test_quantization_without_cuda_is_a_one_line_error(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    assert main([*cli_args(tmp_path, tiny_model_dir), "--device", "cpu", flag]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {flag} needs a CUDA device; the selected backend is CPU\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantization_flags_are_exclusive(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(SystemExit):
+        main([*cli_args(tmp_path, tiny_model_dir), "--load_4bit", "--load_8bit"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_forced_missing_backend_is_a_one_line_error(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    args = cli_args(tmp_path, tiny_model_dir)
+    if how == "env":
+        monkeypatch.setenv("MLORA_BACKEND_TYPE", "CUDA")
+        expected = "error: MLORA_BACKEND_TYPE='CUDA': the CUDA backend is not available here\n"
+    else:
+        args += ["--device", "cuda"]
+        expected = "error: --device='cuda': the CUDA backend is not available here\n"
+    assert main(args) == 2
+    assert capsys.readouterr().err == expected
+
+
+def test_env_var_picks_the_backend_of_a_run(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLORA_BACKEND_TYPE", "cpu")
+    args = cli_args(tmp_path, tiny_model_dir)
+    assert main([*args, "--bf16", "--attn_impl", "eager"]) == 0
+    assert (tmp_path / "o" / "a" / "adapter_model.safetensors").is_file()
+
+
+def test_launch_run_flags_reach_mlora_py() -> None:
+    def mapped(*flags: str) -> str:
+        return " ".join(launch.mlora_argv(launch.build_parser().parse_args(["run", *flags])))
+
+    assert mapped("--quantize", "4bit", "--attn_impl", "flash_attn", "--dtype", "bf16") == (
+        "--config mlora.json --bf16 --load_4bit --attn_impl flash_attn"
+    )
+    assert mapped("--quantize", "8bit") == "--config mlora.json --load_8bit"
+
+
+# --- CUDA only ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_recompute_restores_cuda_rng_through_the_trainer(tmp_path: Path) -> None:
+    reference = first_step_grads(make_trainer(tmp_path, "none", "cuda"))
+    for mode in ("recompute", "offload"):
+        trainer = make_trainer(tmp_path, mode, "cuda")
+        assert isinstance(trainer.backend, CudaBackend)
+        assert_same_grads(reference, first_step_grads(trainer))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
+def test_quantized_training_on_cuda(tmp_path: Path, tiny_model_dir: Path, quantize: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    config = parse_config(raw_config(tmp_path, "recompute", lora_dropout=0.0), "c")
+    full = train(config, str(tiny_model_dir), tmp_path / "full", dtype=torch.bfloat16)
+    quant = train(
+        config, str(tiny_model_dir), tmp_path / "q", dtype=torch.bfloat16, quantize=quantize
+    )
+    layer = find_decoder_layers(quant.model.model)[0].self_attn.q_proj.base_layer
+    assert type(layer).__name__ == ("Linear4bit" if quantize == "4bit" else "Linear8bitLt")
+    for run in quant.runs:
+        assert all(p.dtype == torch.float32 for p in quant.model.adapter_parameters(run.name))
+        assert (tmp_path / "q" / run.name / "adapter_model.safetensors").is_file()
+    losses, reference = histories(quant), histories(full)
+    assert torch.isfinite(losses).all()
+    torch.testing.assert_close(losses, reference, rtol=0.1, atol=0.1)  # quantization error
+
+
+@pytest.mark.gpu
+def test_dora_on_4bit_base_equals_dequantized_reference(tiny_model_dir: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    backend = get_backend("cuda")
+    quant_config = build_quantization_config(True, False, torch.float32, backend)
+    quant = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=quant_config, device_map={"": str(backend.device)}
+    )
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(backend.device)
+    targets = ("q_proj", "v_proj", "down_proj")
+    for (name, module), (_, twin) in zip(quant.named_modules(), dense.named_modules(), strict=True):
+        if name.rsplit(".", 1)[-1] in targets:
+            twin.weight.data.copy_(dense_weight(module).float())  # the same (dequantized) W
+    spec = LoraSpec(r=4, scaling=2.0, target_modules=targets, use_dora=True)
+    models = []
+    for hf in (quant, dense):
+        torch.manual_seed(0)
+        model = MultiLoraModel(hf)
+        model.add_adapter("d", spec)
+        for _, module in model.adapter_modules("d"):
+            torch.nn.init.normal_(module.lora_B.weight, std=0.05)
+        models.append(model)
+    ids = torch.randint(0, 64, (2, 16), device=backend.device)
+    mask = torch.ones_like(ids)
+    layout = BatchLayout.from_row_adapters(["d", "d"])
+    outs = [m(ids, mask, layout).logits.float() for m in models]
+    for out in outs:
+        out.square().mean().backward()
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-3, rtol=1e-3)
+    for (_, a), (_, b) in zip(
+        models[0].adapter_modules("d"), models[1].adapter_modules("d"), strict=True
+    ):
+        torch.testing.assert_close(a.magnitude.weight, b.magnitude.weight, atol=1e-4, rtol=1e-4)
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(pa.grad, pb.grad, atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_flash_attn_equals_sdpa_through_training(tmp_path: Path, tiny_model_dir: Path) -> None:
+    pytest.importorskip("flash_attn")
+    config = parse_config(raw_config(tmp_path, "none", lora_dropout=0.0), "c")
+    kwargs = {"dtype": torch.bfloat16, "device": "cuda"}
+    flash = train(config, str(tiny_model_dir), tmp_path / "f", attn_implementation=None, **kwargs)
+    sdpa = train(config, str(tiny_model_dir), tmp_path / "s", attn_implementation="sdpa", **kwargs)
+    assert flash.model.model.config._attn_implementation == "flash_attention_2"  # the default
+    torch.testing.assert_close(histories(flash), histories(sdpa), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_bf16_is_not_slower_than_fp32_on_cuda() -> None:
+    backend = get_backend("cuda")
+    backend.allow_tf32(False)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        base = make_model(vocab_size=4096, hidden=1024, layers=4)
+        model = MultiLoraModel(base.to(device=backend.device, dtype=dtype))
+        model.add_adapter("a", LoraSpec(r=16, scaling=2.0))
+        model.train()
+        ids = torch.randint(0, 4096, (8, 512), device=backend.device)
+        layout = BatchLayout.from_row_adapters(["a"] * 8)
+        for i in range(4):  # 1 warm-up + 3 timed
+            if i == 1:
+                backend.synchronize()
+                start = time.perf_counter()
+            model(ids, torch.ones_like(ids), layout).logits.float().mean().backward()
+        backend.synchronize()
+        seconds[dtype] = time.perf_counter() - start
+    assert seconds[torch.bfloat16] < seconds[torch.float32]
