@@ -88,6 +88,10 @@ class GenerationOutput:
     finish_reason: str
 
 
+# on_finish(request_index, output): called once per request as soon as its row has finished.
+FinishCallback = Callable[[int, GenerationOutput], None]
+
+
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that could still grow into a stop string."""
     best = 0
@@ -146,10 +150,19 @@ class _RowStreamer(BaseStreamer):
     at each step (finished rows receive padding, which is ignored here).
     """
 
-    def __init__(self, decoder: _RowDecoder, request_index: list[int], on_text: TextCallback):
+    def __init__(
+        self,
+        decoder: _RowDecoder,
+        requests: Sequence[GenerationRequest],
+        request_index: list[int],
+        on_text: TextCallback | None,
+        on_finish: FinishCallback | None,
+    ) -> None:
         self.decoder = decoder
+        self.requests = requests
         self.request_index = request_index
         self.on_text = on_text
+        self.on_finish = on_finish
         self.tokens: list[list[int]] = [[] for _ in request_index]
         self.sent = [0] * len(request_index)
         self.done = [False] * len(request_index)
@@ -171,11 +184,16 @@ class _RowStreamer(BaseStreamer):
                 self._emit(row, final=True)
 
     def _emit(self, row: int, final: bool) -> None:
-        text, _, reason = self.decoder.decode(self.tokens[row], final)
+        text, used, reason = self.decoder.decode(self.tokens[row], final)
         if len(text) > self.sent[row]:
-            self.on_text(self.request_index[row], text[self.sent[row] :])
+            if self.on_text is not None:
+                self.on_text(self.request_index[row], text[self.sent[row] :])
             self.sent[row] = len(text)
         self.done[row] = reason is not None
+        if reason is not None and self.on_finish is not None:
+            tokens = self.tokens[row][:used]
+            output = GenerationOutput(self.requests[row], text, tokens, reason)
+            self.on_finish(self.request_index[row], output)
 
 
 def _eos_ids(model: MultiLoraModel, tokenizer: Any) -> set[int]:
@@ -200,13 +218,15 @@ def generate_batch(
     params: SamplingParams,
     on_text: TextCallback | None = None,
     request_index: Sequence[int] | None = None,
+    on_finish: FinishCallback | None = None,
 ) -> list[GenerationOutput]:
     """Answer ``requests`` in ONE ``generate`` call; rows must already be grouped by adapter.
 
     Args:
         requests: the rows in batch order; equal adapters must be adjacent (see ``generate``).
         on_text: streaming callback ``(request_index[row], new_text)``.
-        request_index: the index reported to ``on_text`` for each row (default: the row).
+        request_index: the index reported to the callbacks for each row (default: the row).
+        on_finish: called with ``(request_index[row], output)`` as soon as a row has finished.
 
     Returns:
         One output per request, in the given order.
@@ -229,8 +249,9 @@ def generate_batch(
     eos_ids = _eos_ids(model, tokenizer)
     decoder = _RowDecoder(tokenizer, eos_ids, params.stop)
     streamer = None
-    if on_text is not None:
-        streamer = _RowStreamer(decoder, list(request_index or range(len(requests))), on_text)
+    if on_text is not None or on_finish is not None:
+        index = list(request_index or range(len(requests)))
+        streamer = _RowStreamer(decoder, requests, index, on_text, on_finish)
     sample = params.temperature > 0
     kwargs: dict[str, Any] = {
         "max_new_tokens": params.max_new_tokens,
@@ -281,6 +302,7 @@ def generate(
     params: SamplingParams | None = None,
     on_text: TextCallback | None = None,
     batch_size: int | None = None,
+    on_finish: FinishCallback | None = None,
 ) -> list[GenerationOutput]:
     """Answer prompts with their adapters, several adapters side by side in each batch.
 
@@ -291,6 +313,8 @@ def generate(
         requests: ``GenerationRequest``s or ``(prompt, adapter_or_None)`` pairs.
         on_text: streaming callback ``(request index, new text)``; the pieces of one request
             add up to its ``GenerationOutput.text``.
+        on_finish: called with ``(request index, output)`` as soon as a request has finished
+            (before the rest of its batch), e.g. to print streamed answers in request order.
 
     Raises:
         MloraError: an unknown adapter name, an empty prompt or an invalid sampling parameter.
@@ -306,7 +330,8 @@ def generate(
     results: list[GenerationOutput | None] = [None] * len(reqs)
     for start in range(0, len(order), size):
         chunk = order[start : start + size]
-        outs = generate_batch(model, tokenizer, [reqs[i] for i in chunk], params, on_text, chunk)
+        batch = [reqs[i] for i in chunk]
+        outs = generate_batch(model, tokenizer, batch, params, on_text, chunk, on_finish)
         for i, out in zip(chunk, outs, strict=True):
             results[i] = out
     return [r for r in results if r is not None]

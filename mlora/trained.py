@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from mlora.config import TrainConfig
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model
 from mlora.persistence import CONFIG_NAME, load_adapter_weights, read_adapter, spec_from_peft_config
+from mlora.prompts import PromptTemplate, load_template
 
 logger = logging.getLogger("mlora")
 
@@ -71,3 +73,46 @@ def load_trained(
         attach_adapter(model, name, folder)
         logger.info("adapter %s: loaded from %s", name, folder)
     return model, tokenizer
+
+
+def parse_adapter_arg(value: str) -> tuple[str, Path]:
+    """``NAME=DIR`` (a command-line ``--adapter``) as ``(name, folder)``.
+
+    Raises:
+        MloraError: not of the form NAME=DIR.
+    """
+    name, sep, folder = value.partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        raise MloraError(f"--adapter {value!r}: expected NAME=DIR")
+    return name.strip(), Path(folder.strip())
+
+
+def config_adapter_dirs(
+    config: TrainConfig, directory: str | Path, require_all: bool = True
+) -> dict[str, Path]:
+    """The folders ``DIR/NAME`` of the config's adapters that hold a trained adapter.
+
+    Args:
+        require_all: raise on the first adapter not trained yet; otherwise skip it (with a
+            warning) and raise only when none is there.
+
+    Raises:
+        MloraError: an adapter folder is missing (naming it), or none is there.
+    """
+    found: dict[str, Path] = {}
+    for adapter in config.lora:
+        folder = Path(directory) / adapter.name
+        if (folder / CONFIG_NAME).is_file():
+            found[adapter.name] = folder
+        elif require_all:
+            raise MloraError(f"adapter {adapter.name!r}: no trained adapter at {folder}")
+        else:
+            logger.warning("adapter %s: not trained yet (no %s), skipped", adapter.name, folder)
+    if not found:
+        raise MloraError(f"no trained adapter of {config.source} found in {directory}")
+    return found
+
+
+def config_templates(config: TrainConfig) -> dict[str, PromptTemplate]:
+    """Each adapter's prompt template, so prompts can be rendered the way it was trained."""
+    return {adapter.name: load_template(adapter.prompt) for adapter in config.lora}
