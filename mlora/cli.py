@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Continue every adapter from the newest complete checkpoint in DIR.",
     )
+    parser.add_argument(
+        "--inference",
+        action="store_true",
+        help="Chat with the config's trained adapters DIR/NAME in an interactive prompt loop "
+        "instead of training.",
+    )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="Base model in float16.")
     precision.add_argument("--bf16", action="store_true", help="Base model in bfloat16.")
@@ -90,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     from mlora.config import load_config
     from mlora.precision import resolve_dtype
 
+    if args.inference:
+        from mlora.interactive import run_inference
+
+        return run_inference(args)
     backend = get_backend(args.device)  # --device, else MLORA_BACKEND_TYPE, before any device use
     config = load_config(args.config)  # validate before anything heavy
     dtype = resolve_dtype(args.fp16, args.bf16, backend)

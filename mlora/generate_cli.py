@@ -108,7 +108,7 @@ def adapter_sources(
         folders.update(find_adapters(args.dir))
         if not folders:
             raise MloraError(f"no trained adapter found in {args.dir}")
-    for value in args.adapter:
+    for value in getattr(args, "adapter", []):  # mlora.py --inference has no --adapter
         name, folder = parse_adapter_arg(value)
         if name in folders:
             raise MloraError(f"adapter {name!r} given twice")
