@@ -105,16 +105,38 @@ def test_load_balancing_loss_equals_transformers() -> None:
         torch.testing.assert_close(load_balancing_loss(probs, selected, E, flat), expected)
 
 
-def test_mola_aux_loss_only_in_training() -> None:
-    module, weight = make_module("mola", use_dora=False)
-    module.compute_aux_loss = True
-    x = torch.randn(8, IN)
-    module.train()
-    module(x, x @ weight.T)
-    assert module.aux_loss is not None and module.aux_loss.requires_grad
-    module.eval()
-    module(x, x @ weight.T)
-    assert module.aux_loss is None
+def test_mola_reports_balancing_loss_over_real_tokens_in_training() -> None:
+    """Through MultiLoraLinear and the context: coef * Mixtral's loss of the segment's real
+    tokens, joined to that adapter only; nothing in eval or with router_loss off."""
+    torch.manual_seed(0)
+    context = LayoutContext()
+    layer = MultiLoraLinear(torch.nn.Linear(IN, OUT).requires_grad_(False), context)
+    layer.add_adapter("plain", 4, 2.0)
+    moe = MolaAdapter(
+        IN, OUT, E, r=R, scaling=2.0, top_k=2, router_loss=True, aux_loss_coef=0.5,
+        context=context, adapter_name="m",
+    )  # fmt: skip
+    layer.adapters["m"] = moe
+    x = torch.randn(3, 5, IN)
+    attention = torch.ones(3, 5, dtype=torch.long)
+    attention[2, 3:] = 0  # padding in the MoLA segment
+    layout = BatchLayout.from_row_adapters(["plain", "m", "m"])
+    with context.use(layout, attention.reshape(-1).bool()):
+        layer.train()
+        layer(x)
+        logits = x[1:].reshape(-1, IN) @ moe.moe_gate.weight.T
+        expected = 0.5 * load_balancing_loss_func((logits,), E, 2, attention[1:])
+        torch.testing.assert_close(context.aux_losses.loss("m"), expected)
+        assert context.aux_losses.loss("plain") is None
+        assert context.aux_losses.take_loads("m").sum().item() == pytest.approx(1.0)
+        context.aux_losses.clear()
+        layer.eval()
+        layer(x)
+        assert context.aux_losses.loss("m") is None
+        layer.train()
+        moe.router_loss = False
+        layer(x)
+        assert context.aux_losses.loss("m") is None
 
 
 def test_plugs_into_multi_lora_linear_next_to_lora() -> None:

@@ -16,8 +16,12 @@ too, which upstream lacks). Both modules have ``LoraAdapter``'s interface, so th
 MoLA dispatches tokens to experts by index: the (token, expert) pairs are sorted by expert, each
 expert runs once on its gathered tokens and the weighted results are scattered back. Splitting
 the sorted pairs needs the per-expert counts on the host: one device sync per MoLA layer call
-(as upstream and transformers' Mixtral do). Optionally MoLA also computes Mixtral's
-load-balancing loss (upstream offers it "for testing" only, off by default).
+(as upstream and transformers' Mixtral do).
+
+In training, each module reports to its model's ``context.aux_losses`` (see ``mlora.aux_losses``)
+the routed-token counts per expert (LoRAMoE: the router probability mass, it is dense) and, for
+MoLA with ``router_loss``, Mixtral's load-balancing loss over the segment's real tokens (upstream
+offers it "for testing", off by default). LoRAMoE has no router loss, as upstream.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters.lora import DoraMagnitude, LoraAdapter
+from mlora.layout import LayoutContext
 
 DEFAULT_ROUTER_INIT_RANGE = 5.0  # upstream's default for loramoe / mola: nn.Linear's own init
 
@@ -71,6 +76,8 @@ class _ExpertMixture(nn.Module):
         r, scaling, dropout, init, use_dora: each expert's LoRA shape (see ``LoraAdapter``).
         base_weight: the dense (out, in) base weight; required with ``use_dora``.
         router_init_range: router init ``kaiming_uniform_(a=sqrt(router_init_range))``.
+        context, adapter_name: where (and under which adapter) to report router statistics and
+            losses in training; None: report nothing (a standalone layer).
     """
 
     def __init__(
@@ -85,8 +92,12 @@ class _ExpertMixture(nn.Module):
         use_dora: bool = False,
         base_weight: torch.Tensor | None = None,
         router_init_range: float = DEFAULT_ROUTER_INIT_RANGE,
+        context: LayoutContext | None = None,
+        adapter_name: str | None = None,
     ) -> None:
         super().__init__()
+        self.context = context
+        self.adapter_name = adapter_name
         self.num_experts = num_experts
         self.out_features = out_features
         self.moe_gate = nn.Linear(in_features, num_experts, bias=False)
@@ -104,6 +115,14 @@ class _ExpertMixture(nn.Module):
     def router_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(N, E) fp32 routing probabilities of the (N, in) input."""
         return torch.softmax(self.moe_gate(x.to(self.moe_gate.weight.dtype)), dim=-1)
+
+    def _reporting(self) -> bool:
+        return self.training and self.context is not None and self.adapter_name is not None
+
+    def _token_mask(self) -> torch.Tensor | None:
+        """(N,) real-token mask of this adapter's segment, or None (every token counts)."""
+        assert self.context is not None and self.adapter_name is not None
+        return self.context.adapter_token_mask(self.adapter_name)
 
 
 class LoraMoeAdapter(_ExpertMixture):
@@ -133,6 +152,10 @@ class LoraMoeAdapter(_ExpertMixture):
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
         for e, expert in enumerate(self.experts):
             delta = delta + probs[:, e : e + 1] * expert(x, base_result, base_weight, base_bias)
+        if self._reporting():  # dense: an expert's "load" is its share of the router's mass
+            mask = self._token_mask()
+            mass = probs if mask is None else probs * mask[:, None].to(probs.dtype)
+            self.context.aux_losses.add_load(self.adapter_name, mass.sum(dim=0))
         return delta
 
 
@@ -141,26 +164,30 @@ class MolaAdapter(_ExpertMixture):
 
     Args:
         top_k: experts per token; their probabilities are renormalised to sum to 1.
-        aux_loss: also compute Mixtral's load-balancing loss each training forward (stored in
-            ``aux_loss`` for the trainer to collect; ``token_mask`` restricts it to real tokens).
+        router_loss: in training, add ``aux_loss_coef`` times Mixtral's load-balancing loss
+            over the segment's real tokens to the adapter's loss (via ``context.aux_losses``).
+        aux_loss_coef: its weight.
         Others: see ``_ExpertMixture``.
 
     Attributes:
-        aux_loss: the last training forward's load-balancing loss (None when off or in eval).
-        expert_load: (E,) tokens routed to each expert by the last forward (detached).
-        token_mask: optional (N,) bool mask of real tokens for the next forward, set by whoever
-            knows the padding (cleared after use).
+        expert_load: (E,) (token, slot) pairs routed to each expert by the last forward.
     """
 
-    def __init__(self, *args, top_k: int = 2, aux_loss: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        top_k: int = 2,
+        router_loss: bool = False,
+        aux_loss_coef: float = 0.001,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if not 1 <= top_k <= self.num_experts:
             raise ValueError(f"top_k must be in [1, {self.num_experts}], got {top_k}")
         self.top_k = top_k
-        self.compute_aux_loss = aux_loss
-        self.aux_loss: torch.Tensor | None = None
+        self.router_loss = router_loss
+        self.aux_loss_coef = aux_loss_coef
         self.expert_load: torch.Tensor | None = None
-        self.token_mask: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probs (N, E), kept weights (N, k) summing to 1, selected experts (N, k))."""
@@ -208,10 +235,18 @@ class MolaAdapter(_ExpertMixture):
         routed = torch.cat(outputs) * kept[:, None]  # (N*k, out)
         delta = routed.new_zeros(n, self.out_features).index_add(0, token_of, routed)
         self.expert_load = load.detach()
-        mask, self.token_mask = self.token_mask, None
-        self.aux_loss = (
-            load_balancing_loss(probs, selected, self.num_experts, mask)
-            if self.compute_aux_loss and self.training
-            else None
-        )
+        if self._reporting():
+            self._report(probs, selected)
         return delta
+
+    def _report(self, probs: torch.Tensor, selected: torch.Tensor) -> None:
+        """Routed counts over real tokens and, with ``router_loss``, the weighted aux loss."""
+        assert self.context is not None and self.adapter_name is not None
+        mask = self._token_mask()
+        chosen = F.one_hot(selected, self.num_experts).sum(dim=1)  # (N, E)
+        if mask is not None:
+            chosen = chosen * mask[:, None]
+        self.context.aux_losses.add_load(self.adapter_name, chosen.sum(dim=0))
+        if self.router_loss:
+            loss = load_balancing_loss(probs, selected, self.num_experts, mask)
+            self.context.aux_losses.add(self.adapter_name, self.aux_loss_coef * loss)
