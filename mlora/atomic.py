@@ -17,15 +17,28 @@ from pathlib import Path
 from mlora.errors import MloraError
 
 
-def _os_error(path: Path, exc: OSError) -> MloraError:
-    return MloraError(f"cannot write {path}: {exc.strerror or exc}")
+class WriteError(MloraError):
+    """A file or folder could not be written (disk full, permission denied, ...).
+
+    Attributes:
+        path: the file or folder the user will look for (never a temporary name).
+        reason: the operating system's words, e.g. "No space left on device".
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _os_error(path: Path, exc: OSError) -> WriteError:
+    return WriteError(path, exc.strerror or str(exc))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically.
 
     Raises:
-        MloraError: disk full, permission denied, ... (one line naming the path); the previous
+        WriteError: disk full, permission denied, ... (one line naming the path); the previous
             file, if any, is left intact.
     """
     path = Path(path)
@@ -53,7 +66,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole.
 
-    On any error the temporary folder is removed and ``path`` is untouched.
+    On any error the temporary folder is removed and ``path`` is untouched; a failed write of a
+    file inside it is reported under the file's final name (``path/NAME``), not the temporary one.
     """
     path = Path(path)
     try:
@@ -66,13 +80,22 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         if path.exists():
             old = tmp.with_name(tmp.name + ".old")
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)  # put the previous folder back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _os_error(path, exc) from None
+    except WriteError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.path.is_relative_to(tmp):
+            raise WriteError(path / exc.path.relative_to(tmp), exc.reason) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ not cost that. These checks need only the config, the file system and the model'
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -33,6 +34,32 @@ def check_base_model_path(base_model: str) -> None:
         local.expanduser() / "config.json"
     ).is_file():
         raise MloraError(f"base model not found: {base_model} (no config.json in that directory)")
+
+
+def check_remote_code(base_model: str, trust_remote_code: bool) -> None:
+    """A local model that needs its own Python code is refused unless ``--trust_remote_code``.
+
+    transformers would refuse it too, but only after the tokenizer and the data; and its message
+    does not name our flag. Architectures transformers knows load with its own code (no check).
+
+    Raises:
+        MloraError: naming the model and the flag.
+    """
+    path = Path(base_model).expanduser() / "config.json"
+    if trust_remote_code or not path.is_file():
+        return
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config when it loads it
+    from transformers import CONFIG_MAPPING
+
+    known = isinstance(raw, dict) and raw.get("model_type") in CONFIG_MAPPING
+    if isinstance(raw, dict) and raw.get("auto_map") and not known:
+        raise MloraError(
+            f"base model {base_model} needs its own Python code (auto_map in its config.json); "
+            "pass --trust_remote_code to run it, only if you trust its author"
+        )
 
 
 def check_data_sources(config: TrainConfig) -> None:
@@ -119,6 +146,7 @@ def preflight(
 ) -> None:
     """All checks that need neither the tokenizer nor the model's weights."""
     check_base_model_path(base_model)
+    check_remote_code(base_model, trust_remote_code)
     check_data_sources(config)
     check_target_modules(config, base_model, trust_remote_code)
     check_writable(output_dir)

@@ -1,12 +1,24 @@
-"""Runs ``mlora.py`` in this process and kills it with a real SIGKILL at a chosen moment.
+"""Runs ``mlora.py`` in this process with a test-only fault injected; never used by mlora itself.
 
-Used by tests/test_reliability_resume.py as ``python tests/reliability_harness.py ARGS...`` with
-``MLORA_TEST_KILL`` set to ``step:N`` (before global step N + 1 starts) or ``write:N`` (inside
-the N-th atomic file write, after its data is on disk and before it is renamed into place).
+Used by tests/test_reliability_*.py as ``python tests/reliability_harness.py ARGS...`` (ARGS are
+``mlora.py``'s). Faults, from environment variables:
+
+``MLORA_TEST_KILL`` — a real SIGKILL to this process at a chosen moment:
+    ``step:N``  before global step N + 1 starts (between steps);
+    ``optim:N`` inside the N-th optimizer step of the run (counted over all adapters): in the
+                middle of a global step, after its backward, with some adapters updated and
+                others not;
+    ``write:N`` inside the N-th atomic file write, after its data is on disk and before it is
+                renamed into place (inside a checkpoint folder that is still a temp folder).
+
+``MLORA_TEST_FAIL`` — ``ERRNO:TEXT`` (e.g. ``ENOSPC:a/.adapter_model``): the first atomic write
+whose temporary file path contains TEXT fails with that OSError while flushing to disk, as a
+full disk or a revoked permission would.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import runpy
 import signal
@@ -20,19 +32,21 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install(spec: str) -> None:
-    if not spec:
-        return
+def _from_atomic() -> bool:
+    return sys._getframe(2).f_globals.get("__name__") == "mlora.atomic"
+
+
+def install_kill(spec: str) -> None:
     kind, _, value = spec.partition(":")
     target = int(value)
+    count = 0
     if kind == "write":
         real_fsync = os.fsync
-        count = 0
 
         def fsync(fd: int) -> None:
             nonlocal count
             real_fsync(fd)
-            if sys._getframe(1).f_globals.get("__name__") == "mlora.atomic":
+            if _from_atomic():
                 count += 1
                 if count == target:
                     _die()
@@ -49,12 +63,45 @@ def install(spec: str) -> None:
             return real_step(self, step)
 
         Trainer.train_step = train_step  # type: ignore[method-assign]
+    elif kind == "optim":
+        import torch
+
+        for cls in (torch.optim.AdamW, torch.optim.SGD):
+            real = cls.step
+
+            def step(self, *args, _real=real, **kwargs):  # type: ignore[no-untyped-def]
+                nonlocal count
+                count += 1
+                if count == target:
+                    _die()
+                return _real(self, *args, **kwargs)
+
+            cls.step = step  # type: ignore[method-assign]
     else:
         raise SystemExit(f"bad MLORA_TEST_KILL {spec!r}")
 
 
+def install_failure(spec: str) -> None:
+    name, _, text = spec.partition(":")
+    code = getattr(errno, name)
+    real_fsync = os.fsync
+    fired = False
+
+    def fsync(fd: int) -> None:
+        nonlocal fired
+        if not fired and _from_atomic() and text in os.readlink(f"/proc/self/fd/{fd}"):
+            fired = True
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    os.fsync = fsync
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    install(os.environ.get("MLORA_TEST_KILL", ""))
+    if os.environ.get("MLORA_TEST_KILL"):
+        install_kill(os.environ["MLORA_TEST_KILL"])
+    if os.environ.get("MLORA_TEST_FAIL"):
+        install_failure(os.environ["MLORA_TEST_FAIL"])
     sys.argv = [str(ROOT / "mlora.py"), *sys.argv[1:]]
     runpy.run_path(str(ROOT / "mlora.py"), run_name="__main__")

@@ -1,0 +1,170 @@
+"""Resume after SIGKILL, Ctrl-C and SIGTERM through the real CLI: the result equals a clean run.
+
+One uninterrupted run is the reference. Another run of the same config is killed with a real
+SIGKILL several times (inside an optimizer step, inside a checkpoint write, at a random moment
+from outside) and resumed each time; its final adapters must match the reference to 1e-5
+(max relative difference, fp32). Ctrl-C and SIGTERM must stop after the current step with a
+checkpoint and a message that says how to resume — and that command must work.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from mlora.checkpoint import RUN_DIR, list_checkpoints, list_cuts
+from mlora.cli import main
+from tests.reliability_harness import ROOT
+from tests.reliability_support import (
+    HARNESS,
+    NAMES,
+    final_weights,
+    max_relative_difference,
+    mlora_args,
+    one_error_line,
+    read_until,
+    run_mlora,
+    start_mlora,
+    write_run_config,
+)
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_run_config(tmp_path_factory.mktemp("reliability-config"))
+
+
+@pytest.fixture(scope="module")
+def reference(config: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Output folder of the uninterrupted run (in this process: the same code, one start less)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert main(mlora_args(tiny_model_dir, config, out)) == 0
+    return out
+
+
+def temporaries(out: Path) -> list[Path]:
+    return [p for p in out.rglob(".*.tmp*")]
+
+
+def test_checkpoints_hold_everything_a_resume_needs(reference: Path, tiny_model_dir: Path) -> None:
+    for name in NAMES:
+        found = list_checkpoints(reference / name)
+        assert len(found) <= 2  # save_total_limit
+    step, folder = list_checkpoints(reference / "acc")[-1]
+    names = {p.name for p in folder.iterdir()}
+    assert names == {
+        "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+        "trainer_state.json",
+    }  # fmt: skip
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["steps_done"] == step and set(state["queue"]) >= {"epoch", "cursor"}
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    assert optimizer["state"] and optimizer["param_groups"][0]["lr"] == pytest.approx(1e-2)
+    assert "last_epoch" in torch.load(folder / "scheduler.pt", weights_only=True)
+    # A checkpoint is a PEFT adapter in its own right.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    PeftModel.from_pretrained(base, folder)
+    assert not temporaries(reference)
+
+
+def test_sigkill_at_several_moments_then_resume_equals_uninterrupted(
+    config: Path, tiny_model_dir: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = mlora_args(tiny_model_dir, config, out)
+    logs = []
+
+    # 1. Inside global step 6: acc's optimizer has stepped, sgd's has not (7th optimizer step).
+    first = run_mlora(args, script=HARNESS, MLORA_TEST_KILL="optim:7")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    short_file = out / "short" / "adapter_model.safetensors"
+    short_written = short_file.stat().st_mtime_ns  # "short" finished before the kill
+
+    # 2. Resume, then die inside the 7th file write after it: the cut at step 6 is being written
+    #    (acc's checkpoint-3 is complete, sgd's checkpoint-2 is a temp folder, no manifest yet).
+    second = run_mlora([*args, "--resume"], script=HARNESS, MLORA_TEST_KILL="write:7")
+    assert second.returncode == -signal.SIGKILL, second.stderr
+    logs.append(second.stderr)
+    assert "resuming from" in second.stderr and "step-4" in second.stderr
+    assert temporaries(out), "the kill should have left a half-written folder behind"
+    assert (out / "acc" / "checkpoint-3").is_dir()  # complete, but its cut never was
+
+    # 3. Resume (the half-written folder must be ignored), SIGKILL from outside at a random moment.
+    proc = start_mlora([*args, "--resume"])
+    lines = read_until(proc, "resuming from")
+    assert "step-4" in lines[-1]
+    delay = random.uniform(0.0, 1.5)
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode in (-signal.SIGKILL, 0)
+
+    # 4. Finish through launch.py run --resume.
+    last = run_mlora(["run", *args, "--resume"], script=str(ROOT / "launch.py"))
+    assert last.returncode == 0, last.stderr
+    logs.append(last.stderr)
+
+    difference = max_relative_difference(final_weights(out), final_weights(reference))
+    assert difference <= TOLERANCE, f"max relative difference {difference} (kill after {delay}s)"
+    assert short_file.stat().st_mtime_ns == short_written  # finished stays finished
+    for log in logs:
+        resumed = next(line for line in log.splitlines() if "resuming from" in line)
+        assert "short" in resumed.split("already finished: ")[1].split(", ")
+        assert "adapter short: finished" not in log
+    assert not temporaries(out)
+
+
+def stopped_at(line: str) -> int:
+    return int(line.split("after global step ")[1].split(";")[0])
+
+
+def test_ctrl_c_and_sigterm_write_a_checkpoint_and_the_resume_command_works(
+    config: Path, tiny_model_dir: Path, reference: Path, tmp_path: Path
+) -> None:
+    # Both signals at once, in two runs (one start-up time for both).
+    runs = {}
+    for sig, after in ((signal.SIGINT, "step 3 |"), (signal.SIGTERM, "step 5 |")):
+        out = tmp_path / sig.name
+        runs[sig] = (out, start_mlora(mlora_args(tiny_model_dir, config, out)), after)
+    for sig, (_, proc, after) in runs.items():
+        read_until(proc, after)
+        proc.send_signal(sig)
+    lines = {}
+    for sig, (out, proc, _) in runs.items():
+        _, rest = proc.communicate(timeout=60)
+        assert proc.returncode == 130, rest
+        line = lines[sig] = one_error_line(rest)
+        assert f"stopped by {sig.name} after global step" in line and "resume with: " in line
+        step = stopped_at(line)
+        assert [s for s, _ in list_cuts(out)][-1] == step >= 3  # the checkpoint it names
+        manifest = json.loads((out / RUN_DIR / f"step-{step}" / "manifest.json").read_text())
+        assert manifest["global_step"] == step
+        assert manifest["adapters"]["acc"]["status"] == "running"
+
+    command = shlex.split(lines[signal.SIGINT].split("resume with: ")[1])
+    assert command[:2] == ["python", "mlora.py"] and command[-1] == "--resume"
+    resumed = run_mlora(command[2:])
+    assert resumed.returncode == 0, resumed.stderr
+    out, step = runs[signal.SIGINT][0], stopped_at(lines[signal.SIGINT])
+    assert f"resuming from {out / RUN_DIR / f'step-{step}'}" in resumed.stderr
+    difference = max_relative_difference(final_weights(out), final_weights(reference))
+    assert difference <= TOLERANCE
+
+
+def test_resume_without_a_checkpoint_is_one_line(
+    config: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    result = run_mlora(mlora_args(tiny_model_dir, config, tmp_path / "empty", "--resume"))
+    assert result.returncode == 2
+    assert "nothing to resume in" in one_error_line(result.stderr)
