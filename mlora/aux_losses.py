@@ -16,7 +16,8 @@ until the trainer reads them for its log line (``take_loads``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -37,6 +38,23 @@ class AuxLossCollector:
         loss = loss.float()
         previous = self._losses.get(adapter)
         self._losses[adapter] = loss if previous is None else previous + loss
+
+    @contextlib.contextmanager
+    def capture(self, keep_loads: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        """Record the losses added inside the block into the yielded dict, not into this pass.
+
+        Gradient checkpointing (``mlora.checkpointing``) runs a layer without grad and again in
+        backward; it captures the layer's losses both times and re-adds them with their gradient
+        path. ``keep_loads=False`` drops the loads of the backward re-run (already counted once).
+        """
+        losses, loads = self._losses, self._loads
+        self._losses = {}
+        if not keep_loads:
+            self._loads = {}
+        try:
+            yield self._losses
+        finally:
+            self._losses, self._loads = losses, loads
 
     def loss(self, adapter: str) -> torch.Tensor | None:
         """The summed aux loss recorded for ``adapter`` in this pass, or None."""

@@ -13,8 +13,9 @@ bound them, applied to each decoder layer of a transformers model in place:
     brought back for backward, via ``torch.autograd.graph.saved_tensors_hooks``.
 
 Adapter-aware layers read the batch layout from a shared context at forward time; the trainer
-keeps it set until backward has finished, so the recomputation sees the same segments. Nothing
-here touches module state between forward and backward.
+keeps it set until backward has finished, so the recomputation sees the same segments. Losses a
+layer records on the side rather than returns (MoE router losses, see ``mlora.aux_losses``) are
+captured as extra outputs of the recomputed layer, so they keep their gradient path.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,6 +38,18 @@ CHECKPOINT_MODES = ("none", "recompute", "offload")
 
 _STATE_ATTR = "_mlora_checkpoint"
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+class SideLosses(Protocol):
+    """Where layers record losses they do not return (``AuxLossCollector`` implements it)."""
+
+    def capture(
+        self, keep_loads: bool = True
+    ) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
+        """Divert the losses recorded inside the block into the yielded dict."""
+
+    def add(self, adapter: str, loss: torch.Tensor) -> None:
+        """Record ``loss`` for ``adapter`` in the current pass."""
 
 
 @dataclass(frozen=True)
@@ -169,9 +182,18 @@ def _drop_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recompute_forward(
-    layer: nn.Module, original: Callable[..., Any], backend: Backend, *args: Any, **kwargs: Any
+    layer: nn.Module,
+    original: Callable[..., Any],
+    backend: Backend,
+    side: SideLosses | None,
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
-    """``layer.forward`` under :class:`RecomputeFunction` while training with grad enabled."""
+    """``layer.forward`` under :class:`RecomputeFunction` while training with grad enabled.
+
+    Side losses the layer records are returned by the Function as extra outputs (recorded
+    without grad in the forward, recomputed with grad in backward) and re-added to ``side``.
+    """
     if not (layer.training and torch.is_grad_enabled()):
         return original(*args, **kwargs)
     leaves, spec = tree_flatten((args, _drop_cache(kwargs)))
@@ -182,28 +204,40 @@ def _recompute_forward(
         return original(*args, **kwargs)
     # The closure must not hold the input tensors: the Function saves them itself.
     template = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-    out_structure: list[tuple[list[Any], Any]] = []
+    out_structure: list[tuple[list[Any], Any, list[str]]] = []
 
     def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        first = not out_structure
         call_leaves = list(template)
         for slot, tensor in zip(slots, tensors, strict=True):
             call_leaves[slot] = tensor
         call_args, call_kwargs = tree_unflatten(call_leaves, spec)
-        out_leaves, out_spec = tree_flatten(original(*call_args, **call_kwargs))
-        if not out_structure:
-            out_structure.append(
-                ([None if isinstance(x, torch.Tensor) else x for x in out_leaves], out_spec)
-            )
-        return tuple(x for x in out_leaves if isinstance(x, torch.Tensor))
+        capture = side.capture(keep_loads=first) if side is not None else contextlib.nullcontext()
+        with capture as recorded:
+            out_leaves, out_spec = tree_flatten(original(*call_args, **call_kwargs))
+        recorded = recorded or {}
+        if first:
+            template_out = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
+            out_structure.append((template_out, out_spec, sorted(recorded)))
+        extras = tuple(recorded[key] for key in out_structure[0][2])
+        return (*(x for x in out_leaves if isinstance(x, torch.Tensor)), *extras)
 
-    outputs = iter(RecomputeFunction.apply(run, backend, len(inputs), *inputs, *params))
-    out_template, out_spec = out_structure[0]
-    out_leaves = [next(outputs) if x is None else x for x in out_template]
+    outputs = list(RecomputeFunction.apply(run, backend, len(inputs), *inputs, *params))
+    out_template, out_spec, side_keys = out_structure[0]
+    for key, loss in zip(side_keys, outputs[len(outputs) - len(side_keys) :], strict=True):
+        side.add(key, loss)  # type: ignore[union-attr]
+    tensors = iter(outputs)
+    out_leaves = [next(tensors) if x is None else x for x in out_template]
     return tree_unflatten(out_leaves, out_spec)
 
 
 def _offload_forward(
-    layer: nn.Module, original: Callable[..., Any], backend: Backend, *args: Any, **kwargs: Any
+    layer: nn.Module,
+    original: Callable[..., Any],
+    backend: Backend,
+    side: SideLosses | None,
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
     """``layer.forward`` with its saved activations parked in host memory while training."""
     if not (layer.training and torch.is_grad_enabled()):
@@ -246,7 +280,10 @@ def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_gradient_checkpointing(
-    model: nn.Module, mode: str, backend: Backend | None = None
+    model: nn.Module,
+    mode: str,
+    backend: Backend | None = None,
+    side_losses: SideLosses | None = None,
 ) -> list[nn.Module]:
     """Checkpoint every decoder layer of ``model`` in place (``none`` undoes it).
 
@@ -258,6 +295,8 @@ def apply_gradient_checkpointing(
         mode: One of :data:`CHECKPOINT_MODES`.
         backend: The backend whose RNG is restored on recompute; defaults to
             :func:`get_backend`.
+        side_losses: Where the layers record losses they don't return (the model context's
+            ``aux_losses``); recompute keeps their gradient path.
 
     Returns:
         The layers now checkpointed (empty for ``none``).
@@ -276,7 +315,7 @@ def apply_gradient_checkpointing(
     for layer in layers:
         previous = layer.__dict__.get("forward")
         original = layer.forward
-        wrapped = functools.partial(_FORWARDS[mode], layer, original, backend)
+        wrapped = functools.partial(_FORWARDS[mode], layer, original, backend, side_losses)
         layer.forward = functools.update_wrapper(wrapped, original)
         setattr(layer, _STATE_ATTR, (mode, previous))
     return layers

@@ -158,7 +158,9 @@ class Trainer:
         self.backend = get_backend(str(model.device))
         self.gradient_checkpoint = resolve_checkpoint_mode(config.gradient_checkpoint, self.backend)
         if self.gradient_checkpoint != "none" or checkpoint_mode(model.model) != "none":
-            apply_gradient_checkpointing(model.model, self.gradient_checkpoint, self.backend)
+            apply_gradient_checkpointing(
+                model.model, self.gradient_checkpoint, self.backend, model.context.aux_losses
+            )
             logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
 
     # --- setup ---------------------------------------------------------------------------------

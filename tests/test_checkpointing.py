@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mlora.aux_losses import AuxLossCollector
 from mlora.backends import CpuBackend, RngState, get_backend
 from mlora.checkpointing import (
     apply_gradient_checkpointing,
@@ -207,6 +208,48 @@ def test_generic_signature_without_no_split_modules(input_requires_grad: bool) -
     assert results[0].keys() == results[1].keys()
     for name, grad in results[0].items():
         torch.testing.assert_close(results[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+class RoutedBlock(nn.Module):
+    """Records a router-style loss and token counts on a collector instead of returning them,
+    as MoE adapters do; dropout sits before the router so the recomputation must replay it."""
+
+    def __init__(self, collector: AuxLossCollector) -> None:
+        super().__init__()
+        self.collector = collector
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+        self.router = nn.Linear(8, 3, bias=False)
+        self.dropout = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.router(self.dropout(x)).softmax(-1)  # (B, T, 3)
+        self.collector.add("a", probs.mean((0, 1)).square().sum())
+        self.collector.add_load("a", probs.argmax(-1).flatten().bincount(minlength=3))
+        return self.frozen(x) + probs.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "offload"])
+def test_side_losses_keep_their_gradient_and_loads_count_once(mode: str) -> None:
+    results = []
+    for m in ("none", mode):
+        torch.manual_seed(0)
+        collector = AuxLossCollector()
+        blocks = nn.ModuleList(RoutedBlock(collector) for _ in range(3)).train()
+        apply_gradient_checkpointing(blocks, m, get_backend("cpu"), collector)
+        torch.manual_seed(1)
+        out = torch.randn(2, 5, 8)
+        for block in blocks:
+            out = block(out)
+        aux = collector.loss("a")
+        assert aux is not None and aux.requires_grad
+        (out.square().mean() + aux).backward()
+        grads = [block.router.weight.grad.clone() for block in blocks]
+        results.append((aux.detach(), grads, collector.take_loads("a")))
+    (aux_ref, grads_ref, loads_ref), (aux, grads, loads) = results
+    torch.testing.assert_close(aux, aux_ref)
+    torch.testing.assert_close(loads, loads_ref)  # the backward re-run is not counted again
+    for grad, ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, ref, atol=1e-7, rtol=1e-6)
 
 
 @pytest.mark.gpu
