@@ -23,6 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="JSON config file (see README).")
     parser.add_argument("--dir", default=".", help="Output folder; adapter NAME goes to DIR/NAME.")
     parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="Evaluate the trained adapters DIR/NAME on their test data instead of training; "
+        "writes evaluate_result (default DIR/evaluate_result.json).",
+    )
+    parser.add_argument(
+        "--adapters",
+        default=None,
+        help="With --evaluate: comma-separated adapter names (default: all with test data).",
+    )
+    parser.add_argument(
         "--seed", type=int, default=42, help="Seed for data order and adapter init."
     )
     parser.add_argument(
@@ -103,6 +114,19 @@ def run(args: argparse.Namespace) -> int:
     backend = get_backend(args.device)  # --device, else MLORA_BACKEND_TYPE, before any device use
     config = load_config(args.config)  # validate before anything heavy
     dtype = resolve_dtype(args.fp16, args.bf16, backend)
+    if args.evaluate:
+        from mlora.evaluation import evaluate
+
+        evaluate(
+            config,
+            args.base_model,
+            args.dir,
+            adapters=args.adapters.split(",") if args.adapters else None,
+            dtype=dtype,
+            device=backend.device,
+            trust_remote_code=args.trust_remote_code,
+        )
+        return 0
     trainer = train(
         config,
         base_model=args.base_model,

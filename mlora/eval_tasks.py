@@ -143,6 +143,23 @@ def is_local_file(source: str) -> bool:
     return Path(source).exists() or Path(source).suffix.lower() in LOCAL_FORMATS
 
 
+def read_test_rows(adapter: str, source: str) -> list[dict[str, Any]]:
+    """The rows of a test file (or hub dataset), with one-line errors naming the adapter.
+
+    Raises:
+        DataError: the file is missing, empty or unreadable.
+    """
+    from mlora.data import load_rows
+
+    path = Path(source)
+    if is_local_file(source):
+        if not path.is_file():
+            raise DataError(f"adapter {adapter!r}: test_data file not found: {source}")
+        if path.suffix.lower() in (".json", ".jsonl") and path.read_bytes().strip() in (b"", b"[]"):
+            raise DataError(f"adapter {adapter!r}: test_data {source} is empty (no rows)")
+    return load_rows(source)
+
+
 def _load_hub(task_name: str, task: ChoiceTask, adapter: str) -> list[dict[str, Any]]:
     import datasets
 
@@ -204,13 +221,9 @@ def load_choice_questions(task_name: str, source: str | None, adapter: str) -> l
     Raises:
         DataError: a missing/empty/malformed local file, or no local file and the hub unreachable.
     """
-    from mlora.data import load_rows
-
     task = CHOICE_TASKS[task_name]
     if source is not None:
-        if not Path(source).is_file():
-            raise DataError(f"adapter {adapter!r}: test_data file not found: {source}")
-        return questions_from_rows(task_name, load_rows(source), source)
+        return questions_from_rows(task_name, read_test_rows(adapter, source), source)
     rows = _load_hub(task_name, task, adapter)
     if not rows:
         raise DataError(f"adapter {adapter!r}: {task.hub_name} split {task.split!r} is empty")

@@ -298,6 +298,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return cli.main(["--base_model", base_model, *argv])
 
 
+# --- evaluate ----------------------------------------------------------------------------------
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate trained adapters in this process via ``mlora.cli.main --evaluate``."""
+    from mlora import cli
+
+    load_config(args.config)  # fail before generating or loading any model
+    argv = mlora_argv(argparse.Namespace(**{**dict.fromkeys(RUN_FLAG_MAP), **vars(args)}))
+    argv += ["--evaluate", *(["--adapters", args.adapters] if args.adapters else [])]
+    base_model = args.base_model
+    if base_model is None:
+        from mlora.demo_model import demo_model_path
+
+        cli.setup_logging(verbose=False, log_file=None)
+        base_model = str(demo_model_path())
+    return cli.main(["--base_model", base_model, *argv])
+
+
 # --- avail / help ------------------------------------------------------------------------------
 
 
@@ -413,6 +432,23 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate the trained adapters of a config (in this process, through mlora.py)",
+        description="Evaluate the trained adapters DIR/NAME of a config on their test data "
+        "(loss, perplexity, exact match; accuracy for choice tasks) and write evaluate_result "
+        "(default DIR/evaluate_result.json). Without --base_model it uses the built-in demo model.",
+    )
+    p.add_argument("--base_model", help="local model folder or hub id (default: demo model)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    p.add_argument("--dir", help="where the trained adapters are: DIR/NAME (default .)")
+    p.add_argument("--adapters", help="comma-separated adapter names (default: all with test data)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="base model dtype (fp32)")
+    p.set_defaults(func=cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch.py",
@@ -423,10 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="VERB", required=True)
     _add_gen(sub)
     _add_run(sub)
+    _add_evaluate(sub)
     avail = sub.add_parser("avail", help="list templates, prompt templates and bundled data")
     avail.set_defaults(func=cmd_avail)
     help_ = sub.add_parser("help", help="show this help, or one verb's help")
-    help_.add_argument("verb", nargs="?", choices=("gen", "run", "avail", "help"))
+    help_.add_argument("verb", nargs="?", choices=("gen", "run", "evaluate", "avail", "help"))
     help_.set_defaults(func=cmd_help)
     return parser
 
