@@ -179,11 +179,9 @@ MOE_STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
         "expert_capacity": 32,
         "ffn_dropout": 0.0,
     },
-    "loramoe": {
+    "loramoe": {  # dense routing: no load-balancing loss (none upstream either)
         "num_experts": None,
         "router_init_range": 5.0,
-        "router_aux_loss_coef": 0.001,
-        "router_loss": False,
     },
     "mola": {
         "num_experts": None,
@@ -303,7 +301,8 @@ class AdapterConfig:
         optional(non_negative_number),
     )  # fmt: skip
     router_init_range: float | None = _key(
-        None, "MoE: std of the router's normal init (default 0.02; switch 1.0; loramoe/mola 5.0).",
+        None, "MoE: std of the router's normal init (default 0.02; switch 1.0); loramoe/mola: "
+        "kaiming_uniform_(a=sqrt(range)) as upstream (default 5.0).",
         optional(non_negative_number),
     )  # fmt: skip
     router_aux_loss_coef: float | None = _key(
@@ -315,8 +314,8 @@ class AdapterConfig:
         optional(non_negative_number),
     )  # fmt: skip
     router_loss: bool | None = _key(
-        None, "MoE: add the router losses to the adapter's loss (default true; loramoe/mola "
-        "false).", optional(boolean),
+        None, "MoE: add the router losses to the adapter's loss (default true; mola false; "
+        "loramoe has none).", optional(boolean),
     )  # fmt: skip
     jitter_noise: float | None = _key(
         None, "mixlora*: multiplicative router-input noise in training (default 0; switch 0.01).",

@@ -67,7 +67,7 @@ def load_balancing_loss(
     return num_experts * (tokens_per_expert * prob_per_expert[None]).sum()
 
 
-class _ExpertMixture(nn.Module):
+class ExpertMixture(nn.Module):
     """What LoRAMoE and MoLA share: the router and E expert LoRAs on one linear layer.
 
     Args:
@@ -125,7 +125,7 @@ class _ExpertMixture(nn.Module):
         return self.context.adapter_token_mask(self.adapter_name)
 
 
-class LoraMoeAdapter(_ExpertMixture):
+class LoraMoeAdapter(ExpertMixture):
     """LoRAMoE (Dou et al. 2023) on one linear layer: every expert, softmax-weighted.
 
     Dense by definition, so it has no load-balancing loss (neither has upstream).
@@ -159,7 +159,7 @@ class LoraMoeAdapter(_ExpertMixture):
         return delta
 
 
-class MolaAdapter(_ExpertMixture):
+class MolaAdapter(ExpertMixture):
     """MoLA (Gao et al. 2024) on one linear layer: each token runs its top-k experts only.
 
     Args:
@@ -167,7 +167,7 @@ class MolaAdapter(_ExpertMixture):
         router_loss: in training, add ``aux_loss_coef`` times Mixtral's load-balancing loss
             over the segment's real tokens to the adapter's loss (via ``context.aux_losses``).
         aux_loss_coef: its weight.
-        Others: see ``_ExpertMixture``.
+        Others: see ``ExpertMixture``.
 
     Attributes:
         expert_load: (E,) (token, slot) pairs routed to each expert by the last forward.

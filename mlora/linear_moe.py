@@ -1,0 +1,191 @@
+"""LoRAMoE and MoLA adapters on a model: their spec and where their experts go.
+
+A per-linear MoE adapter (``routing_strategy`` "loramoe" or "mola") puts a router and
+``num_experts`` expert LoRAs on target linear layers (``mlora.adapters.lora_moe``) and plain LoRA
+on the others, as upstream m-LoRA / MoE-PEFT does:
+
+- loramoe: experts on the FFN projections among ``target_modules`` (LoRAMoE plugs into the FFN;
+  upstream's ``LoraMoeConfig`` takes the MLP projections), plain LoRA on attention targets;
+- mola: experts on every target linear layer.
+
+Experts share the adapter's r / lora_alpha / lora_dropout / use_dora / lora_init.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from mlora.adapters import MultiLoraLinear, dense_weight
+from mlora.adapters.lora_moe import LoraMoeAdapter, MolaAdapter
+from mlora.config import MOE_STRATEGY_DEFAULTS, AdapterConfig
+from mlora.errors import MloraError
+from mlora.layout import LayoutContext
+from mlora.model import LoraSpec, wrap_layer
+
+LINEAR_MOE_STRATEGIES = ("loramoe", "mola")
+
+
+@dataclass(frozen=True)
+class LinearMoeSpec(LoraSpec):
+    """A LoRAMoE / MoLA adapter: ``LoraSpec``'s LoRA shape for every expert and plain target.
+
+    Attributes:
+        strategy: "loramoe" (dense softmax) or "mola" (top-k, renormalised).
+        num_experts: experts per layer that has them.
+        top_k: experts per token (mola; loramoe uses all).
+        router_init_range: router init ``kaiming_uniform_(a=sqrt(router_init_range))``.
+        aux_loss_coef, router_loss: MoLA's load-balancing loss weight and switch.
+        lora_alpha, use_rslora: as configured (recorded when saving).
+    """
+
+    strategy: str = "mola"
+    num_experts: int = 4
+    top_k: int = 2
+    router_init_range: float = 5.0
+    aux_loss_coef: float = 0.001
+    router_loss: bool = False
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+
+    def experts_on(self, path: str) -> bool:
+        """Whether the linear layer at module ``path`` gets experts (else plain LoRA)."""
+        return self.strategy == "mola" or is_ffn_path(path)
+
+
+def is_ffn_path(path: str) -> bool:
+    """A projection inside a decoder layer's MLP (``model.layers.3.mlp.up_proj``)."""
+    return "mlp" in path.split(".")[:-1]
+
+
+def build_linear_moe_spec(
+    *,
+    strategy: str,
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    target_modules: tuple[str, ...],
+    init: str,
+    use_dora: bool,
+    use_rslora: bool,
+    num_experts: int,
+    top_k: int | None,
+    router_init_range: float,
+    aux_loss_coef: float,
+    router_loss: bool,
+) -> LinearMoeSpec:
+    """A LinearMoeSpec with the LoRA scale resolved (``top_k`` None: every expert)."""
+    return LinearMoeSpec(
+        r=r,
+        scaling=lora_alpha / (math.sqrt(r) if use_rslora else r),
+        dropout=lora_dropout,
+        target_modules=tuple(target_modules),
+        init=init,
+        use_dora=use_dora,
+        strategy=strategy,
+        num_experts=num_experts,
+        top_k=num_experts if top_k is None else top_k,
+        router_init_range=router_init_range,
+        aux_loss_coef=aux_loss_coef,
+        router_loss=router_loss,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+    )
+
+
+def linear_moe_spec(config: AdapterConfig) -> LinearMoeSpec:
+    """The LinearMoeSpec of a validated adapter config whose routing_strategy is loramoe/mola."""
+    strategy = config.routing_strategy
+    assert strategy in LINEAR_MOE_STRATEGIES
+    reads = MOE_STRATEGY_DEFAULTS[strategy]
+
+    def value(key: str, unused):
+        return config.moe(key) if key in reads else unused
+
+    return build_linear_moe_spec(
+        strategy=strategy,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=tuple(config.target_module_names),
+        init=config.lora_init,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        num_experts=config.moe("num_experts"),
+        top_k=value("top_k", None),
+        router_init_range=config.moe("router_init_range"),
+        aux_loss_coef=value("router_aux_loss_coef", 0.0),
+        router_loss=value("router_loss", False),
+    )
+
+
+def expert_mixture(
+    layer: MultiLoraLinear, name: str, spec: LinearMoeSpec, context: LayoutContext
+) -> nn.Module:
+    """The LoRAMoE / MoLA module of adapter ``name`` for one wrapped layer, on its device."""
+    base_weight = dense_weight(layer.base_layer).float() if spec.use_dora else None
+    common = dict(
+        r=spec.r,
+        scaling=spec.scaling,
+        dropout=spec.dropout,
+        init=spec.init,
+        use_dora=spec.use_dora,
+        base_weight=base_weight,
+        router_init_range=spec.router_init_range,
+        context=context,
+        adapter_name=name,
+    )
+    shape = (layer.in_features, layer.out_features, spec.num_experts)
+    if spec.strategy == "loramoe":
+        module: nn.Module = LoraMoeAdapter(*shape, **common)
+    else:
+        module = MolaAdapter(
+            *shape,
+            top_k=spec.top_k,
+            router_loss=spec.router_loss,
+            aux_loss_coef=spec.aux_loss_coef,
+            **common,
+        )
+    return module.to(layer.base_layer.weight.device)
+
+
+def attach_linear_moe(model: nn.Module, name: str, spec: LinearMoeSpec) -> None:
+    """Add LoRAMoE / MoLA adapter ``name`` to a ``MultiLoraModel`` (wrapping target layers).
+
+    Raises:
+        MloraError: a target module the model lacks, or (loramoe) no FFN projection targeted.
+    """
+    targets = set(spec.target_modules)
+    found: set[str] = set()
+    with_experts = 0
+    for path, module in list(model.model.named_modules()):
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf not in targets:
+            continue
+        if not isinstance(module, MultiLoraLinear):
+            parent = (
+                model.model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model.model
+            )
+            module = wrap_layer(module, model.context)
+            setattr(parent, leaf, module)
+        if spec.experts_on(path):
+            module.adapters[name] = expert_mixture(module, name, spec, model.context)
+            with_experts += 1
+        else:
+            module.add_adapter(name, spec.r, spec.scaling, spec.dropout, spec.init, spec.use_dora)
+        found.add(leaf)
+    missing = sorted(targets - found)
+    if missing or not with_experts:
+        model.remove_adapter(name, strict=False)
+    if missing:
+        raise MloraError(
+            f"adapter {name!r}: target module {missing[0]!r} not found in "
+            f"{type(model.model).__name__}"
+        )
+    if not with_experts:
+        raise MloraError(
+            f"adapter {name!r}: key 'target_modules' must include an MLP projection for "
+            f"routing_strategy 'loramoe' (its experts sit on the FFN)"
+        )
