@@ -5,11 +5,13 @@ Notebook use::
     import mlora
     config = mlora.load_config("config/example.json")
     trainer = mlora.train(config, base_model="path/to/model", output_dir="out")
+    results = mlora.evaluate(config, base_model="path/to/model", output_dir="out")
 """
 
 from mlora.api import check_outputs, train
 from mlora.config import AdapterConfig, TrainConfig, load_config, parse_config
 from mlora.errors import ConfigError, DataError, MloraError
+from mlora.evaluation import AdapterResult, evaluate
 from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.model import LoraSpec, MultiLoraModel, load_base_model
 from mlora.persistence import read_adapter, save_adapter
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
+    "AdapterResult",
     "AdapterSegment",
     "BatchLayout",
     "ConfigError",
@@ -30,6 +33,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "check_outputs",
+    "evaluate",
     "load_base_model",
     "load_config",
     "parse_config",
