@@ -388,3 +388,58 @@ def test_bf16_is_not_slower_than_fp32_on_cuda() -> None:
         backend.synchronize()
         seconds[dtype] = time.perf_counter() - start
     assert seconds[torch.bfloat16] < seconds[torch.float32]
+
+
+# --- DoRA over a quantized base (bitsandbytes runs 4/8-bit on CPU too; skipped without it) ---
+
+
+def _quantized_linear(weight: torch.Tensor, bits: int) -> torch.nn.Module:
+    bnb = pytest.importorskip("bitsandbytes")
+    out_features, in_features = weight.shape
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(
+            in_features, out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4"
+        )
+        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(
+            weight.clone(), requires_grad=False, has_fp16_weights=False
+        )
+    return layer.to("cpu")  # quantizes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dora_over_quantized_base_equals_dequantized_reference(bits: int) -> None:
+    from mlora.adapters import MultiLoraLinear
+    from mlora.layout import LayoutContext
+
+    torch.manual_seed(0)
+    quantized = _quantized_linear(torch.randn(48, 32) * 0.2, bits)
+    dense = torch.nn.Linear(32, 48, bias=False).requires_grad_(False)
+    dense.weight.copy_(dense_weight(quantized).float())
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():  # the dequantized W is what the quantized layer computes with
+        torch.testing.assert_close(quantized(x), dense(x), atol=1e-5, rtol=1e-5)
+    layers = []
+    for base in (quantized, dense):
+        context = LayoutContext()
+        layer = MultiLoraLinear(base, context)
+        torch.manual_seed(1)
+        adapter = layer.add_adapter("d", r=4, scaling=2.0, dropout=0.2, use_dora=True)
+        torch.nn.init.normal_(adapter.lora_B.weight, std=0.1)
+        context.layout = BatchLayout.from_row_adapters(["d", "d", None])
+        layers.append(layer.train())
+    grads, outs = [], []
+    for layer in layers:
+        torch.manual_seed(2)  # same dropout mask
+        out = layer(x)
+        out.square().sum().backward()
+        grads.append({n: p.grad for n, p in layer.adapters.named_parameters()})
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    magnitudes = [layer.adapters["d"].magnitude.weight for layer in layers]
+    torch.testing.assert_close(magnitudes[0], magnitudes[1])  # norm of the dequantized W
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 3
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, atol=1e-5, rtol=1e-4, msg=name)
