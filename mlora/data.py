@@ -56,12 +56,21 @@ def load_rows(source: str) -> list[dict[str, Any]]:
     try:
         dataset = datasets.load_dataset(**loader_args, split="train")
     except Exception as exc:  # datasets raises many types; the user needs one line naming the file
+        if loader_args["path"] != source and _is_empty_file(path):
+            raise DataError(f"{source}: the dataset is empty") from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"cannot load data {source}: {first_line}") from None
     rows = dataset.to_list()
     if not rows:
         raise DataError(f"{source}: the dataset is empty")
     return rows
+
+
+def _is_empty_file(path: Path) -> bool:
+    """No rows at all: an empty file or an empty JSON list (datasets reports it obscurely)."""
+    if path.stat().st_size > 1024:
+        return False
+    return path.read_text(encoding="utf-8", errors="replace").strip() in ("", "[]", "{}")
 
 
 def _check_row(row: dict[str, Any], source: str, index: int) -> None:

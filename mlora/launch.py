@@ -258,6 +258,7 @@ RUN_FLAG_MAP: dict[str, Callable[[Any], list[str]]] = {
     "quantize": lambda v: [f"--load_{v}"],
     "attn_impl": lambda v: ["--attn_impl", v],
     "resume": lambda v: ["--resume"] if v else [],
+    "trust_remote_code": lambda v: ["--trust_remote_code"] if v else [],
 }
 
 
@@ -429,6 +430,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="attention kernel (default: flash_attn on CUDA when installed, else sdpa)",
     )
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoints")
+    p.add_argument(
+        "--trust_remote_code", action="store_true", help="allow the model's own code (off)"
+    )
     p.set_defaults(func=cmd_run)
 
 

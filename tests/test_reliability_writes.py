@@ -1,0 +1,190 @@
+"""Writes that never lose work: atomic files and folders, disk-full and permission errors as one
+line naming the path with the previous files intact, half-written checkpoints never resumed
+from, safe loading (safetensors / ``weights_only``) and remote code off by default.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import mlora
+from mlora.atomic import WriteError, atomic_directory, atomic_write_bytes
+from mlora.checkpoint import RUN_DIR, find_resume_point, list_checkpoints
+from mlora.errors import MloraError
+from tests.reliability_support import (
+    HARNESS,
+    NAMES,
+    mlora_args,
+    one_error_line,
+    run_mlora,
+    write_run_config,
+)
+
+PACKAGE = Path(mlora.__file__).parent
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return list(folder.rglob(".*.tmp*"))
+
+
+def test_disk_full_and_permission_denied_mid_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = write_run_config(tmp_path / "cfg")
+    full, denied = tmp_path / "full", tmp_path / "denied"
+    (full / "short").mkdir(parents=True)
+    earlier = b"an adapter from an earlier run"
+    (full / "short" / "adapter_model.safetensors").write_bytes(earlier)
+    runs = [
+        # the disk fills up while "short" replaces its earlier final adapter
+        (mlora_args(tiny_model_dir, config, full, "--overwrite"), "ENOSPC:short/.adapter_model"),
+        # permission is lost while acc's checkpoint-3 is being written
+        (mlora_args(tiny_model_dir, config, denied), "EACCES:acc/.checkpoint-3"),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [
+            pool.submit(run_mlora, args, HARNESS, MLORA_TEST_FAIL=fault) for args, fault in runs
+        ]
+        first, second = (f.result() for f in futures)
+
+    assert first.returncode == 2, first.stderr
+    target = full / "short" / "adapter_model.safetensors"
+    assert one_error_line(first.stderr) == f"error: cannot write {target}: {os.strerror(28)}"
+    assert target.read_bytes() == earlier
+    assert not leftovers(full)
+
+    assert second.returncode == 2, second.stderr
+    target = denied / "acc" / "checkpoint-3" / "adapter_model.safetensors"
+    assert one_error_line(second.stderr) == f"error: cannot write {target}: {os.strerror(13)}"
+    assert not (denied / "acc" / "checkpoint-3").exists() and not leftovers(denied)
+    assert [step for step, _ in list_checkpoints(denied / "acc")] == [1, 2]
+    assert find_resume_point(denied, list(NAMES)).global_step == 4  # --resume picks up from here
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_output_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = write_run_config(tmp_path / "cfg")
+    out = tmp_path / "locked"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        result = run_mlora(mlora_args(tiny_model_dir, config, out))
+    finally:
+        out.chmod(0o700)
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == f"error: cannot write {out}: Permission denied"
+
+
+def fail_fsync(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    def fsync(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_atomic_write_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "weights.bin"
+    atomic_write_bytes(path, b"old")
+    fail_fsync(monkeypatch, errno.ENOSPC)
+    with pytest.raises(WriteError, match=f"^cannot write {path}: No space left on device$"):
+        atomic_write_bytes(path, b"new" * 1000)
+    assert path.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_atomic_directory_is_complete_or_absent(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "checkpoint-3"
+    with atomic_directory(folder) as tmp:
+        atomic_write_bytes(tmp / "a", b"1")
+    with atomic_directory(folder) as tmp:  # replacing a folder swaps it whole
+        atomic_write_bytes(tmp / "a", b"2")
+    assert (folder / "a").read_bytes() == b"2"
+    fail_fsync(monkeypatch, errno.EACCES)
+    with pytest.raises(WriteError) as caught, atomic_directory(folder) as tmp:
+        atomic_write_bytes(tmp / "b", b"3")
+    assert str(caught.value) == f"cannot write {folder / 'b'}: Permission denied"  # final name
+    with pytest.raises(RuntimeError), atomic_directory(tmp_path / "other") as tmp:
+        raise RuntimeError("a crash half-way")
+    assert sorted(tmp_path.iterdir()) == [folder] and (folder / "a").read_bytes() == b"2"
+
+
+def write_cut(out: Path, step: int, checkpoint: str, folder_name: str | None = None) -> None:
+    cut = out / RUN_DIR / (folder_name or f"step-{step}")
+    cut.mkdir(parents=True)
+    manifest = {
+        "format": 1,
+        "global_step": step,
+        "adapters": {"a": {"status": "running", "checkpoint": checkpoint}},
+    }
+    (cut / "manifest.json").write_text(json.dumps(manifest))
+
+
+def write_checkpoint(out: Path, folder_name: str) -> None:
+    folder = out / "a" / folder_name
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text("{}")
+
+
+def test_half_written_checkpoints_are_never_resumed_from(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_checkpoint(out, "checkpoint-2")
+    write_cut(out, 2, "checkpoint-2")
+    # A kill while checkpoint-4 was written: its files are all there, under the temp name.
+    write_checkpoint(out, ".checkpoint-4.k2j3.tmp")
+    write_cut(out, 4, "checkpoint-4")
+    # A kill while the manifest of step 6 was written.
+    write_checkpoint(out, "checkpoint-6")
+    write_cut(out, 6, "checkpoint-6", folder_name=".step-6.x81q.tmp")
+    assert [step for step, _ in list_checkpoints(out / "a")] == [2, 6]
+    assert find_resume_point(out, ["a"]).path == out / RUN_DIR / "step-2"
+    with pytest.raises(MloraError, match="nothing to resume"):
+        find_resume_point(out, ["a", "b"])  # a cut of another run is not ours
+
+
+def calls(name: str) -> list[tuple[Path, ast.Call]]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            func = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == name:
+                found.append((path, node))
+    return found
+
+
+def keyword(call: ast.Call, name: str) -> ast.expr | None:
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def test_torch_pickles_are_read_with_weights_only() -> None:
+    loads = [(p, c) for p, c in calls("load") if ast.unparse(c.func) == "torch.load"]
+    assert loads, "expected torch.load calls (optimizer state, legacy adapter_model.bin)"
+    for path, call in loads:
+        value = keyword(call, "weights_only")
+        assert isinstance(value, ast.Constant) and value.value is True, f"{path}:{call.lineno}"
+
+
+def test_remote_code_is_off_unless_asked() -> None:
+    loads = calls("from_pretrained") + calls("from_config")
+    for path, call in loads:
+        value = keyword(call, "trust_remote_code")
+        where = f"{path.relative_to(PACKAGE)}:{call.lineno} {ast.unparse(call.func)}"
+        if ast.unparse(call.func).startswith(("Auto", "transformers.Auto")):
+            assert value is not None, f"{where} does not pass trust_remote_code"
+        assert not (isinstance(value, ast.Constant) and value.value is True), where
+    from mlora.cli import build_parser
+
+    args = build_parser().parse_args(["--base_model", "m", "--config", "c"])
+    assert args.trust_remote_code is False
+
+
+def test_launch_run_passes_trust_remote_code_only_when_given() -> None:
+    from mlora.launch import build_parser, mlora_argv
+
+    parser = build_parser()
+    assert "--trust_remote_code" not in mlora_argv(parser.parse_args(["run", "--config", "c"]))
+    args = parser.parse_args(["run", "--config", "c", "--trust_remote_code"])
+    assert "--trust_remote_code" in mlora_argv(args)
