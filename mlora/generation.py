@@ -4,9 +4,10 @@ Requests are grouped by adapter (stably) into the segments of one ``BatchLayout`
 and decoded by transformers' own ``generate`` on the wrapped model with that layout set on the
 model's context for the whole call. Each decoding step feeds ``(B, 1)`` tokens, so the row
 segments stay valid at every step; rows are never reordered inside ``generate`` (no beam
-search), and the outputs are returned in request order. Sampling, repetition penalty, stop
-strings and the KV cache are transformers' own; streaming goes through a ``BaseStreamer`` that
-calls the user's callback with each row's new text.
+search), and the outputs are returned in request order. Sampling, repetition penalty and the
+KV cache are transformers' own; stop strings are a ``StoppingCriteria`` that searches only the
+generated text; streaming goes through a ``BaseStreamer`` that calls the user's callback with
+each row's new text.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from mlora.errors import MloraError
@@ -44,7 +46,8 @@ class SamplingParams:
         top_p: nucleus sampling mass (1.0 disables it).
         top_k: sample among the k most likely tokens (0 disables it).
         repetition_penalty: CTRL-style penalty on tokens already present (1.0 disables it).
-        stop: strings that end a row; the returned text stops before the first one.
+        stop: strings that end a row when they appear in its generated text (the prompt is not
+            searched); the returned text stops before the first one.
         seed: seeds sampling for reproducible output (``None``: the global RNG as it is).
     """
 
@@ -141,6 +144,34 @@ class _RowDecoder:
                 held = max(held, 1)
             return text[: len(text) - held], len(tokens), None
         return text, len(tokens), reason or "length"
+
+
+class _StopStrings(StoppingCriteria):
+    """Ends each row whose generated text contains a stop string.
+
+    Unlike transformers' ``stop_strings`` (matched against prompt + answer, so a prompt ending
+    in "=" and a stop string "=x" would stop at the first "x"), only the answer is searched.
+    Each step decodes a short tail of every row: enough tokens for the longest stop string
+    even if every token were a single byte.
+    """
+
+    def __init__(self, decoder: _RowDecoder, prompt_width: int) -> None:
+        self.decoder = decoder
+        self.prompt_width = prompt_width
+        self.tail = 4 * max(len(s) for s in decoder.stops) + 4
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        # input_ids: (B, prompt_width + generated so far)
+        start = max(self.prompt_width, input_ids.shape[1] - self.tail)
+        tails = input_ids[:, start:].tolist()
+        decode = self.decoder.tokenizer.decode
+        done = [
+            any(s in decode(row, skip_special_tokens=True) for s in self.decoder.stops)
+            for row in tails
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
 
 
 class _RowStreamer(BaseStreamer):
@@ -267,7 +298,7 @@ def generate_batch(
     else:  # override sampling defaults a model's generation_config may carry
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if params.stop:
-        kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(decoder, width)])
     device = model.device
     was_training = model.training
     model.eval()

@@ -43,6 +43,8 @@ def mixed_requests() -> list[GenerationRequest]:
 
 def peft_greedy(peft_model, tokenizer, prompt: str, adapter: str | None, **kw) -> list[int]:
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if "stop_strings" in kw:
+        kw["tokenizer"] = tokenizer
     common = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kw)
     if adapter is None:
         with peft_model.disable_adapter():
@@ -159,3 +161,100 @@ def test_unseeded_sampling_draws_from_the_global_rng(loaded):
     assert [o.token_ids for o in unseeded] == [o.token_ids for o in seeded]
     torch.manual_seed(11)
     assert not torch.equal(torch.rand(1), after)  # the unseeded call advanced the global RNG
+
+
+def grouped_requests() -> list[GenerationRequest]:
+    """mixed_requests() in the row order ``generate`` uses (grouped by adapter, stable)."""
+    requests = mixed_requests()
+    first = {r.adapter: i for i, r in reversed(list(enumerate(requests)))}
+    return sorted(requests, key=lambda r: first[r.adapter])
+
+
+def test_seeded_sampling_equals_peft_mixed_batch(loaded, peft_model):
+    """Same seed, same rows, same knobs: PEFT's mixed-adapter batch (adapter_names) as reference.
+
+    PEFT refuses DoRA adapters in a mixed batch, so the DoRA adapter is checked on its own.
+    """
+    model, tokenizer = loaded
+    requests = [r for r in grouped_requests() if r.adapter != "dup"]
+    knobs = dict(temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.1)
+    params = SamplingParams(max_new_tokens=10, seed=123, **knobs)
+    ours = generate(model, tokenizer, requests, params)
+    batch = tokenizer(
+        [r.prompt for r in requests], return_tensors="pt", padding=True, padding_side="left"
+    )
+    torch.manual_seed(123)
+    sequences = peft_model.generate(
+        **batch, do_sample=True, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id,
+        adapter_names=[r.adapter or "__base__" for r in requests], **knobs,
+    )  # fmt: skip
+    width = batch["input_ids"].shape[1]
+    for out, row in zip(ours, sequences[:, width:].tolist(), strict=True):
+        assert out.token_ids == row[: len(out.token_ids)]
+        assert out.finish_reason == "length" or out.token_ids[-1] == tokenizer.eos_token_id
+    assert len({tuple(o.token_ids) for o in ours}) > len(requests) // 2  # really sampled
+    (dora,) = generate(model, tokenizer, [("dup cat=", "dup")], params)
+    peft_model.set_adapter("dup")
+    ids = tokenizer("dup cat=", return_tensors="pt")["input_ids"]
+    torch.manual_seed(123)
+    row = peft_model.generate(
+        input_ids=ids, do_sample=True, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id,
+        **knobs,
+    )[0, ids.shape[1] :].tolist()  # fmt: skip
+    assert dora.token_ids == row[: len(dora.token_ids)]
+
+
+def test_stop_strings_equal_peft(loaded, peft_model):
+    """PEFT's greedy answer cut after the token that completes a stop string (in the answer only:
+    transformers' own stop_strings also match across the prompt, e.g. prompt "...=" + "U" for
+    the stop string "=U")."""
+    model, tokenizer = loaded
+    requests = mixed_requests()
+    free = generate(model, tokenizer, requests, SamplingParams(max_new_tokens=12))
+    stops = (next(o.text[3:5] for o in free if len(o.text) >= 8), "=", "=U")
+    ours = generate(model, tokenizer, requests, SamplingParams(max_new_tokens=12, stop=stops))
+    for out in ours:
+        expected = peft_greedy(peft_model, tokenizer, out.request.prompt, out.request.adapter)
+        text = tokenizer.decode(expected, skip_special_tokens=True)
+        if any(s in text for s in stops):
+            n = next(
+                n
+                for n in range(1, len(expected) + 1)
+                if any(s in tokenizer.decode(expected[:n], skip_special_tokens=True) for s in stops)
+            )
+            assert out.token_ids == expected[:n] and out.finish_reason == "stop"
+            assert out.text == text[: min(i for i in map(text.find, stops) if i >= 0)]
+        else:
+            assert out.token_ids == expected[: len(out.token_ids)]
+            assert out.text == text and out.finish_reason != "stop"
+    assert sum(o.finish_reason == "stop" for o in ours) >= 2
+
+
+def test_streaming_events_per_request(loaded):
+    """Pieces add up to each answer; on_finish fires once per request, early rows first."""
+    model, tokenizer = loaded
+    requests = mixed_requests()
+    params = SamplingParams(max_new_tokens=12, stop=("=",))
+    events: list[tuple[str, int, object]] = []
+    outputs = generate(
+        model,
+        tokenizer,
+        requests,
+        params,
+        on_text=lambda i, piece: events.append(("text", i, piece)),
+        batch_size=7,
+        on_finish=lambda i, out: events.append(("finish", i, out)),
+    )
+    finished = [(i, out) for kind, i, out in events if kind == "finish"]
+    assert sorted(i for i, _ in finished) == list(range(len(requests)))
+    assert all(out == outputs[i] for i, out in finished)
+    for i, out in enumerate(outputs):
+        pieces = [p for kind, j, p in events if kind == "text" and j == i]
+        assert "".join(pieces) == out.text
+        assert len(pieces) == len(out.text) or out.finish_reason == "stop"  # one char per token
+        last_text = max(
+            (n for n, (kind, j, _) in enumerate(events) if j == i and kind == "text"), default=-1
+        )
+        assert last_text < events.index(("finish", i, out))
+    early = [i for i, out in finished if out.finish_reason != "length"]
+    assert early and events.index(("finish", early[0], outputs[early[0]])) < len(events) - 1
