@@ -175,6 +175,7 @@ def attach_linear_moe(model: nn.Module, name: str, spec: LinearMoeSpec) -> None:
             with_experts += 1
         else:
             module.add_adapter(name, spec.r, spec.scaling, spec.dropout, spec.init, spec.use_dora)
+        module.adapters[name].train(model.training)  # born in the model's mode (eval: no dropout)
         found.add(leaf)
     missing = sorted(targets - found)
     if missing or not with_experts:

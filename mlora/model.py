@@ -123,6 +123,12 @@ class MultiLoraModel(nn.Module):
         """
         if name in self.specs:
             raise MloraError(f"adapter {name!r} already exists")
+        if getattr(spec, "strategy", None) in ("loramoe", "mola"):
+            from mlora.linear_moe import attach_linear_moe  # lazy: it builds on this module
+
+            attach_linear_moe(self, name, spec)  # router + LoRA experts on target linears
+            self.specs[name] = spec
+            return
         targets = set(spec.target_modules)
         found: set[str] = set()
         for path, module in list(self.model.named_modules()):

@@ -25,8 +25,16 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
+def _is_linear_moe(spec: LoraSpec | None) -> bool:
+    return getattr(spec, "strategy", None) in ("loramoe", "mola")
+
+
 def adapter_state_dict(model: MultiLoraModel, name: str) -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors under PEFT key names, on CPU."""
+    if _is_linear_moe(model.specs.get(name)):
+        from mlora.linear_moe_persistence import linear_moe_state_dict
+
+        return linear_moe_state_dict(model, name)
     tensors: dict[str, torch.Tensor] = {}
     for path, module in model.adapter_modules(name):
         key = PEFT_PREFIX + path
@@ -43,6 +51,10 @@ def peft_config(
     spec: LoraSpec, lora_alpha: float, use_rslora: bool, base_model: str | None
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` PEFT's ``LoraConfig`` reads."""
+    if _is_linear_moe(spec):
+        from mlora.linear_moe_persistence import linear_moe_peft_config
+
+        return linear_moe_peft_config(spec, base_model)  # type: ignore[arg-type]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -100,6 +112,11 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
 def spec_from_peft_config(config: dict[str, Any], source: str) -> tuple[LoraSpec, float, bool]:
     """(LoraSpec, lora_alpha, use_rslora) of a PEFT LoRA adapter_config."""
+    if config.get("peft_type") in ("LORAMOE", "MOLA"):
+        from mlora.linear_moe_persistence import linear_moe_spec_from_config
+
+        moe = linear_moe_spec_from_config(config, source)
+        return moe, moe.lora_alpha, moe.use_rslora
     if config.get("peft_type", "LORA") != "LORA":
         raise MloraError(f"{source}: peft_type {config.get('peft_type')!r} is not a LoRA adapter")
     r = int(config["r"])
@@ -129,6 +146,11 @@ def load_adapter_weights(
     Raises:
         MloraError: a tensor the adapter needs is missing, or shapes differ (naming the key).
     """
+    if _is_linear_moe(model.specs.get(name)):
+        from mlora.linear_moe_persistence import load_linear_moe_weights
+
+        load_linear_moe_weights(model, name, tensors, source)
+        return
     normalised = {
         k.removesuffix(".weight") if "lora_magnitude_vector" in k else k: v
         for k, v in tensors.items()

@@ -53,6 +53,10 @@ def adapter_seed(seed: int, name: str) -> int:
 
 
 def spec_from_config(config: AdapterConfig) -> LoraSpec:
+    if config.routing_strategy in ("loramoe", "mola"):
+        from mlora.linear_moe import linear_moe_spec
+
+        return linear_moe_spec(config)
     return LoraSpec(
         r=config.r,
         scaling=config.scaling,
