@@ -143,8 +143,8 @@ def is_local_file(source: str) -> bool:
     return Path(source).exists() or Path(source).suffix.lower() in LOCAL_FORMATS
 
 
-def read_test_rows(adapter: str, source: str) -> list[dict[str, Any]]:
-    """The rows of a test file (or hub dataset), with one-line errors naming the adapter.
+def read_test_rows(adapter: str, source: str, key: str = "test_data") -> list[dict[str, Any]]:
+    """The rows of a data file (or hub dataset), with one-line errors naming adapter and key.
 
     Raises:
         DataError: the file is missing, empty or unreadable.
@@ -154,22 +154,24 @@ def read_test_rows(adapter: str, source: str) -> list[dict[str, Any]]:
     path = Path(source)
     if is_local_file(source):
         if not path.is_file():
-            raise DataError(f"adapter {adapter!r}: test_data file not found: {source}")
+            raise DataError(f"adapter {adapter!r}: {key} file not found: {source}")
         if path.suffix.lower() in (".json", ".jsonl") and path.read_bytes().strip() in (b"", b"[]"):
-            raise DataError(f"adapter {adapter!r}: test_data {source} is empty (no rows)")
+            raise DataError(f"adapter {adapter!r}: {key} {source} is empty (no rows)")
     return load_rows(source)
 
 
-def _load_hub(task_name: str, task: ChoiceTask, adapter: str) -> list[dict[str, Any]]:
+def _load_hub(
+    task_name: str, task: ChoiceTask, adapter: str, split: str | None = None
+) -> list[dict[str, Any]]:
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        dataset = datasets.load_dataset(task.hub_path, task.hub_config, split=task.split)
+        dataset = datasets.load_dataset(task.hub_path, task.hub_config, split=split or task.split)
     except Exception as exc:  # offline, missing, renamed: the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"adapter {adapter!r}: task {task_name!r} needs a local test_data file in the "
+            f"adapter {adapter!r}: task {task_name!r} needs a local data file in the "
             f"{task.hub_name} schema (fields: {', '.join(task.fields)}) or the hub dataset, "
             f"which could not be loaded: {first}"
         ) from None
@@ -228,3 +230,24 @@ def load_choice_questions(task_name: str, source: str | None, adapter: str) -> l
     if not rows:
         raise DataError(f"adapter {adapter!r}: {task.hub_name} split {task.split!r} is empty")
     return questions_from_rows(task_name, rows, task.hub_name)
+
+
+def training_rows(task_name: str, data: str, adapter: str) -> list[dict[str, Any]]:
+    """A choice task's training data as alpaca rows: the question, then the right choice.
+
+    This is the format the task is scored in (the choice's likelihood after the prompt), so an
+    adapter trained on it learns exactly what evaluation measures. ``data`` is a local file of
+    the task's schema; anything else means the hub dataset's ``train`` split.
+
+    Raises:
+        DataError: as ``load_choice_questions``.
+    """
+    task = CHOICE_TASKS[task_name]
+    if is_local_file(data):
+        questions = questions_from_rows(task_name, read_test_rows(adapter, data, "data"), data)
+    else:
+        rows = _load_hub(task_name, task, adapter, split="train")
+        questions = questions_from_rows(task_name, rows, f"{task.hub_name} train")
+    return [
+        {"instruction": q.question, "input": "", "output": q.choices[q.label]} for q in questions
+    ]

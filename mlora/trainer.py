@@ -32,6 +32,7 @@ from mlora.config import AdapterConfig, TrainConfig
 from mlora.data import TokenizedRow, load_rows, tokenize_rows
 from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch
 from mlora.errors import MloraError
+from mlora.eval_tasks import CHOICE_TASKS, training_rows
 from mlora.interrupt import GracefulStop, TrainingInterrupted
 from mlora.model import LoraSpec, MultiLoraModel
 from mlora.optim import build_optimizer, build_scheduler
@@ -72,7 +73,10 @@ def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]
     out = {}
     for adapter in config.lora:
         template = load_template(adapter.prompt)
-        rows = load_rows(adapter.data)
+        if adapter.task_name in CHOICE_TASKS:  # question -> right choice, as evaluation scores
+            rows = training_rows(adapter.task_name, adapter.data, adapter.name)
+        else:
+            rows = load_rows(adapter.data)
         out[adapter.name] = tokenize_rows(
             rows,
             tokenizer,

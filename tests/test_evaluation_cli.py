@@ -204,5 +204,24 @@ def test_hub_task_offline_is_one_line(trained, tiny_model_dir, tmp_path):  # noq
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert "task 'arc-c' needs a local test_data file" in errors[0]
+    assert "task 'arc-c' needs a local data file" in errors[0]
     assert "allenai/ai2_arc (ARC-Challenge)" in errors[0]
+
+
+def test_choice_task_trains_on_question_then_right_choice(tmp_path):
+    from mlora.config import parse_config
+    from mlora.data import tokenize_rows
+    from mlora.prompts import load_template
+    from mlora.trainer import prepare_data
+    from tests.conftest import make_tokenizer
+
+    row, question = SCHEMA_CASES["siqa"]
+    path = tmp_path / "siqa.json"
+    path.write_text(json.dumps([row, {**row, "label": "3"}]), encoding="utf-8")
+    config = parse_config({"lora": [{"name": "s", "data": str(path), "task_name": "siqa"}]})
+    tokenizer = make_tokenizer()
+    expected = [
+        {"instruction": question.question, "input": "", "output": answer} for answer in ("a", "c")
+    ]
+    want = tokenize_rows(expected, tokenizer, load_template("alpaca"), config.cutoff_len)
+    assert prepare_data(config, tokenizer)["s"] == want
