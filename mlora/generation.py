@@ -305,7 +305,9 @@ def generate_batch(
     try:
         # a seed must not disturb the caller's RNG; without one, sampling draws from it as usual
         with torch.random.fork_rng(
-            devices=[] if device.type == "cpu" else [device], enabled=params.seed is not None
+            devices=[] if device.type == "cpu" else [device],
+            enabled=params.seed is not None,
+            device_type=device.type,
         ):
             if params.seed is not None:
                 torch.manual_seed(params.seed)

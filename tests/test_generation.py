@@ -258,3 +258,28 @@ def test_streaming_events_per_request(loaded):
         assert last_text < events.index(("finish", i, out))
     early = [i for i, out in finished if out.finish_reason != "length"]
     assert early and events.index(("finish", early[0], outputs[early[0]])) < len(events) - 1
+
+
+@pytest.mark.gpu
+def test_mixed_batch_greedy_on_cuda_equals_peft(trained, tiny_model_dir):  # noqa: F811
+    out, _ = trained
+    model, tokenizer = load_trained(
+        str(tiny_model_dir), {n: out / n for n in ADAPTERS}, device="cuda"
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to("cuda")
+    reference = PeftModel.from_pretrained(base.eval(), out / ADAPTERS[0], adapter_name=ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        reference.load_adapter(out / name, adapter_name=name)
+    outputs = generate(
+        model, tokenizer, mixed_requests(), SamplingParams(max_new_tokens=12, seed=0)
+    )
+    for o in outputs:
+        ids = tokenizer(o.request.prompt, return_tensors="pt")["input_ids"].to("cuda")
+        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        if o.request.adapter is None:
+            with reference.disable_adapter():
+                seq = reference.generate(input_ids=ids, **kw)
+        else:
+            reference.set_adapter(o.request.adapter)
+            seq = reference.generate(input_ids=ids, **kw)
+        assert o.token_ids == seq[0, ids.shape[1] :].tolist()[: len(o.token_ids)]
