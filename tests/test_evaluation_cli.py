@@ -92,7 +92,7 @@ def write_config(path: Path, raw: dict, **changes) -> Path:
     return path
 
 
-def test_mlora_py_evaluate_writes_results_and_table(trained, tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_cli_evaluate_writes_results_and_table(trained, tiny_model_dir, tmp_path, capsys):  # noqa: F811
     out, raw = trained
     arc = tmp_path / "arc.json"
     arc.write_text(json.dumps([SCHEMA_CASES["arc-e"][0]] * 3), encoding="utf-8")
