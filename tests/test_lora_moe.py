@@ -38,7 +38,7 @@ def dense_reference(module, x, base_result, weight, bias) -> torch.Tensor:
         threshold = probs.topk(module.top_k, dim=-1).values[:, -1:]
         kept = torch.where(probs >= threshold, probs, torch.zeros_like(probs))
         probs = kept / kept.sum(dim=-1, keepdim=True)
-    out = torch.zeros(x.shape[0], OUT)
+    out = x.new_zeros(x.shape[0], OUT, dtype=torch.float32)
     for e, expert in enumerate(module.experts):
         out = out + probs[:, e : e + 1] * expert(x, base_result, weight, bias)
     return out
@@ -159,3 +159,17 @@ def test_plugs_into_multi_lora_linear_next_to_lora() -> None:
             alone = layer(x[rows])
         torch.testing.assert_close(mixed[rows], alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mixed[5], base(x[5]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,top_k", [("loramoe", 0), ("mola", 2)])
+def test_routed_equals_dense_reference_on_cuda_with_bf16_inputs(kind: str, top_k: int) -> None:
+    module, weight = make_module(kind, use_dora=True, top_k=top_k)
+    module = module.cuda()
+    weight = weight.cuda()
+    x = torch.randn(64, IN, device="cuda").bfloat16()
+    base_result = (x.float() @ weight.T).bfloat16()
+    ours = module(x, base_result, weight, None)
+    with torch.no_grad():
+        ref = dense_reference(module, x.float(), base_result.float(), weight, None)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
