@@ -89,7 +89,6 @@ def test_mola_runs_each_expert_on_its_tokens_only() -> None:
     x = torch.randn(50, IN)
     module(x, x @ weight.T)
     assert sum(seen) == 50 * 2  # k rows per token in all, not E
-    assert module.expert_load.sum().item() == 100
 
 
 def test_load_balancing_loss_equals_transformers() -> None:

@@ -168,9 +168,6 @@ class MolaAdapter(ExpertMixture):
             over the segment's real tokens to the adapter's loss (via ``context.aux_losses``).
         aux_loss_coef: its weight.
         Others: see ``ExpertMixture``.
-
-    Attributes:
-        expert_load: (E,) (token, slot) pairs routed to each expert by the last forward.
     """
 
     def __init__(
@@ -187,7 +184,6 @@ class MolaAdapter(ExpertMixture):
         self.top_k = top_k
         self.router_loss = router_loss
         self.aux_loss_coef = aux_loss_coef
-        self.expert_load: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probs (N, E), kept weights (N, k) summing to 1, selected experts (N, k))."""
@@ -234,19 +230,18 @@ class MolaAdapter(ExpertMixture):
         kept = weights.reshape(-1).index_select(0, order)  # (N*k,)
         routed = torch.cat(outputs) * kept[:, None]  # (N*k, out)
         delta = routed.new_zeros(n, self.out_features).index_add(0, token_of, routed)
-        self.expert_load = load.detach()
         if self._reporting():
-            self._report(probs, selected)
+            self._report(probs, selected, load)
         return delta
 
-    def _report(self, probs: torch.Tensor, selected: torch.Tensor) -> None:
+    def _report(self, probs: torch.Tensor, selected: torch.Tensor, load: torch.Tensor) -> None:
         """Routed counts over real tokens and, with ``router_loss``, the weighted aux loss."""
         assert self.context is not None and self.adapter_name is not None
         mask = self._token_mask()
-        chosen = F.one_hot(selected, self.num_experts).sum(dim=1)  # (N, E)
-        if mask is not None:
-            chosen = chosen * mask[:, None]
-        self.context.aux_losses.add_load(self.adapter_name, chosen.sum(dim=0))
+        if mask is not None:  # count real tokens only
+            chosen = F.one_hot(selected, self.num_experts).sum(dim=1)  # (N, E)
+            load = (chosen * mask[:, None]).sum(dim=0)
+        self.context.aux_losses.add_load(self.adapter_name, load)
         if self.router_loss:
             loss = load_balancing_loss(probs, selected, self.num_experts, mask)
             self.context.aux_losses.add(self.adapter_name, self.aux_loss_coef * loss)
