@@ -60,9 +60,7 @@ class AuxLossCollector:
         """The summed aux loss recorded for ``adapter`` in this pass, or None."""
         return self._losses.get(adapter)
 
-    def segment_losses(
-        self, adapters: Sequence[str], like: torch.Tensor
-    ) -> torch.Tensor | None:
+    def segment_losses(self, adapters: Sequence[str], like: torch.Tensor) -> torch.Tensor | None:
         """(S,) aux loss of each segment's adapter (0 where none), or None if nothing was recorded.
 
         Args:

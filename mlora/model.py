@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters import LoraAdapter, MultiLoraLinear
+from mlora.adapters import MultiLoraLinear
 from mlora.errors import MloraError
 from mlora.layout import BatchLayout, LayoutContext
 
@@ -129,6 +129,20 @@ class MultiLoraModel(nn.Module):
             attach_linear_moe(self, name, spec)  # router + LoRA experts on target linears
             self.specs[name] = spec
             return
+        from mlora.moe.spec import MixLoraSpec  # lazy: mlora.moe builds on this module
+
+        if isinstance(spec, MixLoraSpec):
+            from mlora.moe.feed_forward import attach_mixlora
+
+            spec = attach_mixlora(self, name, spec)  # FFN experts + plain LoRA on other targets
+        else:
+            self._add_lora(name, spec)
+        self.specs[name] = spec
+        if not self.training:
+            self.eval()  # new adapter modules are born training: no dropout after model.eval()
+
+    def _add_lora(self, name: str, spec: LoraSpec) -> None:
+        """Wrap every target linear layer of ``spec`` and give it adapter ``name``'s LoRA."""
         targets = set(spec.target_modules)
         found: set[str] = set()
         for path, module in list(self.model.named_modules()):
@@ -151,21 +165,33 @@ class MultiLoraModel(nn.Module):
                 f"adapter {name!r}: target module {missing[0]!r} not found in "
                 f"{type(self.model).__name__} (its linear layers: {available})"
             )
-        self.specs[name] = spec
 
     def remove_adapter(self, name: str, strict: bool = True) -> None:
         for _, layer in self.adapter_layers():
             if name in layer.adapters:
                 del layer.adapters[name]
+        from mlora.moe.feed_forward import mixlora_layers
+
+        for _, ffn in mixlora_layers(self.model):
+            if name in ffn.moes:
+                del ffn.moes[name]
         if strict and name not in self.specs:
             raise MloraError(f"no adapter named {name!r}")
         self.specs.pop(name, None)
 
-    def adapter_modules(self, name: str) -> Iterator[tuple[str, LoraAdapter]]:
-        """(base layer path, adapter module) of adapter ``name`` on every layer it targets."""
+    def adapter_modules(self, name: str) -> Iterator[tuple[str, nn.Module]]:
+        """(base layer path, adapter module) of adapter ``name`` on every layer it targets.
+
+        A MixLoRA adapter also yields ``(FFN path + ".moes." + name, MixLoraExperts)``.
+        """
         for path, layer in self.adapter_layers():
             if name in layer.adapters:
                 yield path, layer.adapters[name]
+        from mlora.moe.feed_forward import mixlora_layers
+
+        for path, ffn in mixlora_layers(self.model):
+            if name in ffn.moes:
+                yield f"{path}.moes.{name}", ffn.moes[name]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for _, module in self.adapter_modules(name) for p in module.parameters()]

@@ -8,6 +8,7 @@ Loading accepts our files and any PEFT LoRA; torch pickle files are read with
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,22 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
+def _is_mixlora(spec: LoraSpec | None) -> bool:
+    from mlora.moe.spec import MixLoraSpec  # lazy: mlora.moe builds on mlora.model
+
+    return isinstance(spec, MixLoraSpec)
+
+
 def _is_linear_moe(spec: LoraSpec | None) -> bool:
     return getattr(spec, "strategy", None) in ("loramoe", "mola")
 
 
 def adapter_state_dict(model: MultiLoraModel, name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s tensors under PEFT key names, on CPU."""
+    """Adapter ``name``'s tensors under PEFT key names (MixLoRA: mixlora's names), on CPU."""
+    if _is_mixlora(model.specs.get(name)):
+        from mlora.moe.persistence import mixlora_state_dict
+
+        return mixlora_state_dict(model, name)
     if _is_linear_moe(model.specs.get(name)):
         from mlora.linear_moe_persistence import linear_moe_state_dict
 
@@ -50,7 +61,11 @@ def adapter_state_dict(model: MultiLoraModel, name: str) -> dict[str, torch.Tens
 def peft_config(
     spec: LoraSpec, lora_alpha: float, use_rslora: bool, base_model: str | None
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` PEFT's ``LoraConfig`` reads."""
+    """The ``adapter_config.json`` PEFT's ``LoraConfig`` reads (MixLoRA: mixlora's)."""
+    if _is_mixlora(spec):
+        from mlora.moe.persistence import mixlora_peft_config
+
+        return mixlora_peft_config(spec, base_model)  # type: ignore[arg-type]
     if _is_linear_moe(spec):
         from mlora.linear_moe_persistence import linear_moe_peft_config
 
@@ -83,7 +98,12 @@ def save_adapter(
 ) -> None:
     """Write adapter ``name`` to ``directory`` in PEFT format, each file atomically."""
     directory = Path(directory)
-    atomic_write_bytes(directory / WEIGHTS_NAME, save(adapter_state_dict(model, name)))
+    tensors = adapter_state_dict(model, name)
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors))
+    if config.get("peft_type") in ("MIXLORA", "LORAMOE", "MOLA"):  # upstream loaders: .bin
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        atomic_write_bytes(directory / LEGACY_WEIGHTS_NAME, buffer.getvalue())
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -111,7 +131,12 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
 
 def spec_from_peft_config(config: dict[str, Any], source: str) -> tuple[LoraSpec, float, bool]:
-    """(LoraSpec, lora_alpha, use_rslora) of a PEFT LoRA adapter_config."""
+    """(LoraSpec, lora_alpha, use_rslora) of a PEFT LoRA (or MIXLORA) adapter_config."""
+    if config.get("peft_type") == "MIXLORA":
+        from mlora.moe.persistence import mixlora_spec_from_config
+
+        mix = mixlora_spec_from_config(config, source)
+        return mix, mix.lora_alpha, mix.use_rslora
     if config.get("peft_type") in ("LORAMOE", "MOLA"):
         from mlora.linear_moe_persistence import linear_moe_spec_from_config
 
@@ -146,6 +171,11 @@ def load_adapter_weights(
     Raises:
         MloraError: a tensor the adapter needs is missing, or shapes differ (naming the key).
     """
+    if _is_mixlora(model.specs.get(name)):
+        from mlora.moe.persistence import load_mixlora_weights
+
+        load_mixlora_weights(model, name, tensors, source)
+        return
     if _is_linear_moe(model.specs.get(name)):
         from mlora.linear_moe_persistence import load_linear_moe_weights
 

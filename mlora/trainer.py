@@ -28,7 +28,7 @@ from mlora.checkpointing import (
     checkpoint_mode,
     resolve_checkpoint_mode,
 )
-from mlora.config import AdapterConfig, TrainConfig
+from mlora.config import MIXLORA_STRATEGIES, AdapterConfig, TrainConfig
 from mlora.data import TokenizedRow, load_rows, tokenize_rows
 from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch
 from mlora.errors import MloraError
@@ -54,6 +54,10 @@ def adapter_seed(seed: int, name: str) -> int:
 
 
 def spec_from_config(config: AdapterConfig) -> LoraSpec:
+    if config.routing_strategy in MIXLORA_STRATEGIES:
+        from mlora.moe import mixlora_spec
+
+        return mixlora_spec(config)
     if config.routing_strategy in ("loramoe", "mola"):
         from mlora.linear_moe import linear_moe_spec
 
@@ -103,6 +107,7 @@ class AdapterRun:
     loss_count: int = 0
     tokens: int = 0
     history: list[float] = field(default_factory=list)
+    expert_load: list[list[float]] = field(default_factory=list)  # MoE: per-expert token share
 
     @property
     def name(self) -> str:
@@ -325,6 +330,13 @@ class Trainer:
                 self.global_step, run.name, min(run.queue.epoch + 1, run.config.num_epochs),
                 run.steps_done, run.queue.total_steps, loss, lr, run.tokens / max(elapsed, 1e-9),
             )  # fmt: skip
+            loads = self.model.context.aux_losses.take_loads(run.name)
+            if loads is not None:  # MoE adapters: share of routed tokens per expert, all layers
+                run.expert_load.append(loads.tolist())
+                logger.info(
+                    "step %d | %s | expert load %s",
+                    self.global_step, run.name, " ".join(f"{v:.2f}" for v in loads.tolist()),
+                )  # fmt: skip
             if not math.isfinite(loss):
                 logger.warning("adapter %s: loss is %s", run.name, loss)
             run.loss_sum, run.loss_count, run.tokens = None, 0, 0

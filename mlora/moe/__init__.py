@@ -1,0 +1,13 @@
+"""MixLoRA: mixture-of-LoRA-experts FFNs (strategies mixlora, mixlora-dynamic, mixlora-switch)."""
+
+from mlora.moe.feed_forward import MixLoraExperts, MixLoraFeedForward, attach_mixlora
+from mlora.moe.spec import MixLoraSpec, RouterSpec, mixlora_spec
+
+__all__ = [
+    "MixLoraExperts",
+    "MixLoraFeedForward",
+    "MixLoraSpec",
+    "RouterSpec",
+    "attach_mixlora",
+    "mixlora_spec",
+]

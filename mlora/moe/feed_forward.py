@@ -1,0 +1,424 @@
+"""MixLoRA: the frozen FFN of each decoder layer shared by E LoRA experts, picked per token.
+
+For the tokens of a MixLoRA adapter's segment (flattened to N tokens), with a gated MLP
+``down(act(gate(x)) * up(x))``:
+
+    G, U = gate(x), up(x)                           # frozen, once for the N tokens
+    route x -> for each expert e its tokens idx_e and weights w_e (mlora.moe.routing)
+    h_e = act(G[idx_e] + dG_e(x[idx_e])) * (U[idx_e] + dU_e(x[idx_e]))
+    y[idx_e] += w_e * (down(h_e) + dD_e(h_e))       # index_add: each expert sees only its tokens
+
+where ``dP_e`` is expert e's LoRA (or DoRA) on projection P, absent when P is not a target.
+An fc1/fc2 MLP (Phi) is the same with ``fc2(act(fc1(x)))``. Rows of other adapters, and rows
+no segment covers, run the model's own MLP module (with any plain LoRA its linears carry) under
+a layout restricted to them, so MixLoRA segments and ordinary segments share one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from mlora.adapters import LoraAdapter, MultiLoraLinear, dense_weight
+from mlora.errors import MloraError
+from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
+from mlora.moe.routing import route
+from mlora.moe.spec import MixLoraSpec, RouterSpec
+
+# The MLP shapes we know: (projection names in call order, kind).
+GATED = ("gate_proj", "up_proj", "down_proj")
+FC = ("fc1", "fc2")
+_ACT_ATTRS = ("act_fn", "activation_fn", "act")
+
+
+@dataclass(frozen=True)
+class MlpShape:
+    """Which known MLP form a module has: its projections and its activation."""
+
+    projections: tuple[str, ...]
+    activation: nn.Module
+
+
+def mlp_shape(mlp: nn.Module) -> MlpShape | None:
+    """The shape of ``mlp`` if it is a gated (gate/up/down) or fc1/fc2 MLP, else None."""
+    children = dict(mlp.named_children())
+    for projections in (GATED, FC):
+        linears = [children.get(name) for name in projections]
+        if all(isinstance(m, nn.Linear | MultiLoraLinear) for m in linears):
+            activation = next((getattr(mlp, a) for a in _ACT_ATTRS if hasattr(mlp, a)), None)
+            if isinstance(activation, nn.Module) and not list(mlp.parameters(recurse=False)):
+                return MlpShape(projections, activation)
+    return None
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    return layer.base_layer if isinstance(layer, MultiLoraLinear) else layer
+
+
+class MixLoraExperts(nn.Module):
+    """One adapter's router and LoRA experts on one FFN.
+
+    Args:
+        hidden: the FFN input width.
+        shapes: (in, out) features of each adapted projection, by name.
+        base_weights: the dense base weight of each adapted projection (DoRA init), or None.
+        spec: the adapter's MixLoRA spec.
+        activation: the experts' activation.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        shapes: dict[str, tuple[int, int]],
+        base_weights: dict[str, torch.Tensor] | None,
+        spec: MixLoraSpec,
+        activation: nn.Module,
+    ) -> None:
+        super().__init__()
+        router = spec.router
+        self.router_spec: RouterSpec = router
+        self.router = nn.Linear(hidden, router.num_experts, bias=False)
+        nn.init.normal_(self.router.weight, mean=0.0, std=router.init_range)
+        # Keyed "<projection>_experts": a child named like the projection itself would be
+        # taken for a target linear by MultiLoraModel's module walk.
+        self.experts = nn.ModuleDict(
+            {
+                f"{name}_experts": nn.ModuleList(
+                    LoraAdapter(
+                        fan_in,
+                        fan_out,
+                        spec.expert_r,
+                        spec.expert_scaling,
+                        spec.expert_dropout,
+                        spec.init,
+                        spec.use_dora,
+                        None if base_weights is None else base_weights[name],
+                    )
+                    for _ in range(router.num_experts)
+                )
+                for name, (fan_in, fan_out) in shapes.items()
+            }
+        )
+        self.activation = activation
+        self.jitter = router.jitter_noise
+        self.dropout: nn.Module = (
+            nn.Dropout(router.ffn_dropout) if router.ffn_dropout > 0 else nn.Identity()
+        )
+
+    def expert(self, projection: str, index: int) -> LoraAdapter | None:
+        """Expert ``index``'s LoRA on ``projection``, or None if the projection is not adapted."""
+        key = f"{projection}_experts"
+        return self.experts[key][index] if key in self.experts else None
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, E) fp32 logits; the router input gets multiplicative jitter in training."""
+        x = x.float()
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return self.router(x)
+
+
+class MixLoraFeedForward(nn.Module):
+    """Stands in for a decoder layer's MLP; MixLoRA segments take the expert path.
+
+    The model's MLP module is kept (unregistered, so module paths do not change) for the rows
+    of other adapters; its projections are registered here under their own names, so
+    ``model.layers.0.mlp.gate_proj`` is still the same module and plain LoRA on FFN linears,
+    PEFT key names and ``.to()`` keep working.
+
+    Args:
+        mlp: the model's MLP module (a known shape, see ``mlp_shape``).
+        context: the model's layout context.
+    """
+
+    def __init__(self, mlp: nn.Module, context: LayoutContext) -> None:
+        super().__init__()
+        shape = mlp_shape(mlp)
+        assert shape is not None
+        object.__setattr__(self, "mlp", mlp)  # not a submodule: paths stay as they were
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+        self.projections = shape.projections
+        self.default_activation = shape.activation
+        self.moes = nn.ModuleDict()
+        self.context = context
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # A projection replaced later (MultiLoraModel wrapping gate_proj for a plain LoRA) must
+        # be replaced in the model's MLP too, which runs the other segments' rows.
+        super().__setattr__(name, value)
+        mlp = self.__dict__.get("mlp")
+        if mlp is not None and isinstance(value, nn.Module) and name in mlp._modules:
+            setattr(mlp, name, value)
+
+    def train(self, mode: bool = True) -> MixLoraFeedForward:
+        super().train(mode)
+        self.mlp.train(mode)
+        return self
+
+    def linear(self, name: str) -> nn.Module:
+        """The frozen base linear layer of projection ``name`` (unwrapped from MultiLoraLinear)."""
+        return _base(getattr(self, name))
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = self.context.layout
+        if layout is None or not self.moes:
+            return self.mlp(x)
+        moe_segments = [seg for seg in layout.segments if seg.adapter in self.moes]
+        if not moe_segments:
+            return self.mlp(x)
+        rows = x.reshape(layout.num_rows, -1, x.shape[-1])  # (B, T, H)
+        per_row = rows.shape[1]
+        mask = self.context.token_mask
+        pieces: list[tuple[int, torch.Tensor]] = [
+            (seg.start, self._moe_segment(seg, rows[seg.start : seg.end], mask, per_row))
+            for seg in moe_segments
+        ]
+        pieces += self._other_rows(layout, rows, moe_segments, mask)
+        pieces.sort(key=lambda item: item[0])
+        return torch.cat([piece for _, piece in pieces]).view(*x.shape[:-1], -1)
+
+    def _other_rows(
+        self,
+        layout: BatchLayout,
+        rows: torch.Tensor,
+        moe_segments: list[AdapterSegment],
+        mask: torch.Tensor | None,
+    ) -> list[tuple[int, torch.Tensor]]:
+        """The model's MLP on the rows outside MixLoRA segments, under a layout of just them."""
+        taken = [(seg.start, seg.end) for seg in moe_segments]
+        ranges, cursor = [], 0
+        for start, end in [*taken, (layout.num_rows, layout.num_rows)]:
+            if start > cursor:
+                ranges.append((cursor, start))
+            cursor = end
+        if not ranges:
+            return []
+        segments, offset = [], 0
+        for start, end in ranges:
+            for seg in layout.segments:
+                lo, hi = max(seg.start, start), min(seg.end, end)
+                if lo < hi:
+                    segments.append(
+                        AdapterSegment(seg.adapter, lo - start + offset, hi - start + offset)
+                    )
+            offset += end - start
+        sub_rows = torch.cat([rows[start:end] for start, end in ranges])  # (B', T, H)
+        sub_mask = None
+        if mask is not None:
+            by_row = mask.view(layout.num_rows, -1)
+            sub_mask = torch.cat([by_row[start:end] for start, end in ranges]).reshape(-1)
+        with self.context.use(BatchLayout(tuple(segments), offset), sub_mask):
+            out = self.mlp(sub_rows)  # (B', T, H)
+        result, offset = [], 0
+        for start, end in ranges:
+            result.append((start, out[offset : offset + end - start]))
+            offset += end - start
+        return result
+
+    def _moe_segment(
+        self, seg: AdapterSegment, rows: torch.Tensor, mask: torch.Tensor | None, per_row: int
+    ) -> torch.Tensor:
+        """The MixLoRA FFN output of one segment's rows (R, T, H)."""
+        moe = self.moes[seg.adapter]
+        x = rows.reshape(-1, rows.shape[-1])  # (N, H)
+        real = None if mask is None else mask[seg.start * per_row : seg.end * per_row]
+        routing = route(moe.router_logits(x), moe.router_spec, real, rows.shape[0], self.training)
+        if self.training:
+            if moe.router_spec.router_loss:
+                self.context.aux_losses.add(seg.adapter, routing.aux_loss)
+            self.context.aux_losses.add_load(seg.adapter, routing.counts)
+        out = self.dispatch(moe, x, routing.weights, routing.routed)
+        return moe.dropout(out).to(rows.dtype).view(rows.shape[0], per_row, -1)
+
+    def dispatch(
+        self, moe: MixLoraExperts, x: torch.Tensor, weights: torch.Tensor, routed: torch.Tensor
+    ) -> torch.Tensor:
+        """Sum of each token's routed experts, weighted; unrouted tokens get the frozen FFN.
+
+        Args:
+            x: (N, H) tokens.
+            weights: (N, E) routing weights; routed: (N, E) bool.
+
+        Returns:
+            (N, H_out) fp32.
+        """
+        first = self.linear(self.projections[0])
+        shared = [first(x)]  # (N, I): the frozen gate (or fc1) projection, once for all experts
+        if self.projections == GATED:
+            shared.append(self.linear("up_proj")(x))
+        expert_ids, token_ids = routed.t().nonzero(as_tuple=True)  # grouped by expert
+        sizes = routed.sum(0).tolist()  # the one host read: sizes of the per-expert groups
+        pair_weights = weights[token_ids, expert_ids]  # (P,)
+        out_features = self.linear(self.projections[-1]).out_features
+        y = x.new_zeros(x.shape[0], out_features, dtype=torch.float32)
+        for expert, idx, w in zip(
+            range(len(sizes)), token_ids.split(sizes), pair_weights.split(sizes), strict=True
+        ):
+            if idx.numel() == 0:
+                continue
+            out = self._expert(
+                moe, expert, x.index_select(0, idx), [s.index_select(0, idx) for s in shared]
+            )
+            y = y.index_add(0, idx, out * w[:, None])
+        unrouted = (~routed.any(-1)).nonzero().squeeze(-1)  # switch tokens past capacity
+        if moe.router_spec.strategy == "mixlora-switch" and unrouted.numel():
+            base = self._expert(
+                moe,
+                None,
+                x.index_select(0, unrouted),
+                [s.index_select(0, unrouted) for s in shared],
+            )
+            y = y.index_add(0, unrouted, base)
+        return y
+
+    def _project(
+        self,
+        moe: MixLoraExperts,
+        expert: int | None,
+        name: str,
+        x: torch.Tensor,
+        base: torch.Tensor,
+    ) -> torch.Tensor:
+        """Base output ``base`` of projection ``name`` plus expert ``expert``'s LoRA delta."""
+        adapter = None if expert is None else moe.expert(name, expert)
+        if adapter is None:
+            return base
+        layer = self.linear(name)
+        weight = dense_weight(layer) if adapter.magnitude is not None else None
+        return (base + adapter(x, base, weight, layer.bias)).to(base.dtype)
+
+    def _expert(
+        self, moe: MixLoraExperts, expert: int | None, x: torch.Tensor, shared: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Expert ``expert``'s FFN output for its tokens (None: the frozen FFN), fp32."""
+        act = moe.activation
+        if self.projections == GATED:
+            gate = self._project(moe, expert, "gate_proj", x, shared[0])
+            up = self._project(moe, expert, "up_proj", x, shared[1])
+            hidden = act(gate) * up
+            down = "down_proj"
+        else:
+            hidden = act(self._project(moe, expert, "fc1", x, shared[0]))
+            down = "fc2"
+        return self._project(moe, expert, down, hidden, self.linear(down)(hidden)).float()
+
+
+# --- attaching ---------------------------------------------------------------------------------
+
+
+def find_mlps(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) of every decoder layer's MLP (a child named ``mlp``)."""
+    for path, module in model.named_modules():
+        if path.rsplit(".", 1)[-1] == "mlp":
+            yield path, module
+
+
+def ffn_projection_names(model: nn.Module) -> set[str]:
+    """The projection names of the model's known-shape MLPs (empty if none)."""
+    names: set[str] = set()
+    for _, mlp in find_mlps(model):
+        shape = mlp_shape(mlp) if not isinstance(mlp, MixLoraFeedForward) else None
+        names.update(shape.projections if shape else getattr(mlp, "projections", ()))
+    return names
+
+
+def _activation(name: str | None, default: nn.Module) -> nn.Module:
+    if name is None:
+        return default
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def _model_activation_name(hf_model: nn.Module, activation: nn.Module) -> str | None:
+    """The ``ACT2FN`` name of the model's MLP activation, if its config names it."""
+    from transformers.activations import ACT2FN
+
+    for key in ("hidden_act", "hidden_activation"):
+        value = getattr(getattr(hf_model, "config", None), key, None)
+        if isinstance(value, str) and value in ACT2FN and type(ACT2FN[value]) is type(activation):
+            return value
+    return None
+
+
+def attach_mixlora(model: nn.Module, name: str, spec: MixLoraSpec) -> MixLoraSpec:
+    """Add MixLoRA adapter ``name`` to a ``MultiLoraModel``: experts on every FFN, plain LoRA on
+    the other targets.
+
+    Returns:
+        ``spec`` with ``act_fn`` resolved to the model's activation name when it was unset (so
+        the saved config names it, as the mixlora package's loader needs).
+
+    Raises:
+        MloraError: the model has no MLP of a known shape, or no FFN projection is targeted.
+    """
+    hf_model = model.model
+    mlps = list(find_mlps(hf_model))
+    unknown = [
+        (path, m)
+        for path, m in mlps
+        if not isinstance(m, MixLoraFeedForward) and mlp_shape(m) is None
+    ]
+    if not mlps or unknown:
+        what = type(unknown[0][1]).__name__ if unknown else "no 'mlp' modules"
+        raise MloraError(
+            f"adapter {name!r}: key 'routing_strategy' ({spec.router.strategy!r}) needs decoder "
+            f"MLPs with gate_proj/up_proj/down_proj or fc1/fc2; {type(hf_model).__name__} has "
+            f"{what}"
+        )
+    ffn_names = ffn_projection_names(hf_model)
+    expert_targets = [t for t in spec.target_modules if t in ffn_names]
+    other_targets = tuple(t for t in spec.target_modules if t not in ffn_names)
+    if not expert_targets:
+        raise MloraError(
+            f"adapter {name!r}: key 'target_modules' must include an FFN projection for "
+            f"MixLoRA experts (one of {', '.join(sorted(ffn_names))})"
+        )
+    if other_targets:
+        from mlora.model import LoraSpec
+
+        model._add_lora(
+            name,
+            LoraSpec(spec.r, spec.scaling, spec.dropout, other_targets, spec.init, spec.use_dora),
+        )
+    for path, mlp in mlps:
+        if not isinstance(mlp, MixLoraFeedForward):
+            parent = hf_model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else hf_model
+            mlp = MixLoraFeedForward(mlp, model.context)
+            parent.mlp = mlp
+        targets = [t for t in expert_targets if t in mlp.projections]
+        layers = {t: mlp.linear(t) for t in targets}
+        shapes = {t: (layer.in_features, layer.out_features) for t, layer in layers.items()}
+        weights = (
+            {t: dense_weight(layer).float() for t, layer in layers.items()}
+            if spec.use_dora
+            else None
+        )
+        first = mlp.linear(mlp.projections[0])
+        device = first.weight.device
+        experts = MixLoraExperts(
+            first.in_features,
+            shapes,
+            weights,
+            spec,
+            _activation(spec.act_fn, mlp.default_activation),
+        )
+        mlp.moes[name] = experts.to(device)
+    if spec.act_fn is None:
+        resolved = _model_activation_name(hf_model, mlp.default_activation)
+        if resolved is not None:
+            spec = replace(spec, act_fn=resolved)
+    return spec
+
+
+def mixlora_layers(model: nn.Module) -> Iterator[tuple[str, MixLoraFeedForward]]:
+    """(path, wrapper) of every MixLoRA FFN wrapper of ``model``, in model order."""
+    for path, module in model.named_modules():
+        if isinstance(module, MixLoraFeedForward):
+            yield path, module

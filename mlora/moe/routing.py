@@ -1,0 +1,112 @@
+"""MixLoRA routers: which experts each token goes to, with what weight, and the router losses.
+
+All three strategies start from the router's softmax ``p = softmax(logits)`` over E experts:
+
+``mixlora``
+    the ``top_k`` largest probabilities, renormalised to sum to 1 (Mixtral).
+``mixlora-dynamic``
+    ``p = softmax(logits / temperature)`` (temperature 0: none); the fewest experts, largest
+    first, whose probabilities sum past ``top_p``; their probabilities as weights, not
+    renormalised (upstream MoE-PEFT).
+``mixlora-switch``
+    the argmax expert with its probability as weight (Switch Transformers). In training each
+    expert takes at most ``expert_capacity`` tokens per row, in position order; the tokens past
+    it are routed nowhere and the FFN wrapper gives them the frozen FFN's output.
+
+Load balancing (every strategy): ``coef * E * sum_e f_e * P_e``, with ``f_e`` the fraction of
+real tokens sent to expert e (before capacity) and ``P_e`` the mean router probability of e over
+real tokens; padding is excluded. Switch adds the z-loss ``z_coef * mean(logsumexp(logits)^2)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mlora.moe.spec import RouterSpec
+
+
+@dataclass
+class Routing:
+    """The routing of N tokens to E experts.
+
+    Attributes:
+        weights: (N, E) fp32 weight of expert e's output for token n; 0 where not routed.
+        routed: (N, E) bool, token n is computed by expert e.
+        aux_loss: scalar, the coefficient-weighted router losses over real tokens.
+        counts: (E,) real tokens routed to each expert.
+    """
+
+    weights: torch.Tensor
+    routed: torch.Tensor
+    aux_loss: torch.Tensor
+    counts: torch.Tensor
+
+
+def _top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, index = probs.topk(k, dim=-1)  # (N, k)
+    values = values / values.sum(-1, keepdim=True)
+    routed = torch.zeros_like(probs, dtype=torch.bool).scatter(1, index, True)
+    return torch.zeros_like(probs).scatter(1, index, values), routed
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    ordered, order = probs.sort(dim=-1, descending=True)  # (N, E)
+    keep = (ordered.cumsum(-1) - ordered) < top_p  # the sum before this expert is short of top_p
+    routed = torch.zeros_like(keep).scatter(1, order, keep)
+    return probs * routed, routed
+
+
+def _capacity(chosen: torch.Tensor, rows: int, capacity: int, real: torch.Tensor) -> torch.Tensor:
+    """(N, E) bool: ``chosen`` minus the tokens past each expert's capacity within their row."""
+    counted = (chosen & real[:, None]).view(rows, -1, chosen.shape[-1]).long()  # (B, T, E)
+    priority = counted.cumsum(1).view_as(chosen)  # position of the token in its expert's queue
+    return chosen & (priority <= capacity)
+
+
+def route(
+    logits: torch.Tensor,
+    spec: RouterSpec,
+    real: torch.Tensor | None,
+    rows: int,
+    training: bool,
+) -> Routing:
+    """Route N tokens given their router logits.
+
+    Args:
+        logits: (N, E) fp32 router logits.
+        spec: the adapter's router settings.
+        real: (N,) bool, True at real (non-padding) tokens; None: all are real.
+        rows: the N tokens are ``rows`` rows of equal length (the switch capacity is per row).
+        training: apply the switch capacity.
+
+    Returns:
+        The routing, with the router losses (always computed; the caller decides to use them).
+    """
+    real = torch.ones_like(logits[:, 0], dtype=torch.bool) if real is None else real
+    if spec.strategy == "mixlora-dynamic":
+        scaled = logits / spec.temperature if spec.temperature > 0 else logits
+        probs = F.softmax(scaled, dim=-1)
+        weights, routed = _top_p(probs, spec.top_p)
+        chosen = routed
+    elif spec.strategy == "mixlora-switch":
+        probs = F.softmax(logits, dim=-1)
+        chosen = F.one_hot(probs.argmax(-1), probs.shape[-1]).bool()  # (N, E)
+        routed = _capacity(chosen, rows, spec.expert_capacity, real) if training else chosen
+        weights = probs * routed
+    else:
+        probs = F.softmax(logits, dim=-1)
+        weights, routed = _top_k(probs, spec.top_k)
+        chosen = routed
+    mask = real.to(probs.dtype)[:, None]  # (N, 1)
+    num_real = mask.sum().clamp_min(1)
+    fraction = (chosen.to(probs.dtype) * mask).sum(0) / num_real  # (E,)
+    mean_prob = (probs * mask).sum(0) / num_real  # (E,)
+    aux = spec.aux_loss_coef * probs.shape[-1] * (fraction * mean_prob).sum()
+    if spec.strategy == "mixlora-switch" and spec.z_loss_coef > 0:
+        z = torch.logsumexp(logits, dim=-1).pow(2)  # (N,)
+        aux = aux + spec.z_loss_coef * (z * mask[:, 0]).sum() / num_real
+    counts = (routed.to(probs.dtype) * mask).sum(0)
+    return Routing(weights, routed, aux, counts)

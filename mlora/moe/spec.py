@@ -1,0 +1,143 @@
+"""The shape of one MixLoRA adapter: flat, resolved values (no config object reaches a layer)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mlora.config import MIXLORA_STRATEGIES, MOE_STRATEGY_DEFAULTS, AdapterConfig
+from mlora.model import LoraSpec
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How one MixLoRA adapter routes tokens to its experts and what its router losses weigh.
+
+    Attributes:
+        strategy: "mixlora" (softmax top-k, renormalised), "mixlora-dynamic" (top-p) or
+            "mixlora-switch" (top-1 with a per-row capacity in training).
+        num_experts: experts per FFN.
+        top_k: experts per token (mixlora).
+        top_p, temperature: mixlora-dynamic's cumulative threshold and softmax temperature.
+        init_range: std of the router weight's normal initialisation.
+        aux_loss_coef: weight of the load-balancing loss.
+        z_loss_coef: weight of the router z-loss (switch).
+        router_loss: whether the router losses join the adapter's loss.
+        jitter_noise: multiplicative uniform noise on the router input in training.
+        expert_capacity: tokens per expert per row in training (switch).
+        ffn_dropout: dropout on the MoE FFN output in training (switch).
+    """
+
+    strategy: str = "mixlora"
+    num_experts: int = 8
+    top_k: int = 2
+    top_p: float = 0.8
+    temperature: float = 0.0
+    init_range: float = 0.02
+    aux_loss_coef: float = 0.001
+    z_loss_coef: float = 0.0
+    router_loss: bool = True
+    jitter_noise: float = 0.0
+    expert_capacity: int = 32
+    ffn_dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class MixLoraSpec(LoraSpec):
+    """A MixLoRA adapter: plain LoRA (``r``, ``scaling``, ...) on the non-FFN targets, and
+    ``router.num_experts`` LoRA experts on the FFN projections among ``target_modules``.
+
+    Attributes:
+        router: routing and router-loss settings.
+        expert_r, expert_scaling, expert_dropout: the experts' LoRA shape.
+        act_fn: the experts' activation (an ``ACT2FN`` name); None: the model's.
+        expert_lora: the ``expert_lora`` overrides as configured (recorded when saving).
+        lora_alpha, use_rslora: as configured (recorded when saving).
+    """
+
+    router: RouterSpec = RouterSpec()
+    expert_r: int = 8
+    expert_scaling: float = 2.0
+    expert_dropout: float = 0.0
+    act_fn: str | None = None
+    expert_lora: tuple[tuple[str, Any], ...] | None = None
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+
+
+def _scale(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def build_mixlora_spec(
+    *,
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    target_modules: tuple[str, ...],
+    init: str,
+    use_dora: bool,
+    use_rslora: bool,
+    router: RouterSpec,
+    act_fn: str | None,
+    expert_lora: dict[str, Any] | None,
+) -> MixLoraSpec:
+    """A MixLoraSpec with the experts' r / alpha / dropout resolved from ``expert_lora``."""
+    overrides = dict(expert_lora or {})
+    expert_r = int(overrides.get("r", r))
+    expert_alpha = float(overrides.get("lora_alpha", lora_alpha))
+    return MixLoraSpec(
+        r=r,
+        scaling=_scale(lora_alpha, r, use_rslora),
+        dropout=lora_dropout,
+        target_modules=tuple(target_modules),
+        init=init,
+        use_dora=use_dora,
+        router=router,
+        expert_r=expert_r,
+        expert_scaling=_scale(expert_alpha, expert_r, use_rslora),
+        expert_dropout=float(overrides.get("lora_dropout", lora_dropout)),
+        act_fn=act_fn,
+        expert_lora=tuple(sorted(overrides.items())) if expert_lora else None,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+    )
+
+
+def mixlora_spec(config: AdapterConfig) -> MixLoraSpec:
+    """The MixLoraSpec of a validated adapter config whose routing_strategy is mixlora*."""
+    strategy = config.routing_strategy
+    assert strategy in MIXLORA_STRATEGIES
+    reads = MOE_STRATEGY_DEFAULTS[strategy]
+
+    def value(key: str, unused: Any) -> Any:
+        """The key's value if this strategy reads it, else a neutral value."""
+        return config.moe(key) if key in reads else unused
+
+    router = RouterSpec(
+        strategy=strategy,
+        num_experts=config.moe("num_experts"),
+        top_k=value("top_k", 1),
+        top_p=value("top_p", 1.0),
+        temperature=value("temperature", 0.0),
+        init_range=config.moe("router_init_range"),
+        aux_loss_coef=config.moe("router_aux_loss_coef"),
+        z_loss_coef=value("router_z_loss_coef", 0.0),
+        router_loss=config.moe("router_loss"),
+        jitter_noise=config.moe("jitter_noise"),
+        expert_capacity=value("expert_capacity", 0),
+        ffn_dropout=value("ffn_dropout", 0.0),
+    )
+    return build_mixlora_spec(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=tuple(config.target_module_names),
+        init=config.lora_init,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        router=router,
+        act_fn=config.moe("act_fn"),
+        expert_lora=config.moe("expert_lora"),
+    )

@@ -1,0 +1,404 @@
+"""MixLoRA: routed FFN experts against a dense reference, training, persistence, CLI errors.
+
+The reference for the routed forward is the straightforward computation: every expert's full
+FFN on every token (plain matrix products, no index dispatch), weighted by the router's kept
+probabilities, with the strategy's selection rule written as a per-token Python loop.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlora.config import parse_config
+from mlora.errors import MloraError
+from mlora.layout import BatchLayout
+from mlora.model import LoraSpec, MultiLoraModel
+from mlora.moe import MixLoraFeedForward
+from mlora.moe.spec import RouterSpec, build_mixlora_spec
+from mlora.persistence import read_adapter
+from mlora.trained import load_trained
+from mlora.trainer import spec_from_config
+from tests.conftest import make_model, make_tokenizer
+from tests.helpers import (
+    adapter_tensors,
+    addition_rows,
+    max_relative_difference,
+    reverse_rows,
+    run_in_memory,
+    write_json,
+    write_template,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FFN = ("gate_proj", "up_proj", "down_proj")
+STRATEGIES = ("mixlora", "mixlora-dynamic", "mixlora-switch")
+
+
+# --- the dense reference ---------------------------------------------------------------------
+
+
+def lora_linear(weight: torch.Tensor, adapter, x: torch.Tensor) -> torch.Tensor:
+    """x @ (W + s B A)^T, DoRA-rescaled when the adapter has a magnitude (norm detached)."""
+    delta = adapter.lora_B.weight @ adapter.lora_A.weight * adapter.scaling  # (out, in)
+    out = x @ weight.T + x @ delta.T
+    if adapter.magnitude is None:
+        return out
+    norm = torch.linalg.norm(weight + delta, dim=1).detach()
+    return out * (adapter.magnitude.weight / norm)
+
+
+def dense_expert(ffn: MixLoraFeedForward, moe, expert: int | None, x: torch.Tensor) -> torch.Tensor:
+    def proj(name: str, inp: torch.Tensor) -> torch.Tensor:
+        weight = ffn.linear(name).weight
+        adapter = None if expert is None else moe.expert(name, expert)
+        return inp @ weight.T if adapter is None else lora_linear(weight, adapter, inp)
+
+    hidden = moe.activation(proj("gate_proj", x)) * proj("up_proj", x)
+    return proj("down_proj", hidden)
+
+
+def kept_experts(probs: torch.Tensor, spec: RouterSpec, rows: int, real, training: bool):
+    """(N, E) bool mask of kept experts, by a per-token loop over the strategy's rule."""
+    n, e = probs.shape
+    keep = torch.zeros(n, e, dtype=torch.bool)
+    per_row = n // rows
+    used = [[0] * e for _ in range(rows)]
+    for t in range(n):
+        order = sorted(range(e), key=lambda i: -probs[t, i].item())
+        if spec.strategy == "mixlora":
+            chosen = order[: spec.top_k]
+        elif spec.strategy == "mixlora-dynamic":
+            chosen, total = [], 0.0
+            for i in order:
+                chosen.append(i)
+                total += probs[t, i].item()
+                if total >= spec.top_p:
+                    break
+        else:
+            best = order[0]
+            chosen = [best]
+            if training and real[t]:
+                used[t // per_row][best] += 1
+                if used[t // per_row][best] > spec.expert_capacity:
+                    chosen = []
+        keep[t, chosen] = True
+    return keep
+
+
+def dense_moe(ffn: MixLoraFeedForward, moe, x: torch.Tensor, real, rows: int, training: bool):
+    """(N, H): every expert on every token, weighted by the kept router probabilities."""
+    spec = moe.router_spec
+    logits = x.float() @ moe.router.weight.T
+    if spec.strategy == "mixlora-dynamic" and spec.temperature > 0:
+        logits = logits / spec.temperature
+    probs = logits.softmax(-1)
+    keep = kept_experts(probs.detach(), spec, rows, real, training)
+    weights = probs * keep
+    if spec.strategy == "mixlora":
+        weights = weights / weights.sum(-1, keepdim=True)
+    out = sum(
+        weights[:, e : e + 1] * dense_expert(ffn, moe, e, x) for e in range(spec.num_experts)
+    )
+    unrouted = ~keep.any(-1)  # switch overflow: the frozen FFN
+    return out + unrouted[:, None] * dense_expert(ffn, moe, None, x)
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+
+def mixlora(strategy: str, use_dora: bool = False, **router) -> object:
+    settings = {"num_experts": 4, "top_k": 2, "top_p": 0.7, "expert_capacity": 3, **router}
+    return build_mixlora_spec(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=("q_proj", *FFN),
+        init="original",
+        use_dora=use_dora,
+        use_rslora=False,
+        router=RouterSpec(strategy=strategy, z_loss_coef=0.01, aux_loss_coef=0.01, **settings),
+        act_fn=None,
+        expert_lora={"r": 3, "lora_alpha": 6} if use_dora else None,
+    )
+
+
+def randomise(model: MultiLoraModel, name: str, seed: int) -> None:
+    """Give every LoRA B (zero at init) and the router values, so every path is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in model.adapter_modules(name):
+            for pname, p in module.named_parameters():
+                if "lora_B" in pname or "router" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "router" in pname else 0.1))
+
+
+CASES = [(s, False) for s in STRATEGIES] + [("mixlora", True)]
+
+
+@pytest.mark.parametrize(("strategy", "use_dora"), CASES)
+def test_routed_forward_equals_dense_reference(strategy: str, use_dora: bool) -> None:
+    model = MultiLoraModel(make_model())
+    model.add_adapter("moe", mixlora(strategy, use_dora))
+    # after the FFN became a MixLoraFeedForward: its gate/down get wrapped for this LoRA
+    model.add_adapter("plain", LoraSpec(4, 2.0, 0.0, ("q_proj", "gate_proj", "down_proj")))
+    randomise(model, "plain", 1)
+    randomise(model, "moe", 2)
+    model.train()
+    ffn = model.model.model.layers[0].mlp
+    assert isinstance(ffn, MixLoraFeedForward)
+    moe = ffn.moes["moe"]
+    torch.manual_seed(0)
+    x = torch.randn(6, 7, 64, requires_grad=True)  # rows: plain plain moe moe moe base
+    layout = BatchLayout.from_row_adapters(["plain", "plain", "moe", "moe", "moe", None])
+    mask = torch.ones(6, 7, dtype=torch.bool)
+    mask[3, 5:] = False  # padding inside the MixLoRA segment
+    probe = torch.randn(6, 7, 64)
+    params = [p for _, m in model.adapter_modules("moe") for p in m.parameters()]
+    params += [p for _, m in model.adapter_modules("plain") for p in m.parameters()]
+
+    with model.context.use(layout, mask.reshape(-1)):
+        model.context.aux_losses.clear()
+        routed = ffn(x)
+        aux = model.context.aux_losses.loss("moe")
+    grads = torch.autograd.grad((routed * probe).sum(), [x, *params], allow_unused=True)
+
+    def plain_lora(name: str, inp: torch.Tensor) -> torch.Tensor:
+        layer = getattr(ffn, name)
+        if "plain" not in getattr(layer, "adapters", {}):
+            return inp @ ffn.linear(name).weight.T
+        return lora_linear(ffn.linear(name).weight, layer.adapters["plain"], inp)
+
+    hidden = moe.activation(plain_lora("gate_proj", x[:2])) * plain_lora("up_proj", x[:2])
+    plain_rows = plain_lora("down_proj", hidden)
+    base_rows = dense_expert(ffn, moe, None, x[5:])
+    moe_rows = dense_moe(ffn, moe, x[2:5].reshape(-1, 64), mask[2:5].reshape(-1), 3, True)
+    reference = torch.cat([plain_rows, moe_rows.view(3, 7, 64), base_rows])
+    expected = torch.autograd.grad((reference * probe).sum(), [x, *params], allow_unused=True)
+
+    torch.testing.assert_close(routed, reference, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, expected, strict=True):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[1:])
+    assert aux is not None and aux.requires_grad
+    if strategy == "mixlora":  # transformers' own Mixtral load-balancing loss, padding masked
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        logits = x[2:5].reshape(-1, 64).float() @ moe.router.weight.T
+        want = 0.01 * load_balancing_loss_func((logits,), 4, 2, mask[2:5].long())
+        torch.testing.assert_close(aux, want, atol=1e-6, rtol=1e-5)
+
+
+def test_switch_capacity_sends_overflow_to_the_frozen_ffn_only_in_training() -> None:
+    model = MultiLoraModel(make_model())
+    model.add_adapter("moe", mixlora("mixlora-switch", expert_capacity=1))
+    randomise(model, "moe", 3)
+    ffn = model.model.model.layers[0].mlp
+    x = torch.randn(2, 9, 64)
+    layout = BatchLayout.from_row_adapters(["moe", "moe"])
+    with torch.no_grad(), model.context.use(layout):
+        ffn.train()
+        trained = ffn(x)
+        ffn.eval()
+        evaluated = ffn(x)
+        base = ffn.mlp(x)
+    # At most 4 experts x 1 token per row are routed in training: the rest equal the base FFN.
+    same_as_base = (trained - base).abs().amax(-1) < 1e-6  # (2, 9)
+    assert (same_as_base.sum(-1) >= 9 - 4).all()
+    assert not ((evaluated - base).abs().amax(-1) < 1e-6).any()
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def moe_adapter(data: str, template: str, strategy: str = "mixlora", **extra) -> dict:
+    return {
+        "name": strategy, "data": data, "prompt": template, "routing_strategy": strategy,
+        "num_experts": 4, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "jitter_noise": 0.0,
+        "target_modules": ["q_proj", "v_proj", *FFN], "batch_size": 8, "micro_batch_size": 4,
+        "num_epochs": 2, "lr": 5e-3, **extra,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["mixlora", "mixlora-switch"])
+def test_mixlora_trained_alongside_lora_equals_alone(tmp_path: Path, strategy: str) -> None:
+    tokenizer = make_tokenizer()
+    template = write_template(tmp_path)
+    add = write_json(tmp_path / "add.json", addition_rows(16))
+    rev = write_json(tmp_path / "rev.json", reverse_rows(12))
+    moe = moe_adapter(add, template, strategy, use_dora=strategy == "mixlora", num_epochs=1)
+    others = [
+        {"name": "ffn-lora", "data": rev, "prompt": template, "r": 4, "lora_dropout": 0.0,
+         "target_modules": ["q_proj", "gate_proj", "down_proj"], "batch_size": 4, "lr": 5e-3,
+         "num_epochs": 1},
+        {"name": "attn-lora", "data": add, "prompt": template, "r": 2, "lora_dropout": 0.0,
+         "batch_size": 8, "num_epochs": 1, "use_dora": True},
+    ]  # fmt: skip
+
+    def factory():
+        # A float64 base: top-k routing is discontinuous, so fp32 rounding differences between
+        # batch shapes (together vs alone) could flip a near-tie between two experts. With the
+        # router reading fp32-rounded float64 states the two runs are bitwise equal.
+        return make_model(vocab_size=len(tokenizer)).double()
+
+    together = run_in_memory(
+        factory, tokenizer, {"cutoff_len": 64, "lora": [moe, *others]}, tmp_path / "t"
+    )
+    alone = run_in_memory(factory, tokenizer, {"cutoff_len": 64, "lora": [moe]}, tmp_path / "a")
+    trained, reference = adapter_tensors(together, strategy), adapter_tensors(alone, strategy)
+    assert any("moes" in key for key in trained)
+    assert max_relative_difference(trained, reference) <= 1e-4
+    assert any(t.abs().sum() > 0 for k, t in reference.items() if "lora_B" in k)
+
+
+def test_mixlora_learns_as_well_as_lora_of_equal_size_and_uses_every_expert(
+    tmp_path: Path,
+) -> None:
+    tokenizer = make_tokenizer()
+    template = write_template(tmp_path)
+    data = write_json(tmp_path / "add.json", addition_rows(48))
+    common = {"data": data, "prompt": template, "lora_dropout": 0.0, "target_modules": list(FFN),
+              "batch_size": 8, "num_epochs": 6, "lr": 1e-2, "lora_alpha": 16}  # fmt: skip
+    adapters = [
+        {"name": "moe", "routing_strategy": "mixlora", "num_experts": 4, "top_k": 2, "r": 2,
+         "router_aux_loss_coef": 0.01, **common},
+        {"name": "lora", "r": 9, **common},
+    ]  # fmt: skip
+    trainer = run_in_memory(
+        lambda: make_model(vocab_size=len(tokenizer), init_range=0.2),
+        tokenizer,
+        {"cutoff_len": 32, "log_step": 6, "lora": adapters},
+        tmp_path / "out",
+    )
+    sizes = {n: sum(p.numel() for p in trainer.model.adapter_parameters(n)) for n in ("moe", "lora")}
+    assert sizes["moe"] <= sizes["lora"]  # 9728 vs 10368: the LoRA even has a few more
+    moe, lora = trainer.runs
+    assert moe.history[-1] < 0.5 * moe.history[0]
+    assert moe.history[-1] <= 1.1 * lora.history[-1], (moe.history, lora.history)
+    assert moe.expert_load and all(min(load) > 0.1 for load in moe.expert_load), moe.expert_load
+
+
+# --- persistence -------------------------------------------------------------------------------
+
+
+def logits_of(model: MultiLoraModel, name: str) -> torch.Tensor:
+    torch.manual_seed(5)
+    ids = torch.randint(4, 90, (3, 11))
+    with torch.no_grad():
+        return model(ids, torch.ones_like(ids), BatchLayout.from_row_adapters([name] * 3)).logits
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_save_load_gives_equal_logits(tmp_path: Path, tiny_model_dir: Path, strategy: str) -> None:
+    config = parse_config(
+        {"lora": [moe_adapter("x.json", "alpaca", strategy, expert_lora={"r": 2, "lora_alpha": 4})]}
+    )
+    model = MultiLoraModel(make_model(vocab_size=len(make_tokenizer())))
+    model.add_adapter(strategy, spec_from_config(config.lora[0]))
+    randomise(model, strategy, 4)
+    from mlora.persistence import peft_config, save_adapter
+
+    spec = model.specs[strategy]
+    save_adapter(model, strategy, tmp_path / strategy, peft_config(spec, 8, False, "tiny"))
+    saved, tensors = read_adapter(tmp_path / strategy)
+    assert saved["peft_type"] == "MIXLORA" and saved["routing_strategy"] == strategy
+    assert saved["expert_lora"] == {"r": 2, "lora_alpha": 4} and saved["act_fn"] == "silu"
+    assert "mixlora.layers.1.mlp.moe_gate.weight" in tensors
+    assert "mixlora.layers.0.mlp.down_proj.experts.3.lora_B.weight" in tensors
+    assert "mixlora.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    loaded, _ = load_trained(str(tiny_model_dir), {"again": tmp_path / strategy})
+    model.eval()
+    torch.testing.assert_close(logits_of(loaded, "again"), logits_of(model, strategy))
+
+
+def test_the_mixlora_package_loads_our_files_with_equal_logits(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    mixlora = pytest.importorskip("mixlora")
+    from transformers import AutoModelForCausalLM
+
+    config = parse_config({"lora": [moe_adapter("x.json", "alpaca", lora_dropout=0.05)]})
+    model = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    model.add_adapter("mixlora", spec_from_config(config.lora[0]))
+    randomise(model, "mixlora", 6)
+    from mlora.persistence import peft_config, save_adapter
+
+    folder = tmp_path / "mixlora"
+    save_adapter(
+        model, "mixlora", folder, peft_config(model.specs["mixlora"], 8, False, str(tiny_model_dir))
+    )
+    their_config, weights = mixlora.load_adapter_weights(str(folder), device="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    mixlora.inject_adapter_in_model(theirs, their_config, weights)
+    theirs.eval()
+    for layer in theirs.model.layers:  # its experts live in a plain dict: eval() misses them
+        for moe in layer.mlp.mixlora_moes.values():
+            for expert in moe.experts_.values():
+                expert.eval()
+    torch.manual_seed(5)
+    ids = torch.randint(4, 90, (3, 11))
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+    torch.testing.assert_close(logits_of(model.eval(), "mixlora"), want, atol=1e-5, rtol=1e-4)
+
+
+def test_mixlora_needs_a_known_mlp_and_an_ffn_target() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(MloraError, match="key 'routing_strategy'.*GPT2MLP"):
+        MultiLoraModel(gpt2).add_adapter("m", mixlora("mixlora"))
+    attention_only = build_mixlora_spec(
+        r=2, lora_alpha=4, lora_dropout=0.0, target_modules=("q_proj",), init="original",
+        use_dora=False, use_rslora=False, router=RouterSpec(num_experts=2), act_fn=None,
+        expert_lora=None,
+    )  # fmt: skip
+    with pytest.raises(MloraError, match="key 'target_modules' must include an FFN projection"):
+        MultiLoraModel(make_model()).add_adapter("m", attention_only)
+
+
+# --- the real command line ---------------------------------------------------------------------
+
+
+def mlora_py(tmp_path: Path, model_dir: Path, config: dict, *flags: str):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    command = [sys.executable, str(ROOT / "mlora.py"), "--base_model", str(model_dir)]
+    command += ["--config", str(path), "--dir", str(tmp_path / "out"), *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def test_cli_trains_continues_and_reports_bad_input(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_json(tmp_path / "add.json", addition_rows(8))
+    adapter = moe_adapter(data, write_template(tmp_path), num_epochs=1)
+    config = {"cutoff_len": 32, "log_step": 1, "lora": [adapter]}
+    first = mlora_py(tmp_path, tiny_model_dir, config)
+    assert first.returncode == 0, first.stderr
+    assert "| mixlora | expert load" in first.stderr
+    weights = read_adapter(tmp_path / "out" / "mixlora")[1]
+    second = mlora_py(tmp_path, tiny_model_dir, config, "--load_adapter")
+    assert second.returncode == 0, second.stderr
+    assert "continuing from" in second.stderr
+    again = read_adapter(tmp_path / "out" / "mixlora")[1]
+    assert weights.keys() == again.keys()
+    assert any(not torch.equal(weights[k], again[k]) for k in weights)
+
+    bad = [
+        ({"top_k": 5}, "key 'top_k' (5) must be <= 'num_experts' (4)"),
+        ({"routing_strategy": "mixtral"}, "key 'routing_strategy' must be one of"),
+        ({"expert_capacity": 8}, "key 'expert_capacity' does not apply to routing_strategy"),
+    ]
+    for change, message in bad:
+        result = mlora_py(tmp_path, tiny_model_dir, {**config, "lora": [{**adapter, **change}]})
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and lines[-1].startswith("error: "), result.stderr
+        assert message in lines[-1] and "Traceback" not in result.stderr
