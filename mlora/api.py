@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mlora.backends import get_backend
-from mlora.checkpoint import clear_run_state, find_resume_point, restore
+from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
 from mlora.config import TrainConfig, load_config
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model
@@ -32,7 +32,8 @@ def check_outputs(
     for adapter in config.lora:
         folder = output_dir / adapter.name
         if folder.exists() and any(folder.iterdir()):
-            raise MloraError(f"{folder} already exists; pass --overwrite to replace it")
+            hint = " (or --resume to continue it)" if interrupted_run(output_dir) else ""
+            raise MloraError(f"{folder} already exists; pass --overwrite to replace it{hint}")
 
 
 def train(

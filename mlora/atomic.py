@@ -17,6 +17,18 @@ from pathlib import Path
 from mlora.errors import MloraError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create owner-only (0600/0700) entries; what we rename into place should get
+# the permissions a plain open()/mkdir() gives, or a serving process under another user could
+# not read the adapters.
+_UMASK = _current_umask()
+
+
 class WriteError(MloraError):
     """A file or folder could not be written (disk full, permission denied, ...).
 
@@ -47,6 +59,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -73,6 +86,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp.chmod(0o777 & ~_UMASK)
     except OSError as exc:
         raise _os_error(path, exc) from None
     try:

@@ -222,6 +222,15 @@ def prune(output_dir: Path, names: list[str], keep: int) -> None:
         shutil.rmtree(output_dir / name / folder, ignore_errors=True)
 
 
+def interrupted_run(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a run that stopped before all its adapters finished."""
+    cuts = list_cuts(output_dir)
+    if not cuts:
+        return False
+    adapters = read_manifest(cuts[-1][1])["adapters"].values()
+    return any(entry["status"] == "running" for entry in adapters)
+
+
 def clear_run_state(output_dir: Path, names: list[str]) -> None:
     """Before a fresh run: forget the previous run's checkpoints and cuts of these adapters."""
     for _, cut in list_cuts(output_dir):
@@ -287,6 +296,12 @@ def check_same_run(point: ResumePoint, trainer: Trainer) -> None:
         raise MloraError(
             f"cannot resume {point.path}: it was trained with --seed {saved['seed']}, "
             f"not {trainer.seed}"
+        )
+    old_order = [a["name"] for a in saved["config"]["lora"]]
+    if old_order != [a["name"] for a in now["lora"]]:  # the dispatcher goes by config order
+        raise MloraError(
+            f"cannot resume {point.path}: the adapters were in the order {', '.join(old_order)} "
+            "(resume with the same config, or start over with --overwrite)"
         )
     old_top = {k: v for k, v in saved["config"].items() if k not in RESUME_FREE_KEYS | {"lora"}}
     new_top = {k: v for k, v in now.items() if k not in RESUME_FREE_KEYS | {"lora"}}

@@ -14,6 +14,7 @@ import random
 import shlex
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from tests.reliability_harness import ROOT
 from tests.reliability_support import (
     HARNESS,
     NAMES,
+    TIMEOUT,
     final_weights,
     max_relative_difference,
     mlora_args,
@@ -46,11 +48,36 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(config: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Output folder of the uninterrupted run (in this process: the same code, one start less)."""
+def reference(
+    signalled: dict, config: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    """Output folder of the uninterrupted run (in this process: the same code, one start less).
+
+    Asks for ``signalled`` only to start those runs first: they overlap everything after."""
     out = tmp_path_factory.mktemp("reference") / "out"
     assert main(mlora_args(tiny_model_dir, config, out)) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def signalled(config: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two runs stopped by a real SIGINT and SIGTERM after a few steps: {signal: future of
+    (output folder, exit code, stderr)}. They run in the background, beside the SIGKILL test."""
+    root = tmp_path_factory.mktemp("signals")
+
+    def stop(sig: signal.Signals, after: str) -> tuple[Path, int, str]:
+        out = root / sig.name
+        proc = start_mlora(mlora_args(tiny_model_dir, config, out))
+        seen = read_until(proc, after)
+        proc.send_signal(sig)
+        _, rest = proc.communicate(timeout=TIMEOUT)
+        return out, proc.returncode, "".join(seen) + rest
+
+    with ThreadPoolExecutor(2) as pool:
+        yield {
+            sig: pool.submit(stop, sig, after)
+            for sig, after in ((signal.SIGINT, "step 2 |"), (signal.SIGTERM, "step 4 |"))
+        }
 
 
 def temporaries(out: Path) -> list[Path]:
@@ -130,24 +157,16 @@ def stopped_at(line: str) -> int:
 
 
 def test_ctrl_c_and_sigterm_write_a_checkpoint_and_the_resume_command_works(
-    config: Path, tiny_model_dir: Path, reference: Path, tmp_path: Path
+    signalled: dict, reference: Path
 ) -> None:
-    # Both signals at once, in two runs (one start-up time for both).
-    runs = {}
-    for sig, after in ((signal.SIGINT, "step 3 |"), (signal.SIGTERM, "step 5 |")):
-        out = tmp_path / sig.name
-        runs[sig] = (out, start_mlora(mlora_args(tiny_model_dir, config, out)), after)
-    for sig, (_, proc, after) in runs.items():
-        read_until(proc, after)
-        proc.send_signal(sig)
     lines = {}
-    for sig, (out, proc, _) in runs.items():
-        _, rest = proc.communicate(timeout=60)
-        assert proc.returncode == 130, rest
-        line = lines[sig] = one_error_line(rest)
+    for sig, future in signalled.items():
+        out, code, stderr = future.result(timeout=TIMEOUT)
+        assert code == 130, stderr
+        line = lines[sig] = one_error_line(stderr)
         assert f"stopped by {sig.name} after global step" in line and "resume with: " in line
         step = stopped_at(line)
-        assert [s for s, _ in list_cuts(out)][-1] == step >= 3  # the checkpoint it names
+        assert [s for s, _ in list_cuts(out)][-1] == step >= 2  # the checkpoint it names
         manifest = json.loads((out / RUN_DIR / f"step-{step}" / "manifest.json").read_text())
         assert manifest["global_step"] == step
         assert manifest["adapters"]["acc"]["status"] == "running"
@@ -156,15 +175,43 @@ def test_ctrl_c_and_sigterm_write_a_checkpoint_and_the_resume_command_works(
     assert command[:2] == ["python", "mlora.py"] and command[-1] == "--resume"
     resumed = run_mlora(command[2:])
     assert resumed.returncode == 0, resumed.stderr
-    out, step = runs[signal.SIGINT][0], stopped_at(lines[signal.SIGINT])
+    out, step = signalled[signal.SIGINT].result()[0], stopped_at(lines[signal.SIGINT])
     assert f"resuming from {out / RUN_DIR / f'step-{step}'}" in resumed.stderr
     difference = max_relative_difference(final_weights(out), final_weights(reference))
     assert difference <= TOLERANCE
 
 
-def test_resume_without_a_checkpoint_is_one_line(
-    config: Path, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    result = run_mlora(mlora_args(tiny_model_dir, config, tmp_path / "empty", "--resume"))
-    assert result.returncode == 2
-    assert "nothing to resume in" in one_error_line(result.stderr)
+def test_resume_refuses_another_seed_a_changed_key_or_a_new_order(config: Path) -> None:
+    from types import SimpleNamespace
+
+    from mlora.checkpoint import ResumePoint, check_same_run
+    from mlora.config import config_to_dict, load_config, parse_config
+    from mlora.errors import MloraError
+
+    saved = load_config(config)
+    point = ResumePoint(config.parent, {"seed": 5, "config": config_to_dict(saved)})
+    raw = json.loads(config.read_text())
+    check_same_run(point, SimpleNamespace(seed=5, config=parse_config({**raw, "log_step": 3})))
+    with pytest.raises(MloraError, match="--seed 5, not 6"):
+        check_same_run(point, SimpleNamespace(seed=6, config=saved))
+    raw["lora"][0]["lr"] = 0.5
+    with pytest.raises(MloraError, match=r"adapter 'acc' key 'lr' was 0\.01, now 0\.5"):
+        check_same_run(point, SimpleNamespace(seed=5, config=parse_config(raw)))
+    raw["lora"].reverse()
+    with pytest.raises(MloraError, match="in the order acc, short, sgd"):
+        check_same_run(point, SimpleNamespace(seed=5, config=parse_config(raw)))
+
+
+def test_existing_output_of_an_interrupted_run_suggests_resume(config: Path, tmp_path: Path):
+    from mlora.api import check_outputs
+    from mlora.config import load_config
+    from mlora.errors import MloraError
+
+    (tmp_path / "acc").mkdir()
+    (tmp_path / "acc" / "adapter_config.json").write_text("{}")
+    cut = tmp_path / RUN_DIR / "step-4"
+    cut.mkdir(parents=True)
+    manifest = {"adapters": {"acc": {"status": "running"}, "short": {"status": "finished"}}}
+    (cut / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MloraError, match=r"pass --overwrite to replace it \(or --resume"):
+        check_outputs(load_config(config), tmp_path, overwrite=False, load_adapter=False)

@@ -188,3 +188,14 @@ def test_launch_run_passes_trust_remote_code_only_when_given() -> None:
     assert "--trust_remote_code" not in mlora_argv(parser.parse_args(["run", "--config", "c"]))
     args = parser.parse_args(["run", "--config", "c", "--trust_remote_code"])
     assert "--trust_remote_code" in mlora_argv(args)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write_bytes(tmp_path / "file", b"x")
+    with atomic_directory(tmp_path / "folder") as tmp:
+        atomic_write_bytes(tmp / "inside", b"y")
+    assert (tmp_path / "file").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "folder" / "inside").stat().st_mode & 0o777 == 0o666 & ~umask
