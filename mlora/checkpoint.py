@@ -239,6 +239,7 @@ def clear_run_state(output_dir: Path, names: list[str]) -> None:
     for name in names:
         for _, folder in list_checkpoints(output_dir / name):
             shutil.rmtree(folder, ignore_errors=True)
+    _drop_temporaries([output_dir / name for name in names])  # (not .mlora-run: shared)
 
 
 # --- resuming --------------------------------------------------------------------------------

@@ -199,3 +199,14 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
     assert (tmp_path / "file").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "folder" / "inside").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_fresh_run_clears_leftovers_of_its_own_adapters_only(tmp_path: Path) -> None:
+    from mlora.checkpoint import clear_run_state
+
+    write_checkpoint(tmp_path, ".checkpoint-4.k2j3.tmp")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".checkpoint-1.abcd.tmp").mkdir()
+    clear_run_state(tmp_path, ["a"])
+    assert list((tmp_path / "a").iterdir()) == []
+    assert (tmp_path / "other" / ".checkpoint-1.abcd.tmp").is_dir()
