@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mlora.config import parse_config
 from mlora.errors import MloraError
@@ -103,9 +102,7 @@ def dense_moe(ffn: MixLoraFeedForward, moe, x: torch.Tensor, real, rows: int, tr
     weights = probs * keep
     if spec.strategy == "mixlora":
         weights = weights / weights.sum(-1, keepdim=True)
-    out = sum(
-        weights[:, e : e + 1] * dense_expert(ffn, moe, e, x) for e in range(spec.num_experts)
-    )
+    out = sum(weights[:, e : e + 1] * dense_expert(ffn, moe, e, x) for e in range(spec.num_experts))
     unrouted = ~keep.any(-1)  # switch overflow: the frozen FFN
     return out + unrouted[:, None] * dense_expert(ffn, moe, None, x)
 
@@ -136,7 +133,9 @@ def randomise(model: MultiLoraModel, name: str, seed: int) -> None:
         for _, module in model.adapter_modules(name):
             for pname, p in module.named_parameters():
                 if "lora_B" in pname or "router" in pname:
-                    p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "router" in pname else 0.1))
+                    p.copy_(
+                        torch.randn(p.shape, generator=gen) * (1.0 if "router" in pname else 0.1)
+                    )
 
 
 CASES = [(s, False) for s in STRATEGIES] + [("mixlora", True)]
@@ -260,6 +259,23 @@ def test_mixlora_trained_alongside_lora_equals_alone(tmp_path: Path, strategy: s
     assert any(t.abs().sum() > 0 for k, t in reference.items() if "lora_B" in k)
 
 
+def test_gradient_checkpointing_keeps_the_router_loss_gradient(tmp_path: Path) -> None:
+    tokenizer = make_tokenizer()
+    add = write_json(tmp_path / "add.json", addition_rows(8))
+    moe = moe_adapter(add, write_template(tmp_path), "mixlora-switch", router_aux_loss_coef=0.5)
+    runs = {
+        mode: run_in_memory(
+            lambda: make_model(vocab_size=len(tokenizer)).double(),
+            tokenizer,
+            {"cutoff_len": 64, "gradient_checkpoint": mode, "lora": [moe]},
+            tmp_path / mode,
+        )
+        for mode in ("none", "recompute")
+    }
+    tensors = {mode: adapter_tensors(run, "mixlora-switch") for mode, run in runs.items()}
+    assert max_relative_difference(tensors["recompute"], tensors["none"]) <= 1e-6
+
+
 def test_mixlora_learns_as_well_as_lora_of_equal_size_and_uses_every_expert(
     tmp_path: Path,
 ) -> None:
@@ -267,11 +283,11 @@ def test_mixlora_learns_as_well_as_lora_of_equal_size_and_uses_every_expert(
     template = write_template(tmp_path)
     data = write_json(tmp_path / "add.json", addition_rows(48))
     common = {"data": data, "prompt": template, "lora_dropout": 0.0, "target_modules": list(FFN),
-              "batch_size": 8, "num_epochs": 6, "lr": 1e-2, "lora_alpha": 16}  # fmt: skip
-    adapters = [
+              "batch_size": 8, "num_epochs": 6, "lr": 1e-2}  # fmt: skip
+    adapters = [  # the same scale alpha / r = 2 for both
         {"name": "moe", "routing_strategy": "mixlora", "num_experts": 4, "top_k": 2, "r": 2,
-         "router_aux_loss_coef": 0.01, **common},
-        {"name": "lora", "r": 9, **common},
+         "lora_alpha": 4, "router_aux_loss_coef": 0.02, **common},
+        {"name": "lora", "r": 9, "lora_alpha": 18, **common},
     ]  # fmt: skip
     trainer = run_in_memory(
         lambda: make_model(vocab_size=len(tokenizer), init_range=0.2),
@@ -279,12 +295,17 @@ def test_mixlora_learns_as_well_as_lora_of_equal_size_and_uses_every_expert(
         {"cutoff_len": 32, "log_step": 6, "lora": adapters},
         tmp_path / "out",
     )
-    sizes = {n: sum(p.numel() for p in trainer.model.adapter_parameters(n)) for n in ("moe", "lora")}
+    sizes = {
+        n: sum(p.numel() for p in trainer.model.adapter_parameters(n)) for n in ("moe", "lora")
+    }
     assert sizes["moe"] <= sizes["lora"]  # 9728 vs 10368: the LoRA even has a few more
     moe, lora = trainer.runs
     assert moe.history[-1] < 0.5 * moe.history[0]
+    # (measured: 1.32 vs 1.37 over the last 6 steps; MixLoRA starts slower, then catches up)
     assert moe.history[-1] <= 1.1 * lora.history[-1], (moe.history, lora.history)
-    assert moe.expert_load and all(min(load) > 0.1 for load in moe.expert_load), moe.expert_load
+    # every expert takes a share of the routed tokens in every logged interval (uniform: 0.25)
+    assert len(moe.expert_load) == len(moe.history)
+    assert all(min(load) > 0.05 for load in moe.expert_load), moe.expert_load
 
 
 # --- persistence -------------------------------------------------------------------------------
@@ -355,7 +376,7 @@ def test_mixlora_needs_a_known_mlp_and_an_ffn_target() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
-    with pytest.raises(MloraError, match="key 'routing_strategy'.*GPT2MLP"):
+    with pytest.raises(MloraError, match=r"key 'routing_strategy'.*GPT2MLP"):
         MultiLoraModel(gpt2).add_adapter("m", mixlora("mixlora"))
     attention_only = build_mixlora_spec(
         r=2, lora_alpha=4, lora_dropout=0.0, target_modules=("q_proj",), init="original",
@@ -392,13 +413,35 @@ def test_cli_trains_continues_and_reports_bad_input(tmp_path: Path, tiny_model_d
     assert weights.keys() == again.keys()
     assert any(not torch.equal(weights[k], again[k]) for k in weights)
 
-    bad = [
-        ({"top_k": 5}, "key 'top_k' (5) must be <= 'num_experts' (4)"),
-        ({"routing_strategy": "mixtral"}, "key 'routing_strategy' must be one of"),
+    bad = mlora_py(tmp_path, tiny_model_dir, {**config, "lora": [{**adapter, "top_k": 5}]})
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert lines[-1] == (
+        f"error: {tmp_path / 'config.json'}: adapter 'mixlora': key 'top_k' (5) must be <= "
+        "'num_experts' (4)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"routing_strategy": "mixtral"}, "key 'routing_strategy' must be one of 'mixlora'"),
         ({"expert_capacity": 8}, "key 'expert_capacity' does not apply to routing_strategy"),
-    ]
-    for change, message in bad:
-        result = mlora_py(tmp_path, tiny_model_dir, {**config, "lora": [{**adapter, **change}]})
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and lines[-1].startswith("error: "), result.stderr
-        assert message in lines[-1] and "Traceback" not in result.stderr
+        ({"routing_strategy": None}, "key 'jitter_noise' needs 'routing_strategy'"),
+        ({"top_k": 2, "num_experts": None}, "key 'num_experts' is required"),
+    ],
+)
+def test_bad_moe_keys_are_one_line_cli_errors(
+    tmp_path: Path, tiny_model_dir: Path, capsys, change: dict, message: str
+) -> None:
+    from mlora.cli import main
+
+    adapter = {
+        k: v for k, v in {**moe_adapter("x.json", "alpaca"), **change}.items() if v is not None
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"lora": [adapter]}), encoding="utf-8")
+    argv = ["--base_model", str(tiny_model_dir), "--config", str(path), "--dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
