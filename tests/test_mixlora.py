@@ -387,6 +387,34 @@ def test_mixlora_needs_a_known_mlp_and_an_ffn_target() -> None:
         MultiLoraModel(make_model()).add_adapter("m", attention_only)
 
 
+def test_cached_generation_equals_full_recomputation(tmp_path: Path) -> None:
+    from mlora.generation import GenerationRequest, SamplingParams, generate
+
+    tokenizer = make_tokenizer()
+    model = MultiLoraModel(make_model(vocab_size=len(tokenizer), init_range=0.2))
+    for strategy in STRATEGIES:
+        model.add_adapter(strategy, mixlora(strategy))
+        randomise(model, strategy, 7)
+    model.add_adapter("plain", LoraSpec(4, 2.0, 0.0, ("q_proj", "up_proj")))
+    randomise(model, "plain", 8)
+    model.eval()
+    prompts = ["add 3 4=", "rev owl=", "w cat="]
+    adapters = [*STRATEGIES, "plain", None]
+    requests = [GenerationRequest(p, a) for a in adapters for p in prompts]
+    outputs = generate(model, tokenizer, requests, SamplingParams(max_new_tokens=6))
+    for request, output in zip(requests, outputs, strict=True):
+        ids = tokenizer(request.prompt)["input_ids"]
+        for _ in range(len(output.token_ids)):  # greedy, the whole sequence every step
+            batch = torch.tensor([ids])
+            layout = BatchLayout.from_row_adapters([request.adapter])
+            with torch.no_grad():
+                ids = [
+                    *ids,
+                    int(model(batch, torch.ones_like(batch), layout).logits[0, -1].argmax()),
+                ]
+        assert ids[-len(output.token_ids) :] == output.token_ids, request
+
+
 # --- the real command line ---------------------------------------------------------------------
 
 
