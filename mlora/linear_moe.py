@@ -23,7 +23,7 @@ from mlora.adapters.lora_moe import LoraMoeAdapter, MolaAdapter
 from mlora.config import MOE_STRATEGY_DEFAULTS, AdapterConfig
 from mlora.errors import MloraError
 from mlora.layout import LayoutContext
-from mlora.model import LoraSpec, wrap_layer
+from mlora.model import LoraSpec
 
 LINEAR_MOE_STRATEGIES = ("loramoe", "mola")
 
@@ -152,40 +152,20 @@ def expert_mixture(
 
 
 def attach_linear_moe(model: nn.Module, name: str, spec: LinearMoeSpec) -> None:
-    """Add LoRAMoE / MoLA adapter ``name`` to a ``MultiLoraModel`` (wrapping target layers).
+    """Add LoRAMoE / MoLA adapter ``name`` to a ``MultiLoraModel``: every target linear layer is
+    wrapped and gets plain LoRA, then the expert layers' LoRA is swapped for the experts.
 
     Raises:
         MloraError: a target module the model lacks, or (loramoe) no FFN projection targeted.
     """
-    targets = set(spec.target_modules)
-    found: set[str] = set()
+    model._add_lora(name, spec)
     with_experts = 0
-    for path, module in list(model.model.named_modules()):
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf not in targets:
-            continue
-        if not isinstance(module, MultiLoraLinear):
-            parent = (
-                model.model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model.model
-            )
-            module = wrap_layer(module, model.context)
-            setattr(parent, leaf, module)
-        if spec.experts_on(path):
-            module.adapters[name] = expert_mixture(module, name, spec, model.context)
+    for path, layer in model.adapter_layers():
+        if name in layer.adapters and spec.experts_on(path):
+            layer.adapters[name] = expert_mixture(layer, name, spec, model.context)
             with_experts += 1
-        else:
-            module.add_adapter(name, spec.r, spec.scaling, spec.dropout, spec.init, spec.use_dora)
-        module.adapters[name].train(model.training)  # born in the model's mode (eval: no dropout)
-        found.add(leaf)
-    missing = sorted(targets - found)
-    if missing or not with_experts:
-        model.remove_adapter(name, strict=False)
-    if missing:
-        raise MloraError(
-            f"adapter {name!r}: target module {missing[0]!r} not found in "
-            f"{type(model.model).__name__}"
-        )
     if not with_experts:
+        model.remove_adapter(name, strict=False)
         raise MloraError(
             f"adapter {name!r}: key 'target_modules' must include an MLP projection for "
             f"routing_strategy 'loramoe' (its experts sit on the FFN)"

@@ -123,18 +123,16 @@ class MultiLoraModel(nn.Module):
         """
         if name in self.specs:
             raise MloraError(f"adapter {name!r} already exists")
-        if getattr(spec, "strategy", None) in ("loramoe", "mola"):
-            from mlora.linear_moe import attach_linear_moe  # lazy: it builds on this module
-
-            attach_linear_moe(self, name, spec)  # router + LoRA experts on target linears
-            self.specs[name] = spec
-            return
         from mlora.moe.spec import MixLoraSpec  # lazy: mlora.moe builds on this module
 
         if isinstance(spec, MixLoraSpec):
             from mlora.moe.feed_forward import attach_mixlora
 
             spec = attach_mixlora(self, name, spec)  # FFN experts + plain LoRA on other targets
+        elif getattr(spec, "strategy", None) in ("loramoe", "mola"):
+            from mlora.linear_moe import attach_linear_moe
+
+            attach_linear_moe(self, name, spec)  # router + LoRA experts on target linears
         else:
             self._add_lora(name, spec)
         self.specs[name] = spec
