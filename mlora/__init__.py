@@ -6,15 +6,19 @@ Notebook use::
     config = mlora.load_config("config/example.json")
     trainer = mlora.train(config, base_model="path/to/model", output_dir="out")
     results = mlora.evaluate(config, base_model="path/to/model", output_dir="out")
+    model, tokenizer = mlora.load_trained("path/to/model", {"math": "out/math"})
+    answers = mlora.generate(model, tokenizer, [("What is 2+3?", "math")])
 """
 
 from mlora.api import check_outputs, train
 from mlora.config import AdapterConfig, TrainConfig, load_config, parse_config
 from mlora.errors import ConfigError, DataError, MloraError
 from mlora.evaluation import AdapterResult, evaluate
+from mlora.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
 from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.model import LoraSpec, MultiLoraModel, load_base_model
 from mlora.persistence import read_adapter, save_adapter
+from mlora.trained import load_trained
 from mlora.trainer import Trainer, prepare_data
 
 __version__ = "0.1.0"
@@ -26,16 +30,21 @@ __all__ = [
     "BatchLayout",
     "ConfigError",
     "DataError",
+    "GenerationOutput",
+    "GenerationRequest",
     "LayoutContext",
     "LoraSpec",
     "MloraError",
     "MultiLoraModel",
+    "SamplingParams",
     "TrainConfig",
     "Trainer",
     "check_outputs",
     "evaluate",
+    "generate",
     "load_base_model",
     "load_config",
+    "load_trained",
     "parse_config",
     "prepare_data",
     "read_adapter",
