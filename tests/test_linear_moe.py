@@ -18,6 +18,7 @@ from mlora.generation import SamplingParams, generate
 from mlora.layout import BatchLayout
 from mlora.model import MultiLoraModel
 from mlora.trained import attach_adapter
+from mlora.trainer import Trainer, prepare_data
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import (
     adapter_tensors,
@@ -114,6 +115,24 @@ def test_save_load_round_trip_gives_equal_logits(together) -> None:
     base = loaded(ids, mask, BatchLayout.from_row_adapters([None] * 6)).logits
     assert (got[2:] - base[2:]).abs().max() > 1e-4  # the MoE adapters do change the output
     assert not any(m.training for n in names[1:] for _, m in loaded.adapter_modules(n))
+
+    # --load_adapter: a new run continues from the saved weights
+    config = parse_config({"cutoff_len": 48, "lora": moe_adapters(tmp_path)[1:]})
+    continued = Trainer(
+        MultiLoraModel(make_model(vocab_size=len(tokenizer))),
+        tokenizer,
+        config,
+        prepare_data(config, tokenizer),
+        tmp_path / "continued",
+        init_from={n: tmp_path / "out" / n for n in names[1:]},
+    )
+    for name in names[1:]:
+        assert (
+            max_relative_difference(
+                adapter_tensors(continued, name), adapter_tensors(trainer, name)
+            )
+            == 0
+        )
 
     # generation (KV cache, one token per step) equals greedy decoding by full forwards
     prompts = [("rev cat=", "mola"), ("rev owl=", "loramoe")]
