@@ -100,6 +100,7 @@ def config_adapter_dirs(
         MloraError: an adapter folder is missing (naming it), or none is there.
     """
     found: dict[str, Path] = {}
+    missing: list[Path] = []
     for adapter in config.lora:
         folder = Path(directory) / adapter.name
         if (folder / CONFIG_NAME).is_file():
@@ -107,9 +108,11 @@ def config_adapter_dirs(
         elif require_all:
             raise MloraError(f"adapter {adapter.name!r}: no trained adapter at {folder}")
         else:
-            logger.warning("adapter %s: not trained yet (no %s), skipped", adapter.name, folder)
+            missing.append(folder)
     if not found:
         raise MloraError(f"no trained adapter of {config.source} found in {directory}")
+    for folder in missing:
+        logger.warning("adapter %s: not trained yet (no %s), skipped", folder.name, folder)
     return found
 
 

@@ -72,3 +72,16 @@ def test_prompt_loop_answers_like_generate(trained, tiny_model_dir, tmp_path):  
         "[dup]> "
     )
     assert result.stdout == expected
+
+
+def test_nothing_trained_is_one_line_error(trained, tmp_path, capsys):  # noqa: F811
+    from mlora.cli import main
+
+    _, raw = trained
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(raw), encoding="utf-8")
+    argv = ["--base_model", str(tmp_path / "never-loaded"), "--config", str(config)]
+    assert main([*argv, "--dir", str(tmp_path / "empty"), "--inference"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: no trained adapter of {config} found in {tmp_path / 'empty'}\n"
+    )
