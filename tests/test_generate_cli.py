@@ -113,3 +113,11 @@ def test_bad_input_fails_before_loading(tmp_path, capsys, case, message):
     assert main(["--base_model", model, *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_console_script_points_at_main() -> None:
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["mlora-generate"].partition(":")
+    assert getattr(__import__(module, fromlist=[func]), func) is main
