@@ -53,14 +53,24 @@ def lora_linear(weight: torch.Tensor, adapter, x: torch.Tensor) -> torch.Tensor:
     return out * (adapter.magnitude.weight / norm)
 
 
+def ffn_forward(ffn: MixLoraFeedForward, proj, x: torch.Tensor, act) -> torch.Tensor:
+    """The MLP's formula with ``proj(name, input)`` for each projection."""
+    if ffn.projections == FFN:
+        return proj("down_proj", act(proj("gate_proj", x)) * proj("up_proj", x))
+    return proj("fc2", act(proj("fc1", x)))
+
+
+def plain_linear(layer, adapter, x: torch.Tensor) -> torch.Tensor:
+    out = x @ layer.weight.T if adapter is None else lora_linear(layer.weight, adapter, x)
+    return out if layer.bias is None else out + layer.bias
+
+
 def dense_expert(ffn: MixLoraFeedForward, moe, expert: int | None, x: torch.Tensor) -> torch.Tensor:
     def proj(name: str, inp: torch.Tensor) -> torch.Tensor:
-        weight = ffn.linear(name).weight
         adapter = None if expert is None else moe.expert(name, expert)
-        return inp @ weight.T if adapter is None else lora_linear(weight, adapter, inp)
+        return plain_linear(ffn.linear(name), adapter, inp)
 
-    hidden = moe.activation(proj("gate_proj", x)) * proj("up_proj", x)
-    return proj("down_proj", hidden)
+    return ffn_forward(ffn, proj, x, moe.activation)
 
 
 def kept_experts(probs: torch.Tensor, spec: RouterSpec, rows: int, real, training: bool):
@@ -110,13 +120,13 @@ def dense_moe(ffn: MixLoraFeedForward, moe, x: torch.Tensor, real, rows: int, tr
 # --- fixtures ----------------------------------------------------------------------------------
 
 
-def mixlora(strategy: str, use_dora: bool = False, **router) -> object:
+def mixlora(strategy: str, use_dora: bool = False, ffn=FFN, **router) -> object:
     settings = {"num_experts": 4, "top_k": 2, "top_p": 0.7, "expert_capacity": 3, **router}
     return build_mixlora_spec(
         r=4,
         lora_alpha=8,
         lora_dropout=0.0,
-        target_modules=("q_proj", *FFN),
+        target_modules=("q_proj", *ffn),
         init="original",
         use_dora=use_dora,
         use_rslora=False,
@@ -124,6 +134,18 @@ def mixlora(strategy: str, use_dora: bool = False, **router) -> object:
         act_fn=None,
         expert_lora={"r": 3, "lora_alpha": 6} if use_dora else None,
     )
+
+
+def make_phi():
+    """A tiny Phi: fc1/fc2 MLP with biases and gelu_new."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    config = PhiConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, resid_pdrop=0.0, embd_pdrop=0.0,
+    )  # fmt: skip
+    return PhiForCausalLM(config).eval()
 
 
 def randomise(model: MultiLoraModel, name: str, seed: int) -> None:
@@ -138,20 +160,27 @@ def randomise(model: MultiLoraModel, name: str, seed: int) -> None:
                     )
 
 
-CASES = [(s, False) for s in STRATEGIES] + [("mixlora", True)]
+CASES = [("llama", s, False) for s in STRATEGIES] + [
+    ("llama", "mixlora", True),
+    ("phi", "mixlora", False),
+    ("phi", "mixlora-switch", True),
+]
 
 
-@pytest.mark.parametrize(("strategy", "use_dora"), CASES)
-def test_routed_forward_equals_dense_reference(strategy: str, use_dora: bool) -> None:
-    model = MultiLoraModel(make_model())
-    model.add_adapter("moe", mixlora(strategy, use_dora))
-    # after the FFN became a MixLoraFeedForward: its gate/down get wrapped for this LoRA
-    model.add_adapter("plain", LoraSpec(4, 2.0, 0.0, ("q_proj", "gate_proj", "down_proj")))
+@pytest.mark.parametrize(("family", "strategy", "use_dora"), CASES)
+def test_routed_forward_equals_dense_reference(family: str, strategy: str, use_dora: bool) -> None:
+    ffn_names = FFN if family == "llama" else ("fc1", "fc2")
+    model = MultiLoraModel(make_model() if family == "llama" else make_phi())
+    model.add_adapter("moe", mixlora(strategy, use_dora, ffn_names))
+    # after the FFN became a MixLoraFeedForward: its first and last projections get wrapped
+    plain_targets = ("q_proj", ffn_names[0], ffn_names[-1])
+    model.add_adapter("plain", LoraSpec(4, 2.0, 0.0, plain_targets))
     randomise(model, "plain", 1)
     randomise(model, "moe", 2)
     model.train()
     ffn = model.model.model.layers[0].mlp
     assert isinstance(ffn, MixLoraFeedForward)
+    assert ffn.projections == ffn_names
     moe = ffn.moes["moe"]
     torch.manual_seed(0)
     x = torch.randn(6, 7, 64, requires_grad=True)  # rows: plain plain moe moe moe base
@@ -169,13 +198,11 @@ def test_routed_forward_equals_dense_reference(strategy: str, use_dora: bool) ->
     grads = torch.autograd.grad((routed * probe).sum(), [x, *params], allow_unused=True)
 
     def plain_lora(name: str, inp: torch.Tensor) -> torch.Tensor:
-        layer = getattr(ffn, name)
-        if "plain" not in getattr(layer, "adapters", {}):
-            return inp @ ffn.linear(name).weight.T
-        return lora_linear(ffn.linear(name).weight, layer.adapters["plain"], inp)
+        adapters = getattr(getattr(ffn, name), "adapters", {})
+        adapter = adapters["plain"] if "plain" in adapters else None
+        return plain_linear(ffn.linear(name), adapter, inp)
 
-    hidden = moe.activation(plain_lora("gate_proj", x[:2])) * plain_lora("up_proj", x[:2])
-    plain_rows = plain_lora("down_proj", hidden)
+    plain_rows = ffn_forward(ffn, plain_lora, x[:2], moe.activation)
     base_rows = dense_expert(ffn, moe, None, x[5:])
     moe_rows = dense_moe(ffn, moe, x[2:5].reshape(-1, 64), mask[2:5].reshape(-1), 3, True)
     reference = torch.cat([plain_rows, moe_rows.view(3, 7, 64), base_rows])
