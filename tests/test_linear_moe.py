@@ -187,3 +187,20 @@ def test_mlora_py_trains_loramoe_and_mola_next_to_lora(
     assert "| mola | expert load" in result.stderr and "| loramoe | expert load" in result.stderr
     for name in ("plain", "loramoe", "mola"):
         assert (out / name / "adapter_model.safetensors").is_file()
+
+
+def test_recompute_checkpointing_keeps_mola_router_loss(tmp_path: Path) -> None:
+    """Per-layer recomputation gives the same MoLA training (aux loss included) as none."""
+    tokenizer = make_tokenizer()
+    spec = moe_adapters(tmp_path)[2]
+    runs = [
+        run_in_memory(
+            lambda: make_model(vocab_size=len(tokenizer)),
+            tokenizer,
+            {"cutoff_len": 48, "gradient_checkpoint": mode, "lora": [spec]},
+            tmp_path / mode,
+        )
+        for mode in ("none", "recompute")
+    ]
+    tensors = [adapter_tensors(run, "mola") for run in runs]
+    assert max_relative_difference(*tensors) <= 1e-6
