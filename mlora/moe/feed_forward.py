@@ -254,29 +254,27 @@ class MixLoraFeedForward(nn.Module):
         shared = [first(x)]  # (N, I): the frozen gate (or fc1) projection, once for all experts
         if self.projections == GATED:
             shared.append(self.linear("up_proj")(x))
-        expert_ids, token_ids = routed.t().nonzero(as_tuple=True)  # grouped by expert
-        sizes = routed.sum(0).tolist()  # the one host read: sizes of the per-expert groups
+        n, num_experts = routed.shape
+        hit = routed.any(-1)  # (N,) False: a switch token past capacity
+        # The one host read of the layer: how many tokens each expert takes, and the overflow.
+        *sizes, overflow = torch.cat([routed.sum(0), (~hit).sum().view(1)]).tolist()
+        # Routed (expert, token) pairs first, grouped by expert, tokens in order: no more syncs.
+        pairs = torch.argsort(~routed.t().reshape(-1), stable=True)[: sum(sizes)]  # (P,)
+        expert_ids, token_ids = pairs // n, pairs % n
         pair_weights = weights[token_ids, expert_ids]  # (P,)
         out_features = self.linear(self.projections[-1]).out_features
-        y = x.new_zeros(x.shape[0], out_features, dtype=torch.float32)
-        for expert, idx, w in zip(
-            range(len(sizes)), token_ids.split(sizes), pair_weights.split(sizes), strict=True
-        ):
-            if idx.numel() == 0:
+        y = x.new_zeros(n, out_features, dtype=torch.float32)
+        groups = zip(token_ids.split(sizes), pair_weights.split(sizes), strict=True)
+        for expert, (idx, w) in zip(range(num_experts), groups, strict=True):
+            if not sizes[expert]:
                 continue
-            out = self._expert(
-                moe, expert, x.index_select(0, idx), [s.index_select(0, idx) for s in shared]
-            )
+            picked = [s.index_select(0, idx) for s in shared]
+            out = self._expert(moe, expert, x.index_select(0, idx), picked)
             y = y.index_add(0, idx, out * w[:, None])
-        unrouted = (~routed.any(-1)).nonzero().squeeze(-1)  # switch tokens past capacity
-        if moe.router_spec.strategy == "mixlora-switch" and unrouted.numel():
-            base = self._expert(
-                moe,
-                None,
-                x.index_select(0, unrouted),
-                [s.index_select(0, unrouted) for s in shared],
-            )
-            y = y.index_add(0, unrouted, base)
+        if overflow:
+            idx = torch.argsort(hit, stable=True)[:overflow]  # the unrouted tokens
+            picked = [s.index_select(0, idx) for s in shared]
+            y = y.index_add(0, idx, self._expert(moe, None, x.index_select(0, idx), picked))
         return y
 
     def _project(
