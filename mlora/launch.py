@@ -24,7 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlora.config import AdapterConfig, describe_keys, load_config, parse_config
+from mlora.config import (
+    MOE_STRATEGY_DEFAULTS,
+    AdapterConfig,
+    describe_keys,
+    load_config,
+    parse_config,
+)
 from mlora.errors import ConfigError, MloraError
 
 DEFAULT_CONFIG = "mlora.json"
@@ -97,6 +103,11 @@ def describe_template(raw: dict[str, Any]) -> str:
         parts.append("rsLoRA")
     if adapter.loraplus_lr_ratio:
         parts.append(f"LoRA+ ratio {adapter.loraplus_lr_ratio:g}")
+    if adapter.routing_strategy:  # mixture of LoRA experts
+        moe = f"{adapter.routing_strategy} {adapter.num_experts} experts"
+        if "top_k" in MOE_STRATEGY_DEFAULTS[adapter.routing_strategy]:
+            moe += f" top-{adapter.moe('top_k')}"
+        parts.append(moe)
     parts.append("on " + ",".join(adapter.target_module_names))
     return ", ".join(parts)
 
