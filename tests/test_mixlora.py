@@ -198,8 +198,7 @@ def test_routed_forward_equals_dense_reference(family: str, strategy: str, use_d
     grads = torch.autograd.grad((routed * probe).sum(), [x, *params], allow_unused=True)
 
     def plain_lora(name: str, inp: torch.Tensor) -> torch.Tensor:
-        adapters = getattr(getattr(ffn, name), "adapters", {})
-        adapter = adapters["plain"] if "plain" in adapters else None
+        adapter = dict(getattr(getattr(ffn, name), "adapters", {})).get("plain")
         return plain_linear(ffn.linear(name), adapter, inp)
 
     plain_rows = ffn_forward(ffn, plain_lora, x[:2], moe.activation)
@@ -241,6 +240,29 @@ def test_switch_capacity_sends_overflow_to_the_frozen_ffn_only_in_training() -> 
     same_as_base = (trained - base).abs().amax(-1) < 1e-6  # (2, 9)
     assert (same_as_base.sum(-1) >= 9 - 4).all()
     assert not ((evaluated - base).abs().amax(-1) < 1e-6).any()
+
+
+def test_jitter_and_ffn_dropout_act_only_in_training() -> None:
+    model = MultiLoraModel(make_model())
+    model.add_adapter("noisy", mixlora("mixlora-switch", jitter_noise=0.5, ffn_dropout=0.5))
+    model.add_adapter("quiet", mixlora("mixlora-switch", expert_capacity=100))
+    randomise(model, "noisy", 9)
+    ffn = model.model.model.layers[0].mlp
+    ffn.moes["quiet"].load_state_dict(ffn.moes["noisy"].state_dict())  # same weights
+    x = torch.randn(1, 16, 64)
+    with torch.no_grad():
+        outputs = {}
+        for name in ("noisy", "quiet"):
+            with model.context.use(BatchLayout.from_row_adapters([name])):
+                ffn.eval()
+                outputs[name, "eval"] = ffn(x)
+                ffn.train()
+                outputs[name, "train"] = ffn(x)
+    torch.testing.assert_close(outputs["noisy", "eval"], outputs["quiet", "eval"])
+    torch.testing.assert_close(outputs["quiet", "train"], outputs["quiet", "eval"])
+    assert (outputs["noisy", "train"] == 0).float().mean() > 0.3  # ffn_dropout zeroes ~half
+    kept = outputs["noisy", "train"] != 0  # jitter moved the routing or the weights
+    assert not torch.allclose(outputs["noisy", "train"][kept] / 2, outputs["quiet", "eval"][kept])
 
 
 # --- training ----------------------------------------------------------------------------------
