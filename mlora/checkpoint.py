@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save
 
 from mlora.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
 from mlora.config import config_to_dict
+from mlora.dispatcher import AdapterQueue, epoch_order
 from mlora.errors import MloraError
 from mlora.persistence import WEIGHTS_NAME, load_adapter_weights, save_adapter
 
@@ -114,11 +115,48 @@ def write_checkpoint(trainer: Trainer, run: AdapterRun) -> Path:
             "steps_done": run.steps_done,
             "global_step": trainer.global_step,
             "queue": run.queue.state_dict(),
+            "epoch_order": current_epoch_order(run.queue),
             "seed": trainer.seed,
         }
         atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
     logger.info("adapter %s: checkpoint %s", run.name, target)
     return target
+
+
+def current_epoch_order(queue: AdapterQueue) -> list[int] | None:
+    """Row indices of the queue's current epoch, in training order (None once finished).
+
+    A resume recomputes it from the seed; the checkpoint keeps it to show where it stands and
+    to notice a data file that changed since (see ``check_same_data``).
+    """
+    return None if queue.finished else _epoch_order(queue, queue.epoch)
+
+
+def _epoch_order(queue: AdapterQueue, epoch: int) -> list[int]:
+    lengths = [len(row) for row in queue.rows]
+    return epoch_order(
+        lengths, epoch, queue.seed, queue.name, queue.shuffle, queue.group_by_length,
+        queue.batch_size,
+    )  # fmt: skip
+
+
+def check_same_data(folder: Path, queue: AdapterQueue) -> None:
+    """Refuse to resume on data whose rows changed in number (or, grouped by length, in length).
+
+    Raises:
+        MloraError: naming the adapter and the checkpoint.
+    """
+    try:
+        state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MloraError(f"cannot read {folder / STATE_NAME}: {exc}") from None
+    saved = state.get("epoch_order")
+    if saved is not None and _epoch_order(queue, state["queue"]["epoch"]) != saved:
+        raise MloraError(
+            f"cannot resume adapter {queue.name!r} from {folder}: its training data changed "
+            f"since (now {len(queue.rows)} usable rows, and the row order differs); resume "
+            "with the same data, or start over with --overwrite"
+        )
 
 
 def _status(run: AdapterRun) -> str:
@@ -353,6 +391,7 @@ def restore(trainer: Trainer, point: ResumePoint) -> None:
             continue
         if entry["checkpoint"] is not None:
             folder = output_dir / run.name / entry["checkpoint"]
+            check_same_data(folder, run.queue)
             _, weights = read_adapter(folder)
             load_adapter_weights(trainer.model, run.name, weights, str(folder))
             run.optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))

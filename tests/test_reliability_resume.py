@@ -215,3 +215,20 @@ def test_existing_output_of_an_interrupted_run_suggests_resume(config: Path, tmp
     (cut / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MloraError, match=r"pass --overwrite to replace it \(or --resume"):
         check_outputs(load_config(config), tmp_path, overwrite=False, load_adapter=False)
+
+
+def test_resume_notices_changed_training_data(reference: Path) -> None:
+    from mlora.checkpoint import check_same_data
+    from mlora.dispatcher import AdapterQueue
+    from mlora.errors import MloraError
+
+    _, folder = list_checkpoints(reference / "acc")[-1]
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert sorted(state["epoch_order"]) == list(range(12))  # the row order of its epoch
+
+    def queue(rows: int) -> AdapterQueue:  # acc's settings; only the row count varies
+        return AdapterQueue("acc", [[1, 2, 3]] * rows, 4, 2, 2, shuffle=True, seed=5)  # type: ignore[list-item]
+
+    check_same_data(folder, queue(12))
+    with pytest.raises(MloraError, match="its training data changed since"):
+        check_same_data(folder, queue(13))
