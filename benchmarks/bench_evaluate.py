@@ -11,7 +11,7 @@ Measured, all in one run:
 2. same process, model already loaded: ``evaluate_model`` over the 4 adapters together (their
    rows side by side in each batch) vs 4 ``evaluate_model`` calls with one adapter each.
 
-Prints each time and the ratios.
+Prints wall and CPU time of each, and the ratios.
 
     python benchmarks/bench_evaluate.py [--hidden 256 --layers 4 --vocab 32000 --rows 32]
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -49,20 +50,31 @@ def build_config(folder: Path, rows: int, batch_size: int) -> Path:
     return path
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of a child process (CPU: user + system, less sensitive than wall time
+    to other jobs on a busy machine)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(
-        command,
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    return time.perf_counter() - start
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT, env=env)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
-def in_process(model_dir: Path, config_path: Path, out: Path) -> tuple[float, float]:
-    """(together, separately) seconds of ``evaluate_model`` on one loaded model."""
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def in_process(
+    model_dir: Path, config_path: Path, out: Path
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(together, separately) (wall, CPU) seconds of ``evaluate_model`` on one loaded model."""
     from mlora.config import load_config
     from mlora.evaluation import evaluate_model, prepare_test_sets
     from mlora.trained import load_trained
@@ -72,12 +84,12 @@ def in_process(model_dir: Path, config_path: Path, out: Path) -> tuple[float, fl
     model, tokenizer = load_trained(str(model_dir), {n: out / n for n in names})
     sets = prepare_test_sets(config, tokenizer)
     evaluate_model(model, tokenizer, sets[:1])  # warm-up (first generate call, allocator)
-    start = time.perf_counter()
+    start = clock()
     together = evaluate_model(model, tokenizer, sets)
-    together_s = time.perf_counter() - start
-    start = time.perf_counter()
+    together_s = since(start)
+    start = clock()
     alone = {ts.adapter: evaluate_model(model, tokenizer, [ts])[ts.adapter] for ts in sets}
-    alone_s = time.perf_counter() - start
+    alone_s = since(start)
     for name in names:  # the same answers either way
         assert together[name].predictions == alone[name].predictions, name
     return together_s, alone_s
@@ -102,21 +114,33 @@ def main() -> None:
         command = [sys.executable, "mlora.py", "--base_model", str(model_dir), "--config",
                    str(config), "--dir", str(out), "--evaluate", "--device", "cpu"]  # fmt: skip
         together_proc = timed(command)
-        separate_proc = sum(timed([*command, "--adapters", name]) for name in TASKS)
+        runs = [timed([*command, "--adapters", name]) for name in TASKS]
+        separate_proc = (sum(w for w, _ in runs), sum(c for _, c in runs))
         together_eval, separate_eval = in_process(model_dir, config, out)
     print(
         f"model: random LLaMA hidden={args.hidden} layers={args.layers} vocab={args.vocab}; "
         f"4 adapters x {args.rows} test rows, evaluate_batch_size {args.batch} "
         "(loss + greedy exact match)"
     )
-    print("whole process (python mlora.py --evaluate):")
-    print(f"  4 adapters together, 1 process          : {together_proc:8.2f} s")
-    print(f"  4 separate processes, one after another : {separate_proc:8.2f} s")
-    print(f"  ratio (separate / together)             : {separate_proc / together_proc:8.2f}x")
-    print("same process, model loaded once (evaluate_model):")
-    print(f"  4 adapters together                     : {together_eval:8.2f} s")
-    print(f"  4 separate calls                        : {separate_eval:8.2f} s")
-    print(f"  ratio (separate / together)             : {separate_eval / together_eval:8.2f}x")
+    for title, together_s, separate_s, labels in (
+        (
+            "whole process (python mlora.py --evaluate)",
+            together_proc,
+            separate_proc,
+            ("4 adapters together, 1 process", "4 separate processes, one after another"),
+        ),
+        (
+            "same process, model loaded once (evaluate_model)",
+            together_eval,
+            separate_eval,
+            ("4 adapters together", "4 separate calls"),
+        ),
+    ):
+        print(f"{title}: wall s, CPU s")
+        print(f"  {labels[0]:<40}: {together_s[0]:8.2f} {together_s[1]:8.2f}")
+        print(f"  {labels[1]:<40}: {separate_s[0]:8.2f} {separate_s[1]:8.2f}")
+        wall_ratio, cpu_ratio = separate_s[0] / together_s[0], separate_s[1] / together_s[1]
+        print(f"  {'ratio (separate / together)':<40}: {wall_ratio:7.2f}x {cpu_ratio:7.2f}x")
 
 
 if __name__ == "__main__":
