@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_prompts_file(path: str) -> list[tuple[str, str | None, bool]]:
-    """``(prompt, adapter, adapter_given)`` per JSONL line.
+def read_prompts_file(path: str) -> list[tuple[str, str | None, bool, str]]:
+    """``(prompt, adapter, adapter_given, "FILE:LINE")`` per JSONL line.
 
     Raises:
         MloraError: a missing or empty file, a bad line (naming file and line).
@@ -195,7 +195,7 @@ def read_prompts_file(path: str) -> list[tuple[str, str | None, bool]]:
         adapter = row.get("adapter")
         if adapter is not None and not isinstance(adapter, str):
             raise MloraError(f'{path}:{number}: "adapter" must be a name or null')
-        rows.append((row["prompt"], adapter, "adapter" in row))
+        rows.append((row["prompt"], adapter, "adapter" in row, f"{path}:{number}"))
     if not rows:
         raise MloraError(f"prompts file is empty: {path}")
     return rows
@@ -219,7 +219,7 @@ def build_requests(
         return name
 
     default = [resolve(name, "--use") for name in args.use] or [None]
-    rows = [(p, None, False) for p in args.prompts]
+    rows = [(p, None, False, "") for p in args.prompts]
     if args.prompts_file:
         rows += read_prompts_file(args.prompts_file)
     if not rows:
@@ -228,8 +228,7 @@ def build_requests(
         raise MloraError("--template auto needs --config (it holds each adapter's template)")
     fixed = load_template(args.template) if args.template not in (None, "auto") else None
     requests = []
-    for prompt, adapter, given in rows:
-        where = f"{args.prompts_file} (prompt {prompt[:30]!r})"
+    for prompt, adapter, given, where in rows:
         for name in [resolve(adapter, where)] if given else default:
             template = fixed
             if args.template == "auto" and name is not None:

@@ -94,7 +94,7 @@ def test_unknown_adapter_is_one_line_error(trained, tiny_model_dir):  # noqa: F8
     [
         ("missing_dir", "adapter 'a': directory not found"),
         ("empty_file", "prompts file is empty"),
-        ("unknown_in_file", "unknown adapter 'zzz'"),
+        ("unknown_in_file", "zzz.jsonl:1: unknown adapter 'zzz'"),
         ("no_prompts", "no prompts"),
         ("bad_adapter_arg", "expected NAME=DIR"),
     ],
