@@ -272,9 +272,13 @@ def generate_batch(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    input_ids = torch.empty((len(encoded), width), dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, ids in enumerate(encoded):  # left padding: every row's last prompt token at the end
+        # Masked pads repeat the row's first token: the repetition penalty (which reads every
+        # input id, masked or not) then sees only tokens the row really has — a pad id equal to
+        # EOS would otherwise penalise EOS in padded rows only.
+        input_ids[row, : width - len(ids)] = ids[0]
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
     eos_ids = _eos_ids(model, tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,9 +62,12 @@ def test_adapters_are_trained(loaded):
         assert all(m.lora_B.weight.abs().max() > 0 for _, m in model.adapter_modules(name))
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_mixed_batch_greedy_equals_peft(loaded, peft_model, penalty):
+@pytest.mark.parametrize(("penalty", "pad_is_eos"), [(1.0, False), (1.3, False), (2.0, True)])
+def test_mixed_batch_greedy_equals_peft(loaded, peft_model, penalty, pad_is_eos):
     model, tokenizer = loaded
+    if pad_is_eos:  # tokenizers without a pad token (LLaMA) pad with EOS
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
     requests = mixed_requests()
     params = SamplingParams(max_new_tokens=12, repetition_penalty=penalty)
     outputs = generate(model, tokenizer, requests, params)
@@ -184,6 +188,9 @@ def test_seeded_sampling_equals_peft_mixed_batch(loaded, peft_model):
     batch = tokenizer(
         [r.prompt for r in requests], return_tensors="pt", padding=True, padding_side="left"
     )
+    # the same inputs as ours: masked left pads repeat each row's first token (see generate_batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    batch["input_ids"] = torch.where(mask.bool(), ids, ids.gather(1, mask.argmax(1, keepdim=True)))
     torch.manual_seed(123)
     sequences = peft_model.generate(
         **batch, do_sample=True, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id,
