@@ -81,8 +81,9 @@ def make_trainer(tmp_path: Path, mode: str, device: str = "cpu", **extra) -> Tra
     with torch.no_grad():  # B != 0, so lora_A's gradient (behind the dropout mask) is not zero
         for run in trainer.runs:
             for _, module in trainer.model.adapter_modules(run.name):
-                weight = module.lora_B.weight
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+                for name, weight in module.named_parameters():
+                    if "lora_B" in name:  # also MoE experts' lora_B
+                        weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
     return trainer
 
 
@@ -103,12 +104,13 @@ def first_step_grads(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Te
     return losses, grads
 
 
-def assert_same_grads(reference, candidate) -> None:
+def assert_same_grads(reference, candidate, all_nonzero: bool = True) -> None:
     (loss_a, grads_a), (loss_b, grads_b) = reference, candidate
     torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-5)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    nonzero = [name for name, grad in grads_a.items() if grad.abs().sum() > 0]
+    assert len(nonzero) == len(grads_a) if all_nonzero else len(nonzero) > len(grads_a) / 2
     for name, grad in grads_a.items():
-        assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads_b[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
@@ -142,6 +144,21 @@ def test_recompute_and_offload_equal_plain_through_the_trainer(
     offload = make_trainer(tmp_path, "offload")
     assert_same_grads(reference, first_step_grads(offload))
     assert len(packed) > 20
+
+
+@pytest.mark.parametrize("strategy", ["mixlora", "mixlora-switch"])
+def test_checkpointing_with_mixlora_adapters_through_the_trainer(
+    tmp_path: Path, strategy: str
+) -> None:
+    # Router losses recorded on the side, jitter noise and expert dropout must all replay.
+    moe = {"routing_strategy": strategy, "num_experts": 3, "jitter_noise": 0.1,
+           "target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"]}  # fmt: skip
+    reference = first_step_grads(make_trainer(tmp_path, "none", **moe))
+    assert any(".router" in name or "gate." in name for name in reference[1])
+    for mode in ("recompute", "offload"):
+        candidate = first_step_grads(make_trainer(tmp_path, mode, **moe))
+        # switch routing may leave an expert without tokens (a zero gradient, in both runs)
+        assert_same_grads(reference, candidate, all_nonzero=strategy == "mixlora")
 
 
 def test_whole_runs_with_checkpointing_equal_plain(tmp_path: Path) -> None:
