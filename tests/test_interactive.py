@@ -48,7 +48,7 @@ def test_prompt_loop_answers_like_generate(trained, tiny_model_dir, tmp_path):  
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr
     assert "adapter up: not trained yet" in result.stderr

@@ -120,7 +120,12 @@ def test_chat_page_in_headless_browser(trained, tiny_model_dir, loaded, tmp_path
         [*entry, "--config", config, "--port", str(port), "--max_new_tokens", "24"],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+        },
     )
     options = Options()
     options.binary_location = BROWSER
