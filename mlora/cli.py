@@ -99,6 +99,7 @@ def setup_logging(verbose: bool, log_file: str | None) -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("mlora").setLevel(logging.NOTSET)  # an earlier entry point may quiet it
 
 
 def run(args: argparse.Namespace) -> int:
