@@ -89,7 +89,7 @@ def test_missing_and_empty_files(tmp_path: Path) -> None:
         load_rows(str(tmp_path / "nope.json"))
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    with pytest.raises(DataError, match="empty.json: the dataset is empty"):
+    with pytest.raises(DataError, match=r"empty\.json: the dataset is empty"):
         load_rows(str(empty))
 
 
