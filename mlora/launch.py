@@ -32,6 +32,7 @@ from mlora.config import (
     parse_config,
 )
 from mlora.errors import ConfigError, MloraError
+from mlora.eval_tasks import CHOICE_TASK_NAMES
 
 DEFAULT_CONFIG = "mlora.json"
 # Data files look like paths; anything else in --tasks is a hub dataset name.
@@ -204,6 +205,8 @@ def build_config(
     for name, task in zip(names, tasks, strict=True):
         adapter = copy.deepcopy(adapter_template)
         adapter.update(name=name, data=task)
+        if task in CHOICE_TASK_NAMES:  # a built-in choice task: train and evaluate it as one
+            adapter["task_name"] = task
         for flag, (key, level) in GEN_OVERRIDES.items():
             value = getattr(args, flag)
             if value is None or value is False:
@@ -240,6 +243,10 @@ def cmd_gen(args: argparse.Namespace) -> int:
     print(f"{verb} {target}: {len(added)} adapter(s) from template {template_path.stem}")
     for adapter in added:
         kind = "" if Path(adapter["data"]).is_file() else " (not a local file: a hub dataset name)"
+        if adapter.get("task_name", "casual") != "casual":
+            kind = (
+                f" (built-in choice task {adapter['task_name']}: hub data, or a local file later)"
+            )
         print(f"  {adapter['name']}: {adapter['data']}{kind}")
     note = TEMPLATE_NOTES.get(template_path.stem)
     if note:

@@ -101,6 +101,17 @@ def test_adapter_names_from_a_list_a_prefix_or_a_single_name(
     assert [a["name"] for a in adapters(tmp_path / "mlora.json")] == names
 
 
+def test_built_in_choice_task_names_set_task_name(tmp_path: Path) -> None:
+    from mlora.config import load_config
+    from mlora.eval_tasks import CHOICE_TASK_NAMES
+
+    tasks = ";".join([*CHOICE_TASK_NAMES, str(DATA)])
+    assert gen(tmp_path, "--template", "lora", "--tasks", tasks) == 0
+    config = load_config(tmp_path / "mlora.json")
+    kinds = [(a.data, a.task_name) for a in config.lora]
+    assert kinds == [*((t, t) for t in CHOICE_TASK_NAMES), (str(DATA), "casual")]
+
+
 def test_append_keeps_existing_adapters_and_their_settings(tmp_path: Path) -> None:
     path = tmp_path / "mlora.json"
     assert gen(tmp_path, "--template", "lora", "--tasks", str(DATA), "--learning_rate", "1e-3") == 0
