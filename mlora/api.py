@@ -12,7 +12,7 @@ from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run
 from mlora.config import TrainConfig, load_config
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model
-from mlora.precision import build_quantization_config, check_dtype, resolve_attn_implementation
+from mlora.precision import base_model_load_options, check_dtype
 from mlora.preflight import preflight
 from mlora.trainer import Trainer, prepare_data
 
@@ -78,10 +78,7 @@ def train(
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     check_dtype(dtype, backend)
-    if quantize not in (None, "4bit", "8bit"):
-        raise MloraError(f"quantize {quantize!r} is not one of 4bit, 8bit")
-    quantization = build_quantization_config(quantize == "4bit", quantize == "8bit", dtype, backend)
-    attn = resolve_attn_implementation(attn_implementation, backend, dtype)
+    load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     if tf32:
         backend.allow_tf32(True)
     output_dir = Path(output_dir)
@@ -105,15 +102,13 @@ def train(
         tokenizer.pad_token = tokenizer.eos_token
     data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
     init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
-    # A quantized base is placed by transformers (bitsandbytes quantizes while loading to CUDA).
-    placement = {"quantization_config": quantization, "device_map": {"": str(backend.device)}}
-    extra = placement if quantization is not None else {}
     hf_model, _ = load_base_model(
-        base_model, dtype, backend.device, attn, trust_remote_code, **extra
+        base_model, dtype, backend.device, trust_remote_code=trust_remote_code, **load_options
     )
     logger.info(
         "backend %s (%s), base dtype %s, attention %s, quantization %s",
-        backend.label, backend.device, dtype, attn, quantize or "none",
+        backend.label, backend.device, dtype, load_options["attn_implementation"],
+        quantize or "none",
     )  # fmt: skip
     trainer = Trainer(
         MultiLoraModel(hf_model), tokenizer, config, data, output_dir, seed, base_model, init_from

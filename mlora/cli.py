@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
             dtype=dtype,
             device=backend.device,
             trust_remote_code=args.trust_remote_code,
+            quantize="4bit" if args.load_4bit else "8bit" if args.load_8bit else None,
+            attn_implementation=args.attn_impl,
         )
         return 0
     trainer = train(

@@ -441,6 +441,8 @@ def evaluate(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     show: bool = True,
+    quantize: str | None = None,
+    attn_implementation: str | None = None,
 ) -> dict[str, AdapterResult]:
     """Evaluate the trained adapters ``output_dir/NAME`` of ``config`` and write the results.
 
@@ -453,6 +455,8 @@ def evaluate(
             ``output_dir/evaluate_result.json``).
         device: ``cpu``, ``cuda``, ``mps`` (``None``: the best available).
         show: print the result table to stdout.
+        quantize: ``"4bit"`` or ``"8bit"`` base through bitsandbytes (CUDA only).
+        attn_implementation: ``eager``, ``sdpa`` or ``flash_attn`` (``None``: as for training).
 
     Returns:
         ``{adapter: AdapterResult}`` in evaluation order.
@@ -461,12 +465,17 @@ def evaluate(
         MloraError: unknown adapter, missing test data / trained adapter / base model, a bad
             file (one line each, all checked before the model loads).
     """
+    from mlora.backends import get_backend
     from mlora.config import load_config
+    from mlora.precision import base_model_load_options
     from mlora.preflight import check_base_model_path, check_writable
     from mlora.trained import load_trained
 
     if not isinstance(config, TrainConfig):
         config = load_config(config)
+    backend = get_backend(None if device is None else str(device))
+    device = backend.device
+    load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     output_dir = Path(output_dir)
     selected = select_adapters(config, adapters)
     folders = {a.name: output_dir / a.name for a in selected}
@@ -480,11 +489,9 @@ def evaluate(
     check_writable(target.parent)
     tokenizer = _load_tokenizer(base_model, trust_remote_code)
     test_sets = prepare_test_sets(config, tokenizer, [a.name for a in selected])
-    if device is None:
-        from mlora.backends import get_backend
-
-        device = get_backend(None).device
-    model, tokenizer = load_trained(base_model, folders, dtype, device, trust_remote_code)
+    model, tokenizer = load_trained(
+        base_model, folders, dtype, device, trust_remote_code, **load_options
+    )
     start = time.perf_counter()
     results = evaluate_model(model, tokenizer, test_sets)
     logger.info(

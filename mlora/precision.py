@@ -142,3 +142,28 @@ def resolve_attn_implementation(
 
 def _flash_attn_usable(backend: Backend) -> bool:
     return isinstance(backend, CudaBackend) and is_flash_attn_2_available()
+
+
+def base_model_load_options(
+    backend: Backend,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    attn_implementation: str | None = None,
+) -> dict:
+    """``load_base_model`` keyword arguments for a quantization and attention choice.
+
+    One place for training, evaluation and generation, so each loads the base the same way. A
+    quantized base is placed by transformers (bitsandbytes quantizes while loading to CUDA).
+
+    Raises:
+        MloraError: an unknown ``quantize``, or a choice the backend cannot run.
+    """
+    if quantize not in (None, "4bit", "8bit"):
+        raise MloraError(f"quantize {quantize!r} is not one of 4bit, 8bit")
+    quantization = build_quantization_config(quantize == "4bit", quantize == "8bit", dtype, backend)
+    options: dict = {
+        "attn_implementation": resolve_attn_implementation(attn_implementation, backend, dtype)
+    }
+    if quantization is not None:
+        options.update(quantization_config=quantization, device_map={"": str(backend.device)})
+    return options

@@ -54,8 +54,12 @@ def load_trained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    **load_options: Any,
 ) -> tuple[MultiLoraModel, Any]:
     """Load ``base_model`` and attach each ``{name: folder}`` adapter; returns (model, tokenizer).
+
+    ``load_options`` go to ``load_base_model`` (see ``precision.base_model_load_options`` for
+    a quantized base or another attention implementation).
 
     Raises:
         MloraError: a missing adapter folder (checked before the model loads) or a bad model.
@@ -66,7 +70,7 @@ def load_trained(
                 f"adapter {name!r}: no trained adapter at {folder} ({CONFIG_NAME} not found)"
             )
     hf_model, tokenizer = load_base_model(
-        base_model, dtype, device, trust_remote_code=trust_remote_code
+        base_model, dtype, device, trust_remote_code=trust_remote_code, **load_options
     )
     model = MultiLoraModel(hf_model).eval()
     for name, folder in adapters.items():

@@ -225,3 +225,32 @@ def test_choice_task_trains_on_question_then_right_choice(tmp_path):
     ]
     want = tokenize_rows(expected, tokenizer, load_template("alpaca"), config.cutoff_len)
     assert prepare_data(config, tokenizer)["s"] == want
+
+
+def test_evaluate_takes_the_attention_and_quantization_flags(
+    trained,  # noqa: F811
+    tiny_model_dir,
+    tmp_path,
+    capsys,
+):
+    """``--attn_impl eager`` evaluates like the default sdpa; ``--load_4bit`` without CUDA is a
+    one-line error (the flags reach evaluation as they reach training)."""
+    out, raw = trained
+    results = {}
+    for attn in ("sdpa", "eager"):
+        target = tmp_path / f"{attn}.json"
+        config = write_config(
+            tmp_path / f"{attn}-config.json", {**raw, "evaluate_result": str(target)}
+        )
+        argv = ["--base_model", str(tiny_model_dir), "--config", str(config), "--dir", str(out)]
+        assert cli.main([*argv, "--evaluate", "--device", "cpu", "--attn_impl", attn]) == 0
+        results[attn] = json.loads(target.read_text())
+    for name in ADAPTERS:
+        assert results["eager"][name]["loss"] == pytest.approx(
+            results["sdpa"][name]["loss"], rel=1e-5
+        )
+        assert results["eager"][name]["predictions"] == results["sdpa"][name]["predictions"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--evaluate", "--device", "cpu", "--load_4bit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "4" in err[0]
