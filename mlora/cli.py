@@ -55,10 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="Chat with the config's trained adapters DIR/NAME in an interactive prompt loop "
         "instead of training.",
     )
+    add_base_model_options(parser)
+    parser.add_argument("--tf32", action="store_true", help="Allow TF32 matmuls (CUDA).")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, mps (default: $MLORA_BACKEND_TYPE, else best available).",
+    )
+    parser.add_argument(
+        "--trust_remote_code", action="store_true", help="Allow the model's own code from the hub."
+    )
+    parser.add_argument("--log_file", default=None, help="Also write the log to this file.")
+    parser.add_argument("--verbose", action="store_true", help="Debug logging.")
+    return parser
+
+
+def add_base_model_options(parser: argparse.ArgumentParser) -> None:
+    """How the base model loads: dtype, quantization, attention (mlora.py and generate.py)."""
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="Base model in float16.")
     precision.add_argument("--bf16", action="store_true", help="Base model in bfloat16.")
-    parser.add_argument("--tf32", action="store_true", help="Allow TF32 matmuls (CUDA).")
     quantize = parser.add_mutually_exclusive_group()
     quantize.add_argument(
         "--load_4bit", action="store_true", help="QLoRA: NF4 4-bit base (bitsandbytes, CUDA)."
@@ -74,17 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Attention kernel (default: flash_attn on CUDA when installed and fp16/bf16, "
         "else sdpa; unusable flash_attn warns and uses sdpa).",
     )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda, cuda:1, mps (default: $MLORA_BACKEND_TYPE, else best available).",
-    )
-    parser.add_argument(
-        "--trust_remote_code", action="store_true", help="Allow the model's own code from the hub."
-    )
-    parser.add_argument("--log_file", default=None, help="Also write the log to this file.")
-    parser.add_argument("--verbose", action="store_true", help="Debug logging.")
-    return parser
+
+
+def quantize_choice(args: argparse.Namespace) -> str | None:
+    """``"4bit"``, ``"8bit"`` or ``None`` from ``--load_4bit`` / ``--load_8bit``."""
+    return "4bit" if args.load_4bit else "8bit" if args.load_8bit else None
 
 
 def setup_logging(verbose: bool, log_file: str | None) -> None:
@@ -126,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=dtype,
             device=backend.device,
             trust_remote_code=args.trust_remote_code,
-            quantize="4bit" if args.load_4bit else "8bit" if args.load_8bit else None,
+            quantize=quantize_choice(args),
             attn_implementation=args.attn_impl,
         )
         return 0
@@ -141,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
         resume=args.resume,
-        quantize="4bit" if args.load_4bit else "8bit" if args.load_8bit else None,
+        quantize=quantize_choice(args),
         attn_implementation=args.attn_impl,
         tf32=args.tf32,
     )

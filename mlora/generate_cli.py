@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from mlora.cli import add_base_model_options, quantize_choice
 from mlora.errors import MloraError
 from mlora.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
 from mlora.prompts import PromptTemplate, load_template
@@ -67,9 +68,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=None, help="With --dir: load exactly this config's adapters."
     )
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="Base model in float16.")
-    precision.add_argument("--bf16", action="store_true", help="Base model in bfloat16.")
+    add_base_model_options(parser)
     parser.add_argument(
         "--device",
         default=None,
@@ -121,16 +120,19 @@ def adapter_sources(
 def load_model(args: argparse.Namespace, folders: dict[str, Path]):
     """Load the base model with the adapters attached; returns (model, tokenizer)."""
     from mlora.backends import get_backend
-    from mlora.precision import resolve_dtype
+    from mlora.precision import base_model_load_options, resolve_dtype
     from mlora.trained import load_trained
 
     backend = get_backend(args.device)  # --device, else $MLORA_BACKEND_TYPE, else the best
+    dtype = resolve_dtype(args.fp16, args.bf16, backend)
+    options = base_model_load_options(backend, dtype, quantize_choice(args), args.attn_impl)
     return load_trained(
         args.base_model,
         folders,
-        dtype=resolve_dtype(args.fp16, args.bf16, backend),
+        dtype=dtype,
         device=str(backend.device),
         trust_remote_code=args.trust_remote_code,
+        **options,
     )
 
 

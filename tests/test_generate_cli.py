@@ -115,6 +115,22 @@ def test_bad_input_fails_before_loading(tmp_path, capsys, case, message):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
+def test_load_flags_reach_the_base_model(trained, tiny_model_dir, loaded, capsys):  # noqa: F811
+    """``--attn_impl eager`` answers like the library's default load; ``--load_4bit`` without
+    CUDA is one line."""
+    out, _ = trained
+    argv = ["--base_model", str(tiny_model_dir), "--dir", str(out), "--use", "rev", "owl"]
+    assert main([*argv, "--attn_impl", "eager", "--max_new_tokens", "8", "--output", "-"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = generate(
+        *loaded, [GenerationRequest("owl", "rev")], SamplingParams(max_new_tokens=8)
+    )
+    assert [g["text"] for g in got] == [e.text for e in expected]
+    assert main([*argv, "--load_4bit", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "4" in err[0]
+
+
 def test_console_script_points_at_main() -> None:
     import tomllib
 
