@@ -1,7 +1,8 @@
 """Atomic file and folder writes: a file is either the old one or the complete new one.
 
 Every write goes to a temporary name in the same folder, is flushed and fsynced, then renamed
-over the target (``os.replace`` is atomic on POSIX and Windows). A folder is written under a
+over the target (``os.replace`` is atomic on POSIX and Windows), and the folder is fsynced so
+the rename itself is durable. A folder is written under a
 temporary name and renamed into place, so readers never see it half-written.
 """
 
@@ -46,6 +47,19 @@ def _os_error(path: Path, exc: OSError) -> WriteError:
     return WriteError(path, exc.strerror or str(exc))
 
 
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (survives power loss, not only a crash).
+
+    Best effort: platforms that cannot open a folder (Windows) skip it.
+    """
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically.
 
@@ -64,6 +78,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
+        _fsync_directory(path.parent)
     except OSError as exc:
         if tmp_name is not None:
             with contextlib.suppress(OSError):
@@ -102,6 +117,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _fsync_directory(path.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _os_error(path, exc) from None

@@ -96,6 +96,26 @@ def test_atomic_write_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> No
     assert path.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [path]
 
 
+def test_renames_are_made_durable_by_fsyncing_the_folder(tmp_path: Path, monkeypatch) -> None:
+    """After the rename, the parent folder itself is fsynced (power loss keeps the new name)."""
+    import stat
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    atomic_write_bytes(tmp_path / "a.bin", b"x")
+    assert synced == ["file", "dir"]
+    synced.clear()
+    with atomic_directory(tmp_path / "folder") as tmp:
+        atomic_write_bytes(tmp / "b.bin", b"y")
+    assert synced == ["file", "dir", "dir"] and (tmp_path / "folder" / "b.bin").read_bytes() == b"y"
+
+
 def test_atomic_directory_is_complete_or_absent(tmp_path: Path, monkeypatch) -> None:
     folder = tmp_path / "checkpoint-3"
     with atomic_directory(folder) as tmp:
