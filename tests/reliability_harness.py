@@ -22,6 +22,7 @@ import errno
 import os
 import runpy
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def _from_atomic() -> bool:
     return sys._getframe(2).f_globals.get("__name__") == "mlora.atomic"
 
 
+def _is_file(fd: int) -> bool:
+    """Only file writes count (not the folder fsync that makes a rename durable)."""
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
 def install_kill(spec: str) -> None:
     kind, _, value = spec.partition(":")
     target = int(value)
@@ -46,7 +52,7 @@ def install_kill(spec: str) -> None:
         def fsync(fd: int) -> None:
             nonlocal count
             real_fsync(fd)
-            if _from_atomic():
+            if _from_atomic() and _is_file(fd):
                 count += 1
                 if count == target:
                     _die()
@@ -89,7 +95,8 @@ def install_failure(spec: str) -> None:
 
     def fsync(fd: int) -> None:
         nonlocal fired
-        if not fired and _from_atomic() and text in os.readlink(f"/proc/self/fd/{fd}"):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if not fired and _from_atomic() and _is_file(fd) and text in path:
             fired = True
             raise OSError(code, os.strerror(code))
         real_fsync(fd)
