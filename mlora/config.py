@@ -47,6 +47,11 @@ KEY_ALIASES = {
 Check = Callable[[Any], str | None]
 
 
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """The LoRA output scale: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
 def _key(default: Any, help: str, check: Check | None = None, **extra: Any) -> Any:
     """A config key: its default, its ``--help`` text and the check its value must pass."""
     meta = {"help": help, "check": check, **extra}
@@ -345,7 +350,19 @@ class AdapterConfig:
     @property
     def scaling(self) -> float:
         """The LoRA output scale: alpha / r, or alpha / sqrt(r) for rsLoRA."""
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+
+    def lora_fields(self) -> dict[str, Any]:
+        """The LoRA keyword arguments the MoE spec builders take, as configured."""
+        return {
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": tuple(self.target_module_names),
+            "init": self.lora_init,
+            "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora,
+        }
 
     @property
     def accumulation_steps(self) -> int:

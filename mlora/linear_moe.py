@@ -13,14 +13,13 @@ Experts share the adapter's r / lora_alpha / lora_dropout / use_dora / lora_init
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch import nn
 
 from mlora.adapters import MultiLoraLinear, dense_weight
 from mlora.adapters.lora_moe import LoraMoeAdapter, MolaAdapter
-from mlora.config import MOE_STRATEGY_DEFAULTS, AdapterConfig
+from mlora.config import MOE_STRATEGY_DEFAULTS, AdapterConfig, lora_scaling
 from mlora.errors import MloraError
 from mlora.layout import LayoutContext
 from mlora.model import LoraSpec
@@ -49,6 +48,10 @@ class LinearMoeSpec(LoraSpec):
     router_loss: bool = False
     lora_alpha: float = 16.0
     use_rslora: bool = False
+
+    @property
+    def peft_type(self) -> str:
+        return self.strategy.upper()  # LORAMOE or MOLA, upstream MoE-PEFT's names
 
     def experts_on(self, path: str) -> bool:
         """Whether the linear layer at module ``path`` gets experts (else plain LoRA)."""
@@ -79,7 +82,7 @@ def build_linear_moe_spec(
     """A LinearMoeSpec with the LoRA scale resolved (``top_k`` None: every expert)."""
     return LinearMoeSpec(
         r=r,
-        scaling=lora_alpha / (math.sqrt(r) if use_rslora else r),
+        scaling=lora_scaling(lora_alpha, r, use_rslora),
         dropout=lora_dropout,
         target_modules=tuple(target_modules),
         init=init,
@@ -106,13 +109,7 @@ def linear_moe_spec(config: AdapterConfig) -> LinearMoeSpec:
 
     return build_linear_moe_spec(
         strategy=strategy,
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=tuple(config.target_module_names),
-        init=config.lora_init,
-        use_dora=config.use_dora,
-        use_rslora=config.use_rslora,
+        **config.lora_fields(),
         num_experts=config.moe("num_experts"),
         top_k=value("top_k", None),
         router_init_range=config.moe("router_init_range"),

@@ -36,6 +36,11 @@ class LoraSpec:
     init: str = "original"
     use_dora: bool = False
 
+    @property
+    def peft_type(self) -> str:
+        """``peft_type`` in ``adapter_config.json``: which on-disk format stores it."""
+        return "LORA"
+
 
 @dataclass
 class LossBatch:

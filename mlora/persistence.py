@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from mlora.adapter_tensors import copy_into, export_tensors, lora_tensors
 from mlora.atomic import atomic_write_bytes, atomic_write_text
+from mlora.config import lora_scaling
 from mlora.errors import MloraError
 from mlora.model import LoraSpec, MultiLoraModel
 
@@ -26,50 +28,47 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def _is_mixlora(spec: LoraSpec | None) -> bool:
-    from mlora.moe.spec import MixLoraSpec  # lazy: mlora.moe builds on mlora.model
+def _moe_format(peft_type: str | None) -> Any:
+    """The module that stores adapters of a MoE ``peft_type`` (its ``state_dict``,
+    ``load_weights``, ``peft_config``, ``spec_from_config``), or None for plain LoRA.
 
-    return isinstance(spec, MixLoraSpec)
+    Imported lazily: the MoE code builds on ``mlora.model``.
+    """
+    if peft_type == "MIXLORA":
+        from mlora.moe import persistence as mixlora_format
+
+        return mixlora_format
+    if peft_type in ("LORAMOE", "MOLA"):
+        from mlora import linear_moe_persistence as linear_moe_format
+
+        return linear_moe_format
+    return None
 
 
-def _is_linear_moe(spec: LoraSpec | None) -> bool:
-    return getattr(spec, "strategy", None) in ("loramoe", "mola")
+def _named_parameters(model: MultiLoraModel, name: str) -> dict[str, torch.Tensor]:
+    """Every parameter of LoRA adapter ``name`` under its PEFT key (live tensors)."""
+    return {
+        f"{PEFT_PREFIX}{path}.{suffix}": tensor
+        for path, module in model.adapter_modules(name)
+        for suffix, tensor in lora_tensors(module).items()
+    }
 
 
 def adapter_state_dict(model: MultiLoraModel, name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s tensors under PEFT key names (MixLoRA: mixlora's names), on CPU."""
-    if _is_mixlora(model.specs.get(name)):
-        from mlora.moe.persistence import mixlora_state_dict
-
-        return mixlora_state_dict(model, name)
-    if _is_linear_moe(model.specs.get(name)):
-        from mlora.linear_moe_persistence import linear_moe_state_dict
-
-        return linear_moe_state_dict(model, name)
-    tensors: dict[str, torch.Tensor] = {}
-    for path, module in model.adapter_modules(name):
-        key = PEFT_PREFIX + path
-        tensors[f"{key}.lora_A.weight"] = module.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"{key}.lora_B.weight"] = module.lora_B.weight.detach().cpu().contiguous()
-        if module.magnitude is not None:
-            tensors[f"{key}.lora_magnitude_vector"] = (
-                module.magnitude.weight.detach().cpu().contiguous()
-            )
-    return tensors
+    """Adapter ``name``'s tensors under PEFT key names (MoE: upstream's names), on CPU."""
+    moe_format = _moe_format(model.specs[name].peft_type)
+    if moe_format is not None:
+        return moe_format.state_dict(model, name)
+    return export_tensors(_named_parameters(model, name))
 
 
 def peft_config(
     spec: LoraSpec, lora_alpha: float, use_rslora: bool, base_model: str | None
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` PEFT's ``LoraConfig`` reads (MixLoRA: mixlora's)."""
-    if _is_mixlora(spec):
-        from mlora.moe.persistence import mixlora_peft_config
-
-        return mixlora_peft_config(spec, base_model)  # type: ignore[arg-type]
-    if _is_linear_moe(spec):
-        from mlora.linear_moe_persistence import linear_moe_peft_config
-
-        return linear_moe_peft_config(spec, base_model)  # type: ignore[arg-type]
+    """The ``adapter_config.json`` PEFT's ``LoraConfig`` reads (MoE: upstream's)."""
+    moe_format = _moe_format(spec.peft_type)
+    if moe_format is not None:
+        return moe_format.peft_config(spec, base_model)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -100,7 +99,7 @@ def save_adapter(
     directory = Path(directory)
     tensors = adapter_state_dict(model, name)
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors))
-    if config.get("peft_type") in ("MIXLORA", "LORAMOE", "MOLA"):  # upstream loaders: .bin
+    if _moe_format(config.get("peft_type")) is not None:  # upstream MoE loaders read .bin
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
         atomic_write_bytes(directory / LEGACY_WEIGHTS_NAME, buffer.getvalue())
@@ -131,16 +130,10 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
 
 def spec_from_peft_config(config: dict[str, Any], source: str) -> tuple[LoraSpec, float, bool]:
-    """(LoraSpec, lora_alpha, use_rslora) of a PEFT LoRA (or MIXLORA) adapter_config."""
-    if config.get("peft_type") == "MIXLORA":
-        from mlora.moe.persistence import mixlora_spec_from_config
-
-        mix = mixlora_spec_from_config(config, source)
-        return mix, mix.lora_alpha, mix.use_rslora
-    if config.get("peft_type") in ("LORAMOE", "MOLA"):
-        from mlora.linear_moe_persistence import linear_moe_spec_from_config
-
-        moe = linear_moe_spec_from_config(config, source)
+    """(LoraSpec, lora_alpha, use_rslora) of a PEFT LoRA (or MoE) adapter_config."""
+    moe_format = _moe_format(config.get("peft_type"))
+    if moe_format is not None:
+        moe = moe_format.spec_from_config(config, source)
         return moe, moe.lora_alpha, moe.use_rslora
     if config.get("peft_type", "LORA") != "LORA":
         raise MloraError(f"{source}: peft_type {config.get('peft_type')!r} is not a LoRA adapter")
@@ -154,7 +147,7 @@ def spec_from_peft_config(config: dict[str, Any], source: str) -> tuple[LoraSpec
         )
     spec = LoraSpec(
         r=r,
-        scaling=alpha / (r**0.5 if rslora else r),
+        scaling=lora_scaling(alpha, r, rslora),
         dropout=float(config.get("lora_dropout", 0.0)),
         target_modules=tuple(sorted(targets)),
         init="gaussian" if config.get("init_lora_weights") == "gaussian" else "original",
@@ -171,36 +164,12 @@ def load_adapter_weights(
     Raises:
         MloraError: a tensor the adapter needs is missing, or shapes differ (naming the key).
     """
-    if _is_mixlora(model.specs.get(name)):
-        from mlora.moe.persistence import load_mixlora_weights
-
-        load_mixlora_weights(model, name, tensors, source)
+    moe_format = _moe_format(model.specs[name].peft_type)
+    if moe_format is not None:
+        moe_format.load_weights(model, name, tensors, source)
         return
-    if _is_linear_moe(model.specs.get(name)):
-        from mlora.linear_moe_persistence import load_linear_moe_weights
-
-        load_linear_moe_weights(model, name, tensors, source)
-        return
-    normalised = {
+    normalised = {  # older PEFT saved the DoRA magnitude as ``lora_magnitude_vector.weight``
         k.removesuffix(".weight") if "lora_magnitude_vector" in k else k: v
         for k, v in tensors.items()
     }
-    with torch.no_grad():
-        for path, module in model.adapter_modules(name):
-            key = PEFT_PREFIX + path
-            targets = {
-                f"{key}.lora_A.weight": module.lora_A.weight,
-                f"{key}.lora_B.weight": module.lora_B.weight,
-            }
-            if module.magnitude is not None:
-                targets[f"{key}.lora_magnitude_vector"] = module.magnitude.weight
-            for tensor_key, param in targets.items():
-                if tensor_key not in normalised:
-                    raise MloraError(f"{source}: missing tensor {tensor_key}")
-                value = normalised[tensor_key]
-                if value.shape != param.shape:
-                    raise MloraError(
-                        f"{source}: {tensor_key} has shape {tuple(value.shape)}, "
-                        f"expected {tuple(param.shape)}"
-                    )
-                param.copy_(value.to(param.dtype))
+    copy_into(_named_parameters(model, name), normalised, source)

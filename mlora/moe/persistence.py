@@ -19,6 +19,15 @@ from typing import Any
 
 import torch
 
+from mlora.adapter_tensors import (
+    alpha_number,
+    copy_into,
+    export_tensors,
+    layer_key,
+    lora_tensors,
+    moe_lora_config,
+    moe_lora_fields,
+)
 from mlora.config import MIXLORA_STRATEGIES, MOE_STRATEGY_DEFAULTS
 from mlora.errors import MloraError
 from mlora.moe.feed_forward import MixLoraExperts, mixlora_layers
@@ -27,105 +36,69 @@ from mlora.moe.spec import MixLoraSpec, RouterSpec, build_mixlora_spec
 PEFT_TYPE = "MIXLORA"
 
 
-def mixlora_key(path: str) -> str:
-    """The mixlora package's key prefix for a module path (``model.layers.3.mlp`` ->
-    ``mixlora.layers.3.mlp``)."""
-    at = path.find("layers.")
-    return "mixlora." + (path[at:] if at >= 0 else path)
-
-
-def _lora_tensors(adapter: Any) -> dict[str, torch.Tensor]:
-    tensors = {"lora_A.weight": adapter.lora_A.weight, "lora_B.weight": adapter.lora_B.weight}
-    if adapter.magnitude is not None:
-        tensors["lora_magnitude_vector"] = adapter.magnitude.weight
-    return tensors
-
-
 def _named_parameters(model: Any, name: str) -> dict[str, torch.Tensor]:
     """Every parameter of MixLoRA adapter ``name`` under its mixlora key (live tensors)."""
     params: dict[str, torch.Tensor] = {}
     for path, layer in model.adapter_layers():
         if name in layer.adapters:
-            for suffix, tensor in _lora_tensors(layer.adapters[name]).items():
-                params[f"{mixlora_key(path)}.{suffix}"] = tensor
+            for suffix, tensor in lora_tensors(layer.adapters[name]).items():
+                params[f"{layer_key('mixlora', path)}.{suffix}"] = tensor
     for path, ffn in mixlora_layers(model.model):
         if name not in ffn.moes:
             continue
         moe: MixLoraExperts = ffn.moes[name]
-        prefix = mixlora_key(path)
+        prefix = layer_key("mixlora", path)
         params[f"{prefix}.moe_gate.weight"] = moe.router.weight
         for projection in ffn.projections:
             for index in range(moe.router_spec.num_experts):
                 expert = moe.expert(projection, index)
                 if expert is None:
                     break
-                for suffix, tensor in _lora_tensors(expert).items():
+                for suffix, tensor in lora_tensors(expert).items():
                     params[f"{prefix}.{projection}.experts.{index}.{suffix}"] = tensor
     return params
 
 
-def mixlora_state_dict(model: Any, name: str) -> dict[str, torch.Tensor]:
+def state_dict(model: Any, name: str) -> dict[str, torch.Tensor]:
     """MixLoRA adapter ``name``'s tensors under the mixlora package's key names, on CPU."""
-    return {
-        key: tensor.detach().cpu().contiguous()
-        for key, tensor in _named_parameters(model, name).items()
-    }
+    return export_tensors(_named_parameters(model, name))
 
 
-def load_mixlora_weights(
-    model: Any, name: str, tensors: dict[str, torch.Tensor], source: str
-) -> None:
+def load_weights(model: Any, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy mixlora-named tensors into MixLoRA adapter ``name`` (already attached).
+
+    A missing DoRA magnitude (files the mixlora package saved) keeps the one computed from the
+    weights.
 
     Raises:
         MloraError: a tensor is missing or has another shape (naming the key).
     """
-    with torch.no_grad():
-        for key, param in _named_parameters(model, name).items():
-            value = tensors.get(key)
-            if value is None and key.endswith(".lora_magnitude_vector"):
-                continue  # e.g. saved by the mixlora package: keep the magnitude from the weights
-            if value is None:
-                raise MloraError(f"{source}: missing tensor {key}")
-            if value.shape != param.shape:
-                raise MloraError(
-                    f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
-                )
-            param.copy_(value.to(param.dtype))
+    copy_into(
+        _named_parameters(model, name),
+        tensors,
+        source,
+        optional=lambda key: key.endswith(".lora_magnitude_vector"),
+    )
 
 
-def _number(value: float) -> int | float:
-    """An integral alpha as an int (the mixlora package insists on an int lora_alpha)."""
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def mixlora_peft_config(spec: MixLoraSpec, base_model: str | None) -> dict[str, Any]:
+def peft_config(spec: MixLoraSpec, base_model: str | None) -> dict[str, Any]:
     """The ``adapter_config.json`` of a MixLoRA adapter (mixlora package keys)."""
     router = spec.router
-    config: dict[str, Any] = {
-        "peft_type": PEFT_TYPE,
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "bias": "none",
-        "r": spec.r,
-        "lora_alpha": _number(spec.lora_alpha),
-        "lora_dropout": float(spec.dropout),
-        "target_modules": sorted(spec.target_modules),
-        "use_dora": spec.use_dora,
-        "use_rslora": spec.use_rslora,
-        "lora_init": spec.init,
-        "routing_strategy": router.strategy,
-        "num_experts": router.num_experts,
-        "router_init_range": float(router.init_range),
-        "router_aux_loss_coef": float(router.aux_loss_coef),
-        "router_loss": router.router_loss,
-        "jitter_noise": float(router.jitter_noise),
-    }
+    config = moe_lora_config(spec, base_model)
+    config.update(
+        routing_strategy=router.strategy,
+        num_experts=router.num_experts,
+        router_init_range=float(router.init_range),
+        router_aux_loss_coef=float(router.aux_loss_coef),
+        router_loss=router.router_loss,
+        jitter_noise=float(router.jitter_noise),
+    )
     if spec.act_fn is not None:
         config["act_fn"] = spec.act_fn
     if spec.expert_lora:
         config["expert_lora"] = {
-            k: (_number(v) if k == "lora_alpha" else v) for k, v in dict(spec.expert_lora).items()
+            k: (alpha_number(v) if k == "lora_alpha" else v)
+            for k, v in dict(spec.expert_lora).items()
         }
     if router.strategy == "mixlora":
         config["top_k"] = router.top_k
@@ -140,7 +113,7 @@ def mixlora_peft_config(spec: MixLoraSpec, base_model: str | None) -> dict[str, 
     return config
 
 
-def mixlora_spec_from_config(config: dict[str, Any], source: str) -> MixLoraSpec:
+def spec_from_config(config: dict[str, Any], source: str) -> MixLoraSpec:
     """The MixLoraSpec of a MIXLORA ``adapter_config.json`` (ours or the mixlora package's).
 
     Raises:
@@ -152,17 +125,12 @@ def mixlora_spec_from_config(config: dict[str, Any], source: str) -> MixLoraSpec
             f"{source}: routing_strategy {strategy!r} is not one of "
             + ", ".join(repr(s) for s in MIXLORA_STRATEGIES)
         )
-    for key in ("r", "num_experts", "target_modules"):
-        if key not in config:
-            raise MloraError(f"{source}: MIXLORA adapter_config lacks {key!r}")
+    lora_fields = moe_lora_fields(config, PEFT_TYPE, source)
     defaults = MOE_STRATEGY_DEFAULTS[strategy]
 
     def get(key: str, unused: Any) -> Any:
         return config.get(key, defaults.get(key, unused)) if key in defaults else unused
 
-    targets = config["target_modules"]
-    if isinstance(targets, dict):
-        targets = [name for name, on in targets.items() if on]
     router = RouterSpec(
         strategy=strategy,
         num_experts=int(config["num_experts"]),
@@ -183,13 +151,7 @@ def mixlora_spec_from_config(config: dict[str, Any], source: str) -> MixLoraSpec
             k: expert_lora[k] for k in ("r", "lora_alpha", "lora_dropout") if k in expert_lora
         }
     return build_mixlora_spec(
-        r=int(config["r"]),
-        lora_alpha=float(config.get("lora_alpha", 8)),
-        lora_dropout=float(config.get("lora_dropout", 0.0)),
-        target_modules=tuple(sorted(targets)),
-        init="gaussian" if config.get("lora_init") == "gaussian" else "original",
-        use_dora=bool(config.get("use_dora", False)),
-        use_rslora=bool(config.get("use_rslora", False)),
+        **lora_fields,
         router=router,
         act_fn=config.get("act_fn"),
         expert_lora=expert_lora or None,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from mlora.config import MIXLORA_STRATEGIES, MOE_STRATEGY_DEFAULTS, AdapterConfig
+from mlora.config import (
+    MIXLORA_STRATEGIES,
+    MOE_STRATEGY_DEFAULTS,
+    AdapterConfig,
+    lora_scaling,
+)
 from mlora.model import LoraSpec
 
 
@@ -65,9 +69,9 @@ class MixLoraSpec(LoraSpec):
     lora_alpha: float = 16.0
     use_rslora: bool = False
 
-
-def _scale(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / (math.sqrt(r) if rslora else r)
+    @property
+    def peft_type(self) -> str:
+        return "MIXLORA"
 
 
 def build_mixlora_spec(
@@ -89,14 +93,14 @@ def build_mixlora_spec(
     expert_alpha = float(overrides.get("lora_alpha", lora_alpha))
     return MixLoraSpec(
         r=r,
-        scaling=_scale(lora_alpha, r, use_rslora),
+        scaling=lora_scaling(lora_alpha, r, use_rslora),
         dropout=lora_dropout,
         target_modules=tuple(target_modules),
         init=init,
         use_dora=use_dora,
         router=router,
         expert_r=expert_r,
-        expert_scaling=_scale(expert_alpha, expert_r, use_rslora),
+        expert_scaling=lora_scaling(expert_alpha, expert_r, use_rslora),
         expert_dropout=float(overrides.get("lora_dropout", lora_dropout)),
         act_fn=act_fn,
         expert_lora=tuple(sorted(overrides.items())) if expert_lora else None,
@@ -130,13 +134,7 @@ def mixlora_spec(config: AdapterConfig) -> MixLoraSpec:
         ffn_dropout=value("ffn_dropout", 0.0),
     )
     return build_mixlora_spec(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=tuple(config.target_module_names),
-        init=config.lora_init,
-        use_dora=config.use_dora,
-        use_rslora=config.use_rslora,
+        **config.lora_fields(),
         router=router,
         act_fn=config.moe("act_fn"),
         expert_lora=config.moe("expert_lora"),
