@@ -11,7 +11,7 @@ from mlora.backends import get_backend
 from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
 from mlora.config import TrainConfig, load_config
 from mlora.errors import MloraError
-from mlora.model import MultiLoraModel, load_base_model
+from mlora.model import MultiLoraModel, load_base_model, load_tokenizer
 from mlora.precision import base_model_load_options, check_dtype
 from mlora.preflight import preflight
 from mlora.trainer import Trainer, prepare_data
@@ -90,20 +90,16 @@ def train(
         check_outputs(config, output_dir, overwrite, load_adapter)
     preflight(config, base_model, output_dir, trust_remote_code)
     backend.manual_seed(seed)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise MloraError(
-            f"cannot load the tokenizer of {base_model}: {str(exc).strip().splitlines()[0]}"
-        ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(base_model, trust_remote_code)
     data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
     init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
     hf_model, _ = load_base_model(
-        base_model, dtype, backend.device, trust_remote_code=trust_remote_code, **load_options
+        base_model,
+        dtype,
+        backend.device,
+        trust_remote_code=trust_remote_code,
+        tokenizer=tokenizer,
+        **load_options,
     )
     logger.info(
         "backend %s (%s), base dtype %s, attention %s, quantization %s",

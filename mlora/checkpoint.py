@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save
 from mlora.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
 from mlora.config import config_to_dict
 from mlora.dispatcher import AdapterQueue, epoch_order
-from mlora.errors import MloraError
+from mlora.errors import MloraError, first_line
 from mlora.persistence import WEIGHTS_NAME, load_adapter_weights, save_adapter
 
 if TYPE_CHECKING:
@@ -362,7 +362,7 @@ def _load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file is one line naming it
-        raise MloraError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
+        raise MloraError(f"cannot read {path}: {first_line(exc)}") from None
 
 
 def restore(trainer: Trainer, point: ResumePoint) -> None:

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from mlora.errors import MloraError
+from mlora.errors import exit_code_of
 from mlora.interrupt import TrainingInterrupted
 
 logger = logging.getLogger("mlora")
@@ -57,21 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_base_model_options(parser)
     parser.add_argument("--tf32", action="store_true", help="Allow TF32 matmuls (CUDA).")
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda, cuda:1, mps (default: $MLORA_BACKEND_TYPE, else best available).",
-    )
-    parser.add_argument(
-        "--trust_remote_code", action="store_true", help="Allow the model's own code from the hub."
-    )
     parser.add_argument("--log_file", default=None, help="Also write the log to this file.")
     parser.add_argument("--verbose", action="store_true", help="Debug logging.")
     return parser
 
 
 def add_base_model_options(parser: argparse.ArgumentParser) -> None:
-    """How the base model loads: dtype, quantization, attention (mlora.py and generate.py)."""
+    """How and where the base model loads: dtype, quantization, attention, device, remote code
+    (mlora.py, generate.py, inference.py)."""
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="Base model in float16.")
     precision.add_argument("--bf16", action="store_true", help="Base model in bfloat16.")
@@ -89,6 +82,14 @@ def add_base_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Attention kernel (default: flash_attn on CUDA when installed and fp16/bf16, "
         "else sdpa; unusable flash_attn warns and uses sdpa).",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, mps (default: $MLORA_BACKEND_TYPE, else best available).",
+    )
+    parser.add_argument(
+        "--trust_remote_code", action="store_true", help="Allow the model's own code from the hub."
     )
 
 
@@ -165,16 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, printed as one line)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.log_file)
-    try:
-        return run(args)
-    except TrainingInterrupted as exc:
-        given = sys.argv[1:] if argv is None else argv
-        command = shlex.join(["python", "mlora.py", *given, *([] if args.resume else ["--resume"])])
-        print(f"error: {exc}; resume with: {command}", file=sys.stderr)
-        return exc.exit_code
-    except MloraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+
+    def train_or_report_resume() -> int:
+        try:
+            return run(args)
+        except TrainingInterrupted as exc:
+            given = sys.argv[1:] if argv is None else argv
+            resume = [] if args.resume else ["--resume"]
+            command = shlex.join(["python", "mlora.py", *given, *resume])
+            print(f"error: {exc}; resume with: {command}", file=sys.stderr)
+            return exc.exit_code
+
+    return exit_code_of(train_or_report_resume)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlora.errors import DataError
+from mlora.errors import DataError, first_line
 from mlora.prompts import PromptTemplate
 
 IGNORE_INDEX = -100
@@ -58,8 +58,7 @@ def load_rows(source: str) -> list[dict[str, Any]]:
     except Exception as exc:  # datasets raises many types; the user needs one line naming the file
         if loader_args["path"] != source and _is_empty_file(path):
             raise DataError(f"{source}: the dataset is empty") from None
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot load data {source}: {first_line}") from None
+        raise DataError(f"cannot load data {source}: {first_line(exc)}") from None
     rows = dataset.to_list()
     if not rows:
         raise DataError(f"{source}: the dataset is empty")

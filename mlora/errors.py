@@ -4,6 +4,11 @@ The CLI prints ``MloraError`` messages without a traceback; anything else is a b
 its traceback.
 """
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class MloraError(Exception):
     """A problem with the user's input or environment, reported as one line."""
@@ -15,3 +20,24 @@ class ConfigError(MloraError):
 
 class DataError(MloraError):
     """An unreadable data file, or a row missing a field."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), so a
+    library's multi-line error still reads as one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def exit_code_of(body: Callable[[], int], interrupted_code: int = 130) -> int:
+    """Run a command's body for its exit code: a ``MloraError`` prints as its one line and
+    gives 2; Ctrl-C gives ``interrupted_code`` (130, with a line; 0, silently, for a server)."""
+    try:
+        return body()
+    except MloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if interrupted_code:
+            print("error: interrupted", file=sys.stderr)
+        return interrupted_code

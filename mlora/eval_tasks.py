@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlora.errors import DataError
+from mlora.errors import DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -169,11 +169,10 @@ def _load_hub(
     try:
         dataset = datasets.load_dataset(task.hub_path, task.hub_config, split=split or task.split)
     except Exception as exc:  # offline, missing, renamed: the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
             f"adapter {adapter!r}: task {task_name!r} needs a local data file in the "
             f"{task.hub_name} schema (fields: {', '.join(task.fields)}) or the hub dataset, "
-            f"which could not be loaded: {first}"
+            f"which could not be loaded: {first_line(exc)}"
         ) from None
     return dataset.to_list()
 

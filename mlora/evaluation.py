@@ -467,6 +467,7 @@ def evaluate(
     """
     from mlora.backends import get_backend
     from mlora.config import load_config
+    from mlora.model import load_tokenizer
     from mlora.precision import base_model_load_options
     from mlora.preflight import check_base_model_path, check_writable
     from mlora.trained import load_trained
@@ -487,10 +488,10 @@ def evaluate(
     check_base_model_path(base_model)
     target = Path(result_file) if result_file is not None else result_path(config, output_dir)
     check_writable(target.parent)
-    tokenizer = _load_tokenizer(base_model, trust_remote_code)
+    tokenizer = load_tokenizer(base_model, trust_remote_code)
     test_sets = prepare_test_sets(config, tokenizer, [a.name for a in selected])
     model, tokenizer = load_trained(
-        base_model, folders, dtype, device, trust_remote_code, **load_options
+        base_model, folders, dtype, device, trust_remote_code, tokenizer=tokenizer, **load_options
     )
     start = time.perf_counter()
     results = evaluate_model(model, tokenizer, test_sets)
@@ -504,17 +505,3 @@ def evaluate(
     if show:
         print(format_table(results))
     return results
-
-
-def _load_tokenizer(base_model: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise MloraError(
-            f"cannot load the tokenizer of {base_model}: {str(exc).strip().splitlines()[0]}"
-        ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

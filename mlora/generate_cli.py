@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mlora.cli import add_base_model_options, quantize_choice
-from mlora.errors import MloraError
+from mlora.errors import MloraError, exit_code_of
 from mlora.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
 from mlora.prompts import PromptTemplate, load_template
 
@@ -69,14 +69,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", default=None, help="With --dir: load exactly this config's adapters."
     )
     add_base_model_options(parser)
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda, cuda:1, mps (default: $MLORA_BACKEND_TYPE, else best available).",
-    )
-    parser.add_argument(
-        "--trust_remote_code", action="store_true", help="Allow the model's own code from the hub."
-    )
 
 
 def adapter_sources(
@@ -341,11 +333,4 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, None)
     if not args.verbose:  # stdout carries the answers; keep stderr to warnings and errors
         quiet_loading()
-    try:
-        return run(args)
-    except MloraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return exit_code_of(lambda: run(args))

@@ -31,7 +31,7 @@ from mlora.config import (
     load_config,
     parse_config,
 )
-from mlora.errors import ConfigError, MloraError
+from mlora.errors import ConfigError, MloraError, exit_code_of
 from mlora.eval_tasks import CHOICE_TASK_NAMES
 
 DEFAULT_CONFIG = "mlora.json"
@@ -496,11 +496,4 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) and usage errors (2) end here
         return exc.code if isinstance(exc.code, int) else 2
-    try:
-        return args.func(args)
-    except MloraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return exit_code_of(lambda: args.func(args))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters import MultiLoraLinear
-from mlora.errors import MloraError
+from mlora.errors import MloraError, first_line
 from mlora.layout import BatchLayout, LayoutContext
 
 logger = logging.getLogger("mlora")
@@ -255,28 +255,51 @@ class MultiLoraModel(nn.Module):
         return logits
 
 
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local model directory or hub id, padding with EOS when it has no pad.
+
+    Raises:
+        MloraError: it cannot be loaded (one line naming it).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        message = f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}"
+        raise MloraError(message) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base_model(
     name_or_path: str,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    tokenizer: Any = None,
     **from_pretrained_kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer from a local directory or the hub.
 
+    Args:
+        tokenizer: one already loaded (``load_tokenizer``) to return instead of loading it again.
+
     Raises:
         MloraError: the path/name cannot be loaded (one line naming it).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     local = Path(name_or_path)
     if (name_or_path.startswith((".", "/")) or local.exists()) and not (
         local / "config.json"
     ).is_file():
         raise MloraError(f"base model not found: {name_or_path} (no config.json in that directory)")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             dtype=dtype,
@@ -285,11 +308,8 @@ def load_base_model(
             **from_pretrained_kwargs,
         )
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MloraError(f"cannot load base model {name_or_path}: {first}") from None
+        raise MloraError(f"cannot load base model {name_or_path}: {first_line(exc)}") from None
     if "quantization_config" not in from_pretrained_kwargs:
         model.to(device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     logger.info("loaded %s (%s, %s)", name_or_path, type(model).__name__, dtype)
     return model, tokenizer

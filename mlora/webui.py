@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import queue
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-from mlora.errors import MloraError
+from mlora.errors import MloraError, exit_code_of
 from mlora.generation import SamplingParams, generate
 from mlora.model import MultiLoraModel
 from mlora.prompts import PromptTemplate
@@ -173,10 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, None)
-    try:
-        return run(args)
-    except MloraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
+    return exit_code_of(lambda: run(args), interrupted_code=0)
