@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save
 
 from mlora.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
 from mlora.config import config_to_dict
-from mlora.dispatcher import AdapterQueue, epoch_order
+from mlora.dispatcher import AdapterQueue
 from mlora.errors import MloraError, first_line
 from mlora.persistence import WEIGHTS_NAME, load_adapter_weights, save_adapter
 
@@ -62,36 +62,38 @@ RESUME_FREE_KEYS = {"save_step", "save_total_limit", "log_step", "evaluate_resul
 # --- listing ---------------------------------------------------------------------------------
 
 
-def list_checkpoints(adapter_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of one adapter, oldest first."""
-    if not adapter_dir.is_dir():
+def _numbered(folder: Path, pattern: re.Pattern[str], marker: str) -> list[tuple[int, Path]]:
+    """``(number, child)`` of the children of ``folder`` whose name matches ``pattern`` and that
+    hold ``marker`` (the file written last: without it the folder is incomplete), oldest first."""
+    if not folder.is_dir():
         return []
     found = []
-    for child in adapter_dir.iterdir():
-        match = CHECKPOINT_PATTERN.match(child.name)
-        if match and (child / STATE_NAME).is_file():
+    for child in folder.iterdir():
+        match = pattern.match(child.name)
+        if match and (child / marker).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def list_checkpoints(adapter_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of one adapter, oldest first."""
+    return _numbered(adapter_dir, CHECKPOINT_PATTERN, STATE_NAME)
 
 
 def list_cuts(output_dir: Path) -> list[tuple[int, Path]]:
     """Run-level cuts under ``output_dir/.mlora-run``, oldest first."""
-    run_dir = output_dir / RUN_DIR
-    if not run_dir.is_dir():
-        return []
-    found = []
-    for child in run_dir.iterdir():
-        match = CUT_PATTERN.match(child.name)
-        if match and (child / MANIFEST_NAME).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    return _numbered(output_dir / RUN_DIR, CUT_PATTERN, MANIFEST_NAME)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MloraError(f"cannot read {path}: {exc}") from None
 
 
 def read_manifest(cut: Path) -> dict[str, Any]:
-    try:
-        return json.loads((cut / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MloraError(f"cannot read {cut / MANIFEST_NAME}: {exc}") from None
+    return _read_json(cut / MANIFEST_NAME)
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -129,15 +131,7 @@ def current_epoch_order(queue: AdapterQueue) -> list[int] | None:
     A resume recomputes it from the seed; the checkpoint keeps it to show where it stands and
     to notice a data file that changed since (see ``check_same_data``).
     """
-    return None if queue.finished else _epoch_order(queue, queue.epoch)
-
-
-def _epoch_order(queue: AdapterQueue, epoch: int) -> list[int]:
-    lengths = [len(row) for row in queue.rows]
-    return epoch_order(
-        lengths, epoch, queue.seed, queue.name, queue.shuffle, queue.group_by_length,
-        queue.batch_size,
-    )  # fmt: skip
+    return None if queue.finished else queue.epoch_order(queue.epoch)
 
 
 def check_same_data(folder: Path, queue: AdapterQueue) -> None:
@@ -146,12 +140,9 @@ def check_same_data(folder: Path, queue: AdapterQueue) -> None:
     Raises:
         MloraError: naming the adapter and the checkpoint.
     """
-    try:
-        state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MloraError(f"cannot read {folder / STATE_NAME}: {exc}") from None
+    state = _read_json(folder / STATE_NAME)
     saved = state.get("epoch_order")
-    if saved is not None and _epoch_order(queue, state["queue"]["epoch"]) != saved:
+    if saved is not None and queue.epoch_order(state["queue"]["epoch"]) != saved:
         raise MloraError(
             f"cannot resume adapter {queue.name!r} from {folder}: its training data changed "
             f"since (now {len(queue.rows)} usable rows, and the row order differs); resume "
@@ -171,8 +162,6 @@ def write_cut(trainer: Trainer) -> Path:
     Adapter folders come first, the run-level folder (the manifest) last, so a cut that exists
     is complete. Then old checkpoints are pruned (``save_total_limit`` per adapter).
     """
-    from mlora.backends import get_backend
-
     tensors: dict[str, torch.Tensor] = {}
     adapters: dict[str, dict[str, Any]] = {}
     for run in trainer.runs:
@@ -202,7 +191,7 @@ def write_cut(trainer: Trainer) -> Path:
         if run.loss_sum is not None:
             tensors[f"loss_sum/{run.name}"] = _own(run.loss_sum.reshape(1))
         adapters[run.name] = entry
-    rng = get_backend(str(trainer.model.device)).get_rng_state()
+    rng = trainer.backend.get_rng_state()
     tensors["rng/cpu"] = rng.cpu
     if rng.device is not None:
         tensors["rng/device"] = rng.device.cpu()
@@ -367,7 +356,7 @@ def _load_torch(path: Path) -> Any:
 
 def restore(trainer: Trainer, point: ResumePoint) -> None:
     """Put ``trainer`` back in the exact state of the cut ``point`` and drop newer leftovers."""
-    from mlora.backends import RngState, get_backend
+    from mlora.backends import RngState
     from mlora.persistence import read_adapter
 
     check_same_run(point, trainer)
@@ -402,15 +391,13 @@ def restore(trainer: Trainer, point: ResumePoint) -> None:
             param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype)
         step_loss = tensors.get(f"step_loss/{run.name}")
         run.step_loss = None if step_loss is None else step_loss.to(device).reshape(())
-        _drop_newer_checkpoints(output_dir / run.name, run.steps_done)
-    for step, cut in list_cuts(output_dir):
-        if step > point.global_step:
-            shutil.rmtree(cut, ignore_errors=True)
+        _drop_after(list_checkpoints(output_dir / run.name), run.steps_done)
+    _drop_after(list_cuts(output_dir), point.global_step)
     _drop_temporaries([output_dir / RUN_DIR, *(output_dir / run.name for run in trainer.runs)])
     trainer.global_step = point.global_step
     trainer.last_cut_step = point.global_step
     rng_device = tensors.get("rng/device")
-    get_backend(str(device)).set_rng_state(RngState(cpu=tensors["rng/cpu"], device=rng_device))
+    trainer.backend.set_rng_state(RngState(cpu=tensors["rng/cpu"], device=rng_device))
     done = [run.name for run in trainer.runs if run.finished and run.failed is None]
     logger.info(
         "resuming from %s (global step %d)%s",
@@ -420,10 +407,10 @@ def restore(trainer: Trainer, point: ResumePoint) -> None:
     )
 
 
-def _drop_newer_checkpoints(adapter_dir: Path, steps_done: int) -> None:
+def _drop_after(numbered: list[tuple[int, Path]], step: int) -> None:
     """Folders written after the cut by the interrupted process (they will be written again)."""
-    for step, folder in list_checkpoints(adapter_dir):
-        if step > steps_done:
+    for number, folder in numbered:
+        if number > step:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -189,13 +189,11 @@ def _recompute_forward(
     *args: Any,
     **kwargs: Any,
 ) -> Any:
-    """``layer.forward`` under :class:`RecomputeFunction` while training with grad enabled.
+    """``layer.forward`` under :class:`RecomputeFunction`.
 
     Side losses the layer records are returned by the Function as extra outputs (recorded
     without grad in the forward, recomputed with grad in backward) and re-added to ``side``.
     """
-    if not (layer.training and torch.is_grad_enabled()):
-        return original(*args, **kwargs)
     leaves, spec = tree_flatten((args, _drop_cache(kwargs)))
     slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     inputs = [leaves[i] for i in slots]
@@ -239,9 +237,7 @@ def _offload_forward(
     *args: Any,
     **kwargs: Any,
 ) -> Any:
-    """``layer.forward`` with its saved activations parked in host memory while training."""
-    if not (layer.training and torch.is_grad_enabled()):
-        return original(*args, **kwargs)
+    """``layer.forward`` with its saved activations parked in host memory."""
     keep = {_OffloadHooks._storage(p) for p in layer.parameters()}
     hooks = _OffloadHooks(backend.pin_memory, keep)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
@@ -249,6 +245,22 @@ def _offload_forward(
 
 
 _FORWARDS = {"recompute": _recompute_forward, "offload": _offload_forward}
+
+
+def _checkpointed_forward(
+    mode_forward: Callable[..., Any],
+    layer: nn.Module,
+    original: Callable[..., Any],
+    backend: Backend,
+    side: SideLosses | None,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """The installed ``layer.forward``: the mode's forward while training with grad enabled,
+    else the original (evaluation and generation keep nothing for a backward)."""
+    if not (layer.training and torch.is_grad_enabled()):
+        return original(*args, **kwargs)
+    return mode_forward(layer, original, backend, side, *args, **kwargs)
 
 
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -315,7 +327,9 @@ def apply_gradient_checkpointing(
     for layer in layers:
         previous = layer.__dict__.get("forward")
         original = layer.forward
-        wrapped = functools.partial(_FORWARDS[mode], layer, original, backend, side_losses)
+        wrapped = functools.partial(
+            _checkpointed_forward, _FORWARDS[mode], layer, original, backend, side_losses
+        )
         layer.forward = functools.update_wrapper(wrapped, original)
         setattr(layer, _STATE_ATTR, (mode, previous))
     return layers

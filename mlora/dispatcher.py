@@ -39,6 +39,11 @@ class MicroBatch:
         return max(len(row) for row in self.rows)
 
 
+def name_seed(seed: int, name: str) -> int:
+    """A seed per adapter name, so an adapter's randomness never depends on the others."""
+    return seed * 1_000_003 + zlib.crc32(name.encode())
+
+
 def epoch_order(
     lengths: Sequence[int],
     epoch: int,
@@ -53,7 +58,7 @@ def epoch_order(
     ``group_by_length`` sorts rows longest first so each batch holds rows of similar length,
     then (with ``shuffle``) shuffles the order of whole batches.
     """
-    rng = random.Random(seed * 1_000_003 + zlib.crc32(name.encode()) + epoch)
+    rng = random.Random(name_seed(seed, name) + epoch)
     order = list(range(len(lengths)))
     if shuffle and not group_by_length:
         rng.shuffle(order)
@@ -82,6 +87,7 @@ class AdapterQueue:
     ) -> None:
         self.name = name
         self.rows = list(rows)
+        self._lengths = [len(row) for row in self.rows]
         self.batch_size = batch_size
         self.micro_batch_size = micro_batch_size
         self.num_epochs = num_epochs
@@ -106,17 +112,15 @@ class AdapterQueue:
     def total_micro_batches(self) -> int:
         return len(self._epoch_batches) * self.num_epochs
 
-    def _build_epoch(self, epoch: int) -> list[MicroBatch]:
-        lengths = [len(row) for row in self.rows]
-        order = epoch_order(
-            lengths,
-            epoch,
-            self.seed,
-            self.name,
-            self.shuffle,
-            self.group_by_length,
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Row indices of ``epoch`` in training order (recomputable: resume checks it)."""
+        return epoch_order(
+            self._lengths, epoch, self.seed, self.name, self.shuffle, self.group_by_length,
             self.batch_size,
-        )
+        )  # fmt: skip
+
+    def _build_epoch(self, epoch: int) -> list[MicroBatch]:
+        order = self.epoch_order(epoch)
         out = []
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]

@@ -73,9 +73,10 @@ class LayoutContext:
         self.token_mask: torch.Tensor | None = None
         self.aux_losses = AuxLossCollector()
 
-    def segment_token_mask(self, start: int, end: int) -> torch.Tensor | None:
-        """(end - start,) real-token mask of flat tokens ``[start, end)``, or None (all real)."""
-        return None if self.token_mask is None else self.token_mask[start:end]
+    def set(self, layout: BatchLayout | None, token_mask: torch.Tensor | None = None) -> None:
+        """Set the pass's layout and its real-token mask together, so no mask outlives its
+        layout (``set(None)`` clears both)."""
+        self.layout, self.token_mask = layout, token_mask
 
     def adapter_token_mask(self, adapter: str) -> torch.Tensor | None:
         """Real-token mask of ``adapter``'s segment, for modules that see only its tokens.
@@ -96,9 +97,10 @@ class LayoutContext:
     def use(
         self, layout: BatchLayout | None, token_mask: torch.Tensor | None = None
     ) -> Iterator[None]:
+        """``set`` for the duration of a ``with`` block, then restore what was set before."""
         previous = self.layout, self.token_mask
-        self.layout, self.token_mask = layout, token_mask
+        self.set(layout, token_mask)
         try:
             yield
         finally:
-            self.layout, self.token_mask = previous
+            self.set(*previous)

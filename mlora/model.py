@@ -236,8 +236,7 @@ class MultiLoraModel(nn.Module):
         positions that carry a label (most positions are prompt). Training reduces these per
         segment; evaluation also per row (a choice's log-likelihood is minus its row's sum).
         """
-        self.context.layout = batch.layout
-        self.context.token_mask = batch.attention_mask.reshape(-1).bool()
+        self.context.set(batch.layout, batch.attention_mask.reshape(-1).bool())
         self.context.aux_losses.clear()
         backbone = self.model.base_model
         hidden = backbone(

@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from mlora.checkpointing import (
 )
 from mlora.config import MIXLORA_STRATEGIES, AdapterConfig, TrainConfig
 from mlora.data import TokenizedRow, load_rows, tokenize_rows
-from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch
+from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name_seed
 from mlora.errors import MloraError
 from mlora.eval_tasks import CHOICE_TASKS, training_rows
 from mlora.interrupt import GracefulStop, TrainingInterrupted
@@ -50,7 +48,7 @@ logger = logging.getLogger("mlora")
 
 def adapter_seed(seed: int, name: str) -> int:
     """A per-adapter seed, so an adapter's init does not depend on which others exist."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    return name_seed(seed, name) % (2**63)
 
 
 def spec_from_config(config: AdapterConfig) -> LoraSpec:
@@ -163,7 +161,6 @@ class Trainer:
             strategy=config.train_strategy,
         )
         self.global_step = 0
-        self.on_step: Callable[[Trainer], None] | None = None
         self.init_from = dict(init_from or {})
         self.checkpoints_written: dict[str, int] = {}  # adapter -> STEP of its newest folder
         self._cut_due = False
@@ -238,7 +235,7 @@ class Trainer:
                 self._loop(stop, progress, by_queue, last_log)
         finally:
             progress.close()
-            self.model.context.layout = None
+            self.model.context.set(None)
         peak = self.backend.memory_stats()["peak"]  # CPU: process peak RSS; GPU: allocator peak
         logger.info("peak memory %.0f MiB on %s", peak / 2**20, self.backend.device)
         return {run.name: run.history for run in self.runs}
@@ -260,8 +257,6 @@ class Trainer:
                         f"stopped by {stop.signal_name} after global step {self.global_step}; "
                         f"checkpoint {cut} written"
                     )
-            if self.on_step is not None:
-                self.on_step(self)
         if self.config.save_step and self.last_cut_step != self.global_step:
             self.save_cut()  # the end: --resume of a finished run has nothing left to do
 
@@ -270,10 +265,10 @@ class Trainer:
         batch = collate(
             [(run.name, mb.rows) for run, mb in step], self.pad_token_id, self.model.device
         )
-        losses = self.model.segment_losses(batch)  # (S,)
-        divisors = torch.tensor(
-            [mb.accumulation for _, mb in step], dtype=losses.dtype, device=losses.device
-        )
+        # Built and queued before the forward: a blocking copy after it would wait for the GPU.
+        divisors = torch.tensor([mb.accumulation for _, mb in step], dtype=torch.float32)
+        divisors = divisors.to(self.model.device, non_blocking=True)
+        losses = self.model.segment_losses(batch)  # (S,) fp32
         (losses / divisors).sum().backward()
         detached = losses.detach()
         for i, (run, mb) in enumerate(step):
@@ -317,12 +312,12 @@ class Trainer:
             self._cut_due = True
 
     def _log(self, elapsed: float) -> None:
-        for run in self.runs:
-            if run.loss_count == 0:
-                continue
-            loss = (
-                run.loss_sum / run.loss_count
-            ).item()  # the only host sync, every log_step steps
+        logged = [run for run in self.runs if run.loss_count]
+        if not logged:
+            return
+        # One host read for every adapter's mean loss, every log_step steps.
+        means = torch.stack([run.loss_sum / run.loss_count for run in logged]).tolist()
+        for run, loss in zip(logged, means, strict=True):
             run.history.append(loss)
             lr = run.optimizer.param_groups[0]["lr"]
             logger.info(
@@ -332,10 +327,11 @@ class Trainer:
             )  # fmt: skip
             loads = self.model.context.aux_losses.take_loads(run.name)
             if loads is not None:  # MoE adapters: share of routed tokens per expert, all layers
-                run.expert_load.append(loads.tolist())
+                shares = loads.tolist()
+                run.expert_load.append(shares)
                 logger.info(
                     "step %d | %s | expert load %s",
-                    self.global_step, run.name, " ".join(f"{v:.2f}" for v in loads.tolist()),
+                    self.global_step, run.name, " ".join(f"{v:.2f}" for v in shares),
                 )  # fmt: skip
             if not math.isfinite(loss):
                 logger.warning("adapter %s: loss is %s", run.name, loss)
@@ -352,11 +348,6 @@ class Trainer:
         save_adapter(self.model, run.name, folder, self.adapter_config_json(run))
         logger.info("adapter %s: finished, saved to %s", run.name, folder)
         return folder
-
-    def save_checkpoint(self, run: AdapterRun) -> Path:
-        from mlora.checkpoint import write_checkpoint
-
-        return write_checkpoint(self, run)
 
     def save_cut(self) -> Path:
         """Write a resumable snapshot of every adapter at this global step (see checkpoint.py)."""

@@ -89,6 +89,7 @@ class MultiLoraLinear(nn.Module):
         tokens_per_row = flat_x.shape[0] // layout.num_rows
         pieces: list[torch.Tensor] = []
         cursor = 0
+        dense: torch.Tensor | None = None  # DoRA's base weight, dequantized once per pass
         for seg in layout.segments:
             if seg.adapter not in self.adapters:
                 continue
@@ -97,7 +98,9 @@ class MultiLoraLinear(nn.Module):
             if start > cursor:
                 pieces.append(flat_y[cursor:start])
             base_out = flat_y[start:end]
-            weight = dense_weight(self.base_layer) if adapter.magnitude is not None else None
+            if adapter.magnitude is not None and dense is None:
+                dense = dense_weight(self.base_layer)
+            weight = dense if adapter.magnitude is not None else None
             delta = adapter(flat_x[start:end], base_out, weight, self.base_layer.bias)
             pieces.append((base_out + delta).to(result.dtype))
             cursor = end
