@@ -42,21 +42,17 @@ def load_rows(source: str) -> list[dict[str, Any]]:
     """
     import datasets
 
-    path = Path(source)
-    suffix = path.suffix.lower()
-    if path.exists() or suffix in LOCAL_FORMATS:
-        if not path.is_file():
-            raise DataError(f"data file not found: {source}")
-        if suffix not in LOCAL_FORMATS:
-            raise DataError(f"{source}: unsupported data format (use {', '.join(LOCAL_FORMATS)})")
-        loader_args: dict[str, Any] = {"path": LOCAL_FORMATS[suffix], "data_files": str(path)}
+    path = local_data_path(source)
+    if path is not None:
+        fmt = LOCAL_FORMATS[path.suffix.lower()]
+        loader_args: dict[str, Any] = {"path": fmt, "data_files": str(path)}
     else:
         loader_args = {"path": source}
     datasets.disable_progress_bars()
     try:
         dataset = datasets.load_dataset(**loader_args, split="train")
     except Exception as exc:  # datasets raises many types; the user needs one line naming the file
-        if loader_args["path"] != source and _is_empty_file(path):
+        if path is not None and is_empty_data_file(path):
             raise DataError(f"{source}: the dataset is empty") from None
         raise DataError(f"cannot load data {source}: {first_line(exc)}") from None
     rows = dataset.to_list()
@@ -65,7 +61,33 @@ def load_rows(source: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _is_empty_file(path: Path) -> bool:
+def is_local_source(source: str) -> bool:
+    """Whether ``source`` names a local file (existing, or with a data file extension) rather
+    than a hub dataset."""
+    path = Path(source)
+    return path.exists() or path.suffix.lower() in LOCAL_FORMATS
+
+
+def local_data_path(source: str, what: str = "data") -> Path | None:
+    """The local data file ``source`` names, or None for a hub dataset name.
+
+    Args:
+        what: how the error names the file (e.g. ``adapter 'a': test_data``).
+
+    Raises:
+        DataError: a local file that is missing or of an unsupported format.
+    """
+    if not is_local_source(source):
+        return None
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {source}")
+    if path.suffix.lower() not in LOCAL_FORMATS:
+        raise DataError(f"{source}: unsupported data format (use {', '.join(LOCAL_FORMATS)})")
+    return path
+
+
+def is_empty_data_file(path: Path) -> bool:
     """No rows at all: an empty file or an empty JSON list (datasets reports it obscurely)."""
     if path.stat().st_size > 1024:
         return False

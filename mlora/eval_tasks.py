@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from mlora.data import is_empty_data_file, is_local_source, load_rows, local_data_path
 from mlora.errors import DataError, first_line
 
 
@@ -136,27 +136,15 @@ CHOICE_TASKS: dict[str, ChoiceTask] = {
 CHOICE_TASK_NAMES = tuple(CHOICE_TASKS)
 
 
-def is_local_file(source: str) -> bool:
-    """Whether ``source`` names a local file (existing, or with a data file extension)."""
-    from mlora.data import LOCAL_FORMATS
-
-    return Path(source).exists() or Path(source).suffix.lower() in LOCAL_FORMATS
-
-
 def read_test_rows(adapter: str, source: str, key: str = "test_data") -> list[dict[str, Any]]:
     """The rows of a data file (or hub dataset), with one-line errors naming adapter and key.
 
     Raises:
         DataError: the file is missing, empty or unreadable.
     """
-    from mlora.data import load_rows
-
-    path = Path(source)
-    if is_local_file(source):
-        if not path.is_file():
-            raise DataError(f"adapter {adapter!r}: {key} file not found: {source}")
-        if path.suffix.lower() in (".json", ".jsonl") and path.read_bytes().strip() in (b"", b"[]"):
-            raise DataError(f"adapter {adapter!r}: {key} {source} is empty (no rows)")
+    path = local_data_path(source, f"adapter {adapter!r}: {key}")
+    if path is not None and is_empty_data_file(path):
+        raise DataError(f"adapter {adapter!r}: {key} {source} is empty (no rows)")
     return load_rows(source)
 
 
@@ -213,7 +201,7 @@ def choice_source(test_data: str | None, data: str) -> str | None:
     """
     if test_data is not None:
         return test_data
-    return data if is_local_file(data) else None
+    return data if is_local_source(data) else None
 
 
 def load_choice_questions(task_name: str, source: str | None, adapter: str) -> list[ChoiceQuestion]:
@@ -242,7 +230,7 @@ def training_rows(task_name: str, data: str, adapter: str) -> list[dict[str, Any
         DataError: as ``load_choice_questions``.
     """
     task = CHOICE_TASKS[task_name]
-    if is_local_file(data):
+    if is_local_source(data):
         questions = questions_from_rows(task_name, read_test_rows(adapter, data, "data"), data)
     else:
         rows = _load_hub(task_name, task, adapter, split="train")

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from mlora.config import TrainConfig
-from mlora.data import LOCAL_FORMATS
-from mlora.errors import DataError, MloraError
+from mlora.data import local_data_path
+from mlora.errors import MloraError
 from mlora.prompts import load_template
 
 logger = logging.getLogger("mlora")
@@ -70,15 +70,7 @@ def check_data_sources(config: TrainConfig) -> None:
     """
     for adapter in config.lora:
         load_template(adapter.prompt)
-        path = Path(adapter.data)
-        suffix = path.suffix.lower()
-        if path.exists() or suffix in LOCAL_FORMATS:
-            if not path.is_file():
-                raise DataError(f"adapter {adapter.name!r}: data file not found: {adapter.data}")
-            if suffix not in LOCAL_FORMATS:
-                raise DataError(
-                    f"{adapter.data}: unsupported data format (use {', '.join(LOCAL_FORMATS)})"
-                )
+        local_data_path(adapter.data, f"adapter {adapter.name!r}: data")
 
 
 def adaptable_module_names(base_model: str, trust_remote_code: bool = False) -> set[str] | None:
