@@ -542,11 +542,12 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
     return top
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a JSON config file.
+def read_config_json(path: str | Path) -> Any:
+    """The parsed JSON of a config file, not yet validated: for callers that need the raw
+    keys as well as the check (``launch.py`` templates), so the file is read only once.
 
     Raises:
-        ConfigError: missing file, invalid JSON (with line and column), or an invalid key.
+        ConfigError: missing or unreadable file, or invalid JSON (with line and column).
     """
     path = Path(path)
     try:
@@ -556,12 +557,20 @@ def load_config(path: str | Path) -> TrainConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        raw = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from None
-    return parse_config(raw, source=str(path))
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a JSON config file.
+
+    Raises:
+        ConfigError: missing file, invalid JSON (with line and column), or an invalid key.
+    """
+    return parse_config(read_config_json(path), source=str(Path(path)))
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

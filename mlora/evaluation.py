@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,13 +238,27 @@ def prepare_test_sets(
 # --- scoring and generation (the model) -------------------------------------------------------
 
 
-def _take(test_sets: Sequence[TestSet], step: int) -> list[tuple[TestSet, range]]:
-    """The unit indices each test set contributes to batch ``step`` (empty sets left out)."""
+def _units(ts: TestSet) -> int:
+    return len(ts.units)
+
+
+def _prompts(ts: TestSet) -> int:
+    return len(ts.prompts)
+
+
+def _take(
+    test_sets: Sequence[TestSet], step: int, count: Callable[[TestSet], int] = _units
+) -> list[tuple[TestSet, range]]:
+    """The indices each test set contributes to batch ``step`` (exhausted sets left out).
+
+    ``count`` is how many items a set has: scoring units, or ``_prompts`` for generation
+    (``casual`` units can be fewer: ``tokenize_rows`` drops rows whose prompt fills cutoff_len).
+    """
     picked = []
     for ts in test_sets:
-        start = step * ts.batch_size
-        if start < len(ts.units):
-            picked.append((ts, range(start, min(start + ts.batch_size, len(ts.units)))))
+        start, total = step * ts.batch_size, count(ts)
+        if start < total:
+            picked.append((ts, range(start, min(start + ts.batch_size, total))))
     return picked
 
 
@@ -291,11 +305,7 @@ def generate_answers(
     casual = [ts for ts in test_sets if not ts.is_choice]
     out: dict[str, list[str]] = {ts.adapter: [] for ts in casual}
     step = 0
-    while picked := [
-        (ts, range(s, min(s + ts.batch_size, len(ts.prompts))))
-        for ts in casual
-        if (s := step * ts.batch_size) < len(ts.prompts)
-    ]:
+    while picked := _take(casual, step, _prompts):
         requests = [GenerationRequest(ts.prompts[i], ts.adapter) for ts, idx in picked for i in idx]
         limit = max(ts.max_new_tokens for ts, _ in picked)
         outputs = iter(generate(model, tokenizer, requests, SamplingParams(max_new_tokens=limit)))
@@ -470,7 +480,7 @@ def evaluate(
     from mlora.model import load_tokenizer
     from mlora.precision import base_model_load_options
     from mlora.preflight import check_base_model_path, check_writable
-    from mlora.trained import load_trained
+    from mlora.trained import check_trained, load_trained
 
     if not isinstance(config, TrainConfig):
         config = load_config(config)
@@ -480,11 +490,7 @@ def evaluate(
     output_dir = Path(output_dir)
     selected = select_adapters(config, adapters)
     folders = {a.name: output_dir / a.name for a in selected}
-    for name, folder in folders.items():
-        if not (folder / "adapter_config.json").is_file():
-            raise MloraError(
-                f"adapter {name!r}: no trained adapter at {folder} (train it first, or pass --dir)"
-            )
+    check_trained(folders, hint=" (train it first, or pass --dir)")
     check_base_model_path(base_model)
     target = Path(result_file) if result_file is not None else result_path(config, output_dir)
     check_writable(target.parent)

@@ -325,8 +325,8 @@ def generate_batch(
     finally:
         model.train(was_training)
     outputs = []
-    for row, request in enumerate(requests):
-        new_tokens = sequences[row, width:].tolist()
+    # one device-to-host copy for the batch, not one per row
+    for request, new_tokens in zip(requests, sequences[:, width:].tolist(), strict=True):
         text, used, reason = decoder.decode(new_tokens, final=True)
         outputs.append(GenerationOutput(request, text, new_tokens[:used], reason or "length"))
     return outputs

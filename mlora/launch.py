@@ -20,16 +20,18 @@ import copy
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mlora.config import (
     MOE_STRATEGY_DEFAULTS,
     AdapterConfig,
+    TrainConfig,
     describe_keys,
     load_config,
     parse_config,
+    read_config_json,
 )
 from mlora.errors import ConfigError, MloraError, exit_code_of
 from mlora.eval_tasks import CHOICE_TASK_NAMES
@@ -72,13 +74,22 @@ def available_templates() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def read_template(name: str) -> tuple[dict[str, Any], Path]:
+def read_template(
+    name: str, templates: dict[str, Path] | None = None
+) -> tuple[dict[str, Any], TrainConfig, Path]:
     """Load a template by name (or a path to a JSON file) and check it is a valid config.
+
+    Returns its raw JSON (what ``gen`` copies), the parsed config (what ``avail`` describes)
+    and its file, reading the file once.
+
+    Args:
+        templates: ``available_templates()`` when the caller already has it (``avail``).
 
     Raises:
         ConfigError: unknown template, invalid JSON, not exactly one adapter, or an invalid key.
     """
-    templates = available_templates()
+    if templates is None:
+        templates = available_templates()
     path = templates.get(name)
     if path is None:
         candidate = Path(name)
@@ -87,16 +98,16 @@ def read_template(name: str) -> tuple[dict[str, Any], Path]:
         else:
             known = ", ".join(templates) or "none found"
             raise ConfigError(f"unknown template {name!r} (available: {known})")
-    load_config(path)  # a broken template is reported as such, not as a broken config later
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = read_config_json(path)
+    # a broken template is reported as such, not as a broken config later
+    config = parse_config(raw, source=str(path))
     if len(raw["lora"]) != 1:
         raise ConfigError(f"{path}: a template must hold exactly one adapter object")
-    return raw, path
+    return raw, config, path
 
 
-def describe_template(raw: dict[str, Any]) -> str:
-    """A one-line summary read from the template's own keys."""
-    adapter = parse_config(raw).lora[0]
+def describe_template(adapter: AdapterConfig) -> str:
+    """A one-line summary read from the template adapter's own keys."""
     parts = [f"r={adapter.r} alpha={adapter.lora_alpha:g}", f"lr={adapter.lr:g}"]
     if adapter.use_dora:
         parts.append("DoRA")
@@ -225,13 +236,13 @@ def cmd_gen(args: argparse.Namespace) -> int:
     """Write (or extend, with ``--append``) a config file from a template."""
     from mlora.atomic import atomic_write_text
 
-    template, template_path = read_template(args.template)
+    template, _, template_path = read_template(args.template)
     target = Path(args.file_name)
     existing = None
     if target.exists():
         if args.append:
-            load_config(target)  # refuse to extend a config that is already broken
-            existing = json.loads(target.read_text(encoding="utf-8"))
+            existing = read_config_json(target)
+            parse_config(existing, source=str(target))  # refuse to extend a broken config
         elif not args.overwrite:
             raise MloraError(
                 f"{target} already exists; pass --append to add adapters or --overwrite to replace"
@@ -283,31 +294,28 @@ RUN_FLAG_MAP: dict[str, Callable[[Any], list[str]]] = {
 def mlora_argv(args: argparse.Namespace) -> list[str]:
     """The ``mlora.py`` flags equivalent to a ``launch.py run`` command line (but the model).
 
-    Raises:
-        MloraError: an option this version of ``mlora.py`` does not offer yet.
+    An option the verb's parser lacks (``evaluate`` has no ``--seed``) counts as unset. Every
+    flag produced exists in ``mlora.cli`` (both ship in this package), so none is re-checked.
     """
-    from mlora.cli import build_parser
-
-    known = set(build_parser()._option_string_actions)
     argv: list[str] = []
     for option, to_flags in RUN_FLAG_MAP.items():
-        value = getattr(args, option)
+        value = getattr(args, option, None)
         if value is None or value is False:
             continue
-        flags = to_flags(value)
-        missing = [f for f in flags if f.startswith("--") and f not in known]
-        if missing:
-            raise MloraError(f"--{option} is not supported by this mlora.py (no {missing[0]})")
-        argv += flags
+        argv += to_flags(value)
     return argv
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Train the config in this process via ``mlora.cli.main``; its exit code is returned."""
+def _call_mlora(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
+    """``mlora.cli.main`` in this process on ``args`` plus ``extra`` flags; its exit code.
+
+    Shared by ``run`` and ``evaluate``: the config is checked before any model is generated or
+    loaded, and without ``--base_model`` the demo model is used.
+    """
     from mlora import cli
 
     load_config(args.config)  # fail before generating or loading any model
-    argv = mlora_argv(args)
+    argv = [*mlora_argv(args), *extra]
     base_model = args.base_model
     if base_model is None:
         from mlora.demo_model import demo_model_path
@@ -315,6 +323,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         cli.setup_logging(verbose=False, log_file=None)
         base_model = str(demo_model_path())
     return cli.main(["--base_model", base_model, *argv])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Train the config in this process via ``mlora.cli.main``; its exit code is returned."""
+    return _call_mlora(args)
 
 
 # --- evaluate ----------------------------------------------------------------------------------
@@ -322,18 +335,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate trained adapters in this process via ``mlora.cli.main --evaluate``."""
-    from mlora import cli
-
-    load_config(args.config)  # fail before generating or loading any model
-    argv = mlora_argv(argparse.Namespace(**{**dict.fromkeys(RUN_FLAG_MAP), **vars(args)}))
-    argv += ["--evaluate", *(["--adapters", args.adapters] if args.adapters else [])]
-    base_model = args.base_model
-    if base_model is None:
-        from mlora.demo_model import demo_model_path
-
-        cli.setup_logging(verbose=False, log_file=None)
-        base_model = str(demo_model_path())
-    return cli.main(["--base_model", base_model, *argv])
+    adapters = ["--adapters", args.adapters] if args.adapters else []
+    return _call_mlora(args, ["--evaluate", *adapters])
 
 
 # --- avail / help ------------------------------------------------------------------------------
@@ -349,10 +352,11 @@ def cmd_avail(args: argparse.Namespace) -> int:
     from mlora.prompts import BUILTIN_TEMPLATES
 
     print("templates (launch.py gen --template NAME):")
-    for name in available_templates():
+    templates = available_templates()
+    for name in templates:
         try:
-            raw, _ = read_template(name)
-            summary = describe_template(raw)
+            _, config, _ = read_template(name, templates)
+            summary = describe_template(config.lora[0])
         except MloraError as exc:
             summary = f"INVALID: {exc}"
         note = f"; {TEMPLATE_NOTES[name]}" if name in TEMPLATE_NOTES else ""

@@ -38,14 +38,33 @@ def attach_adapter(model: MultiLoraModel, name: str, folder: str | Path) -> None
         raise
 
 
+def is_trained(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a saved adapter (its ``adapter_config.json``)."""
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+def check_trained(
+    folders: Mapping[str, str | Path], hint: str = f" ({CONFIG_NAME} not found)"
+) -> None:
+    """Fail on the first ``{name: folder}`` without a trained adapter, before any model loads.
+
+    Args:
+        hint: appended to the message, e.g. what the user can do about it.
+
+    Raises:
+        MloraError: ``adapter NAME: no trained adapter at FOLDER`` plus ``hint``.
+    """
+    for name, folder in folders.items():
+        if not is_trained(folder):
+            raise MloraError(f"adapter {name!r}: no trained adapter at {folder}{hint}")
+
+
 def find_adapters(directory: str | Path) -> dict[str, Path]:
     """Adapter folders directly under ``directory`` (those with an adapter_config.json), by name."""
     directory = Path(directory)
     if not directory.is_dir():
         raise MloraError(f"adapter directory not found: {directory}")
-    return {
-        p.name: p for p in sorted(directory.iterdir()) if p.is_dir() and (p / CONFIG_NAME).is_file()
-    }
+    return {p.name: p for p in sorted(directory.iterdir()) if p.is_dir() and is_trained(p)}
 
 
 def load_trained(
@@ -64,11 +83,7 @@ def load_trained(
     Raises:
         MloraError: a missing adapter folder (checked before the model loads) or a bad model.
     """
-    for name, folder in adapters.items():
-        if not (Path(folder) / CONFIG_NAME).is_file():
-            raise MloraError(
-                f"adapter {name!r}: no trained adapter at {folder} ({CONFIG_NAME} not found)"
-            )
+    check_trained(adapters)
     hf_model, tokenizer = load_base_model(
         base_model, dtype, device, trust_remote_code=trust_remote_code, **load_options
     )
@@ -103,16 +118,11 @@ def config_adapter_dirs(
     Raises:
         MloraError: an adapter folder is missing (naming it), or none is there.
     """
-    found: dict[str, Path] = {}
-    missing: list[Path] = []
-    for adapter in config.lora:
-        folder = Path(directory) / adapter.name
-        if (folder / CONFIG_NAME).is_file():
-            found[adapter.name] = folder
-        elif require_all:
-            raise MloraError(f"adapter {adapter.name!r}: no trained adapter at {folder}")
-        else:
-            missing.append(folder)
+    folders = {adapter.name: Path(directory) / adapter.name for adapter in config.lora}
+    if require_all:
+        check_trained(folders, hint="")
+    found = {name: folder for name, folder in folders.items() if is_trained(folder)}
+    missing = [folder for name, folder in folders.items() if name not in found]
     if not found:
         raise MloraError(f"no trained adapter of {config.source} found in {directory}")
     for folder in missing:

@@ -193,6 +193,23 @@ def test_run_maps_its_flags_onto_mlora_py(tmp_path: Path) -> None:
     assert mapped("--dtype", "fp16") == "--config mlora.json --fp16"
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--dtype", "fp16", "--quantize", "4bit", "--attn_impl", "eager", "--device", "cpu",
+         "--resume", "--trust_remote_code", "--tf32", "--overwrite", "--load_adapter"],
+        ["--dtype", "bf16", "--quantize", "8bit", "--seed", "1", "--dir", "d"],
+    ],
+)  # fmt: skip
+def test_every_mapped_run_flag_is_accepted_by_mlora_py(flags: list[str]) -> None:
+    from mlora.cli import build_parser as mlora_parser
+
+    argv = launch.mlora_argv(launch.build_parser().parse_args(["run", *flags]))
+    parsed = mlora_parser().parse_args(["--base_model", "m", *argv])  # exits 2 on an unknown flag
+    assert parsed.fp16 or parsed.bf16
+    assert parsed.load_4bit or parsed.load_8bit
+
+
 def test_run_missing_config_is_a_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
