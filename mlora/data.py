@@ -34,6 +34,12 @@ class TokenizedRow:
         return len(self.input_ids)
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else EOS (LLaMA-style tokenizers
+    have none; padded positions are masked, so any id works)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_rows(source: str) -> list[dict[str, Any]]:
     """Read a local json/jsonl/csv/parquet file, or a hub dataset by name, as a list of dicts.
 

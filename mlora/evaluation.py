@@ -31,7 +31,7 @@ import torch
 
 from mlora.batch import collate
 from mlora.config import AdapterConfig, TrainConfig
-from mlora.data import IGNORE_INDEX, TokenizedRow, tokenize_rows
+from mlora.data import IGNORE_INDEX, TokenizedRow, pad_token_id, tokenize_rows
 from mlora.errors import ConfigError, DataError, MloraError
 from mlora.eval_tasks import CHOICE_TASKS, choice_source, load_choice_questions, read_test_rows
 from mlora.model import MultiLoraModel
@@ -88,12 +88,16 @@ class AdapterResult:
     accuracy: float | None = None
     accuracy_norm: float | None = None
     choice_logprobs: list[list[float]] | None = None
+    # casual: rows the loss covers (rows whose prompt fills cutoff_len have no supervised
+    # token, as in training); exact_match covers all ``rows``
+    loss_rows: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "task": self.task,
             "rows": self.rows,
             "tokens": self.tokens,
+            **({} if self.loss_rows is None else {"loss_rows": self.loss_rows}),
             "loss": self.loss,
             "perplexity": self.perplexity,
         }
@@ -367,6 +371,7 @@ def _result(ts: TestSet, nll: list[list[float]], answers: list[str] | None) -> A
         perplexity=_perplexity(loss),
         predictions=answers,
         exact_match=sum(matches) / len(matches),
+        loss_rows=len(ts.units),
     )
 
 
@@ -381,9 +386,7 @@ def evaluate_model(
     missing = [ts.adapter for ts in test_sets if ts.adapter not in model.specs]
     if missing:
         raise MloraError(f"adapter {missing[0]!r} is not loaded in the model")
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()
     try:

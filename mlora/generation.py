@@ -20,6 +20,7 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from mlora.data import pad_token_id
 from mlora.errors import MloraError
 from mlora.layout import BatchLayout
 from mlora.model import MultiLoraModel
@@ -268,9 +269,7 @@ def generate_batch(
     encoded = tokenizer([r.prompt for r in requests])["input_ids"]
     if any(not ids for ids in encoded):
         raise MloraError("empty prompt: the tokenizer produced no tokens")
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = pad_token_id(tokenizer)
     width = max(len(ids) for ids in encoded)
     input_ids = torch.empty((len(encoded), width), dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)

@@ -27,7 +27,7 @@ from mlora.checkpointing import (
     resolve_checkpoint_mode,
 )
 from mlora.config import MIXLORA_STRATEGIES, AdapterConfig, TrainConfig
-from mlora.data import TokenizedRow, load_rows, tokenize_rows
+from mlora.data import TokenizedRow, load_rows, pad_token_id, tokenize_rows
 from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name_seed
 from mlora.errors import MloraError
 from mlora.eval_tasks import CHOICE_TASKS, training_rows
@@ -147,9 +147,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.seed = seed
         self.base_model_name = base_model_name
-        self.pad_token_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
+        self.pad_token_id = pad_token_id(tokenizer)
         self.runs = [
             self._setup_adapter(a, data[a.name], (init_from or {}).get(a.name)) for a in config.lora
         ]

@@ -134,9 +134,34 @@ def test_loss_and_perplexity_equal_peft(loaded, peft_model, trained):  # noqa: F
         nll = sum(peft_row_nll(peft_model, name, r.input_ids, r.labels) for r in rows)
         tokens = sum(sum(1 for x in r.labels[1:] if x != -100) for r in rows)
         assert results[name].tokens == tokens
+        assert results[name].loss_rows == len(rows) == results[name].rows
         assert results[name].loss == pytest.approx(nll / tokens, rel=1e-5)
         assert results[name].perplexity == pytest.approx(math.exp(nll / tokens), rel=1e-5)
     assert len({round(r.loss, 6) for r in results.values()}) == len(ADAPTERS)
+
+
+def test_a_row_whose_prompt_fills_cutoff_len_is_out_of_the_loss_only(
+    loaded,
+    peft_model,
+    trained,
+    tmp_path,  # noqa: F811
+):
+    _, raw = trained
+    _, tokenizer = loaded
+    cutoff = 48
+    rows = task_rows("add")[:3]
+    rows.append({"instruction": "add " * 40, "input": "1 2", "output": "3"})
+    data = tmp_path / "add-long.json"
+    data.write_text(json.dumps(rows), encoding="utf-8")
+    raw = json.loads(json.dumps(raw))
+    raw["cutoff_len"] = cutoff
+    raw["lora"] = [dict(a, test_data=str(data)) for a in raw["lora"] if a["name"] == "add"]
+    result = run_eval(loaded, raw, ["add"])["add"]
+    kept = tokenize_rows(rows, tokenizer, PROMPT, cutoff)
+    assert result.rows == len(result.predictions) == 4 and result.loss_rows == len(kept) == 3
+    nll = sum(peft_row_nll(peft_model, "add", r.input_ids, r.labels) for r in kept)
+    assert result.loss == pytest.approx(nll / result.tokens, rel=1e-5)
+    assert result.to_json()["loss_rows"] == 3
 
 
 def test_choice_scores_equal_peft_loglikelihood(loaded, peft_model, trained, choice_files):  # noqa: F811
