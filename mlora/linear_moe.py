@@ -19,10 +19,11 @@ from torch import nn
 
 from mlora.adapters import MultiLoraLinear, dense_weight
 from mlora.adapters.lora_moe import LoraMoeAdapter, MolaAdapter
-from mlora.config import MOE_STRATEGY_DEFAULTS, AdapterConfig, lora_scaling
+from mlora.config import AdapterConfig, lora_scaling
 from mlora.errors import MloraError
 from mlora.layout import LayoutContext
 from mlora.model import LoraSpec
+from mlora.moe.spec import strategy_reader
 
 LINEAR_MOE_STRATEGIES = ("loramoe", "mola")
 
@@ -102,11 +103,7 @@ def linear_moe_spec(config: AdapterConfig) -> LinearMoeSpec:
     """The LinearMoeSpec of a validated adapter config whose routing_strategy is loramoe/mola."""
     strategy = config.routing_strategy
     assert strategy in LINEAR_MOE_STRATEGIES
-    reads = MOE_STRATEGY_DEFAULTS[strategy]
-
-    def value(key: str, unused):
-        return config.moe(key) if key in reads else unused
-
+    value = strategy_reader(strategy, config.moe)
     return build_linear_moe_spec(
         strategy=strategy,
         **config.lora_fields(),

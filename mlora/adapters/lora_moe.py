@@ -38,33 +38,36 @@ from mlora.layout import LayoutContext
 DEFAULT_ROUTER_INIT_RANGE = 5.0  # upstream's default for loramoe / mola: nn.Linear's own init
 
 
+def load_balance(
+    probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum_e f_e * P_e`` over the real tokens: Mixtral's load-balancing loss before its
+    ``E * coef`` factor (callers keep their own multiplication order, so numbers do not move).
+
+    ``f_e`` is the fraction of choices that picked expert ``e`` and ``P_e`` the mean router
+    probability of ``e`` (transformers' ``load_balancing_loss_func`` for one layer).
+
+    Args:
+        probs: (N, E) router probabilities.
+        chosen: (N, E) multi-hot chosen experts, or (N, k, E) one-hot per top-k slot (MoLA:
+            transformers' summation order; a multi-hot sum rounds differently).
+        mask: (N,) bool, True for real tokens; None counts every token.
+    """
+    chosen = chosen.to(probs.dtype)
+    if mask is None:
+        return (chosen.mean(dim=0) * probs.mean(dim=0)).sum()
+    weight = mask.to(probs.dtype)  # (N,)
+    count = weight.sum().clamp_min(1.0)
+    fraction = (chosen * weight.view(-1, *[1] * (chosen.dim() - 1))).sum(dim=0) / count
+    return (fraction * ((probs * weight[:, None]).sum(dim=0) / count)).sum()
+
+
 def load_balancing_loss(
     probs: torch.Tensor, selected: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mixtral's auxiliary loss ``E * sum_e f_e * P_e`` over the real tokens of one layer.
-
-    ``f_e`` is the fraction of (token, slot) choices that picked expert ``e`` and ``P_e`` the mean
-    router probability of ``e`` (transformers' ``load_balancing_loss_func`` for one layer).
-
-    Args:
-        probs: (N, E) router probabilities before top-k.
-        selected: (N, k) chosen experts.
-        num_experts: E.
-        mask: (N,) bool, True for real tokens; None counts every token.
-
-    Returns:
-        A scalar (not yet multiplied by any coefficient).
-    """
-    chosen = F.one_hot(selected, num_experts).to(probs.dtype)  # (N, k, E)
-    if mask is None:
-        tokens_per_expert = chosen.mean(dim=0)  # (k, E)
-        prob_per_expert = probs.mean(dim=0)  # (E,)
-    else:
-        weight = mask.to(probs.dtype)  # (N,)
-        count = weight.sum().clamp_min(1.0)
-        tokens_per_expert = (chosen * weight[:, None, None]).sum(dim=0) / count
-        prob_per_expert = (probs * weight[:, None]).sum(dim=0) / count
-    return num_experts * (tokens_per_expert * prob_per_expert[None]).sum()
+    """Mixtral's auxiliary loss ``E * sum_e f_e * P_e`` of top-k ``selected`` (N, k) experts,
+    without any coefficient (see ``load_balance``)."""
+    return num_experts * load_balance(probs, F.one_hot(selected, num_experts), mask)
 
 
 class ExpertMixture(nn.Module):
@@ -149,6 +152,8 @@ class LoraMoeAdapter(ExpertMixture):
             (N, out) fp32 delta.
         """
         probs = self.router_probs(x)  # (N, E)
+        if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
+            base_weight = base_weight.float()
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
         for e, expert in enumerate(self.experts):
             delta = delta + probs[:, e : e + 1] * expert(x, base_result, base_weight, base_bias)
@@ -216,6 +221,8 @@ class MolaAdapter(ExpertMixture):
         load = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
         counts = load.tolist()  # the one host sync: group sizes for the split below
         xs = x.index_select(0, token_of)  # (N*k, in)
+        if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
+            base_weight = base_weight.float()
         if self.magnitude is not None:  # DoRA experts rescale the base output of their tokens
             bases = base_result.index_select(0, token_of).split(counts)
         else:
@@ -238,10 +245,10 @@ class MolaAdapter(ExpertMixture):
         """Routed counts over real tokens and, with ``router_loss``, the weighted aux loss."""
         assert self.context is not None and self.adapter_name is not None
         mask = self._token_mask()
+        slots = F.one_hot(selected, self.num_experts)  # (N, k, E), built once for both
         if mask is not None:  # count real tokens only
-            chosen = F.one_hot(selected, self.num_experts).sum(dim=1)  # (N, E)
-            load = (chosen * mask[:, None]).sum(dim=0)
+            load = (slots.sum(dim=1) * mask[:, None]).sum(dim=0)
         self.context.aux_losses.add_load(self.adapter_name, load)
         if self.router_loss:
-            loss = load_balancing_loss(probs, selected, self.num_experts, mask)
+            loss = self.num_experts * load_balance(probs, slots, mask)
             self.context.aux_losses.add(self.adapter_name, self.aux_loss_coef * loss)

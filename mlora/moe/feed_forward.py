@@ -103,7 +103,7 @@ class MixLoraExperts(nn.Module):
             }
         )
         self.activation = activation
-        self.jitter = router.jitter_noise
+        self.use_dora = spec.use_dora
         self.dropout: nn.Module = (
             nn.Dropout(router.ffn_dropout) if router.ffn_dropout > 0 else nn.Identity()
         )
@@ -116,8 +116,9 @@ class MixLoraExperts(nn.Module):
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, E) fp32 logits; the router input gets multiplicative jitter in training."""
         x = x.float()
-        if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        jitter = self.router_spec.jitter_noise
+        if self.training and jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
         return self.router(x)
 
 
@@ -132,11 +133,14 @@ class MixLoraFeedForward(nn.Module):
     Args:
         mlp: the model's MLP module (a known shape, see ``mlp_shape``).
         context: the model's layout context.
+        shape: ``mlp_shape(mlp)`` when the caller has it already.
     """
 
-    def __init__(self, mlp: nn.Module, context: LayoutContext) -> None:
+    def __init__(
+        self, mlp: nn.Module, context: LayoutContext, shape: MlpShape | None = None
+    ) -> None:
         super().__init__()
-        shape = mlp_shape(mlp)
+        shape = shape or mlp_shape(mlp)
         assert shape is not None
         object.__setattr__(self, "mlp", mlp)  # not a submodule: paths stay as they were
         for name, child in mlp.named_children():
@@ -181,41 +185,35 @@ class MixLoraFeedForward(nn.Module):
             (seg.start, self._moe_segment(seg, rows[seg.start : seg.end], mask, per_row))
             for seg in moe_segments
         ]
-        pieces += self._other_rows(layout, rows, moe_segments, mask)
+        pieces += self._other_rows(layout, rows, mask)
         pieces.sort(key=lambda item: item[0])
         return torch.cat([piece for _, piece in pieces]).view(*x.shape[:-1], -1)
 
     def _other_rows(
-        self,
-        layout: BatchLayout,
-        rows: torch.Tensor,
-        moe_segments: list[AdapterSegment],
-        mask: torch.Tensor | None,
+        self, layout: BatchLayout, rows: torch.Tensor, mask: torch.Tensor | None
     ) -> list[tuple[int, torch.Tensor]]:
         """The model's MLP on the rows outside MixLoRA segments, under a layout of just them."""
-        taken = [(seg.start, seg.end) for seg in moe_segments]
-        ranges, cursor = [], 0
-        for start, end in [*taken, (layout.num_rows, layout.num_rows)]:
-            if start > cursor:
-                ranges.append((cursor, start))
-            cursor = end
+        ranges: list[tuple[int, int]] = []  # row ranges outside MixLoRA segments
+        segments: list[AdapterSegment] = []  # the other segments, shifted past removed rows
+        cursor = removed = 0
+        for seg in layout.segments:  # ordered and non-overlapping (BatchLayout checks)
+            if seg.adapter in self.moes:
+                if seg.start > cursor:
+                    ranges.append((cursor, seg.start))
+                cursor = seg.end
+                removed += seg.end - seg.start
+            else:
+                segments.append(AdapterSegment(seg.adapter, seg.start - removed, seg.end - removed))
+        if layout.num_rows > cursor:
+            ranges.append((cursor, layout.num_rows))
         if not ranges:
             return []
-        segments, offset = [], 0
-        for start, end in ranges:
-            for seg in layout.segments:
-                lo, hi = max(seg.start, start), min(seg.end, end)
-                if lo < hi:
-                    segments.append(
-                        AdapterSegment(seg.adapter, lo - start + offset, hi - start + offset)
-                    )
-            offset += end - start
         sub_rows = torch.cat([rows[start:end] for start, end in ranges])  # (B', T, H)
         sub_mask = None
         if mask is not None:
             by_row = mask.view(layout.num_rows, -1)
             sub_mask = torch.cat([by_row[start:end] for start, end in ranges]).reshape(-1)
-        with self.context.use(BatchLayout(tuple(segments), offset), sub_mask):
+        with self.context.use(BatchLayout(tuple(segments), layout.num_rows - removed), sub_mask):
             out = self.mlp(sub_rows)  # (B', T, H)
         result, offset = [], 0
         for start, end in ranges:
@@ -231,9 +229,9 @@ class MixLoraFeedForward(nn.Module):
         x = rows.reshape(-1, rows.shape[-1])  # (N, H)
         real = None if mask is None else mask[seg.start * per_row : seg.end * per_row]
         routing = route(moe.router_logits(x), moe.router_spec, real, rows.shape[0], self.training)
-        if self.training:
-            if moe.router_spec.router_loss:
-                self.context.aux_losses.add(seg.adapter, routing.aux_loss)
+        if routing.aux_loss is not None:
+            self.context.aux_losses.add(seg.adapter, routing.aux_loss)
+        if routing.counts is not None:
             self.context.aux_losses.add_load(seg.adapter, routing.counts)
         out = self.dispatch(moe, x, routing.weights, routing.routed)
         return moe.dropout(out).to(rows.dtype).view(rows.shape[0], per_row, -1)
@@ -254,6 +252,7 @@ class MixLoraFeedForward(nn.Module):
         shared = [first(x)]  # (N, I): the frozen gate (or fc1) projection, once for all experts
         if self.projections == GATED:
             shared.append(self.linear("up_proj")(x))
+        dense = self._dense_weights(moe)
         n, num_experts = routed.shape
         hit = routed.any(-1)  # (N,) False: a switch token past capacity
         # The one host read of the layer: how many tokens each expert takes, and the overflow.
@@ -269,13 +268,21 @@ class MixLoraFeedForward(nn.Module):
             if not sizes[expert]:
                 continue
             picked = [s.index_select(0, idx) for s in shared]
-            out = self._expert(moe, expert, x.index_select(0, idx), picked)
+            out = self._expert(moe, expert, x.index_select(0, idx), picked, dense)
             y = y.index_add(0, idx, out * w[:, None])
         if overflow:
             idx = torch.argsort(hit, stable=True)[:overflow]  # the unrouted tokens
             picked = [s.index_select(0, idx) for s in shared]
             y = y.index_add(0, idx, self._expert(moe, None, x.index_select(0, idx), picked))
         return y
+
+    def _dense_weights(self, moe: MixLoraExperts) -> dict[str, torch.Tensor]:
+        """The fp32 dense base weight of each adapted projection for DoRA experts (else none):
+        dequantized and cast once per call, not once per expert."""
+        if not moe.use_dora:
+            return {}
+        adapted = [name for name in self.projections if moe.expert(name, 0) is not None]
+        return {name: dense_weight(self.linear(name)).float() for name in adapted}
 
     def _project(
         self,
@@ -284,29 +291,38 @@ class MixLoraFeedForward(nn.Module):
         name: str,
         x: torch.Tensor,
         base: torch.Tensor,
+        dense: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         """Base output ``base`` of projection ``name`` plus expert ``expert``'s LoRA delta."""
         adapter = None if expert is None else moe.expert(name, expert)
         if adapter is None:
             return base
-        layer = self.linear(name)
-        weight = dense_weight(layer) if adapter.magnitude is not None else None
-        return (base + adapter(x, base, weight, layer.bias)).to(base.dtype)
+        delta = adapter(x, base, dense.get(name), self.linear(name).bias)
+        return (base + delta).to(base.dtype)
 
     def _expert(
-        self, moe: MixLoraExperts, expert: int | None, x: torch.Tensor, shared: list[torch.Tensor]
+        self,
+        moe: MixLoraExperts,
+        expert: int | None,
+        x: torch.Tensor,
+        shared: list[torch.Tensor],
+        dense: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Expert ``expert``'s FFN output for its tokens (None: the frozen FFN), fp32."""
+        """Expert ``expert``'s FFN output for its tokens (None: the frozen FFN), fp32.
+
+        ``dense``: ``_dense_weights(moe)``, needed with DoRA experts only.
+        """
+        dense = dense or {}
         act = moe.activation
         if self.projections == GATED:
-            gate = self._project(moe, expert, "gate_proj", x, shared[0])
-            up = self._project(moe, expert, "up_proj", x, shared[1])
+            gate = self._project(moe, expert, "gate_proj", x, shared[0], dense)
+            up = self._project(moe, expert, "up_proj", x, shared[1], dense)
             hidden = act(gate) * up
             down = "down_proj"
         else:
-            hidden = act(self._project(moe, expert, "fc1", x, shared[0]))
+            hidden = act(self._project(moe, expert, "fc1", x, shared[0], dense))
             down = "fc2"
-        return self._project(moe, expert, down, hidden, self.linear(down)(hidden)).float()
+        return self._project(moe, expert, down, hidden, self.linear(down)(hidden), dense).float()
 
 
 # --- attaching ---------------------------------------------------------------------------------
@@ -319,13 +335,11 @@ def find_mlps(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
-def ffn_projection_names(model: nn.Module) -> set[str]:
-    """The projection names of the model's known-shape MLPs (empty if none)."""
-    names: set[str] = set()
-    for _, mlp in find_mlps(model):
-        shape = mlp_shape(mlp) if not isinstance(mlp, MixLoraFeedForward) else None
-        names.update(shape.projections if shape else getattr(mlp, "projections", ()))
-    return names
+def _known_shape(mlp: nn.Module) -> MlpShape | None:
+    """``mlp_shape``, also of an MLP already wrapped for another MixLoRA adapter."""
+    if isinstance(mlp, MixLoraFeedForward):
+        return MlpShape(mlp.projections, mlp.default_activation)
+    return mlp_shape(mlp)
 
 
 def _activation(name: str | None, default: nn.Module) -> nn.Module:
@@ -359,20 +373,16 @@ def attach_mixlora(model: nn.Module, name: str, spec: MixLoraSpec) -> MixLoraSpe
         MloraError: the model has no MLP of a known shape, or no FFN projection is targeted.
     """
     hf_model = model.model
-    mlps = list(find_mlps(hf_model))
-    unknown = [
-        (path, m)
-        for path, m in mlps
-        if not isinstance(m, MixLoraFeedForward) and mlp_shape(m) is None
-    ]
+    mlps = [(path, mlp, _known_shape(mlp)) for path, mlp in find_mlps(hf_model)]
+    unknown = [type(mlp).__name__ for _, mlp, shape in mlps if shape is None]
     if not mlps or unknown:
-        what = type(unknown[0][1]).__name__ if unknown else "no 'mlp' modules"
+        what = unknown[0] if unknown else "no 'mlp' modules"
         raise MloraError(
             f"adapter {name!r}: key 'routing_strategy' ({spec.router.strategy!r}) needs decoder "
             f"MLPs with gate_proj/up_proj/down_proj or fc1/fc2; {type(hf_model).__name__} has "
             f"{what}"
         )
-    ffn_names = ffn_projection_names(hf_model)
+    ffn_names = {proj for _, _, shape in mlps if shape for proj in shape.projections}
     expert_targets = [t for t in spec.target_modules if t in ffn_names]
     other_targets = tuple(t for t in spec.target_modules if t not in ffn_names)
     if not expert_targets:
@@ -387,10 +397,10 @@ def attach_mixlora(model: nn.Module, name: str, spec: MixLoraSpec) -> MixLoraSpe
             name,
             LoraSpec(spec.r, spec.scaling, spec.dropout, other_targets, spec.init, spec.use_dora),
         )
-    for path, mlp in mlps:
+    for path, mlp, shape in mlps:
         if not isinstance(mlp, MixLoraFeedForward):
             parent = hf_model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else hf_model
-            mlp = MixLoraFeedForward(mlp, model.context)
+            mlp = MixLoraFeedForward(mlp, model.context, shape)
             parent.mlp = mlp
         targets = [t for t in expert_targets if t in mlp.projections]
         layers = {t: mlp.linear(t) for t in targets}

@@ -31,7 +31,7 @@ from mlora.adapter_tensors import (
 from mlora.config import MIXLORA_STRATEGIES, MOE_STRATEGY_DEFAULTS
 from mlora.errors import MloraError
 from mlora.moe.feed_forward import MixLoraExperts, mixlora_layers
-from mlora.moe.spec import MixLoraSpec, RouterSpec, build_mixlora_spec
+from mlora.moe.spec import MixLoraSpec, build_mixlora_spec, router_spec
 
 PEFT_TYPE = "MIXLORA"
 
@@ -127,24 +127,7 @@ def spec_from_config(config: dict[str, Any], source: str) -> MixLoraSpec:
         )
     lora_fields = moe_lora_fields(config, PEFT_TYPE, source)
     defaults = MOE_STRATEGY_DEFAULTS[strategy]
-
-    def get(key: str, unused: Any) -> Any:
-        return config.get(key, defaults.get(key, unused)) if key in defaults else unused
-
-    router = RouterSpec(
-        strategy=strategy,
-        num_experts=int(config["num_experts"]),
-        top_k=int(get("top_k", 1)),
-        top_p=float(get("top_p", 1.0)),
-        temperature=float(get("temperature", 0.0)),
-        init_range=float(get("router_init_range", 0.02)),
-        aux_loss_coef=float(get("router_aux_loss_coef", 0.001)),
-        z_loss_coef=float(get("router_z_loss_coef", 0.0)),
-        router_loss=bool(get("router_loss", True)),
-        jitter_noise=float(get("jitter_noise", 0.0)),
-        expert_capacity=int(get("expert_capacity", 0)),
-        ffn_dropout=float(get("ffn_dropout", 0.0)),
-    )
+    router = router_spec(strategy, lambda key: config.get(key, defaults[key]))
     expert_lora = config.get("expert_lora")
     if expert_lora:
         expert_lora = {

@@ -16,6 +16,7 @@ All three strategies start from the router's softmax ``p = softmax(logits)`` ove
 Load balancing (every strategy): ``coef * E * sum_e f_e * P_e``, with ``f_e`` the fraction of
 real tokens sent to expert e (before capacity) and ``P_e`` the mean router probability of e over
 real tokens; padding is excluded. Switch adds the z-loss ``z_coef * mean(logsumexp(logits)^2)``.
+Losses and counts are computed in training only (eval and generation discard them).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mlora.adapters.lora_moe import load_balance
 from mlora.moe.spec import RouterSpec
 
 
@@ -35,14 +37,15 @@ class Routing:
     Attributes:
         weights: (N, E) fp32 weight of expert e's output for token n; 0 where not routed.
         routed: (N, E) bool, token n is computed by expert e.
-        aux_loss: scalar, the coefficient-weighted router losses over real tokens.
-        counts: (E,) real tokens routed to each expert.
+        aux_loss: scalar, the coefficient-weighted router losses over real tokens; None out of
+            training or without ``router_loss``.
+        counts: (E,) real tokens routed to each expert; None out of training.
     """
 
     weights: torch.Tensor
     routed: torch.Tensor
-    aux_loss: torch.Tensor
-    counts: torch.Tensor
+    aux_loss: torch.Tensor | None
+    counts: torch.Tensor | None
 
 
 def _top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,10 +83,10 @@ def route(
         spec: the adapter's router settings.
         real: (N,) bool, True at real (non-padding) tokens; None: all are real.
         rows: the N tokens are ``rows`` rows of equal length (the switch capacity is per row).
-        training: apply the switch capacity.
+        training: apply the switch capacity and compute the counts and router losses.
 
     Returns:
-        The routing, with the router losses (always computed; the caller decides to use them).
+        The routing, with the router losses when training with ``router_loss``.
     """
     real = torch.ones_like(logits[:, 0], dtype=torch.bool) if real is None else real
     if spec.strategy == "mixlora-dynamic":
@@ -100,13 +103,14 @@ def route(
         probs = F.softmax(logits, dim=-1)
         weights, routed = _top_k(probs, spec.top_k)
         chosen = routed
-    mask = real.to(probs.dtype)[:, None]  # (N, 1)
-    num_real = mask.sum().clamp_min(1)
-    fraction = (chosen.to(probs.dtype) * mask).sum(0) / num_real  # (E,)
-    mean_prob = (probs * mask).sum(0) / num_real  # (E,)
-    aux = spec.aux_loss_coef * probs.shape[-1] * (fraction * mean_prob).sum()
+    if not training:
+        return Routing(weights, routed, None, None)
+    mask = real.to(probs.dtype)  # (N,)
+    counts = (routed.to(probs.dtype) * mask[:, None]).sum(0)
+    if not spec.router_loss:
+        return Routing(weights, routed, None, counts)
+    aux = spec.aux_loss_coef * probs.shape[-1] * load_balance(probs, chosen, real)
     if spec.strategy == "mixlora-switch" and spec.z_loss_coef > 0:
         z = torch.logsumexp(logits, dim=-1).pow(2)  # (N,)
-        aux = aux + spec.z_loss_coef * (z * mask[:, 0]).sum() / num_real
-    counts = (routed.to(probs.dtype) * mask).sum(0)
+        aux = aux + spec.z_loss_coef * (z * mask).sum() / mask.sum().clamp_min(1)
     return Routing(weights, routed, aux, counts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,33 +110,41 @@ def build_mixlora_spec(
     )
 
 
+def strategy_reader(strategy: str, lookup: Callable[[str], Any]) -> Callable[[str, Any], Any]:
+    """``value(key, neutral)``: ``lookup(key)`` if ``strategy`` reads the key, else ``neutral``,
+    so a spec never carries a setting its strategy ignores."""
+    reads = MOE_STRATEGY_DEFAULTS[strategy]
+    return lambda key, neutral: lookup(key) if key in reads else neutral
+
+
+def router_spec(strategy: str, lookup: Callable[[str], Any]) -> RouterSpec:
+    """The RouterSpec of a mixlora* ``strategy``; ``lookup(key)`` gives a key's value (the one
+    set, else the strategy's default) for the keys the strategy reads; one builder for configs
+    and saved files, so both give equal specs."""
+    value = strategy_reader(strategy, lookup)
+    return RouterSpec(
+        strategy=strategy,
+        num_experts=int(lookup("num_experts")),
+        top_k=int(value("top_k", 1)),
+        top_p=float(value("top_p", 1.0)),
+        temperature=float(value("temperature", 0.0)),
+        init_range=float(lookup("router_init_range")),
+        aux_loss_coef=float(lookup("router_aux_loss_coef")),
+        z_loss_coef=float(value("router_z_loss_coef", 0.0)),
+        router_loss=bool(lookup("router_loss")),
+        jitter_noise=float(lookup("jitter_noise")),
+        expert_capacity=int(value("expert_capacity", 0)),
+        ffn_dropout=float(value("ffn_dropout", 0.0)),
+    )
+
+
 def mixlora_spec(config: AdapterConfig) -> MixLoraSpec:
     """The MixLoraSpec of a validated adapter config whose routing_strategy is mixlora*."""
     strategy = config.routing_strategy
     assert strategy in MIXLORA_STRATEGIES
-    reads = MOE_STRATEGY_DEFAULTS[strategy]
-
-    def value(key: str, unused: Any) -> Any:
-        """The key's value if this strategy reads it, else a neutral value."""
-        return config.moe(key) if key in reads else unused
-
-    router = RouterSpec(
-        strategy=strategy,
-        num_experts=config.moe("num_experts"),
-        top_k=value("top_k", 1),
-        top_p=value("top_p", 1.0),
-        temperature=value("temperature", 0.0),
-        init_range=config.moe("router_init_range"),
-        aux_loss_coef=config.moe("router_aux_loss_coef"),
-        z_loss_coef=value("router_z_loss_coef", 0.0),
-        router_loss=config.moe("router_loss"),
-        jitter_noise=config.moe("jitter_noise"),
-        expert_capacity=value("expert_capacity", 0),
-        ffn_dropout=value("ffn_dropout", 0.0),
-    )
     return build_mixlora_spec(
         **config.lora_fields(),
-        router=router,
+        router=router_spec(strategy, config.moe),
         act_fn=config.moe("act_fn"),
         expert_lora=config.moe("expert_lora"),
     )
