@@ -198,6 +198,7 @@ MOE_STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 MOE_KEYS = sorted({key for table in MOE_STRATEGY_DEFAULTS.values() for key in table})
 MIXLORA_STRATEGIES = ("mixlora", "mixlora-dynamic", "mixlora-switch")
+LINEAR_MOE_STRATEGIES = ("loramoe", "mola")
 
 
 # --- the schema ------------------------------------------------------------------------------

@@ -19,13 +19,11 @@ from torch import nn
 
 from mlora.adapters import MultiLoraLinear, dense_weight
 from mlora.adapters.lora_moe import LoraMoeAdapter, MolaAdapter
-from mlora.config import AdapterConfig, lora_scaling
+from mlora.config import LINEAR_MOE_STRATEGIES, AdapterConfig, lora_scaling
 from mlora.errors import MloraError
 from mlora.layout import LayoutContext
-from mlora.model import LoraSpec
+from mlora.model import LoraSpec, MultiLoraModel
 from mlora.moe.spec import strategy_reader
-
-LINEAR_MOE_STRATEGIES = ("loramoe", "mola")
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,10 @@ class LinearMoeSpec(LoraSpec):
     router_loss: bool = False
     lora_alpha: float = 16.0
     use_rslora: bool = False
+
+    def attach(self, model: MultiLoraModel, name: str) -> LinearMoeSpec:
+        attach_linear_moe(model, name, self)  # router + LoRA experts on target linears
+        return self
 
     @property
     def peft_type(self) -> str:

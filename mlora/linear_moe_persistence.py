@@ -28,9 +28,9 @@ from mlora.adapter_tensors import (
     moe_lora_fields,
 )
 from mlora.adapters.lora_moe import ExpertMixture
-from mlora.config import MOE_STRATEGY_DEFAULTS
+from mlora.config import LINEAR_MOE_STRATEGIES, MOE_STRATEGY_DEFAULTS
 from mlora.errors import MloraError
-from mlora.linear_moe import LINEAR_MOE_STRATEGIES, LinearMoeSpec, build_linear_moe_spec
+from mlora.linear_moe import LinearMoeSpec, build_linear_moe_spec
 
 
 def _named_parameters(model: Any, name: str) -> dict[str, torch.Tensor]:

@@ -41,6 +41,12 @@ class LoraSpec:
         """``peft_type`` in ``adapter_config.json``: which on-disk format stores it."""
         return "LORA"
 
+    def attach(self, model: MultiLoraModel, name: str) -> LoraSpec:
+        """Give ``model`` adapter ``name`` of this shape; returns the spec as attached (MoE
+        kinds may resolve defaults from the model). Each kind of spec knows its own modules."""
+        model._add_lora(name, self)
+        return self
+
 
 @dataclass
 class LossBatch:
@@ -128,19 +134,7 @@ class MultiLoraModel(nn.Module):
         """
         if name in self.specs:
             raise MloraError(f"adapter {name!r} already exists")
-        from mlora.moe.spec import MixLoraSpec  # lazy: mlora.moe builds on this module
-
-        if isinstance(spec, MixLoraSpec):
-            from mlora.moe.feed_forward import attach_mixlora
-
-            spec = attach_mixlora(self, name, spec)  # FFN experts + plain LoRA on other targets
-        elif getattr(spec, "strategy", None) in ("loramoe", "mola"):
-            from mlora.linear_moe import attach_linear_moe
-
-            attach_linear_moe(self, name, spec)  # router + LoRA experts on target linears
-        else:
-            self._add_lora(name, spec)
-        self.specs[name] = spec
+        self.specs[name] = spec.attach(self, name)
         if not self.training:
             self.eval()  # new adapter modules are born training: no dropout after model.eval()
 

@@ -26,7 +26,7 @@ from mlora.checkpointing import (
     checkpoint_mode,
     resolve_checkpoint_mode,
 )
-from mlora.config import MIXLORA_STRATEGIES, AdapterConfig, TrainConfig
+from mlora.config import LINEAR_MOE_STRATEGIES, MIXLORA_STRATEGIES, AdapterConfig, TrainConfig
 from mlora.data import TokenizedRow, load_rows, pad_token_id, tokenize_rows
 from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name_seed
 from mlora.errors import MloraError
@@ -56,7 +56,7 @@ def spec_from_config(config: AdapterConfig) -> LoraSpec:
         from mlora.moe import mixlora_spec
 
         return mixlora_spec(config)
-    if config.routing_strategy in ("loramoe", "mola"):
+    if config.routing_strategy in LINEAR_MOE_STRATEGIES:
         from mlora.linear_moe import linear_moe_spec
 
         return linear_moe_spec(config)

@@ -12,7 +12,7 @@ from mlora.config import (
     AdapterConfig,
     lora_scaling,
 )
-from mlora.model import LoraSpec
+from mlora.model import LoraSpec, MultiLoraModel
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,11 @@ class MixLoraSpec(LoraSpec):
     @property
     def peft_type(self) -> str:
         return "MIXLORA"
+
+    def attach(self, model: MultiLoraModel, name: str) -> MixLoraSpec:
+        from mlora.moe.feed_forward import attach_mixlora  # lazy: it builds on this module
+
+        return attach_mixlora(model, name, self)  # FFN experts + plain LoRA on other targets
 
 
 def build_mixlora_spec(
