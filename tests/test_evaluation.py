@@ -140,12 +140,7 @@ def test_loss_and_perplexity_equal_peft(loaded, peft_model, trained):  # noqa: F
     assert len({round(r.loss, 6) for r in results.values()}) == len(ADAPTERS)
 
 
-def test_a_row_whose_prompt_fills_cutoff_len_is_out_of_the_loss_only(
-    loaded,
-    peft_model,
-    trained,
-    tmp_path,  # noqa: F811
-):
+def test_prompt_filling_cutoff_len_skips_loss_only(loaded, peft_model, trained, tmp_path):  # noqa: F811
     _, raw = trained
     _, tokenizer = loaded
     cutoff = 48
