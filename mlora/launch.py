@@ -436,26 +436,31 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "random-weight demo model (a tiny LLaMA for trying mlora offline, not a real LLM), "
         "cached in $MLORA_HOME/demo-model (default ~/.cache/mlora/demo-model).",
     )
-    p.add_argument("--base_model", help="local model folder or hub id (default: demo model)")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
-    p.add_argument("--dir", help="output folder; adapter NAME goes to DIR/NAME (default .)")
+    _add_model_args(p, dir_help="output folder; adapter NAME goes to DIR/NAME (default .)")
     p.add_argument("--load_adapter", action="store_true", help="continue from DIR/NAME")
     p.add_argument("--overwrite", action="store_true", help="allow replacing DIR/NAME")
     p.add_argument("--seed", type=int, help="seed for data order and adapter init")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA)")
+    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoints")
+    p.set_defaults(func=cmd_run)
+
+
+def _add_model_args(p: argparse.ArgumentParser, dir_help: str) -> None:
+    """What ``run`` and ``evaluate`` share: the config, the folder, and how the base loads."""
+    p.add_argument("--base_model", help="local model folder or hub id (default: demo model)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    p.add_argument("--dir", help=dir_help)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="base model dtype (fp32)")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA)")
     p.add_argument("--quantize", choices=("4bit", "8bit"), help="load the base model quantized")
     p.add_argument(
         "--attn_impl",
         choices=("eager", "sdpa", "flash_attn"),
         help="attention kernel (default: flash_attn on CUDA when installed, else sdpa)",
     )
-    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoints")
     p.add_argument(
         "--trust_remote_code", action="store_true", help="allow the model's own code (off)"
     )
-    p.set_defaults(func=cmd_run)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -466,12 +471,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "(loss, perplexity, exact match; accuracy for choice tasks) and write evaluate_result "
         "(default DIR/evaluate_result.json). Without --base_model it uses the built-in demo model.",
     )
-    p.add_argument("--base_model", help="local model folder or hub id (default: demo model)")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
-    p.add_argument("--dir", help="where the trained adapters are: DIR/NAME (default .)")
+    _add_model_args(p, dir_help="where the trained adapters are: DIR/NAME (default .)")
     p.add_argument("--adapters", help="comma-separated adapter names (default: all with test data)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="base model dtype (fp32)")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -210,6 +210,13 @@ def test_every_mapped_run_flag_is_accepted_by_mlora_py(flags: list[str]) -> None
     assert parsed.load_4bit or parsed.load_8bit
 
 
+def test_evaluate_loads_the_base_model_like_run() -> None:
+    flags = ["--dtype", "bf16", "--quantize", "8bit", "--attn_impl", "eager", "--device", "cpu"]
+    run = launch.mlora_argv(launch.build_parser().parse_args(["run", *flags]))
+    evaluate = launch.mlora_argv(launch.build_parser().parse_args(["evaluate", *flags]))
+    assert evaluate == run and "--load_8bit" in evaluate and "--bf16" in evaluate
+
+
 def test_run_missing_config_is_a_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
