@@ -20,8 +20,6 @@ from typing import Any
 import torch
 
 from mlora.adapter_tensors import (
-    copy_into,
-    export_tensors,
     layer_key,
     lora_tensors,
     moe_lora_config,
@@ -33,7 +31,7 @@ from mlora.errors import MloraError
 from mlora.linear_moe import LinearMoeSpec, build_linear_moe_spec
 
 
-def _named_parameters(model: Any, name: str) -> dict[str, torch.Tensor]:
+def named_parameters(model: Any, name: str) -> dict[str, torch.Tensor]:
     """Every parameter of adapter ``name`` under its upstream key (live tensors)."""
     spec: LinearMoeSpec = model.specs[name]
     params: dict[str, torch.Tensor] = {}
@@ -50,18 +48,9 @@ def _named_parameters(model: Any, name: str) -> dict[str, torch.Tensor]:
     return params
 
 
-def state_dict(model: Any, name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s tensors under upstream's key names, on CPU."""
-    return export_tensors(_named_parameters(model, name))
-
-
-def load_weights(model: Any, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy upstream-named tensors into adapter ``name`` (already attached with that shape).
-
-    Raises:
-        MloraError: a tensor is missing or has another shape (naming the key).
-    """
-    copy_into(_named_parameters(model, name), tensors, source)
+def optional_tensor(key: str) -> bool:
+    """Every LoRAMoE / MoLA tensor must be in the file (ours and upstream's save them all)."""
+    return False
 
 
 def peft_config(spec: LinearMoeSpec, base_model: str | None) -> dict[str, Any]:

@@ -29,8 +29,8 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
 def _moe_format(peft_type: str | None) -> Any:
-    """The module that stores adapters of a MoE ``peft_type`` (its ``state_dict``,
-    ``load_weights``, ``peft_config``, ``spec_from_config``), or None for plain LoRA.
+    """The module that stores adapters of a MoE ``peft_type`` (its ``named_parameters``,
+    ``optional_tensor``, ``peft_config``, ``spec_from_config``), or None for plain LoRA.
 
     Imported lazily: the MoE code builds on ``mlora.model``.
     """
@@ -46,7 +46,10 @@ def _moe_format(peft_type: str | None) -> Any:
 
 
 def _named_parameters(model: MultiLoraModel, name: str) -> dict[str, torch.Tensor]:
-    """Every parameter of LoRA adapter ``name`` under its PEFT key (live tensors)."""
+    """Every parameter of adapter ``name`` under its key in the file (live tensors)."""
+    moe_format = _moe_format(model.specs[name].peft_type)
+    if moe_format is not None:
+        return moe_format.named_parameters(model, name)
     return {
         f"{PEFT_PREFIX}{path}.{suffix}": tensor
         for path, module in model.adapter_modules(name)
@@ -56,9 +59,6 @@ def _named_parameters(model: MultiLoraModel, name: str) -> dict[str, torch.Tenso
 
 def adapter_state_dict(model: MultiLoraModel, name: str) -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors under PEFT key names (MoE: upstream's names), on CPU."""
-    moe_format = _moe_format(model.specs[name].peft_type)
-    if moe_format is not None:
-        return moe_format.state_dict(model, name)
     return export_tensors(_named_parameters(model, name))
 
 
@@ -166,7 +166,7 @@ def load_adapter_weights(
     """
     moe_format = _moe_format(model.specs[name].peft_type)
     if moe_format is not None:
-        moe_format.load_weights(model, name, tensors, source)
+        copy_into(_named_parameters(model, name), tensors, source, moe_format.optional_tensor)
         return
     normalised = {  # older PEFT saved the DoRA magnitude as ``lora_magnitude_vector.weight``
         k.removesuffix(".weight") if "lora_magnitude_vector" in k else k: v

@@ -21,8 +21,6 @@ import torch
 
 from mlora.adapter_tensors import (
     alpha_number,
-    copy_into,
-    export_tensors,
     layer_key,
     lora_tensors,
     moe_lora_config,
@@ -36,7 +34,7 @@ from mlora.moe.spec import MixLoraSpec, build_mixlora_spec, router_spec
 PEFT_TYPE = "MIXLORA"
 
 
-def _named_parameters(model: Any, name: str) -> dict[str, torch.Tensor]:
+def named_parameters(model: Any, name: str) -> dict[str, torch.Tensor]:
     """Every parameter of MixLoRA adapter ``name`` under its mixlora key (live tensors)."""
     params: dict[str, torch.Tensor] = {}
     for path, layer in model.adapter_layers():
@@ -59,26 +57,10 @@ def _named_parameters(model: Any, name: str) -> dict[str, torch.Tensor]:
     return params
 
 
-def state_dict(model: Any, name: str) -> dict[str, torch.Tensor]:
-    """MixLoRA adapter ``name``'s tensors under the mixlora package's key names, on CPU."""
-    return export_tensors(_named_parameters(model, name))
-
-
-def load_weights(model: Any, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy mixlora-named tensors into MixLoRA adapter ``name`` (already attached).
-
-    A missing DoRA magnitude (files the mixlora package saved) keeps the one computed from the
-    weights.
-
-    Raises:
-        MloraError: a tensor is missing or has another shape (naming the key).
-    """
-    copy_into(
-        _named_parameters(model, name),
-        tensors,
-        source,
-        optional=lambda key: key.endswith(".lora_magnitude_vector"),
-    )
+def optional_tensor(key: str) -> bool:
+    """A DoRA magnitude may be missing (the mixlora package does not save it): the one computed
+    from the weights is kept."""
+    return key.endswith(".lora_magnitude_vector")
 
 
 def peft_config(spec: MixLoraSpec, base_model: str | None) -> dict[str, Any]:
