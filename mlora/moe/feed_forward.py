@@ -178,9 +178,8 @@ class MixLoraFeedForward(nn.Module):
             return self.mlp(x)
         rows = x.reshape(layout.num_rows, -1, x.shape[-1])  # (B, T, H)
         per_row = rows.shape[1]
-        mask = self.context.token_mask
-        if mask is not None and mask.numel() != rows.shape[0] * per_row:
-            mask = None  # left over from another pass (a cached decoding step has T = 1)
+        mask = self.context.token_mask  # set together with the layout (LayoutContext.set)
+        assert mask is None or mask.numel() == rows.shape[0] * per_row, "mask of another pass"
         pieces: list[tuple[int, torch.Tensor]] = [
             (seg.start, self._moe_segment(seg, rows[seg.start : seg.end], mask, per_row))
             for seg in moe_segments
