@@ -149,17 +149,21 @@ def expert_mixture(
 
 def attach_linear_moe(model: nn.Module, name: str, spec: LinearMoeSpec) -> None:
     """Add LoRAMoE / MoLA adapter ``name`` to a ``MultiLoraModel``: every target linear layer is
-    wrapped and gets plain LoRA, then the expert layers' LoRA is swapped for the experts.
+    wrapped; those ``spec.experts_on`` get the experts, the others plain LoRA.
 
     Raises:
         MloraError: a target module the model lacks, or (loramoe) no FFN projection targeted.
     """
-    model._add_lora(name, spec)
     with_experts = 0
-    for path, layer in model.adapter_layers():
-        if name in layer.adapters and spec.experts_on(path):
-            layer.adapters[name] = expert_mixture(layer, name, spec, model.context)
-            with_experts += 1
+
+    def experts(path: str, layer: MultiLoraLinear) -> nn.Module | None:
+        nonlocal with_experts
+        if not spec.experts_on(path):
+            return None
+        with_experts += 1
+        return expert_mixture(layer, name, spec, model.context)
+
+    model._add_lora(name, spec, experts)
     if not with_experts:
         model.remove_adapter(name, strict=False)
         raise MloraError(

@@ -138,8 +138,18 @@ class MultiLoraModel(nn.Module):
         if not self.training:
             self.eval()  # new adapter modules are born training: no dropout after model.eval()
 
-    def _add_lora(self, name: str, spec: LoraSpec) -> None:
-        """Wrap every target linear layer of ``spec`` and give it adapter ``name``'s LoRA."""
+    def _add_lora(
+        self,
+        name: str,
+        spec: LoraSpec,
+        module_for: Callable[[str, MultiLoraLinear], nn.Module | None] | None = None,
+    ) -> None:
+        """Wrap every target linear layer of ``spec`` and give it adapter ``name``'s LoRA.
+
+        Args:
+            module_for: ``(path, layer)`` -> the module adapter ``name`` uses on that layer
+                instead of a plain LoRA (per-linear MoE experts), or None for a plain LoRA.
+        """
         targets = set(spec.target_modules)
         found: set[str] = set()
         for path, module in list(self.model.named_modules()):
@@ -152,7 +162,13 @@ class MultiLoraModel(nn.Module):
                 )
                 module = wrap_layer(module, self.context)
                 setattr(parent, leaf, module)
-            module.add_adapter(name, spec.r, spec.scaling, spec.dropout, spec.init, spec.use_dora)
+            custom = module_for(path, module) if module_for is not None else None
+            if custom is None:
+                module.add_adapter(
+                    name, spec.r, spec.scaling, spec.dropout, spec.init, spec.use_dora
+                )
+            else:
+                module.adapters[name] = custom
             found.add(leaf)
         missing = sorted(targets - found)
         if missing:
