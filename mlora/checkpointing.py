@@ -37,7 +37,6 @@ CHECKPOINT_MODES = ("none", "recompute", "offload")
 """Modes :func:`apply_gradient_checkpointing` applies (the config key also takes ``auto``)."""
 
 _STATE_ATTR = "_mlora_checkpoint"
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
 class SideLosses(Protocol):
@@ -171,11 +170,22 @@ class _OffloadHooks:
         return tensor.untyped_storage().data_ptr()
 
 
+def _is_cache(value: Any) -> bool:
+    """A KV cache object, whatever keyword carries it (``past_key_values`` in transformers 4,
+    ``cache`` in 5): an instance of transformers' ``Cache``."""
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
 def _drop_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A training forward never reads a KV cache back, and a recomputation would write it twice."""
-    if not any(kwargs.get(k) is not None for k in _CACHE_KWARGS) and not kwargs.get("use_cache"):
+    """A training forward never reads a KV cache back, and a recomputation would write it twice.
+
+    Caches are recognised by type, not by keyword name, so a renamed argument cannot slip by.
+    """
+    if not any(_is_cache(v) for v in kwargs.values()) and not kwargs.get("use_cache"):
         return kwargs
-    kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
+    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
     return kwargs
