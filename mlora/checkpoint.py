@@ -192,6 +192,8 @@ def write_cut(trainer: Trainer) -> Path:
             tensors[f"loss_sum/{run.name}"] = _own(run.loss_sum.reshape(1))
         adapters[run.name] = entry
     rng = trainer.backend.get_rng_state()
+    for key, state in trainer.model.context.generators.state_dict().items():
+        tensors[f"adapter_rng/{key}"] = state  # each adapter's dropout / jitter stream
     tensors["rng/cpu"] = rng.cpu
     if rng.device is not None:
         tensors["rng/device"] = rng.device.cpu()
@@ -398,6 +400,10 @@ def restore(trainer: Trainer, point: ResumePoint) -> None:
     trainer.last_cut_step = point.global_step
     rng_device = tensors.get("rng/device")
     trainer.backend.set_rng_state(RngState(cpu=tensors["rng/cpu"], device=rng_device))
+    prefix = "adapter_rng/"
+    trainer.model.context.generators.load_state_dict(
+        {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    )
     done = [run.name for run in trainer.runs if run.finished and run.failed is None]
     logger.info(
         "resuming from %s (global step %d)%s",

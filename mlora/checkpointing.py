@@ -6,7 +6,8 @@ bound them, applied to each decoder layer of a transformers model in place:
 ``recompute``
     The layer runs under :class:`RecomputeFunction`, which keeps only the layer's inputs and
     re-runs the layer during backward. It snapshots the CPU and device RNG and the autocast state
-    before the forward and restores them for the recomputation, so dropout draws the same masks
+    (and the adapters' own random streams) before the forward and restores them for the
+    recomputation, so dropout draws the same masks
     and matmuls run in the same precision: gradients equal those of an unchecked run.
 ``offload``
     Everything autograd saves inside the layer is copied to host memory (pinned on CUDA) and
@@ -37,6 +38,17 @@ CHECKPOINT_MODES = ("none", "recompute", "offload")
 """Modes :func:`apply_gradient_checkpointing` applies (the config key also takes ``auto``)."""
 
 _STATE_ATTR = "_mlora_checkpoint"
+
+
+class RandomStreams(Protocol):
+    """Random streams besides the global RNG that layers draw from (the adapters' own,
+    ``mlora.randomness.AdapterGenerators``): snapshotted and restored around a recomputation."""
+
+    def get_state(self) -> Any:
+        """The streams' current state."""
+
+    def set_state(self, state: Any) -> None:
+        """Put the streams back to ``state``."""
 
 
 class SideLosses(Protocol):
@@ -91,6 +103,7 @@ class RecomputeFunction(torch.autograd.Function):
     Args of ``apply``:
         run: Maps the input tensors to a tuple of output tensors; called twice.
         backend: Whose device RNG to snapshot and restore (the CPU RNG always is).
+        streams: Further random streams to snapshot and restore (adapters' own), or None.
         num_inputs: How many of ``tensors`` are ``run``'s inputs; the rest are parameters.
         *tensors: ``run``'s input tensors, then the trainable parameters it uses.
     """
@@ -100,13 +113,16 @@ class RecomputeFunction(torch.autograd.Function):
         ctx: Any,
         run: Callable[..., tuple[torch.Tensor, ...]],
         backend: Backend,
+        streams: RandomStreams | None,
         num_inputs: int,
         *tensors: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         ctx.run = run
         ctx.backend = backend
+        ctx.streams = streams
         ctx.num_inputs = num_inputs
         ctx.rng_state = backend.get_rng_state()
+        ctx.streams_state = None if streams is None else streams.get_state()
         ctx.autocast = _AutocastState.capture(backend.device.type)
         inputs = tensors[:num_inputs]
         ctx.params = tensors[num_inputs:]  # live module parameters: nothing to save
@@ -118,15 +134,23 @@ class RecomputeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[4:]
         inputs = [
             t.detach().requires_grad_(need)
             for t, need in zip(ctx.saved_tensors, needs, strict=False)
         ]
+        streams = ctx.streams
+        after_forward = None if streams is None else streams.get_state()
         with ctx.backend.fork_rng():
             ctx.backend.set_rng_state(ctx.rng_state)
-            with torch.enable_grad(), ctx.autocast.restore():
-                outputs = ctx.run(*inputs)
+            if streams is not None:
+                streams.set_state(ctx.streams_state)
+            try:
+                with torch.enable_grad(), ctx.autocast.restore():
+                    outputs = ctx.run(*inputs)
+            finally:
+                if streams is not None:
+                    streams.set_state(after_forward)
         wanted = [t for t, need in zip([*inputs, *ctx.params], needs, strict=True) if need]
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
         grads = iter(
@@ -136,7 +160,7 @@ class RecomputeFunction(torch.autograd.Function):
             if pairs
             else [None] * len(wanted)
         )
-        return (None, None, None, *(next(grads) if need else None for need in needs))
+        return (None, None, None, None, *(next(grads) if need else None for need in needs))
 
 
 class _OffloadHooks:
@@ -196,6 +220,7 @@ def _recompute_forward(
     original: Callable[..., Any],
     backend: Backend,
     side: SideLosses | None,
+    streams: RandomStreams | None,
     *args: Any,
     **kwargs: Any,
 ) -> Any:
@@ -230,7 +255,7 @@ def _recompute_forward(
         extras = tuple(recorded[key] for key in out_structure[0][2])
         return (*(x for x in out_leaves if isinstance(x, torch.Tensor)), *extras)
 
-    outputs = list(RecomputeFunction.apply(run, backend, len(inputs), *inputs, *params))
+    outputs = list(RecomputeFunction.apply(run, backend, streams, len(inputs), *inputs, *params))
     out_template, out_spec, side_keys = out_structure[0]
     for key, loss in zip(side_keys, outputs[len(outputs) - len(side_keys) :], strict=True):
         side.add(key, loss)  # type: ignore[union-attr]
@@ -244,6 +269,7 @@ def _offload_forward(
     original: Callable[..., Any],
     backend: Backend,
     side: SideLosses | None,
+    streams: RandomStreams | None,
     *args: Any,
     **kwargs: Any,
 ) -> Any:
@@ -263,6 +289,7 @@ def _checkpointed_forward(
     original: Callable[..., Any],
     backend: Backend,
     side: SideLosses | None,
+    streams: RandomStreams | None,
     *args: Any,
     **kwargs: Any,
 ) -> Any:
@@ -270,7 +297,7 @@ def _checkpointed_forward(
     else the original (evaluation and generation keep nothing for a backward)."""
     if not (layer.training and torch.is_grad_enabled()):
         return original(*args, **kwargs)
-    return mode_forward(layer, original, backend, side, *args, **kwargs)
+    return mode_forward(layer, original, backend, side, streams, *args, **kwargs)
 
 
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -306,6 +333,7 @@ def apply_gradient_checkpointing(
     mode: str,
     backend: Backend | None = None,
     side_losses: SideLosses | None = None,
+    random_streams: RandomStreams | None = None,
 ) -> list[nn.Module]:
     """Checkpoint every decoder layer of ``model`` in place (``none`` undoes it).
 
@@ -319,6 +347,8 @@ def apply_gradient_checkpointing(
             :func:`get_backend`.
         side_losses: Where the layers record losses they don't return (the model context's
             ``aux_losses``); recompute keeps their gradient path.
+        random_streams: Random streams the layers draw from besides the global RNG (the model
+            context's ``generators``); recompute replays them.
 
     Returns:
         The layers now checkpointed (empty for ``none``).
@@ -338,7 +368,13 @@ def apply_gradient_checkpointing(
         previous = layer.__dict__.get("forward")
         original = layer.forward
         wrapped = functools.partial(
-            _checkpointed_forward, _FORWARDS[mode], layer, original, backend, side_losses
+            _checkpointed_forward,
+            _FORWARDS[mode],
+            layer,
+            original,
+            backend,
+            side_losses,
+            random_streams,
         )
         layer.forward = functools.update_wrapper(wrapped, original)
         setattr(layer, _STATE_ATTR, (mode, previous))

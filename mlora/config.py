@@ -107,6 +107,10 @@ def one_of(*choices: str) -> Check:
     return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
 
 
+def _packing(v: Any) -> str | None:
+    return None if v == "auto" or isinstance(v, bool) else "'auto', true or false"
+
+
 def _adapter_name(v: Any) -> str | None:
     bad = not isinstance(v, str) or not v.strip() or v in (".", "..") or any(c in v for c in "/\\")
     return "a non-empty name usable as a folder name (no '/' or '\\')" if bad else None
@@ -418,6 +422,13 @@ class TrainConfig:
         "backward), 'offload' (park saved activations in host memory); 'auto' is recompute on a "
         "GPU (CUDA/MPS) and none on CPU.",
         one_of("auto", "none", "recompute", "offload"),
+    )
+    packing: str | bool = _key(
+        "auto",
+        "Concatenate each step's rows into one sequence without padding (position ids restart "
+        "per row, no attention mask); 'auto' packs where a one-time probe finds the model keeps "
+        "packed rows apart, else pads (and logs why).",
+        _packing,
     )
     evaluate_result: str | None = _key(
         None,

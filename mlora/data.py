@@ -33,6 +33,11 @@ class TokenizedRow:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def num_supervised(self) -> int:
+        """Positions whose next token carries a label: the tokens this row's loss sums over."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
 
 def pad_token_id(tokenizer: Any) -> int:
     """The id that pads batches: the tokenizer's pad token, else EOS (LLaMA-style tokenizers

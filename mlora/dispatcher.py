@@ -25,14 +25,18 @@ class MicroBatch:
         rows: the rows.
         epoch: 0-based epoch it comes from.
         accumulation: how many micro-batches make the optimizer step this one belongs to
-            (fewer for the last, short batch of an epoch); its loss is divided by this.
+            (fewer for the last, short batch of an epoch); MoE router losses are divided by it.
         ends_step: the optimizer steps after this micro-batch.
+        step_tokens: supervised tokens of the whole optimizer step (all its micro-batches):
+            the token losses of each micro-batch are summed and divided by this, so the step
+            minimises the mean over its tokens whatever the micro-batch size.
     """
 
     rows: tuple[TokenizedRow, ...]
     epoch: int
     accumulation: int
     ends_step: bool
+    step_tokens: int
 
     @property
     def max_len(self) -> int:
@@ -128,9 +132,11 @@ class AdapterQueue:
                 batch[i : i + self.micro_batch_size]
                 for i in range(0, len(batch), self.micro_batch_size)
             ]
+            step_tokens = sum(self.rows[i].num_supervised for i in batch)
             for k, indices in enumerate(micro):
                 rows = tuple(self.rows[i] for i in indices)
-                out.append(MicroBatch(rows, epoch, len(micro), k == len(micro) - 1))
+                ends = k == len(micro) - 1
+                out.append(MicroBatch(rows, epoch, len(micro), ends, step_tokens))
         return out
 
     @property

@@ -35,6 +35,7 @@ from mlora.data import IGNORE_INDEX, TokenizedRow, pad_token_id, tokenize_rows
 from mlora.errors import ConfigError, DataError, MloraError
 from mlora.eval_tasks import CHOICE_TASKS, choice_source, load_choice_questions, read_test_rows
 from mlora.model import MultiLoraModel
+from mlora.packing import resolve_packing
 from mlora.prompts import load_template
 
 logger = logging.getLogger("mlora")
@@ -279,12 +280,10 @@ def score_rows(
     step = 0
     while picked := _take(test_sets, step):
         groups = [(ts.adapter, [row for i in idx for row in ts.units[i]]) for ts, idx in picked]
-        batch = collate(groups, pad_id, model.device)
+        batch = collate(groups, pad_id, model.device, packed=model.packing)
         token_nll = model.token_losses(batch)  # (N,)
-        width = batch.input_ids.shape[1]
-        row_nll = token_nll.new_zeros(batch.input_ids.shape[0]).index_add(
-            0, batch.positions // width, token_nll
-        )  # (B,)
+        num_rows = sum(len(rows) for _, rows in groups)
+        row_nll = token_nll.new_zeros(num_rows).index_add(0, batch.position_rows, token_nll)
         flat = row_nll.tolist()  # one sync per batch, after the pass
         offset = 0
         for ts, idx in picked:
@@ -502,6 +501,7 @@ def evaluate(
     model, tokenizer = load_trained(
         base_model, folders, dtype, device, trust_remote_code, tokenizer=tokenizer, **load_options
     )
+    model.packing = resolve_packing(model.model, config.packing)
     start = time.perf_counter()
     results = evaluate_model(model, tokenizer, test_sets)
     logger.info(

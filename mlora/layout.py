@@ -1,9 +1,16 @@
-"""The batch layout: which contiguous segment of a packed batch belongs to which adapter.
+"""The batch layout: which contiguous token segment of a pass belongs to which adapter.
 
-Rows are grouped by adapter, so adapter ``i`` owns rows ``[start_i, end_i)``; once the batch is
-flattened to ``[B*T, hidden]`` it owns tokens ``[start_i*T, end_i*T)``. The same description
-serves padded training batches, evaluation and generation (T = 1 per decoding step). Rows that
-no segment covers run through the base model only.
+A pass runs a flat sequence of tokens, ``[sum L, hidden]`` once the batch is flattened. Adapter
+``i`` owns tokens ``[start_i, end_i)`` of it (``cu_tokens`` offsets). The same description
+serves packed training batches (rows concatenated without padding), padded batches (a row of
+width T owns tokens ``[b*T, (b+1)*T)``), the supervised positions gathered for ``lm_head`` (its
+own layout, offsets = cumulative supervised counts) and generation. Tokens that no segment
+covers run through the base model only.
+
+Generation and ``MultiLoraModel.forward`` do not know T up front (prefill, then one token per
+row per step): they give a *per-row* layout whose offsets count rows, and each layer expands it
+by its own tokens per row (``BatchLayout.for_tokens``). A token layout applied to a pass of
+another size is an error, never a guess.
 """
 
 from __future__ import annotations
@@ -15,91 +22,160 @@ from dataclasses import dataclass
 import torch
 
 from mlora.aux_losses import AuxLossCollector
+from mlora.randomness import AdapterGenerators
 
 
 @dataclass(frozen=True)
 class AdapterSegment:
-    """Rows ``[start, end)`` of the batch use adapter ``adapter``."""
+    """Tokens ``[start, end)`` of the pass use adapter ``adapter`` (rows, in a per-row layout)."""
 
     adapter: str
     start: int
     end: int
 
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """The segments of one batch of ``num_rows`` rows, in row order and non-overlapping."""
+    """The segments of one pass of ``num_tokens`` tokens, in order and non-overlapping.
+
+    Attributes:
+        segments: one per adapter segment (an adapter may own several); empty segments allowed.
+        num_tokens: tokens of the pass (rows, when ``per_row``).
+        per_row: offsets count rows of equal width; layers expand them (``for_tokens``).
+    """
 
     segments: tuple[AdapterSegment, ...]
-    num_rows: int
+    num_tokens: int
+    per_row: bool = False
 
     def __post_init__(self) -> None:
         cursor = 0
         for seg in self.segments:
-            if not cursor <= seg.start < seg.end <= self.num_rows:
+            if not cursor <= seg.start <= seg.end <= self.num_tokens:
                 raise ValueError(
-                    f"segments must be ordered, non-empty and within {self.num_rows} rows"
+                    f"segments must be ordered, non-overlapping and within {self.num_tokens}"
                 )
             cursor = seg.end
 
     @classmethod
     def from_row_adapters(cls, row_adapters: Sequence[str | None]) -> BatchLayout:
-        """Group consecutive rows with the same adapter (``None``: base model) into segments."""
+        """A per-row layout: consecutive rows with the same adapter (``None``: base model) form
+        a segment; each layer expands it to its own tokens per row."""
+        groups = [(name, 1) for name in row_adapters]
+        return cls._from_groups(groups, per_row=True)
+
+    @classmethod
+    def from_lengths(cls, groups: Sequence[tuple[str | None, int]]) -> BatchLayout:
+        """A token layout from consecutive ``(adapter or None, tokens)`` groups."""
+        return cls._from_groups(groups, per_row=False)
+
+    @classmethod
+    def _from_groups(cls, groups: Sequence[tuple[str | None, int]], per_row: bool) -> BatchLayout:
         segments: list[AdapterSegment] = []
-        start = 0
-        for i in range(1, len(row_adapters) + 1):
-            if i == len(row_adapters) or row_adapters[i] != row_adapters[start]:
-                name = row_adapters[start]
-                if name is not None:
-                    segments.append(AdapterSegment(name, start, i))
-                start = i
-        return cls(tuple(segments), len(row_adapters))
+        cursor = 0
+        for name, size in groups:
+            if name is not None:
+                if segments and segments[-1].adapter == name and segments[-1].end == cursor:
+                    segments[-1] = AdapterSegment(name, segments[-1].start, cursor + size)
+                else:
+                    segments.append(AdapterSegment(name, cursor, cursor + size))
+            cursor += size
+        return cls(tuple(segments), cursor, per_row)
 
     @property
     def adapters(self) -> list[str]:
         return [seg.adapter for seg in self.segments]
+
+    def for_tokens(self, num_tokens: int) -> BatchLayout:
+        """This layout over a pass of ``num_tokens`` tokens.
+
+        Raises:
+            ValueError: a token layout of another size, or a per-row layout whose rows do not
+                divide ``num_tokens``.
+        """
+        if not self.per_row:
+            if num_tokens != self.num_tokens:
+                raise ValueError(f"a layout of {self.num_tokens} tokens met {num_tokens} tokens")
+            return self
+        if self.num_tokens == 0 or num_tokens % self.num_tokens:
+            raise ValueError(f"a layout of {self.num_tokens} rows met {num_tokens} tokens")
+        width = num_tokens // self.num_tokens
+        return BatchLayout(
+            tuple(AdapterSegment(s.adapter, s.start * width, s.end * width) for s in self.segments),
+            num_tokens,
+        )
 
 
 class LayoutContext:
     """The layout of the pass in flight, shared by every adapter-aware layer of one model.
 
     The trainer sets it before the forward pass and keeps it until backward has finished, so
-    that recomputation during gradient checkpointing sees the same segments.
+    that recomputation during gradient checkpointing sees the same segments. It also holds each
+    adapter's random generators (dropout, router jitter: see ``mlora.randomness``) and the
+    router losses recorded during the pass.
     """
 
     def __init__(self) -> None:
         self.layout: BatchLayout | None = None
-        # (B*T,) bool, True at real (non-padding) tokens of the pass; None: all tokens are real.
+        # (N,) bool, True at real (non-padding) tokens of the pass; None: all tokens are real.
         self.token_mask: torch.Tensor | None = None
+        # (N,) long, the row of each token (packed rows have different lengths); None: unknown.
+        self.token_rows: torch.Tensor | None = None
         self.aux_losses = AuxLossCollector()
+        self.generators = AdapterGenerators()
 
-    def set(self, layout: BatchLayout | None, token_mask: torch.Tensor | None = None) -> None:
-        """Set the pass's layout and its real-token mask together, so no mask outlives its
-        layout (``set(None)`` clears both)."""
-        self.layout, self.token_mask = layout, token_mask
+    def set(
+        self,
+        layout: BatchLayout | None,
+        token_mask: torch.Tensor | None = None,
+        token_rows: torch.Tensor | None = None,
+    ) -> None:
+        """Set the pass's layout with its real-token mask and token rows, so neither outlives
+        its layout (``set(None)`` clears all three)."""
+        self.layout, self.token_mask, self.token_rows = layout, token_mask, token_rows
 
-    def adapter_token_mask(self, adapter: str) -> torch.Tensor | None:
-        """Real-token mask of ``adapter``'s segment, for modules that see only its tokens.
+    def layout_for(self, num_tokens: int) -> BatchLayout | None:
+        """The current layout over a layer input of ``num_tokens`` tokens, or None."""
+        return None if self.layout is None else self.layout.for_tokens(num_tokens)
 
-        None when there is no mask or the adapter does not own exactly one segment (then treat
-        every token as real).
-        """
-        layout = self.layout
-        if self.token_mask is None or layout is None:
+    def segment_token_mask(self, seg: AdapterSegment, num_tokens: int) -> torch.Tensor | None:
+        """Real-token mask of token segment ``seg`` of a pass of ``num_tokens``, or None (all
+        tokens real). ``seg`` comes from ``layout_for(num_tokens)``."""
+        return self._segment_slice(self.token_mask, seg, num_tokens)
+
+    def segment_token_rows(
+        self, seg: AdapterSegment, num_tokens: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """Row index of each token of segment ``seg`` (as ``segment_token_mask``), or None
+        (the segment is one row). Per-row layouts derive it from the row width."""
+        if self.token_rows is None and self.layout is not None and self.layout.per_row:
+            width = num_tokens // self.layout.num_tokens
+            return torch.arange(seg.start, seg.end, device=device) // width
+        return self._segment_slice(self.token_rows, seg, num_tokens)
+
+    @staticmethod
+    def _segment_slice(
+        per_token: torch.Tensor | None, seg: AdapterSegment, num_tokens: int
+    ) -> torch.Tensor | None:
+        if per_token is None:
             return None
-        owned = [seg for seg in layout.segments if seg.adapter == adapter]
-        if len(owned) != 1:
-            return None
-        per_row = self.token_mask.numel() // layout.num_rows
-        return self.token_mask[owned[0].start * per_row : owned[0].end * per_row]
+        assert per_token.numel() == num_tokens, "per-token data of another pass"
+        return per_token[seg.start : seg.end]
 
     @contextmanager
     def use(
-        self, layout: BatchLayout | None, token_mask: torch.Tensor | None = None
+        self,
+        layout: BatchLayout | None,
+        token_mask: torch.Tensor | None = None,
+        token_rows: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """``set`` for the duration of a ``with`` block, then restore what was set before."""
-        previous = self.layout, self.token_mask
-        self.set(layout, token_mask)
+        previous = self.layout, self.token_mask, self.token_rows
+        self.set(layout, token_mask, token_rows)
         try:
             yield
         finally:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters import MultiLoraLinear
+from mlora.batch import LossBatch
 from mlora.errors import MloraError, first_line
 from mlora.layout import BatchLayout, LayoutContext
 
@@ -46,28 +47,6 @@ class LoraSpec:
         kinds may resolve defaults from the model). Each kind of spec knows its own modules."""
         model._add_lora(name, self)
         return self
-
-
-@dataclass
-class LossBatch:
-    """One step's tensors on the model's device; label indices are prepared on the host.
-
-    Attributes:
-        input_ids, attention_mask: (B, T).
-        layout: the adapter segments of the B rows.
-        positions: (N,) flat indices ``b*T + t`` of positions whose next token is supervised.
-        targets: (N,) the supervised next tokens.
-        owners: (N,) index into ``layout.segments`` of each supervised position.
-        token_counts: (S,) supervised tokens per segment (float, > 0).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    layout: BatchLayout
-    positions: torch.Tensor
-    targets: torch.Tensor
-    owners: torch.Tensor
-    token_counts: torch.Tensor
 
 
 # Module replacement dispatch: (predicate, factory), first match wins (PEFT's pattern).
@@ -108,6 +87,9 @@ class MultiLoraModel(nn.Module):
         self.model = model
         self.context = LayoutContext()
         self.specs: dict[str, LoraSpec] = {}
+        # Whether training and loss evaluation pack rows (see mlora.packing); padded by default,
+        # the trainer and evaluation resolve the ``packing`` key.
+        self.packing = False
 
     # --- adapters ------------------------------------------------------------------------------
 
@@ -191,6 +173,7 @@ class MultiLoraModel(nn.Module):
         if strict and name not in self.specs:
             raise MloraError(f"no adapter named {name!r}")
         self.specs.pop(name, None)
+        self.context.generators.forget(name)
 
     def adapter_modules(self, name: str) -> Iterator[tuple[str, nn.Module]]:
         """(base layer path, adapter module) of adapter ``name`` on every layer it targets.
@@ -218,15 +201,31 @@ class MultiLoraModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BatchLayout
     ) -> Any:
-        """Full logits of the wrapped model with each row using its segment's adapter."""
+        """Full logits of the wrapped model with each row using its segment's adapter.
+
+        Args:
+            input_ids, attention_mask: (B, T) padded rows.
+            layout: a per-row layout (``BatchLayout.from_row_adapters``) or a token layout of
+                the B*T tokens.
+        """
         with self.context.use(layout, attention_mask.reshape(-1).bool()):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
-    def segment_losses(self, batch: LossBatch) -> torch.Tensor:
-        """Mean next-token cross-entropy over each segment's supervised tokens, shape (S,).
+    def segment_losses(
+        self,
+        batch: LossBatch,
+        token_divisors: torch.Tensor | None = None,
+        aux_divisors: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Each segment's summed next-token cross-entropy over ``token_divisors``, shape (S,).
 
         Plus, in training, each adapter's MoE router losses recorded during this pass on
-        ``context.aux_losses`` (see ``mlora.aux_losses``).
+        ``context.aux_losses`` (see ``mlora.aux_losses``), over ``aux_divisors``.
+
+        Args:
+            token_divisors: (S,) default: the segments' own supervised tokens (a mean); the
+                trainer passes each adapter's supervised tokens in the whole optimizer step.
+            aux_divisors: (S,) default 1; the trainer passes the micro-batches per step.
 
         The layout stays set on the context until the next pass, so backward (and checkpoint
         recomputation) sees it too.
@@ -235,25 +234,32 @@ class MultiLoraModel(nn.Module):
         sums = token_loss.new_zeros(len(batch.layout.segments)).index_add(
             0, batch.owners, token_loss
         )
-        losses = sums / batch.token_counts
+        losses = sums / (batch.token_counts if token_divisors is None else token_divisors)
         aux = self.context.aux_losses.segment_losses(batch.layout.adapters, losses)
-        return losses if aux is None else losses + aux  # MoE router losses join their adapter's
+        if aux is None:
+            return losses
+        return losses + (aux if aux_divisors is None else aux / aux_divisors)
 
     def token_losses(self, batch: LossBatch) -> torch.Tensor:
         """Next-token cross-entropy (fp32) at each supervised position of ``batch``, shape (N,).
 
-        Runs the backbone once for the whole batch, then applies ``lm_head`` only to the
-        positions that carry a label (most positions are prompt). Training reduces these per
-        segment; evaluation also per row (a choice's log-likelihood is minus its row's sum).
+        Runs the backbone once for the whole (packed or padded) batch, then applies ``lm_head``
+        only to the positions that carry a label (most positions are prompt), under the layout
+        of those gathered positions. Training reduces these per segment; evaluation also per
+        row (a choice's log-likelihood is minus its row's sum).
         """
-        self.context.set(batch.layout, batch.attention_mask.reshape(-1).bool())
+        self.context.set(batch.layout, batch.token_mask, batch.token_rows)
         self.context.aux_losses.clear()
         backbone = self.model.base_model
         hidden = backbone(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state  # (B, T, H)
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, T, H) padded or (1, sum L, H) packed
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # (N, H)
-        logits = self._logits(picked).float()  # (N, V)
+        with self.context.use(batch.head_layout):
+            logits = self._logits(picked).float()  # (N, V)
         return F.cross_entropy(logits, batch.targets, reduction="none")
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

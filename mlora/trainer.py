@@ -1,11 +1,13 @@
 """The training recipe: many adapters, one frozen base, one forward and one backward per step.
 
 Lifecycle: ``setup`` (data, adapters, optimizers) -> ``train`` (the step loop) -> ``save``.
-Each step the dispatcher picks the adapters that share it; their micro-batches are collated into
-one batch whose layout gives each adapter its own segment. The loss of each adapter is the mean
-over its supervised tokens divided by its accumulation count; one backward fills every adapter's
-gradients (segments never mix, so each adapter gets exactly the gradient it would get alone),
-and each adapter steps its own optimizer and schedule when its batch is complete.
+Each step the dispatcher picks the adapters that share it; their micro-batches are packed into
+one sequence (or padded rows) whose layout gives each adapter its own token segment. The loss of
+each adapter is the sum of its token losses divided by its supervised tokens in the whole
+optimizer step (token-weighted accumulation: ``micro_batch_size`` changes memory, not the
+result); one backward fills every adapter's gradients (segments never mix and each adapter draws
+dropout from its own random stream, so each adapter gets exactly the gradient it would get
+alone), and each adapter steps its own optimizer and schedule when its batch is complete.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from mlora.eval_tasks import CHOICE_TASKS, training_rows
 from mlora.interrupt import GracefulStop, TrainingInterrupted
 from mlora.model import LoraSpec, MultiLoraModel
 from mlora.optim import build_optimizer, build_scheduler
+from mlora.packing import resolve_packing
 from mlora.persistence import (
     load_adapter_weights,
     peft_config,
@@ -102,7 +105,7 @@ class AdapterRun:
     loss_sum: torch.Tensor | None = None  # on device; read only when logging
     step_loss: torch.Tensor | None = None  # on device; loss of the optimizer step in progress
     failed: str | None = None  # why the adapter was stopped (non-finite loss)
-    loss_count: int = 0
+    loss_count: float = 0.0  # optimizer steps ``loss_sum`` covers (fractions mid-step)
     tokens: int = 0
     history: list[float] = field(default_factory=list)
     expert_load: list[list[float]] = field(default_factory=list)  # MoE: per-expert token share
@@ -167,9 +170,16 @@ class Trainer:
         self.gradient_checkpoint = resolve_checkpoint_mode(config.gradient_checkpoint, self.backend)
         if self.gradient_checkpoint != "none" or checkpoint_mode(model.model) != "none":
             apply_gradient_checkpointing(
-                model.model, self.gradient_checkpoint, self.backend, model.context.aux_losses
+                model.model,
+                self.gradient_checkpoint,
+                self.backend,
+                model.context.aux_losses,
+                model.context.generators,
             )
             logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
+        model.packing = resolve_packing(model.model, config.packing)
+        self.tokens_seen = 0  # tokens of every pass so far, padding included
+        self.padded_tokens = 0
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -180,6 +190,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(adapter_seed(self.seed, config.name))
             self.model.add_adapter(config.name, spec)
+        self.model.context.generators.seed(config.name, adapter_seed(self.seed, config.name))
         if init_from is not None:
             self._load_initial_weights(config, spec, init_from)
         queue = AdapterQueue(
@@ -236,6 +247,13 @@ class Trainer:
             self.model.context.set(None)
         peak = self.backend.memory_stats()["peak"]  # CPU: process peak RSS; GPU: allocator peak
         logger.info("peak memory %.0f MiB on %s", peak / 2**20, self.backend.device)
+        if self.tokens_seen:
+            logger.info(
+                "padding: %.1f%% of %d tokens (packing %s)",
+                100 * self.padded_tokens / self.tokens_seen,
+                self.tokens_seen,
+                "on" if self.model.packing else "off",
+            )
         return {run.name: run.history for run in self.runs}
 
     def _loop(self, stop: GracefulStop, progress, by_queue: dict, last_log: float) -> None:
@@ -261,18 +279,25 @@ class Trainer:
     def train_step(self, step: list[tuple[AdapterRun, MicroBatch]]) -> None:
         """One forward and one backward for every adapter in ``step``, then due optimizer steps."""
         batch = collate(
-            [(run.name, mb.rows) for run, mb in step], self.pad_token_id, self.model.device
+            [(run.name, mb.rows) for run, mb in step],
+            self.pad_token_id,
+            self.model.device,
+            packed=self.model.packing,
         )
+        self.tokens_seen += batch.num_tokens
+        self.padded_tokens += batch.padded_tokens
         # Built and queued before the forward: a blocking copy after it would wait for the GPU.
-        divisors = torch.tensor([mb.accumulation for _, mb in step], dtype=torch.float32)
-        divisors = divisors.to(self.model.device, non_blocking=True)
-        losses = self.model.segment_losses(batch)  # (S,) fp32
-        (losses / divisors).sum().backward()
+        divisors = torch.tensor(
+            [[mb.step_tokens, mb.accumulation] for _, mb in step], dtype=torch.float32
+        ).to(self.model.device, non_blocking=True)
+        # (S,) fp32: token-loss sums over the step's supervised tokens, + router losses / micro
+        losses = self.model.segment_losses(batch, divisors[:, 0], divisors[:, 1])
+        losses.sum().backward()
         detached = losses.detach()
         for i, (run, mb) in enumerate(step):
             run.loss_sum = detached[i] if run.loss_sum is None else run.loss_sum + detached[i]
             run.step_loss = detached[i] if run.step_loss is None else run.step_loss + detached[i]
-            run.loss_count += 1
+            run.loss_count += sum(row.num_supervised for row in mb.rows) / mb.step_tokens
             run.tokens += sum(len(row) for row in mb.rows)
         due = [run for run, mb in step if mb.ends_step]
         # One host read per step that has an optimizer step: the price of never applying a
@@ -333,7 +358,7 @@ class Trainer:
                 )  # fmt: skip
             if not math.isfinite(loss):
                 logger.warning("adapter %s: loss is %s", run.name, loss)
-            run.loss_sum, run.loss_count, run.tokens = None, 0, 0
+            run.loss_sum, run.loss_count, run.tokens = None, 0.0, 0
 
     # --- saving --------------------------------------------------------------------------------
 

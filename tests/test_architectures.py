@@ -1,12 +1,15 @@
 """Every architecture with standard projection names works: table-driven over tiny configs.
 
 For each model family: a mixed batch (two adapters + a base row) equals PEFT with each adapter,
-and the labels-only ``segment_losses`` equals the model's own ``loss`` from full logits.
+the labels-only ``segment_losses`` equals the model's own ``loss`` from full logits, and packed
+rows give the same per-token losses and gradients as padded rows. Families whose code does not
+keep packed rows apart (OPT, BLOOM) are caught by the packing probe, and "auto" pads them.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from mlora.batch import collate
 from mlora.data import IGNORE_INDEX, TokenizedRow
 from mlora.layout import BatchLayout
 from mlora.model import LoraSpec, MultiLoraModel
+from mlora.packing import packing_problem, resolve_packing
 
 COMMON = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
 ATTENTION = {"num_attention_heads": 4, "num_key_value_heads": 2}
@@ -117,7 +121,7 @@ def test_labels_only_loss_equals_the_models_own_loss(family: str) -> None:
         TokenizedRow(list(range(5, 17)), [IGNORE_INDEX] * 6 + list(range(11, 17))),
         TokenizedRow(list(range(20, 29)), [IGNORE_INDEX] * 3 + list(range(23, 29))),
     ]
-    batch = collate([("a", rows)], pad_token_id=0)
+    batch = collate([("a", rows)], pad_token_id=0, packed=False)
     ours = model.segment_losses(batch)[0]
     labels = torch.full_like(batch.input_ids, IGNORE_INDEX)
     for b, row in enumerate(rows):
@@ -127,3 +131,86 @@ def test_labels_only_loss_equals_the_models_own_loss(family: str) -> None:
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
         ).loss
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def _losses_and_grads(
+    model: MultiLoraModel, groups: list, packed: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token losses in (row, position in row) order, and every gradient."""
+    model.zero_grad(set_to_none=True)
+    batch = collate(groups, pad_token_id=0, packed=packed)
+    token_losses = model.token_losses(batch)
+    token_losses.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    if packed:  # packing reorders rows inside an adapter's segment
+        in_row = batch.position_ids.reshape(-1)[batch.positions]
+    else:
+        in_row = batch.positions % batch.input_ids.shape[1]
+    order = torch.argsort(batch.position_rows * 10_000 + in_row)
+    return token_losses.detach()[order], grads
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_rows_equal_padded_rows(family: str) -> None:
+    """Per-token losses and every adapter gradient: packed == padded (fp32), two adapters with
+    rows of unequal length, lm_head among the targets."""
+    base, targets = build(family)
+    assert packing_problem(base) is None  # every family here packs exactly
+    model = MultiLoraModel(base)
+    model.add_adapter("a", LoraSpec(r=2, scaling=1.0, target_modules=(*targets, "lm_head")))
+    model.add_adapter("b", LoraSpec(r=3, scaling=0.5, target_modules=tuple(targets)))
+    randomise(model)
+    model.train()
+    rows = [  # a: lengths 12, 5, 6 (the last two share a packed row); b: 9, 4, 3
+        TokenizedRow(list(range(5, 17)), [IGNORE_INDEX] * 6 + list(range(11, 17))),
+        TokenizedRow(list(range(20, 25)), [IGNORE_INDEX] * 2 + list(range(22, 25))),
+        TokenizedRow(list(range(40, 46)), [IGNORE_INDEX] * 1 + list(range(41, 46))),
+        TokenizedRow(list(range(30, 39)), [IGNORE_INDEX] * 3 + list(range(33, 39))),
+        TokenizedRow(list(range(50, 54)), [IGNORE_INDEX] * 1 + list(range(51, 54))),
+        TokenizedRow(list(range(60, 63)), [IGNORE_INDEX] * 1 + list(range(61, 63))),
+    ]
+    groups = [("a", rows[:3]), ("b", rows[3:])]
+    assert collate(groups, 0, packed=True).input_ids.shape[0] < len(rows)  # rows really share
+    padded_losses, padded_grads = _losses_and_grads(model, groups, packed=False)
+    packed_losses, packed_grads = _losses_and_grads(model, groups, packed=True)
+    torch.testing.assert_close(packed_losses, padded_losses, rtol=1e-5, atol=1e-5)
+    assert padded_grads.keys() == packed_grads.keys() and padded_grads
+    assert any("lm_head" in name for name in padded_grads)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+UNPACKABLE = {
+    # learned absolute positions indexed from the attention mask, not from position_ids
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 96, "word_embed_proj_dim": 64}),
+    # ALiBi biases built from the attention mask
+    "bloom": ("BloomConfig", "BloomForCausalLM", {"n_layer": 2, "n_head": 4}),
+}
+
+
+@pytest.mark.parametrize("family", list(UNPACKABLE))
+def test_auto_packing_falls_back_where_rows_would_mix(family: str, caplog) -> None:
+    """Why "auto" pads some models: packed rows really would attend to each other there, so
+    the probe refuses and says why in one log line; the padded batch is then exact."""
+    config_name, model_name, extra = UNPACKABLE[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **extra
+    )
+    hf_model = getattr(transformers, model_name)(config).eval()
+    model = MultiLoraModel(hf_model)
+    rows = [  # lengths 12, 5, 6: the last two share a packed batch row
+        TokenizedRow(list(range(5, 17)), [IGNORE_INDEX] * 6 + list(range(11, 17))),
+        TokenizedRow(list(range(20, 25)), [IGNORE_INDEX] * 2 + list(range(22, 25))),
+        TokenizedRow(list(range(30, 36)), [IGNORE_INDEX] * 3 + list(range(33, 36))),
+    ]
+    with torch.no_grad():
+        packed = model.token_losses(collate([(None, rows)], 0, packed=True))
+        padded = model.token_losses(collate([(None, rows)], 0, packed=False))
+        alone = torch.cat([model.token_losses(collate([(None, [r])], 0)) for r in rows])
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    assert (packed - alone).abs().max() > 1e-3  # packing would train on mixed rows
+    with caplog.at_level(logging.INFO, logger="mlora"):
+        assert resolve_packing(hf_model, "auto") is False
+    assert "packing: off" in caplog.text and model_name in caplog.text
+    assert resolve_packing(hf_model, True) is True  # asked for explicitly: the user's choice

@@ -94,8 +94,8 @@ def first_step_grads(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Te
     step = [(by_queue[id(q)], mb) for q, mb in trainer.dispatcher.next_step()]
     assert len(step) == 3 and not any(mb.ends_step for _, mb in step)
     trainer.train_step(step)
-    grads = {
-        f"{run.name}/{path}.{n}": p.grad.detach().clone()
+    grads = {  # an expert that got no token has no gradient: zero
+        f"{run.name}/{path}.{n}": torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
         for run in trainer.runs
         for path, module in trainer.model.adapter_modules(run.name)
         for n, p in module.named_parameters()

@@ -87,21 +87,45 @@ def test_matches_peft_forward_and_gradients(variant: str) -> None:
         )
 
 
-def test_dora_with_dropout_matches_peft_under_same_rng() -> None:
+class GeneratorDropout(nn.Module):
+    """nn.Dropout drawing from a given generator: PEFT's layer with our adapter's mask."""
+
+    def __init__(self, p: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.p, self.generator = p, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
+        return x * keep / (1 - self.p)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_dropout_matches_peft_with_the_adapters_own_stream(variant: str) -> None:
+    """Dropout on: PEFT's layer, given a generator in the state of our adapter's stream, draws
+    the same mask, so outputs and gradients match; the global RNG plays no part."""
     torch.manual_seed(0)
     base = OneLinear()
-    reference = peft_layer(base, 4, 8.0, 0.3, "dora").train()
+    reference = peft_layer(base, 4, 8.0, 0.3, variant).train()
     context = LayoutContext()
     ours = MultiLoraLinear(copy.deepcopy(base.proj).requires_grad_(False), context).train()
-    ours.add_adapter("a", 4, 2.0, 0.3, use_dora=True)
+    ours.add_adapter("a", 4, 2.0, 0.3, use_dora=variant == "dora")
     copy_peft_weights_into(ours, "a", reference)
+    context.generators.seed("a", 7)
+    twin = torch.Generator().set_state(context.generators.get("a", torch.device("cpu")).get_state())
+    reference.base_model.model.proj.lora_dropout["default"] = GeneratorDropout(0.3, twin)
     x = torch.randn(4, 16)
-    torch.manual_seed(1)
-    y_ref = reference(x)
-    torch.manual_seed(1)
+    x_ref, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_ref = reference(x_ref)
+    torch.manual_seed(123)  # the global RNG must not matter
     with context.use(BatchLayout.from_row_adapters(["a"] * 4)):
-        y_ours = ours(x)
+        y_ours = ours(x_ours)
     torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(y_ref)
+    y_ref.backward(grad)
+    y_ours.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    peft_a = reference.base_model.model.proj.lora_A["default"].weight
+    torch.testing.assert_close(ours.adapters["a"].lora_A.weight.grad, peft_a.grad)
 
 
 def test_mixed_batch_equals_each_adapter_alone() -> None:

@@ -74,13 +74,16 @@ def dense_expert(ffn: MixLoraFeedForward, moe, expert: int | None, x: torch.Tens
 
 
 def kept_experts(probs: torch.Tensor, spec: RouterSpec, rows: int, real, training: bool):
-    """(N, E) bool mask of kept experts, by a per-token loop over the strategy's rule."""
+    """(N, E) bool mask of kept experts, by a per-token loop over the strategy's rule (padding:
+    none)."""
     n, e = probs.shape
     keep = torch.zeros(n, e, dtype=torch.bool)
     per_row = n // rows
     used = [[0] * e for _ in range(rows)]
     for t in range(n):
         order = sorted(range(e), key=lambda i: -probs[t, i].item())
+        if not real[t]:  # padding is routed to no expert: it gets the frozen FFN
+            continue
         if spec.strategy == "mixlora":
             chosen = order[: spec.top_k]
         elif spec.strategy == "mixlora-dynamic":
@@ -111,7 +114,7 @@ def dense_moe(ffn: MixLoraFeedForward, moe, x: torch.Tensor, real, rows: int, tr
     keep = kept_experts(probs.detach(), spec, rows, real, training)
     weights = probs * keep
     if spec.strategy == "mixlora":
-        weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)  # padding: 0 / 0
     out = sum(weights[:, e : e + 1] * dense_expert(ffn, moe, e, x) for e in range(spec.num_experts))
     unrouted = ~keep.any(-1)  # switch overflow: the frozen FFN
     return out + unrouted[:, None] * dense_expert(ffn, moe, None, x)

@@ -1,9 +1,11 @@
 """N AdamW steps of mlora match PEFT + a plain PyTorch loop from the same PEFT initial adapter.
 
 The reference is written the obvious way: PEFT's model, the HF model's own loss
-(``model(input_ids, attention_mask, labels)``), rows in file order, gradient accumulation by
-dividing each micro-batch loss, one AdamW. mlora starts from the same adapter folder through
-``--load_adapter`` semantics (``init_from``) and trains it together with a second adapter.
+(``model(input_ids, attention_mask, labels, num_items_in_batch=...)``), rows in file order,
+gradient accumulation over micro-batches with the loss normalised by the supervised tokens of
+the whole optimizer step (transformers' ``num_items_in_batch``, as HF Trainer does), one AdamW.
+mlora starts from the same adapter folder through ``--load_adapter`` semantics (``init_from``)
+and trains it together with a second adapter.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def peft_initial_adapter(base: torch.nn.Module, variant: str, folder: Path) -> t
 
 
 def reference_training(model: torch.nn.Module, rows, pad_id: int, variant: str) -> None:
-    """PEFT + a plain PyTorch loop: file order, micro-batches, gradient accumulation, AdamW."""
+    """PEFT + a plain PyTorch loop: file order, micro-batches, token-weighted accumulation."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if variant == "loraplus":
         groups = [
@@ -74,6 +76,7 @@ def reference_training(model: torch.nn.Module, rows, pad_id: int, variant: str) 
     for start in range(0, len(rows), BATCH):
         batch = rows[start : start + BATCH]
         micro_batches = [batch[i : i + MICRO] for i in range(0, len(batch), MICRO)]
+        step_tokens = sum(sum(label != IGNORE_INDEX for label in r.labels[1:]) for r in batch)
         for micro in micro_batches:
             width = max(len(r) for r in micro)
             ids = torch.full((len(micro), width), pad_id)
@@ -83,8 +86,10 @@ def reference_training(model: torch.nn.Module, rows, pad_id: int, variant: str) 
                 ids[b, : len(row)] = torch.tensor(row.input_ids)
                 mask[b, : len(row)] = 1
                 labels[b, : len(row)] = torch.tensor(row.labels)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            (loss / len(micro_batches)).backward()
+            loss = model(
+                input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=step_tokens
+            ).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 

@@ -219,6 +219,7 @@ def test_existing_output_of_an_interrupted_run_suggests_resume(config: Path, tmp
 
 def test_resume_notices_changed_training_data(reference: Path) -> None:
     from mlora.checkpoint import check_same_data
+    from mlora.data import TokenizedRow
     from mlora.dispatcher import AdapterQueue
     from mlora.errors import MloraError
 
@@ -227,7 +228,8 @@ def test_resume_notices_changed_training_data(reference: Path) -> None:
     assert sorted(state["epoch_order"]) == list(range(12))  # the row order of its epoch
 
     def queue(rows: int) -> AdapterQueue:  # acc's settings; only the row count varies
-        return AdapterQueue("acc", [[1, 2, 3]] * rows, 4, 2, 2, shuffle=True, seed=5)  # type: ignore[list-item]
+        row = TokenizedRow([1, 2, 3], [1, 2, 3])
+        return AdapterQueue("acc", [row] * rows, 4, 2, 2, shuffle=True, seed=5)
 
     check_same_data(folder, queue(12))
     with pytest.raises(MloraError, match="its training data changed since"):

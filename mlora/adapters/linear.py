@@ -1,11 +1,14 @@
 """The adapter-aware linear layer: one frozen base layer, N adapters, segment by segment.
 
-    y = base(x)                                    # frozen, once for the whole batch
-    y[seg_i] += adapter_i(x[seg_i], y[seg_i])      # per adapter segment of the layout
+    y = base(x)                                       # frozen, once for the whole pass
+    y[seg_i] += scale_i * B_i(A_i(drop_i(x[seg_i])))   # every plain-LoRA segment in one op
 
-The per-segment loop is the reference implementation that any faster (grouped GEMM) path must
-be tested equal to. Rows outside every segment, or whose adapter does not target this layer,
-get the base output unchanged.
+Plain LoRA segments go through ``mlora.ops.segmented_lora`` (a grouped GEMM or a buffer-writing
+autograd function, both tested equal to the per-segment loop). DoRA and per-linear MoE adapters
+(LoRAMoE, MoLA) need their segment's base output too; they run per segment on views from
+``split_segments`` and their deltas are joined into one buffer. No path slices and ``cat``s
+the whole activation, so time and memory do not grow with the number of adapters. Tokens
+outside every segment, or whose adapter does not target this layer, get the base output.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import torch
 from torch import nn
 
 from mlora.adapters.lora import LoraAdapter
-from mlora.layout import LayoutContext
+from mlora.layout import AdapterSegment, LayoutContext
+from mlora.ops.segmented_lora import segmented_lora
+from mlora.ops.segments import join_segments, split_segments
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -81,31 +86,70 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
-        layout = self.context.layout
-        if layout is None or not self.adapters:
+        if not self.adapters:
             return result
-        flat_x = x.reshape(-1, x.shape[-1])  # (B*T, in)
-        flat_y = result.reshape(-1, result.shape[-1])  # (B*T, out)
-        tokens_per_row = flat_x.shape[0] // layout.num_rows
-        pieces: list[torch.Tensor] = []
-        cursor = 0
+        flat_x = x.reshape(-1, x.shape[-1])  # (N, in)
+        layout = self.context.layout_for(flat_x.shape[0])
+        if layout is None:
+            return result
+        mine = [s for s in layout.segments if s.adapter in self.adapters and s.size > 0]
+        if not mine:
+            return result
+        flat_y = result.reshape(-1, result.shape[-1])  # (N, out)
+        plain = [s for s in mine if _is_plain_lora(self.adapters[s.adapter])]
+        custom = [s for s in mine if not _is_plain_lora(self.adapters[s.adapter])]
+        delta = self._plain_delta(flat_x, plain) if plain else None
+        if custom:
+            more = self._custom_delta(flat_x, flat_y, custom)
+            delta = more if delta is None else delta + more
+        assert delta is not None
+        return (flat_y + delta).to(result.dtype).view_as(result)
+
+    def _plain_delta(self, x: torch.Tensor, segments: list[AdapterSegment]) -> torch.Tensor:
+        """(N, out) fp32 LoRA delta of every plain-LoRA segment, zero elsewhere."""
+        adapters: list[LoraAdapter] = [self.adapters[s.adapter] for s in segments]
+        x = x.to(adapters[0].lora_A.weight.dtype)
+        dropping = [(s, a.dropout_p) for s, a in zip(segments, adapters, strict=True)]
+        dropping = [(s, p) for s, p in dropping if p > 0 and adapters[0].training]
+        if dropping:  # one mask for the pass, each segment's part from its adapter's stream
+            keep = torch.ones_like(x)
+            for seg, p in dropping:
+                generator = self.context.generators.get(seg.adapter, x.device)
+                keep[seg.start : seg.end].bernoulli_(1 - p, generator=generator).div_(1 - p)
+            x = x * keep
+        return segmented_lora(
+            x,
+            [(s.start, s.end) for s in segments],
+            [a.lora_A.weight for a in adapters],
+            [a.lora_B.weight for a in adapters],
+            [a.scaling for a in adapters],
+        )
+
+    def _custom_delta(
+        self, x: torch.Tensor, y: torch.Tensor, segments: list[AdapterSegment]
+    ) -> torch.Tensor:
+        """(N, out) fp32 delta of DoRA / MoE segments, each module run on its segment's views."""
+        ranges = [(s.start, s.end) for s in segments]
+        xs, ys = split_segments(x, ranges), split_segments(y, ranges)
         dense: torch.Tensor | None = None  # DoRA's base weight, dequantized once per pass
-        for seg in layout.segments:
-            if seg.adapter not in self.adapters:
-                continue
+        deltas = []
+        for seg, seg_x, seg_y in zip(segments, xs, ys, strict=True):
             adapter = self.adapters[seg.adapter]
-            start, end = seg.start * tokens_per_row, seg.end * tokens_per_row
-            if start > cursor:
-                pieces.append(flat_y[cursor:start])
-            base_out = flat_y[start:end]
             if adapter.magnitude is not None and dense is None:
                 dense = dense_weight(self.base_layer)
-            weight = dense if adapter.magnitude is not None else None
-            delta = adapter(flat_x[start:end], base_out, weight, self.base_layer.bias)
-            pieces.append((base_out + delta).to(result.dtype))
-            cursor = end
-        if not pieces:
-            return result
-        if cursor < flat_y.shape[0]:
-            pieces.append(flat_y[cursor:])
-        return torch.cat(pieces).view_as(result)
+            deltas.append(
+                adapter(
+                    seg_x,
+                    seg_y,
+                    dense if adapter.magnitude is not None else None,
+                    self.base_layer.bias,
+                    generator=self.context.generators.get(seg.adapter, x.device),
+                    token_mask=self.context.segment_token_mask(seg, x.shape[0]),
+                ).float()
+            )
+        return join_segments(deltas, ranges, x.shape[0])
+
+
+def _is_plain_lora(adapter: nn.Module) -> bool:
+    """A LoRA without DoRA: the segmented op computes it from A, B and the scale alone."""
+    return type(adapter) is LoraAdapter and adapter.magnitude is None

@@ -3,7 +3,9 @@
 LoRA adds ``scaling * B(A(dropout(x)))`` to the frozen layer's output. DoRA additionally
 rescales each output row by a trained magnitude over the norm of the adapted weight
 ``m / ||W + scaling * B A||`` (the norm is detached, as in the DoRA paper section 4.3 and PEFT).
-Adapter weights are kept in fp32 whatever the base dtype.
+Adapter weights are kept in fp32 whatever the base dtype. Dropout masks are drawn from the
+generator the caller passes (each adapter's own stream, ``mlora.randomness``), never from the
+global RNG, so one adapter's masks do not depend on which other adapters share the pass.
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ def init_lora_weights(lora_A: nn.Linear, lora_B: nn.Linear, init: str, r: int) -
     else:
         nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
     nn.init.zeros_(lora_B.weight)
+
+
+def adapter_dropout(
+    x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Inverted dropout (as ``nn.Dropout``) with masks from ``generator``.
+
+    Args:
+        x: (N, in) input; returned unchanged when not ``training`` or ``p`` is 0.
+        p: drop probability.
+        generator: the adapter's stream on ``x``'s device (None: the global RNG).
+    """
+    if not training or p == 0:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
+    return x * keep / (1 - p)
 
 
 class DoraMagnitude(nn.Module):
@@ -75,7 +93,7 @@ class LoraAdapter(nn.Module):
         super().__init__()
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = dropout
         self.scaling = scaling
         init_lora_weights(self.lora_A, self.lora_B, init, r)
         self.magnitude: DoraMagnitude | None = None
@@ -95,6 +113,8 @@ class LoraAdapter(nn.Module):
         base_result: torch.Tensor,
         base_weight: torch.Tensor | None = None,
         base_bias: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens.
 
@@ -103,22 +123,25 @@ class LoraAdapter(nn.Module):
             base_result: (N, out) the frozen layer's output for the same tokens.
             base_weight: (out, in) dense base weight; needed only for DoRA.
             base_bias: the base layer's bias, removed from ``base_result`` for DoRA.
+            generator: the adapter's random stream for dropout (see ``adapter_dropout``).
+            token_mask: (N,) real tokens; unused by LoRA (MoE modules share this signature).
 
         Returns:
             (N, out) fp32 delta.
         """
         x = x.to(self.lora_A.weight.dtype)
         if self.magnitude is None:
-            return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+            dropped = adapter_dropout(x, self.dropout_p, self.training, generator)
+            return self.lora_B(self.lora_A(dropped)) * self.scaling
         assert base_weight is not None
         weight = base_weight.to(x.dtype)
         norm = DoraMagnitude.weight_norm(weight, self.lora_weight().detach(), self.scaling).detach()
         mag_norm_scale = (self.magnitude.weight / norm).view(1, -1)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
+        if self.dropout_p == 0 or not self.training:
             lora_result = self.lora_B(self.lora_A(x))
             base = base_result if base_bias is None else base_result - base_bias
         else:
-            x = self.dropout(x)
+            x = adapter_dropout(x, self.dropout_p, self.training, generator)
             lora_result = self.lora_B(self.lora_A(x))
             base = F.linear(x, weight)
         return (mag_norm_scale - 1) * base + mag_norm_scale * lora_result * self.scaling

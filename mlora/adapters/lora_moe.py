@@ -122,11 +122,6 @@ class ExpertMixture(nn.Module):
     def _reporting(self) -> bool:
         return self.training and self.context is not None and self.adapter_name is not None
 
-    def _token_mask(self) -> torch.Tensor | None:
-        """(N,) real-token mask of this adapter's segment, or None (every token counts)."""
-        assert self.context is not None and self.adapter_name is not None
-        return self.context.adapter_token_mask(self.adapter_name)
-
 
 class LoraMoeAdapter(ExpertMixture):
     """LoRAMoE (Dou et al. 2023) on one linear layer: every expert, softmax-weighted.
@@ -140,6 +135,8 @@ class LoraMoeAdapter(ExpertMixture):
         base_result: torch.Tensor,
         base_weight: torch.Tensor | None = None,
         base_bias: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens.
 
@@ -147,6 +144,8 @@ class LoraMoeAdapter(ExpertMixture):
             x: (N, in) the segment's layer input.
             base_result: (N, out) the frozen layer's output for the same tokens.
             base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
+            generator: the adapter's random stream (its experts' dropout).
+            token_mask: (N,) real (non-padding) tokens, for router statistics; None: all.
 
         Returns:
             (N, out) fp32 delta.
@@ -156,9 +155,10 @@ class LoraMoeAdapter(ExpertMixture):
             base_weight = base_weight.float()
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
         for e, expert in enumerate(self.experts):
-            delta = delta + probs[:, e : e + 1] * expert(x, base_result, base_weight, base_bias)
+            out = expert(x, base_result, base_weight, base_bias, generator)
+            delta = delta + probs[:, e : e + 1] * out
         if self._reporting():  # dense: an expert's "load" is its share of the router's mass
-            mask = self._token_mask()
+            mask = token_mask
             mass = probs if mask is None else probs * mask[:, None].to(probs.dtype)
             self.context.aux_losses.add_load(self.adapter_name, mass.sum(dim=0))
         return delta
@@ -202,6 +202,8 @@ class MolaAdapter(ExpertMixture):
         base_result: torch.Tensor,
         base_weight: torch.Tensor | None = None,
         base_bias: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens (same contract as LoRA).
 
@@ -209,42 +211,53 @@ class MolaAdapter(ExpertMixture):
             x: (N, in) the segment's layer input.
             base_result: (N, out) the frozen layer's output for the same tokens.
             base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
+            generator: the adapter's random stream (its experts' dropout).
+            token_mask: (N,) real (non-padding) tokens, for router statistics; None: all.
 
         Returns:
             (N, out) fp32 delta.
         """
-        n = x.shape[0]
+        n, k, num_experts = x.shape[0], self.top_k, self.num_experts
         probs, weights, selected = self.route(x)  # (N, E), (N, k), (N, k)
         flat_expert = selected.reshape(-1)  # (N*k,) expert of each (token, slot) pair
+        if token_mask is not None:  # padding is routed nowhere: a last, dropped group
+            flat_expert = flat_expert.masked_fill(~token_mask.repeat_interleave(k), num_experts)
         order = torch.argsort(flat_expert, stable=True)  # pairs grouped by expert
-        token_of = order // self.top_k  # (N*k,) token of each sorted pair
-        load = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        load = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
         counts = load.tolist()  # the one host sync: group sizes for the split below
-        xs = x.index_select(0, token_of)  # (N*k, in)
+        order = order[: sum(counts)]  # (P,) routed pairs
+        token_of = order // k  # (P,) token of each sorted pair
+        xs = x.index_select(0, token_of)  # (P, in)
         if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
             base_weight = base_weight.float()
         if self.magnitude is not None:  # DoRA experts rescale the base output of their tokens
             bases = base_result.index_select(0, token_of).split(counts)
         else:
-            bases = (base_result,) * self.num_experts  # unused by plain LoRA experts
+            bases = (base_result,) * num_experts  # unused by plain LoRA experts
         outputs = [
-            expert(x_e, base_e, base_weight, base_bias)
+            expert(x_e, base_e, base_weight, base_bias, generator)
             for expert, x_e, base_e, count in zip(
                 self.experts, xs.split(counts), bases, counts, strict=True
             )
             if count > 0
         ]
-        kept = weights.reshape(-1).index_select(0, order)  # (N*k,)
-        routed = torch.cat(outputs) * kept[:, None]  # (N*k, out)
-        delta = routed.new_zeros(n, self.out_features).index_add(0, token_of, routed)
+        delta = x.new_zeros(n, self.out_features, dtype=torch.float32)
+        if outputs:
+            kept = weights.reshape(-1).index_select(0, order)  # (P,)
+            delta = delta.index_add(0, token_of, torch.cat(outputs) * kept[:, None])
         if self._reporting():
-            self._report(probs, selected, load)
+            self._report(probs, selected, load, token_mask)
         return delta
 
-    def _report(self, probs: torch.Tensor, selected: torch.Tensor, load: torch.Tensor) -> None:
+    def _report(
+        self,
+        probs: torch.Tensor,
+        selected: torch.Tensor,
+        load: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> None:
         """Routed counts over real tokens and, with ``router_loss``, the weighted aux loss."""
         assert self.context is not None and self.adapter_name is not None
-        mask = self._token_mask()
         slots = F.one_hot(selected, self.num_experts)  # (N, k, E), built once for both
         if mask is not None:  # count real tokens only
             load = (slots.sum(dim=1) * mask[:, None]).sum(dim=0)

@@ -138,6 +138,11 @@ class Backend(ABC):
     def reset_peak_memory_stats(self) -> None:
         """Start a new peak measurement from the current usage."""
 
+    def compute_capability(self) -> tuple[int, int] | None:
+        """The accelerator's (major, minor) compute capability; None where it has none (CPU,
+        MPS). Kernels with a fast path on some generations only ask this."""
+        return None
+
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); no-op on synchronous devices."""
         return None

@@ -69,5 +69,8 @@ class CudaBackend(Backend):
     def reset_peak_memory_stats(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
 
+    def compute_capability(self) -> tuple[int, int] | None:
+        return torch.cuda.get_device_capability(self.device)
+
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

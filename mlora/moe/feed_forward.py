@@ -9,9 +9,10 @@ For the tokens of a MixLoRA adapter's segment (flattened to N tokens), with a ga
     y[idx_e] += w_e * (down(h_e) + dD_e(h_e))       # index_add: each expert sees only its tokens
 
 where ``dP_e`` is expert e's LoRA (or DoRA) on projection P, absent when P is not a target.
-An fc1/fc2 MLP (Phi) is the same with ``fc2(act(fc1(x)))``. Rows of other adapters, and rows
-no segment covers, run the model's own MLP module (with any plain LoRA its linears carry) under
-a layout restricted to them, so MixLoRA segments and ordinary segments share one batch.
+An fc1/fc2 MLP (Phi) is the same with ``fc2(act(fc1(x)))``. Tokens of other adapters, and
+tokens no segment covers, run the model's own MLP module (with any plain LoRA its linears carry)
+under a layout restricted to them, so MixLoRA segments and ordinary segments share one batch.
+Router jitter and dropout come from each adapter's own random stream (``mlora.randomness``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import torch
 from torch import nn
 
 from mlora.adapters import LoraAdapter, MultiLoraLinear, dense_weight
+from mlora.adapters.lora import adapter_dropout
 from mlora.errors import MloraError
 from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.moe.routing import route
 from mlora.moe.spec import MixLoraSpec, RouterSpec
+from mlora.ops.segments import join_segments, split_segments
 
 # The MLP shapes we know: (projection names in call order, kind).
 GATED = ("gate_proj", "up_proj", "down_proj")
@@ -104,21 +107,23 @@ class MixLoraExperts(nn.Module):
         )
         self.activation = activation
         self.use_dora = spec.use_dora
-        self.dropout: nn.Module = (
-            nn.Dropout(router.ffn_dropout) if router.ffn_dropout > 0 else nn.Identity()
-        )
+        self.ffn_dropout = router.ffn_dropout
 
     def expert(self, projection: str, index: int) -> LoraAdapter | None:
         """Expert ``index``'s LoRA on ``projection``, or None if the projection is not adapted."""
         key = f"{projection}_experts"
         return self.experts[key][index] if key in self.experts else None
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, E) fp32 logits; the router input gets multiplicative jitter in training."""
+    def router_logits(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(N, E) fp32 logits; the router input gets multiplicative jitter in training, drawn
+        from ``generator`` (the adapter's stream)."""
         x = x.float()
         jitter = self.router_spec.jitter_noise
         if self.training and jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
+            noise = torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter, generator=generator)
+            x = x * noise
         return self.router(x)
 
 
@@ -170,79 +175,113 @@ class MixLoraFeedForward(nn.Module):
     # --- forward -------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layout = self.context.layout
+        flat = x.reshape(-1, x.shape[-1])  # (N, H)
+        n = flat.shape[0]
+        layout = self.context.layout_for(n)
         if layout is None or not self.moes:
             return self.mlp(x)
-        moe_segments = [seg for seg in layout.segments if seg.adapter in self.moes]
+        moe_segments = [s for s in layout.segments if s.adapter in self.moes and s.size > 0]
         if not moe_segments:
             return self.mlp(x)
-        rows = x.reshape(layout.num_rows, -1, x.shape[-1])  # (B, T, H)
-        per_row = rows.shape[1]
-        mask = self.context.token_mask  # set together with the layout (LayoutContext.set)
-        assert mask is None or mask.numel() == rows.shape[0] * per_row, "mask of another pass"
-        pieces: list[tuple[int, torch.Tensor]] = [
-            (seg.start, self._moe_segment(seg, rows[seg.start : seg.end], mask, per_row))
-            for seg in moe_segments
+        # The pass as alternating ranges: MixLoRA segments, and the tokens between them.
+        ranges: list[tuple[int, int]] = []
+        owners: list[AdapterSegment | None] = []
+        cursor = 0
+        for seg in moe_segments:
+            if seg.start > cursor:
+                ranges.append((cursor, seg.start))
+                owners.append(None)
+            ranges.append((seg.start, seg.end))
+            owners.append(seg)
+            cursor = seg.end
+        if cursor < n:
+            ranges.append((cursor, n))
+            owners.append(None)
+        pieces = split_segments(flat, ranges)
+        outputs: list[torch.Tensor | None] = [
+            None if seg is None else self._moe_segment(seg, piece, n)
+            for seg, piece in zip(owners, pieces, strict=True)
         ]
-        pieces += self._other_rows(layout, rows, mask)
-        pieces.sort(key=lambda item: item[0])
-        return torch.cat([piece for _, piece in pieces]).view(*x.shape[:-1], -1)
+        others = [i for i, seg in enumerate(owners) if seg is None]
+        if others:
+            rest = self._other_tokens(
+                layout, [ranges[i] for i in others], [pieces[i] for i in others]
+            )
+            for i, out in zip(others, rest, strict=True):
+                outputs[i] = out
+        joined = join_segments([o for o in outputs if o is not None], ranges, n)
+        return joined.view(*x.shape[:-1], -1)
 
-    def _other_rows(
-        self, layout: BatchLayout, rows: torch.Tensor, mask: torch.Tensor | None
-    ) -> list[tuple[int, torch.Tensor]]:
-        """The model's MLP on the rows outside MixLoRA segments, under a layout of just them."""
-        ranges: list[tuple[int, int]] = []  # row ranges outside MixLoRA segments
-        segments: list[AdapterSegment] = []  # the other segments, shifted past removed rows
-        cursor = removed = 0
-        for seg in layout.segments:  # ordered and non-overlapping (BatchLayout checks)
-            if seg.adapter in self.moes:
-                if seg.start > cursor:
-                    ranges.append((cursor, seg.start))
-                cursor = seg.end
-                removed += seg.end - seg.start
-            else:
-                segments.append(AdapterSegment(seg.adapter, seg.start - removed, seg.end - removed))
-        if layout.num_rows > cursor:
-            ranges.append((cursor, layout.num_rows))
-        if not ranges:
-            return []
-        sub_rows = torch.cat([rows[start:end] for start, end in ranges])  # (B', T, H)
-        sub_mask = None
-        if mask is not None:
-            by_row = mask.view(layout.num_rows, -1)
-            sub_mask = torch.cat([by_row[start:end] for start, end in ranges]).reshape(-1)
-        with self.context.use(BatchLayout(tuple(segments), layout.num_rows - removed), sub_mask):
-            out = self.mlp(sub_rows)  # (B', T, H)
-        result, offset = [], 0
-        for start, end in ranges:
-            result.append((start, out[offset : offset + end - start]))
-            offset += end - start
-        return result
+    def _other_tokens(
+        self,
+        layout: BatchLayout,
+        ranges: list[tuple[int, int]],
+        pieces: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, ...]:
+        """The model's MLP on the tokens outside MixLoRA segments, under a layout of just them.
 
-    def _moe_segment(
-        self, seg: AdapterSegment, rows: torch.Tensor, mask: torch.Tensor | None, per_row: int
-    ) -> torch.Tensor:
-        """The MixLoRA FFN output of one segment's rows (R, T, H)."""
+        Args:
+            ranges: the token ranges outside MixLoRA segments; pieces: their (n_i, H) inputs.
+
+        Returns:
+            One (n_i, H) output per range.
+        """
+        sizes = [end - start for start, end in ranges]
+        segments: list[AdapterSegment] = []  # other adapters' segments, in the joined tokens
+        offset = 0
+        for (start, end), size in zip(ranges, sizes, strict=True):
+            for seg in layout.segments:
+                if start <= seg.start and seg.end <= end and seg.adapter not in self.moes:
+                    shift = offset - start
+                    segments.append(AdapterSegment(seg.adapter, seg.start + shift, seg.end + shift))
+            offset += size
+        joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (M, H), M < N
+        mask, rows = self.context.token_mask, self.context.token_rows
+
+        def select(per_token: torch.Tensor | None) -> torch.Tensor | None:
+            if per_token is None:
+                return None
+            return torch.cat([per_token[start:end] for start, end in ranges])
+
+        sub_layout = BatchLayout(tuple(segments), offset)
+        with self.context.use(sub_layout, select(mask), select(rows)):
+            out = self.mlp(joined)  # (M, H)
+        local, cursor = [], 0
+        for size in sizes:
+            local.append((cursor, cursor + size))
+            cursor += size
+        return split_segments(out, local)
+
+    def _moe_segment(self, seg: AdapterSegment, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The MixLoRA FFN output (T, H) of one segment's tokens ``x`` (T, H) in a pass of n."""
         moe = self.moes[seg.adapter]
-        x = rows.reshape(-1, rows.shape[-1])  # (N, H)
-        real = None if mask is None else mask[seg.start * per_row : seg.end * per_row]
-        routing = route(moe.router_logits(x), moe.router_spec, real, rows.shape[0], self.training)
+        generator = self.context.generators.get(seg.adapter, x.device)
+        real = self.context.segment_token_mask(seg, n)
+        rows = self.context.segment_token_rows(seg, n, x.device)
+        logits = moe.router_logits(x, generator)
+        routing = route(logits, moe.router_spec, real, rows, self.training)
         if routing.aux_loss is not None:
             self.context.aux_losses.add(seg.adapter, routing.aux_loss)
         if routing.counts is not None:
             self.context.aux_losses.add_load(seg.adapter, routing.counts)
-        out = self.dispatch(moe, x, routing.weights, routing.routed)
-        return moe.dropout(out).to(rows.dtype).view(rows.shape[0], per_row, -1)
+        out = self.dispatch(moe, x, routing.weights, routing.routed, generator)
+        out = adapter_dropout(out, moe.ffn_dropout, moe.training, generator)
+        return out.to(x.dtype)
 
     def dispatch(
-        self, moe: MixLoraExperts, x: torch.Tensor, weights: torch.Tensor, routed: torch.Tensor
+        self,
+        moe: MixLoraExperts,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        routed: torch.Tensor,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sum of each token's routed experts, weighted; unrouted tokens get the frozen FFN.
 
         Args:
             x: (N, H) tokens.
             weights: (N, E) routing weights; routed: (N, E) bool.
+            generator: the adapter's random stream (expert dropout).
 
         Returns:
             (N, H_out) fp32.
@@ -267,7 +306,7 @@ class MixLoraFeedForward(nn.Module):
             if not sizes[expert]:
                 continue
             picked = [s.index_select(0, idx) for s in shared]
-            out = self._expert(moe, expert, x.index_select(0, idx), picked, dense)
+            out = self._expert(moe, expert, x.index_select(0, idx), picked, dense, generator)
             y = y.index_add(0, idx, out * w[:, None])
         if overflow:
             idx = torch.argsort(hit, stable=True)[:overflow]  # the unrouted tokens
@@ -291,12 +330,13 @@ class MixLoraFeedForward(nn.Module):
         x: torch.Tensor,
         base: torch.Tensor,
         dense: dict[str, torch.Tensor],
+        generator: torch.Generator | None,
     ) -> torch.Tensor:
         """Base output ``base`` of projection ``name`` plus expert ``expert``'s LoRA delta."""
         adapter = None if expert is None else moe.expert(name, expert)
         if adapter is None:
             return base
-        delta = adapter(x, base, dense.get(name), self.linear(name).bias)
+        delta = adapter(x, base, dense.get(name), self.linear(name).bias, generator)
         return (base + delta).to(base.dtype)
 
     def _expert(
@@ -306,22 +346,26 @@ class MixLoraFeedForward(nn.Module):
         x: torch.Tensor,
         shared: list[torch.Tensor],
         dense: dict[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Expert ``expert``'s FFN output for its tokens (None: the frozen FFN), fp32.
 
-        ``dense``: ``_dense_weights(moe)``, needed with DoRA experts only.
+        ``dense``: ``_dense_weights(moe)``, needed with DoRA experts only; ``generator``: the
+        adapter's stream for the experts' dropout.
         """
         dense = dense or {}
         act = moe.activation
+        g = generator
         if self.projections == GATED:
-            gate = self._project(moe, expert, "gate_proj", x, shared[0], dense)
-            up = self._project(moe, expert, "up_proj", x, shared[1], dense)
+            gate = self._project(moe, expert, "gate_proj", x, shared[0], dense, g)
+            up = self._project(moe, expert, "up_proj", x, shared[1], dense, g)
             hidden = act(gate) * up
             down = "down_proj"
         else:
-            hidden = act(self._project(moe, expert, "fc1", x, shared[0], dense))
+            hidden = act(self._project(moe, expert, "fc1", x, shared[0], dense, g))
             down = "fc2"
-        return self._project(moe, expert, down, hidden, self.linear(down)(hidden), dense).float()
+        base = self.linear(down)(hidden)
+        return self._project(moe, expert, down, hidden, base, dense, g).float()
 
 
 # --- attaching ---------------------------------------------------------------------------------

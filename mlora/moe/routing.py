@@ -62,18 +62,30 @@ def _top_p(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tenso
     return probs * routed, routed
 
 
-def _capacity(chosen: torch.Tensor, rows: int, capacity: int, real: torch.Tensor) -> torch.Tensor:
-    """(N, E) bool: ``chosen`` minus the tokens past each expert's capacity within their row."""
-    counted = (chosen & real[:, None]).view(rows, -1, chosen.shape[-1]).long()  # (B, T, E)
-    priority = counted.cumsum(1).view_as(chosen)  # position of the token in its expert's queue
-    return chosen & (priority <= capacity)
+def _capacity(
+    chosen: torch.Tensor, rows: torch.Tensor | None, capacity: int, real: torch.Tensor
+) -> torch.Tensor:
+    """(N, E) bool: ``chosen`` minus the tokens past each expert's capacity within their row.
+
+    Rows may differ in length (packed batches): a token's place in its expert's queue is the
+    running count of the expert's real tokens since its row began.
+    """
+    counted = (chosen & real[:, None]).long()  # (N, E)
+    running = counted.cumsum(0)  # (N, E) inclusive count since the segment began
+    if rows is not None and rows.numel() > 1:
+        index = torch.arange(rows.numel(), device=rows.device)
+        starts = torch.ones_like(rows, dtype=torch.bool)
+        starts[1:] = rows[1:] != rows[:-1]
+        row_start = torch.where(starts, index, 0).cummax(0).values  # (N,) first token of row
+        running = running - (running - counted).index_select(0, row_start)
+    return chosen & (running <= capacity)
 
 
 def route(
     logits: torch.Tensor,
     spec: RouterSpec,
     real: torch.Tensor | None,
-    rows: int,
+    rows: torch.Tensor | None,
     training: bool,
 ) -> Routing:
     """Route N tokens given their router logits.
@@ -82,12 +94,13 @@ def route(
         logits: (N, E) fp32 router logits.
         spec: the adapter's router settings.
         real: (N,) bool, True at real (non-padding) tokens; None: all are real.
-        rows: the N tokens are ``rows`` rows of equal length (the switch capacity is per row).
+        rows: (N,) row index of each token (the switch capacity is per row); None: one row.
         training: apply the switch capacity and compute the counts and router losses.
 
     Returns:
         The routing, with the router losses when training with ``router_loss``.
     """
+    padded = real is not None
     real = torch.ones_like(logits[:, 0], dtype=torch.bool) if real is None else real
     if spec.strategy == "mixlora-dynamic":
         scaled = logits / spec.temperature if spec.temperature > 0 else logits
@@ -103,6 +116,9 @@ def route(
         probs = F.softmax(logits, dim=-1)
         weights, routed = _top_k(probs, spec.top_k)
         chosen = routed
+    if padded:  # padding goes to no expert (the FFN wrapper gives it the frozen FFN)
+        routed = routed & real[:, None]
+        weights = weights * real[:, None]
     if not training:
         return Routing(weights, routed, None, None)
     mask = real.to(probs.dtype)  # (N,)

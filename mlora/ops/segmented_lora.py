@@ -58,6 +58,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from mlora.backends import get_backend
+
 IMPLS = ("loop", "grouped", "function", "auto")
 
 _grouped_mm: Callable[..., torch.Tensor] | None = getattr(
@@ -157,12 +159,15 @@ def grouped_supported(
     if x.device.type == "cpu":
         return _grouped_mm_runs_on_cpu(dtype)
     if x.device.type == "cuda" and torch.version.hip is None and dtype == torch.bfloat16:
-        return (
-            GROUPED_AVAILABLE
-            and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
-            and x.data_ptr() % 16 == 0
-        )
+        return GROUPED_AVAILABLE and _hopper_or_blackwell(x.device) and x.data_ptr() % 16 == 0
     return False
+
+
+@functools.cache
+def _hopper_or_blackwell(device: torch.device) -> bool:
+    """Compute capability 9.x / 10.x: where CUDA grouped_mm runs without reading offsets back."""
+    capability = get_backend(str(device)).compute_capability()
+    return capability is not None and capability[0] in (9, 10)
 
 
 @functools.cache

@@ -1,0 +1,82 @@
+"""One random stream per adapter, so an adapter's dropout never depends on its neighbours.
+
+Dropout masks and MixLoRA router jitter of adapter X are drawn from a ``torch.Generator``
+seeded from (seed, X) alone. Layers draw in model order, so adapter X consumes its stream in the
+same order whether it trains alone or beside others: concurrent training equals isolated
+training with dropout on. The global RNG is never touched by adapter layers.
+
+The trainer seeds each adapter's stream, saves the states in checkpoints (``state_dict``) and
+gradient checkpointing snapshots and restores them around a recomputation (``get_state`` /
+``set_state``), so ``--resume`` and recompute replay the same masks.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+DEFAULT_SEED = 0
+
+
+def stream_seed(seed: int, adapter: str, device: torch.device) -> int:
+    """The seed of ``adapter``'s stream on ``device``'s kind (CPU and CUDA streams differ)."""
+    key = f"{adapter}\0{device.type}".encode()
+    return (seed * 1_000_003 + zlib.crc32(key)) % (2**63)
+
+
+class AdapterGenerators:
+    """A ``torch.Generator`` per (adapter, device), created on first use from its seed."""
+
+    def __init__(self) -> None:
+        self._seeds: dict[str, int] = {}
+        self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
+
+    def seed(self, adapter: str, seed: int) -> None:
+        """(Re)start ``adapter``'s streams from ``seed``."""
+        self._seeds[adapter] = seed
+        for key in [k for k in self._generators if k[0] == adapter]:
+            del self._generators[key]
+
+    def forget(self, adapter: str) -> None:
+        """Drop ``adapter``'s seed and streams (the adapter was removed)."""
+        self.seed(adapter, DEFAULT_SEED)
+        del self._seeds[adapter]
+
+    def get(self, adapter: str, device: torch.device) -> torch.Generator:
+        """``adapter``'s generator on ``device`` (created from the adapter's seed)."""
+        device = torch.device(device)  # a tensor's device: always indexed on CUDA
+        key = (adapter, device)
+        generator = self._generators.get(key)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            seed = self._seeds.get(adapter, DEFAULT_SEED)
+            generator.manual_seed(stream_seed(seed, adapter, device))
+            self._generators[key] = generator
+        return generator
+
+    def get_state(self) -> dict[tuple[str, torch.device], torch.Tensor]:
+        """Every existing stream's state (for gradient checkpointing's recomputation)."""
+        return {key: g.get_state() for key, g in self._generators.items()}
+
+    def set_state(self, state: dict[tuple[str, torch.device], torch.Tensor]) -> None:
+        """Put the streams back as ``get_state`` found them; streams born since are dropped."""
+        for key in [k for k in self._generators if k not in state]:
+            del self._generators[key]
+        for key, value in state.items():
+            generator = self._generators.get(key)
+            if generator is None:
+                generator = self._generators[key] = torch.Generator(device=key[1])
+            generator.set_state(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat ``{"ADAPTER/DEVICE": state}`` of every stream, for a checkpoint file."""
+        return {f"{name}/{device}": g.get_state() for (name, device), g in self._generators.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore streams saved by ``state_dict`` (adapters absent from it start fresh)."""
+        restored = {}
+        for key, value in state.items():
+            name, device = key.rsplit("/", 1)
+            restored[(name, torch.device(device))] = value
+        self.set_state(restored)
