@@ -49,6 +49,8 @@ class LossBatch:
         token_counts: (S,) supervised tokens per segment (float).
         token_mask: (tokens,) bool, real tokens; None when every token is real.
         token_rows: (tokens,) row of every token of the pass (-1 at padding).
+        token_real_index: (tokens,) each token's index among its segment's real tokens, so
+            random draws skip padding (``mlora.randomness.RealRows``); None without padding.
         padded_tokens: how many tokens of the pass are padding.
     """
 
@@ -64,6 +66,7 @@ class LossBatch:
     token_counts: torch.Tensor
     token_mask: torch.Tensor | None
     token_rows: torch.Tensor
+    token_real_index: torch.Tensor | None
     padded_tokens: int
 
     @property
@@ -146,13 +149,21 @@ def collate(
     owners = group_of_row[position_rows]
     counts = torch.bincount(owners, minlength=len(groups))
     names = [name for name, _ in groups]
+    real_counts = [sum(len(row) for row in group) for _, group in groups]
     layout = BatchLayout.from_lengths(
-        [(name, n * width) for name, n in zip(names, bins_per_group, strict=True)]
+        [(name, n * width) for name, n in zip(names, bins_per_group, strict=True)], real_counts
     )
     head_layout = BatchLayout.from_lengths(list(zip(names, counts.tolist(), strict=True)))
     move = {"device": device, "non_blocking": True}
     shape = (len(bins), width)
     padded_tokens = total - sum(lengths)
+    real_index = None
+    if padded_tokens:  # each token's index among its segment's real tokens (see RealRows)
+        group_of_token = torch.repeat_interleave(
+            torch.arange(len(groups)), torch.tensor(bins_per_group) * width
+        )
+        before = torch.tensor([0, *real_counts[:-1]]).cumsum(0)  # real tokens before a group
+        real_index = (real.long().cumsum(0) - 1 - before[group_of_token]).clamp_min(0)
     return LossBatch(
         input_ids=ids.view(shape).to(**move),
         attention_mask=None if packed else real.view(shape).long().to(**move),
@@ -166,5 +177,6 @@ def collate(
         token_counts=counts.float().to(**move),
         token_mask=real.to(**move) if padded_tokens else None,
         token_rows=token_rows.to(**move),
+        token_real_index=None if real_index is None else real_index.to(**move),
         padded_tokens=padded_tokens,
     )

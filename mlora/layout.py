@@ -22,16 +22,21 @@ from dataclasses import dataclass
 import torch
 
 from mlora.aux_losses import AuxLossCollector
-from mlora.randomness import AdapterGenerators
+from mlora.randomness import AdapterGenerators, RealRows, SegmentRandom
 
 
 @dataclass(frozen=True)
 class AdapterSegment:
-    """Tokens ``[start, end)`` of the pass use adapter ``adapter`` (rows, in a per-row layout)."""
+    """Tokens ``[start, end)`` of the pass use adapter ``adapter`` (rows, in a per-row layout).
+
+    ``real``: how many of them are real tokens when the segment holds padding (host-known, so
+    random draws can skip padding without a device sync); None: no padding, or unknown.
+    """
 
     adapter: str
     start: int
     end: int
+    real: int | None = None
 
     @property
     def size(self) -> int:
@@ -69,20 +74,33 @@ class BatchLayout:
         return cls._from_groups(groups, per_row=True)
 
     @classmethod
-    def from_lengths(cls, groups: Sequence[tuple[str | None, int]]) -> BatchLayout:
-        """A token layout from consecutive ``(adapter or None, tokens)`` groups."""
-        return cls._from_groups(groups, per_row=False)
+    def from_lengths(
+        cls, groups: Sequence[tuple[str | None, int]], real: Sequence[int] | None = None
+    ) -> BatchLayout:
+        """A token layout from consecutive ``(adapter or None, tokens)`` groups, with each
+        group's real (non-padding) token count when some groups hold padding."""
+        return cls._from_groups(groups, per_row=False, real=real)
 
     @classmethod
-    def _from_groups(cls, groups: Sequence[tuple[str | None, int]], per_row: bool) -> BatchLayout:
+    def _from_groups(
+        cls,
+        groups: Sequence[tuple[str | None, int]],
+        per_row: bool,
+        real: Sequence[int] | None = None,
+    ) -> BatchLayout:
         segments: list[AdapterSegment] = []
         cursor = 0
-        for name, size in groups:
+        for i, (name, size) in enumerate(groups):
+            count = size if real is None else real[i]
             if name is not None:
                 if segments and segments[-1].adapter == name and segments[-1].end == cursor:
-                    segments[-1] = AdapterSegment(name, segments[-1].start, cursor + size)
+                    previous = segments.pop()
+                    start, count = previous.start, count + (previous.real or previous.size)
                 else:
-                    segments.append(AdapterSegment(name, cursor, cursor + size))
+                    start = cursor
+                end = cursor + size
+                padded = real is not None and count != end - start
+                segments.append(AdapterSegment(name, start, end, count if padded else None))
             cursor += size
         return cls(tuple(segments), cursor, per_row)
 
@@ -125,6 +143,8 @@ class LayoutContext:
         self.token_mask: torch.Tensor | None = None
         # (N,) long, the row of each token (packed rows have different lengths); None: unknown.
         self.token_rows: torch.Tensor | None = None
+        # (N,) long, each token's index among the real tokens of its segment (see RealRows).
+        self.token_real_index: torch.Tensor | None = None
         self.aux_losses = AuxLossCollector()
         self.generators = AdapterGenerators()
 
@@ -133,10 +153,12 @@ class LayoutContext:
         layout: BatchLayout | None,
         token_mask: torch.Tensor | None = None,
         token_rows: torch.Tensor | None = None,
+        token_real_index: torch.Tensor | None = None,
     ) -> None:
-        """Set the pass's layout with its real-token mask and token rows, so neither outlives
-        its layout (``set(None)`` clears all three)."""
-        self.layout, self.token_mask, self.token_rows = layout, token_mask, token_rows
+        """Set the pass's layout with its per-token data, so none outlives its layout
+        (``set(None)`` clears them all)."""
+        self.layout, self.token_mask = layout, token_mask
+        self.token_rows, self.token_real_index = token_rows, token_real_index
 
     def layout_for(self, num_tokens: int) -> BatchLayout | None:
         """The current layout over a layer input of ``num_tokens`` tokens, or None."""
@@ -157,6 +179,17 @@ class LayoutContext:
             return torch.arange(seg.start, seg.end, device=device) // width
         return self._segment_slice(self.token_rows, seg, num_tokens)
 
+    def segment_random(
+        self, seg: AdapterSegment, num_tokens: int, device: torch.device
+    ) -> SegmentRandom:
+        """Adapter ``seg.adapter``'s random stream over segment ``seg``, drawing for its real
+        tokens only when it holds padding."""
+        generator = self.generators.get(seg.adapter, device)
+        index = self._segment_slice(self.token_real_index, seg, num_tokens)
+        if seg.real is None or index is None:
+            return SegmentRandom(generator)
+        return SegmentRandom(generator, RealRows(index, seg.real))
+
     @staticmethod
     def _segment_slice(
         per_token: torch.Tensor | None, seg: AdapterSegment, num_tokens: int
@@ -172,10 +205,11 @@ class LayoutContext:
         layout: BatchLayout | None,
         token_mask: torch.Tensor | None = None,
         token_rows: torch.Tensor | None = None,
+        token_real_index: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """``set`` for the duration of a ``with`` block, then restore what was set before."""
-        previous = self.layout, self.token_mask, self.token_rows
-        self.set(layout, token_mask, token_rows)
+        previous = self.layout, self.token_mask, self.token_rows, self.token_real_index
+        self.set(layout, token_mask, token_rows, token_real_index)
         try:
             yield
         finally:

@@ -13,6 +13,8 @@ gradient checkpointing snapshots and restores them around a recomputation (``get
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -80,3 +82,47 @@ class AdapterGenerators:
             name, device = key.rsplit("/", 1)
             restored[(name, torch.device(device))] = value
         self.set_state(restored)
+
+
+@dataclass(frozen=True)
+class RealRows:
+    """Where a segment's real (non-padding) tokens are: noise is drawn for them alone.
+
+    Attributes:
+        index: (n,) position of each of the segment's tokens among its real tokens (padding:
+            any valid index, its noise is never used).
+        count: real tokens of the segment.
+    """
+
+    index: torch.Tensor
+    count: int
+
+
+@dataclass(frozen=True)
+class SegmentRandom:
+    """One adapter's random stream over one segment's tokens.
+
+    Noise is drawn for the real tokens only, in order, and spread over the segment's rows, so an
+    adapter's masks do not depend on how much padding the batch put inside its segment (which
+    depends on the other adapters of the step).
+    """
+
+    generator: torch.Generator | None
+    rows: RealRows | None = None
+
+    def _spread(
+        self, like: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        count = like.shape[0] if self.rows is None else self.rows.count
+        drawn = fill(like.new_empty((count, *like.shape[1:])))
+        return drawn if self.rows is None else drawn.index_select(0, self.rows.index)
+
+    def keep(self, like: torch.Tensor, p: float) -> torch.Tensor:
+        """Inverted-dropout multipliers shaped like ``like``: 0, or 1 / (1 - p)."""
+        return self._spread(
+            like, lambda t: t.bernoulli_(1 - p, generator=self.generator).div_(1 - p)
+        )
+
+    def uniform(self, like: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        """Uniform noise in [low, high) shaped like ``like``."""
+        return self._spread(like, lambda t: t.uniform_(low, high, generator=self.generator))

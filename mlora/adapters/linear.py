@@ -114,8 +114,8 @@ class MultiLoraLinear(nn.Module):
         if dropping:  # one mask for the pass, each segment's part from its adapter's stream
             keep = torch.ones_like(x)
             for seg, p in dropping:
-                generator = self.context.generators.get(seg.adapter, x.device)
-                keep[seg.start : seg.end].bernoulli_(1 - p, generator=generator).div_(1 - p)
+                random = self.context.segment_random(seg, x.shape[0], x.device)
+                keep[seg.start : seg.end] = random.keep(x[seg.start : seg.end], p)
             x = x * keep
         return segmented_lora(
             x,
@@ -143,7 +143,7 @@ class MultiLoraLinear(nn.Module):
                     seg_y,
                     dense if adapter.magnitude is not None else None,
                     self.base_layer.bias,
-                    generator=self.context.generators.get(seg.adapter, x.device),
+                    random=self.context.segment_random(seg, x.shape[0], x.device),
                     token_mask=self.context.segment_token_mask(seg, x.shape[0]),
                 ).float()
             )

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlora.randomness import SegmentRandom
+
 
 def init_lora_weights(lora_A: nn.Linear, lora_B: nn.Linear, init: str, r: int) -> None:
     """PEFT's initialisation: B = 0 so the adapter starts as the identity on the base model.
@@ -31,19 +33,18 @@ def init_lora_weights(lora_A: nn.Linear, lora_B: nn.Linear, init: str, r: int) -
 
 
 def adapter_dropout(
-    x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None
+    x: torch.Tensor, p: float, training: bool, random: SegmentRandom | None
 ) -> torch.Tensor:
-    """Inverted dropout (as ``nn.Dropout``) with masks from ``generator``.
+    """Inverted dropout (as ``nn.Dropout``) with masks from the adapter's own stream.
 
     Args:
         x: (N, in) input; returned unchanged when not ``training`` or ``p`` is 0.
         p: drop probability.
-        generator: the adapter's stream on ``x``'s device (None: the global RNG).
+        random: the adapter's stream over these tokens (None: the global RNG).
     """
     if not training or p == 0:
         return x
-    keep = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
-    return x * keep / (1 - p)
+    return x * (random or SegmentRandom(None)).keep(x, p)
 
 
 class DoraMagnitude(nn.Module):
@@ -113,7 +114,7 @@ class LoraAdapter(nn.Module):
         base_result: torch.Tensor,
         base_weight: torch.Tensor | None = None,
         base_bias: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        random: SegmentRandom | None = None,
         token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens.
@@ -123,7 +124,7 @@ class LoraAdapter(nn.Module):
             base_result: (N, out) the frozen layer's output for the same tokens.
             base_weight: (out, in) dense base weight; needed only for DoRA.
             base_bias: the base layer's bias, removed from ``base_result`` for DoRA.
-            generator: the adapter's random stream for dropout (see ``adapter_dropout``).
+            random: the adapter's random stream for dropout (see ``adapter_dropout``).
             token_mask: (N,) real tokens; unused by LoRA (MoE modules share this signature).
 
         Returns:
@@ -131,7 +132,7 @@ class LoraAdapter(nn.Module):
         """
         x = x.to(self.lora_A.weight.dtype)
         if self.magnitude is None:
-            dropped = adapter_dropout(x, self.dropout_p, self.training, generator)
+            dropped = adapter_dropout(x, self.dropout_p, self.training, random)
             return self.lora_B(self.lora_A(dropped)) * self.scaling
         assert base_weight is not None
         weight = base_weight.to(x.dtype)
@@ -141,7 +142,7 @@ class LoraAdapter(nn.Module):
             lora_result = self.lora_B(self.lora_A(x))
             base = base_result if base_bias is None else base_result - base_bias
         else:
-            x = adapter_dropout(x, self.dropout_p, self.training, generator)
+            x = adapter_dropout(x, self.dropout_p, self.training, random)
             lora_result = self.lora_B(self.lora_A(x))
             base = F.linear(x, weight)
         return (mag_norm_scale - 1) * base + mag_norm_scale * lora_result * self.scaling

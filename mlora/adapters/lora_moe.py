@@ -34,6 +34,7 @@ from torch import nn
 
 from mlora.adapters.lora import DoraMagnitude, LoraAdapter
 from mlora.layout import LayoutContext
+from mlora.randomness import SegmentRandom
 
 DEFAULT_ROUTER_INIT_RANGE = 5.0  # upstream's default for loramoe / mola: nn.Linear's own init
 
@@ -135,7 +136,7 @@ class LoraMoeAdapter(ExpertMixture):
         base_result: torch.Tensor,
         base_weight: torch.Tensor | None = None,
         base_bias: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        random: SegmentRandom | None = None,
         token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens.
@@ -144,7 +145,7 @@ class LoraMoeAdapter(ExpertMixture):
             x: (N, in) the segment's layer input.
             base_result: (N, out) the frozen layer's output for the same tokens.
             base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
-            generator: the adapter's random stream (its experts' dropout).
+            random: the adapter's random stream over these tokens (its experts' dropout).
             token_mask: (N,) real (non-padding) tokens, for router statistics; None: all.
 
         Returns:
@@ -155,7 +156,7 @@ class LoraMoeAdapter(ExpertMixture):
             base_weight = base_weight.float()
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
         for e, expert in enumerate(self.experts):
-            out = expert(x, base_result, base_weight, base_bias, generator)
+            out = expert(x, base_result, base_weight, base_bias, random)
             delta = delta + probs[:, e : e + 1] * out
         if self._reporting():  # dense: an expert's "load" is its share of the router's mass
             mask = token_mask
@@ -202,7 +203,7 @@ class MolaAdapter(ExpertMixture):
         base_result: torch.Tensor,
         base_weight: torch.Tensor | None = None,
         base_bias: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        random: SegmentRandom | None = None,
         token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens (same contract as LoRA).
@@ -211,7 +212,7 @@ class MolaAdapter(ExpertMixture):
             x: (N, in) the segment's layer input.
             base_result: (N, out) the frozen layer's output for the same tokens.
             base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
-            generator: the adapter's random stream (its experts' dropout).
+            random: the adapter's random stream over these tokens (its experts' dropout).
             token_mask: (N,) real (non-padding) tokens, for router statistics; None: all.
 
         Returns:
@@ -228,6 +229,8 @@ class MolaAdapter(ExpertMixture):
         order = order[: sum(counts)]  # (P,) routed pairs
         token_of = order // k  # (P,) token of each sorted pair
         xs = x.index_select(0, token_of)  # (P, in)
+        # an expert's tokens are real ones (padding is routed nowhere): draw for each of them
+        subset_random = None if random is None else SegmentRandom(random.generator)
         if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
             base_weight = base_weight.float()
         if self.magnitude is not None:  # DoRA experts rescale the base output of their tokens
@@ -235,7 +238,7 @@ class MolaAdapter(ExpertMixture):
         else:
             bases = (base_result,) * num_experts  # unused by plain LoRA experts
         outputs = [
-            expert(x_e, base_e, base_weight, base_bias, generator)
+            expert(x_e, base_e, base_weight, base_bias, subset_random)
             for expert, x_e, base_e, count in zip(
                 self.experts, xs.split(counts), bases, counts, strict=True
             )

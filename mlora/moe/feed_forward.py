@@ -30,6 +30,7 @@ from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.moe.routing import route
 from mlora.moe.spec import MixLoraSpec, RouterSpec
 from mlora.ops.segments import join_segments, split_segments
+from mlora.randomness import SegmentRandom
 
 # The MLP shapes we know: (projection names in call order, kind).
 GATED = ("gate_proj", "up_proj", "down_proj")
@@ -114,16 +115,13 @@ class MixLoraExperts(nn.Module):
         key = f"{projection}_experts"
         return self.experts[key][index] if key in self.experts else None
 
-    def router_logits(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def router_logits(self, x: torch.Tensor, random: SegmentRandom | None = None) -> torch.Tensor:
         """(N, E) fp32 logits; the router input gets multiplicative jitter in training, drawn
-        from ``generator`` (the adapter's stream)."""
+        from ``random`` (the adapter's stream)."""
         x = x.float()
         jitter = self.router_spec.jitter_noise
         if self.training and jitter > 0:
-            noise = torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter, generator=generator)
-            x = x * noise
+            x = x * (random or SegmentRandom(None)).uniform(x, 1.0 - jitter, 1.0 + jitter)
         return self.router(x)
 
 
@@ -233,10 +231,11 @@ class MixLoraFeedForward(nn.Module):
             for seg in layout.segments:
                 if start <= seg.start and seg.end <= end and seg.adapter not in self.moes:
                     shift = offset - start
-                    segments.append(AdapterSegment(seg.adapter, seg.start + shift, seg.end + shift))
+                    segments.append(replace(seg, start=seg.start + shift, end=seg.end + shift))
             offset += size
         joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (M, H), M < N
-        mask, rows = self.context.token_mask, self.context.token_rows
+        ctx = self.context
+        mask, rows, real_index = ctx.token_mask, ctx.token_rows, ctx.token_real_index
 
         def select(per_token: torch.Tensor | None) -> torch.Tensor | None:
             if per_token is None:
@@ -244,7 +243,7 @@ class MixLoraFeedForward(nn.Module):
             return torch.cat([per_token[start:end] for start, end in ranges])
 
         sub_layout = BatchLayout(tuple(segments), offset)
-        with self.context.use(sub_layout, select(mask), select(rows)):
+        with self.context.use(sub_layout, select(mask), select(rows), select(real_index)):
             out = self.mlp(joined)  # (M, H)
         local, cursor = [], 0
         for size in sizes:
@@ -255,17 +254,18 @@ class MixLoraFeedForward(nn.Module):
     def _moe_segment(self, seg: AdapterSegment, x: torch.Tensor, n: int) -> torch.Tensor:
         """The MixLoRA FFN output (T, H) of one segment's tokens ``x`` (T, H) in a pass of n."""
         moe = self.moes[seg.adapter]
-        generator = self.context.generators.get(seg.adapter, x.device)
+        random = self.context.segment_random(seg, n, x.device)
         real = self.context.segment_token_mask(seg, n)
         rows = self.context.segment_token_rows(seg, n, x.device)
-        logits = moe.router_logits(x, generator)
+        logits = moe.router_logits(x, random)
         routing = route(logits, moe.router_spec, real, rows, self.training)
         if routing.aux_loss is not None:
             self.context.aux_losses.add(seg.adapter, routing.aux_loss)
         if routing.counts is not None:
             self.context.aux_losses.add_load(seg.adapter, routing.counts)
-        out = self.dispatch(moe, x, routing.weights, routing.routed, generator)
-        out = adapter_dropout(out, moe.ffn_dropout, moe.training, generator)
+        # experts see routed (real) tokens only: their draws need no padding map
+        out = self.dispatch(moe, x, routing.weights, routing.routed, random.generator)
+        out = adapter_dropout(out, moe.ffn_dropout, moe.training, random)
         return out.to(x.dtype)
 
     def dispatch(
@@ -336,7 +336,8 @@ class MixLoraFeedForward(nn.Module):
         adapter = None if expert is None else moe.expert(name, expert)
         if adapter is None:
             return base
-        delta = adapter(x, base, dense.get(name), self.linear(name).bias, generator)
+        random = None if generator is None else SegmentRandom(generator)
+        delta = adapter(x, base, dense.get(name), self.linear(name).bias, random)
         return (base + delta).to(base.dtype)
 
     def _expert(
