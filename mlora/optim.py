@@ -1,4 +1,11 @@
-"""Each adapter's own optimizer and learning-rate schedule."""
+"""Each adapter's own optimizer and learning-rate schedule, and a step that skips on the device.
+
+Optimizers are built fused where torch has a fused kernel for the device (AdamW and SGD on CUDA
+and CPU): the fused kernels take a ``found_inf`` flag, as ``GradScaler`` uses them, and leave
+parameters and optimizer state untouched when it is set. The trainer keeps one such flag per
+adapter on the device, so a non-finite step is never applied and the loop never waits for the
+device to find out; it reads the flags when it logs or saves.
+"""
 
 from __future__ import annotations
 
@@ -24,10 +31,27 @@ def build_optimizer(
     if b_params:
         groups.append({"params": b_params, "lr": config.lr * ratio})
     if config.optim == "sgd":
-        return torch.optim.SGD(
-            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        cls: type[torch.optim.Optimizer] = torch.optim.SGD
+        options = {"momentum": config.momentum, "weight_decay": config.weight_decay}
+    else:
+        cls, options = torch.optim.AdamW, {"weight_decay": config.weight_decay}
+    try:
+        return cls(groups, lr=config.lr, fused=True, **options)
+    except (RuntimeError, ValueError):  # no fused kernel for this device: the default one
+        return cls(groups, lr=config.lr, **options)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """Apply the optimizer step unless ``skip`` (a 0/1 float scalar on the device) is set.
+
+    Fused optimizers decide on the device (no host read; parameters, state and step count stay
+    as they were when skipped); others read the flag once.
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip  # read by the fused kernel, as GradScaler sets it
+        optimizer.step()
+    elif not skip.item():
+        optimizer.step()
 
 
 def warmup_steps(config: AdapterConfig, total_steps: int) -> int:

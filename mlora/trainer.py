@@ -35,7 +35,7 @@ from mlora.errors import MloraError
 from mlora.eval_tasks import CHOICE_TASKS, training_rows
 from mlora.interrupt import GracefulStop, TrainingInterrupted
 from mlora.model import LoraSpec, MultiLoraModel
-from mlora.optim import build_optimizer, build_scheduler
+from mlora.optim import build_optimizer, build_scheduler, step_unless
 from mlora.packing import resolve_packing
 from mlora.persistence import (
     load_adapter_weights,
@@ -105,6 +105,10 @@ class AdapterRun:
     loss_sum: torch.Tensor | None = None  # on device; read only when logging
     step_loss: torch.Tensor | None = None  # on device; loss of the optimizer step in progress
     failed: str | None = None  # why the adapter was stopped (non-finite loss)
+    # On the device: 1.0 once a step's loss was not finite (its updates are skipped from then
+    # on), and the (adapter step, global step) where that happened. Read when logging/saving.
+    fault: torch.Tensor | None = None
+    fault_at: torch.Tensor | None = None
     loss_count: float = 0.0  # optimizer steps ``loss_sum`` covers (fractions mid-step)
     tokens: int = 0
     history: list[float] = field(default_factory=list)
@@ -299,16 +303,10 @@ class Trainer:
             run.step_loss = detached[i] if run.step_loss is None else run.step_loss + detached[i]
             run.loss_count += sum(row.num_supervised for row in mb.rows) / mb.step_tokens
             run.tokens += sum(len(row) for row in mb.rows)
-        due = [run for run, mb in step if mb.ends_step]
-        # One host read per step that has an optimizer step: the price of never applying a
-        # non-finite gradient (see README, "Faults during training").
-        finite = torch.isfinite(torch.stack([run.step_loss for run in due])).tolist() if due else []
-        for run, ok in zip(due, finite, strict=True):
+        for run in (run for run, mb in step if mb.ends_step):
+            self._flag_non_finite(run)
             run.step_loss = None
-            if not ok:
-                self._stop_adapter(run)
-                continue
-            run.optimizer.step()
+            step_unless(run.optimizer, run.fault)  # a non-finite step is never applied
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.steps_done += 1
@@ -317,17 +315,52 @@ class Trainer:
             ):
                 self._cut_due = True
             if run.finished:
-                self.save_final(run)
+                self.check_faults()  # never save an adapter whose skipped step is unread
+                if run.failed is None:
+                    self.save_final(run)
 
-    def _stop_adapter(self, run: AdapterRun) -> None:
-        """Stop an adapter whose loss is not finite; its bad gradient is dropped, never applied."""
+    def _flag_non_finite(self, run: AdapterRun) -> None:
+        """Raise ``run``'s device fault flag if this step's loss is not finite (no host read);
+        from then on its updates are skipped until ``check_faults`` stops it."""
+        if run.fault is None or run.fault_at is None:
+            run.fault = torch.zeros((), device=self.model.device)
+            run.fault_at = torch.zeros(2, dtype=torch.long, device=self.model.device)
+        assert run.step_loss is not None
+        first = (run.fault == 0) & ~torch.isfinite(run.step_loss)
+        at = run.fault_at  # the Python ints below ride along as kernel scalars: no copy, no sync
+        run.fault_at = torch.stack(
+            [
+                torch.where(first, run.steps_done + 1, at[0]),
+                torch.where(first, self.global_step + 1, at[1]),
+            ]
+        )
+        run.fault = torch.maximum(run.fault, first.float())
+
+    def check_faults(self) -> bool:
+        """Read every running adapter's fault flag (one host read) and stop those whose loss
+        was not finite. Called before logging and saving. Returns whether any was stopped now."""
+        watched = [r for r in self.runs if r.fault is not None and r.failed is None]
+        if not watched:
+            return False
+        flags = torch.stack([torch.cat([r.fault.view(1).long(), r.fault_at]) for r in watched])
+        stopped = False
+        for run, (bad, adapter_step, global_step) in zip(watched, flags.tolist(), strict=True):
+            if bad:
+                self._stop_adapter(run, adapter_step, global_step)
+                stopped = True
+        return stopped
+
+    def _stop_adapter(self, run: AdapterRun, adapter_step: int, global_step: int) -> None:
+        """Stop an adapter whose loss was not finite at ``adapter_step``; that update and every
+        later one were skipped on the device, so its weights are those of the step before."""
         from mlora.checkpoint import last_good_checkpoint
 
         run.optimizer.zero_grad(set_to_none=True)
         run.queue.stop()
+        run.steps_done = adapter_step - 1
         run.failed = (
-            f"adapter {run.name}: non-finite loss at adapter step {run.steps_done + 1} "
-            f"(global step {self.global_step + 1}); stopped it, the others carry on; "
+            f"adapter {run.name}: non-finite loss at adapter step {adapter_step} "
+            f"(global step {global_step}); stopped it, the others carry on; "
             f"last good checkpoint: {last_good_checkpoint(self, run)}"
         )
         logger.error("%s", run.failed)
@@ -335,6 +368,7 @@ class Trainer:
             self._cut_due = True
 
     def _log(self, elapsed: float) -> None:
+        self.check_faults()
         logged = [run for run in self.runs if run.loss_count]
         if not logged:
             return
@@ -376,5 +410,6 @@ class Trainer:
         """Write a resumable snapshot of every adapter at this global step (see checkpoint.py)."""
         from mlora.checkpoint import write_cut
 
+        self.check_faults()  # a stopped adapter is saved as failed, never with a skipped step
         self._cut_due, self.last_cut_step = False, self.global_step
         return write_cut(self)
