@@ -15,20 +15,8 @@ from mlora.optim import build_optimizer, step_unless
 
 
 def optimizer_for(optim: str) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
-    config = parse_config(
-        {
-            "lora": [
-                {
-                    "name": "a",
-                    "data": "x.json",
-                    "optim": optim,
-                    "lr": 0.1,
-                    "momentum": 0.9,
-                    "weight_decay": 0.01,
-                }
-            ]
-        }  # fmt: skip
-    ).lora[0]
+    adapter = {"name": "a", "data": "x.json", "optim": optim, "lr": 0.1, "momentum": 0.9}
+    config = parse_config({"lora": [{**adapter, "weight_decay": 0.01}]}).lora[0]
     param = torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(0)))
     return param, build_optimizer(config, [("a.lora_A.weight", param)])
 
