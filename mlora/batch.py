@@ -2,17 +2,17 @@
 
 Two forms, the same layout semantics (token offsets over the flattened ``(rows, width)`` pass):
 
-packed (no padding inside a bin)
-    each adapter's rows are packed, first-fit decreasing, into bins no longer than its longest
-    row; a bin is one row of the batch, with ``position_ids`` restarting at 0 for every packed
-    row and no attention mask, so transformers keeps the packed rows apart (a block-diagonal
-    causal mask for sdpa / eager / flex, flash-attention's varlen path). Bins never mix
-    adapters: a non-finite activation of one adapter cannot reach another's through attention
-    (masked attention still multiplies 0 by the masked values), and attention costs no more
-    than the padded batch (a bin is as wide as the adapter's longest row). Only bin tails and
-    bins shorter than the widest are padding; pads sit after every real token of their bin,
-    so causal attention never lets a real token see them. (An all-ones mask or a KV cache
-    would let packed rows attend to each other: never pass one.)
+packed
+    each adapter's rows, in order, fill bins of the step's longest row (next fit); a bin is one
+    row of the batch, with ``position_ids`` restarting at 0 for every packed row and no
+    attention mask, so transformers keeps the packed rows apart (a block-diagonal causal mask
+    for sdpa / eager / flex, flash-attention's varlen path). Bins never mix adapters: a
+    non-finite activation of one adapter cannot reach another's through attention (masked
+    attention still multiplies 0 by the masked values), and attention costs no more than the
+    padded batch (a bin is no wider than the longest row). Only bin tails are padding; they
+    sit after every real token of their bin, so causal attention never lets a real token see
+    them. (An all-ones mask or a KV cache would let packed rows attend to each other: never
+    pass one.)
 padded
     one row per batch row, right-padded to the longest row, with an attention mask.
 
@@ -74,24 +74,22 @@ class LossBatch:
         return self.input_ids.numel()
 
 
-def pack_rows(lengths: Sequence[int]) -> list[list[int]]:
-    """First-fit decreasing bins of row indices, each bin holding at most ``max(lengths)`` tokens.
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Consecutive rows into bins of at most ``capacity`` tokens (next fit, order kept).
 
-    Deterministic in ``lengths`` alone (ties keep row order), so an adapter's bins never depend
-    on the other adapters of the step.
+    Keeping the order means a segment's real tokens come in the same order however much
+    padding the bins leave, so the adapter's random draws (made for real tokens, in order) and
+    expert dispatch order do not depend on the other adapters of the step (which set
+    ``capacity``: the step's longest row).
     """
-    capacity = max(lengths)
     bins: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for b, room in enumerate(free):
-            if lengths[i] <= room:
-                bins[b].append(i)
-                free[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            free.append(capacity - lengths[i])
+    room = 0
+    for i, length in enumerate(lengths):
+        if not bins or length > room:
+            bins.append([])
+            room = capacity
+        bins[-1].append(i)
+        room -= length
     return bins
 
 
@@ -115,15 +113,16 @@ def collate(
     """
     rows = [row for _, group in groups for row in group]
     lengths = [len(row) for row in rows]
+    width = max(lengths)
     bins: list[list[int]] = []  # batch rows, as indices into ``rows``
     bins_per_group: list[int] = []
     first = 0
     for _, group in groups:
-        local = pack_rows([len(r) for r in group]) if packed else [[i] for i in range(len(group))]
+        sizes = [len(r) for r in group]
+        local = pack_rows(sizes, width) if packed else [[i] for i in range(len(group))]
         bins += [[first + i for i in b] for b in local]
         bins_per_group.append(len(local))
         first += len(group)
-    width = max(sum(lengths[i] for i in b) for b in bins)
     total = width * len(bins)
 
     ids = torch.full((total,), pad_token_id, dtype=torch.long)

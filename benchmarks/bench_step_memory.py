@@ -1,0 +1,110 @@
+"""Peak memory of one training step against the number of adapters N, at the same total tokens.
+
+A tiny LLaMA (hidden 256, 4 layers, vocab 32000, random weights, no download) carries N LoRA
+adapters (r=8 on every attention and MLP projection). One step packs the same 32 rows (lengths
+16..80, long-tailed) split evenly over the N adapters, then runs forward, the per-adapter loss
+and ONE backward, exactly as the trainer does (``collate`` + ``segment_losses``). Memory is
+measured with the allocation-tracking probe of ``bench_lora_op.py`` (torch profiler, CPU):
+
+- ``peak``: the most the step held at once, gradients included;
+- ``kept``: what it still holds at the end (the adapters' gradients: they grow with N by design,
+  ``adapter params`` shows the same number);
+- ``peak-kept``: the step's temporaries (activations, buffers). The engine's goal: per token of
+  the pass this does not grow with N. (The pass itself may grow a little: each adapter's rows
+  are packed into bins of their own, so more adapters leave more bin tails as padding; the
+  ``pass tokens`` column shows it.)
+
+    python benchmarks/bench_step_memory.py            # N = 1, 4, 16
+    python benchmarks/bench_step_memory.py --adapters 1 2 4 8 16 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_lora_op import check_memory_probe, memory_of
+
+from mlora.batch import collate
+from mlora.data import IGNORE_INDEX, TokenizedRow
+from mlora.model import LoraSpec, MultiLoraModel
+
+MIB = 2**20
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build(adapters: int, vocab: int) -> MultiLoraModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4,
+    )  # fmt: skip
+    model = MultiLoraModel(LlamaForCausalLM(config))
+    for i in range(adapters):
+        model.add_adapter(f"a{i}", LoraSpec(r=8, scaling=2.0, dropout=0.05, target_modules=TARGETS))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.01)
+    return model.train()
+
+
+def rows(count: int, vocab: int) -> list[TokenizedRow]:
+    """``count`` rows with long-tailed lengths (most short), half prompt, half answer."""
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(count):
+        length = 16 + (64 if i % 8 == 0 else int(torch.randint(0, 24, (1,), generator=generator)))
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        out.append(TokenizedRow(ids, [IGNORE_INDEX] * (length // 2) + ids[length // 2 :]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    check_memory_probe()
+    data = rows(args.rows, args.vocab)
+    print(f"{args.rows} rows, {sum(map(len, data))} tokens per step, packed; CPU, fp32")
+    print(
+        f"{'N':>4} {'adapter params':>15} {'pass tokens':>12} {'peak MiB':>9} {'kept MiB':>9} "
+        f"{'peak-kept':>10} {'KiB/token':>10}"
+    )
+    temporaries = {}
+    for n in args.adapters:
+        model = build(n, args.vocab)
+        per = args.rows // n
+        groups = [(f"a{i}", data[i * per : (i + 1) * per]) for i in range(n)]
+        params = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+        def step(model: MultiLoraModel = model, groups: list = groups) -> None:
+            model.zero_grad(set_to_none=True)
+            batch = collate(groups, pad_token_id=0, packed=True)
+            model.segment_losses(batch).sum().backward()
+
+        step()  # warm-up: lazy initialisations out of the measurement
+        peak, kept, _ = memory_of(step)
+        tokens = collate(groups, pad_token_id=0, packed=True).num_tokens  # padding included
+        temporaries[n] = (peak - kept) / tokens
+        print(
+            f"{n:>4} {params / MIB:>12.1f} MiB {tokens:>12} {peak / MIB:>9.1f} "
+            f"{kept / MIB:>9.1f} {(peak - kept) / MIB:>10.1f} {temporaries[n] / 1024:>10.1f}"
+        )
+    first, last = args.adapters[0], args.adapters[-1]
+    ratio = temporaries[last] / temporaries[first]
+    print(f"temporaries per pass token, N={last} / N={first}: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
