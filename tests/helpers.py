@@ -82,3 +82,30 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     """max over tensors of ||a - b||_inf / ||b||_inf (robust to entries near zero)."""
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
+
+
+def train_killed_then_resumed(
+    config_path: Path, model_dir: Path, folder: Path, monkeypatch, kill_at: int = 3
+) -> tuple[Path, Path]:
+    """Train ``config_path`` once uninterrupted into ``folder/clean``, and once into
+    ``folder/cut`` killed before global step ``kill_at`` then ``--resume``d. Returns both."""
+    from mlora import api
+
+    api.train(config_path, str(model_dir), folder / "clean")
+    step = Trainer.train_step
+
+    def killed(self: Trainer, batch: list) -> None:
+        if self.global_step == kill_at:
+            raise RuntimeError("killed")
+        step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", killed)
+    try:
+        api.train(config_path, str(model_dir), folder / "cut")
+    except RuntimeError as exc:
+        assert str(exc) == "killed"
+    else:
+        raise AssertionError(f"the run ended before global step {kill_at}")
+    monkeypatch.setattr(Trainer, "train_step", step)
+    api.train(config_path, str(model_dir), folder / "cut", resume=True)
+    return folder / "clean", folder / "cut"

@@ -23,6 +23,7 @@ from tests.helpers import (
     max_relative_difference,
     reverse_rows,
     run_in_memory,
+    train_killed_then_resumed,
     write_json,
     write_template,
 )
@@ -126,26 +127,11 @@ def test_resume_with_dropout_equals_uninterrupted(
 ) -> None:
     """Killed mid-run, then ``--resume``: every adapter (dropout, jitter, lm_head) equals the
     uninterrupted run: the adapters' random streams are part of the checkpoint."""
-    from mlora import api
-    from mlora.trainer import Trainer
-
     specs = adapters(tmp_path)
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"cutoff_len": 64, "save_step": 1, "lora": specs}))
-    api.train(path, str(tiny_model_dir), tmp_path / "clean")
-    step = Trainer.train_step
-
-    def killed_at_step_3(self: Trainer, batch: list) -> None:
-        if self.global_step == 3:
-            raise RuntimeError("killed")
-        step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", killed_at_step_3)
-    with pytest.raises(RuntimeError, match="killed"):
-        api.train(path, str(tiny_model_dir), tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "train_step", step)
-    api.train(path, str(tiny_model_dir), tmp_path / "cut", resume=True)
+    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path, monkeypatch)
     for spec in specs:
-        clean = read_adapter(tmp_path / "clean" / spec["name"])[1]
-        resumed = read_adapter(tmp_path / "cut" / spec["name"])[1]
+        clean = read_adapter(clean_dir / spec["name"])[1]
+        resumed = read_adapter(cut_dir / spec["name"])[1]
         assert max_relative_difference(resumed, clean) <= 1e-6, spec["name"]

@@ -31,6 +31,7 @@ from tests.helpers import (
     max_relative_difference,
     reverse_rows,
     run_in_memory,
+    train_killed_then_resumed,
     write_json,
     write_template,
 )
@@ -536,27 +537,12 @@ def test_interrupted_run_resumes_exactly(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Jitter, dropouts and capacity draw on the RNG: the resumed run must still match."""
-    from mlora import api
-    from mlora.trainer import Trainer
-
     add = write_json(tmp_path / "add.json", addition_rows(8))
     switch = moe_adapter(add, write_template(tmp_path), "mixlora-switch", expert_capacity=4)
     switch.update(jitter_noise=0.1, ffn_dropout=0.1, lora_dropout=0.1, batch_size=4)
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"cutoff_len": 64, "save_step": 2, "lora": [switch]}))
-    api.train(path, str(tiny_model_dir), tmp_path / "clean")
-    step = Trainer.train_step
-
-    def killed_at_step_3(self: Trainer, batch: list) -> None:
-        if self.global_step == 3:
-            raise RuntimeError("killed")
-        step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", killed_at_step_3)
-    with pytest.raises(RuntimeError, match="killed"):
-        api.train(path, str(tiny_model_dir), tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "train_step", step)
-    api.train(path, str(tiny_model_dir), tmp_path / "cut", resume=True)
-    clean = read_adapter(tmp_path / "clean" / "mixlora-switch")[1]
-    resumed = read_adapter(tmp_path / "cut" / "mixlora-switch")[1]
+    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path, monkeypatch)
+    clean = read_adapter(clean_dir / "mixlora-switch")[1]
+    resumed = read_adapter(cut_dir / "mixlora-switch")[1]
     assert max_relative_difference(resumed, clean) <= 1e-6
