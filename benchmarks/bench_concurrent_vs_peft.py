@@ -21,8 +21,8 @@ Reported per side, median [min-max] over ``--repeat`` runs, each run a fresh pro
 - ratios are paired per repeat: PEFT time / mlora time, mlora tokens/s / PEFT tokens/s.
 
 Rows are generated from ``--seed`` (benchmarks/common.py): ``longtail`` lengths (most rows
-short, a few up to cutoff_len) or ``similar``. Quick CPU run (a few minutes on 2 cores), and a
-GPU run:
+short, a few up to cutoff_len) or ``similar``. Quick CPU run (tiny model, 4 adapters of 8
+micro-batches of 4 rows), the same on SmolLM2, and a GPU run:
 
     python benchmarks/bench_concurrent_vs_peft.py
     python benchmarks/bench_concurrent_vs_peft.py --model smollm2 --lengths similar
