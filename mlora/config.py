@@ -112,8 +112,13 @@ def _packing(v: Any) -> str | None:
 
 
 def _adapter_name(v: Any) -> str | None:
-    bad = not isinstance(v, str) or not v.strip() or v in (".", "..") or any(c in v for c in "/\\")
-    return "a non-empty name usable as a folder name (no '/' or '\\')" if bad else None
+    # a folder name, and a module key (torch's ModuleDict refuses '.', after the model loaded)
+    bad = not isinstance(v, str) or not v.strip() or any(c in v for c in "/\\.")
+    return (
+        "a non-empty name usable as a folder name and a module key (no '/', '\\' or '.')"
+        if bad
+        else None
+    )
 
 
 def _target_modules(v: Any) -> str | None:

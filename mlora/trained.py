@@ -103,6 +103,8 @@ def parse_adapter_arg(value: str) -> tuple[str, Path]:
     name, sep, folder = value.partition("=")
     if not sep or not name.strip() or not folder.strip():
         raise MloraError(f"--adapter {value!r}: expected NAME=DIR")
+    if any(c in name for c in "/\\."):  # NAME becomes a module key: no '.', as in configs
+        raise MloraError(f"--adapter {value!r}: NAME may not contain '/', '\\' or '.'")
     return name.strip(), Path(folder.strip())
 
 

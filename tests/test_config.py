@@ -42,6 +42,7 @@ def one(**adapter) -> dict:
         (one(target_modules={"q_proj": False}), "at least one module set to true"),
         (one(use_dora="yes"), "key 'use_dora' must be true or false"),
         (one(name="a/b"), "key 'name' must be a non-empty name usable as a folder name"),
+        (one(name="math-v1.5"), "usable as a folder name and a module key (no '/', '\\' or '.')"),
         ({"lora": [{"name": "a"}]}, "adapter 'a': missing required key 'data'"),
         (
             {"lora": [{"name": "a", "data": "x"}, {"name": "a", "data": "y"}]},

@@ -97,6 +97,7 @@ def test_unknown_adapter_is_one_line_error(trained, tiny_model_dir):  # noqa: F8
         ("unknown_in_file", "zzz.jsonl:1: unknown adapter 'zzz'"),
         ("no_prompts", "no prompts"),
         ("bad_adapter_arg", "expected NAME=DIR"),
+        ("dotted_adapter_name", "NAME may not contain '/', '\\' or '.'"),
     ],
 )
 def test_bad_input_fails_before_loading(tmp_path, capsys, case, message):
@@ -109,6 +110,7 @@ def test_bad_input_fails_before_loading(tmp_path, capsys, case, message):
         "unknown_in_file": ["--prompts_file", str(tmp_path / "zzz.jsonl")],
         "no_prompts": [],
         "bad_adapter_arg": ["--adapter", "just-a-name", "x"],
+        "dotted_adapter_name": ["--adapter", f"math-v1.5={tmp_path}", "x"],
     }[case]
     assert main(["--base_model", model, *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
