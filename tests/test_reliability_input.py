@@ -148,6 +148,8 @@ CASES = [
          adapter(batch_size=4, micro_batch_size=3), "'micro_batch_size' (3) must divide"),
     Case("duplicate", "duplicate adapter names", duplicate_names,
          "duplicate adapter name 'chat'"),
+    Case("dotted-name", "an adapter name with `.`, `/` or `\\`", adapter(name="math-v1.5"),
+         "usable as a folder name and a module key"),
     Case("no-data", "missing data file", adapter(data="missing.json"),
          "data file not found: missing.json"),
     Case("row-field", "a data row missing a field (file and row)",
