@@ -110,7 +110,7 @@ class MultiLoraLinear(nn.Module):
         adapters: list[LoraAdapter] = [self.adapters[s.adapter] for s in segments]
         x = x.to(adapters[0].lora_A.weight.dtype)
         dropping = [(s, a.dropout_p) for s, a in zip(segments, adapters, strict=True)]
-        dropping = [(s, p) for s, p in dropping if p > 0 and adapters[0].training]
+        dropping = [(s, p) for s, p in dropping if p > 0 and self.training]
         if dropping:  # one mask for the pass, each segment's part from its adapter's stream
             keep = torch.ones_like(x)
             for seg, p in dropping:
