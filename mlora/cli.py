@@ -178,3 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
 
     return exit_code_of(train_or_report_resume)
+
+
+if __name__ == "__main__":  # python -m mlora.cli
+    sys.exit(main())

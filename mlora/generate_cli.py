@@ -334,3 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # stdout carries the answers; keep stderr to warnings and errors
         quiet_loading()
     return exit_code_of(lambda: run(args))
+
+
+if __name__ == "__main__":  # python -m mlora.generate_cli
+    sys.exit(main())

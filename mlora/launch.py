@@ -502,3 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) and usage errors (2) end here
         return exc.code if isinstance(exc.code, int) else 2
     return exit_code_of(lambda: args.func(args))
+
+
+if __name__ == "__main__":  # python -m mlora.launch
+    sys.exit(main())

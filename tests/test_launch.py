@@ -302,3 +302,12 @@ def test_quickstart_offline_on_the_demo_model(tmp_path: Path) -> None:
         assert torch.equal(loaded[peft_key], tensor), key
     some_b = next(k for k in weights if k.endswith("lora_B.weight"))
     assert weights[some_b].abs().sum() > 0  # trained, not the zero init
+
+
+@pytest.mark.parametrize("module", ["mlora.launch", "mlora.cli", "mlora.generate_cli"])
+def test_python_dash_m_runs_the_entry_point(module: str) -> None:
+    """``python -m mlora.launch`` (and the other two) run their command line, not nothing."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stderr
