@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mlora.atomic import output_lock
 from mlora.backends import get_backend
 from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
 from mlora.config import TrainConfig, load_config
@@ -82,36 +83,44 @@ def train(
     if tf32:
         backend.allow_tf32(True)
     output_dir = Path(output_dir)
-    names = [a.name for a in config.lora]
-    point = find_resume_point(output_dir, names) if resume else None
-    if point is not None:
-        load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
-    else:
-        check_outputs(config, output_dir, overwrite, load_adapter)
-    preflight(config, base_model, output_dir, trust_remote_code)
-    backend.manual_seed(seed)
-    tokenizer = load_tokenizer(base_model, trust_remote_code)
-    data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
-    init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
-    hf_model, _ = load_base_model(
-        base_model,
-        dtype,
-        backend.device,
-        trust_remote_code=trust_remote_code,
-        tokenizer=tokenizer,
-        **load_options,
-    )
-    logger.info(
-        "backend %s (%s), base dtype %s, attention %s, quantization %s",
-        backend.label, backend.device, dtype, load_options["attn_implementation"],
-        quantize or "none",
-    )  # fmt: skip
-    trainer = Trainer(
-        MultiLoraModel(hf_model), tokenizer, config, data, output_dir, seed, base_model, init_from
-    )
-    if point is not None:
-        restore(trainer, point)
-    else:
-        clear_run_state(output_dir, names)  # stale checkpoints of a replaced run
-    trainer.train()
-    return trainer
+    with output_lock(output_dir):  # before the checks: two runs must not both pass them
+        names = [a.name for a in config.lora]
+        point = find_resume_point(output_dir, names) if resume else None
+        if point is not None:
+            load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
+        else:
+            check_outputs(config, output_dir, overwrite, load_adapter)
+        preflight(config, base_model, output_dir, trust_remote_code)
+        backend.manual_seed(seed)
+        tokenizer = load_tokenizer(base_model, trust_remote_code)
+        data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
+        init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
+        hf_model, _ = load_base_model(
+            base_model,
+            dtype,
+            backend.device,
+            trust_remote_code=trust_remote_code,
+            tokenizer=tokenizer,
+            **load_options,
+        )
+        logger.info(
+            "backend %s (%s), base dtype %s, attention %s, quantization %s",
+            backend.label, backend.device, dtype, load_options["attn_implementation"],
+            quantize or "none",
+        )  # fmt: skip
+        trainer = Trainer(
+            MultiLoraModel(hf_model),
+            tokenizer,
+            config,
+            data,
+            output_dir,
+            seed,
+            base_model,
+            init_from,
+        )
+        if point is not None:
+            restore(trainer, point)
+        else:
+            clear_run_state(output_dir, names)  # stale checkpoints of a replaced run
+        trainer.train()
+        return trainer

@@ -129,3 +129,51 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+LOCK_NAME = ".mlora-lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output ``folder`` for a whole training run.
+
+    Two runs started into the same folder would both pass the "already exists" checks and then
+    silently replace each other's adapters and checkpoints; the second one now stops at once.
+    The lock is ``flock`` on ``folder/.mlora-lock`` (holding the owner's pid): the operating
+    system releases it when the process ends, even by SIGKILL, so a crash never leaves a stale
+    lock. Readers (evaluation, generation) take no lock. Where ``fcntl`` does not exist
+    (Windows) no lock is taken.
+
+    Raises:
+        MloraError: another process holds the lock (naming its pid), or the folder cannot be
+            created or written.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    except OSError as exc:
+        raise MloraError(f"cannot write {folder}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise MloraError(
+                f"{folder} is in use by another mlora run (pid {holder}); wait for it to end "
+                "or pass another --dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -9,13 +9,16 @@ import ast
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import mlora
-from mlora.atomic import WriteError, atomic_directory, atomic_write_bytes
+from mlora.atomic import WriteError, atomic_directory, atomic_write_bytes, output_lock
 from mlora.checkpoint import RUN_DIR, find_resume_point, list_checkpoints
 from mlora.errors import MloraError
 from tests.reliability_support import (
@@ -78,6 +81,45 @@ def test_read_only_output_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
         out.chmod(0o700)
     assert result.returncode == 2
     assert one_error_line(result.stderr) == f"error: cannot write {out}: Permission denied"
+
+
+def test_a_second_run_into_a_folder_in_use_stops_at_once(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """While one run holds DIR, another one into DIR exits with one line naming the holder's
+    pid and writes nothing (before: both passed the checks and one replaced the other)."""
+    config = write_run_config(tmp_path / "cfg")
+    out = tmp_path / "out"
+    with output_lock(out):
+        result = run_mlora(mlora_args(tiny_model_dir, config, out))
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == (
+        f"error: {out} is in use by another mlora run (pid {os.getpid()}); wait for it to end "
+        "or pass another --dir"
+    )
+    assert sorted(p.name for p in out.iterdir()) == [".mlora-lock"]
+
+
+def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
+    """SIGKILL of the holder frees the folder: a crash never leaves a stale lock."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from mlora.atomic import output_lock\n"
+         "with output_lock(Path(sys.argv[1])):\n print('locked', flush=True); time.sleep(60)",
+         str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        busy = rf"in use by another mlora run \(pid {holder.pid}\)"
+        with pytest.raises(MloraError, match=busy), output_lock(out):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with output_lock(out):  # free again
+        assert (out / ".mlora-lock").read_text() == str(os.getpid())
 
 
 def fail_fsync(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
