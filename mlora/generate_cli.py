@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from mlora.atomic import atomic_write_text
 from mlora.cli import add_base_model_options, quantize_choice
 from mlora.errors import MloraError, exit_code_of
 from mlora.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
+from mlora.preflight import check_writable
 from mlora.prompts import PromptTemplate, load_template
 
 BASE = "base"  # --use value (and JSONL "adapter": null) for the base model without adapter
@@ -282,8 +284,10 @@ def run(args: argparse.Namespace) -> int:
         raise MloraError(f"--batch_size must be >= 1, got {args.batch_size}")
     folders, templates = adapter_sources(args)
     requests = build_requests(args, list(folders), templates)  # all checked before loading
-    model, tokenizer = load_model(args, folders)
     to_stdout = args.output == "-"
+    if args.output and not to_stdout:  # a bad --output found after generating loses the answers
+        check_writable(Path(args.output).resolve().parent)
+    model, tokenizer = load_model(args, folders)
     printer = OrderedStreamPrinter(requests, sys.stdout) if args.stream and not to_stdout else None
     outputs = generate(
         model,
@@ -299,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         if to_stdout:
             sys.stdout.write(lines)
         else:
-            Path(args.output).write_text(lines, encoding="utf-8")
+            atomic_write_text(args.output, lines)
     if printer is None and not to_stdout:
         for output in outputs:
             prefix = header(output.request) if len(outputs) > 1 else ""

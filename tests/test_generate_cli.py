@@ -98,6 +98,7 @@ def test_unknown_adapter_is_one_line_error(trained, tiny_model_dir):  # noqa: F8
         ("no_prompts", "no prompts"),
         ("bad_adapter_arg", "expected NAME=DIR"),
         ("dotted_adapter_name", "NAME may not contain '/', '\\' or '.'"),
+        ("output_under_a_file", "cannot write"),
     ],
 )
 def test_bad_input_fails_before_loading(tmp_path, capsys, case, message):
@@ -111,6 +112,7 @@ def test_bad_input_fails_before_loading(tmp_path, capsys, case, message):
         "no_prompts": [],
         "bad_adapter_arg": ["--adapter", "just-a-name", "x"],
         "dotted_adapter_name": ["--adapter", f"math-v1.5={tmp_path}", "x"],
+        "output_under_a_file": ["--output", str(tmp_path / "empty.jsonl" / "out.jsonl"), "x"],
     }[case]
     assert main(["--base_model", model, *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -139,3 +141,15 @@ def test_console_script_points_at_main() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, func = scripts["mlora-generate"].partition(":")
     assert getattr(__import__(module, fromlist=[func]), func) is main
+
+
+def test_output_into_a_missing_folder_creates_it(trained, tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """``--output`` under folders that do not exist yet: created up front, the JSONL lands there
+    (it used to fail after every answer was generated)."""
+    out, _ = trained
+    argv = ["--base_model", str(tiny_model_dir), "--dir", str(out), "--use", "rev", "owl"]
+    assert main([*argv, "--max_new_tokens", "6", "--output", "-"]) == 0
+    expected = capsys.readouterr().out
+    target = tmp_path / "new" / "deeper" / "answers.jsonl"
+    assert main([*argv, "--max_new_tokens", "6", "--output", str(target)]) == 0
+    assert target.read_text(encoding="utf-8") == expected
