@@ -147,6 +147,7 @@ class LayoutContext:
         self.token_real_index: torch.Tensor | None = None
         self.aux_losses = AuxLossCollector()
         self.generators = AdapterGenerators()
+        self._expanded: tuple[BatchLayout, BatchLayout] | None = None  # (per-row, expanded)
 
     def set(
         self,
@@ -161,8 +162,17 @@ class LayoutContext:
         self.token_rows, self.token_real_index = token_rows, token_real_index
 
     def layout_for(self, num_tokens: int) -> BatchLayout | None:
-        """The current layout over a layer input of ``num_tokens`` tokens, or None."""
-        return None if self.layout is None else self.layout.for_tokens(num_tokens)
+        """The current layout over a layer input of ``num_tokens`` tokens, or None.
+
+        A per-row layout's expansion is cached for the pass: every layer asks the same.
+        """
+        layout = self.layout
+        if layout is None or not layout.per_row:
+            return None if layout is None else layout.for_tokens(num_tokens)
+        cached = self._expanded
+        if cached is None or cached[0] is not layout or cached[1].num_tokens != num_tokens:
+            cached = self._expanded = (layout, layout.for_tokens(num_tokens))
+        return cached[1]
 
     def segment_token_mask(self, seg: AdapterSegment, num_tokens: int) -> torch.Tensor | None:
         """Real-token mask of token segment ``seg`` of a pass of ``num_tokens``, or None (all

@@ -107,8 +107,8 @@ class AdapterRun:
     failed: str | None = None  # why the adapter was stopped (non-finite loss)
     # On the device: 1.0 once a step's loss was not finite (its updates are skipped from then
     # on), and the (adapter step, global step) where that happened. Read when logging/saving.
-    fault: torch.Tensor | None = None
-    fault_at: torch.Tensor | None = None
+    fault: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    fault_at: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.long))
     loss_count: float = 0.0  # optimizer steps ``loss_sum`` covers (fractions mid-step)
     tokens: int = 0
     history: list[float] = field(default_factory=list)
@@ -214,7 +214,12 @@ class Trainer:
         ]
         optimizer = build_optimizer(config, named)
         scheduler = build_scheduler(config, optimizer, queue.total_steps)
-        return AdapterRun(config, queue, optimizer, scheduler)
+        run = AdapterRun(config, queue, optimizer, scheduler)
+        run.fault, run.fault_at = (
+            run.fault.to(self.model.device),
+            run.fault_at.to(self.model.device),
+        )
+        return run
 
     def _load_initial_weights(self, config: AdapterConfig, spec: LoraSpec, folder: Path) -> None:
         saved, tensors = read_adapter(folder)
@@ -322,9 +327,6 @@ class Trainer:
     def _flag_non_finite(self, run: AdapterRun) -> None:
         """Raise ``run``'s device fault flag if this step's loss is not finite (no host read);
         from then on its updates are skipped until ``check_faults`` stops it."""
-        if run.fault is None or run.fault_at is None:
-            run.fault = torch.zeros((), device=self.model.device)
-            run.fault_at = torch.zeros(2, dtype=torch.long, device=self.model.device)
         assert run.step_loss is not None
         first = (run.fault == 0) & ~torch.isfinite(run.step_loss)
         at = run.fault_at  # the Python ints below ride along as kernel scalars: no copy, no sync
@@ -336,19 +338,16 @@ class Trainer:
         )
         run.fault = torch.maximum(run.fault, first.float())
 
-    def check_faults(self) -> bool:
+    def check_faults(self) -> None:
         """Read every running adapter's fault flag (one host read) and stop those whose loss
-        was not finite. Called before logging and saving. Returns whether any was stopped now."""
-        watched = [r for r in self.runs if r.fault is not None and r.failed is None]
+        was not finite. Called before logging and saving."""
+        watched = [r for r in self.runs if r.failed is None]
         if not watched:
-            return False
+            return
         flags = torch.stack([torch.cat([r.fault.view(1).long(), r.fault_at]) for r in watched])
-        stopped = False
         for run, (bad, adapter_step, global_step) in zip(watched, flags.tolist(), strict=True):
             if bad:
                 self._stop_adapter(run, adapter_step, global_step)
-                stopped = True
-        return stopped
 
     def _stop_adapter(self, run: AdapterRun, adapter_step: int, global_step: int) -> None:
         """Stop an adapter whose loss was not finite at ``adapter_step``; that update and every

@@ -96,8 +96,10 @@ class MultiLoraLinear(nn.Module):
         if not mine:
             return result
         flat_y = result.reshape(-1, result.shape[-1])  # (N, out)
-        plain = [s for s in mine if _is_plain_lora(self.adapters[s.adapter])]
-        custom = [s for s in mine if not _is_plain_lora(self.adapters[s.adapter])]
+        plain: list[AdapterSegment] = []
+        custom: list[AdapterSegment] = []
+        for seg in mine:
+            (plain if _is_plain_lora(self.adapters[seg.adapter]) else custom).append(seg)
         delta = self._plain_delta(flat_x, plain) if plain else None
         if custom:
             more = self._custom_delta(flat_x, flat_y, custom)
