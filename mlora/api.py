@@ -78,6 +78,8 @@ def train(
     backend = get_backend(None if device is None else str(device))  # before any device use
     if not isinstance(config, TrainConfig):
         config = load_config(config)
+    for note in config.notes:  # upstream m-LoRA keys read with a different meaning or none
+        logger.info(note)
     check_dtype(dtype, backend)
     load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     if tf32:

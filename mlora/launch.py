@@ -100,10 +100,19 @@ def read_template(
             raise ConfigError(f"unknown template {name!r} (available: {known})")
     raw = read_config_json(path)
     # a broken template is reported as such, not as a broken config later
-    config = parse_config(raw, source=str(path))
+    config = parse_config(_with_task_placeholder(raw), source=str(path))
     if len(raw["lora"]) != 1:
         raise ConfigError(f"{path}: a template must hold exactly one adapter object")
     return raw, config, path
+
+
+def _with_task_placeholder(raw: Any) -> Any:
+    """A template as checked: ``gen`` fills each adapter's ``data`` from ``--tasks``, so a
+    template need not set it (upstream's launcher templates do not)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("lora"), list):
+        return raw
+    lora = [{"data": "<--tasks>", **a} if isinstance(a, dict) else a for a in raw["lora"]]
+    return {**raw, "lora": lora}
 
 
 def describe_template(adapter: AdapterConfig) -> str:
@@ -254,7 +263,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
     print(f"{verb} {target}: {len(added)} adapter(s) from template {template_path.stem}")
     for adapter in added:
         kind = "" if Path(adapter["data"]).is_file() else " (not a local file: a hub dataset name)"
-        if adapter.get("task_name", "casual") != "casual":
+        if adapter.get("task_name") not in (None, "", "casual"):  # "": upstream's casual
             kind = (
                 f" (built-in choice task {adapter['task_name']}: hub data, or a local file later)"
             )
