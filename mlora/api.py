@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,6 +15,7 @@ from mlora.backends import get_backend
 from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
 from mlora.config import TrainConfig, load_config
 from mlora.errors import MloraError
+from mlora.hub import before_loading
 from mlora.model import MultiLoraModel, load_base_model, load_tokenizer
 from mlora.precision import base_model_load_options, check_dtype
 from mlora.preflight import preflight
@@ -37,6 +41,26 @@ def check_outputs(
             raise MloraError(f"{folder} already exists; pass --overwrite to replace it{hint}")
 
 
+@contextmanager
+def log_to_stderr_unless_configured(enabled: bool) -> Iterator[None]:
+    """mlora's INFO lines (loss, lr, saves) on stderr for one call when nothing configured
+    logging (a notebook or script; transformers' Trainer prints there too); a program that
+    configured logging itself keeps its own setup."""
+    if not enabled or logger.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def train(
     config: TrainConfig | str | Path,
     base_model: str,
@@ -51,6 +75,7 @@ def train(
     resume: bool = False,
     quantize: str | None = None,
     tf32: bool = False,
+    log: bool = True,
 ) -> Trainer:
     """Train every adapter of ``config`` together on ``base_model``, saving to ``output_dir/NAME``.
 
@@ -68,6 +93,8 @@ def train(
         overwrite: allow replacing existing ``output_dir/NAME`` folders.
         resume: continue from the newest complete checkpoint in ``output_dir`` (exactly: the
             result equals an uninterrupted run); finished adapters stay finished.
+        log: when logging is not configured (a notebook), print mlora's progress lines to
+            stderr for this call; False prints only warnings. Configured logging is kept.
 
     Returns:
         The finished Trainer (``trainer.model`` holds the trained adapters).
@@ -75,6 +102,32 @@ def train(
     Raises:
         MloraError: invalid config, data, paths or model (one line each).
     """
+    with log_to_stderr_unless_configured(log):
+        return _train(
+            config, base_model, Path(output_dir), seed=seed, dtype=dtype, device=device,
+            load_adapter=load_adapter, overwrite=overwrite,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            resume=resume, quantize=quantize, tf32=tf32,
+        )  # fmt: skip
+
+
+def _train(
+    config: TrainConfig | str | Path,
+    base_model: str,
+    output_dir: Path,
+    *,
+    seed: int,
+    dtype: torch.dtype,
+    device: str | torch.device | None,
+    load_adapter: bool,
+    overwrite: bool,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+    resume: bool,
+    quantize: str | None,
+    tf32: bool,
+) -> Trainer:
+    """``train`` with its logging settled (same arguments)."""
     backend = get_backend(None if device is None else str(device))  # before any device use
     if not isinstance(config, TrainConfig):
         config = load_config(config)
@@ -84,7 +137,6 @@ def train(
     load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     if tf32:
         backend.allow_tf32(True)
-    output_dir = Path(output_dir)
     with output_lock(output_dir):  # before the checks: two runs must not both pass them
         names = [a.name for a in config.lora]
         point = find_resume_point(output_dir, names) if resume else None
@@ -92,6 +144,7 @@ def train(
             load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
         else:
             check_outputs(config, output_dir, overwrite, load_adapter)
+        before_loading(base_model, "base model")  # the preflight reads a hub id's config
         preflight(config, base_model, output_dir, trust_remote_code)
         backend.manual_seed(seed)
         tokenizer = load_tokenizer(base_model, trust_remote_code)
