@@ -62,10 +62,17 @@ def hub_unreachable_reason() -> str | None:
     return None
 
 
+def is_hub_id(name_or_path: str) -> bool:
+    """A hub repo id (``name`` or ``org/name``), not a local path (existing or path-like)."""
+    if name_or_path.startswith((".", "/", "~", "\\")) or Path(name_or_path).expanduser().exists():
+        return False
+    return name_or_path.count("/") <= 1 and "\\" not in name_or_path
+
+
 def before_loading(name_or_path: str, what: str) -> None:
-    """``before_hub_access`` when ``name_or_path`` is not a local path (``what``: "base model",
-    "data", naming it in the warning)."""
-    if not Path(name_or_path).expanduser().exists():
+    """``before_hub_access`` when ``name_or_path`` is a hub id (``what``: "base model", naming
+    it in the warning)."""
+    if is_hub_id(name_or_path):
         before_hub_access(f"{what} {name_or_path}")
 
 

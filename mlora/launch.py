@@ -2,7 +2,8 @@
 
 Verbs (each a plain function; ``main`` only parses and dispatches):
 
-- ``gen``: one adapter per task, from ``templates/NAME.json``, validated before it is written.
+- ``gen``: one adapter per task, from ``mlora/templates/NAME.json`` (or ``./templates``), validated
+  before it is written.
 - ``run``: calls ``mlora.cli.main`` in the same process (no shelling out); without
   ``--base_model`` it trains on the built-in random-weight demo model.
 - ``avail``: the templates, prompt templates, task types and bundled data sets.
@@ -52,12 +53,9 @@ logger = logging.getLogger("mlora")
 
 
 def template_dirs() -> list[Path]:
-    """Where templates are looked up: ``./templates``, the checkout's, then the package's own."""
-    dirs = [
-        Path.cwd() / "templates",
-        PACKAGE_ROOT / "templates",  # a checkout or editable install
-        Path(__file__).parent / "templates",  # shipped inside the package (wheel installs)
-    ]
+    """Where templates are looked up: ``./templates`` (the user's own), then the package's
+    (``mlora/templates``, package data: a wheel install has them too)."""
+    dirs = [Path.cwd() / "templates", Path(__file__).parent / "templates"]
     unique: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
@@ -200,6 +198,26 @@ def adapter_names(adapter_name: str | None, prefix: str, count: int, taken: set[
     return names
 
 
+def test_data_per_task(test_data: str | None, count: int) -> list[str | None]:
+    """``--test_data``: one file for every task, or ``;``-separated, one per task.
+
+    Raises:
+        ConfigError: a count that differs from the task count, or a missing file.
+    """
+    if test_data is None:
+        return [None] * count
+    files = split_list(test_data)
+    if len(files) == 1:
+        files *= count
+    if len(files) != count:
+        raise ConfigError(
+            f"--test_data gives {len(files)} files for {count} tasks (use one, or one per task)"
+        )
+    for path in files:
+        check_task(path)
+    return list(files)
+
+
 def build_config(
     args: argparse.Namespace,
     template: dict[str, Any],
@@ -222,9 +240,12 @@ def build_config(
     taken = {a["name"] for a in config["lora"]}
     adapter_template = template["lora"][0]
     names = adapter_names(args.adapter_name, template_name, len(tasks), taken)
-    for name, task in zip(names, tasks, strict=True):
+    test_data = test_data_per_task(args.test_data, len(tasks))
+    for name, task, test in zip(names, tasks, test_data, strict=True):
         adapter = copy.deepcopy(adapter_template)
         adapter.update(name=name, data=task)
+        if test is not None:
+            adapter["test_data"] = test
         if task in CHOICE_TASK_NAMES:  # a built-in choice task: train and evaluate it as one
             adapter["task_name"] = task
         for flag, (key, level) in GEN_OVERRIDES.items():
@@ -272,13 +293,23 @@ def cmd_gen(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {template_path.stem} is {note}")
     config_flag = "" if target == Path(DEFAULT_CONFIG) else f" --config {target}"
-    print(f"next: {_command_name()} run{config_flag}")
+    command = _command_name()
+    print(f"next: {command} run{config_flag} --dir out  (adapters go to out/NAME)")
+    if any("test_data" in adapter for adapter in added):
+        print(f"then: {command} evaluate{config_flag} --dir out")
     return 0
 
 
 def _command_name() -> str:
     """How the user invoked us, for the hints we print."""
-    return "python launch.py" if sys.argv[0].endswith("launch.py") else "mlora-launch"
+    name = _program_name()
+    return f"python {name}" if name.endswith(".py") else name
+
+
+def _program_name() -> str:
+    from mlora.cli import program_name
+
+    return program_name("launch.py", "mlora-launch", "mlora.launch")
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -407,11 +438,17 @@ def _add_gen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "gen",
         help="write a config from a template, one adapter per task",
-        description="Write a config from templates/NAME.json with one adapter per task; it is "
+        description="Write a config from a template (mlora/templates/NAME.json, ./templates/NAME"
+        ".json or a .json file) with one adapter per task; it is "
         "validated before it is written. Unset options keep the template's values.",
     )
     p.add_argument("--template", required=True, help="template name (see `avail`) or a .json file")
     p.add_argument("--tasks", required=True, help="';'-separated data files or hub dataset names")
+    p.add_argument(
+        "--test_data",
+        help="evaluation data for `evaluate` (key test_data): one file for every task, or "
+        "';'-separated, one per task",
+    )
     p.add_argument(
         "--adapter_name",
         help="';'-separated names (one per task), or a prefix for NAME_0, NAME_1, ... "
@@ -487,7 +524,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="launch.py",
+        prog=_program_name(),
         description="Write mlora configs from templates and run them.",
         epilog="Quickstart: launch.py gen --template lora --tasks ./data/dummy_data.json; "
         "launch.py run",
