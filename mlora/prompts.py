@@ -90,7 +90,9 @@ def _older_format(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """
     if "prompt_input" not in raw and isinstance(raw.get("prompt"), str):
         raw = {**raw, "prompt_input": raw["prompt"]}
-    elif not any(OUTPUT_PLACEHOLDER in str(raw.get(k)) for k in ("prompt_input", "prompt_no_input")):
+    elif not any(
+        OUTPUT_PLACEHOLDER in str(raw.get(k)) for k in ("prompt_input", "prompt_no_input")
+    ):
         return raw
     cut = {}
     for key in ("prompt_input", "prompt_no_input"):

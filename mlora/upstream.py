@@ -21,8 +21,16 @@ RENAMED_KEYS = {
     "dropout": "lora_dropout",
     "test_batch_size": "evaluate_batch_size",  # upstream: rows per evaluation batch
 }
-# upstream LLaMA projection names (Meta's w1/w2/w3) -> the transformers names mlora matches
-TARGET_MODULE_NAMES = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}
+# upstream's own projection names -> the transformers module names mlora matches: LLaMA's
+# (Meta's w1/w2/w3) and ChatGLM's (qkv, mlp_in, mlp_out; its "dense" is already the module name)
+TARGET_MODULE_NAMES = {
+    "w1_proj": "gate_proj",
+    "w2_proj": "down_proj",
+    "w3_proj": "up_proj",
+    "qkv": "query_key_value",
+    "mlp_in": "dense_h_to_4h",
+    "mlp_out": "dense_4h_to_h",
+}
 ROUTING_STRATEGIES = {"mixtral": "mixlora", "switch": "mixlora-switch"}
 _PADDING_SIDE = (
     "mlora packs rows or pads them itself; padding is masked, so its side does not change "

@@ -237,8 +237,10 @@ def test_gen_test_data_one_file_for_every_task_or_one_per_task(
 @pytest.mark.parametrize(
     ("test_data", "message"),
     [
-        ("ta.json;tb.json;tc.json", "--test_data gives 3 files for 2 tasks (use one, or one "
-         "per task)"),
+        (
+            "ta.json;tb.json;tc.json",
+            "--test_data gives 3 files for 2 tasks (use one, or one per task)",
+        ),
         ("missing.json", "data file not found: missing.json"),
     ],
 )

@@ -49,30 +49,45 @@ CASES = [
     UpstreamFile(TUDB, "config/finetune.json", "config", None, "trained in the test"),
     UpstreamFile(TUDB, "config/alpaca.json", "config", None, "hub data (yahma/alpaca-cleaned)"),
     UpstreamFile(
-        TUDB, "config/finetune_chatglm.json", "config", None,
-        "read; ChatGLM target names need a ChatGLM base (on LLaMA: `target module 'qkv' not "
-        "found`)",
-    ),  # fmt: skip
+        TUDB,
+        "config/finetune_chatglm.json",
+        "config",
+        None,
+        "ChatGLM names read as `query_key_value`, `dense`, `dense_h_to_4h`, `dense_4h_to_h`: a "
+        "base with those layers (ChatGLM, Falcon)",
+    ),
     UpstreamFile(
-        TUDB, "config/dummy_pp.json", "config", "'train_strategy' 'pipe'",
+        TUDB,
+        "config/dummy_pp.json",
+        "config",
+        "'train_strategy' 'pipe'",
         "pipeline parallelism across GPUs is not supported: use `optim`",
-    ),  # fmt: skip
+    ),
     UpstreamFile(TUDB, "template/template_demo.json", "prompt", None, "older `{output}` format"),
     UpstreamFile(
-        TUDB, "demo/lora/lora_case_1.yaml", "config", "YAML, not JSON",
+        TUDB,
+        "demo/lora/lora_case_1.yaml",
+        "config",
+        "YAML, not JSON",
         "the 2024-06+ YAML format (dispatcher/datasets/adapters/tasks) is not read",
-    ),  # fmt: skip
+    ),
     UpstreamFile(TUDB, "demo/prompt.yaml", "prompt", "YAML, not JSON", "Jinja YAML prompt"),
     UpstreamFile(MIKE, "config/alpaca_mixlora.json", "config", None, "hub data"),
     UpstreamFile(MIKE, "config/dummy_phi.json", "config", None, "Phi target names: a Phi base"),
     UpstreamFile(
-        MIKE, "config/dummy_mixlora.json", "config", "'sparse_step'",
+        MIKE,
+        "config/dummy_mixlora.json",
+        "config",
+        "'sparse_step'",
         "experts on every N-th layer only: remove the key (experts on every layer)",
-    ),  # fmt: skip
+    ),
     UpstreamFile(
-        MIKE, "config/finetune_mixlora.json", "config", "'sparse_step'",
+        MIKE,
+        "config/finetune_mixlora.json",
+        "config",
+        "'sparse_step'",
         "as above; its `expert_lora.use_rslora` is read",
-    ),  # fmt: skip
+    ),
     UpstreamFile(MIKE, ".launcher/lora.json", "launcher template", None, "no `data`: gen sets it"),
     UpstreamFile(MIKE, ".launcher/mixlora.json", "launcher template", None, "trained in the test"),
     UpstreamFile(MIKE, "templates/lora.json", "launcher template", None, ""),
@@ -160,6 +175,10 @@ def test_upstream_keys_map_to_their_upstream_meaning(
         # test_batch_size is the evaluation batch; the training batch stays batch_size
         assert adapter.evaluate_batch_size == upstream["test_batch_size"]
         assert adapter.batch_size == upstream["batch_size"]
+    # upstream ChatGLM (model_chatglm.py): qkv, dense, mlp_in, mlp_out are its query_key_value,
+    # dense, dense_h_to_4h, dense_4h_to_h layers
+    glm = load_config("config/finetune_chatglm.json").lora[0]
+    assert glm.target_module_names == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
     mike = load_config(upstream_copy / MIKE / "config" / "alpaca_mixlora.json")
     assert [a.routing_strategy for a in mike.lora] == [None, "mixlora", "mixlora-switch"]
 
