@@ -117,6 +117,25 @@ class SegmentRandom:
         drawn = fill(like.new_empty((count, *like.shape[1:])))
         return drawn if self.rows is None else drawn.index_select(0, self.rows.index)
 
+    def canonical_order(self, token_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(count,) where each real token sits, in canonical order; None: already canonical.
+
+        Layers that draw per routed token (MoE experts) gather their real tokens in this order,
+        draw with ``plain()`` and scatter back, so neither padding nor packing order reaches
+        their draws. Device-side (no host sync); padding goes to a spare slot that is cut off.
+        """
+        if self.rows is None:
+            return None
+        index, count = self.rows.index, self.rows.count
+        if token_mask is not None:
+            index = torch.where(token_mask, index, count)
+        where = torch.arange(index.numel(), device=index.device)
+        return index.new_empty(count + 1).scatter_(0, index, where)[:count]
+
+    def plain(self) -> SegmentRandom:
+        """The same stream without the spread: draws for tokens already in canonical order."""
+        return SegmentRandom(self.generator)
+
     def keep(self, like: torch.Tensor, p: float) -> torch.Tensor:
         """Inverted-dropout multipliers shaped like ``like``: 0, or 1 / (1 - p)."""
         return self._spread(

@@ -218,6 +218,33 @@ class MolaAdapter(ExpertMixture):
         Returns:
             (N, out) fp32 delta.
         """
+        # the real tokens in canonical order: routing and the experts' draws never see
+        # padding or the packing order (``SegmentRandom.canonical_order``)
+        canonical = None if random is None else random.canonical_order(token_mask)
+        if canonical is not None:
+            delta = self._routed(
+                x.index_select(0, canonical),
+                base_result,
+                canonical,
+                base_weight,
+                base_bias,
+                random.plain(),
+                None,
+            )
+            return delta.new_zeros(x.shape[0], delta.shape[1]).index_copy(0, canonical, delta)
+        return self._routed(x, base_result, None, base_weight, base_bias, random, token_mask)
+
+    def _routed(
+        self,
+        x: torch.Tensor,
+        base_result: torch.Tensor,
+        canonical: torch.Tensor | None,
+        base_weight: torch.Tensor | None,
+        base_bias: torch.Tensor | None,
+        random: SegmentRandom | None,
+        token_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``forward`` over tokens ``x`` (n, in) taken at ``canonical`` from the segment."""
         n, k, num_experts = x.shape[0], self.top_k, self.num_experts
         probs, weights, selected = self.route(x)  # (N, E), (N, k), (N, k)
         flat_expert = selected.reshape(-1)  # (N*k,) expert of each (token, slot) pair
@@ -234,7 +261,8 @@ class MolaAdapter(ExpertMixture):
         if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
             base_weight = base_weight.float()
         if self.magnitude is not None:  # DoRA experts rescale the base output of their tokens
-            bases = base_result.index_select(0, token_of).split(counts)
+            picked = token_of if canonical is None else canonical.index_select(0, token_of)
+            bases = base_result.index_select(0, picked).split(counts)
         else:
             bases = (base_result,) * num_experts  # unused by plain LoRA experts
         outputs = [

@@ -252,21 +252,33 @@ class MixLoraFeedForward(nn.Module):
         return split_segments(out, local)
 
     def _moe_segment(self, seg: AdapterSegment, x: torch.Tensor, n: int) -> torch.Tensor:
-        """The MixLoRA FFN output (T, H) of one segment's tokens ``x`` (T, H) in a pass of n."""
+        """The MixLoRA FFN output (T, H) of one segment's tokens ``x`` (T, H) in a pass of n.
+
+        The segment's real tokens are taken in canonical order (rows end to end, as given to
+        collate), so routing, the switch capacity and every draw (router jitter, expert and FFN
+        dropout) see the same token sequence however the rows were padded or packed; padding
+        gets a zero output.
+        """
         moe = self.moes[seg.adapter]
         random = self.context.segment_random(seg, n, x.device)
         real = self.context.segment_token_mask(seg, n)
+        order = random.canonical_order(real)
         rows = self.context.segment_token_rows(seg, n, x.device)
+        if order is not None:  # only real tokens from here on
+            x, real = x.index_select(0, order), None
+            rows = None if rows is None else rows.index_select(0, order)
+            random = random.plain()
         logits = moe.router_logits(x, random)
         routing = route(logits, moe.router_spec, real, rows, self.training)
         if routing.aux_loss is not None:
             self.context.aux_losses.add(seg.adapter, routing.aux_loss)
         if routing.counts is not None:
             self.context.aux_losses.add_load(seg.adapter, routing.counts)
-        # experts see routed (real) tokens only: their draws need no padding map
         out = self.dispatch(moe, x, routing.weights, routing.routed, random.generator)
-        out = adapter_dropout(out, moe.ffn_dropout, moe.training, random)
-        return out.to(x.dtype)
+        out = adapter_dropout(out, moe.ffn_dropout, moe.training, random).to(x.dtype)
+        if order is None:
+            return out
+        return out.new_zeros(seg.size, out.shape[1]).index_copy(0, order, out)
 
     def dispatch(
         self,
