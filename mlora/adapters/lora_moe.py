@@ -14,9 +14,12 @@ too, which upstream lacks). Both modules have ``LoraAdapter``'s interface, so th
 ``MultiLoraLinear.adapters`` under one adapter name and see only that adapter's segment.
 
 MoLA dispatches tokens to experts by index: the (token, expert) pairs are sorted by expert, each
-expert runs once on its gathered tokens and the weighted results are scattered back. Splitting
-the sorted pairs needs the per-expert counts on the host: one device sync per MoLA layer call
-(as upstream and transformers' Mixtral do).
+pair runs through its expert's LoRA (``mlora.ops.routed_lora``: group offsets stay on the device)
+and the weighted results are scattered back. The segment's real tokens come in canonical order
+(``SegmentRandom.canonical_order``), so there are exactly n*k pairs, known on the host: no device
+sync. DoRA experts (a per-expert magnitude over each expert's own rows) still split the pairs
+with the per-expert counts read on the host, once per layer call, as upstream and transformers'
+Mixtral do.
 
 In training, each module reports to its model's ``context.aux_losses`` (see ``mlora.aux_losses``)
 the routed-token counts per expert (LoRAMoE: the router probability mass, it is dense) and, for
@@ -32,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters.lora import DoraMagnitude, LoraAdapter
+from mlora.adapters.lora import DoraMagnitude, LoraAdapter, adapter_dropout
 from mlora.layout import LayoutContext
+from mlora.ops.routed_lora import routed_lora
 from mlora.randomness import SegmentRandom
 
 DEFAULT_ROUTER_INIT_RANGE = 5.0  # upstream's default for loramoe / mola: nn.Linear's own init
@@ -252,7 +256,12 @@ class MolaAdapter(ExpertMixture):
             flat_expert = flat_expert.masked_fill(~token_mask.repeat_interleave(k), num_experts)
         order = torch.argsort(flat_expert, stable=True)  # pairs grouped by expert
         load = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
-        counts = load.tolist()  # the one host sync: group sizes for the split below
+        if self.magnitude is None and token_mask is None:  # every pair real: n*k, host-known
+            delta = self._routed_lora(x, order, flat_expert, weights, random)
+            if self._reporting():
+                self._report(probs, selected, load, None)
+            return delta
+        counts = load.tolist()  # DoRA experts / padding: group sizes on the host (a sync)
         order = order[: sum(counts)]  # (P,) routed pairs
         token_of = order // k  # (P,) token of each sorted pair
         xs = x.index_select(0, token_of)  # (P, in)
@@ -279,6 +288,33 @@ class MolaAdapter(ExpertMixture):
         if self._reporting():
             self._report(probs, selected, load, token_mask)
         return delta
+
+    def _routed_lora(
+        self,
+        x: torch.Tensor,
+        order: torch.Tensor,
+        flat_expert: torch.Tensor,
+        weights: torch.Tensor,
+        random: SegmentRandom | None,
+    ) -> torch.Tensor:
+        """Plain LoRA experts over all n*k pairs without a host sync (``routed_lora``).
+
+        One dropout draw covers every pair in expert order (the adapter's stream, canonical
+        tokens), then each pair goes through its expert's LoRA.
+        """
+        first = self.experts[0]
+        pairs = x.index_select(0, order // self.top_k).to(first.lora_A.weight.dtype)  # (P, in)
+        pairs = adapter_dropout(pairs, first.dropout_p, self.training, random)
+        out = routed_lora(
+            pairs,
+            flat_expert.index_select(0, order),
+            [expert.lora_A.weight for expert in self.experts],
+            [expert.lora_B.weight for expert in self.experts],
+            [expert.scaling for expert in self.experts],
+        )  # (P, out)
+        kept = weights.reshape(-1).index_select(0, order)  # (P,)
+        delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
+        return delta.index_add(0, order // self.top_k, out.float() * kept[:, None])
 
     def _report(
         self,
