@@ -198,7 +198,7 @@ def adapter_names(adapter_name: str | None, prefix: str, count: int, taken: set[
     return names
 
 
-def test_data_per_task(test_data: str | None, count: int) -> list[str | None]:
+def split_test_data(test_data: str | None, count: int) -> list[str | None]:
     """``--test_data``: one file for every task, or ``;``-separated, one per task.
 
     Raises:
@@ -240,7 +240,7 @@ def build_config(
     taken = {a["name"] for a in config["lora"]}
     adapter_template = template["lora"][0]
     names = adapter_names(args.adapter_name, template_name, len(tasks), taken)
-    test_data = test_data_per_task(args.test_data, len(tasks))
+    test_data = split_test_data(args.test_data, len(tasks))
     for name, task, test in zip(names, tasks, test_data, strict=True):
         adapter = copy.deepcopy(adapter_template)
         adapter.update(name=name, data=task)
