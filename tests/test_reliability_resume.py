@@ -22,7 +22,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mlora.checkpoint import RUN_DIR, list_checkpoints, list_cuts
+from mlora.checkpoint import list_checkpoints, list_cuts
 from mlora.cli import main
 from tests.reliability_harness import ROOT
 from tests.reliability_support import (
@@ -32,7 +32,9 @@ from tests.reliability_support import (
     final_weights,
     max_relative_difference,
     mlora_args,
+    fake_cut,
     one_error_line,
+    only_records,
     read_until,
     run_mlora,
     start_mlora,
@@ -166,8 +168,8 @@ def test_ctrl_c_and_sigterm_write_a_checkpoint_and_the_resume_command_works(
         line = lines[sig] = one_error_line(stderr)
         assert f"stopped by {sig.name} after global step" in line and "resume with: " in line
         step = stopped_at(line)
-        assert [s for s, _ in list_cuts(out)][-1] == step >= 2  # the checkpoint it names
-        manifest = json.loads((out / RUN_DIR / f"step-{step}" / "manifest.json").read_text())
+        assert [s for s, _ in list_cuts(only_records(out))][-1] == step >= 2  # the one named
+        manifest = json.loads((only_records(out) / f"step-{step}" / "manifest.json").read_text())
         assert manifest["global_step"] == step
         assert manifest["adapters"]["acc"]["status"] == "running"
 
@@ -176,43 +178,48 @@ def test_ctrl_c_and_sigterm_write_a_checkpoint_and_the_resume_command_works(
     resumed = run_mlora(command[2:])
     assert resumed.returncode == 0, resumed.stderr
     out, step = signalled[signal.SIGINT].result()[0], stopped_at(lines[signal.SIGINT])
-    assert f"resuming from {out / RUN_DIR / f'step-{step}'}" in resumed.stderr
+    assert f"resuming from {only_records(out) / f'step-{step}'}" in resumed.stderr
     difference = max_relative_difference(final_weights(out), final_weights(reference))
     assert difference <= TOLERANCE
 
 
-def test_resume_refuses_another_seed_a_changed_key_or_a_new_order(config: Path) -> None:
-    from types import SimpleNamespace
-
+def test_resume_refuses_another_seed_base_a_changed_key_or_a_new_order(config: Path) -> None:
     from mlora.checkpoint import ResumePoint, check_same_run
-    from mlora.config import config_to_dict, load_config, parse_config
+    from mlora.config import load_config, parse_config
     from mlora.errors import MloraError
+    from mlora.run_records import RunIdentity
 
-    saved = load_config(config)
-    point = ResumePoint(config.parent, {"seed": 5, "config": config_to_dict(saved)})
+    saved = RunIdentity(load_config(config), 5, "hub/model")
+    manifest = {"seed": 5, "base_model": "hub/model", "config": saved.config_json}
+    point = ResumePoint(config.parent, manifest)
     raw = json.loads(config.read_text())
-    check_same_run(point, SimpleNamespace(seed=5, config=parse_config({**raw, "log_step": 3})))
+
+    def now(seed: int = 5, base: str = "hub/model", **top: object) -> RunIdentity:
+        return RunIdentity(parse_config({**raw, **top}), seed, base)
+
+    check_same_run(point, now(log_step=3))
     with pytest.raises(MloraError, match="--seed 5, not 6"):
-        check_same_run(point, SimpleNamespace(seed=6, config=saved))
+        check_same_run(point, now(seed=6))
+    with pytest.raises(MloraError, match="trained on hub/model, not hub/other"):
+        check_same_run(point, now(base="hub/other"))
     raw["lora"][0]["lr"] = 0.5
     with pytest.raises(MloraError, match=r"adapter 'acc' key 'lr' was 0\.01, now 0\.5"):
-        check_same_run(point, SimpleNamespace(seed=5, config=parse_config(raw)))
+        check_same_run(point, now())
     raw["lora"].reverse()
     with pytest.raises(MloraError, match="in the order acc, short, sgd"):
-        check_same_run(point, SimpleNamespace(seed=5, config=parse_config(raw)))
+        check_same_run(point, now())
 
 
 def test_existing_output_of_an_interrupted_run_suggests_resume(config: Path, tmp_path: Path):
     from mlora.api import check_outputs
     from mlora.config import load_config
     from mlora.errors import MloraError
+    from mlora.run_records import RunIdentity
 
     (tmp_path / "acc").mkdir()
     (tmp_path / "acc" / "adapter_config.json").write_text("{}")
-    cut = tmp_path / RUN_DIR / "step-4"
-    cut.mkdir(parents=True)
-    manifest = {"adapters": {"acc": {"status": "running"}, "short": {"status": "finished"}}}
-    (cut / "manifest.json").write_text(json.dumps(manifest))
+    identity = RunIdentity(load_config(config), 5, None)
+    fake_cut(identity.records(tmp_path), identity, 4, {"acc": None, "short": None})
     with pytest.raises(MloraError, match=r"pass --overwrite to replace it \(or --resume"):
         check_outputs(load_config(config), tmp_path, overwrite=False, load_adapter=False)
 
