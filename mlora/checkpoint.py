@@ -72,7 +72,11 @@ FORMAT = 1
 STATUSES = ("running", "finished", "failed")
 # The shape of a manifest and of one adapter's entry in it (what a resume reads).
 MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "format": int, "global_step": int, "seed": int, "config": dict, "adapters": dict,
+    "format": int,
+    "global_step": int,
+    "seed": int,
+    "config": dict,
+    "adapters": dict,
 }
 ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "status": str, "steps_done": int, "queue": dict, "loss_count": (int, float), "tokens": int,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mlora.config import TrainConfig
+from mlora.config import adapter_name_problem, TrainConfig
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model
 from mlora.persistence import CONFIG_NAME, load_adapter_weights, read_adapter, spec_from_peft_config
@@ -103,8 +103,11 @@ def parse_adapter_arg(value: str) -> tuple[str, Path]:
     name, sep, folder = value.partition("=")
     if not sep or not name.strip() or not folder.strip():
         raise MloraError(f"--adapter {value!r}: expected NAME=DIR")
-    if any(c in name for c in "/\\."):  # NAME becomes a module key: no '.', as in configs
-        raise MloraError(f"--adapter {value!r}: NAME may not contain '/', '\\' or '.'")
+    problem = adapter_name_problem(name.strip())  # the same rule as a config's names
+    if problem:
+        raise MloraError(
+            f"--adapter {value!r}: NAME must be usable as a folder name and a module key: {problem}"
+        )
     return name.strip(), Path(folder.strip())
 
 

@@ -97,7 +97,10 @@ def test_unknown_adapter_is_one_line_error(trained, tiny_model_dir):  # noqa: F8
         ("unknown_in_file", "zzz.jsonl:1: unknown adapter 'zzz'"),
         ("no_prompts", "no prompts"),
         ("bad_adapter_arg", "expected NAME=DIR"),
-        ("dotted_adapter_name", "NAME may not contain '/', '\\' or '.'"),
+        (
+            "dotted_adapter_name",
+            "NAME must be usable as a folder name and a module key: without '.'",
+        ),
         ("output_under_a_file", "cannot write"),
     ],
 )

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from mlora.checkpoint import list_checkpoints, list_cuts
 from mlora.cli import main
+from tests.helpers import addition_rows, write_json, write_template
 from tests.reliability_harness import ROOT
 from tests.reliability_support import (
     HARNESS,
@@ -154,12 +155,23 @@ def test_sigkill_at_several_moments_then_resume_equals_uninterrupted(
     assert not temporaries(out)
 
 
+def write_one_adapter_config(folder: Path, name: str) -> Path:
+    """A one-adapter config (another run to train into the same folder)."""
+    folder.mkdir()
+    rows = write_json(folder / "rows.json", addition_rows(4))
+    adapter = {"name": name, "data": rows, "prompt": write_template(folder), "r": 2,
+               "batch_size": 2, "num_epochs": 1}  # fmt: skip
+    path = folder / "config.json"
+    path.write_text(json.dumps({"cutoff_len": 40, "save_step": 1, "lora": [adapter]}))
+    return path
+
+
 def stopped_at(line: str) -> int:
     return int(line.split("after global step ")[1].split(";")[0])
 
 
 def test_ctrl_c_and_sigterm_write_a_checkpoint_and_the_resume_command_works(
-    signalled: dict, reference: Path
+    signalled: dict, reference: Path, config: Path, tiny_model_dir: Path, capsys
 ) -> None:
     lines = {}
     for sig, future in signalled.items():
@@ -173,14 +185,30 @@ def test_ctrl_c_and_sigterm_write_a_checkpoint_and_the_resume_command_works(
         assert manifest["global_step"] == step
         assert manifest["adapters"]["acc"]["status"] == "running"
 
+    out, step = signalled[signal.SIGINT].result()[0], stopped_at(lines[signal.SIGINT])
+    records = only_records(out)
+    # Issue 16's repro: another config trained into the same folder meanwhile must leave the
+    # interrupted run's records alone, and its own --resume must find them.
+    other = write_one_adapter_config(config.parent / "other", "c")
+    assert main(mlora_args(tiny_model_dir, other, out)) == 0
+    c_weights = (out / "c" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    third = write_one_adapter_config(config.parent / "third", "d")
+    assert main(mlora_args(tiny_model_dir, third, out, "--resume")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert (
+        f"no complete checkpoint of adapters d with this config; resumable runs there: "
+        f"{records.name} (adapters acc, short, sgd from {config}, --seed 5, step {step})" in line
+    )
+
     command = shlex.split(lines[signal.SIGINT].split("resume with: ")[1])
     assert command[:2] == ["python", "mlora.py"] and command[-1] == "--resume"
     resumed = run_mlora(command[2:])
     assert resumed.returncode == 0, resumed.stderr
-    out, step = signalled[signal.SIGINT].result()[0], stopped_at(lines[signal.SIGINT])
-    assert f"resuming from {only_records(out) / f'step-{step}'}" in resumed.stderr
+    assert f"resuming from {records / f'step-{step}'}" in resumed.stderr
     difference = max_relative_difference(final_weights(out), final_weights(reference))
     assert difference <= TOLERANCE
+    assert (out / "c" / "adapter_model.safetensors").read_bytes() == c_weights
 
 
 def test_resume_refuses_another_seed_base_a_changed_key_or_a_new_order(config: Path) -> None:

@@ -70,7 +70,9 @@ def test_disk_full_and_permission_denied_mid_run(tmp_path: Path, tiny_model_dir:
     assert one_error_line(second.stderr) == f"error: cannot write {target}: {os.strerror(13)}"
     assert not (denied / "acc" / "checkpoint-3").exists() and not leftovers(denied)
     assert [step for step, _ in list_checkpoints(denied / "acc")] == [1, 2]
-    assert find_resume_point(denied, run_identity(config, tiny_model_dir)).global_step == 4  # --resume picks up from here
+    assert (
+        find_resume_point(denied, run_identity(config, tiny_model_dir)).global_step == 4
+    )  # --resume picks up from here
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
