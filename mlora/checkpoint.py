@@ -17,9 +17,9 @@ absent) and the run-level one last:
 
 A cut can therefore be taken after any global step. ``--resume`` picks the newest cut of this
 run whose parts all exist and are intact (sizes, safetensors headers, JSON shapes; a damaged
-one is skipped with a warning naming the file) and restores it; since the RNG streams, gradients, optimizer, schedule and data
-position are all restored, the rest of the run is the same computation as without the
-interruption. A cut is taken at the start (``step-0``), whenever an adapter reaches a multiple
+one is skipped with a warning naming the file) and restores it; since the RNG streams,
+gradients, optimizer, schedule and data position are all restored, the rest of the run is the
+same computation as without the interruption. A cut is taken at the start (``step-0``), whenever an adapter reaches a multiple
 of ``save_step`` or finishes, on Ctrl-C / SIGTERM, and at the end.
 
 Retention: each adapter keeps its newest ``save_total_limit`` folders; a cut that references a
@@ -45,7 +45,6 @@ from mlora.dispatcher import AdapterQueue
 from mlora.errors import MloraError, first_line
 from mlora.integrity import json_problem, safetensors_problem, shape_problem, torch_file_problem
 from mlora.persistence import (
-    WEIGHTS_NAME,
     adapter_files_problem,
     load_adapter_weights,
     save_adapter,

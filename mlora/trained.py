@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mlora.config import adapter_name_problem, TrainConfig
+from mlora.config import TrainConfig, adapter_name_problem
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model
 from mlora.persistence import CONFIG_NAME, load_adapter_weights, read_adapter, spec_from_peft_config

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,6 @@ from mlora.checkpoint import find_resume_point, list_checkpoints
 from mlora.errors import MloraError
 from tests.reliability_support import (
     HARNESS,
-    NAMES,
     fake_checkpoint,
     fake_cut,
     mlora_args,
@@ -70,9 +68,8 @@ def test_disk_full_and_permission_denied_mid_run(tmp_path: Path, tiny_model_dir:
     assert one_error_line(second.stderr) == f"error: cannot write {target}: {os.strerror(13)}"
     assert not (denied / "acc" / "checkpoint-3").exists() and not leftovers(denied)
     assert [step for step, _ in list_checkpoints(denied / "acc")] == [1, 2]
-    assert (
-        find_resume_point(denied, run_identity(config, tiny_model_dir)).global_step == 4
-    )  # --resume picks up from here
+    point = find_resume_point(denied, run_identity(config, tiny_model_dir))
+    assert point.global_step == 4  # --resume picks up from here
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
