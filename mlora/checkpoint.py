@@ -19,8 +19,9 @@ A cut can therefore be taken after any global step. ``--resume`` picks the newes
 run whose parts all exist and are intact (sizes, safetensors headers, JSON shapes; a damaged
 one is skipped with a warning naming the file) and restores it; since the RNG streams,
 gradients, optimizer, schedule and data position are all restored, the rest of the run is the
-same computation as without the interruption. A cut is taken at the start (``step-0``), whenever an adapter reaches a multiple
-of ``save_step`` or finishes, on Ctrl-C / SIGTERM, and at the end.
+same computation as without the interruption. A cut is taken at the start (``step-0``),
+whenever an adapter reaches a multiple of ``save_step`` or finishes, on Ctrl-C / SIGTERM, and
+at the end.
 
 Retention: each adapter keeps its newest ``save_total_limit`` folders; a cut that references a
 deleted folder is deleted first, so every cut left on disk is complete.

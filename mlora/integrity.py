@@ -80,10 +80,9 @@ def shape_problem(value: Any, fields: dict[str, type | tuple[type, ...]]) -> str
     for key, kind in fields.items():
         if key not in value:
             return f"missing the key {key!r}"
-        if (
-            not isinstance(value[key], kind)
-            or (isinstance(value[key], bool)
-            and bool not in (kind if isinstance(kind, tuple) else (kind,)))
+        if not isinstance(value[key], kind) or (
+            isinstance(value[key], bool)
+            and bool not in (kind if isinstance(kind, tuple) else (kind,))
         ):
             return f"key {key!r} is of the wrong type ({json_type(value[key])})"
     return None
