@@ -211,6 +211,27 @@ def test_ctrl_c_and_sigterm_write_a_checkpoint_and_the_resume_command_works(
     assert (out / "c" / "adapter_model.safetensors").read_bytes() == c_weights
 
 
+def test_resume_skips_a_damaged_newest_checkpoint_and_still_equals_the_clean_run(
+    signalled: dict, reference: Path, config: Path, tiny_model_dir: Path, capsys
+) -> None:
+    """The SIGTERM run's newest cut has its run state cut short (a disk that lost its tail);
+    --resume names it, resumes from the cut before, and ends equal to the uninterrupted run."""
+    out, code, _ = signalled[signal.SIGTERM].result(timeout=TIMEOUT)
+    assert code == 130
+    cuts = list_cuts(only_records(out))
+    assert len(cuts) >= 2
+    (_, newest), (_, previous) = cuts[-1], cuts[-2]
+    state = newest / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(mlora_args(tiny_model_dir, config, out, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {newest}: {state}: truncated: " in err
+    assert f"resuming from {previous}" in err and "Traceback" not in err
+    difference = max_relative_difference(final_weights(out), final_weights(reference))
+    assert difference <= TOLERANCE
+
+
 def test_resume_refuses_another_seed_base_a_changed_key_or_a_new_order(config: Path) -> None:
     from mlora.checkpoint import ResumePoint, check_same_run
     from mlora.config import load_config, parse_config
