@@ -16,7 +16,13 @@ import torch
 from mlora.config import TrainConfig, adapter_name_problem
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model
-from mlora.persistence import CONFIG_NAME, load_adapter_weights, read_adapter, spec_from_peft_config
+from mlora.persistence import (
+    CONFIG_NAME,
+    adapter_files_problem,
+    load_adapter_weights,
+    read_adapter,
+    spec_from_peft_config,
+)
 from mlora.prompts import PromptTemplate, load_template
 
 logger = logging.getLogger("mlora")
@@ -57,6 +63,9 @@ def check_trained(
     for name, folder in folders.items():
         if not is_trained(folder):
             raise MloraError(f"adapter {name!r}: no trained adapter at {folder}{hint}")
+        problem = adapter_files_problem(folder)  # damaged: found now, not after the model loads
+        if problem:
+            raise MloraError(f"adapter {name!r}: {problem}")
 
 
 def find_adapters(directory: str | Path) -> dict[str, Path]:

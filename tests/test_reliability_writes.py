@@ -259,3 +259,33 @@ def test_a_fresh_run_clears_leftovers_of_its_own_adapters_only(tmp_path: Path) -
     clear_run_state(tmp_path, small_identity("a"))
     assert list((tmp_path / "a").iterdir()) == []
     assert (tmp_path / "other" / ".checkpoint-1.abcd.tmp").is_dir()
+
+
+def test_a_fresh_run_leaves_other_runs_records_and_adapters(tmp_path: Path) -> None:
+    """Config C trains (or --overwrite's) adapter a; the interrupted run A (a, b) keeps b's
+    checkpoint and its own records, so only what C names is replaced."""
+    from mlora.checkpoint import clear_run_state, list_cuts
+
+    run_a, run_c = small_identity("a", "b"), small_identity("a", seed=2)
+    fake_checkpoint(tmp_path, "a", "checkpoint-2")
+    fake_checkpoint(tmp_path, "b", "checkpoint-2")
+    fake_cut(run_a.records(tmp_path), run_a, 2, {"a": "checkpoint-2", "b": "checkpoint-2"})
+    fake_cut(run_c.records(tmp_path), run_c, 2, {"a": "checkpoint-2"})
+    clear_run_state(tmp_path, run_c)
+    assert not run_c.records(tmp_path).exists()
+    assert [s for s, _ in list_cuts(run_a.records(tmp_path))] == [2]
+    assert list_checkpoints(tmp_path / "a") == []  # C's adapter: replaced
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [2]  # the neighbour's: kept
+
+
+def test_records_of_the_layout_before_run_ids_are_adopted_when_they_match(tmp_path: Path):
+    from mlora.run_records import RUN_DIR
+
+    identity = small_identity("a")
+    fake_checkpoint(tmp_path, "a", "checkpoint-2")
+    fake_cut(tmp_path / RUN_DIR, identity, 2, {"a": "checkpoint-2"})  # DIR/.mlora-run/step-2
+    with pytest.raises(MloraError, match="it was trained with --seed 1, not 3"):
+        find_resume_point(tmp_path, small_identity("a", seed=3))
+    assert (tmp_path / RUN_DIR / "step-2").is_dir()  # not taken by a run that is not its own
+    assert find_resume_point(tmp_path, identity).path == identity.records(tmp_path) / "step-2"
+    assert not (tmp_path / RUN_DIR / "step-2").exists()
