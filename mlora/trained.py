@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from mlora.config import TrainConfig, adapter_name_problem
+from mlora.adapter_names import adapter_name_problem
+from mlora.config import TrainConfig
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model
 from mlora.persistence import (

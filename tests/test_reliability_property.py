@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
+from mlora.adapter_names import adapter_name_problem
 from mlora.cli import main
-from mlora.config import AdapterConfig, TrainConfig, adapter_name_problem
+from mlora.config import AdapterConfig, TrainConfig
 from tests.helpers import SHORT_TEMPLATE, addition_rows
 
 SETTINGS = settings(
