@@ -80,7 +80,7 @@ MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "status": str, "steps_done": int, "queue": dict, "loss_count": (int, float), "tokens": int,
-    "history": list, "checkpoint": (str, type(None)),
+    "history": list, "checkpoint": (str, type(None)), "message": (str, type(None)),
 }  # fmt: skip
 STATE_FIELDS: dict[str, type | tuple[type, ...]] = {"queue": dict}
 
