@@ -152,6 +152,21 @@ def check_base_weights(base_model: str) -> None:
             raise MloraError(f"base model weights {path}: {problem}")
 
 
+def check_cutoff_len(config: TrainConfig, base_model: str) -> None:
+    """Warn when ``cutoff_len`` exceeds the positions the base model was trained for (as TRL
+    does): rows that long are past its context window (and crash a model with learned
+    absolute positions, where transformers raises an index error)."""
+    raw, problem = json_problem(Path(base_model).expanduser() / "config.json")
+    if problem or not isinstance(raw, dict):
+        return
+    limit = raw.get("max_position_embeddings", raw.get("n_positions"))
+    if isinstance(limit, int) and config.cutoff_len > limit:
+        logger.warning(
+            "%s: key 'cutoff_len' (%d) exceeds the base model's max_position_embeddings (%d)",
+            config.source, config.cutoff_len, limit,
+        )  # fmt: skip
+
+
 def check_adapter_folders(config: TrainConfig, output_dir: Path) -> None:
     """With ``--load_adapter``: every ``DIR/NAME`` holds a whole adapter.
 
@@ -219,6 +234,7 @@ def preflight(
     check_base_weights(base_model)
     check_data_sources(config)
     check_target_modules(config, base_model, trust_remote_code)
+    check_cutoff_len(config, base_model)
     check_writable(output_dir)
     if load_adapter:
         check_adapter_folders(config, output_dir)

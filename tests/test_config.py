@@ -108,3 +108,20 @@ def test_readme_documents_every_key() -> None:
     for cls in (TrainConfig, AdapterConfig):
         for key, _, _ in describe_keys(cls):
             assert f"| `{key}` |" in readme, f"README's config reference lacks {key}"
+
+
+def test_cutoff_len_past_the_base_models_positions_warns(tiny_model_dir, caplog):
+    import logging
+
+    from mlora.preflight import check_cutoff_len
+
+    def config(cutoff_len: int):
+        return parse_config({"cutoff_len": cutoff_len, "lora": [{"name": "a", "data": "x"}]}, "c")
+
+    with caplog.at_level(logging.WARNING, logger="mlora"):
+        check_cutoff_len(config(512), str(tiny_model_dir))  # the tiny model's 512 positions
+        assert not caplog.records
+        check_cutoff_len(config(513), str(tiny_model_dir))
+    assert "key 'cutoff_len' (513) exceeds the base model's max_position_embeddings (512)" in (
+        caplog.records[0].getMessage()
+    )
