@@ -74,17 +74,23 @@ def parse_json_text(text: str, source: str | Path, what: str = "config files") -
 def read_json_file(path: str | Path, what: str = "config files") -> Any:
     """Read and strictly parse a JSON file.
 
+    Args:
+        what: what the file is, plural ("config files", "prompt templates"), for messages.
+
     Raises:
-        ConfigError: missing or unreadable file, a ``.yaml``/``.yml`` file, invalid JSON or a
-            duplicate key.
+        ConfigError: missing, unreadable or non-UTF-8 file, a ``.yaml``/``.yml`` file, invalid
+            JSON or a duplicate key.
     """
     path = Path(path)
+    one = what.removesuffix("s")
     if path.suffix.lower() in YAML_SUFFIXES:
         raise yaml_refusal(path, what)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{one} not found: {path}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {one} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     return parse_json_text(text, path, what)
