@@ -52,6 +52,8 @@ class LossBatch:
         token_real_index: (tokens,) each token's index among its segment's real tokens, so
             random draws skip padding (``mlora.randomness.RealRows``); None without padding.
         padded_tokens: how many tokens of the pass are padding.
+        token_tasks: (tokens,) long, the task label of every token's row (MeteoRA's gate loss;
+            -1 at padding and unlabelled rows); None when no row has one.
     """
 
     input_ids: torch.Tensor
@@ -68,6 +70,7 @@ class LossBatch:
     token_rows: torch.Tensor
     token_real_index: torch.Tensor | None
     padded_tokens: int
+    token_tasks: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -129,6 +132,7 @@ def collate(
     labels = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
     positions_in_row = torch.zeros(total, dtype=torch.long)
     token_rows = torch.full((total,), -1, dtype=torch.long)  # -1: padding
+    token_tasks = torch.full((total,), -1, dtype=torch.long)  # -1: padding or no label
     for k, members in enumerate(bins):
         cursor = k * width
         for i in members:
@@ -137,6 +141,7 @@ def collate(
             labels[cursor:end] = torch.tensor(rows[i].labels)
             positions_in_row[cursor:end] = torch.arange(lengths[i])
             token_rows[cursor:end] = i
+            token_tasks[cursor:end] = rows[i].task
             cursor = end
     real = token_rows >= 0
     # position t predicts token t+1 of the same row: supervised where that token has a label
@@ -178,4 +183,5 @@ def collate(
         token_rows=token_rows.to(**move),
         token_real_index=None if real_index is None else real_index.to(**move),
         padded_tokens=padded_tokens,
+        token_tasks=token_tasks.to(**move) if any(r.task >= 0 for r in rows) else None,
     )

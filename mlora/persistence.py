@@ -42,6 +42,10 @@ def _moe_format(peft_type: str | None) -> Any:
         from mlora import linear_moe_persistence as linear_moe_format
 
         return linear_moe_format
+    if peft_type == "METEORA":
+        from mlora import meteora_persistence as meteora_format
+
+        return meteora_format
     return None
 
 
@@ -106,6 +110,24 @@ def save_adapter(
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a PEFT-format adapter folder.
+
+    Raises:
+        MloraError: missing folder or config, or invalid JSON (naming the file).
+    """
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise MloraError(f"no adapter at {directory} ({CONFIG_NAME} not found)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MloraError(f"{config_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(config, dict):
+        raise MloraError(f"{config_path}: must be a JSON object")
+    return config
+
+
 def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a PEFT-format adapter folder: (adapter_config, tensors).
 
@@ -113,13 +135,7 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
         MloraError: missing folder, config or weights, or invalid JSON (naming the file).
     """
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise MloraError(f"no adapter at {directory} ({CONFIG_NAME} not found)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MloraError(f"{config_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    config = read_adapter_config(directory)
     if (directory / WEIGHTS_NAME).is_file():
         tensors = load_file(directory / WEIGHTS_NAME)
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():

@@ -73,6 +73,22 @@ def check_data_sources(config: TrainConfig) -> None:
         local_data_path(adapter.data, f"adapter {adapter.name!r}: data")
 
 
+def meteora_targets(config: TrainConfig) -> dict[str, list[str]]:
+    """The gated modules of each MeteoRA adapter, its adapter folders read and checked.
+
+    Raises:
+        MloraError: a folder MeteoRA cannot embed (see ``meteora_persistence.meteora_spec``).
+    """
+    from mlora.meteora_persistence import meteora_spec
+
+    return {
+        adapter.name: list(meteora_spec(adapter, f"{config.source}: adapter {adapter.name!r}")
+                           .target_modules)
+        for adapter in config.lora
+        if adapter.routing_strategy == "meteora"
+    }  # fmt: skip
+
+
 def adaptable_module_names(base_model: str, trust_remote_code: bool = False) -> set[str] | None:
     """Last name components of the layers adapters can wrap, from the model's structure alone.
 
@@ -100,8 +116,17 @@ def adaptable_module_names(base_model: str, trust_remote_code: bool = False) -> 
     }
 
 
-def check_target_modules(config: TrainConfig, base_model: str, trust_remote_code: bool) -> None:
+def check_target_modules(
+    config: TrainConfig,
+    base_model: str,
+    trust_remote_code: bool,
+    overrides: dict[str, list[str]] | None = None,
+) -> None:
     """Every adapter's target modules exist in the base model.
+
+    Args:
+        overrides: target modules by adapter name where the config does not name them
+            (MeteoRA: its gated modules).
 
     Raises:
         MloraError: naming the adapter, the module and the model's adaptable layers.
@@ -110,7 +135,8 @@ def check_target_modules(config: TrainConfig, base_model: str, trust_remote_code
     if names is None:
         return
     for adapter in config.lora:
-        missing = sorted(set(adapter.target_module_names) - names)
+        targets = (overrides or {}).get(adapter.name, adapter.target_module_names)
+        missing = sorted(set(targets) - names)
         if missing:
             raise MloraError(
                 f"{config.source}: adapter {adapter.name!r}: target module {missing[0]!r} not "
@@ -140,5 +166,5 @@ def preflight(
     check_base_model_path(base_model)
     check_remote_code(base_model, trust_remote_code)
     check_data_sources(config)
-    check_target_modules(config, base_model, trust_remote_code)
+    check_target_modules(config, base_model, trust_remote_code, meteora_targets(config))
     check_writable(output_dir)
