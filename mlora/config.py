@@ -321,8 +321,8 @@ class AdapterConfig:
         optional(int_at_least(1)),
     )  # fmt: skip
     top_k: int | None = _key(
-        None, "mixlora, mola, meteora: experts (meteora: adapters) per token (default 2; <= "
-        "num_experts, or the number of adapters).",
+        None, "mixlora, mola, meteora: experts (meteora: adapters) per token (default 2, at most "
+        "num_experts or the number of adapters).",
         optional(int_at_least(1)),
     )  # fmt: skip
     top_p: float | None = _key(
@@ -555,10 +555,9 @@ def _check_meteora(adapter: AdapterConfig, where: str, keys: set[str]) -> None:
             "from the embedded adapters)"
         )
     count = len(adapter.moe("adapters"))
-    if adapter.moe("top_k") > count:
+    if adapter.top_k is not None and adapter.top_k > count:  # unset: 2, or 1 with one adapter
         raise ConfigError(
-            f"{where}: key 'top_k' ({adapter.moe('top_k')}) must be <= the number of "
-            f"'adapters' ({count})"
+            f"{where}: key 'top_k' ({adapter.top_k}) must be <= the number of 'adapters' ({count})"
         )
     if adapter.moe("temperature") <= 0:
         raise ConfigError(f"{where}: key 'temperature' must be > 0 for routing_strategy 'meteora'")

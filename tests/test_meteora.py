@@ -299,7 +299,7 @@ def test_only_gates_get_gradients_when_loras_are_frozen(tmp_path: Path) -> None:
         assert all(p.grad is None for p in module.loras.parameters()), path
 
 
-def test_meteora_next_to_lora_equals_meteora_alone(tmp_path: Path) -> None:
+def test_meteora_next_to_lora_and_mixlora_equals_meteora_alone(tmp_path: Path) -> None:
     tokenizer = make_tokenizer()
     base = make_model(vocab_size=len(tokenizer))
     folders = list(peft_folders(base, tmp_path).values())
@@ -313,8 +313,10 @@ def test_meteora_next_to_lora_equals_meteora_alone(tmp_path: Path) -> None:
                          num_epochs=1, lr=1e-2, lora_dropout=0.1, train_loras=True)  # fmt: skip
     lora = {"name": "plain", "data": data, "prompt": template, "batch_size": 4, "num_epochs": 2,
             "lora_dropout": 0.1, "target_modules": ["q_proj", "up_proj"]}  # fmt: skip
+    mix = lora | {"name": "mix", "routing_strategy": "mixlora", "num_experts": 2,
+                  "target_modules": ["q_proj", "up_proj", "down_proj"]}  # fmt: skip
     factory = lambda: copy.deepcopy(base)  # noqa: E731
-    together = run_in_memory(factory, tokenizer, {"cutoff_len": 16, "lora": [lora, met]}, tmp_path / "a")
+    together = run_in_memory(factory, tokenizer, {"cutoff_len": 16, "lora": [lora, met, mix]}, tmp_path / "a")
     alone = run_in_memory(factory, tokenizer, {"cutoff_len": 16, "lora": [met]}, tmp_path / "b")
     before = with_meteora(base, folders)
     start = {f"{p}.{n}": t.detach() for p, m in before.adapter_modules("met") for n, t in m.named_parameters()}
@@ -409,3 +411,46 @@ def test_saved_folder_with_a_wrong_shape_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MloraError, match=r"loras\.water\.lora_A\.weight has shape \(4, 64\), expected \(6, 64\)"):
         attach_adapter(fresh, "bad", tmp_path / "met")
     assert "bad" not in fresh.specs
+
+
+# --- the entry points ------------------------------------------------------------------------
+
+
+def test_trained_folder_serves_evaluation_generate_and_inference(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Train through ``mlora.train`` (preflight included), then the saved folder through
+    ``mlora.py --evaluate``, ``generate.py`` and ``mlora.py --inference``; answers equal the
+    trained in-memory model's."""
+    import io
+
+    from transformers import AutoModelForCausalLM
+
+    from mlora.api import train
+    from mlora.cli import main as mlora_main
+    from mlora.generate_cli import main as generate_main
+    from mlora.generation import SamplingParams, generate
+
+    folders = list(peft_folders(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path).values())
+    rows = [{"instruction": w, "output": w[::-1], "task": t}
+            for w, t in zip(WORDS[:8], ["water", "fire"] * 4, strict=True)]  # fmt: skip
+    data = write_json(tmp_path / "rows.json", rows)
+    entry = meteora_config(folders, data=data, test_data=data, prompt=write_template(tmp_path),
+                           task_field="task", batch_size=4, num_epochs=1, evaluate_batch_size=4)  # fmt: skip
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"cutoff_len": 16, "lora": [entry]}), encoding="utf-8")
+    out = tmp_path / "out"
+    trainer = train(config, str(tiny_model_dir), out)
+    model, tokenizer = trainer.model.eval(), trainer.tokenizer
+    expected = generate(model, tokenizer, [("owl=", "met")], SamplingParams(max_new_tokens=5))[0]
+    assert expected.text
+    common = ["--base_model", str(tiny_model_dir), "--config", str(config), "--dir", str(out)]
+    assert mlora_main([*common, "--evaluate"]) == 0
+    result = json.loads((out / "evaluate_result.json").read_text())["met"]
+    assert result["rows"] == 8 and 0 <= result["exact_match"] <= 1
+    capsys.readouterr()
+    assert generate_main([*common, "--use", "met", "owl=", "--max_new_tokens", "5", "--output", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == expected.text
+    monkeypatch.setattr("sys.stdin", io.StringIO("/set max_new_tokens 5\nowl\n/quit\n"))
+    assert mlora_main([*common, "--inference"]) == 0
+    assert expected.text in capsys.readouterr().out
