@@ -317,7 +317,10 @@ def test_meteora_next_to_lora_and_mixlora_equals_meteora_alone(tmp_path: Path) -
                   "target_modules": ["q_proj", "up_proj", "down_proj"]}  # fmt: skip
     factory = lambda: copy.deepcopy(base)  # noqa: E731
     together = run_in_memory(factory, tokenizer, {"cutoff_len": 16, "lora": [lora, met, mix]}, tmp_path / "a")
-    alone = run_in_memory(factory, tokenizer, {"cutoff_len": 16, "lora": [met]}, tmp_path / "b")
+    alone = run_in_memory(  # recomputed in backward: the gate loss keeps its gradient
+        factory, tokenizer, {"cutoff_len": 16, "gradient_checkpoint": "recompute", "lora": [met]},
+        tmp_path / "b",
+    )
     before = with_meteora(base, folders)
     start = {f"{p}.{n}": t.detach() for p, m in before.adapter_modules("met") for n, t in m.named_parameters()}
     trained = adapter_tensors(alone, "met")
@@ -454,3 +457,24 @@ def test_trained_folder_serves_evaluation_generate_and_inference(
     monkeypatch.setattr("sys.stdin", io.StringIO("/set max_new_tokens 5\nowl\n/quit\n"))
     assert mlora_main([*common, "--inference"]) == 0
     assert expected.text in capsys.readouterr().out
+
+
+def test_interrupted_run_resumes_exactly(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import train_killed_then_resumed
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [{"instruction": w, "output": w[::-1], "task": t}
+            for w, t in zip(WORDS[:8], ["water", "fire"] * 4, strict=True)]  # fmt: skip
+    entry = meteora_config(list(peft_folders(base, tmp_path).values()),
+                           data=write_json(tmp_path / "rows.json", rows), task_field="task",
+                           prompt=write_template(tmp_path), batch_size=2, num_epochs=1, lr=1e-2, lora_dropout=0.1,
+                           train_loras=True)  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"cutoff_len": 32, "save_step": 1, "lora": [entry]}))
+    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path, monkeypatch)
+    clean = read_adapter(clean_dir / "met")[1]
+    assert max_relative_difference(read_adapter(cut_dir / "met")[1], clean) <= 1e-6
