@@ -585,7 +585,9 @@ def _check_moe(adapter: AdapterConfig, where: str) -> None:
             )
     for key in ("num_experts", "adapters"):
         if key in table and getattr(adapter, key) is None:
-            raise ConfigError(f"{where}: key {key!r} is required with routing_strategy {strategy!r}")
+            raise ConfigError(
+                f"{where}: key {key!r} is required with routing_strategy {strategy!r}"
+            )
     if "num_experts" in table and "top_k" in table and adapter.moe("top_k") > adapter.num_experts:
         raise ConfigError(
             f"{where}: key 'top_k' ({adapter.moe('top_k')}) must be <= 'num_experts' "

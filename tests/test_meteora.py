@@ -9,6 +9,7 @@ and the same MeteoRA trained alone (trained next to a plain LoRA it ends equal).
 from __future__ import annotations
 
 import copy
+import io
 import json
 from pathlib import Path
 
@@ -16,15 +17,20 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from mlora.adapters.meteora import MeteoraAdapter
+from mlora.api import train
+from mlora.cli import main as mlora_main
 from mlora.config import parse_config
 from mlora.errors import ConfigError, DataError, MloraError
+from mlora.generate_cli import main as generate_main
+from mlora.generation import SamplingParams, generate
 from mlora.layout import BatchLayout
 from mlora.meteora import record_gates
-from mlora.meteora_persistence import load_embedded_adapters, meteora_spec
+from mlora.meteora_persistence import load_embedded_adapters, meteora_spec, peft_config
 from mlora.model import MultiLoraModel
-from mlora.persistence import read_adapter
+from mlora.persistence import read_adapter, save_adapter
 from mlora.randomness import SegmentRandom
 from mlora.trained import attach_adapter
 from mlora.trainer import prepare_data
@@ -33,6 +39,7 @@ from tests.helpers import (
     adapter_tensors,
     max_relative_difference,
     run_in_memory,
+    train_killed_then_resumed,
     write_json,
     write_template,
 )
@@ -235,10 +242,16 @@ def test_gate_learns_the_tasks_and_switches_mid_row(tmp_path: Path) -> None:
     loras = run_in_memory(
         factory,
         tokenizer,
-        {"cutoff_len": 32, "log_step": 100, "lora": [lora_entry(tmp_path, template, t) for t in TASKS]},
+        {
+            "cutoff_len": 32,
+            "log_step": 100,
+            "lora": [lora_entry(tmp_path, template, t) for t in TASKS],
+        },
         out,
-    )  # fmt: skip
-    mixed = [row for pair in zip(*(task_rows(t, WORDS) for t in TASKS)) for row in pair]
+    )
+    mixed = [
+        row for pair in zip(*(task_rows(t, WORDS) for t in TASKS), strict=True) for row in pair
+    ]
     entry = meteora_config(
         [out / task for task in TASKS],
         data=write_json(tmp_path / "mix.json", mixed),
@@ -249,12 +262,14 @@ def test_gate_learns_the_tasks_and_switches_mid_row(tmp_path: Path) -> None:
         num_epochs=6,
         lr=2e-2,
     )
-    trainer = run_in_memory(factory, tokenizer, {"cutoff_len": 32, "log_step": 3, "lora": [entry]}, out)
-    model = trainer.model.eval()
-    # the gate statistics: every logged share of routed tokens covers both adapters
-    assert trainer.runs[0].expert_load and all(
-        abs(sum(load) - 1) < 1e-5 for load in trainer.runs[0].expert_load
+    trainer = run_in_memory(
+        factory, tokenizer, {"cutoff_len": 32, "log_step": 3, "lora": [entry]}, out
     )
+    model = trainer.model.eval()
+    # the gate statistics: shares of routed tokens, about even on this even mix of tasks
+    loads = trainer.runs[0].expert_load
+    assert len(loads) == 12 and all(abs(sum(load) - 1) < 1e-5 for load in loads)
+    assert 0.35 < loads[-1][0] < 0.65, loads
     # train_loras false: the embedded LoRAs are bit-identical to their folders
     saved = read_adapter(out / "met")[1]
     for task in TASKS:
@@ -268,7 +283,6 @@ def test_gate_learns_the_tasks_and_switches_mid_row(tmp_path: Path) -> None:
         assert own == 1.0, (task, own)  # the LoRAs learned their tasks
         assert exact_match(model, tokenizer, task, "met") >= own - 0.05, task
     # a composite row: the first task's answer, then the second task's prompt and answer
-    first, second = task_rows("yes", ["cow"])[0], task_rows("no", ["pig"])[0]
     text = f"a cow=yes b {task_input('no', 'pig')}=no"
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     with record_gates(model, "met") as traces, torch.no_grad():
@@ -276,7 +290,6 @@ def test_gate_learns_the_tasks_and_switches_mid_row(tmp_path: Path) -> None:
     picked = dominant_adapter(traces)[1:].tolist()  # without BOS: one per character
     assert picked[text.index("yes") : text.index("yes") + 3] == [0, 0, 0], picked
     assert picked[text.index("=no") + 1 :] == [1, 1], picked
-    assert first["output"] != second["output"]
     # the saved folder loads into a fresh model with equal outputs
     fresh = MultiLoraModel(factory()).eval()
     attach_adapter(fresh, "met", out / "met")
@@ -316,13 +329,21 @@ def test_meteora_next_to_lora_and_mixlora_equals_meteora_alone(tmp_path: Path) -
     mix = lora | {"name": "mix", "routing_strategy": "mixlora", "num_experts": 2,
                   "target_modules": ["q_proj", "up_proj", "down_proj"]}  # fmt: skip
     factory = lambda: copy.deepcopy(base)  # noqa: E731
-    together = run_in_memory(factory, tokenizer, {"cutoff_len": 16, "lora": [lora, met, mix]}, tmp_path / "a")
+    together = run_in_memory(
+        factory, tokenizer, {"cutoff_len": 16, "lora": [lora, met, mix]}, tmp_path / "a"
+    )
     alone = run_in_memory(  # recomputed in backward: the gate loss keeps its gradient
-        factory, tokenizer, {"cutoff_len": 16, "gradient_checkpoint": "recompute", "lora": [met]},
+        factory,
+        tokenizer,
+        {"cutoff_len": 16, "gradient_checkpoint": "recompute", "lora": [met]},
         tmp_path / "b",
     )
     before = with_meteora(base, folders)
-    start = {f"{p}.{n}": t.detach() for p, m in before.adapter_modules("met") for n, t in m.named_parameters()}
+    start = {
+        f"{p}.{n}": t.detach()
+        for p, m in before.adapter_modules("met")
+        for n, t in m.named_parameters()
+    }
     trained = adapter_tensors(alone, "met")
     assert max_relative_difference(adapter_tensors(together, "met"), trained) <= 1e-4
     assert any(not torch.equal(trained[k], start[k]) for k in trained if ".loras." in k)
@@ -402,16 +423,15 @@ def test_saved_folder_with_a_wrong_shape_is_refused(tmp_path: Path) -> None:
     base = make_model()
     folders = list(peft_folders(base, tmp_path).values())
     model = with_meteora(base, folders)
-    from mlora.persistence import save_adapter
-    from mlora.meteora_persistence import peft_config
-
     save_adapter(model, "met", tmp_path / "met", peft_config(model.specs["met"], None))
     fresh = MultiLoraModel(copy.deepcopy(base))
     attach_adapter(fresh, "ok", tmp_path / "met")  # loads as saved
     config = json.loads((tmp_path / "met" / "adapter_config.json").read_text())
     config["adapters"][0]["r"] = 6
     (tmp_path / "met" / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(MloraError, match=r"loras\.water\.lora_A\.weight has shape \(4, 64\), expected \(6, 64\)"):
+    with pytest.raises(
+        MloraError, match=r"loras\.water\.lora_A\.weight has shape \(4, 64\), expected \(6, 64\)"
+    ):
         attach_adapter(fresh, "bad", tmp_path / "met")
     assert "bad" not in fresh.specs
 
@@ -425,21 +445,16 @@ def test_trained_folder_serves_evaluation_generate_and_inference(
     """Train through ``mlora.train`` (preflight included), then the saved folder through
     ``mlora.py --evaluate``, ``generate.py`` and ``mlora.py --inference``; answers equal the
     trained in-memory model's."""
-    import io
-
-    from transformers import AutoModelForCausalLM
-
-    from mlora.api import train
-    from mlora.cli import main as mlora_main
-    from mlora.generate_cli import main as generate_main
-    from mlora.generation import SamplingParams, generate
-
-    folders = list(peft_folders(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path).values())
+    folders = list(
+        peft_folders(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path).values()
+    )
     rows = [{"instruction": w, "output": w[::-1], "task": t}
             for w, t in zip(WORDS[:8], ["water", "fire"] * 4, strict=True)]  # fmt: skip
     data = write_json(tmp_path / "rows.json", rows)
-    entry = meteora_config(folders, data=data, test_data=data, prompt=write_template(tmp_path),
-                           task_field="task", batch_size=4, num_epochs=1, evaluate_batch_size=4)  # fmt: skip
+    entry = meteora_config(
+        folders, data=data, test_data=data, prompt=write_template(tmp_path), task_field="task",
+        batch_size=4, num_epochs=1, evaluate_batch_size=4,
+    )  # fmt: skip
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"cutoff_len": 16, "lora": [entry]}), encoding="utf-8")
     out = tmp_path / "out"
@@ -452,7 +467,10 @@ def test_trained_folder_serves_evaluation_generate_and_inference(
     result = json.loads((out / "evaluate_result.json").read_text())["met"]
     assert result["rows"] == 8 and 0 <= result["exact_match"] <= 1
     capsys.readouterr()
-    assert generate_main([*common, "--use", "met", "owl=", "--max_new_tokens", "5", "--output", "-"]) == 0
+    assert (
+        generate_main([*common, "--use", "met", "owl=", "--max_new_tokens", "5", "--output", "-"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["text"] == expected.text
     monkeypatch.setattr("sys.stdin", io.StringIO("/set max_new_tokens 5\nowl\n/quit\n"))
     assert mlora_main([*common, "--inference"]) == 0
@@ -462,17 +480,14 @@ def test_trained_folder_serves_evaluation_generate_and_inference(
 def test_interrupted_run_resumes_exactly(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from tests.helpers import train_killed_then_resumed
-
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     rows = [{"instruction": w, "output": w[::-1], "task": t}
             for w, t in zip(WORDS[:8], ["water", "fire"] * 4, strict=True)]  # fmt: skip
-    entry = meteora_config(list(peft_folders(base, tmp_path).values()),
-                           data=write_json(tmp_path / "rows.json", rows), task_field="task",
-                           prompt=write_template(tmp_path), batch_size=2, num_epochs=1, lr=1e-2, lora_dropout=0.1,
-                           train_loras=True)  # fmt: skip
+    entry = meteora_config(
+        list(peft_folders(base, tmp_path).values()), data=write_json(tmp_path / "rows.json", rows),
+        task_field="task", prompt=write_template(tmp_path), batch_size=2, num_epochs=1, lr=1e-2,
+        lora_dropout=0.1, train_loras=True,
+    )  # fmt: skip
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"cutoff_len": 32, "save_step": 1, "lora": [entry]}))
     clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path, monkeypatch)
