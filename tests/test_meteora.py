@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -174,14 +176,16 @@ def test_grouped_equals_loop_in_outputs_and_gradients(train_loras: bool) -> None
 # --- end to end on synthetic tasks -----------------------------------------------------------
 
 WORDS = ["cat", "dog", "owl", "ant", "bee", "yak", "elk", "emu", "fox", "gnu", "hen", "jay"]
-HELD_OUT = ["cow", "pig", "rat", "bat", "ape", "eel"]
-TASKS = {"yes": "a", "no": "b"}  # task (answer) -> instruction
+SYLLABLES = ["".join(w) for w in itertools.product("bdgklmnprstvz", "aeiou", "bdgklmnprstvz")]
+random.Random(0).shuffle(SYLLABLES)
+TRAIN_WORDS, HELD_OUT = SYLLABLES[:24], SYLLABLES[24:44]  # made-up words, 20 never trained on
+TASKS = {"yes": "a", "NO": "B"}  # task (its answer) -> instruction
 
 
 def task_input(task: str, word: str) -> str:
-    """Task "no" writes its words in capitals: the task shows in every token of its text, as a
-    domain shows in its vocabulary."""
-    return word.upper() if task == "no" else word
+    """Task "NO" writes in capitals and ends with "!": the task shows in every token of its
+    prompt, as a domain shows in its vocabulary (the template adds nothing after it)."""
+    return f"{word.upper()}!" if task == "NO" else f"{word}?"
 
 
 def task_rows(task: str, words: list[str]) -> list[dict]:
@@ -194,14 +198,14 @@ def task_rows(task: str, words: list[str]) -> list[dict]:
 def lora_entry(tmp_path: Path, template: str, task: str) -> dict:
     return {
         "name": task,
-        "data": write_json(tmp_path / f"{task}.json", task_rows(task, WORDS)),
+        "data": write_json(tmp_path / f"{task}.json", task_rows(task, TRAIN_WORDS)),
         "prompt": template,
         "r": 8,
         "lora_alpha": 16,
         "lora_dropout": 0.0,
         "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
         "batch_size": 4,
-        "num_epochs": 6,
+        "num_epochs": 4,
         "lr": 2e-2,
     }
 
@@ -216,7 +220,7 @@ def answer_gate_accuracy(model, tokenizer, rows: list[dict], labels: list[int]) 
     """Share of answer tokens (answer + EOS) whose dominant adapter is the row's task."""
     hits = total = 0
     for row, label in zip(rows, labels, strict=True):
-        prompt = f"{row['instruction']} {row['input']}="
+        prompt = f"{row['instruction']} {row['input']}"
         ids = tokenizer(prompt + row["output"])["input_ids"] + [tokenizer.eos_token_id]
         start = len(tokenizer(prompt)["input_ids"])
         tensor = torch.tensor([ids])
@@ -229,14 +233,17 @@ def answer_gate_accuracy(model, tokenizer, rows: list[dict], labels: list[int]) 
 
 
 def exact_match(model, tokenizer, task: str, adapter: str) -> float:
-    prompts = [f"{TASKS[task]} {task_input(task, w)}=" for w in HELD_OUT]
+    prompts = [f"{TASKS[task]} {task_input(task, w)}" for w in HELD_OUT]
     outputs = greedy(model, tokenizer, prompts, [adapter] * len(prompts), steps=len(task) + 1)
     return sum(o.startswith(task + tokenizer.eos_token) for o in outputs) / len(outputs)
 
 
 def test_gate_learns_the_tasks_and_switches_mid_row(tmp_path: Path) -> None:
     tokenizer = make_tokenizer()
-    template = write_template(tmp_path)
+    template = tmp_path / "bare.json"  # "{instruction} {input}": nothing shared after the input
+    template.write_text(json.dumps({"prompt_input": "{instruction} {input}",
+                                    "prompt_no_input": "{instruction}"}))  # fmt: skip
+    template = str(template)
     factory = lambda: make_model(vocab_size=len(tokenizer), init_range=0.2)  # noqa: E731
     out = tmp_path / "out"
     loras = run_in_memory(
@@ -250,25 +257,26 @@ def test_gate_learns_the_tasks_and_switches_mid_row(tmp_path: Path) -> None:
         out,
     )
     mixed = [
-        row for pair in zip(*(task_rows(t, WORDS) for t in TASKS), strict=True) for row in pair
+        row
+        for pair in zip(*(task_rows(t, TRAIN_WORDS) for t in TASKS), strict=True)
+        for row in pair
     ]
     entry = meteora_config(
         [out / task for task in TASKS],
         data=write_json(tmp_path / "mix.json", mixed),
         prompt=template,
         task_field="task",
-        top_k=1,  # with two adapters, top-2 is a dense soft mix; top-1 picks one per token
         batch_size=4,
         num_epochs=6,
         lr=2e-2,
     )
     trainer = run_in_memory(
-        factory, tokenizer, {"cutoff_len": 32, "log_step": 3, "lora": [entry]}, out
+        factory, tokenizer, {"cutoff_len": 32, "log_step": 24, "lora": [entry]}, out
     )
     model = trainer.model.eval()
     # the gate statistics: shares of routed tokens, about even on this even mix of tasks
     loads = trainer.runs[0].expert_load
-    assert len(loads) == 12 and all(abs(sum(load) - 1) < 1e-5 for load in loads)
+    assert len(loads) == 3 and all(abs(sum(load) - 1) < 1e-5 for load in loads)
     assert 0.35 < loads[-1][0] < 0.65, loads
     # train_loras false: the embedded LoRAs are bit-identical to their folders
     saved = read_adapter(out / "met")[1]
@@ -280,16 +288,20 @@ def test_gate_learns_the_tasks_and_switches_mid_row(tmp_path: Path) -> None:
         held_out = task_rows(task, HELD_OUT)
         assert answer_gate_accuracy(model, tokenizer, held_out, [index] * len(HELD_OUT)) > 0.9
         own = exact_match(loras.model.eval(), tokenizer, task, task)
-        assert own == 1.0, (task, own)  # the LoRAs learned their tasks
+        assert own >= 0.9, (task, own)  # the LoRAs learned their tasks
         assert exact_match(model, tokenizer, task, "met") >= own - 0.05, task
     # a composite row: the first task's answer, then the second task's prompt and answer
-    text = f"a cow=yes b {task_input('no', 'pig')}=no"
+    text = "a cow?yes B PIG!NO"
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     with record_gates(model, "met") as traces, torch.no_grad():
         model(ids, torch.ones_like(ids), BatchLayout.from_row_adapters(["met"]))
     picked = dominant_adapter(traces)[1:].tolist()  # without BOS: one per character
     assert picked[text.index("yes") : text.index("yes") + 3] == [0, 0, 0], picked
-    assert picked[text.index("=no") + 1 :] == [1, 1], picked
+    assert picked[text.index("!NO") + 1 :] == [1, 1], picked
+    # and its second question is answered by the second task, as that task's own LoRA answers
+    answer = greedy(model, tokenizer, [text.removesuffix("NO")], ["met"], steps=3)[0]
+    own = greedy(loras.model, tokenizer, [text.removesuffix("NO")], ["NO"], steps=3)[0]
+    assert answer.startswith("NO") and answer == own, (answer, own)
     # the saved folder loads into a fresh model with equal outputs
     fresh = MultiLoraModel(factory()).eval()
     attach_adapter(fresh, "met", out / "met")

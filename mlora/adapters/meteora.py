@@ -21,8 +21,8 @@ Two forward modes, equal up to summation order (tested in outputs and gradients)
     (T, sum r) x (sum r, out) matmul. No per-token Python and no host sync; it costs what one
     LoRA of rank ``sum r`` costs, so it suits the usual N x r of a few hundred.
 
-In training the module reports to ``context.aux_losses`` the tokens routed to each adapter
-(gate statistics) and, when the rows carry task labels, ``gate_loss_weight`` x the gate's
+In training the module reports to ``context.aux_losses`` each adapter's share of the gate's
+weight over the real tokens (gate statistics: with top-1, the share of tokens it gets) and, when the rows carry task labels, ``gate_loss_weight`` x the gate's
 cross-entropy against each token's label (mean over the segment's labelled tokens; the spec sets
 the weight to ``gate_loss_coef / gated layers`` so the sum over layers is their average).
 """
@@ -137,7 +137,7 @@ class MeteoraAdapter(nn.Module):
             (T, out) fp32 delta.
         """
         x = x.to(self.gate.weight.dtype)
-        logits, weights, chosen = self.route(x)
+        logits, weights, _ = self.route(x)
         dropped = adapter_dropout(x, self.dropout_p, self.training, random)
         if not self.loras:
             delta = x.new_zeros(x.shape[0], self.out_features)
@@ -148,7 +148,7 @@ class MeteoraAdapter(nn.Module):
         if self.trace is not None:
             self.trace.append(logits.detach())
         if self.training and self.context is not None and self.adapter_name is not None:
-            self._report(logits, chosen, token_mask, token_tasks)
+            self._report(logits, weights, token_mask, token_tasks)
         return delta
 
     def _loop(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -171,14 +171,14 @@ class MeteoraAdapter(nn.Module):
     def _report(
         self,
         logits: torch.Tensor,
-        chosen: torch.Tensor,
+        weights: torch.Tensor,
         mask: torch.Tensor | None,
         tasks: torch.Tensor | None,
     ) -> None:
-        """Tokens routed to each adapter (real tokens) and the weighted gate loss."""
+        """Each adapter's gate weight summed over real tokens, and the weighted gate loss."""
         assert self.context is not None and self.adapter_name is not None
-        routed = chosen.float() if mask is None else chosen.float() * mask[:, None]
-        self.context.aux_losses.add_load(self.adapter_name, routed.sum(dim=0))
+        mass = weights if mask is None else weights * mask[:, None]  # (T, N), rows sum to 1
+        self.context.aux_losses.add_load(self.adapter_name, mass.sum(dim=0))
         if tasks is None or self.gate_loss_weight == 0:
             return
         labelled = (tasks >= 0).float()  # (T,) padding and unlabelled rows carry -1
