@@ -21,10 +21,11 @@ Two forward modes, equal up to summation order (tested in outputs and gradients)
     (T, sum r) x (sum r, out) matmul. No per-token Python and no host sync; it costs what one
     LoRA of rank ``sum r`` costs, so it suits the usual N x r of a few hundred.
 
-In training the module reports to ``context.aux_losses`` each adapter's share of the gate's
-weight over the real tokens (gate statistics: with top-1, the share of tokens it gets) and, when the rows carry task labels, ``gate_loss_weight`` x the gate's
-cross-entropy against each token's label (mean over the segment's labelled tokens; the spec sets
-the weight to ``gate_loss_coef / gated layers`` so the sum over layers is their average).
+In training the module reports to ``context.aux_losses`` each adapter's gate weight summed over
+the real tokens (gate statistics: with top-1, the tokens it gets) and, when the rows carry task
+labels, ``gate_loss_weight`` x the gate's cross-entropy against each token's label (mean over
+the segment's labelled tokens; the spec sets the weight to ``gate_loss_coef / gated layers`` so
+the sum over layers is their average).
 """
 
 from __future__ import annotations
