@@ -56,6 +56,8 @@ class LossBatch:
             supervised positions, for the ``lm_head`` pass (as ``token_real_index``); None
             when the positions are already in canonical order.
         padded_tokens: how many tokens of the pass are padding.
+        token_tasks: (tokens,) long, the task label of every token's row (MeteoRA's gate loss;
+            -1 at padding and unlabelled rows); None when no row has one.
     """
 
     input_ids: torch.Tensor
@@ -73,6 +75,7 @@ class LossBatch:
     token_real_index: torch.Tensor | None
     head_real_index: torch.Tensor | None
     padded_tokens: int
+    token_tasks: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -183,6 +186,7 @@ def collate(
     labels = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
     positions_in_row = torch.zeros(total, dtype=torch.long)
     token_rows = torch.full((total,), -1, dtype=torch.long)  # -1: padding
+    token_tasks = torch.full((total,), -1, dtype=torch.long)  # -1: padding or no label
     for k, members in enumerate(bins):
         cursor = k * width
         for i in members:
@@ -191,6 +195,7 @@ def collate(
             labels[cursor:end] = torch.tensor(rows[i].labels)
             positions_in_row[cursor:end] = torch.arange(lengths[i])
             token_rows[cursor:end] = i
+            token_tasks[cursor:end] = rows[i].task
             cursor = end
     real = token_rows >= 0
     # position t predicts token t+1 of the same row: supervised where that token has a label
@@ -234,4 +239,5 @@ def collate(
         token_real_index=None if real_index is None else real_index.to(**move),
         head_real_index=None if head_index is None else head_index.to(**move),
         padded_tokens=padded_tokens,
+        token_tasks=token_tasks.to(**move) if any(r.task >= 0 for r in rows) else None,
     )

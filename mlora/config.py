@@ -127,6 +127,11 @@ def _target_modules(v: Any) -> str | None:
     return "a non-empty list of module names, or a {name: true|false} mapping"
 
 
+def _name_list(v: Any) -> str | None:
+    ok = isinstance(v, list) and v and all(isinstance(m, str) and m.strip() for m in v)
+    return None if ok else "a non-empty list of non-empty strings"
+
+
 def _act_fn(v: Any) -> str | None:
     from transformers.activations import ACT2FN
 
@@ -203,7 +208,19 @@ MOE_STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
         "router_aux_loss_coef": 0.001,
         "router_loss": False,
     },
+    "meteora": {  # a trained gate over existing LoRA adapters (mlora.meteora)
+        "adapters": None,
+        "top_k": 2,
+        "temperature": 1.0,
+        "gate_target_modules": None,  # every module the adapters target
+        "train_loras": False,
+        "gate_loss_coef": 50.0,
+        "task_field": None,
+        "forward_mode": "grouped",
+    },
 }
+# LoRA-shape keys a MeteoRA adapter takes from its embedded adapters, never from the config.
+METEORA_FIXED_KEYS = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora", "lora_init")
 MOE_KEYS = sorted({key for table in MOE_STRATEGY_DEFAULTS.values() for key in table})
 MIXLORA_STRATEGIES = ("mixlora", "mixlora-dynamic", "mixlora-switch")
 LINEAR_MOE_STRATEGIES = ("loramoe", "mola")
@@ -295,7 +312,7 @@ class AdapterConfig:
         None,
         "Mixture of LoRA experts: 'mixlora' (FFN experts, top-k), 'mixlora-dynamic' (top-p), "
         "'mixlora-switch' (top-1 with capacity), 'loramoe' (dense, per linear), 'mola' (top-k, "
-        "per linear); unset: plain LoRA.",
+        "per linear), 'meteora' (a trained gate over existing LoRA adapters); unset: plain LoRA.",
         optional(one_of(*MOE_STRATEGY_DEFAULTS)),
     )
     num_experts: int | None = _key(
@@ -303,7 +320,8 @@ class AdapterConfig:
         optional(int_at_least(1)),
     )  # fmt: skip
     top_k: int | None = _key(
-        None, "mixlora, mola: experts per token (default 2; <= num_experts).",
+        None, "mixlora, mola, meteora: experts (meteora: adapters) per token (default 2, at most "
+        "num_experts or the number of adapters).",
         optional(int_at_least(1)),
     )  # fmt: skip
     top_p: float | None = _key(
@@ -311,7 +329,8 @@ class AdapterConfig:
         "(default 0.8).", optional(probability),
     )  # fmt: skip
     temperature: float | None = _key(
-        None, "mixlora-dynamic: router softmax temperature (default 0: none).",
+        None, "mixlora-dynamic: router softmax temperature (default 0: none); meteora: the "
+        "gate's, > 0 (default 1).",
         optional(non_negative_number),
     )  # fmt: skip
     router_init_range: float | None = _key(
@@ -351,6 +370,31 @@ class AdapterConfig:
         None, "mixlora*: the experts' own {r, lora_alpha, lora_dropout, use_rslora} (default: "
         "the adapter's).",
         optional(_expert_lora),
+    )  # fmt: skip
+
+    adapters: list[str] | None = _key(
+        None, "meteora: the LoRA adapter folders (PEFT format) to embed; the task label of "
+        "each is its folder's base name (required).", optional(_name_list),
+    )  # fmt: skip
+    gate_target_modules: list[str] | None = _key(
+        None, "meteora: linear layers that get a gate (default: every module the adapters "
+        "target).", optional(_name_list),
+    )  # fmt: skip
+    train_loras: bool | None = _key(
+        None, "meteora: train the embedded LoRAs too (default false: only the gates).",
+        optional(boolean),
+    )  # fmt: skip
+    gate_loss_coef: float | None = _key(
+        None, "meteora: weight of the gate's cross-entropy against the row's task label, "
+        "averaged over gated layers (default 50).", optional(non_negative_number),
+    )  # fmt: skip
+    task_field: str | None = _key(
+        None, "meteora: the data field naming each row's adapter (its folder's base name); "
+        "unset: no gate loss.", optional(non_empty_string),
+    )  # fmt: skip
+    forward_mode: str | None = _key(
+        None, "meteora: 'grouped' (all adapters in two stacked matmuls, default) or 'loop' "
+        "(one adapter at a time: the reference).", optional(one_of("grouped", "loop")),
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -492,13 +536,32 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**values)
 
 
-def _check_adapter(adapter: AdapterConfig, where: str) -> None:
+def _check_adapter(adapter: AdapterConfig, where: str, keys: set[str]) -> None:
     if adapter.batch_size % adapter.micro_batch_size:  # type: ignore[operator]
         raise ConfigError(
             f"{where}: key 'micro_batch_size' ({adapter.micro_batch_size}) must divide "
             f"'batch_size' ({adapter.batch_size})"
         )
     _check_moe(adapter, where)
+    if adapter.routing_strategy == "meteora":
+        _check_meteora(adapter, where, keys)
+
+
+def _check_meteora(adapter: AdapterConfig, where: str, keys: set[str]) -> None:
+    """MeteoRA: the LoRA shape comes from the adapters; top_k and temperature fit them."""
+    fixed = [key for key in METEORA_FIXED_KEYS if key in keys]
+    if fixed:
+        raise ConfigError(
+            f"{where}: key {fixed[0]!r} does not apply to routing_strategy 'meteora' (it comes "
+            "from the embedded adapters)"
+        )
+    count = len(adapter.moe("adapters"))
+    if adapter.top_k is not None and adapter.top_k > count:  # unset: 2, or 1 with one adapter
+        raise ConfigError(
+            f"{where}: key 'top_k' ({adapter.top_k}) must be <= the number of 'adapters' ({count})"
+        )
+    if adapter.moe("temperature") <= 0:
+        raise ConfigError(f"{where}: key 'temperature' must be > 0 for routing_strategy 'meteora'")
 
 
 def _check_moe(adapter: AdapterConfig, where: str) -> None:
@@ -521,9 +584,12 @@ def _check_moe(adapter: AdapterConfig, where: str) -> None:
                 f"{where}: key {key!r} does not apply to routing_strategy {strategy!r} "
                 f"(only to {', '.join(repr(s) for s in readers)})"
             )
-    if adapter.num_experts is None:
-        raise ConfigError(f"{where}: key 'num_experts' is required with routing_strategy")
-    if "top_k" in table and adapter.moe("top_k") > adapter.num_experts:
+    for key in ("num_experts", "adapters"):
+        if key in table and getattr(adapter, key) is None:
+            raise ConfigError(
+                f"{where}: key {key!r} is required with routing_strategy {strategy!r}"
+            )
+    if "num_experts" in table and "top_k" in table and adapter.moe("top_k") > adapter.num_experts:
         raise ConfigError(
             f"{where}: key 'top_k' ({adapter.moe('top_k')}) must be <= 'num_experts' "
             f"({adapter.num_experts})"
@@ -554,7 +620,7 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
             item, adapter_notes = translate_adapter(item, where, source)
             notes += [n for n in adapter_notes if n not in notes]
         adapter = _build(AdapterConfig, item, where)
-        _check_adapter(adapter, where)
+        _check_adapter(adapter, where, set(item))
         if adapter.name in seen:
             raise ConfigError(f"{source}: duplicate adapter name {adapter.name!r}")
         seen.add(adapter.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,12 @@ logger = logging.getLogger("mlora")
 
 @dataclass(frozen=True)
 class TokenizedRow:
-    """One training row: token ids and labels (-100 where no loss is taken)."""
+    """One training row: token ids and labels (-100 where no loss is taken), and the index of
+    its task among a MeteoRA adapter's embedded adapters (its ``task_field``; -1: none)."""
 
     input_ids: list[int]
     labels: list[int]
+    task: int = -1
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -168,6 +171,27 @@ def json_problem_location(path: Path) -> str | None:
     return None
 
 
+def row_task(
+    row: dict[str, Any], index: int, task_field: str | None, names: Sequence[str], source: str
+) -> int:
+    """The index in ``names`` of the task ``row[task_field]`` names (-1 without a task field).
+
+    Raises:
+        DataError: the field is missing or names no task (file, row and choices named).
+    """
+    if task_field is None:
+        return -1
+    value = row.get(task_field)
+    if value is None:
+        raise DataError(f"{source}: row {index} is missing the field {task_field!r}")
+    if value not in names:
+        raise DataError(
+            f"{source}: row {index}: {task_field!r} is {value!r}, not one of the embedded "
+            f"adapters ({', '.join(names)})"
+        )
+    return list(names).index(value)
+
+
 def tokenize_rows(
     rows: list[dict[str, Any]],
     tokenizer: Any,
@@ -175,27 +199,35 @@ def tokenize_rows(
     cutoff_len: int,
     train_on_inputs: bool = False,
     source: str = "<data>",
+    task_field: str | None = None,
+    task_names: Sequence[str] = (),
 ) -> list[TokenizedRow]:
     """Tokenize alpaca-style rows following the contract in the module docstring.
 
+    Args:
+        task_field, task_names: MeteoRA: each row's ``task_field`` names one of ``task_names``;
+            its index becomes the row's ``task`` (the gate's label).
+
     Raises:
-        DataError: a row missing ``instruction`` or ``output`` (file and row named), or no row left.
+        DataError: a row missing ``instruction`` or ``output`` (file and row named), a task
+            label missing or unknown, or no row left.
     """
     for index, row in enumerate(rows):
         _check_row(row, source, index)
+    tasks = [row_task(r, i, task_field, task_names, source) for i, r in enumerate(rows)]
     prompts = [template.render(r["instruction"], r.get("input") or "") for r in rows]
     full = tokenizer([p + r["output"] for p, r in zip(prompts, rows, strict=True)])["input_ids"]
     prompt_lens = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     eos = tokenizer.eos_token_id
     out: list[TokenizedRow] = []
     skipped = 0
-    for ids, prompt_len in zip(full, prompt_lens, strict=True):
+    for ids, prompt_len, task in zip(full, prompt_lens, tasks, strict=True):
         if not train_on_inputs and prompt_len >= cutoff_len - 1:
             skipped += 1
             continue
         ids = [*ids[: cutoff_len - 1], eos]
         masked = 0 if train_on_inputs else prompt_len
-        out.append(TokenizedRow(ids, [IGNORE_INDEX] * masked + ids[masked:]))
+        out.append(TokenizedRow(ids, [IGNORE_INDEX] * masked + ids[masked:], task))
     if skipped:
         logger.warning(
             "%s: skipped %d of %d rows whose prompt fills cutoff_len=%d (nothing left to learn)",

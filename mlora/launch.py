@@ -115,6 +115,8 @@ def _with_task_placeholder(raw: Any) -> Any:
 
 def describe_template(adapter: AdapterConfig) -> str:
     """A one-line summary read from the template adapter's own keys."""
+    if adapter.routing_strategy == "meteora":  # the LoRA shape comes from its adapters
+        return f"meteora gate over {len(adapter.adapters or ())} adapters, lr={adapter.lr:g}"
     parts = [f"r={adapter.r} alpha={adapter.lora_alpha:g}", f"lr={adapter.lr:g}"]
     if adapter.use_dora:
         parts.append("DoRA")

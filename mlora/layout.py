@@ -145,6 +145,8 @@ class LayoutContext:
         self.token_rows: torch.Tensor | None = None
         # (N,) long, each token's canonical index among its segment's real tokens (RealRows).
         self.token_real_index: torch.Tensor | None = None
+        # (N,) long, each token's task label for MeteoRA's gate loss (-1: none); None: no labels.
+        self.token_tasks: torch.Tensor | None = None
         self.aux_losses = AuxLossCollector()
         self.generators = AdapterGenerators()
         self._expanded: tuple[BatchLayout, BatchLayout] | None = None  # (per-row, expanded)
@@ -155,11 +157,13 @@ class LayoutContext:
         token_mask: torch.Tensor | None = None,
         token_rows: torch.Tensor | None = None,
         token_real_index: torch.Tensor | None = None,
+        token_tasks: torch.Tensor | None = None,
     ) -> None:
         """Set the pass's layout with its per-token data, so none outlives its layout
         (``set(None)`` clears them all)."""
         self.layout, self.token_mask = layout, token_mask
         self.token_rows, self.token_real_index = token_rows, token_real_index
+        self.token_tasks = token_tasks
 
     def layout_for(self, num_tokens: int) -> BatchLayout | None:
         """The current layout over a layer input of ``num_tokens`` tokens, or None.
@@ -178,6 +182,10 @@ class LayoutContext:
         """Real-token mask of token segment ``seg`` of a pass of ``num_tokens``, or None (all
         tokens real). ``seg`` comes from ``layout_for(num_tokens)``."""
         return self._segment_slice(self.token_mask, seg, num_tokens)
+
+    def segment_token_tasks(self, seg: AdapterSegment, num_tokens: int) -> torch.Tensor | None:
+        """Task label of each token of segment ``seg`` (as ``segment_token_mask``), or None."""
+        return self._segment_slice(self.token_tasks, seg, num_tokens)
 
     def segment_token_rows(
         self, seg: AdapterSegment, num_tokens: int, device: torch.device
@@ -217,10 +225,17 @@ class LayoutContext:
         token_mask: torch.Tensor | None = None,
         token_rows: torch.Tensor | None = None,
         token_real_index: torch.Tensor | None = None,
+        token_tasks: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """``set`` for the duration of a ``with`` block, then restore what was set before."""
-        previous = self.layout, self.token_mask, self.token_rows, self.token_real_index
-        self.set(layout, token_mask, token_rows, token_real_index)
+        previous = (
+            self.layout,
+            self.token_mask,
+            self.token_rows,
+            self.token_real_index,
+            self.token_tasks,
+        )
+        self.set(layout, token_mask, token_rows, token_real_index, token_tasks)
         try:
             yield
         finally:

@@ -250,7 +250,13 @@ class MultiLoraModel(nn.Module):
         of those gathered positions. Training reduces these per segment; evaluation also per
         row (a choice's log-likelihood is minus its row's sum).
         """
-        self.context.set(batch.layout, batch.token_mask, batch.token_rows, batch.token_real_index)
+        self.context.set(
+            batch.layout,
+            batch.token_mask,
+            batch.token_rows,
+            batch.token_real_index,
+            batch.token_tasks,
+        )
         self.context.aux_losses.clear()
         backbone = self.model.base_model
         hidden = backbone(

@@ -43,6 +43,10 @@ def _moe_format(peft_type: str | None) -> Any:
         from mlora import linear_moe_persistence as linear_moe_format
 
         return linear_moe_format
+    if peft_type == "METEORA":
+        from mlora import meteora_persistence as meteora_format
+
+        return meteora_format
     return None
 
 
@@ -132,6 +136,19 @@ def adapter_files_problem(directory: str | Path) -> str | None:
     return f"{directory / LEGACY_WEIGHTS_NAME}: {problem}" if problem else None
 
 
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of an adapter folder whose files are whole (checked as
+    ``read_adapter`` checks them, without reading the tensors).
+
+    Raises:
+        MloraError: missing folder, config or weights, or a damaged file (naming it).
+    """
+    problem = adapter_files_problem(directory)
+    if problem:
+        raise MloraError(problem)
+    return json.loads((Path(directory) / CONFIG_NAME).read_text(encoding="utf-8"))
+
+
 def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a PEFT-format adapter folder: (adapter_config, tensors).
 
@@ -140,10 +157,7 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
             shape (naming the file).
     """
     directory = Path(directory)
-    problem = adapter_files_problem(directory)
-    if problem:
-        raise MloraError(problem)
-    config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    config = read_adapter_config(directory)
     if (directory / WEIGHTS_NAME).is_file():
         tensors = load_file(directory / WEIGHTS_NAME)
     else:

@@ -74,6 +74,22 @@ def check_data_sources(config: TrainConfig) -> None:
         local_data_path(adapter.data, f"adapter {adapter.name!r}: data")
 
 
+def meteora_targets(config: TrainConfig) -> dict[str, list[str]]:
+    """The gated modules of each MeteoRA adapter, its adapter folders read and checked.
+
+    Raises:
+        MloraError: a folder MeteoRA cannot embed (see ``meteora_persistence.meteora_spec``).
+    """
+    from mlora.meteora_persistence import meteora_spec
+
+    return {
+        adapter.name: list(meteora_spec(adapter, f"{config.source}: adapter {adapter.name!r}")
+                           .target_modules)
+        for adapter in config.lora
+        if adapter.routing_strategy == "meteora"
+    }  # fmt: skip
+
+
 def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[str, int] | None:
     """The layers adapters can wrap, by last name component, with the smallest of their input
     and output sizes over the model (the largest rank that makes sense for them).
@@ -104,8 +120,17 @@ def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[
     return sizes
 
 
-def check_target_modules(config: TrainConfig, base_model: str, trust_remote_code: bool) -> None:
+def check_target_modules(
+    config: TrainConfig,
+    base_model: str,
+    trust_remote_code: bool,
+    overrides: dict[str, list[str]] | None = None,
+) -> None:
     """Every adapter's target modules exist in the base model, and its rank fits them.
+
+    Args:
+        overrides: target modules by adapter name where the config does not name them
+            (MeteoRA: its gated modules).
 
     Raises:
         MloraError: naming the adapter, the module and the model's adaptable layers (or the
@@ -116,12 +141,15 @@ def check_target_modules(config: TrainConfig, base_model: str, trust_remote_code
         return
     for adapter in config.lora:
         where = f"{config.source}: adapter {adapter.name!r}"
-        missing = sorted(set(adapter.target_module_names) - set(sizes))
+        targets = (overrides or {}).get(adapter.name, adapter.target_module_names)
+        missing = sorted(set(targets) - set(sizes))
         if missing:
             raise MloraError(
                 f"{where}: target module {missing[0]!r} not found in {base_model} "
                 f"(its linear layers: {', '.join(sorted(sizes))})"
             )
+        if adapter.name in (overrides or {}):
+            continue  # MeteoRA: its ranks are the embedded adapters', checked as they load
         module = min(adapter.target_module_names, key=lambda name: sizes[name])
         if adapter.r > sizes[module]:
             raise MloraError(
@@ -233,7 +261,7 @@ def preflight(
     check_remote_code(base_model, trust_remote_code)
     check_base_weights(base_model)
     check_data_sources(config)
-    check_target_modules(config, base_model, trust_remote_code)
+    check_target_modules(config, base_model, trust_remote_code, meteora_targets(config))
     check_cutoff_len(config, base_model)
     check_writable(output_dir)
     if load_adapter:

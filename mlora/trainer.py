@@ -64,6 +64,10 @@ def spec_from_config(config: AdapterConfig) -> LoraSpec:
         from mlora.linear_moe import linear_moe_spec
 
         return linear_moe_spec(config)
+    if config.routing_strategy == "meteora":
+        from mlora.meteora_persistence import meteora_spec
+
+        return meteora_spec(config)
     return LoraSpec(
         r=config.r,
         scaling=config.scaling,
@@ -83,6 +87,7 @@ def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]
             rows = training_rows(adapter.task_name, adapter.data, adapter.name)
         else:
             rows = load_rows(adapter.data)
+        task_field = adapter.moe("task_field") if adapter.routing_strategy == "meteora" else None
         out[adapter.name] = tokenize_rows(
             rows,
             tokenizer,
@@ -90,6 +95,8 @@ def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]
             config.cutoff_len,
             adapter.train_on_inputs,
             source=adapter.data,
+            task_field=task_field,
+            task_names=[Path(folder).name for folder in adapter.adapters or ()],
         )
     return out
 
@@ -199,6 +206,10 @@ class Trainer:
         self.model.context.generators.seed(config.name, adapter_seed(self.seed, config.name))
         if init_from is not None:
             self._load_initial_weights(config, spec, init_from)
+        elif config.routing_strategy == "meteora":  # the adapters it embeds, from their folders
+            from mlora.meteora_persistence import load_embedded_adapters
+
+            load_embedded_adapters(self.model, config.name)
         queue = AdapterQueue(
             config.name,
             rows,
@@ -213,6 +224,7 @@ class Trainer:
             (f"{path}.{n}", p)
             for path, module in self.model.adapter_modules(config.name)
             for n, p in module.named_parameters()
+            if p.requires_grad  # MeteoRA's embedded LoRAs are frozen unless train_loras
         ]
         optimizer = build_optimizer(config, named)
         scheduler = build_scheduler(config, optimizer, queue.total_steps)
@@ -391,9 +403,12 @@ class Trainer:
             if loads is not None:  # MoE adapters: share of routed tokens per expert, all layers
                 shares = loads.tolist()
                 run.expert_load.append(shares)
+                names = getattr(self.model.specs[run.name], "expert_names", None)  # MeteoRA
                 logger.info(
-                    "step %d | %s | expert load %s",
-                    self.global_step, run.name, " ".join(f"{v:.2f}" for v in shares),
+                    "step %d | %s | %s load %s",
+                    self.global_step, run.name, "adapter" if names else "expert",
+                    " ".join(f"{n} {v:.2f}" if names else f"{v:.2f}"
+                             for n, v in zip(names or shares, shares, strict=True)),
                 )  # fmt: skip
             if not math.isfinite(loss):
                 logger.warning("adapter %s: loss is %s", run.name, loss)

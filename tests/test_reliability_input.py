@@ -236,6 +236,9 @@ CASES = [
          "pass --trust_remote_code"),
     Case("no-resume", "`--resume` with nothing to resume", args("--resume"),
          "nothing to resume in out"),
+    Case("meteora-folder", "MeteoRA: an embedded adapter folder that is missing",
+         adapter(routing_strategy="meteora", adapters=["loras/water"]),
+         "key 'adapters': no adapter at loras/water"),
 ]  # fmt: skip
 
 

@@ -147,6 +147,7 @@ class MultiLoraLinear(nn.Module):
                     self.base_layer.bias,
                     random=self.context.segment_random(seg, x.shape[0], x.device),
                     token_mask=self.context.segment_token_mask(seg, x.shape[0]),
+                    token_tasks=self.context.segment_token_tasks(seg, x.shape[0]),
                 ).float()
             )
         return join_segments(deltas, ranges, x.shape[0])

@@ -116,6 +116,7 @@ class LoraAdapter(nn.Module):
         base_bias: torch.Tensor | None = None,
         random: SegmentRandom | None = None,
         token_mask: torch.Tensor | None = None,
+        token_tasks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens.
 
@@ -126,6 +127,8 @@ class LoraAdapter(nn.Module):
             base_bias: the base layer's bias, removed from ``base_result`` for DoRA.
             random: the adapter's random stream for dropout (see ``adapter_dropout``).
             token_mask: (N,) real tokens; unused by LoRA (MoE modules share this signature).
+            token_tasks: (N,) task label of each token (-1: none), for MeteoRA's gate loss;
+                unused by LoRA.
 
         Returns:
             (N, out) fp32 delta.

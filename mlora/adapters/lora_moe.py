@@ -67,6 +67,23 @@ def load_balance(
     return (fraction * ((probs * weight[:, None]).sum(dim=0) / count)).sum()
 
 
+def top_k_weights(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest probabilities of each token renormalised to sum 1 (Mixtral's top-k;
+    MeteoRA's ``softmax(top-k logits / T)`` is this over ``softmax(logits / T)``).
+
+    Args:
+        probs: (N, E) probabilities.
+        k: experts kept per token.
+
+    Returns:
+        (N, E) weights (0 where not kept) and (N, E) bool, the kept experts.
+    """
+    values, index = probs.topk(k, dim=-1)  # (N, k)
+    values = values / values.sum(-1, keepdim=True)
+    routed = torch.zeros_like(probs, dtype=torch.bool).scatter(1, index, True)
+    return torch.zeros_like(probs).scatter(1, index, values), routed
+
+
 def load_balancing_loss(
     probs: torch.Tensor, selected: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -142,6 +159,7 @@ class LoraMoeAdapter(ExpertMixture):
         base_bias: torch.Tensor | None = None,
         random: SegmentRandom | None = None,
         token_mask: torch.Tensor | None = None,
+        token_tasks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens.
 
@@ -151,6 +169,7 @@ class LoraMoeAdapter(ExpertMixture):
             base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
             random: the adapter's random stream over these tokens (its experts' dropout).
             token_mask: (N,) real (non-padding) tokens, for router statistics; None: all.
+            token_tasks: unused (MeteoRA's gate labels; see ``LoraAdapter.forward``).
 
         Returns:
             (N, out) fp32 delta.
@@ -209,6 +228,7 @@ class MolaAdapter(ExpertMixture):
         base_bias: torch.Tensor | None = None,
         random: SegmentRandom | None = None,
         token_mask: torch.Tensor | None = None,
+        token_tasks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens (same contract as LoRA).
 
@@ -218,6 +238,7 @@ class MolaAdapter(ExpertMixture):
             base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
             random: the adapter's random stream over these tokens (its experts' dropout).
             token_mask: (N,) real (non-padding) tokens, for router statistics; None: all.
+            token_tasks: unused (MeteoRA's gate labels; see ``LoraAdapter.forward``).
 
         Returns:
             (N, out) fp32 delta.

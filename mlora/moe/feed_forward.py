@@ -236,7 +236,12 @@ class MixLoraFeedForward(nn.Module):
             offset += size
         joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (M, H), M < N
         ctx = self.context
-        mask, rows, real_index = ctx.token_mask, ctx.token_rows, ctx.token_real_index
+        mask, rows, real_index, tasks = (
+            ctx.token_mask,
+            ctx.token_rows,
+            ctx.token_real_index,
+            ctx.token_tasks,
+        )
 
         def select(per_token: torch.Tensor | None) -> torch.Tensor | None:
             if per_token is None:
@@ -244,7 +249,7 @@ class MixLoraFeedForward(nn.Module):
             return torch.cat([per_token[start:end] for start, end in ranges])
 
         sub_layout = BatchLayout(tuple(segments), offset)
-        with self.context.use(sub_layout, select(mask), select(rows), select(real_index)):
+        with ctx.use(sub_layout, select(mask), select(rows), select(real_index), select(tasks)):
             out = self.mlp(joined)  # (M, H)
         local, cursor = [], 0
         for size in sizes:

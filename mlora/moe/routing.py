@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mlora.adapters.lora_moe import load_balance
+from mlora.adapters.lora_moe import load_balance, top_k_weights
 from mlora.moe.spec import RouterSpec
 
 
@@ -46,13 +46,6 @@ class Routing:
     routed: torch.Tensor
     aux_loss: torch.Tensor | None
     counts: torch.Tensor | None
-
-
-def _top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    values, index = probs.topk(k, dim=-1)  # (N, k)
-    values = values / values.sum(-1, keepdim=True)
-    routed = torch.zeros_like(probs, dtype=torch.bool).scatter(1, index, True)
-    return torch.zeros_like(probs).scatter(1, index, values), routed
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +107,7 @@ def route(
         weights = probs * routed
     else:
         probs = F.softmax(logits, dim=-1)
-        weights, routed = _top_k(probs, spec.top_k)
+        weights, routed = top_k_weights(probs, spec.top_k)
         chosen = routed
     if padded:  # padding goes to no expert (the FFN wrapper gives it the frozen FFN)
         routed = routed & real[:, None]
