@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters import MultiLoraLinear
+from mlora.base_model import resolve_base_model
 from mlora.batch import LossBatch
 from mlora.errors import MloraError, first_line
 from mlora.layout import BatchLayout, LayoutContext
@@ -271,13 +272,14 @@ class MultiLoraModel(nn.Module):
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a local model directory or hub id, padding with EOS when it has no pad.
+    """The tokenizer of a model folder, hub id or GGUF file, padding with EOS when it has no pad.
 
     Raises:
         MloraError: it cannot be loaded (one line naming it).
     """
     from transformers import AutoTokenizer
 
+    name_or_path = resolve_base_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -297,7 +299,7 @@ def load_base_model(
     tokenizer: Any = None,
     **from_pretrained_kwargs: Any,
 ) -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer from a local directory or the hub.
+    """Load a causal LM and its tokenizer from a local directory, the hub or a GGUF file.
 
     Args:
         tokenizer: one already loaded (``load_tokenizer``) to return instead of loading it again.
@@ -307,6 +309,7 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM
 
+    name_or_path = resolve_base_model(name_or_path)
     local = Path(name_or_path)
     if (name_or_path.startswith((".", "/")) or local.exists()) and not (
         local / "config.json"
