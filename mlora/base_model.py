@@ -200,5 +200,5 @@ def _reason(exc: Exception) -> str:
     """What went wrong with a GGUF file, in words a user can act on."""
     text = first_line(exc)
     if "cannot reshape array" in text or isinstance(exc, (EOFError, IndexError)):
-        return f"the file ends early (truncated or incomplete download?): {text}"
+        return "the file ends early (truncated or incomplete download?)"
     return text
