@@ -143,7 +143,7 @@ class LayoutContext:
         self.token_mask: torch.Tensor | None = None
         # (N,) long, the row of each token (packed rows have different lengths); None: unknown.
         self.token_rows: torch.Tensor | None = None
-        # (N,) long, each token's index among the real tokens of its segment (see RealRows).
+        # (N,) long, each token's canonical index among its segment's real tokens (RealRows).
         self.token_real_index: torch.Tensor | None = None
         self.aux_losses = AuxLossCollector()
         self.generators = AdapterGenerators()
@@ -192,13 +192,14 @@ class LayoutContext:
     def segment_random(
         self, seg: AdapterSegment, num_tokens: int, device: torch.device
     ) -> SegmentRandom:
-        """Adapter ``seg.adapter``'s random stream over segment ``seg``, drawing for its real
-        tokens only when it holds padding."""
+        """Adapter ``seg.adapter``'s random stream over segment ``seg``: draws are made for its
+        real tokens in canonical order (rows end to end, as given to collate) and spread to
+        where packing put each token, so padding and packing never change them."""
         generator = self.generators.get(seg.adapter, device)
         index = self._segment_slice(self.token_real_index, seg, num_tokens)
-        if seg.real is None or index is None:
+        if index is None:
             return SegmentRandom(generator)
-        return SegmentRandom(generator, RealRows(index, seg.real))
+        return SegmentRandom(generator, RealRows(index, seg.size if seg.real is None else seg.real))
 
     @staticmethod
     def _segment_slice(
