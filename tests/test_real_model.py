@@ -169,7 +169,10 @@ def learned(smollm2, tmp_path_factory: pytest.TempPathFactory):
             "target_modules": ["q_proj", "v_proj", "o_proj"], "batch_size": 4, "num_epochs": 2,
             "lr": 1e-2}  # fmt: skip
     trainer = run_in_memory(
-        lambda: copy.deepcopy(base), tokenizer, {"cutoff_len": 24, "lora": [spec]}, folder / "out"
+        lambda: copy.deepcopy(base),
+        tokenizer,
+        {"cutoff_len": 24, "log_step": 1, "lora": [spec]},
+        folder / "out",
     )
     return trainer, folder / "out" / "zebra"
 
