@@ -181,15 +181,20 @@ def convert_gguf(path: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:  # GGUF architectures are transformers' own: never any remote code
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            path.parent, gguf_file=path.name, trust_remote_code=False
+        )
     except Exception as exc:  # the gguf reader and transformers raise many kinds on bad files
         raise MloraError(f"cannot read GGUF file {path}: {_reason(exc)}") from None
     config = gguf_model.config
-    del config.quantization_config  # the tensors are plain fp32 now: no "gguf quantized" mark
+    if hasattr(config, "quantization_config"):  # transformers 5 marks it "quantized with gguf"
+        del config.quantization_config  # the tensors are plain fp32 now
     with torch.device("meta"):  # no second copy of the weights in memory
-        model: Any = AutoModelForCausalLM.from_config(config)
+        model: Any = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
     model.tie_weights()
     model.save_pretrained(target)
