@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,9 +16,11 @@ from mlora.base_model import resolve_base_model
 from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
 from mlora.config import TrainConfig, load_config
 from mlora.errors import MloraError
+from mlora.hub import before_loading
 from mlora.model import MultiLoraModel, load_base_model, load_tokenizer
 from mlora.precision import base_model_load_options, check_dtype
-from mlora.preflight import preflight
+from mlora.preflight import check_seed, preflight
+from mlora.run_records import RunIdentity
 from mlora.trainer import Trainer, prepare_data
 
 logger = logging.getLogger("mlora")
@@ -34,8 +39,32 @@ def check_outputs(
     for adapter in config.lora:
         folder = output_dir / adapter.name
         if folder.exists() and any(folder.iterdir()):
-            hint = " (or --resume to continue it)" if interrupted_run(output_dir) else ""
+            hint = (
+                " (or --resume to continue it)"
+                if interrupted_run(output_dir, [a.name for a in config.lora])
+                else ""
+            )
             raise MloraError(f"{folder} already exists; pass --overwrite to replace it{hint}")
+
+
+@contextmanager
+def log_to_stderr_unless_configured(enabled: bool) -> Iterator[None]:
+    """mlora's INFO lines (loss, lr, saves) on stderr for one call when nothing configured
+    logging (a notebook or script; transformers' Trainer prints there too); a program that
+    configured logging itself keeps its own setup."""
+    if not enabled or logger.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def train(
@@ -52,6 +81,7 @@ def train(
     resume: bool = False,
     quantize: str | None = None,
     tf32: bool = False,
+    log: bool = True,
 ) -> Trainer:
     """Train every adapter of ``config`` together on ``base_model``, saving to ``output_dir/NAME``.
 
@@ -70,6 +100,8 @@ def train(
         overwrite: allow replacing existing ``output_dir/NAME`` folders.
         resume: continue from the newest complete checkpoint in ``output_dir`` (exactly: the
             result equals an uninterrupted run); finished adapters stay finished.
+        log: when logging is not configured (a notebook), print mlora's progress lines to
+            stderr for this call; False prints only warnings. Configured logging is kept.
 
     Returns:
         The finished Trainer (``trainer.model`` holds the trained adapters).
@@ -77,23 +109,52 @@ def train(
     Raises:
         MloraError: invalid config, data, paths or model (one line each).
     """
+    with log_to_stderr_unless_configured(log):
+        return _train(
+            config, base_model, Path(output_dir), seed=seed, dtype=dtype, device=device,
+            load_adapter=load_adapter, overwrite=overwrite,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            resume=resume, quantize=quantize, tf32=tf32,
+        )  # fmt: skip
+
+
+def _train(
+    config: TrainConfig | str | Path,
+    base_model: str,
+    output_dir: Path,
+    *,
+    seed: int,
+    dtype: torch.dtype,
+    device: str | torch.device | None,
+    load_adapter: bool,
+    overwrite: bool,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+    resume: bool,
+    quantize: str | None,
+    tf32: bool,
+) -> Trainer:
+    """``train`` with its logging settled (same arguments)."""
     backend = get_backend(None if device is None else str(device))  # before any device use
     if not isinstance(config, TrainConfig):
         config = load_config(config)
+    for note in config.notes:  # upstream m-LoRA keys read with a different meaning or none
+        logger.info(note)
     check_dtype(dtype, backend)
+    check_seed(seed)
     load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     if tf32:
         backend.allow_tf32(True)
-    output_dir = Path(output_dir)
     with output_lock(output_dir):  # before the checks: two runs must not both pass them
-        names = [a.name for a in config.lora]
-        point = find_resume_point(output_dir, names) if resume else None
+        identity = RunIdentity(config, seed, base_model)  # names this run's records
+        point = find_resume_point(output_dir, identity) if resume else None
         if point is not None:
             load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
         else:
             check_outputs(config, output_dir, overwrite, load_adapter)
         model_path = resolve_base_model(base_model)  # a GGUF file: its converted folder
-        preflight(config, model_path, output_dir, trust_remote_code)
+        before_loading(model_path, "base model")  # the preflight reads a hub id's config
+        preflight(config, model_path, output_dir, trust_remote_code, load_adapter)
         backend.manual_seed(seed)
         tokenizer = load_tokenizer(model_path, trust_remote_code)
         data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
@@ -124,6 +185,6 @@ def train(
         if point is not None:
             restore(trainer, point)
         else:
-            clear_run_state(output_dir, names)  # stale checkpoints of a replaced run
+            clear_run_state(output_dir, identity)  # stale records of this run, if any
         trainer.train()
         return trainer

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TextIO
 
 from mlora.atomic import atomic_write_text
-from mlora.cli import BASE_MODEL_HELP, add_base_model_options, quantize_choice
+from mlora.cli import BASE_MODEL_HELP, add_base_model_options, program_name, quantize_choice
 from mlora.errors import MloraError, exit_code_of
 from mlora.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
-from mlora.preflight import check_writable
+from mlora.preflight import check_output_file
 from mlora.prompts import PromptTemplate, load_template
 
 BASE = "base"  # --use value (and JSONL "adapter": null) for the base model without adapter
@@ -133,7 +133,7 @@ def load_model(args: argparse.Namespace, folders: dict[str, Path]):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="generate.py",
+        prog=program_name("generate.py", "mlora-generate", "mlora.generate_cli"),
         description="Answer prompts with trained adapters; rows of different adapters share "
         "each batch.",
     )
@@ -178,9 +178,17 @@ def read_prompts_file(path: str) -> list[tuple[str, str | None, bool, str]]:
     """
     file = Path(path)
     if not file.is_file():
+        if file.is_dir():
+            raise MloraError(f"{path} is a directory, not a prompts file")
         raise MloraError(f"prompts file not found: {path}")
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise MloraError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise MloraError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -287,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     requests = build_requests(args, list(folders), templates)  # all checked before loading
     to_stdout = args.output == "-"
     if args.output and not to_stdout:  # a bad --output found after generating loses the answers
-        check_writable(Path(args.output).resolve().parent)
+        check_output_file(Path(args.output).resolve())
     model, tokenizer = load_model(args, folders)
     printer = OrderedStreamPrinter(requests, sys.stdout) if args.stream and not to_stdout else None
     outputs = generate(
