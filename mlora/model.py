@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters import MultiLoraLinear
+from mlora.base_model import resolve_base_model
 from mlora.batch import LossBatch
 from mlora.errors import MloraError, first_line
 from mlora.hub import before_loading
@@ -294,13 +295,14 @@ def transformers_progress_bars_off() -> Iterator[None]:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a local model directory or hub id, padding with EOS when it has no pad.
+    """The tokenizer of a model folder, hub id or GGUF file, padding with EOS when it has no pad.
 
     Raises:
         MloraError: it cannot be loaded (one line naming it).
     """
     from transformers import AutoTokenizer
 
+    name_or_path = resolve_base_model(name_or_path)
     before_loading(name_or_path, "base model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -321,7 +323,7 @@ def load_base_model(
     tokenizer: Any = None,
     **from_pretrained_kwargs: Any,
 ) -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer from a local directory or the hub.
+    """Load a causal LM and its tokenizer from a local directory, the hub or a GGUF file.
 
     Args:
         tokenizer: one already loaded (``load_tokenizer``) to return instead of loading it again.
@@ -331,6 +333,7 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM
 
+    name_or_path = resolve_base_model(name_or_path)
     local = Path(name_or_path)
     if (name_or_path.startswith((".", "/")) or local.exists()) and not (
         local / "config.json"

@@ -87,6 +87,8 @@ def load_trained(
 ) -> tuple[MultiLoraModel, Any]:
     """Load ``base_model`` and attach each ``{name: folder}`` adapter; returns (model, tokenizer).
 
+    ``base_model`` is a folder, a hub id, a GGUF file or ``"smollm2"`` (see ``mlora.base_model``).
+
     ``load_options`` go to ``load_base_model`` (see ``precision.base_model_load_options`` for
     a quantized base or another attention implementation).
 

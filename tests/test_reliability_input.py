@@ -146,6 +146,22 @@ def remote_code(folder: Path) -> list[str]:
     return ["--base_model", "custom"]
 
 
+def not_gguf(folder: Path) -> list[str]:
+    write(folder)
+    (folder / "model.gguf").write_text("<html>404 Not Found</html>\n", encoding="utf-8")
+    return ["--base_model", "model.gguf"]
+
+
+def truncated_gguf(folder: Path) -> list[str]:
+    from tests.gguf_support import write_gguf
+
+    write(folder)
+    write_gguf(folder / "model.gguf")
+    data = (folder / "model.gguf").read_bytes()
+    (folder / "model.gguf").write_bytes(data[: len(data) // 2])  # an interrupted download
+    return ["--base_model", "model.gguf"]
+
+
 def damaged_base(folder: Path) -> list[str]:
     write(folder)
     shutil.copytree(folder / "model", folder / "broken")
@@ -217,6 +233,10 @@ CASES = [
          "target module 'qkv_proj' not found in model"),
     Case("base-model", "nonexistent base model path", args("--base_model", "./no-such-model"),
          "base model not found: ./no-such-model"),
+    Case("not-gguf", "a base model file that is not GGUF", not_gguf,
+         "base model model.gguf is a file but not a GGUF file"),
+    Case("truncated-gguf", "a truncated GGUF file", truncated_gguf,
+         "cannot read GGUF file model.gguf: the file ends early"),
     Case("template", "unknown prompt template", adapter(prompt="alpacca"),
          "unknown prompt template 'alpacca'"),
     Case("placeholder", "a template placeholder other than `{instruction}`/`{input}`",
