@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -10,7 +12,15 @@ import torch
 from mlora.atomic import output_lock
 from mlora.backends import get_backend
 from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
-from mlora.config import TrainConfig, load_config
+from mlora.config import TrainConfig, config_to_dict, load_config
+from mlora.data import TokenizedRow
+from mlora.distributed import (
+    check_world_size,
+    env_world_size,
+    fingerprint,
+    local_device,
+    process_group,
+)
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model, load_tokenizer
 from mlora.precision import base_model_load_options, check_dtype
@@ -51,6 +61,7 @@ def train(
     resume: bool = False,
     quantize: str | None = None,
     tf32: bool = False,
+    dist_backend: str | None = None,
 ) -> Trainer:
     """Train every adapter of ``config`` together on ``base_model``, saving to ``output_dir/NAME``.
 
@@ -68,6 +79,10 @@ def train(
         overwrite: allow replacing existing ``output_dir/NAME`` folders.
         resume: continue from the newest complete checkpoint in ``output_dir`` (exactly: the
             result equals an uninterrupted run); finished adapters stay finished.
+        dist_backend: ``nccl`` or ``gloo`` when started by ``torchrun`` / ``accelerate launch``
+            with several processes (default: nccl on CUDA, gloo on CPU); each process then
+            trains on its share of every micro-batch and rank 0 writes (README "Distributed
+            training").
 
     Returns:
         The finished Trainer (``trainer.model`` holds the trained adapters).
@@ -76,24 +91,39 @@ def train(
         MloraError: invalid config, data, paths or model (one line each).
     """
     backend = get_backend(None if device is None else str(device))  # before any device use
+    if env_world_size() > 1:
+        backend = get_backend(str(local_device(backend.device)))  # one GPU per local rank
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     check_dtype(dtype, backend)
     load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     if tf32:
         backend.allow_tf32(True)
+    check_world_size(config, env_world_size())  # before joining the group: fails in a second
     output_dir = Path(output_dir)
-    with output_lock(output_dir):  # before the checks: two runs must not both pass them
+    with process_group(backend.device, dist_backend) as dist, ExitStack() as lock:
         names = [a.name for a in config.lora]
-        point = find_resume_point(output_dir, names) if resume else None
-        if point is not None:
-            load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
-        else:
-            check_outputs(config, output_dir, overwrite, load_adapter)
-        preflight(config, base_model, output_dir, trust_remote_code)
-        backend.manual_seed(seed)
-        tokenizer = load_tokenizer(base_model, trust_remote_code)
-        data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
+        point, error = None, None
+        try:
+            if dist.is_main:  # before the checks: two runs must not both pass them
+                lock.enter_context(output_lock(output_dir))
+            point = find_resume_point(output_dir, names) if resume else None
+            if point is not None:
+                load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
+            else:
+                check_outputs(config, output_dir, overwrite, load_adapter)
+            preflight(config, base_model, output_dir, trust_remote_code)
+            backend.manual_seed(seed)
+            tokenizer = load_tokenizer(base_model, trust_remote_code)
+            data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
+        except MloraError as exc:
+            if not dist.enabled:
+                raise
+            error = exc
+        run = {"seed": seed, "base model": base_model, "dtype": str(dtype), "resume": resume}
+        dist.agree_to_start(
+            {} if error else _fingerprint(config, run, data, load_adapter, overwrite), error
+        )
         init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
         hf_model, _ = load_base_model(
             base_model,
@@ -117,10 +147,30 @@ def train(
             seed,
             base_model,
             init_from,
+            dist,
         )
         if point is not None:
             restore(trainer, point)
-        else:
+        elif dist.is_main:
             clear_run_state(output_dir, names)  # stale checkpoints of a replaced run
+        dist.barrier()  # every rank has read the checkpoint before rank 0 writes again
         trainer.train()
         return trainer
+
+
+def _fingerprint(
+    config: TrainConfig,
+    run: dict,
+    data: dict[str, list[TokenizedRow]],
+    load_adapter: bool,
+    overwrite: bool,
+) -> dict[str, str]:
+    """What every rank of a data-parallel run must agree on, hashed (see ``agree_to_start``)."""
+    tokens = {}
+    for name, rows in data.items():
+        digest = hashlib.sha256()
+        for row in rows:
+            digest.update(repr((row.input_ids, row.labels)).encode())
+        tokens[f"data of adapter {name!r}"] = digest.hexdigest()
+    flags = {"--load_adapter": load_adapter, "--overwrite": overwrite}
+    return fingerprint(config=config_to_dict(config), **run, flags=flags, **tokens)

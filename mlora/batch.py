@@ -98,6 +98,7 @@ def collate(
     pad_token_id: int,
     device: torch.device | str = "cpu",
     packed: bool = True,
+    windows: Sequence[tuple[int, int]] | None = None,
 ) -> LossBatch:
     """Put the rows of each ``(adapter, rows)`` group into one batch, groups contiguous.
 
@@ -106,6 +107,10 @@ def collate(
         pad_token_id: fills padded positions.
         device: where the tensors go.
         packed: pack each group's rows into bins (default), or one padded row per row.
+        windows: per group, ``(tokens before, tokens in all)`` when its rows are one rank's
+            share of a larger micro-batch (data parallel): the adapter's noise is drawn for
+            all the micro-batch's tokens and each token takes its own, so the masks do not
+            depend on the sharding. None: each group is whole.
 
     Returns:
         A ``LossBatch`` whose segment ``i`` is group ``i``; ``position_rows`` count rows in
@@ -149,19 +154,24 @@ def collate(
     counts = torch.bincount(owners, minlength=len(groups))
     names = [name for name, _ in groups]
     real_counts = [sum(len(row) for row in group) for _, group in groups]
+    drawn = real_counts if windows is None else [total for _, total in windows]
     layout = BatchLayout.from_lengths(
-        [(name, n * width) for name, n in zip(names, bins_per_group, strict=True)], real_counts
+        [(name, n * width) for name, n in zip(names, bins_per_group, strict=True)],
+        drawn,
+        keep_real=windows is not None,
     )
     head_layout = BatchLayout.from_lengths(list(zip(names, counts.tolist(), strict=True)))
     move = {"device": device, "non_blocking": True}
     shape = (len(bins), width)
     padded_tokens = total - sum(lengths)
     real_index = None
-    if padded_tokens:  # each token's index among its segment's real tokens (see RealRows)
-        group_of_token = torch.repeat_interleave(
+    if padded_tokens or windows is not None:  # each token's index among its segment's real
+        group_of_token = torch.repeat_interleave(  # tokens (see RealRows)
             torch.arange(len(groups)), torch.tensor(bins_per_group) * width
         )
         before = torch.tensor([0, *real_counts[:-1]]).cumsum(0)  # real tokens before a group
+        if windows is not None:  # ... among the whole micro-batch's tokens
+            before -= torch.tensor([start for start, _ in windows])
         real_index = (real.long().cumsum(0) - 1 - before[group_of_token]).clamp_min(0)
     return LossBatch(
         input_ids=ids.view(shape).to(**move),

@@ -29,8 +29,10 @@ from mlora.randomness import AdapterGenerators, RealRows, SegmentRandom
 class AdapterSegment:
     """Tokens ``[start, end)`` of the pass use adapter ``adapter`` (rows, in a per-row layout).
 
-    ``real``: how many of them are real tokens when the segment holds padding (host-known, so
-    random draws can skip padding without a device sync); None: no padding, or unknown.
+    ``real``: how many tokens random draws are made for, when that is not ``size``: the real
+    tokens of a segment that holds padding (host-known, so draws skip padding without a device
+    sync), or under data parallel the whole micro-batch's tokens of which this rank's segment
+    is a window; None: no padding, or unknown.
     """
 
     adapter: str
@@ -75,11 +77,15 @@ class BatchLayout:
 
     @classmethod
     def from_lengths(
-        cls, groups: Sequence[tuple[str | None, int]], real: Sequence[int] | None = None
+        cls,
+        groups: Sequence[tuple[str | None, int]],
+        real: Sequence[int] | None = None,
+        keep_real: bool = False,
     ) -> BatchLayout:
         """A token layout from consecutive ``(adapter or None, tokens)`` groups, with each
-        group's real (non-padding) token count when some groups hold padding."""
-        return cls._from_groups(groups, per_row=False, real=real)
+        group's real (non-padding) token count when some groups hold padding (``keep_real``:
+        recorded even where it equals the group's size: the count random draws are made for)."""
+        return cls._from_groups(groups, per_row=False, real=real, keep_real=keep_real)
 
     @classmethod
     def _from_groups(
@@ -87,6 +93,7 @@ class BatchLayout:
         groups: Sequence[tuple[str | None, int]],
         per_row: bool,
         real: Sequence[int] | None = None,
+        keep_real: bool = False,
     ) -> BatchLayout:
         segments: list[AdapterSegment] = []
         cursor = 0
@@ -99,7 +106,7 @@ class BatchLayout:
                 else:
                     start = cursor
                 end = cursor + size
-                padded = real is not None and count != end - start
+                padded = real is not None and (keep_real or count != end - start)
                 segments.append(AdapterSegment(name, start, end, count if padded else None))
             cursor += size
         return cls(tuple(segments), cursor, per_row)

@@ -5,6 +5,12 @@ seeded from (seed, X) alone. Layers draw in model order, so adapter X consumes i
 same order whether it trains alone or beside others: concurrent training equals isolated
 training with dropout on. The global RNG is never touched by adapter layers.
 
+The trainer restarts X's stream at every micro-batch of X from (seed, X, micro-batch index)
+(``start_pass``), so the masks of a micro-batch do not depend on what was drawn before: under
+data parallel a rank that holds none of X's rows in a step (and draws nothing) stays in step
+with the others, and each rank draws the noise of X's whole micro-batch and keeps the window
+of its own rows (``RealRows``), so N processes draw exactly the masks one process draws.
+
 The trainer seeds each adapter's stream, saves the states in checkpoints (``state_dict``) and
 gradient checkpointing snapshots and restores them around a recomputation (``get_state`` /
 ``set_state``), so ``--resume`` and recompute replay the same masks.
@@ -27,16 +33,36 @@ def stream_seed(seed: int, adapter: str, device: torch.device) -> int:
     return (seed * 1_000_003 + zlib.crc32(key)) % (2**63)
 
 
+def pass_seed(stream: int, index: int) -> int:
+    """The seed of a stream restarted for micro-batch ``index`` (``start_pass``)."""
+    return (stream + (index + 1) * 0x9E3779B97F4A7C15) % (2**63)
+
+
 class AdapterGenerators:
     """A ``torch.Generator`` per (adapter, device), created on first use from its seed."""
 
     def __init__(self) -> None:
         self._seeds: dict[str, int] = {}
+        self._passes: dict[str, int] = {}
         self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
+
+    def _stream_seed(self, adapter: str, device: torch.device) -> int:
+        stream = stream_seed(self._seeds.get(adapter, DEFAULT_SEED), adapter, device)
+        index = self._passes.get(adapter)
+        return stream if index is None else pass_seed(stream, index)
+
+    def start_pass(self, adapter: str, index: int) -> None:
+        """Restart ``adapter``'s streams for its micro-batch number ``index`` (0-based, counted
+        over the whole run), so its draws depend on (seed, adapter, index) only."""
+        self._passes[adapter] = index
+        for (name, device), generator in self._generators.items():
+            if name == adapter:
+                generator.manual_seed(self._stream_seed(name, device))
 
     def seed(self, adapter: str, seed: int) -> None:
         """(Re)start ``adapter``'s streams from ``seed``."""
         self._seeds[adapter] = seed
+        self._passes.pop(adapter, None)
         for key in [k for k in self._generators if k[0] == adapter]:
             del self._generators[key]
 
@@ -52,8 +78,7 @@ class AdapterGenerators:
         generator = self._generators.get(key)
         if generator is None:
             generator = torch.Generator(device=device)
-            seed = self._seeds.get(adapter, DEFAULT_SEED)
-            generator.manual_seed(stream_seed(seed, adapter, device))
+            generator.manual_seed(self._stream_seed(adapter, device))
             self._generators[key] = generator
         return generator
 
