@@ -1,4 +1,5 @@
-"""Data parallel training through the real launcher: ``torchrun --nproc_per_node 2`` (gloo, CPU).
+"""Data parallel training through the real launchers: ``launch.py run --nproc_per_node 2`` and
+``torchrun --nproc_per_node 2 mlora.py`` (gloo, CPU).
 
 The reference is the same CLI in one process on the same global batches: two processes must
 save the same adapters (<= 1e-5), with dropout on, packed rows, gradient accumulation, DoRA, and
@@ -93,7 +94,15 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     config = write_config(folder)
     one = plain(mlora_args(tiny_model_dir, config, folder / "one"))
     assert one.returncode == 0, one.stderr
-    two = torchrun(mlora_args(tiny_model_dir, config, folder / "two"))
+    launch = [sys.executable, str(ROOT / "launch.py"), "run", "--nproc_per_node", "2"]
+    two = subprocess.run(  # launch.py starts torchrun with 2 processes of mlora.cli
+        [*launch, *mlora_args(tiny_model_dir, config, folder / "two")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env={**env_with(), "OMP_NUM_THREADS": "1"},
+    )
     assert two.returncode == 0, two.stderr + two.stdout
     return {"folder": folder, "config": config, "one": folder / "one", "two": two}
 
@@ -160,6 +169,7 @@ def test_ranks_with_different_configs_stop_with_one_line(
     wrapper = tmp_path / "per_rank.py"  # rank 1 reads another config file
     wrapper.write_text(
         "import os, runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
         f"args = [{str(changed)!r} if a == {str(config)!r} and os.environ['RANK'] == '1' "
         "else a for a in sys.argv[1:]]\n"
         f"sys.argv = [{MLORA!r}, *args]\n"
