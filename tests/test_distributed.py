@@ -43,7 +43,8 @@ def write_config(folder: Path) -> Path:
         "lora": [
             {"name": "acc", "data": write_json(folder / "acc.json", addition_rows(10)),
              "prompt": template, "r": 4, "batch_size": 4, "micro_batch_size": 2,
-             "num_epochs": 2, "lora_dropout": 0.2, "lr": 1e-2},
+             "num_epochs": 2, "lora_dropout": 0.2, "lr": 1e-2,
+             "test_data": write_json(folder / "acc-test.json", addition_rows(5, offset=1))},
             {"name": "odd", "data": write_json(folder / "odd.json", reverse_rows(7)),
              "prompt": template, "r": 2, "batch_size": 3, "num_epochs": 2, "use_dora": True,
              "lora_dropout": 0.2, "lr": 1e-2},
@@ -184,6 +185,27 @@ def test_ranks_with_different_configs_stop_with_one_line(
         "process must get the same command line, config and data files)"
     ], result.stderr
     assert not (tmp_path / "out" / "acc").exists()
+
+
+def test_evaluation_shares_rows_and_rank_0_writes_the_results_of_one_process(
+    runs: dict, tiny_model_dir: Path
+) -> None:
+    """``--evaluate`` under torchrun: 5 test rows over 2 ranks (3 + 2) give the figures and
+    greedy answers of one process."""
+    folder, config = runs["folder"], runs["config"]
+    args = mlora_args(tiny_model_dir, config, runs["one"], "--evaluate", "--adapters", "acc")
+    alone = plain(args)
+    assert alone.returncode == 0, alone.stderr
+    result = runs["one"] / "evaluate_result.json"
+    want = json.loads(result.read_text())
+    result.unlink()
+    shared = torchrun(args)
+    assert shared.returncode == 0, shared.stderr
+    assert shared.stdout.count("exact_match") == 1  # the table, printed by rank 0 alone
+    got = json.loads(result.read_text())
+    assert got["acc"]["predictions"] == want["acc"]["predictions"]
+    assert got["acc"]["rows"] == want["acc"]["rows"] == 5
+    assert got["acc"]["loss"] == pytest.approx(want["acc"]["loss"], rel=1e-5)
 
 
 def run_as_rank(monkeypatch, rank: int, argv: list[str]) -> int:
