@@ -5,7 +5,8 @@ by ``mlora.py`` in one process and by ``torchrun --nproc_per_node N mlora.py`` f
 ``--nprocs``, each in a fresh output folder; every run trains the same global batches, so the
 saved adapters are the same (the script prints the max relative difference to the first run:
 about 1e-6 at equal thread counts; different thread counts per process change the order of
-float sums, so expect up to ~1e-4 there) and only the speed differs. Reported per run: training time (from the log line after the model loads to the end of
+float sums, so expect up to ~1e-4 there) and only the speed differs. Reported per run:
+training time (from the log line after the model loads to the end of
 training, so process start, imports and model loading are left out), real tokens trained
 (every row's tokens times the epochs), tokens/s, and the speed-up over one process.
 
@@ -132,9 +133,11 @@ def train_seconds(log: str) -> float:
 
 
 def run(nproc: int, args: argparse.Namespace, model: Path, config: Path, out: Path) -> str:
+    """Train with ``nproc`` processes (1: plain ``mlora.py``); returns the log (rank 0's)."""
+    dtype = {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}[args.dtype]
     flags = [
         "--base_model", str(model), "--config", str(config), "--dir", str(out), "--seed", "1",
-        "--device", args.device, *({"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16"]}[args.dtype]),
+        "--device", args.device, *dtype,
     ]  # fmt: skip
     if nproc == 1:
         command = [sys.executable, str(ROOT / "mlora.py"), *flags]
@@ -168,11 +171,17 @@ def main(argv: list[str] | None = None) -> None:
     nprocs = [int(n) for n in args.nprocs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = Path(args.model) if args.model else tiny_model(folder / "model", args.hidden, args.layers)
+        model = (
+            Path(args.model)
+            if args.model
+            else tiny_model(folder / "model", args.hidden, args.layers)
+        )
         config = write_config(folder, args)
         tokens = trained_tokens(config, model)
         print(f"{args.adapters} adapters x {args.rows} rows, {tokens} tokens, device {args.device}")
-        print(f"{'processes':>9} {'train s':>8} {'tokens/s':>9} {'speed-up':>8} {'max rel diff':>12}")
+        print(
+            f"{'processes':>9} {'train s':>8} {'tokens/s':>9} {'speed-up':>8} {'max rel diff':>12}"
+        )
         base = None
         for n in nprocs:
             out = folder / f"out{n}"

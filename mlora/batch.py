@@ -3,7 +3,7 @@
 Two forms, the same layout semantics (token offsets over the flattened ``(rows, width)`` pass):
 
 packed
-    each adapter's rows, in order, fill bins of the step's longest row (next fit); a bin is one
+    each adapter's rows fill bins of the step's longest row (first fit decreasing); a bin is one
     row of the batch, with ``position_ids`` restarting at 0 for every packed row and no
     attention mask, so transformers keeps the packed rows apart (a block-diagonal causal mask
     for sdpa / eager / flex, flash-attention's varlen path). Bins never mix adapters: a
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from mlora.data import IGNORE_INDEX, TokenizedRow
+from mlora.dispatcher import MicroBatchShard
 from mlora.layout import BatchLayout
 
 
@@ -49,8 +50,12 @@ class LossBatch:
         token_counts: (S,) supervised tokens per segment (float).
         token_mask: (tokens,) bool, real tokens; None when every token is real.
         token_rows: (tokens,) row of every token of the pass (-1 at padding).
-        token_real_index: (tokens,) each token's index among its segment's real tokens, so
-            random draws skip padding (``mlora.randomness.RealRows``); None without padding.
+        token_real_index: (tokens,) each token's canonical index among its segment's real
+            tokens (``canonical_token_index``), so random draws skip padding and ignore the
+            packing order (``mlora.randomness.RealRows``); None: no padding, rows in order.
+        head_real_index: (N,) each supervised position's canonical index among its segment's
+            supervised positions, for the ``lm_head`` pass (as ``token_real_index``); None
+            when the positions are already in canonical order.
         padded_tokens: how many tokens of the pass are padding.
     """
 
@@ -67,6 +72,7 @@ class LossBatch:
     token_mask: torch.Tensor | None
     token_rows: torch.Tensor
     token_real_index: torch.Tensor | None
+    head_real_index: torch.Tensor | None
     padded_tokens: int
 
     @property
@@ -75,22 +81,71 @@ class LossBatch:
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Consecutive rows into bins of at most ``capacity`` tokens (next fit, order kept).
+    """Rows into bins of at most ``capacity`` tokens: first fit, longest rows first.
 
-    Keeping the order means a segment's real tokens come in the same order however much
-    padding the bins leave, so the adapter's random draws (made for real tokens, in order) and
-    expert dispatch order do not depend on the other adapters of the step (which set
-    ``capacity``: the step's longest row).
+    First-fit decreasing leaves far less padding than filling bins in row order when lengths
+    are long-tailed (a few long rows, many short ones). The order it puts rows in does not
+    matter to the math: random draws and expert dispatch follow each token's *canonical*
+    index (``canonical_token_index``), the place it has when the segment's rows are laid end
+    to end in their given order, so an adapter's masks do not depend on the other adapters of
+    the step (which set ``capacity``: the step's longest row) nor on this packing.
     """
     bins: list[list[int]] = []
-    room = 0
-    for i, length in enumerate(lengths):
-        if not bins or length > room:
-            bins.append([])
-            room = capacity
-        bins[-1].append(i)
-        room -= length
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties in order
+        length = lengths[i]
+        for k, left in enumerate(room):
+            if length <= left:
+                bins[k].append(i)
+                room[k] -= length
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - length)
     return bins
+
+
+def canonical_token_index(
+    token_rows: torch.Tensor,
+    positions_in_row: torch.Tensor,
+    lengths: Sequence[int],
+    segment_of_row: Sequence[int],
+) -> torch.Tensor:
+    """(tokens,) each real token's index among its segment's real tokens in row order.
+
+    Row ``i`` of a segment starts at the summed lengths of the segment's earlier rows (rows in
+    the order given to ``collate``); padding (row -1) gets 0, its draws are never used.
+    """
+    starts: list[int] = []
+    cursor, previous = 0, None
+    for length, segment in zip(lengths, segment_of_row, strict=True):
+        if segment != previous:
+            cursor, previous = 0, segment
+        starts.append(cursor)
+        cursor += length
+    row_start = torch.tensor(starts, dtype=torch.long)
+    real = token_rows >= 0
+    return torch.where(real, row_start[token_rows.clamp_min(0)] + positions_in_row, 0)
+
+
+def _segment_numbers(names: Sequence[str | None]) -> list[int]:
+    """The layout segment of each group: consecutive groups of one adapter share a segment
+    (``BatchLayout.from_lengths`` merges them); base-model groups are each their own."""
+    numbers: list[int] = []
+    for g, name in enumerate(names):
+        same = g > 0 and name is not None and names[g - 1] == name
+        numbers.append(numbers[-1] if same else (numbers[-1] + 1 if numbers else 0))
+    return numbers
+
+
+def _rank_within_segments(keys: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank by ``keys`` among the entries of its segment (``segments`` ascending,
+    keys unique within a segment)."""
+    order = torch.argsort(segments * (int(keys.max()) + 1 if keys.numel() else 1) + keys)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    first = torch.searchsorted(segments, segments)  # index of each segment's first entry
+    return rank - first
 
 
 def collate(
@@ -98,7 +153,7 @@ def collate(
     pad_token_id: int,
     device: torch.device | str = "cpu",
     packed: bool = True,
-    windows: Sequence[tuple[int, int]] | None = None,
+    shards: Sequence[MicroBatchShard] | None = None,
 ) -> LossBatch:
     """Put the rows of each ``(adapter, rows)`` group into one batch, groups contiguous.
 
@@ -107,10 +162,10 @@ def collate(
         pad_token_id: fills padded positions.
         device: where the tensors go.
         packed: pack each group's rows into bins (default), or one padded row per row.
-        windows: per group, ``(tokens before, tokens in all)`` when its rows are one rank's
-            share of a larger micro-batch (data parallel): the adapter's noise is drawn for
-            all the micro-batch's tokens and each token takes its own, so the masks do not
-            depend on the sharding. None: each group is whole.
+        shards: data parallel: group ``i`` is this rank's share ``shards[i]`` of a micro-batch
+            (one group per adapter). Each adapter's noise is then drawn for the whole
+            micro-batch (tokens, and supervised positions for ``lm_head``) and each token takes
+            its own, so the masks do not depend on the sharding. None: groups are whole.
 
     Returns:
         A ``LossBatch`` whose segment ``i`` is group ``i``; ``position_rows`` count rows in
@@ -154,25 +209,29 @@ def collate(
     counts = torch.bincount(owners, minlength=len(groups))
     names = [name for name, _ in groups]
     real_counts = [sum(len(row) for row in group) for _, group in groups]
-    drawn = real_counts if windows is None else [total for _, total in windows]
+    windows = head_windows = None
+    if shards is not None:
+        windows = [(s.tokens_before, s.tokens_total) for s in shards]
+        head_windows = [(s.supervised_before, s.supervised_total) for s in shards]
     layout = BatchLayout.from_lengths(
         [(name, n * width) for name, n in zip(names, bins_per_group, strict=True)],
-        drawn,
-        keep_real=windows is not None,
+        real_counts,
+        windows,
     )
-    head_layout = BatchLayout.from_lengths(list(zip(names, counts.tolist(), strict=True)))
+    head_layout = BatchLayout.from_lengths(
+        list(zip(names, counts.tolist(), strict=True)), windows=head_windows
+    )
     move = {"device": device, "non_blocking": True}
     shape = (len(bins), width)
     padded_tokens = total - sum(lengths)
-    real_index = None
-    if padded_tokens or windows is not None:  # each token's index among its segment's real
-        group_of_token = torch.repeat_interleave(  # tokens (see RealRows)
-            torch.arange(len(groups)), torch.tensor(bins_per_group) * width
-        )
-        before = torch.tensor([0, *real_counts[:-1]]).cumsum(0)  # real tokens before a group
-        if windows is not None:  # ... among the whole micro-batch's tokens
-            before -= torch.tensor([start for start, _ in windows])
-        real_index = (real.long().cumsum(0) - 1 - before[group_of_token]).clamp_min(0)
+    real_index = head_index = None
+    in_order = [i for b in bins for i in b] == list(range(len(rows)))
+    if padded_tokens or not in_order or shards is not None:  # draws follow canonical indices
+        segment_of_group = torch.tensor(_segment_numbers(names))
+        segment_of_row = segment_of_group[group_of_row].tolist()
+        real_index = canonical_token_index(token_rows, positions_in_row, lengths, segment_of_row)
+        if not in_order or shards is not None:
+            head_index = _rank_within_segments(real_index[positions], segment_of_group[owners])
     return LossBatch(
         input_ids=ids.view(shape).to(**move),
         attention_mask=None if packed else real.view(shape).long().to(**move),
@@ -187,5 +246,6 @@ def collate(
         token_mask=real.to(**move) if padded_tokens else None,
         token_rows=token_rows.to(**move),
         token_real_index=None if real_index is None else real_index.to(**move),
+        head_real_index=None if head_index is None else head_index.to(**move),
         padded_tokens=padded_tokens,
     )

@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save
 
-from mlora.backends import RngState
 from mlora.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
+from mlora.backends import RngState
 from mlora.config import config_to_dict
 from mlora.dispatcher import AdapterQueue
 from mlora.errors import MloraError, first_line
@@ -412,7 +412,9 @@ def restore(trainer: Trainer, point: ResumePoint) -> None:
         _drop_temporaries([output_dir / RUN_DIR, *(output_dir / run.name for run in trainer.runs)])
     trainer.global_step = point.global_step
     trainer.last_cut_step = point.global_step
-    trainer.backend.set_rng_state(_rank_rng(tensors, point, trainer.dist.rank, trainer.dist.world_size))
+    trainer.backend.set_rng_state(
+        _rank_rng(tensors, point, trainer.dist.rank, trainer.dist.world_size)
+    )
     prefix = "adapter_rng/"
     trainer.model.context.generators.load_state_dict(
         {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -426,7 +428,9 @@ def restore(trainer: Trainer, point: ResumePoint) -> None:
     )
 
 
-def _rank_rng(tensors: dict[str, torch.Tensor], point: ResumePoint, rank: int, world_size: int) -> RngState:
+def _rank_rng(
+    tensors: dict[str, torch.Tensor], point: ResumePoint, rank: int, world_size: int
+) -> RngState:
     """This rank's global RNG state from the cut: its own when the world size is the same,
     else rank 0's (adapter noise does not come from it; see ``mlora.randomness``)."""
     saved_world = int(point.manifest.get("world_size", 1))

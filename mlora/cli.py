@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -176,6 +177,18 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def launcher_words() -> list[str]:
+    """How to start ``mlora.py`` again as this run was started: ``python``, or torchrun with
+    this machine's process count (``...`` stands for the multi-node options of torchrun)."""
+    from mlora.distributed import env_world_size
+
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if env_world_size() <= 1:
+        return ["python"]
+    nodes = [] if str(env_world_size()) == local else ["..."]
+    return ["torchrun", *nodes, "--nproc_per_node", local]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, printed as one line)."""
     args = build_parser().parse_args(argv)
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingInterrupted as exc:
             given = sys.argv[1:] if argv is None else argv
             resume = [] if args.resume else ["--resume"]
-            command = shlex.join(["python", "mlora.py", *given, *resume])
+            command = shlex.join([*launcher_words(), "mlora.py", *given, *resume])
             if not exc.quiet:
                 print(f"error: {exc}; resume with: {command}", file=sys.stderr)
             return exc.exit_code

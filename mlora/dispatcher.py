@@ -49,6 +49,8 @@ class MicroBatch:
             self.rows[start:end],
             tokens_before=sum(len(row) for row in self.rows[:start]),
             tokens_total=sum(len(row) for row in self.rows),
+            supervised_before=sum(row.num_supervised for row in self.rows[:start]),
+            supervised_total=sum(row.num_supervised for row in self.rows),
         )
 
 
@@ -61,11 +63,15 @@ class MicroBatchShard:
         tokens_before: tokens of the micro-batch's rows before ``rows``.
         tokens_total: tokens of the whole micro-batch. Every rank draws the adapter's noise for
             all of them and keeps its window, so sharding does not change the masks.
+        supervised_before, supervised_total: the same for the supervised positions (the
+            ``lm_head`` pass draws for those).
     """
 
     rows: tuple[TokenizedRow, ...]
     tokens_before: int
     tokens_total: int
+    supervised_before: int
+    supervised_total: int
 
 
 def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -189,7 +189,8 @@ class Distributed:
                 raise AgreedError(f"{prefix}{message}", self.rank)
         reference = reports[0][0]
         for rank, (theirs, _) in enumerate(reports[1:], start=1):
-            differing = sorted(k for k in reference.keys() | theirs.keys() if reference.get(k) != theirs.get(k))
+            keys = reference.keys() | theirs.keys()
+            differing = sorted(k for k in keys if reference.get(k) != theirs.get(k))
             if differing:
                 raise AgreedError(
                     f"rank {rank} does not run the same training as rank 0: its "

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from mlora.batch import collate
-from mlora.dispatcher import shard_bounds
-from mlora.distributed import Distributed, local_device, process_group
 from mlora.config import AdapterConfig, TrainConfig
 from mlora.data import IGNORE_INDEX, TokenizedRow, pad_token_id, tokenize_rows
+from mlora.dispatcher import shard_bounds
+from mlora.distributed import Distributed, local_device, process_group
 from mlora.errors import ConfigError, DataError, MloraError
 from mlora.eval_tasks import CHOICE_TASKS, choice_source, load_choice_questions, read_test_rows
 from mlora.model import MultiLoraModel
@@ -410,10 +410,10 @@ def evaluate_model(
         shares = [shard_test_set(ts, dist.rank, dist.world_size) for ts in test_sets]
         nll, answers = _score_and_answer(model, tokenizer, shares)
         gathered = dist.gather((nll, answers))
-        nll = {ts.adapter: [n for part, _ in gathered for n in part[ts.adapter]] for ts in test_sets}
-        answers = {
-            name: [a for _, part in gathered for a in part[name]] for name in gathered[0][1]
+        nll = {
+            ts.adapter: [n for part, _ in gathered for n in part[ts.adapter]] for ts in test_sets
         }
+        answers = {name: [a for _, part in gathered for a in part[name]] for name in gathered[0][1]}
     else:
         nll, answers = _score_and_answer(model, tokenizer, test_sets)
     return {ts.adapter: _result(ts, nll[ts.adapter], answers.get(ts.adapter)) for ts in test_sets}

@@ -347,9 +347,7 @@ def torchrun_command(nproc: int, mlora_flags: Sequence[str]) -> list[str]:
 def run_torchrun(nproc: int, mlora_flags: Sequence[str]) -> int:
     """Start torchrun on this mlora package (PYTHONPATH points at it); its exit code."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
     return subprocess.run(torchrun_command(nproc, mlora_flags), env=env).returncode
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,16 +29,18 @@ from mlora.randomness import AdapterGenerators, RealRows, SegmentRandom
 class AdapterSegment:
     """Tokens ``[start, end)`` of the pass use adapter ``adapter`` (rows, in a per-row layout).
 
-    ``real``: how many tokens random draws are made for, when that is not ``size``: the real
-    tokens of a segment that holds padding (host-known, so draws skip padding without a device
-    sync), or under data parallel the whole micro-batch's tokens of which this rank's segment
-    is a window; None: no padding, or unknown.
+    ``real``: how many of them are real tokens when the segment holds padding (host-known, so
+    random draws can skip padding without a device sync); None: no padding, or unknown.
+    ``window``: ``(before, total)`` when the segment's rows are one rank's contiguous share of a
+    micro-batch (data parallel): draws are made for all ``total`` tokens of the micro-batch and
+    this segment's are those from ``before`` on (``mlora.randomness.RealRows``); None: whole.
     """
 
     adapter: str
     start: int
     end: int
     real: int | None = None
+    window: tuple[int, int] | None = None
 
     @property
     def size(self) -> int:
@@ -80,12 +82,20 @@ class BatchLayout:
         cls,
         groups: Sequence[tuple[str | None, int]],
         real: Sequence[int] | None = None,
-        keep_real: bool = False,
+        windows: Sequence[tuple[int, int]] | None = None,
     ) -> BatchLayout:
         """A token layout from consecutive ``(adapter or None, tokens)`` groups, with each
-        group's real (non-padding) token count when some groups hold padding (``keep_real``:
-        recorded even where it equals the group's size: the count random draws are made for)."""
-        return cls._from_groups(groups, per_row=False, real=real, keep_real=keep_real)
+        group's real (non-padding) token count when some groups hold padding, and each group's
+        draw window (``AdapterSegment.window``) when groups are shares of micro-batches (one
+        group per adapter then)."""
+        layout = cls._from_groups(groups, per_row=False, real=real)
+        if windows is None:
+            return layout
+        named = [w for (name, _), w in zip(groups, windows, strict=True) if name is not None]
+        segments = tuple(
+            replace(seg, window=w) for seg, w in zip(layout.segments, named, strict=True)
+        )
+        return cls(segments, layout.num_tokens)
 
     @classmethod
     def _from_groups(
@@ -93,7 +103,6 @@ class BatchLayout:
         groups: Sequence[tuple[str | None, int]],
         per_row: bool,
         real: Sequence[int] | None = None,
-        keep_real: bool = False,
     ) -> BatchLayout:
         segments: list[AdapterSegment] = []
         cursor = 0
@@ -106,7 +115,7 @@ class BatchLayout:
                 else:
                     start = cursor
                 end = cursor + size
-                padded = real is not None and (keep_real or count != end - start)
+                padded = real is not None and count != end - start
                 segments.append(AdapterSegment(name, start, end, count if padded else None))
             cursor += size
         return cls(tuple(segments), cursor, per_row)
@@ -150,7 +159,7 @@ class LayoutContext:
         self.token_mask: torch.Tensor | None = None
         # (N,) long, the row of each token (packed rows have different lengths); None: unknown.
         self.token_rows: torch.Tensor | None = None
-        # (N,) long, each token's index among the real tokens of its segment (see RealRows).
+        # (N,) long, each token's canonical index among its segment's real tokens (RealRows).
         self.token_real_index: torch.Tensor | None = None
         self.aux_losses = AuxLossCollector()
         self.generators = AdapterGenerators()
@@ -199,13 +208,15 @@ class LayoutContext:
     def segment_random(
         self, seg: AdapterSegment, num_tokens: int, device: torch.device
     ) -> SegmentRandom:
-        """Adapter ``seg.adapter``'s random stream over segment ``seg``, drawing for its real
-        tokens only when it holds padding."""
+        """Adapter ``seg.adapter``'s random stream over segment ``seg``: draws are made for its
+        real tokens in canonical order (rows end to end, as given to collate) and spread to
+        where packing put each token, so padding and packing never change them."""
         generator = self.generators.get(seg.adapter, device)
         index = self._segment_slice(self.token_real_index, seg, num_tokens)
-        if seg.real is None or index is None:
+        if index is None:
             return SegmentRandom(generator)
-        return SegmentRandom(generator, RealRows(index, seg.real))
+        count = seg.size if seg.real is None else seg.real
+        return SegmentRandom(generator, RealRows(index, count, seg.window))
 
     @staticmethod
     def _segment_slice(

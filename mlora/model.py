@@ -258,7 +258,7 @@ class MultiLoraModel(nn.Module):
             use_cache=False,
         ).last_hidden_state  # (B, T, H) padded or (1, sum L, H) packed
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # (N, H)
-        with self.context.use(batch.head_layout):
+        with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
             logits = self._logits(picked).float()  # (N, V)
         return F.cross_entropy(logits, batch.targets, reduction="none")
 

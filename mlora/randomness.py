@@ -109,6 +109,29 @@ class AdapterGenerators:
         self.set_state(restored)
 
 
+KEEP_LEVELS = 1 << 16
+"""Dropout draws are 16-bit: a unit is kept when its draw is below round((1 - p) * 2**16)."""
+
+
+def fill_keep(out: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill ``out`` with inverted-dropout multipliers: 0, or ``2**16 / K`` with probability
+    ``K / 2**16``, ``K = round((1 - p) * 2**16)`` (within 8e-6 of 1 - p; unbiased: the scale is
+    the inverse of the rate actually used).
+
+    Why not ``bernoulli_``: on CPU it costs one generator call per element. Here one 64-bit
+    ``random_`` word gives three 16-bit draws (its low 48 bits; ``random_`` leaves the top bit
+    0), about 3x cheaper on CPU, on any device, from the adapter's own generator.
+    """
+    kept = max(1, round((1 - p) * KEEP_LEVELS))
+    n = out.numel()
+    words = torch.empty(-(-n // 3), dtype=torch.int64, device=out.device)
+    words.random_(generator=generator)  # uniform in [0, 2**63)
+    draws = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]  # little-endian: low 48
+    # int16 holds the 16 bits b signed; flipping the sign bit orders them as b - 2**15
+    keep = (draws.view(out.shape) ^ -(KEEP_LEVELS // 2)) < kept - KEEP_LEVELS // 2
+    return out.copy_(keep).mul_(KEEP_LEVELS / kept)
+
+
 @dataclass(frozen=True)
 class RealRows:
     """Where a segment's real (non-padding) tokens are: noise is drawn for them alone.
@@ -117,10 +140,14 @@ class RealRows:
         index: (n,) position of each of the segment's tokens among its real tokens (padding:
             any valid index, its noise is never used).
         count: real tokens of the segment.
+        window: ``(before, total)``: the segment is one rank's share of a micro-batch of
+            ``total`` real tokens, starting at token ``before`` (data parallel). Noise is drawn
+            for all ``total`` and the segment keeps its own, so the sharding changes no mask.
     """
 
     index: torch.Tensor
     count: int
+    window: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,15 +165,37 @@ class SegmentRandom:
     def _spread(
         self, like: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        count = like.shape[0] if self.rows is None else self.rows.count
+        if self.rows is None:
+            return fill(like.new_empty(like.shape))
+        before, count = (0, self.rows.count) if self.rows.window is None else self.rows.window
         drawn = fill(like.new_empty((count, *like.shape[1:])))
-        return drawn if self.rows is None else drawn.index_select(0, self.rows.index)
+        return drawn.index_select(0, self.rows.index + before if before else self.rows.index)
+
+    def canonical_order(self, token_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(count,) where each real token sits, in canonical order; None: already canonical.
+
+        Layers that draw per routed token (MoE experts) gather their real tokens in this order,
+        draw with ``plain()`` and scatter back, so neither padding nor packing order reaches
+        their draws. Device-side (no host sync); padding goes to a spare slot that is cut off.
+        """
+        if self.rows is None:
+            return None
+        index, count = self.rows.index, self.rows.count
+        if token_mask is not None:
+            index = torch.where(token_mask, index, count)
+        where = torch.arange(index.numel(), device=index.device)
+        return index.new_empty(count + 1).scatter_(0, index, where)[:count]
+
+    def plain(self) -> SegmentRandom:
+        """The same stream without the spread: draws for tokens already in canonical order
+        (this rank's tokens only: a data-parallel window is not kept, so MoE draws depend on
+        the sharding)."""
+        return SegmentRandom(self.generator)
 
     def keep(self, like: torch.Tensor, p: float) -> torch.Tensor:
-        """Inverted-dropout multipliers shaped like ``like``: 0, or 1 / (1 - p)."""
-        return self._spread(
-            like, lambda t: t.bernoulli_(1 - p, generator=self.generator).div_(1 - p)
-        )
+        """Inverted-dropout multipliers shaped like ``like``: 0, or the inverse keep rate
+        (see ``fill_keep``)."""
+        return self._spread(like, lambda t: fill_keep(t, p, self.generator))
 
     def uniform(self, like: torch.Tensor, low: float, high: float) -> torch.Tensor:
         """Uniform noise in [low, high) shaped like ``like``."""

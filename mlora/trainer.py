@@ -364,9 +364,7 @@ class Trainer:
             self.pad_token_id,
             self.model.device,
             packed=self.model.packing,
-            windows=[(shards[i].tokens_before, shards[i].tokens_total) for i in local]
-            if dist.enabled
-            else None,
+            shards=[shards[i] for i in local] if dist.enabled else None,
         )
         self.tokens_seen += batch.num_tokens
         self.padded_tokens += batch.padded_tokens
@@ -375,7 +373,10 @@ class Trainer:
         holders = [min(dist.world_size, len(step[i][1].rows)) for i in local]
         # Built and queued before the forward: a blocking copy after it would wait for the GPU.
         divisors = torch.tensor(
-            [[step[i][1].step_tokens, step[i][1].accumulation * h] for i, h in zip(local, holders)],
+            [
+                [step[i][1].step_tokens, step[i][1].accumulation * h]
+                for i, h in zip(local, holders, strict=True)
+            ],
             dtype=torch.float32,
         ).to(self.model.device, non_blocking=True)
         # (S,) fp32: token-loss sums over the step's supervised tokens, + router losses / micro

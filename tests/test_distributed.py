@@ -8,6 +8,7 @@ a step where rank 1 holds no row of an adapter. Then a SIGKILL of one rank and `
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -34,8 +35,9 @@ NAMES = ("acc", "odd")
 
 
 def write_config(folder: Path) -> Path:
-    """``acc``: micro-batches of 2 rows (one per rank), 2 per optimizer step; ``odd``: DoRA,
-    7 rows in steps of 3, so its last step has one row and rank 1 none of it."""
+    """``acc``: micro-batches of 2 rows (one per rank), 2 per optimizer step, ``lm_head`` among
+    its targets; ``odd``: DoRA, 7 rows in steps of 3, so its last step has one row and rank 1
+    none of it. Dropout 0.2 on both, packed rows."""
     folder.mkdir(parents=True, exist_ok=True)
     template = write_template(folder)
     config = {
@@ -44,6 +46,7 @@ def write_config(folder: Path) -> Path:
             {"name": "acc", "data": write_json(folder / "acc.json", addition_rows(10)),
              "prompt": template, "r": 4, "batch_size": 4, "micro_batch_size": 2,
              "num_epochs": 2, "lora_dropout": 0.2, "lr": 1e-2,
+             "target_modules": ["q_proj", "v_proj", "o_proj", "lm_head"],
              "test_data": write_json(folder / "acc-test.json", addition_rows(5, offset=1))},
             {"name": "odd", "data": write_json(folder / "odd.json", reverse_rows(7)),
              "prompt": template, "r": 2, "batch_size": 3, "num_epochs": 2, "use_dora": True,
@@ -113,7 +116,7 @@ def test_shards_are_disjoint_contiguous_and_cover_the_micro_batch() -> None:
         for world in (1, 2, 3):
             bounds = [shard_bounds(count, rank, world) for rank in range(world)]
             assert bounds[0][0] == 0 and bounds[-1][1] == count
-            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
             assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
 
 
@@ -192,7 +195,7 @@ def test_evaluation_shares_rows_and_rank_0_writes_the_results_of_one_process(
 ) -> None:
     """``--evaluate`` under torchrun: 5 test rows over 2 ranks (3 + 2) give the figures and
     greedy answers of one process."""
-    folder, config = runs["folder"], runs["config"]
+    config = runs["config"]
     args = mlora_args(tiny_model_dir, config, runs["one"], "--evaluate", "--adapters", "acc")
     alone = plain(args)
     assert alone.returncode == 0, alone.stderr

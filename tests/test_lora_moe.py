@@ -11,6 +11,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from mlora.adapters import MultiLoraLinear
 from mlora.adapters.lora_moe import LoraMoeAdapter, MolaAdapter, load_balancing_loss
 from mlora.layout import BatchLayout, LayoutContext
+from mlora.ops.routed_lora import routed_lora
 
 IN, OUT, E, R = 16, 12, 4, 3
 
@@ -81,14 +82,21 @@ def test_loramoe_equals_weights_by_hand() -> None:
     torch.testing.assert_close(module(x, x @ weight.T), by_hand, rtol=1e-5, atol=1e-5)
 
 
-def test_mola_runs_each_expert_on_its_tokens_only() -> None:
-    module, weight = make_module("mola", use_dora=False, top_k=2)
+def test_mola_runs_each_expert_on_its_tokens_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """k (token, expert) rows per token go through the experts' LoRAs, not E."""
+    import mlora.adapters.lora_moe as lora_moe
+
     seen: list[int] = []
-    for expert in module.experts:
-        expert.lora_A.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+
+    def spy(pairs, experts, *args, **kwargs):
+        seen.append(pairs.shape[0])
+        return routed_lora(pairs, experts, *args, **kwargs)
+
+    monkeypatch.setattr(lora_moe, "routed_lora", spy)
+    module, weight = make_module("mola", use_dora=False, top_k=2)
     x = torch.randn(50, IN)
     module(x, x @ weight.T)
-    assert sum(seen) == 50 * 2  # k rows per token in all, not E
+    assert seen == [50 * 2]  # k rows per token in all, not E
 
 
 def test_load_balancing_loss_equals_transformers() -> None:

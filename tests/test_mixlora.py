@@ -171,8 +171,26 @@ CASES = [("llama", s, False) for s in STRATEGIES] + [
 ]
 
 
+def segment_real_index(mask: torch.Tensor, row_segments: list[int]) -> torch.Tensor:
+    """(rows*T,) each token's index among the real tokens of its segment (rows end to end),
+    written independently of ``mlora.batch``: a running count restarted per segment."""
+    index, count, previous = [], 0, None
+    for row, segment in zip(mask, row_segments, strict=True):
+        if segment != previous:
+            count, previous = 0, segment
+        for real in row.tolist():
+            index.append(count if real else 0)
+            count += int(real)
+    return torch.tensor(index)
+
+
+@pytest.mark.parametrize("canonical", [False, True], ids=["mask-only", "canonical"])
 @pytest.mark.parametrize(("family", "strategy", "use_dora"), CASES)
-def test_routed_forward_equals_dense_reference(family: str, strategy: str, use_dora: bool) -> None:
+def test_routed_forward_equals_dense_reference(
+    family: str, strategy: str, use_dora: bool, canonical: bool
+) -> None:
+    """``canonical``: the context also gives each token's canonical index (as a collated batch
+    does), so the segment's real tokens are gathered and dispatched as n*k pairs (no sync)."""
     ffn_names = FFN if family == "llama" else ("fc1", "fc2")
     model = MultiLoraModel(make_model() if family == "llama" else make_phi())
     model.add_adapter("moe", mixlora(strategy, use_dora, ffn_names))
@@ -195,7 +213,13 @@ def test_routed_forward_equals_dense_reference(family: str, strategy: str, use_d
     params = [p for _, m in model.adapter_modules("moe") for p in m.parameters()]
     params += [p for _, m in model.adapter_modules("plain") for p in m.parameters()]
 
-    with model.context.use(layout, mask.reshape(-1)):
+    rows, real_index = None, None
+    if canonical:  # a token layout with real counts, rows and canonical indices, as collate's
+        layout = BatchLayout.from_lengths([("plain", 14), ("moe", 21), (None, 7)], [14, 19, 7])
+        rows = torch.where(mask, torch.arange(6)[:, None], -1).reshape(-1)
+        real_index = segment_real_index(mask, [0, 0, 1, 1, 1, 2])
+        probe = probe * mask[..., None]  # padding outputs are unspecified: real tokens only
+    with model.context.use(layout, mask.reshape(-1), rows, real_index):
         model.context.aux_losses.clear()
         routed = ffn(x)
         aux = model.context.aux_losses.loss("moe")
@@ -211,7 +235,9 @@ def test_routed_forward_equals_dense_reference(family: str, strategy: str, use_d
     reference = torch.cat([plain_rows, moe_rows.view(3, 7, 64), base_rows])
     expected = torch.autograd.grad((reference * probe).sum(), [x, *params], allow_unused=True)
 
-    torch.testing.assert_close(routed, reference, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(routed[mask], reference[mask], atol=2e-5, rtol=1e-4)
+    if not canonical:
+        torch.testing.assert_close(routed, reference, atol=2e-5, rtol=1e-4)
     for got, want in zip(grads, expected, strict=True):
         if want is None:
             assert got is None or not got.any()

@@ -14,9 +14,12 @@ too, which upstream lacks). Both modules have ``LoraAdapter``'s interface, so th
 ``MultiLoraLinear.adapters`` under one adapter name and see only that adapter's segment.
 
 MoLA dispatches tokens to experts by index: the (token, expert) pairs are sorted by expert, each
-expert runs once on its gathered tokens and the weighted results are scattered back. Splitting
-the sorted pairs needs the per-expert counts on the host: one device sync per MoLA layer call
-(as upstream and transformers' Mixtral do).
+pair runs through its expert's LoRA (``mlora.ops.routed_lora``: group offsets stay on the device)
+and the weighted results are scattered back. The segment's real tokens come in canonical order
+(``SegmentRandom.canonical_order``), so there are exactly n*k pairs, known on the host: no device
+sync. DoRA experts (a per-expert magnitude over each expert's own rows) still split the pairs
+with the per-expert counts read on the host, once per layer call, as upstream and transformers'
+Mixtral do.
 
 In training, each module reports to its model's ``context.aux_losses`` (see ``mlora.aux_losses``)
 the routed-token counts per expert (LoRAMoE: the router probability mass, it is dense) and, for
@@ -32,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters.lora import DoraMagnitude, LoraAdapter
+from mlora.adapters.lora import DoraMagnitude, LoraAdapter, adapter_dropout
 from mlora.layout import LayoutContext
+from mlora.ops.routed_lora import routed_lora
 from mlora.randomness import SegmentRandom
 
 DEFAULT_ROUTER_INIT_RANGE = 5.0  # upstream's default for loramoe / mola: nn.Linear's own init
@@ -218,6 +222,33 @@ class MolaAdapter(ExpertMixture):
         Returns:
             (N, out) fp32 delta.
         """
+        # the real tokens in canonical order: routing and the experts' draws never see
+        # padding or the packing order (``SegmentRandom.canonical_order``)
+        canonical = None if random is None else random.canonical_order(token_mask)
+        if canonical is not None:
+            delta = self._routed(
+                x.index_select(0, canonical),
+                base_result,
+                canonical,
+                base_weight,
+                base_bias,
+                random.plain(),
+                None,
+            )
+            return delta.new_zeros(x.shape[0], delta.shape[1]).index_copy(0, canonical, delta)
+        return self._routed(x, base_result, None, base_weight, base_bias, random, token_mask)
+
+    def _routed(
+        self,
+        x: torch.Tensor,
+        base_result: torch.Tensor,
+        canonical: torch.Tensor | None,
+        base_weight: torch.Tensor | None,
+        base_bias: torch.Tensor | None,
+        random: SegmentRandom | None,
+        token_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``forward`` over tokens ``x`` (n, in) taken at ``canonical`` from the segment."""
         n, k, num_experts = x.shape[0], self.top_k, self.num_experts
         probs, weights, selected = self.route(x)  # (N, E), (N, k), (N, k)
         flat_expert = selected.reshape(-1)  # (N*k,) expert of each (token, slot) pair
@@ -225,7 +256,12 @@ class MolaAdapter(ExpertMixture):
             flat_expert = flat_expert.masked_fill(~token_mask.repeat_interleave(k), num_experts)
         order = torch.argsort(flat_expert, stable=True)  # pairs grouped by expert
         load = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
-        counts = load.tolist()  # the one host sync: group sizes for the split below
+        if self.magnitude is None and token_mask is None:  # every pair real: n*k, host-known
+            delta = self._routed_lora(x, order, flat_expert, weights, random)
+            if self._reporting():
+                self._report(probs, selected, load, None)
+            return delta
+        counts = load.tolist()  # DoRA experts / padding: group sizes on the host (a sync)
         order = order[: sum(counts)]  # (P,) routed pairs
         token_of = order // k  # (P,) token of each sorted pair
         xs = x.index_select(0, token_of)  # (P, in)
@@ -234,7 +270,8 @@ class MolaAdapter(ExpertMixture):
         if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
             base_weight = base_weight.float()
         if self.magnitude is not None:  # DoRA experts rescale the base output of their tokens
-            bases = base_result.index_select(0, token_of).split(counts)
+            picked = token_of if canonical is None else canonical.index_select(0, token_of)
+            bases = base_result.index_select(0, picked).split(counts)
         else:
             bases = (base_result,) * num_experts  # unused by plain LoRA experts
         outputs = [
@@ -251,6 +288,33 @@ class MolaAdapter(ExpertMixture):
         if self._reporting():
             self._report(probs, selected, load, token_mask)
         return delta
+
+    def _routed_lora(
+        self,
+        x: torch.Tensor,
+        order: torch.Tensor,
+        flat_expert: torch.Tensor,
+        weights: torch.Tensor,
+        random: SegmentRandom | None,
+    ) -> torch.Tensor:
+        """Plain LoRA experts over all n*k pairs without a host sync (``routed_lora``).
+
+        One dropout draw covers every pair in expert order (the adapter's stream, canonical
+        tokens), then each pair goes through its expert's LoRA.
+        """
+        first = self.experts[0]
+        pairs = x.index_select(0, order // self.top_k).to(first.lora_A.weight.dtype)  # (P, in)
+        pairs = adapter_dropout(pairs, first.dropout_p, self.training, random)
+        out = routed_lora(
+            pairs,
+            flat_expert.index_select(0, order),
+            [expert.lora_A.weight for expert in self.experts],
+            [expert.lora_B.weight for expert in self.experts],
+            [expert.scaling for expert in self.experts],
+        )  # (P, out)
+        kept = weights.reshape(-1).index_select(0, order)  # (P,)
+        delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
+        return delta.index_add(0, order // self.top_k, out.float() * kept[:, None])
 
     def _report(
         self,

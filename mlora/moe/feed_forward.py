@@ -29,6 +29,7 @@ from mlora.errors import MloraError
 from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.moe.routing import route
 from mlora.moe.spec import MixLoraSpec, RouterSpec
+from mlora.ops.routed_lora import routed_lora
 from mlora.ops.segments import join_segments, split_segments
 from mlora.randomness import SegmentRandom
 
@@ -252,21 +253,38 @@ class MixLoraFeedForward(nn.Module):
         return split_segments(out, local)
 
     def _moe_segment(self, seg: AdapterSegment, x: torch.Tensor, n: int) -> torch.Tensor:
-        """The MixLoRA FFN output (T, H) of one segment's tokens ``x`` (T, H) in a pass of n."""
+        """The MixLoRA FFN output (T, H) of one segment's tokens ``x`` (T, H) in a pass of n.
+
+        The segment's real tokens are taken in canonical order (rows end to end, as given to
+        collate), so routing, the switch capacity and every draw (router jitter, expert and FFN
+        dropout) see the same token sequence however the rows were padded or packed; padding
+        gets a zero output.
+        """
         moe = self.moes[seg.adapter]
         random = self.context.segment_random(seg, n, x.device)
         real = self.context.segment_token_mask(seg, n)
+        order = random.canonical_order(real)
         rows = self.context.segment_token_rows(seg, n, x.device)
+        if order is not None:  # only real tokens from here on
+            x, real = x.index_select(0, order), None
+            rows = None if rows is None else rows.index_select(0, order)
+            random = random.plain()
         logits = moe.router_logits(x, random)
         routing = route(logits, moe.router_spec, real, rows, self.training)
         if routing.aux_loss is not None:
             self.context.aux_losses.add(seg.adapter, routing.aux_loss)
         if routing.counts is not None:
             self.context.aux_losses.add_load(seg.adapter, routing.counts)
-        # experts see routed (real) tokens only: their draws need no padding map
-        out = self.dispatch(moe, x, routing.weights, routing.routed, random.generator)
-        out = adapter_dropout(out, moe.ffn_dropout, moe.training, random)
-        return out.to(x.dtype)
+        fixed_k = {"mixlora": moe.router_spec.top_k, "mixlora-switch": 1}
+        k = fixed_k.get(moe.router_spec.strategy)
+        if real is None and k is not None and not moe.use_dora:  # k pairs per token: no sync
+            out = self.dispatch_pairs(moe, x, routing.weights, routing.routed, k, random.generator)
+        else:
+            out = self.dispatch(moe, x, routing.weights, routing.routed, random.generator)
+        out = adapter_dropout(out, moe.ffn_dropout, moe.training, random).to(x.dtype)
+        if order is None:
+            return out
+        return out.new_zeros(seg.size, out.shape[1]).index_copy(0, order, out)
 
     def dispatch(
         self,
@@ -313,6 +331,69 @@ class MixLoraFeedForward(nn.Module):
             picked = [s.index_select(0, idx) for s in shared]
             y = y.index_add(0, idx, self._expert(moe, None, x.index_select(0, idx), picked))
         return y
+
+    def dispatch_pairs(
+        self,
+        moe: MixLoraExperts,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        routed: torch.Tensor,
+        k: int,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``dispatch`` for routers that give every token exactly ``k`` slots, without a sync.
+
+        Every token is real (canonical order), so there are n*k (token, slot) pairs, a number
+        the host knows. A slot that is not routed (a switch token past capacity) goes to a
+        pseudo-expert E with zero LoRA weights and weight 1: the frozen FFN, as in ``dispatch``.
+        Pairs are sorted by expert and each projection's expert LoRAs run as one
+        ``routed_lora`` (offsets on the device); plain LoRA experts only.
+
+        Args:
+            x: (N, H) real tokens; weights: (N, E); routed: (N, E) bool, at most k per token.
+
+        Returns:
+            (N, H_out) fp32.
+        """
+        n, num_experts = routed.shape
+        slots = torch.argsort(~routed, dim=-1, stable=True)[:, :k]  # (N, k) routed ones first
+        hit = routed.gather(1, slots)  # (N, k) False: an unrouted slot
+        slot_expert = torch.where(hit, slots, num_experts).reshape(-1)  # (N*k,)
+        slot_weight = torch.where(hit, weights.gather(1, slots), 1.0).reshape(-1)
+        order = torch.argsort(slot_expert, stable=True)  # pairs grouped by expert
+        token_of, expert_of = order // k, slot_expert.index_select(0, order)
+        xs = x.index_select(0, token_of)  # (P, H)
+        random = SegmentRandom(generator)
+
+        def project(name: str, inp: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+            experts = [moe.expert(name, e) for e in range(num_experts)]
+            if experts[0] is None:
+                return base
+            a = [e.lora_A.weight for e in experts]
+            b = [e.lora_B.weight for e in experts]
+            scales = [e.scaling for e in experts]
+            if moe.router_spec.strategy == "mixlora-switch":  # the frozen-FFN pseudo-expert
+                a, b, scales = (
+                    [*a, a[0].new_zeros(a[0].shape)],
+                    [*b, b[0].new_zeros(b[0].shape)],
+                    [*scales, 0.0],
+                )
+            dropped = adapter_dropout(
+                inp.to(a[0].dtype), experts[0].dropout_p, experts[0].training, random
+            )
+            return (base + routed_lora(dropped, expert_of, a, b, scales)).to(base.dtype)
+
+        first = self.projections[0]
+        shared = self.linear(first)(x).index_select(0, token_of)  # (P, I): once for all experts
+        if self.projections == GATED:
+            up = self.linear("up_proj")(x).index_select(0, token_of)
+            hidden = moe.activation(project(first, xs, shared)) * project("up_proj", xs, up)
+        else:
+            hidden = moe.activation(project(first, xs, shared))
+        down = self.projections[-1]
+        out = project(down, hidden, self.linear(down)(hidden)).float()  # (P, H_out)
+        y = x.new_zeros(n, out.shape[1], dtype=torch.float32)
+        return y.index_add(0, token_of, out * slot_weight.index_select(0, order)[:, None])
 
     def _dense_weights(self, moe: MixLoraExperts) -> dict[str, torch.Tensor]:
         """The fp32 dense base weight of each adapted projection for DoRA experts (else none):
