@@ -20,6 +20,7 @@ from mlora.distributed import (
     fingerprint,
     local_device,
     process_group,
+    shard_frozen_base,
 )
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model, load_tokenizer
@@ -62,6 +63,7 @@ def train(
     quantize: str | None = None,
     tf32: bool = False,
     dist_backend: str | None = None,
+    fsdp: bool = False,
 ) -> Trainer:
     """Train every adapter of ``config`` together on ``base_model``, saving to ``output_dir/NAME``.
 
@@ -83,6 +85,8 @@ def train(
             with several processes (default: nccl on CUDA, gloo on CPU); each process then
             trains on its share of every micro-batch and rank 0 writes (README "Distributed
             training").
+        fsdp: with several processes, shard the frozen base over them with FSDP2 (each rank
+            keeps 1/N of its weights between layers); adapters stay whole on every rank.
 
     Returns:
         The finished Trainer (``trainer.model`` holds the trained adapters).
@@ -100,6 +104,11 @@ def train(
     if tf32:
         backend.allow_tf32(True)
     check_world_size(config, env_world_size())  # before joining the group: fails in a second
+    if fsdp and env_world_size() <= 1:
+        raise MloraError(
+            "--fsdp shards the base over several processes: start mlora.py with torchrun "
+            "--nproc_per_node N (N > 1)"
+        )
     output_dir = Path(output_dir)
     with process_group(backend.device, dist_backend) as dist, ExitStack() as lock:
         names = [a.name for a in config.lora]
@@ -149,6 +158,17 @@ def train(
             init_from,
             dist,
         )
+        if fsdp:
+            model = trainer.model
+            adapters = {
+                p for a in model.specs for _, m in model.adapter_modules(a) for p in m.parameters()
+            }
+            units = shard_frozen_base(model.model, adapters)
+            logger.info(
+                "fsdp: the frozen base is sharded over %d ranks (%d modules)",
+                dist.world_size,
+                units,
+            )
         if point is not None:
             restore(trainer, point)
         elif dist.is_main:

@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_model_options(parser)
     parser.add_argument("--tf32", action="store_true", help="Allow TF32 matmuls (CUDA).")
     parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="Under torchrun with several processes: shard the frozen base over them (FSDP2, "
+        "per decoder layer); adapters stay whole on every rank.",
+    )
+    parser.add_argument(
         "--dist_backend",
         choices=("nccl", "gloo"),
         default=None,
@@ -170,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         attn_implementation=args.attn_impl,
         tf32=args.tf32,
         dist_backend=args.dist_backend,
+        fsdp=args.fsdp,
     )
     failed = [run.failed for run in trainer.runs if run.failed]
     for message in failed:

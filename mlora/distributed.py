@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from mlora.checkpointing import find_decoder_layers
 from mlora.config import TrainConfig
 from mlora.dispatcher import shard_bounds
 from mlora.errors import MloraError
@@ -208,6 +210,35 @@ def fingerprint(**parts: Any) -> dict[str, str]:
         ]
         for name, value in parts.items()
     }
+
+
+def shard_frozen_base(model: nn.Module, adapter_params: set[nn.Parameter]) -> int:
+    """FSDP2 over the frozen base of a transformers causal LM: each rank keeps 1/N of it.
+
+    ``fully_shard`` on every decoder layer, on the backbone (embeddings, final norm) and on
+    ``lm_head``; a layer's weights are gathered just before it runs and freed after. The
+    adapters stay whole, ordinary tensors on every rank (``ignored_params``): their gradients
+    are still summed by ``Distributed.all_reduce_flat`` and every rank steps them. A tied
+    ``lm_head`` (the embedding matrix) stays whole too: mlora calls it outside the backbone.
+
+    Args:
+        model: the transformers model (``MultiLoraModel.model``) with its adapters attached.
+        adapter_params: every adapter parameter.
+
+    Returns:
+        How many modules were sharded.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    ignored = set(adapter_params) | ({head.weight} if tied else set())
+    units = [*find_decoder_layers(model), model.base_model]
+    if head is not None and not tied:
+        units.append(head)
+    for unit in units:
+        fully_shard(unit, ignored_params=ignored)
+    return len(units)
 
 
 @contextmanager

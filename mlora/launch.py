@@ -293,6 +293,7 @@ RUN_FLAG_MAP: dict[str, Callable[[Any], list[str]]] = {
     "resume": lambda v: ["--resume"] if v else [],
     "trust_remote_code": lambda v: ["--trust_remote_code"] if v else [],
     "dist_backend": lambda v: ["--dist_backend", v],
+    "fsdp": lambda v: ["--fsdp"] if v else [],
 }
 
 
@@ -480,6 +481,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--dist_backend",
         choices=("nccl", "gloo"),
         help="torch.distributed backend with --nproc_per_node (default: nccl on CUDA, else gloo)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --nproc_per_node: shard the frozen base over the processes (FSDP2)",
     )
     p.set_defaults(func=cmd_run)
 

@@ -135,6 +135,47 @@ def test_two_processes_save_the_adapters_of_one(runs: dict) -> None:
     assert diff <= 1e-5, diff
 
 
+def test_fsdp_sharded_base_trains_the_adapters_of_one_process(
+    runs: dict, tiny_model_dir: Path
+) -> None:
+    """``--fsdp`` (FSDP2 on gloo, CPU): the base is sharded over the 2 ranks, the adapters are
+    not, and the saved adapters equal one process's."""
+    out = runs["folder"] / "fsdp"
+    done = torchrun(mlora_args(tiny_model_dir, runs["config"], out, "--fsdp"))
+    assert done.returncode == 0, done.stderr
+    assert "fsdp: the frozen base is sharded over 2 ranks (4 modules)" in done.stderr
+    assert max_relative_difference(weights(out), weights(runs["one"])) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_fsdp_on_gpus_trains_the_adapters_of_one_process(tiny_model_dir: Path, tmp_path) -> None:
+    """The same on CUDA with nccl (one GPU per rank); needs 2 GPUs."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    config = write_config(tmp_path / "c")
+    one = plain([*mlora_args(tiny_model_dir, config, tmp_path / "one")[:-2], "--device", "cuda"])
+    assert one.returncode == 0, one.stderr
+    args = mlora_args(tiny_model_dir, config, tmp_path / "two", "--fsdp")
+    args[args.index("cpu")] = "cuda"
+    two = torchrun(args)
+    assert two.returncode == 0, two.stderr
+    assert "backend nccl" in two.stderr
+    assert max_relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one")) <= 1e-4
+
+
+def test_fsdp_without_several_processes_is_one_line(
+    capsys, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "c")
+    assert cli.main(mlora_args(tiny_model_dir, config, tmp_path / "out", "--fsdp")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --fsdp shards the base over several processes: start mlora.py with torchrun "
+        "--nproc_per_node N (N > 1)"
+    )
+
+
 def test_killed_rank_then_resume_equals_the_uninterrupted_run(
     runs: dict, tiny_model_dir: Path
 ) -> None:
