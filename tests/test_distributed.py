@@ -252,6 +252,38 @@ def test_evaluation_shares_rows_and_rank_0_writes_the_results_of_one_process(
     assert got["acc"]["loss"] == pytest.approx(want["acc"]["loss"], rel=1e-5)
 
 
+def test_generation_shares_prompts_and_rank_0_writes_every_answer(
+    runs: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``generate.py`` under torchrun: 5 prompts over 2 ranks, the answers in request order are
+    ``generate``'s in this process (greedy)."""
+    from mlora.generation import GenerationRequest, SamplingParams, generate
+    from mlora.trained import load_trained
+
+    prompts = [("add 1 2=", "acc"), ("rev cat=", "odd"), ("add 3 4=", "acc"), ("hi", None),
+               ("rev owl=", "odd")]  # fmt: skip
+    lines = [json.dumps({"prompt": p, "adapter": a}) for p, a in prompts]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folders = {name: runs["one"] / name for name in NAMES}
+    args = ["--base_model", str(tiny_model_dir), "--device", "cpu", "--max_new_tokens", "6"]
+    args += [f"--adapter={name}={folder}" for name, folder in folders.items()]
+    args += ["--prompts_file", str(tmp_path / "prompts.jsonl")]
+    args += ["--output", str(tmp_path / "out.jsonl")]
+    done = torchrun(args, script=str(ROOT / "generate.py"))
+    assert done.returncode == 0, done.stderr
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    model, tokenizer = load_trained(str(tiny_model_dir), folders)
+    want = generate(
+        model,
+        tokenizer,
+        [GenerationRequest(p, a) for p, a in prompts],
+        SamplingParams(max_new_tokens=6),
+    )
+    assert [(r["prompt"], r["adapter"], r["text"]) for r in got] == [
+        (o.request.prompt, o.request.adapter, o.text) for o in want
+    ]
+
+
 def run_as_rank(monkeypatch, rank: int, argv: list[str]) -> int:
     """``mlora.py`` in this process as if torchrun had started it as ``rank`` of 2 (the checks
     under test come before the process group is joined)."""
