@@ -25,7 +25,8 @@ from mlora.distributed import (
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model, load_tokenizer
 from mlora.precision import base_model_load_options, check_dtype
-from mlora.preflight import preflight
+from mlora.preflight import check_seed, preflight
+from mlora.run_records import RunIdentity
 from mlora.trainer import Trainer, prepare_data
 
 logger = logging.getLogger("mlora")
@@ -44,7 +45,11 @@ def check_outputs(
     for adapter in config.lora:
         folder = output_dir / adapter.name
         if folder.exists() and any(folder.iterdir()):
-            hint = " (or --resume to continue it)" if interrupted_run(output_dir) else ""
+            hint = (
+                " (or --resume to continue it)"
+                if interrupted_run(output_dir, [a.name for a in config.lora])
+                else ""
+            )
             raise MloraError(f"{folder} already exists; pass --overwrite to replace it{hint}")
 
 
@@ -100,6 +105,7 @@ def train(
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     check_dtype(dtype, backend)
+    check_seed(seed)
     load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     if tf32:
         backend.allow_tf32(True)
@@ -111,17 +117,17 @@ def train(
         )
     output_dir = Path(output_dir)
     with process_group(backend.device, dist_backend) as dist, ExitStack() as lock:
-        names = [a.name for a in config.lora]
+        identity = RunIdentity(config, seed, base_model)  # names this run's records
         point, error = None, None
         try:
             if dist.is_main:  # before the checks: two runs must not both pass them
                 lock.enter_context(output_lock(output_dir))
-            point = find_resume_point(output_dir, names) if resume else None
+            point = find_resume_point(output_dir, identity) if resume else None
             if point is not None:
                 load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
             else:
                 check_outputs(config, output_dir, overwrite, load_adapter)
-            preflight(config, base_model, output_dir, trust_remote_code)
+            preflight(config, base_model, output_dir, trust_remote_code, load_adapter)
             backend.manual_seed(seed)
             tokenizer = load_tokenizer(base_model, trust_remote_code)
             data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
@@ -172,7 +178,7 @@ def train(
         if point is not None:
             restore(trainer, point)
         elif dist.is_main:
-            clear_run_state(output_dir, names)  # stale checkpoints of a replaced run
+            clear_run_state(output_dir, identity)  # stale records of this run, if any
         dist.barrier()  # every rank has read the checkpoint before rank 0 writes again
         trainer.train()
         return trainer

@@ -8,7 +8,9 @@ absent) and the run-level one last:
    adapter in PEFT format, ``optimizer.pt``, ``scheduler.pt`` and ``trainer_state.json``. Weights,
    optimizer and schedule change only at optimizer steps, so a folder written earlier at the same
    STEP is reused instead of rewritten.
-2. ``DIR/.mlora-run/step-G/`` (G = global step): ``manifest.json`` (step counters and dispatcher
+2. ``DIR/.mlora-run/RUN_ID/step-G/`` (G = global step; RUN_ID names this run's config, seed
+   and base model, so other runs in the same folder keep their own records: see
+   ``run_records.py``): ``manifest.json`` (step counters and dispatcher
    position of every adapter, which checkpoint folder it uses, finished/failed status, loss
    bookkeeping, the config, the world size) and ``state.safetensors`` (RNG states of torch CPU
    and device, of every rank, the partial gradients of adapters that are mid
@@ -16,11 +18,13 @@ absent) and the run-level one last:
 
 With several processes only rank 0 writes; every rank reads the same cut on ``--resume``.
 
-A cut can therefore be taken after any global step. ``--resume`` picks the newest cut whose parts
-all exist and restores it; since the RNG streams, gradients, optimizer, schedule and data
-position are all restored, the rest of the run is the same computation as without the
-interruption. A cut is taken at the start (``step-0``), whenever an adapter reaches a multiple
-of ``save_step`` or finishes, on Ctrl-C / SIGTERM, and at the end.
+A cut can therefore be taken after any global step. ``--resume`` picks the newest cut of this
+run whose parts all exist and are intact (sizes, safetensors headers, JSON shapes; a damaged
+one is skipped with a warning naming the file) and restores it; since the RNG streams,
+gradients, optimizer, schedule and data position are all restored, the rest of the run is the
+same computation as without the interruption. A cut is taken at the start (``step-0``),
+whenever an adapter reaches a multiple of ``save_step`` or finishes, on Ctrl-C / SIGTERM, and
+at the end.
 
 Retention: each adapter keeps its newest ``save_total_limit`` folders; a cut that references a
 deleted folder is deleted first, so every cut left on disk is complete.
@@ -42,10 +46,21 @@ from safetensors.torch import load_file, save
 
 from mlora.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
 from mlora.backends import RngState
-from mlora.config import config_to_dict
 from mlora.dispatcher import AdapterQueue
 from mlora.errors import MloraError, first_line
-from mlora.persistence import WEIGHTS_NAME, load_adapter_weights, save_adapter
+from mlora.integrity import json_problem, safetensors_problem, shape_problem, torch_file_problem
+from mlora.persistence import (
+    adapter_files_problem,
+    load_adapter_weights,
+    save_adapter,
+)
+from mlora.run_records import (
+    RESUME_FREE_KEYS,
+    RUN_DIR,
+    RunIdentity,
+    base_model_identity,
+    run_folders,
+)
 
 if TYPE_CHECKING:
     from mlora.trainer import AdapterRun, Trainer
@@ -55,12 +70,23 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CUT_PATTERN = re.compile(r"^step-(\d+)$")
 TEMP_PATTERN = re.compile(r"^\..+\.tmp(\.old)?$")  # leftovers of atomic writes cut short
 STATE_NAME = "trainer_state.json"
-RUN_DIR = ".mlora-run"
 MANIFEST_NAME = "manifest.json"
 TENSORS_NAME = "state.safetensors"
 FORMAT = 1
-# Run-wide keys that may change between a run and its resume without changing the result.
-RESUME_FREE_KEYS = {"save_step", "save_total_limit", "log_step", "evaluate_result"}
+STATUSES = ("running", "finished", "failed")
+# The shape of a manifest and of one adapter's entry in it (what a resume reads).
+MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": int,
+    "global_step": int,
+    "seed": int,
+    "config": dict,
+    "adapters": dict,
+}
+ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "status": str, "steps_done": int, "queue": dict, "loss_count": (int, float), "tokens": int,
+    "history": list, "checkpoint": (str, type(None)), "message": (str, type(None)),
+}  # fmt: skip
+STATE_FIELDS: dict[str, type | tuple[type, ...]] = {"queue": dict}
 
 
 # --- listing ---------------------------------------------------------------------------------
@@ -84,20 +110,44 @@ def list_checkpoints(adapter_dir: Path) -> list[tuple[int, Path]]:
     return _numbered(adapter_dir, CHECKPOINT_PATTERN, STATE_NAME)
 
 
-def list_cuts(output_dir: Path) -> list[tuple[int, Path]]:
-    """Run-level cuts under ``output_dir/.mlora-run``, oldest first."""
-    return _numbered(output_dir / RUN_DIR, CUT_PATTERN, MANIFEST_NAME)
+def list_cuts(records: Path) -> list[tuple[int, Path]]:
+    """Run-level cuts in a run's records folder (``DIR/.mlora-run/RUN_ID``), oldest first."""
+    return _numbered(records, CUT_PATTERN, MANIFEST_NAME)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MloraError(f"cannot read {path}: {exc}") from None
+def identity_of(trainer: Trainer) -> RunIdentity:
+    return RunIdentity(trainer.config, trainer.seed, trainer.base_model_name)
+
+
+def _read_json(path: Path, fields: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """A JSON object with ``fields``; else one line naming the file."""
+    value, problem = json_problem(path)
+    problem = problem or shape_problem(value, fields)
+    if problem:
+        raise MloraError(f"{path}: {problem}")
+    return value
 
 
 def read_manifest(cut: Path) -> dict[str, Any]:
-    return _read_json(cut / MANIFEST_NAME)
+    return _read_json(cut / MANIFEST_NAME, MANIFEST_FIELDS)
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a manifest's shape (it is read without further checks), or None."""
+    problem = shape_problem(manifest, MANIFEST_FIELDS)
+    if problem:
+        return problem
+    if manifest["format"] != FORMAT:
+        return f"format {manifest['format']} (this mlora reads format {FORMAT})"
+    if not isinstance(manifest["config"].get("lora"), list):
+        return "its config has no list 'lora'"
+    for name, entry in manifest["adapters"].items():
+        problem = shape_problem(entry, ENTRY_FIELDS)
+        if problem is None and entry["status"] not in STATUSES:
+            problem = f"status {entry['status']!r} is not one of {', '.join(STATUSES)}"
+        if problem:
+            return f"adapter {name!r}: {problem}"
+    return None
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -144,7 +194,7 @@ def check_same_data(folder: Path, queue: AdapterQueue) -> None:
     Raises:
         MloraError: naming the adapter and the checkpoint.
     """
-    state = _read_json(folder / STATE_NAME)
+    state = _read_json(folder / STATE_NAME, STATE_FIELDS)
     saved = state.get("epoch_order")
     if saved is not None and queue.epoch_order(state["queue"]["epoch"]) != saved:
         raise MloraError(
@@ -162,7 +212,7 @@ def _status(run: AdapterRun) -> str:
 
 def cut_path(trainer: Trainer) -> Path:
     """Where the cut of ``trainer``'s current global step goes."""
-    return trainer.output_dir / RUN_DIR / f"step-{trainer.global_step}"
+    return identity_of(trainer).records(trainer.output_dir) / f"step-{trainer.global_step}"
 
 
 def write_cut(trainer: Trainer, rng: list[RngState]) -> Path:
@@ -210,20 +260,24 @@ def write_cut(trainer: Trainer, rng: list[RngState]) -> Path:
         tensors[f"{prefix}/cpu"] = state.cpu
         if state.device is not None:
             tensors[f"{prefix}/device"] = state.device.cpu()
+    identity = identity_of(trainer)
     manifest = {
         "format": FORMAT,
         "world_size": len(rng),
         "global_step": trainer.global_step,
         "seed": trainer.seed,
+        "base_model": base_model_identity(trainer.base_model_name),
+        "config_file": trainer.config.source,
         "load_adapter": bool(trainer.init_from),
-        "config": _config_json(trainer),
+        "config": identity.config_json,
         "adapters": adapters,
     }
+    records = identity.records(trainer.output_dir)
     target = cut_path(trainer)
     with atomic_directory(target) as tmp:
         atomic_write_bytes(tmp / TENSORS_NAME, save(tensors))
         atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-    prune(trainer.output_dir, [run.name for run in trainer.runs], trainer.config.save_total_limit)
+    prune(trainer.output_dir, records, identity.names, trainer.config.save_total_limit)
     logger.debug("run state %s", target)
     return target
 
@@ -234,10 +288,6 @@ def _own(value: torch.Tensor) -> torch.Tensor:
     return value.detach().cpu().clone(memory_format=torch.contiguous_format)
 
 
-def _config_json(trainer: Trainer) -> dict[str, Any]:
-    return json.loads(json.dumps(config_to_dict(trainer.config)))
-
-
 def _referenced(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         (name, entry["checkpoint"])
@@ -246,13 +296,14 @@ def _referenced(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def prune(output_dir: Path, names: list[str], keep: int) -> None:
-    """Keep each adapter's newest ``keep`` checkpoints; drop cuts that need a dropped one."""
+def prune(output_dir: Path, records: Path, names: list[str], keep: int) -> None:
+    """Keep each adapter's newest ``keep`` checkpoints; drop this run's cuts that need a dropped
+    one (other runs' records are theirs)."""
     doomed: set[tuple[str, str]] = set()
     for name in names:
         for _, folder in list_checkpoints(output_dir / name)[:-keep]:
             doomed.add((name, folder.name))
-    cuts = list_cuts(output_dir)
+    cuts = list_cuts(records)
     for index, (_, cut) in enumerate(cuts):
         too_old = index < len(cuts) - max(keep, 2)
         if too_old or any(ref in doomed for ref in _referenced(read_manifest(cut))):
@@ -261,24 +312,40 @@ def prune(output_dir: Path, names: list[str], keep: int) -> None:
         shutil.rmtree(output_dir / name / folder, ignore_errors=True)
 
 
-def interrupted_run(output_dir: Path) -> bool:
-    """Whether ``output_dir`` holds a run that stopped before all its adapters finished."""
-    cuts = list_cuts(output_dir)
+def _newest_manifest(records: Path) -> dict[str, Any] | None:
+    """The manifest of the newest cut in ``records`` when it is well-formed, else None."""
+    cuts = list_cuts(records)
     if not cuts:
-        return False
-    adapters = read_manifest(cuts[-1][1])["adapters"].values()
-    return any(entry["status"] == "running" for entry in adapters)
+        return None
+    manifest, problem = json_problem(cuts[-1][1] / MANIFEST_NAME)
+    return manifest if problem is None and manifest_problem(manifest) is None else None
 
 
-def clear_run_state(output_dir: Path, names: list[str]) -> None:
-    """Before a fresh run: forget the previous run's checkpoints and cuts of these adapters."""
-    for _, cut in list_cuts(output_dir):
-        if set(read_manifest(cut)["adapters"]) & set(names):
-            shutil.rmtree(cut, ignore_errors=True)
-    for name in names:
+def _resumable(manifest: dict[str, Any] | None) -> bool:
+    return manifest is not None and any(
+        entry["status"] == "running" for entry in manifest["adapters"].values()
+    )
+
+
+def interrupted_run(output_dir: Path, names: list[str]) -> bool:
+    """Whether ``output_dir`` holds a stopped run that trained any of ``names``."""
+    for records in [*run_folders(output_dir), output_dir / RUN_DIR]:
+        manifest = _newest_manifest(records)
+        if _resumable(manifest) and set(manifest["adapters"]) & set(names):  # type: ignore[index]
+            return True
+    return False
+
+
+def clear_run_state(output_dir: Path, identity: RunIdentity) -> None:
+    """Before a fresh run: forget this run's earlier records and its adapters' checkpoints.
+
+    Other runs' records stay (a neighbour interrupted in the same folder can still resume).
+    """
+    shutil.rmtree(identity.records(output_dir), ignore_errors=True)
+    for name in identity.names:
         for _, folder in list_checkpoints(output_dir / name):
             shutil.rmtree(folder, ignore_errors=True)
-    _drop_temporaries([output_dir / name for name in names])  # (not .mlora-run: shared)
+    _drop_temporaries([output_dir / name for name in identity.names])
 
 
 # --- resuming --------------------------------------------------------------------------------
@@ -296,46 +363,134 @@ class ResumePoint:
         return int(self.manifest["global_step"])
 
 
-def _complete(output_dir: Path, manifest: dict[str, Any]) -> bool:
+def _file_problem(path: Path, check: Any) -> str | None:
+    if not path.is_file():
+        return f"{path} is missing"
+    problem = check(path)
+    return f"{path}: {problem}" if problem else None
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (first problem found), or None."""
+    problem = adapter_files_problem(folder)
+    if problem:
+        return problem
+    for name in ("optimizer.pt", "scheduler.pt"):
+        problem = _file_problem(folder / name, torch_file_problem)
+        if problem:
+            return problem
+    state, problem = json_problem(folder / STATE_NAME)
+    problem = problem or shape_problem(state, STATE_FIELDS)
+    return f"{folder / STATE_NAME}: {problem}" if problem else None
+
+
+def cut_problem(output_dir: Path, cut: Path) -> str | None:
+    """Why the cut ``cut`` cannot be resumed from (a missing or damaged file), or None.
+
+    Reads headers and JSON only: sizes against safetensors headers, torch archives, shapes.
+    """
+    manifest, problem = json_problem(cut / MANIFEST_NAME)
+    problem = problem or manifest_problem(manifest)
+    if problem:
+        return f"{cut / MANIFEST_NAME}: {problem}"
+    problem = _file_problem(cut / TENSORS_NAME, safetensors_problem)
+    if problem:
+        return problem
     for name, entry in manifest["adapters"].items():
-        if entry["status"] == "finished" and not (output_dir / name / WEIGHTS_NAME).is_file():
-            return False
-    return all(
-        (output_dir / name / folder / STATE_NAME).is_file()
-        for name, folder in _referenced(manifest)
-    )
+        if entry["status"] == "finished":
+            problem = adapter_files_problem(output_dir / name)
+        elif entry["checkpoint"]:
+            problem = _checkpoint_problem(output_dir / name / entry["checkpoint"])
+        if problem:
+            return problem
+    return None
 
 
-def find_resume_point(output_dir: Path, names: list[str]) -> ResumePoint:
-    """The newest complete cut of a run with exactly these adapters.
+def _newest_intact(output_dir: Path, records: Path) -> ResumePoint | None:
+    """The newest cut in ``records`` with nothing missing or damaged; says which it skips."""
+    for _, cut in reversed(list_cuts(records)):
+        problem = cut_problem(output_dir, cut)
+        if problem is None:
+            return ResumePoint(cut, read_manifest(cut))
+        logger.warning("skipping checkpoint %s: %s", cut, problem)
+    return None
+
+
+def _adopt_legacy(output_dir: Path, identity: RunIdentity) -> None:
+    """Move records of the layout before run ids (``DIR/.mlora-run/step-G``) of a run with
+    these adapters into this run's folder, once it is clear they are this run's.
 
     Raises:
-        MloraError: there is none (one line naming the folder).
+        MloraError: they are of these adapters but another seed or config (naming the key).
     """
-    for _, cut in reversed(list_cuts(output_dir)):
-        manifest = read_manifest(cut)
-        if manifest.get("format") != FORMAT or sorted(manifest["adapters"]) != sorted(names):
-            continue
-        if _complete(output_dir, manifest):
-            return ResumePoint(cut, manifest)
-        logger.warning("skipping incomplete checkpoint %s", cut)
-    raise MloraError(
-        f"nothing to resume in {output_dir}: no complete checkpoint of adapters "
-        f"{', '.join(names)} (run without --resume to start)"
+    legacy = [
+        cut
+        for _, cut in list_cuts(output_dir / RUN_DIR)
+        if manifest_problem(manifest := json_problem(cut / MANIFEST_NAME)[0]) is None
+        and sorted(manifest["adapters"]) == sorted(identity.names)
+    ]
+    if not legacy:
+        return
+    check_same_run(ResumePoint(legacy[-1], read_manifest(legacy[-1])), identity)
+    records = identity.records(output_dir)
+    records.mkdir(parents=True, exist_ok=True)
+    for cut in legacy:
+        cut.rename(records / cut.name)
+    logger.info("moved %d run record(s) of an older mlora into %s", len(legacy), records)
+
+
+def _describe(records: Path, manifest: dict[str, Any]) -> str:
+    where = manifest.get("config_file") or "an unnamed config"
+    return (
+        f"{records.name} (adapters {', '.join(manifest['adapters'])} from {where}, "
+        f"--seed {manifest['seed']}, step {manifest['global_step']})"
     )
 
 
-def check_same_run(point: ResumePoint, trainer: Trainer) -> None:
-    """Refuse to resume a run with a different seed or different training settings.
+def find_resume_point(output_dir: Path, identity: RunIdentity) -> ResumePoint:
+    """The newest intact cut of this run (by its id: config, seed, base model).
+
+    Raises:
+        MloraError: there is none (one line): a run of these adapters with another seed or
+            config names what differs; otherwise the folder's resumable runs are listed.
+    """
+    _adopt_legacy(output_dir, identity)
+    point = _newest_intact(output_dir, identity.records(output_dir))
+    if point is not None:
+        return point
+    others = []
+    for records in run_folders(output_dir):
+        manifest = _newest_manifest(records)
+        if records.name == identity.run_id or not _resumable(manifest):
+            continue
+        assert manifest is not None
+        if sorted(manifest["adapters"]) == sorted(identity.names):
+            check_same_run(ResumePoint(list_cuts(records)[-1][1], manifest), identity)
+        others.append(_describe(records, manifest))
+    listing = f"; resumable runs there: {'; '.join(others)}" if others else ""
+    raise MloraError(
+        f"nothing to resume in {output_dir}: no complete checkpoint of adapters "
+        f"{', '.join(identity.names)} with this config"
+        + (listing or " (run without --resume to start)")
+    )
+
+
+def check_same_run(point: ResumePoint, identity: RunIdentity) -> None:
+    """Refuse to resume a run with a different seed, base model or training settings.
 
     Raises:
         MloraError: naming the first key that differs.
     """
-    saved, now = point.manifest, _config_json(trainer)
-    if saved["seed"] != trainer.seed:
+    saved, now = point.manifest, identity.config_json
+    if saved["seed"] != identity.seed:
         raise MloraError(
             f"cannot resume {point.path}: it was trained with --seed {saved['seed']}, "
-            f"not {trainer.seed}"
+            f"not {identity.seed}"
+        )
+    base = base_model_identity(identity.base_model)
+    if saved.get("base_model") not in (None, base):
+        raise MloraError(
+            f"cannot resume {point.path}: it was trained on {saved['base_model']}, not {base}"
         )
     old_order = [a["name"] for a in saved["config"]["lora"]]
     if old_order != [a["name"] for a in now["lora"]]:  # the dispatcher goes by config order
@@ -370,7 +525,8 @@ def restore(trainer: Trainer, point: ResumePoint) -> None:
     """Put ``trainer`` back in the exact state of the cut ``point`` and drop newer leftovers."""
     from mlora.persistence import read_adapter
 
-    check_same_run(point, trainer)
+    identity = identity_of(trainer)
+    check_same_run(point, identity)
     output_dir = trainer.output_dir
     tensors = load_file(point.path / TENSORS_NAME)
     device = trainer.model.device
@@ -408,8 +564,9 @@ def restore(trainer: Trainer, point: ResumePoint) -> None:
         if main:
             _drop_after(list_checkpoints(output_dir / run.name), run.steps_done)
     if trainer.dist.is_main:
-        _drop_after(list_cuts(output_dir), point.global_step)
-        _drop_temporaries([output_dir / RUN_DIR, *(output_dir / run.name for run in trainer.runs)])
+        records = identity.records(output_dir)
+        _drop_after(list_cuts(records), point.global_step)
+        _drop_temporaries([records, *(output_dir / run.name for run in trainer.runs)])
     trainer.global_step = point.global_step
     trainer.last_cut_step = point.global_step
     trainer.backend.set_rng_state(

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="Continue every adapter from the newest complete checkpoint in DIR.",
+        help="Continue every adapter from the newest intact checkpoint of this config's run "
+        "in DIR (runs of other configs there are left alone).",
     )
     parser.add_argument(
         "--inference",

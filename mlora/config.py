@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlora.adapter_names import adapter_name_problem
 from mlora.errors import ConfigError
 from mlora.eval_tasks import CHOICE_TASK_NAMES
 
@@ -112,13 +113,10 @@ def _packing(v: Any) -> str | None:
 
 
 def _adapter_name(v: Any) -> str | None:
-    # a folder name, and a module key (torch's ModuleDict refuses '.', after the model loaded)
-    bad = not isinstance(v, str) or not v.strip() or any(c in v for c in "/\\.")
-    return (
-        "a non-empty name usable as a folder name and a module key (no '/', '\\' or '.')"
-        if bad
-        else None
-    )
+    problem = adapter_name_problem(v)
+    if problem is None:
+        return None
+    return f"a name usable as a folder name and a module key on every platform: {problem}"
 
 
 def _target_modules(v: Any) -> str | None:
@@ -573,6 +571,8 @@ def read_config_json(path: str | Path) -> Any:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

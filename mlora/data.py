@@ -8,12 +8,14 @@ and are skipped with a warning that counts them.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlora.errors import DataError, first_line
+from mlora.integrity import json_type
 from mlora.prompts import PromptTemplate
 
 IGNORE_INDEX = -100
@@ -58,14 +60,21 @@ def load_rows(source: str) -> list[dict[str, Any]]:
         fmt = LOCAL_FORMATS[path.suffix.lower()]
         loader_args: dict[str, Any] = {"path": fmt, "data_files": str(path)}
     else:
-        loader_args = {"path": source}
+        fmt, loader_args = "hub", {"path": source}
     datasets.disable_progress_bars()
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its own error log would be a second line on stderr
     try:
         dataset = datasets.load_dataset(**loader_args, split="train")
     except Exception as exc:  # datasets raises many types; the user needs one line naming the file
         if path is not None and is_empty_data_file(path):
             raise DataError(f"{source}: the dataset is empty") from None
-        raise DataError(f"cannot load data {source}: {first_line(exc)}") from None
+        where = json_problem_location(path) if path is not None and fmt == "json" else None
+        raise DataError(f"{source}: {where}" if where else f"cannot load data {source}: "
+                        f"{first_line(exc)}") from None  # fmt: skip
+    finally:
+        quiet.setLevel(level)
     rows = dataset.to_list()
     if not rows:
         raise DataError(f"{source}: the dataset is empty")
@@ -91,6 +100,8 @@ def local_data_path(source: str, what: str = "data") -> Path | None:
     if not is_local_source(source):
         return None
     path = Path(source)
+    if path.is_dir():
+        raise DataError(f"{what}: {source} is a directory, not a data file")
     if not path.is_file():
         raise DataError(f"{what} file not found: {source}")
     if path.suffix.lower() not in LOCAL_FORMATS:
@@ -105,10 +116,52 @@ def is_empty_data_file(path: Path) -> bool:
     return path.read_text(encoding="utf-8", errors="replace").strip() in ("", "[]", "{}")
 
 
-def _check_row(row: dict[str, Any], source: str, index: int) -> None:
+def row_problem(row: Any) -> str | None:
+    """What is wrong with one alpaca-style row (a missing field, a field of the wrong type)."""
+    if not isinstance(row, dict):
+        return f"is {json_type(row)}, not an object with 'instruction' and 'output'"
     for key in REQUIRED_FIELDS:
-        if not isinstance(row.get(key), str):
-            raise DataError(f"{source}: row {index} is missing the field {key!r}")
+        if row.get(key) is None:
+            return f"is missing the field {key!r}"
+    for key in (*REQUIRED_FIELDS, "input"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return f"field {key!r} is of the wrong type ({json_type(row[key])}, not a string)"
+    return None
+
+
+def _check_row(row: dict[str, Any], source: str, index: int) -> None:
+    problem = row_problem(row)
+    if problem:
+        raise DataError(f"{source}: row {index} {problem}")
+
+
+def json_problem_location(path: Path) -> str | None:
+    """Where a JSON or JSON-lines data file goes wrong (``line N: ...`` / ``row N ...``), or
+    None: read only after ``datasets`` failed on it, to name the line instead of its error."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text (byte {exc.start})"
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as whole:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if number == 1 and whole.lineno > 1:  # one JSON document, broken further down
+                    return f"invalid JSON at line {whole.lineno}, column {whole.colno}: {whole.msg}"
+                return f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}"
+    if not isinstance(rows, list):
+        return f"must hold a list of rows (or one row per line), not {json_type(rows)}"
+    for index, row in enumerate(rows):
+        problem = row_problem(row)
+        if problem:
+            return f"row {index} {problem}"
+    return None
 
 
 def tokenize_rows(

@@ -523,7 +523,7 @@ def evaluate(
     from mlora.config import load_config
     from mlora.model import load_tokenizer
     from mlora.precision import base_model_load_options
-    from mlora.preflight import check_base_model_path, check_writable
+    from mlora.preflight import check_base_model_path, check_output_file
     from mlora.trained import check_trained, load_trained
 
     if not isinstance(config, TrainConfig):
@@ -538,7 +538,7 @@ def evaluate(
     check_trained(folders, hint=" (train it first, or pass --dir)")
     check_base_model_path(base_model)
     target = Path(result_file) if result_file is not None else result_path(config, output_dir)
-    check_writable(target.parent)
+    check_output_file(target)  # before the work: the results must not be lost after it
     tokenizer = load_tokenizer(base_model, trust_remote_code)
     test_sets = prepare_test_sets(config, tokenizer, [a.name for a in selected])
     model, tokenizer = load_trained(
@@ -556,7 +556,7 @@ def evaluate(
         time.perf_counter() - start,
         target,
     )
-    write_results(target, results)
-    if show:
+    if show:  # first: should the write fail after all, the table is still on screen
         print(format_table(results))
+    write_results(target, results)
     return results

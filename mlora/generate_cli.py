@@ -20,7 +20,7 @@ from mlora.dispatcher import shard_bounds
 from mlora.distributed import local_device, process_group
 from mlora.errors import MloraError, exit_code_of
 from mlora.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
-from mlora.preflight import check_writable
+from mlora.preflight import check_output_file
 from mlora.prompts import PromptTemplate, load_template
 
 BASE = "base"  # --use value (and JSONL "adapter": null) for the base model without adapter
@@ -180,9 +180,17 @@ def read_prompts_file(path: str) -> list[tuple[str, str | None, bool, str]]:
     """
     file = Path(path)
     if not file.is_file():
+        if file.is_dir():
+            raise MloraError(f"{path} is a directory, not a prompts file")
         raise MloraError(f"prompts file not found: {path}")
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise MloraError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise MloraError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -289,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     requests = build_requests(args, list(folders), templates)  # all checked before loading
     to_stdout = args.output == "-"
     if args.output and not to_stdout:  # a bad --output found after generating loses the answers
-        check_writable(Path(args.output).resolve().parent)
+        check_output_file(Path(args.output).resolve())
     model, tokenizer = load_model(args, folders)
     with process_group(model.device) as dist:  # torchrun: each rank answers a share, rank 0
         start, end = shard_bounds(len(requests), dist.rank, dist.world_size)  # writes them all

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save
 from mlora.adapter_tensors import copy_into, export_tensors, lora_tensors
 from mlora.atomic import atomic_write_bytes, atomic_write_text
 from mlora.config import lora_scaling
-from mlora.errors import MloraError
+from mlora.errors import MloraError, first_line
+from mlora.integrity import json_problem, safetensors_problem, shape_problem, torch_file_problem
 from mlora.model import LoraSpec, MultiLoraModel
 
 PEFT_PREFIX = "base_model.model."
@@ -106,26 +107,51 @@ def save_adapter(
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a PEFT-format adapter folder: (adapter_config, tensors).
+def adapter_files_problem(directory: str | Path) -> str | None:
+    """What is missing or damaged in an adapter folder (naming the file), or None.
 
-    Raises:
-        MloraError: missing folder, config or weights, or invalid JSON (naming the file).
+    Reads the config and the safetensors header only, so it is cheap enough to run on every
+    folder before the base model loads.
     """
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise MloraError(f"no adapter at {directory} ({CONFIG_NAME} not found)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MloraError(f"{config_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        return f"no adapter at {directory} ({CONFIG_NAME} not found)"
+    config, problem = json_problem(config_path)
+    problem = problem or shape_problem(config, {})
+    if problem is None and config.get("peft_type", "LORA") == "LORA":
+        problem = shape_problem(config, {"r": int})
+    if problem:
+        return f"{config_path}: {problem}"
+    if (directory / WEIGHTS_NAME).is_file():
+        problem = safetensors_problem(directory / WEIGHTS_NAME)
+        return f"{directory / WEIGHTS_NAME}: {problem}" if problem else None
+    if not (directory / LEGACY_WEIGHTS_NAME).is_file():
+        return f"no adapter weights in {directory} ({WEIGHTS_NAME} not found)"
+    problem = torch_file_problem(directory / LEGACY_WEIGHTS_NAME)
+    return f"{directory / LEGACY_WEIGHTS_NAME}: {problem}" if problem else None
+
+
+def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a PEFT-format adapter folder: (adapter_config, tensors).
+
+    Raises:
+        MloraError: missing folder, config or weights, a damaged file or a config of the wrong
+            shape (naming the file).
+    """
+    directory = Path(directory)
+    problem = adapter_files_problem(directory)
+    if problem:
+        raise MloraError(problem)
+    config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     if (directory / WEIGHTS_NAME).is_file():
         tensors = load_file(directory / WEIGHTS_NAME)
-    elif (directory / LEGACY_WEIGHTS_NAME).is_file():
-        tensors = torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
     else:
-        raise MloraError(f"no adapter weights in {directory} ({WEIGHTS_NAME} not found)")
+        path = directory / LEGACY_WEIGHTS_NAME
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged pickle: one line naming it
+            raise MloraError(f"{path}: cannot be read ({first_line(exc)})") from None
     return config, tensors
 
 
@@ -137,10 +163,15 @@ def spec_from_peft_config(config: dict[str, Any], source: str) -> tuple[LoraSpec
         return moe, moe.lora_alpha, moe.use_rslora
     if config.get("peft_type", "LORA") != "LORA":
         raise MloraError(f"{source}: peft_type {config.get('peft_type')!r} is not a LoRA adapter")
+    for key, kind in (("lora_alpha", (int, float)), ("lora_dropout", (int, float))):
+        if not isinstance(config.get(key, 0), kind) or isinstance(config.get(key), bool):
+            raise MloraError(f"{source}: {CONFIG_NAME} key {key!r} is of the wrong type")
     r = int(config["r"])
     alpha = float(config.get("lora_alpha", 8))
     rslora = bool(config.get("use_rslora", False))
     targets = config.get("target_modules") or []
+    if not isinstance(targets, str | list) or not all(isinstance(t, str) for t in targets):
+        raise MloraError(f"{source}: {CONFIG_NAME} key 'target_modules' is of the wrong type")
     if isinstance(targets, str):
         raise MloraError(
             f"{source}: regex target_modules {targets!r} are not supported; list the names"

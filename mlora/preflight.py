@@ -18,6 +18,7 @@ import torch
 from mlora.config import TrainConfig
 from mlora.data import local_data_path
 from mlora.errors import MloraError
+from mlora.integrity import json_problem, safetensors_problem, shape_problem
 from mlora.prompts import load_template
 
 logger = logging.getLogger("mlora")
@@ -73,8 +74,9 @@ def check_data_sources(config: TrainConfig) -> None:
         local_data_path(adapter.data, f"adapter {adapter.name!r}: data")
 
 
-def adaptable_module_names(base_model: str, trust_remote_code: bool = False) -> set[str] | None:
-    """Last name components of the layers adapters can wrap, from the model's structure alone.
+def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[str, int] | None:
+    """The layers adapters can wrap, by last name component, with the smallest of their input
+    and output sizes over the model (the largest rank that makes sense for them).
 
     Builds the model on the ``meta`` device from its config (no weights are read). Returns
     ``None`` when the config cannot be read here (e.g. a hub id while offline): the check then
@@ -93,29 +95,115 @@ def adaptable_module_names(base_model: str, trust_remote_code: bool = False) -> 
     except Exception as exc:  # any failure here only postpones the check
         logger.debug("target module check postponed: %s", exc)
         return None
-    return {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if name and any(matches(module) for matches, _ in _DISPATCH)
-    }
+    sizes: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name and any(matches(module) for matches, _ in _DISPATCH):
+            short = name.rsplit(".", 1)[-1]
+            smallest = min(module.weight.shape)
+            sizes[short] = min(sizes.get(short, smallest), smallest)
+    return sizes
 
 
 def check_target_modules(config: TrainConfig, base_model: str, trust_remote_code: bool) -> None:
-    """Every adapter's target modules exist in the base model.
+    """Every adapter's target modules exist in the base model, and its rank fits them.
 
     Raises:
-        MloraError: naming the adapter, the module and the model's adaptable layers.
+        MloraError: naming the adapter, the module and the model's adaptable layers (or the
+            rank and the layer's size).
     """
-    names = adaptable_module_names(base_model, trust_remote_code)
-    if names is None:
+    sizes = adaptable_modules(base_model, trust_remote_code)
+    if sizes is None:
         return
     for adapter in config.lora:
-        missing = sorted(set(adapter.target_module_names) - names)
+        where = f"{config.source}: adapter {adapter.name!r}"
+        missing = sorted(set(adapter.target_module_names) - set(sizes))
         if missing:
             raise MloraError(
-                f"{config.source}: adapter {adapter.name!r}: target module {missing[0]!r} not "
-                f"found in {base_model} (its linear layers: {', '.join(sorted(names))})"
+                f"{where}: target module {missing[0]!r} not found in {base_model} "
+                f"(its linear layers: {', '.join(sorted(sizes))})"
             )
+        module = min(adapter.target_module_names, key=lambda name: sizes[name])
+        if adapter.r > sizes[module]:
+            raise MloraError(
+                f"{where}: key 'r' ({adapter.r}) exceeds the size of its target module "
+                f"{module!r} ({sizes[module]}) in {base_model}"
+            )
+
+
+def check_base_weights(base_model: str) -> None:
+    """A local base model's ``config.json`` is a JSON object and its weight files are whole.
+
+    Reads headers only; a truncated shard would otherwise fail after the tokenizer and the
+    data, with a ``SafetensorError`` traceback.
+
+    Raises:
+        MloraError: naming the file and what is wrong.
+    """
+    folder = Path(base_model).expanduser()
+    if not (folder / "config.json").is_file():
+        return  # a hub id: transformers checks what it downloads
+    value, problem = json_problem(folder / "config.json")
+    problem = problem or shape_problem(value, {})
+    if problem:
+        raise MloraError(f"{folder / 'config.json'}: {problem}")
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise MloraError(f"base model weights {path}: {problem}")
+
+
+def check_cutoff_len(config: TrainConfig, base_model: str) -> None:
+    """Warn when ``cutoff_len`` exceeds the positions the base model was trained for (as TRL
+    does): rows that long are past its context window (and crash a model with learned
+    absolute positions, where transformers raises an index error)."""
+    raw, problem = json_problem(Path(base_model).expanduser() / "config.json")
+    if problem or not isinstance(raw, dict):
+        return
+    limit = raw.get("max_position_embeddings", raw.get("n_positions"))
+    if isinstance(limit, int) and config.cutoff_len > limit:
+        logger.warning(
+            "%s: key 'cutoff_len' (%d) exceeds the base model's max_position_embeddings (%d)",
+            config.source, config.cutoff_len, limit,
+        )  # fmt: skip
+
+
+def check_adapter_folders(config: TrainConfig, output_dir: Path) -> None:
+    """With ``--load_adapter``: every ``DIR/NAME`` holds a whole adapter.
+
+    Raises:
+        MloraError: naming the folder or file and what is missing or damaged.
+    """
+    from mlora.persistence import adapter_files_problem
+
+    for adapter in config.lora:
+        problem = adapter_files_problem(output_dir / adapter.name)
+        if problem:
+            raise MloraError(f"--load_adapter: {problem}")
+
+
+SEED_LIMIT = 2**63
+
+
+def check_seed(seed: int) -> None:
+    """The seed fits what consumes it (torch generators take 64-bit seeds; we keep it signed).
+
+    Raises:
+        MloraError: naming the value and the range.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise MloraError(f"--seed must be an integer in [0, 2**63), got {seed!r}")
+
+
+def check_output_file(path: Path) -> None:
+    """``path`` can be written when the work is done: its folder is writable and it is not a
+    folder itself (else the results would be lost after the work).
+
+    Raises:
+        MloraError: naming the path and the reason.
+    """
+    if path.is_dir():
+        raise MloraError(f"cannot write {path}: it is a directory")
+    check_writable(path.parent)
 
 
 def check_writable(output_dir: Path) -> None:
@@ -134,11 +222,19 @@ def check_writable(output_dir: Path) -> None:
 
 
 def preflight(
-    config: TrainConfig, base_model: str, output_dir: Path, trust_remote_code: bool = False
+    config: TrainConfig,
+    base_model: str,
+    output_dir: Path,
+    trust_remote_code: bool = False,
+    load_adapter: bool = False,
 ) -> None:
     """All checks that need neither the tokenizer nor the model's weights."""
     check_base_model_path(base_model)
     check_remote_code(base_model, trust_remote_code)
+    check_base_weights(base_model)
     check_data_sources(config)
     check_target_modules(config, base_model, trust_remote_code)
+    check_cutoff_len(config, base_model)
     check_writable(output_dir)
+    if load_adapter:
+        check_adapter_folders(config, output_dir)

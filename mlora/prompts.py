@@ -7,11 +7,12 @@ m-LoRA / alpaca-lora format, so existing template files keep working.
 
 from __future__ import annotations
 
-import json
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlora.errors import ConfigError
+from mlora.integrity import json_problem
 
 _ALPACA = {
     "description": "Template used by Alpaca-LoRA.",
@@ -41,11 +42,28 @@ class PromptTemplate:
         return self.prompt_no_input.format(instruction=instruction)
 
 
+PLACEHOLDERS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instruction"}}
+
+
+def placeholder_problem(text: str, known: set[str]) -> str | None:
+    """What is wrong with a template string's ``{placeholders}`` (unknown, or broken braces)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        return f"{exc} (write a literal brace as {{{{ or }}}})"
+    unknown = [name for name in fields if name not in known]
+    if unknown:
+        return f"unknown placeholder {{{unknown[0]}}} (it may use {', '.join(sorted(known))})"
+    return None
+
+
 def load_template(name_or_path: str) -> PromptTemplate:
     """A built-in template by name, or a template JSON file.
 
     Raises:
-        ConfigError: unknown name and no such file, or a file without the two prompt keys.
+        ConfigError: unknown name and no such file, an unreadable or non-UTF-8 file, a file
+            without the two prompt keys, or a placeholder other than ``{instruction}`` /
+            ``{input}`` (naming the file and the key).
     """
     if name_or_path in BUILTIN_TEMPLATES:
         raw = BUILTIN_TEMPLATES[name_or_path]
@@ -57,11 +75,17 @@ def load_template(name_or_path: str) -> PromptTemplate:
                 f"unknown prompt template {name_or_path!r}: "
                 f"not a built-in ({known}) and no such file"
             )
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    missing = [k for k in ("prompt_input", "prompt_no_input") if not isinstance(raw.get(k), str)]
-    if missing:
-        raise ConfigError(f"prompt template {name_or_path}: missing string key {missing[0]!r}")
+        raw, problem = json_problem(path)
+        if problem:
+            raise ConfigError(f"{path}: {problem}")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a prompt template must be a JSON object")
+    for key, known in PLACEHOLDERS.items():
+        if key not in raw:
+            raise ConfigError(f"prompt template {name_or_path}: missing string key {key!r}")
+        if not isinstance(raw[key], str):
+            raise ConfigError(f"prompt template {name_or_path}: key {key!r} is of the wrong type")
+        problem = placeholder_problem(raw[key], known)
+        if problem:
+            raise ConfigError(f"prompt template {name_or_path}: key {key!r}: {problem}")
     return PromptTemplate(raw["prompt_input"], raw["prompt_no_input"])

@@ -13,10 +13,17 @@ from typing import Any
 
 import torch
 
+from mlora.adapter_names import adapter_name_problem
 from mlora.config import TrainConfig
 from mlora.errors import MloraError
 from mlora.model import MultiLoraModel, load_base_model
-from mlora.persistence import CONFIG_NAME, load_adapter_weights, read_adapter, spec_from_peft_config
+from mlora.persistence import (
+    CONFIG_NAME,
+    adapter_files_problem,
+    load_adapter_weights,
+    read_adapter,
+    spec_from_peft_config,
+)
 from mlora.prompts import PromptTemplate, load_template
 
 logger = logging.getLogger("mlora")
@@ -57,6 +64,9 @@ def check_trained(
     for name, folder in folders.items():
         if not is_trained(folder):
             raise MloraError(f"adapter {name!r}: no trained adapter at {folder}{hint}")
+        problem = adapter_files_problem(folder)  # damaged: found now, not after the model loads
+        if problem:
+            raise MloraError(f"adapter {name!r}: {problem}")
 
 
 def find_adapters(directory: str | Path) -> dict[str, Path]:
@@ -103,8 +113,11 @@ def parse_adapter_arg(value: str) -> tuple[str, Path]:
     name, sep, folder = value.partition("=")
     if not sep or not name.strip() or not folder.strip():
         raise MloraError(f"--adapter {value!r}: expected NAME=DIR")
-    if any(c in name for c in "/\\."):  # NAME becomes a module key: no '.', as in configs
-        raise MloraError(f"--adapter {value!r}: NAME may not contain '/', '\\' or '.'")
+    problem = adapter_name_problem(name.strip())  # the same rule as a config's names
+    if problem:
+        raise MloraError(
+            f"--adapter {value!r}: NAME must be usable as a folder name and a module key: {problem}"
+        )
     return name.strip(), Path(folder.strip())
 
 

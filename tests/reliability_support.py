@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
+from mlora.config import load_config, parse_config
+from mlora.run_records import RunIdentity, run_folders
 from tests.helpers import addition_rows, reverse_rows, write_json, write_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +125,51 @@ def one_error_line(stderr: str) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, stderr
     return errors[0]
+
+
+def run_identity(config: Path, model_dir: Path, seed: int = 5) -> RunIdentity:
+    """The identity ``mlora_args(model_dir, config, ...)`` gives its run (names its records)."""
+    return RunIdentity(load_config(config), seed, str(model_dir))
+
+
+def only_records(out: Path) -> Path:
+    """The records folder of the one run trained into ``out``."""
+    (records,) = run_folders(out)
+    return records
+
+
+def small_identity(*names: str, seed: int = 1) -> RunIdentity:
+    """A run of adapters ``names`` for tests that write records by hand."""
+    config = parse_config({"lora": [{"name": n, "data": f"{n}.json"} for n in names]}, "c.json")
+    return RunIdentity(config, seed, None)
+
+
+def fake_checkpoint(out: Path, name: str, folder_name: str) -> Path:
+    """A checkpoint folder whose files are whole (valid headers and archives, tiny tensors)."""
+    folder = out / name / folder_name
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    (folder / "adapter_model.safetensors").write_bytes(save({"w": torch.zeros(2, 2)}))
+    torch.save({"state": {}}, folder / "optimizer.pt")
+    torch.save({"last_epoch": 0}, folder / "scheduler.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"queue": {"epoch": 0}}))
+    return folder
+
+
+def fake_cut(
+    records: Path, identity: RunIdentity, step: int, checkpoints: dict[str, str | None],
+    folder_name: str | None = None, status: str = "running",
+) -> Path:  # fmt: skip
+    """A cut whose manifest has the full shape, pointing at ``checkpoints`` (adapter: folder)."""
+    cut = records / (folder_name or f"step-{step}")
+    cut.mkdir(parents=True)
+    entry = {"status": status, "steps_done": step, "queue": {}, "loss_count": 0, "tokens": 0,
+             "history": [], "message": None}  # fmt: skip
+    manifest = {
+        "format": 1, "global_step": step, "seed": identity.seed, "base_model": None,
+        "config_file": identity.config.source, "config": identity.config_json,
+        "adapters": {name: {**entry, "checkpoint": folder} for name, folder in checkpoints.items()},
+    }  # fmt: skip
+    (cut / "manifest.json").write_text(json.dumps(manifest))
+    (cut / "state.safetensors").write_bytes(save({"rng/cpu": torch.zeros(4, dtype=torch.uint8)}))
+    return cut

@@ -41,8 +41,15 @@ def one(**adapter) -> dict:
         (one(target_modules=[]), "key 'target_modules' must be a non-empty list"),
         (one(target_modules={"q_proj": False}), "at least one module set to true"),
         (one(use_dora="yes"), "key 'use_dora' must be true or false"),
-        (one(name="a/b"), "key 'name' must be a non-empty name usable as a folder name"),
-        (one(name="math-v1.5"), "usable as a folder name and a module key (no '/', '\\' or '.')"),
+        (one(name="a/b"), "key 'name' must be a name usable as a folder name and a module key"),
+        (one(name="math-v1.5"), "module key on every platform: without '.', got \"math-v1.5\""),
+        (one(name="a:b?"), "without ':', '?'"),
+        (one(name="con"), "not a name Windows reserves for a device (CON)"),
+        (one(name="chat "), "without leading or trailing spaces"),
+        (one(name="x" * 65), "at most 64 characters long (it is 65)"),
+        (one(name="forward"), "not 'forward', which torch modules use for an attribute"),
+        (one(name="tab\there"), "without '\\t'"),
+        (one(name=""), "a non-empty string"),
         ({"lora": [{"name": "a"}]}, "adapter 'a': missing required key 'data'"),
         (
             {"lora": [{"name": "a", "data": "x"}, {"name": "a", "data": "y"}]},
@@ -101,3 +108,20 @@ def test_readme_documents_every_key() -> None:
     for cls in (TrainConfig, AdapterConfig):
         for key, _, _ in describe_keys(cls):
             assert f"| `{key}` |" in readme, f"README's config reference lacks {key}"
+
+
+def test_cutoff_len_past_the_base_models_positions_warns(tiny_model_dir, caplog):
+    import logging
+
+    from mlora.preflight import check_cutoff_len
+
+    def config(cutoff_len: int):
+        return parse_config({"cutoff_len": cutoff_len, "lora": [{"name": "a", "data": "x"}]}, "c")
+
+    with caplog.at_level(logging.WARNING, logger="mlora"):
+        check_cutoff_len(config(512), str(tiny_model_dir))  # the tiny model's 512 positions
+        assert not caplog.records
+        check_cutoff_len(config(513), str(tiny_model_dir))
+    assert "key 'cutoff_len' (513) exceeds the base model's max_position_embeddings (512)" in (
+        caplog.records[0].getMessage()
+    )

@@ -190,6 +190,17 @@ def test_bad_input_is_one_line(case, trained, tiny_model_dir, tmp_path, capsys):
     assert re.search(message, err[0]), err[0]
 
 
+def test_unwritable_result_is_found_before_evaluating(trained, tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """evaluate_result naming a folder: one line before the model loads, not after the work."""
+    out, raw = trained
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**raw, "evaluate_result": str(tmp_path)}), encoding="utf-8")
+    argv = ["--base_model", str(tiny_model_dir), "--config", str(config), "--dir", str(out)]
+    assert cli.main([*argv, "--evaluate", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write {tmp_path}: it is a directory"]
+
+
 def test_hub_task_offline_is_one_line(trained, tiny_model_dir, tmp_path):  # noqa: F811
     out, raw = trained
     config = write_config(

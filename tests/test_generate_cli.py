@@ -97,8 +97,14 @@ def test_unknown_adapter_is_one_line_error(trained, tiny_model_dir):  # noqa: F8
         ("unknown_in_file", "zzz.jsonl:1: unknown adapter 'zzz'"),
         ("no_prompts", "no prompts"),
         ("bad_adapter_arg", "expected NAME=DIR"),
-        ("dotted_adapter_name", "NAME may not contain '/', '\\' or '.'"),
+        (
+            "dotted_adapter_name",
+            "NAME must be usable as a folder name and a module key: without '.'",
+        ),
         ("output_under_a_file", "cannot write"),
+        ("output_is_a_folder", "it is a directory"),
+        ("damaged_adapter", "adapter_model.safetensors: truncated or not a safetensors file"),
+        ("prompts_folder", "is a directory, not a prompts file"),
     ],
 )
 def test_bad_input_fails_before_loading(tmp_path, capsys, case, message):
@@ -113,7 +119,13 @@ def test_bad_input_fails_before_loading(tmp_path, capsys, case, message):
         "bad_adapter_arg": ["--adapter", "just-a-name", "x"],
         "dotted_adapter_name": ["--adapter", f"math-v1.5={tmp_path}", "x"],
         "output_under_a_file": ["--output", str(tmp_path / "empty.jsonl" / "out.jsonl"), "x"],
+        "output_is_a_folder": ["--output", str(tmp_path), "x"],
+        "damaged_adapter": ["--adapter", f"a={tmp_path / 'damaged'}", "x"],
+        "prompts_folder": ["--prompts_file", str(tmp_path)],
     }[case]
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "adapter_config.json").write_text('{"r": 2}', encoding="utf-8")
+    (tmp_path / "damaged" / "adapter_model.safetensors").write_bytes(b"cut short")
     assert main(["--base_model", model, *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]

@@ -136,6 +136,37 @@ def remote_code(folder: Path) -> list[str]:
     return ["--base_model", "custom"]
 
 
+def damaged_base(folder: Path) -> list[str]:
+    write(folder)
+    shutil.copytree(folder / "model", folder / "broken")
+    weights = folder / "broken" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # a download cut short
+    return ["--base_model", "broken"]
+
+
+def damaged_adapter(folder: Path) -> list[str]:
+    write(folder)
+    (folder / "out" / "chat").mkdir(parents=True)
+    (folder / "out" / "chat" / "adapter_config.json").write_text('{"r": 8}')
+    (folder / "out" / "chat" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    return ["--load_adapter"]
+
+
+def template_with(text: str) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        prompt = {"prompt_input": "{instruction} {input}", "prompt_no_input": text}
+        (folder / "template.json").write_text(json.dumps(prompt))
+        return adapter(prompt="template.json")(folder)
+
+    return make
+
+
+def jsonl_bad_line(folder: Path) -> list[str]:
+    lines = [json.dumps(ROWS[0]), json.dumps(ROWS[1])[:-1], json.dumps(ROWS[2])]
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return adapter(data="data.jsonl")(folder)
+
+
 CASES = [
     Case("invalid-json", "invalid JSON (file and line)", invalid_json,
          "config.json: invalid JSON at line 3"),
@@ -150,10 +181,19 @@ CASES = [
          "duplicate adapter name 'chat'"),
     Case("dotted-name", "an adapter name with `.`, `/` or `\\`", adapter(name="math-v1.5"),
          "usable as a folder name and a module key"),
+    Case("reserved-name", "an adapter name Windows reserves (`CON`, `NUL`, `COM1`, ...)",
+         adapter(name="nul"), "not a name Windows reserves for a device (NUL)"),
+    Case("rank-size", "`r` larger than the target layers", adapter(r=1000),
+         "key 'r' (1000) exceeds the size of its target module"),
     Case("no-data", "missing data file", adapter(data="missing.json"),
          "data file not found: missing.json"),
     Case("row-field", "a data row missing a field (file and row)",
          rows([*ROWS[:1], {"instruction": "no output"}]), "data.json: row 1 is missing the field"),
+    Case("row-type", "a data row field of the wrong type (file and row)",
+         rows([*ROWS[:1], {"instruction": "x", "output": {"text": "y"}}]),
+         "data.json: row 1 field 'output' is of the wrong type (an object, not a string)"),
+    Case("jsonl-line", "a broken line in a JSONL file (file and line)", jsonl_bad_line,
+         "data.jsonl: line 2: invalid JSON"),
     Case("empty", "empty dataset", rows([]), "data.json: the dataset is empty"),
     Case("cutoff-some", "`cutoff_len` shorter than some prompts (a warning; training goes on)",
          long_prompt, "skipped 1 of 4 rows", exit_code=0, model_loads=True),
@@ -165,6 +205,13 @@ CASES = [
          "base model not found: ./no-such-model"),
     Case("template", "unknown prompt template", adapter(prompt="alpacca"),
          "unknown prompt template 'alpacca'"),
+    Case("placeholder", "a template placeholder other than `{instruction}`/`{input}`",
+         template_with("{instruction} {question}"), "unknown placeholder {question}"),
+    Case("damaged-base", "base model weights cut short", damaged_base,
+         "base model weights broken/model.safetensors: truncated: "),
+    Case("damaged-adapter", "`--load_adapter` weights damaged",
+         damaged_adapter,
+         "--load_adapter: out/chat/adapter_model.safetensors: truncated or not a safetensors"),
     Case("no-config", "config file not found", args("--config", "missing.json"),
          "config file not found: missing.json"),
     Case("overwrite", "existing adapter folder without `--overwrite`", existing_output,

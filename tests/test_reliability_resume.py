@@ -22,17 +22,20 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mlora.checkpoint import RUN_DIR, list_checkpoints, list_cuts
+from mlora.checkpoint import list_checkpoints, list_cuts
 from mlora.cli import main
+from tests.helpers import addition_rows, write_json, write_template
 from tests.reliability_harness import ROOT
 from tests.reliability_support import (
     HARNESS,
     NAMES,
     TIMEOUT,
+    fake_cut,
     final_weights,
     max_relative_difference,
     mlora_args,
     one_error_line,
+    only_records,
     read_until,
     run_mlora,
     start_mlora,
@@ -152,12 +155,23 @@ def test_sigkill_at_several_moments_then_resume_equals_uninterrupted(
     assert not temporaries(out)
 
 
+def write_one_adapter_config(folder: Path, name: str) -> Path:
+    """A one-adapter config (another run to train into the same folder)."""
+    folder.mkdir()
+    rows = write_json(folder / "rows.json", addition_rows(4))
+    adapter = {"name": name, "data": rows, "prompt": write_template(folder), "r": 2,
+               "batch_size": 2, "num_epochs": 1}  # fmt: skip
+    path = folder / "config.json"
+    path.write_text(json.dumps({"cutoff_len": 40, "save_step": 1, "lora": [adapter]}))
+    return path
+
+
 def stopped_at(line: str) -> int:
     return int(line.split("after global step ")[1].split(";")[0])
 
 
 def test_ctrl_c_and_sigterm_write_a_checkpoint_and_the_resume_command_works(
-    signalled: dict, reference: Path
+    signalled: dict, reference: Path, config: Path, tiny_model_dir: Path, capsys
 ) -> None:
     lines = {}
     for sig, future in signalled.items():
@@ -166,53 +180,95 @@ def test_ctrl_c_and_sigterm_write_a_checkpoint_and_the_resume_command_works(
         line = lines[sig] = one_error_line(stderr)
         assert f"stopped by {sig.name} after global step" in line and "resume with: " in line
         step = stopped_at(line)
-        assert [s for s, _ in list_cuts(out)][-1] == step >= 2  # the checkpoint it names
-        manifest = json.loads((out / RUN_DIR / f"step-{step}" / "manifest.json").read_text())
+        assert [s for s, _ in list_cuts(only_records(out))][-1] == step >= 2  # the one named
+        manifest = json.loads((only_records(out) / f"step-{step}" / "manifest.json").read_text())
         assert manifest["global_step"] == step
         assert manifest["adapters"]["acc"]["status"] == "running"
+
+    out, step = signalled[signal.SIGINT].result()[0], stopped_at(lines[signal.SIGINT])
+    records = only_records(out)
+    # Issue 16's repro: another config trained into the same folder meanwhile must leave the
+    # interrupted run's records alone, and its own --resume must find them.
+    other = write_one_adapter_config(config.parent / "other", "c")
+    assert main(mlora_args(tiny_model_dir, other, out)) == 0
+    c_weights = (out / "c" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    third = write_one_adapter_config(config.parent / "third", "d")
+    assert main(mlora_args(tiny_model_dir, third, out, "--resume")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert (
+        f"no complete checkpoint of adapters d with this config; resumable runs there: "
+        f"{records.name} (adapters acc, short, sgd from {config}, --seed 5, step {step})" in line
+    )
 
     command = shlex.split(lines[signal.SIGINT].split("resume with: ")[1])
     assert command[:2] == ["python", "mlora.py"] and command[-1] == "--resume"
     resumed = run_mlora(command[2:])
     assert resumed.returncode == 0, resumed.stderr
-    out, step = signalled[signal.SIGINT].result()[0], stopped_at(lines[signal.SIGINT])
-    assert f"resuming from {out / RUN_DIR / f'step-{step}'}" in resumed.stderr
+    assert f"resuming from {records / f'step-{step}'}" in resumed.stderr
+    difference = max_relative_difference(final_weights(out), final_weights(reference))
+    assert difference <= TOLERANCE
+    assert (out / "c" / "adapter_model.safetensors").read_bytes() == c_weights
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_still_equals_the_clean_run(
+    signalled: dict, reference: Path, config: Path, tiny_model_dir: Path, capsys
+) -> None:
+    """The SIGTERM run's newest cut has its run state cut short (a disk that lost its tail);
+    --resume names it, resumes from the cut before, and ends equal to the uninterrupted run."""
+    out, code, _ = signalled[signal.SIGTERM].result(timeout=TIMEOUT)
+    assert code == 130
+    cuts = list_cuts(only_records(out))
+    assert len(cuts) >= 2
+    (_, newest), (_, previous) = cuts[-1], cuts[-2]
+    state = newest / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(mlora_args(tiny_model_dir, config, out, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {newest}: {state}: truncated: " in err
+    assert f"resuming from {previous}" in err and "Traceback" not in err
     difference = max_relative_difference(final_weights(out), final_weights(reference))
     assert difference <= TOLERANCE
 
 
-def test_resume_refuses_another_seed_a_changed_key_or_a_new_order(config: Path) -> None:
-    from types import SimpleNamespace
-
+def test_resume_refuses_another_seed_base_a_changed_key_or_a_new_order(config: Path) -> None:
     from mlora.checkpoint import ResumePoint, check_same_run
-    from mlora.config import config_to_dict, load_config, parse_config
+    from mlora.config import load_config, parse_config
     from mlora.errors import MloraError
+    from mlora.run_records import RunIdentity
 
-    saved = load_config(config)
-    point = ResumePoint(config.parent, {"seed": 5, "config": config_to_dict(saved)})
+    saved = RunIdentity(load_config(config), 5, "hub/model")
+    manifest = {"seed": 5, "base_model": "hub/model", "config": saved.config_json}
+    point = ResumePoint(config.parent, manifest)
     raw = json.loads(config.read_text())
-    check_same_run(point, SimpleNamespace(seed=5, config=parse_config({**raw, "log_step": 3})))
+
+    def now(seed: int = 5, base: str = "hub/model", **top: object) -> RunIdentity:
+        return RunIdentity(parse_config({**raw, **top}), seed, base)
+
+    check_same_run(point, now(log_step=3))
     with pytest.raises(MloraError, match="--seed 5, not 6"):
-        check_same_run(point, SimpleNamespace(seed=6, config=saved))
+        check_same_run(point, now(seed=6))
+    with pytest.raises(MloraError, match="trained on hub/model, not hub/other"):
+        check_same_run(point, now(base="hub/other"))
     raw["lora"][0]["lr"] = 0.5
     with pytest.raises(MloraError, match=r"adapter 'acc' key 'lr' was 0\.01, now 0\.5"):
-        check_same_run(point, SimpleNamespace(seed=5, config=parse_config(raw)))
+        check_same_run(point, now())
     raw["lora"].reverse()
     with pytest.raises(MloraError, match="in the order acc, short, sgd"):
-        check_same_run(point, SimpleNamespace(seed=5, config=parse_config(raw)))
+        check_same_run(point, now())
 
 
 def test_existing_output_of_an_interrupted_run_suggests_resume(config: Path, tmp_path: Path):
     from mlora.api import check_outputs
     from mlora.config import load_config
     from mlora.errors import MloraError
+    from mlora.run_records import RunIdentity
 
     (tmp_path / "acc").mkdir()
     (tmp_path / "acc" / "adapter_config.json").write_text("{}")
-    cut = tmp_path / RUN_DIR / "step-4"
-    cut.mkdir(parents=True)
-    manifest = {"adapters": {"acc": {"status": "running"}, "short": {"status": "finished"}}}
-    (cut / "manifest.json").write_text(json.dumps(manifest))
+    identity = RunIdentity(load_config(config), 5, None)
+    fake_cut(identity.records(tmp_path), identity, 4, {"acc": None, "short": None})
     with pytest.raises(MloraError, match=r"pass --overwrite to replace it \(or --resume"):
         check_outputs(load_config(config), tmp_path, overwrite=False, load_adapter=False)
 

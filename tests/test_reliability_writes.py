@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -19,14 +18,17 @@ import pytest
 
 import mlora
 from mlora.atomic import WriteError, atomic_directory, atomic_write_bytes, output_lock
-from mlora.checkpoint import RUN_DIR, find_resume_point, list_checkpoints
+from mlora.checkpoint import find_resume_point, list_checkpoints
 from mlora.errors import MloraError
 from tests.reliability_support import (
     HARNESS,
-    NAMES,
+    fake_checkpoint,
+    fake_cut,
     mlora_args,
     one_error_line,
+    run_identity,
     run_mlora,
+    small_identity,
     write_run_config,
 )
 
@@ -66,7 +68,8 @@ def test_disk_full_and_permission_denied_mid_run(tmp_path: Path, tiny_model_dir:
     assert one_error_line(second.stderr) == f"error: cannot write {target}: {os.strerror(13)}"
     assert not (denied / "acc" / "checkpoint-3").exists() and not leftovers(denied)
     assert [step for step, _ in list_checkpoints(denied / "acc")] == [1, 2]
-    assert find_resume_point(denied, list(NAMES)).global_step == 4  # --resume picks up from here
+    point = find_resume_point(denied, run_identity(config, tiny_model_dir))
+    assert point.global_step == 4  # --resume picks up from here
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
@@ -174,37 +177,21 @@ def test_atomic_directory_is_complete_or_absent(tmp_path: Path, monkeypatch) -> 
     assert sorted(tmp_path.iterdir()) == [folder] and (folder / "a").read_bytes() == b"2"
 
 
-def write_cut(out: Path, step: int, checkpoint: str, folder_name: str | None = None) -> None:
-    cut = out / RUN_DIR / (folder_name or f"step-{step}")
-    cut.mkdir(parents=True)
-    manifest = {
-        "format": 1,
-        "global_step": step,
-        "adapters": {"a": {"status": "running", "checkpoint": checkpoint}},
-    }
-    (cut / "manifest.json").write_text(json.dumps(manifest))
-
-
-def write_checkpoint(out: Path, folder_name: str) -> None:
-    folder = out / "a" / folder_name
-    folder.mkdir(parents=True)
-    (folder / "trainer_state.json").write_text("{}")
-
-
 def test_half_written_checkpoints_are_never_resumed_from(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    write_checkpoint(out, "checkpoint-2")
-    write_cut(out, 2, "checkpoint-2")
+    out, identity = tmp_path / "out", small_identity("a")
+    records = identity.records(out)
+    fake_checkpoint(out, "a", "checkpoint-2")
+    fake_cut(records, identity, 2, {"a": "checkpoint-2"})
     # A kill while checkpoint-4 was written: its files are all there, under the temp name.
-    write_checkpoint(out, ".checkpoint-4.k2j3.tmp")
-    write_cut(out, 4, "checkpoint-4")
+    fake_checkpoint(out, "a", ".checkpoint-4.k2j3.tmp")
+    fake_cut(records, identity, 4, {"a": "checkpoint-4"})
     # A kill while the manifest of step 6 was written.
-    write_checkpoint(out, "checkpoint-6")
-    write_cut(out, 6, "checkpoint-6", folder_name=".step-6.x81q.tmp")
+    fake_checkpoint(out, "a", "checkpoint-6")
+    fake_cut(records, identity, 6, {"a": "checkpoint-6"}, folder_name=".step-6.x81q.tmp")
     assert [step for step, _ in list_checkpoints(out / "a")] == [2, 6]
-    assert find_resume_point(out, ["a"]).path == out / RUN_DIR / "step-2"
+    assert find_resume_point(out, identity).path == records / "step-2"
     with pytest.raises(MloraError, match="nothing to resume"):
-        find_resume_point(out, ["a", "b"])  # a cut of another run is not ours
+        find_resume_point(out, small_identity("a", "b"))  # a cut of another run is not ours
 
 
 def calls(name: str) -> list[tuple[Path, ast.Call]]:
@@ -266,9 +253,39 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
 def test_a_fresh_run_clears_leftovers_of_its_own_adapters_only(tmp_path: Path) -> None:
     from mlora.checkpoint import clear_run_state
 
-    write_checkpoint(tmp_path, ".checkpoint-4.k2j3.tmp")
+    fake_checkpoint(tmp_path, "a", ".checkpoint-4.k2j3.tmp")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / ".checkpoint-1.abcd.tmp").mkdir()
-    clear_run_state(tmp_path, ["a"])
+    clear_run_state(tmp_path, small_identity("a"))
     assert list((tmp_path / "a").iterdir()) == []
     assert (tmp_path / "other" / ".checkpoint-1.abcd.tmp").is_dir()
+
+
+def test_a_fresh_run_leaves_other_runs_records_and_adapters(tmp_path: Path) -> None:
+    """Config C trains (or --overwrite's) adapter a; the interrupted run A (a, b) keeps b's
+    checkpoint and its own records, so only what C names is replaced."""
+    from mlora.checkpoint import clear_run_state, list_cuts
+
+    run_a, run_c = small_identity("a", "b"), small_identity("a", seed=2)
+    fake_checkpoint(tmp_path, "a", "checkpoint-2")
+    fake_checkpoint(tmp_path, "b", "checkpoint-2")
+    fake_cut(run_a.records(tmp_path), run_a, 2, {"a": "checkpoint-2", "b": "checkpoint-2"})
+    fake_cut(run_c.records(tmp_path), run_c, 2, {"a": "checkpoint-2"})
+    clear_run_state(tmp_path, run_c)
+    assert not run_c.records(tmp_path).exists()
+    assert [s for s, _ in list_cuts(run_a.records(tmp_path))] == [2]
+    assert list_checkpoints(tmp_path / "a") == []  # C's adapter: replaced
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [2]  # the neighbour's: kept
+
+
+def test_records_of_the_layout_before_run_ids_are_adopted_when_they_match(tmp_path: Path):
+    from mlora.run_records import RUN_DIR
+
+    identity = small_identity("a")
+    fake_checkpoint(tmp_path, "a", "checkpoint-2")
+    fake_cut(tmp_path / RUN_DIR, identity, 2, {"a": "checkpoint-2"})  # DIR/.mlora-run/step-2
+    with pytest.raises(MloraError, match="it was trained with --seed 1, not 3"):
+        find_resume_point(tmp_path, small_identity("a", seed=3))
+    assert (tmp_path / RUN_DIR / "step-2").is_dir()  # not taken by a run that is not its own
+    assert find_resume_point(tmp_path, identity).path == identity.records(tmp_path) / "step-2"
+    assert not (tmp_path / RUN_DIR / "step-2").exists()
