@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from contextlib import ExitStack
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from mlora.distributed import (
     shard_frozen_base,
 )
 from mlora.errors import MloraError
+from mlora.hub import before_loading
 from mlora.model import MultiLoraModel, load_base_model, load_tokenizer
 from mlora.precision import base_model_load_options, check_dtype
 from mlora.preflight import check_seed, preflight
@@ -53,6 +56,26 @@ def check_outputs(
             raise MloraError(f"{folder} already exists; pass --overwrite to replace it{hint}")
 
 
+@contextmanager
+def log_to_stderr_unless_configured(enabled: bool) -> Iterator[None]:
+    """mlora's INFO lines (loss, lr, saves) on stderr for one call when nothing configured
+    logging (a notebook or script; transformers' Trainer prints there too); a program that
+    configured logging itself keeps its own setup."""
+    if not enabled or logger.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def train(
     config: TrainConfig | str | Path,
     base_model: str,
@@ -67,6 +90,7 @@ def train(
     resume: bool = False,
     quantize: str | None = None,
     tf32: bool = False,
+    log: bool = True,
     dist_backend: str | None = None,
     fsdp: bool = False,
 ) -> Trainer:
@@ -86,6 +110,8 @@ def train(
         overwrite: allow replacing existing ``output_dir/NAME`` folders.
         resume: continue from the newest complete checkpoint in ``output_dir`` (exactly: the
             result equals an uninterrupted run); finished adapters stay finished.
+        log: when logging is not configured (a notebook), print mlora's progress lines to
+            stderr for this call; False prints only warnings. Configured logging is kept.
         dist_backend: ``nccl`` or ``gloo`` when started by ``torchrun`` / ``accelerate launch``
             with several processes (default: nccl on CUDA, gloo on CPU); each process then
             trains on its share of every micro-batch and rank 0 writes (README "Distributed
@@ -99,11 +125,41 @@ def train(
     Raises:
         MloraError: invalid config, data, paths or model (one line each).
     """
+    with log_to_stderr_unless_configured(log):
+        return _train(
+            config, base_model, Path(output_dir), seed=seed, dtype=dtype, device=device,
+            load_adapter=load_adapter, overwrite=overwrite,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            resume=resume, quantize=quantize, tf32=tf32, dist_backend=dist_backend, fsdp=fsdp,
+        )  # fmt: skip
+
+
+def _train(
+    config: TrainConfig | str | Path,
+    base_model: str,
+    output_dir: Path,
+    *,
+    seed: int,
+    dtype: torch.dtype,
+    device: str | torch.device | None,
+    load_adapter: bool,
+    overwrite: bool,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+    resume: bool,
+    quantize: str | None,
+    tf32: bool,
+    dist_backend: str | None,
+    fsdp: bool,
+) -> Trainer:
+    """``train`` with its logging settled (same arguments)."""
     backend = get_backend(None if device is None else str(device))  # before any device use
     if env_world_size() > 1:
         backend = get_backend(str(local_device(backend.device)))  # one GPU per local rank
     if not isinstance(config, TrainConfig):
         config = load_config(config)
+    for note in config.notes:  # upstream m-LoRA keys read with a different meaning or none
+        logger.info(note)
     check_dtype(dtype, backend)
     check_seed(seed)
     load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
@@ -115,7 +171,6 @@ def train(
             "--fsdp shards the base over several processes: start mlora.py with torchrun "
             "--nproc_per_node N (N > 1)"
         )
-    output_dir = Path(output_dir)
     with process_group(backend.device, dist_backend) as dist, ExitStack() as lock:
         identity = RunIdentity(config, seed, base_model)  # names this run's records
         point, error = None, None
@@ -127,6 +182,7 @@ def train(
                 load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
             else:
                 check_outputs(config, output_dir, overwrite, load_adapter)
+            before_loading(base_model, "base model")  # the preflight reads a hub id's config
             preflight(config, base_model, output_dir, trust_remote_code, load_adapter)
             backend.manual_seed(seed)
             tokenizer = load_tokenizer(base_model, trust_remote_code)

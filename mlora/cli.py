@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import shlex
@@ -15,9 +16,20 @@ from mlora.interrupt import TrainingInterrupted
 logger = logging.getLogger("mlora")
 
 
+def program_name(script: str, console_script: str, module: str) -> str:
+    """How the user started a command line, for its usage line and hints: the console script
+    (``mlora``), the checkout's wrapper (``mlora.py``) or ``python -m MODULE``; ``script`` when
+    it cannot tell (e.g. under a test runner)."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path(script)
+    spec = importlib.util.find_spec(module)
+    if spec and spec.origin and argv0.suffix == ".py" and argv0.resolve() == Path(spec.origin):
+        return f"python -m {module}"
+    return argv0.name if argv0.name in (script, console_script) else script
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mlora.py",
+        prog=program_name("mlora.py", "mlora", "mlora.cli"),
         description="Fine-tune many LoRA adapters at once on one frozen base model.",
     )
     parser.add_argument("--base_model", required=True, help="Local model directory or hub id.")

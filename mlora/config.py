@@ -19,6 +19,8 @@ from typing import Any
 from mlora.adapter_names import adapter_name_problem
 from mlora.errors import ConfigError
 from mlora.eval_tasks import CHOICE_TASK_NAMES
+from mlora.jsonfile import read_json_file
+from mlora.upstream import translate_adapter, translate_top
 
 SCHEDULER_TYPES = (
     "linear",
@@ -35,10 +37,8 @@ KEY_ALIASES = {
     "learning_rate": "lr",
     "lora_r": "r",
     "rank": "r",
-    "alpha": "lora_alpha",
     "epochs": "num_epochs",
     "num_train_epochs": "num_epochs",
-    "dropout": "lora_dropout",
     "optimizer": "optim",
     "lr_scheduler_type": "scheduler_type",
     "max_seq_length": "cutoff_len",
@@ -139,6 +139,7 @@ EXPERT_LORA_KEYS: dict[str, Check] = {
     "r": int_at_least(1),
     "lora_alpha": positive_number,
     "lora_dropout": fraction,
+    "use_rslora": boolean,
 }
 
 
@@ -347,7 +348,8 @@ class AdapterConfig:
         optional(_act_fn),
     )  # fmt: skip
     expert_lora: dict[str, Any] | None = _key(
-        None, "mixlora*: the experts' own {r, lora_alpha, lora_dropout} (default: the adapter's).",
+        None, "mixlora*: the experts' own {r, lora_alpha, lora_dropout, use_rslora} (default: "
+        "the adapter's).",
         optional(_expert_lora),
     )  # fmt: skip
 
@@ -439,6 +441,7 @@ class TrainConfig:
         optional(non_empty_string),
     )
     source: str = field(default="<config>", metadata={"internal": True})
+    notes: list[str] = field(default_factory=list, metadata={"internal": True})
 
     def adapter(self, name: str) -> AdapterConfig:
         for adapter in self.lora:
@@ -538,6 +541,8 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
     adapters_raw = raw.get("lora")
     if not isinstance(adapters_raw, list) or not adapters_raw:
         raise ConfigError(f"{source}: key 'lora' must be a non-empty list of adapters")
+    raw, notes = translate_top(raw, source)  # upstream m-LoRA keys, as written there
+    adapters_raw = raw["lora"]
     adapters = []
     seen: set[str] = set()
     for index, item in enumerate(adapters_raw):
@@ -545,6 +550,9 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
         where = (
             f"{source}: adapter {label!r}" if isinstance(label, str) else f"{source}: lora[{index}]"
         )
+        if isinstance(item, dict):
+            item, adapter_notes = translate_adapter(item, where, source)
+            notes += [n for n in adapter_notes if n not in notes]
         adapter = _build(AdapterConfig, item, where)
         _check_adapter(adapter, where)
         if adapter.name in seen:
@@ -554,6 +562,7 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
     top = _build(TrainConfig, {**raw, "lora": []}, source)
     top.lora = adapters
     top.source = source
+    top.notes = notes
     return top
 
 
@@ -562,23 +571,10 @@ def read_config_json(path: str | Path) -> Any:
     keys as well as the check (``launch.py`` templates), so the file is read only once.
 
     Raises:
-        ConfigError: missing or unreadable file, or invalid JSON (with line and column).
+        ConfigError: missing or unreadable file, invalid JSON (with line and column), a key
+            repeated in one object, or a YAML file.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
+    return read_json_file(path, "config files")
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mlora.errors import DataError, first_line
+from mlora.hub import before_hub_access, no_usage_counter
 from mlora.integrity import json_type
 from mlora.prompts import PromptTemplate
 
@@ -62,11 +63,14 @@ def load_rows(source: str) -> list[dict[str, Any]]:
     else:
         fmt, loader_args = "hub", {"path": source}
     datasets.disable_progress_bars()
+    if path is None:
+        before_hub_access(f"data {source}")
     quiet = logging.getLogger("datasets")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # its own error log would be a second line on stderr
     try:
-        dataset = datasets.load_dataset(**loader_args, split="train")
+        with no_usage_counter():  # no request beyond the data itself
+            dataset = datasets.load_dataset(**loader_args, split="train")
     except Exception as exc:  # datasets raises many types; the user needs one line naming the file
         if path is not None and is_empty_data_file(path):
             raise DataError(f"{source}: the dataset is empty") from None

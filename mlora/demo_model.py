@@ -123,7 +123,10 @@ def build_demo_model(out_dir: str | Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    from mlora.model import transformers_progress_bars_off
+
+    with transformers_progress_bars_off():
+        model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)  # type: ignore[attr-defined]
     # transformers 5 writes its own class name, which 4.x cannot load; both load this one.
     tok_config_path = out_dir / "tokenizer_config.json"

@@ -16,6 +16,7 @@ from typing import Any
 
 from mlora.data import is_empty_data_file, is_local_source, load_rows, local_data_path
 from mlora.errors import DataError, first_line
+from mlora.hub import before_hub_access
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ def _load_hub(
     import datasets
 
     datasets.disable_progress_bars()
+    before_hub_access(f"task {task_name} ({task.hub_path})")
     try:
         dataset = datasets.load_dataset(task.hub_path, task.hub_config, split=split or task.split)
     except Exception as exc:  # offline, missing, renamed: the user needs one line

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mlora.atomic import atomic_write_text
-from mlora.cli import add_base_model_options, quantize_choice
+from mlora.cli import add_base_model_options, program_name, quantize_choice
 from mlora.dispatcher import shard_bounds
 from mlora.distributed import local_device, process_group
 from mlora.errors import MloraError, exit_code_of
@@ -135,7 +135,7 @@ def load_model(args: argparse.Namespace, folders: dict[str, Path]):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="generate.py",
+        prog=program_name("generate.py", "mlora-generate", "mlora.generate_cli"),
         description="Answer prompts with trained adapters; rows of different adapters share "
         "each batch.",
     )

@@ -2,7 +2,8 @@
 
 Verbs (each a plain function; ``main`` only parses and dispatches):
 
-- ``gen``: one adapter per task, from ``templates/NAME.json``, validated before it is written.
+- ``gen``: one adapter per task, from ``mlora/templates/NAME.json`` (or ``./templates``), validated
+  before it is written.
 - ``run``: calls ``mlora.cli.main`` in the same process (no shelling out); without
   ``--base_model`` it trains on the built-in random-weight demo model. With
   ``--nproc_per_node N`` (N > 1) it starts ``torchrun`` (``torch.distributed.run``) with N
@@ -56,12 +57,9 @@ logger = logging.getLogger("mlora")
 
 
 def template_dirs() -> list[Path]:
-    """Where templates are looked up: ``./templates``, the checkout's, then the package's own."""
-    dirs = [
-        Path.cwd() / "templates",
-        PACKAGE_ROOT / "templates",  # a checkout or editable install
-        Path(__file__).parent / "templates",  # shipped inside the package (wheel installs)
-    ]
+    """Where templates are looked up: ``./templates`` (the user's own), then the package's
+    (``mlora/templates``, package data: a wheel install has them too)."""
+    dirs = [Path.cwd() / "templates", Path(__file__).parent / "templates"]
     unique: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
@@ -104,10 +102,19 @@ def read_template(
             raise ConfigError(f"unknown template {name!r} (available: {known})")
     raw = read_config_json(path)
     # a broken template is reported as such, not as a broken config later
-    config = parse_config(raw, source=str(path))
+    config = parse_config(_with_task_placeholder(raw), source=str(path))
     if len(raw["lora"]) != 1:
         raise ConfigError(f"{path}: a template must hold exactly one adapter object")
     return raw, config, path
+
+
+def _with_task_placeholder(raw: Any) -> Any:
+    """A template as checked: ``gen`` fills each adapter's ``data`` from ``--tasks``, so a
+    template need not set it (upstream's launcher templates do not)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("lora"), list):
+        return raw
+    lora = [{"data": "<--tasks>", **a} if isinstance(a, dict) else a for a in raw["lora"]]
+    return {**raw, "lora": lora}
 
 
 def describe_template(adapter: AdapterConfig) -> str:
@@ -195,6 +202,26 @@ def adapter_names(adapter_name: str | None, prefix: str, count: int, taken: set[
     return names
 
 
+def split_test_data(test_data: str | None, count: int) -> list[str | None]:
+    """``--test_data``: one file for every task, or ``;``-separated, one per task.
+
+    Raises:
+        ConfigError: a count that differs from the task count, or a missing file.
+    """
+    if test_data is None:
+        return [None] * count
+    files = split_list(test_data)
+    if len(files) == 1:
+        files *= count
+    if len(files) != count:
+        raise ConfigError(
+            f"--test_data gives {len(files)} files for {count} tasks (use one, or one per task)"
+        )
+    for path in files:
+        check_task(path)
+    return list(files)
+
+
 def build_config(
     args: argparse.Namespace,
     template: dict[str, Any],
@@ -217,9 +244,12 @@ def build_config(
     taken = {a["name"] for a in config["lora"]}
     adapter_template = template["lora"][0]
     names = adapter_names(args.adapter_name, template_name, len(tasks), taken)
-    for name, task in zip(names, tasks, strict=True):
+    test_data = split_test_data(args.test_data, len(tasks))
+    for name, task, test in zip(names, tasks, test_data, strict=True):
         adapter = copy.deepcopy(adapter_template)
         adapter.update(name=name, data=task)
+        if test is not None:
+            adapter["test_data"] = test
         if task in CHOICE_TASK_NAMES:  # a built-in choice task: train and evaluate it as one
             adapter["task_name"] = task
         for flag, (key, level) in GEN_OVERRIDES.items():
@@ -258,7 +288,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
     print(f"{verb} {target}: {len(added)} adapter(s) from template {template_path.stem}")
     for adapter in added:
         kind = "" if Path(adapter["data"]).is_file() else " (not a local file: a hub dataset name)"
-        if adapter.get("task_name", "casual") != "casual":
+        if adapter.get("task_name") not in (None, "", "casual"):  # "": upstream's casual
             kind = (
                 f" (built-in choice task {adapter['task_name']}: hub data, or a local file later)"
             )
@@ -267,13 +297,23 @@ def cmd_gen(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {template_path.stem} is {note}")
     config_flag = "" if target == Path(DEFAULT_CONFIG) else f" --config {target}"
-    print(f"next: {_command_name()} run{config_flag}")
+    command = _command_name()
+    print(f"next: {command} run{config_flag} --dir out  (adapters go to out/NAME)")
+    if any("test_data" in adapter for adapter in added):
+        print(f"then: {command} evaluate{config_flag} --dir out")
     return 0
 
 
 def _command_name() -> str:
     """How the user invoked us, for the hints we print."""
-    return "python launch.py" if sys.argv[0].endswith("launch.py") else "mlora-launch"
+    name = _program_name()
+    return f"python {name}" if name.endswith(".py") else name
+
+
+def _program_name() -> str:
+    from mlora.cli import program_name
+
+    return program_name("launch.py", "mlora-launch", "mlora.launch")
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -426,11 +466,17 @@ def _add_gen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "gen",
         help="write a config from a template, one adapter per task",
-        description="Write a config from templates/NAME.json with one adapter per task; it is "
+        description="Write a config from a template (mlora/templates/NAME.json, ./templates/NAME"
+        ".json or a .json file) with one adapter per task; it is "
         "validated before it is written. Unset options keep the template's values.",
     )
     p.add_argument("--template", required=True, help="template name (see `avail`) or a .json file")
     p.add_argument("--tasks", required=True, help="';'-separated data files or hub dataset names")
+    p.add_argument(
+        "--test_data",
+        help="evaluation data for `evaluate` (key test_data): one file for every task, or "
+        "';'-separated, one per task",
+    )
     p.add_argument(
         "--adapter_name",
         help="';'-separated names (one per task), or a prefix for NAME_0, NAME_1, ... "
@@ -523,7 +569,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="launch.py",
+        prog=_program_name(),
         description="Write mlora configs from templates and run them.",
         epilog="Quickstart: launch.py gen --template lora --tasks ./data/dummy_data.json; "
         "launch.py run",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 from mlora.adapters import MultiLoraLinear
 from mlora.batch import LossBatch
 from mlora.errors import MloraError, first_line
+from mlora.hub import before_loading
 from mlora.layout import BatchLayout, LayoutContext
 
 logger = logging.getLogger("mlora")
@@ -270,6 +272,21 @@ class MultiLoraModel(nn.Module):
         return logits
 
 
+@contextmanager
+def transformers_progress_bars_off() -> Iterator[None]:
+    """transformers' own bars (loading/writing shards) off for a call: they would share the
+    terminal with mlora's log lines and the training bar; the log says what loaded instead."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a local model directory or hub id, padding with EOS when it has no pad.
 
@@ -278,6 +295,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     """
     from transformers import AutoTokenizer
 
+    before_loading(name_or_path, "base model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -315,13 +333,14 @@ def load_base_model(
     if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            **from_pretrained_kwargs,
-        )
+        with transformers_progress_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+                **from_pretrained_kwargs,
+            )
     except (OSError, ValueError) as exc:
         raise MloraError(f"cannot load base model {name_or_path}: {first_line(exc)}") from None
     if "quantization_config" not in from_pretrained_kwargs:

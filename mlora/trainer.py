@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mlora.backends import get_backend
 from mlora.batch import collate
@@ -179,6 +180,7 @@ class Trainer:
         self.init_from = dict(init_from or {})
         self.checkpoints_written: dict[str, int] = {}  # adapter -> STEP of its newest folder
         self._cut_due = False
+        self._saved: list[str] = []  # "finished, saved" lines, logged after the step's line
         self.last_cut_step: int | None = None
         self.backend = get_backend(str(model.device))
         self.gradient_checkpoint = resolve_checkpoint_mode(config.gradient_checkpoint, self.backend)
@@ -263,11 +265,13 @@ class Trainer:
         by_queue = {id(run.queue): run for run in self.runs}
         if self.config.save_step and self.global_step == 0:
             self.save_cut()  # step-0: --resume after an early crash starts over exactly
-        try:
-            with GracefulStop() as stop:
+        consoles = [lg for lg in (logging.getLogger(), logger) if lg.handlers]
+        try:  # log lines printed above the bar, never through it
+            with GracefulStop() as stop, logging_redirect_tqdm(consoles):
                 self._loop(stop, progress, by_queue, last_log)
         finally:
             progress.close()
+            self._log_saved()
             self.model.context.set(None)
         peak = self.backend.memory_stats()["peak"]  # CPU: process peak RSS; GPU: allocator peak
         logger.info("peak memory %.0f MiB on %s", peak / 2**20, self.backend.device)
@@ -286,10 +290,12 @@ class Trainer:
             self.train_step(step)
             self.global_step += 1
             progress.update(len(step))
-            if self.global_step % self.config.log_step == 0 or self.dispatcher.finished:
+            due = self.global_step % self.config.log_step == 0
+            if due or self.dispatcher.finished or self._saved:
                 now = time.perf_counter()
                 self._log(now - last_log)
                 last_log = now
+            self._log_saved()
             signal_name = self._agreed_signal(stop)
             if self._cut_due or (signal_name and not self.dispatcher.finished):
                 cut = self.save_cut()
@@ -502,8 +508,14 @@ class Trainer:
     def save_final(self, run: AdapterRun) -> Path:
         folder = self.output_dir / run.name
         save_adapter(self.model, run.name, folder, self.adapter_config_json(run))
-        logger.info("adapter %s: finished, saved to %s", run.name, folder)
+        self._saved.append(f"adapter {run.name}: finished, saved to {folder}")
         return folder
+
+    def _log_saved(self) -> None:
+        """The adapters saved this step, said after the step's loss line (not before it)."""
+        for line in self._saved:
+            logger.info("%s", line)
+        self._saved.clear()
 
     def save_cut(self) -> Path:
         """Write a resumable snapshot of every adapter at this global step (see checkpoint.py)."""

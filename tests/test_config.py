@@ -91,7 +91,9 @@ def test_defaults_and_derived_values() -> None:
 
 
 def shipped_configs() -> list[Path]:
-    return sorted((ROOT / "config").glob("*.json")) + sorted((ROOT / "templates").glob("*.json"))
+    return sorted((ROOT / "config").glob("*.json")) + sorted(
+        (ROOT / "mlora" / "templates").glob("*.json")
+    )
 
 
 @pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -19,7 +19,7 @@ from mlora.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "dummy_data.json"
 TEST_DATA = REPO / "data" / "dummy_test.json"
-TEMPLATES = sorted(p.stem for p in (REPO / "templates").glob("*.json"))
+TEMPLATES = sorted(p.stem for p in (REPO / "mlora" / "templates").glob("*.json"))
 
 
 def launch_cli(cwd: Path, *args: str, home: Path) -> subprocess.CompletedProcess[str]:
@@ -55,7 +55,7 @@ def test_the_required_templates_ship() -> None:
 def test_every_template_is_a_valid_config_and_gen_output_validates(
     template: str, tmp_path: Path
 ) -> None:
-    load_config(REPO / "templates" / f"{template}.json")
+    load_config(REPO / "mlora" / "templates" / f"{template}.json")
     assert gen(tmp_path, "--template", template, "--tasks", f"{DATA};{TEST_DATA}") == 0
     config = load_config(tmp_path / "mlora.json")
     assert [a.name for a in config.lora] == [f"{template}_0", f"{template}_1"]

@@ -537,7 +537,7 @@ def test_cli_trains_continues_and_reports_bad_input(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"routing_strategy": "mixtral"}, "key 'routing_strategy' must be one of 'mixlora'"),
+        ({"routing_strategy": "mixtrall"}, "key 'routing_strategy' must be one of 'mixlora'"),
         ({"expert_capacity": 8}, "key 'expert_capacity' does not apply to routing_strategy"),
         ({"routing_strategy": None}, "key 'jitter_noise' needs 'routing_strategy'"),
         ({"top_k": 2, "num_experts": None}, "key 'num_experts' is required"),

@@ -80,6 +80,16 @@ def invalid_json(folder: Path) -> list[str]:
     return []
 
 
+def repeated_key(folder: Path) -> list[str]:
+    write(folder, '{"lora": [{"name": "chat", "data": "data.json", "lr": 1e-4, "lr": 3e-4}]}\n')
+    return []
+
+
+def yaml_config(folder: Path) -> list[str]:
+    write(folder, "adapters:\n  - name: chat\n    type: lora\n")
+    return []
+
+
 def duplicate_names(folder: Path) -> list[str]:
     config = base_config()
     config["lora"].append(dict(config["lora"][0]))
@@ -177,6 +187,10 @@ CASES = [
     Case("lr", "`lr` <= 0", adapter(lr=0), "key 'lr' must be a number > 0"),
     Case("micro-batch", "`micro_batch_size` does not divide `batch_size`",
          adapter(batch_size=4, micro_batch_size=3), "'micro_batch_size' (3) must divide"),
+    Case("repeated-key", "a key repeated in one object", repeated_key,
+         "config.json: key 'lr' appears twice in one object (keep one)"),
+    Case("yaml", "a YAML config (upstream's newer format)", yaml_config,
+         "config.json: YAML, not JSON"),
     Case("duplicate", "duplicate adapter names", duplicate_names,
          "duplicate adapter name 'chat'"),
     Case("dotted-name", "an adapter name with `.`, `/` or `\\`", adapter(name="math-v1.5"),

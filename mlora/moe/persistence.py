@@ -113,7 +113,9 @@ def spec_from_config(config: dict[str, Any], source: str) -> MixLoraSpec:
     expert_lora = config.get("expert_lora")
     if expert_lora:
         expert_lora = {
-            k: expert_lora[k] for k in ("r", "lora_alpha", "lora_dropout") if k in expert_lora
+            k: expert_lora[k]
+            for k in ("r", "lora_alpha", "lora_dropout", "use_rslora")
+            if k in expert_lora
         }
     return build_mixlora_spec(
         **lora_fields,

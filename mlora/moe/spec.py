@@ -93,10 +93,12 @@ def build_mixlora_spec(
     act_fn: str | None,
     expert_lora: dict[str, Any] | None,
 ) -> MixLoraSpec:
-    """A MixLoraSpec with the experts' r / alpha / dropout resolved from ``expert_lora``."""
+    """A MixLoraSpec with the experts' r / alpha / dropout / rsLoRA scaling resolved from
+    ``expert_lora``."""
     overrides = dict(expert_lora or {})
     expert_r = int(overrides.get("r", r))
     expert_alpha = float(overrides.get("lora_alpha", lora_alpha))
+    expert_rslora = bool(overrides.get("use_rslora", use_rslora))
     return MixLoraSpec(
         r=r,
         scaling=lora_scaling(lora_alpha, r, use_rslora),
@@ -106,7 +108,7 @@ def build_mixlora_spec(
         use_dora=use_dora,
         router=router,
         expert_r=expert_r,
-        expert_scaling=lora_scaling(expert_alpha, expert_r, use_rslora),
+        expert_scaling=lora_scaling(expert_alpha, expert_r, expert_rslora),
         expert_dropout=float(overrides.get("lora_dropout", lora_dropout)),
         act_fn=act_fn,
         expert_lora=tuple(sorted(overrides.items())) if expert_lora else None,
