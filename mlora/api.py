@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -14,7 +15,16 @@ from mlora.atomic import output_lock
 from mlora.backends import get_backend
 from mlora.base_model import resolve_base_model
 from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
-from mlora.config import TrainConfig, load_config
+from mlora.config import TrainConfig, config_to_dict, load_config
+from mlora.data import TokenizedRow
+from mlora.distributed import (
+    check_world_size,
+    env_world_size,
+    fingerprint,
+    local_device,
+    process_group,
+    shard_frozen_base,
+)
 from mlora.errors import MloraError
 from mlora.hub import before_loading
 from mlora.model import MultiLoraModel, load_base_model, load_tokenizer
@@ -82,6 +92,8 @@ def train(
     quantize: str | None = None,
     tf32: bool = False,
     log: bool = True,
+    dist_backend: str | None = None,
+    fsdp: bool = False,
 ) -> Trainer:
     """Train every adapter of ``config`` together on ``base_model``, saving to ``output_dir/NAME``.
 
@@ -102,6 +114,12 @@ def train(
             result equals an uninterrupted run); finished adapters stay finished.
         log: when logging is not configured (a notebook), print mlora's progress lines to
             stderr for this call; False prints only warnings. Configured logging is kept.
+        dist_backend: ``nccl`` or ``gloo`` when started by ``torchrun`` / ``accelerate launch``
+            with several processes (default: nccl on CUDA, gloo on CPU); each process then
+            trains on its share of every micro-batch and rank 0 writes (README "Distributed
+            training").
+        fsdp: with several processes, shard the frozen base over them with FSDP2 (each rank
+            keeps 1/N of its weights between layers); adapters stay whole on every rank.
 
     Returns:
         The finished Trainer (``trainer.model`` holds the trained adapters).
@@ -114,7 +132,7 @@ def train(
             config, base_model, Path(output_dir), seed=seed, dtype=dtype, device=device,
             load_adapter=load_adapter, overwrite=overwrite,
             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-            resume=resume, quantize=quantize, tf32=tf32,
+            resume=resume, quantize=quantize, tf32=tf32, dist_backend=dist_backend, fsdp=fsdp,
         )  # fmt: skip
 
 
@@ -133,9 +151,13 @@ def _train(
     resume: bool,
     quantize: str | None,
     tf32: bool,
+    dist_backend: str | None,
+    fsdp: bool,
 ) -> Trainer:
     """``train`` with its logging settled (same arguments)."""
     backend = get_backend(None if device is None else str(device))  # before any device use
+    if env_world_size() > 1:
+        backend = get_backend(str(local_device(backend.device)))  # one GPU per local rank
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     for note in config.notes:  # upstream m-LoRA keys read with a different meaning or none
@@ -145,19 +167,37 @@ def _train(
     load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     if tf32:
         backend.allow_tf32(True)
-    with output_lock(output_dir):  # before the checks: two runs must not both pass them
+    check_world_size(config, env_world_size())  # before joining the group: fails in a second
+    if fsdp and env_world_size() <= 1:
+        raise MloraError(
+            "--fsdp shards the base over several processes: start mlora.py with torchrun "
+            "--nproc_per_node N (N > 1)"
+        )
+    with process_group(backend.device, dist_backend) as dist, ExitStack() as lock:
         identity = RunIdentity(config, seed, base_model)  # names this run's records
-        point = find_resume_point(output_dir, identity) if resume else None
-        if point is not None:
-            load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
-        else:
-            check_outputs(config, output_dir, overwrite, load_adapter)
-        model_path = resolve_base_model(base_model)  # a GGUF file: its converted folder
-        before_loading(model_path, "base model")  # the preflight reads a hub id's config
-        preflight(config, model_path, output_dir, trust_remote_code, load_adapter)
-        backend.manual_seed(seed)
-        tokenizer = load_tokenizer(model_path, trust_remote_code)
-        data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
+        point, error = None, None
+        try:
+            if dist.is_main:  # before the checks: two runs must not both pass them
+                lock.enter_context(output_lock(output_dir))
+            point = find_resume_point(output_dir, identity) if resume else None
+            if point is not None:
+                load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
+            else:
+                check_outputs(config, output_dir, overwrite, load_adapter)
+            model_path = resolve_base_model(base_model)  # a GGUF file: its converted folder
+            before_loading(model_path, "base model")  # the preflight reads a hub id's config
+            preflight(config, model_path, output_dir, trust_remote_code, load_adapter)
+            backend.manual_seed(seed)
+            tokenizer = load_tokenizer(model_path, trust_remote_code)
+            data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
+        except MloraError as exc:
+            if not dist.enabled:
+                raise
+            error = exc
+        run = {"seed": seed, "base model": base_model, "dtype": str(dtype), "resume": resume}
+        dist.agree_to_start(
+            {} if error else _fingerprint(config, run, data, load_adapter, overwrite), error
+        )
         init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
         hf_model, _ = load_base_model(
             model_path,
@@ -181,10 +221,41 @@ def _train(
             seed,
             base_model,
             init_from,
+            dist,
         )
+        if fsdp:
+            model = trainer.model
+            adapters = {
+                p for a in model.specs for _, m in model.adapter_modules(a) for p in m.parameters()
+            }
+            units = shard_frozen_base(model.model, adapters)
+            logger.info(
+                "fsdp: the frozen base is sharded over %d ranks (%d modules)",
+                dist.world_size,
+                units,
+            )
         if point is not None:
             restore(trainer, point)
-        else:
+        elif dist.is_main:
             clear_run_state(output_dir, identity)  # stale records of this run, if any
+        dist.barrier()  # every rank has read the checkpoint before rank 0 writes again
         trainer.train()
         return trainer
+
+
+def _fingerprint(
+    config: TrainConfig,
+    run: dict,
+    data: dict[str, list[TokenizedRow]],
+    load_adapter: bool,
+    overwrite: bool,
+) -> dict[str, str]:
+    """What every rank of a data-parallel run must agree on, hashed (see ``agree_to_start``)."""
+    tokens = {}
+    for name, rows in data.items():
+        digest = hashlib.sha256()
+        for row in rows:
+            digest.update(repr((row.input_ids, row.labels)).encode())
+        tokens[f"data of adapter {name!r}"] = digest.hexdigest()
+    flags = {"--load_adapter": load_adapter, "--overwrite": overwrite}
+    return fingerprint(config=config_to_dict(config), **run, flags=flags, **tokens)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from mlora.data import IGNORE_INDEX, TokenizedRow
+from mlora.dispatcher import MicroBatchShard
 from mlora.layout import BatchLayout
 
 
@@ -155,6 +156,7 @@ def collate(
     pad_token_id: int,
     device: torch.device | str = "cpu",
     packed: bool = True,
+    shards: Sequence[MicroBatchShard] | None = None,
 ) -> LossBatch:
     """Put the rows of each ``(adapter, rows)`` group into one batch, groups contiguous.
 
@@ -163,6 +165,10 @@ def collate(
         pad_token_id: fills padded positions.
         device: where the tensors go.
         packed: pack each group's rows into bins (default), or one padded row per row.
+        shards: data parallel: group ``i`` is this rank's share ``shards[i]`` of a micro-batch
+            (one group per adapter). Each adapter's noise is then drawn for the whole
+            micro-batch (tokens, and supervised positions for ``lm_head``) and each token takes
+            its own, so the masks do not depend on the sharding. None: groups are whole.
 
     Returns:
         A ``LossBatch`` whose segment ``i`` is group ``i``; ``position_rows`` count rows in
@@ -208,20 +214,28 @@ def collate(
     counts = torch.bincount(owners, minlength=len(groups))
     names = [name for name, _ in groups]
     real_counts = [sum(len(row) for row in group) for _, group in groups]
+    windows = head_windows = None
+    if shards is not None:
+        windows = [(s.tokens_before, s.tokens_total) for s in shards]
+        head_windows = [(s.supervised_before, s.supervised_total) for s in shards]
     layout = BatchLayout.from_lengths(
-        [(name, n * width) for name, n in zip(names, bins_per_group, strict=True)], real_counts
+        [(name, n * width) for name, n in zip(names, bins_per_group, strict=True)],
+        real_counts,
+        windows,
     )
-    head_layout = BatchLayout.from_lengths(list(zip(names, counts.tolist(), strict=True)))
+    head_layout = BatchLayout.from_lengths(
+        list(zip(names, counts.tolist(), strict=True)), windows=head_windows
+    )
     move = {"device": device, "non_blocking": True}
     shape = (len(bins), width)
     padded_tokens = total - sum(lengths)
     real_index = head_index = None
     in_order = [i for b in bins for i in b] == list(range(len(rows)))
-    if padded_tokens or not in_order:  # draws follow each token's canonical index
+    if padded_tokens or not in_order or shards is not None:  # draws follow canonical indices
         segment_of_group = torch.tensor(_segment_numbers(names))
         segment_of_row = segment_of_group[group_of_row].tolist()
         real_index = canonical_token_index(token_rows, positions_in_row, lengths, segment_of_row)
-        if not in_order:
+        if not in_order or shards is not None:
             head_index = _rank_within_segments(real_index[positions], segment_of_group[owners])
     return LossBatch(
         input_ids=ids.view(shape).to(**move),

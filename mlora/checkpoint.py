@@ -12,8 +12,11 @@ absent) and the run-level one last:
    and base model, so other runs in the same folder keep their own records: see
    ``run_records.py``): ``manifest.json`` (step counters and dispatcher
    position of every adapter, which checkpoint folder it uses, finished/failed status, loss
-   bookkeeping, the config) and ``state.safetensors`` (RNG states of torch CPU and device, the
-   partial gradients of adapters that are mid gradient-accumulation, pending loss sums).
+   bookkeeping, the config, the world size) and ``state.safetensors`` (RNG states of torch CPU
+   and device, of every rank, the partial gradients of adapters that are mid
+   gradient-accumulation, summed over ranks, pending loss sums).
+
+With several processes only rank 0 writes; every rank reads the same cut on ``--resume``.
 
 A cut can therefore be taken after any global step. ``--resume`` picks the newest cut of this
 run whose parts all exist and are intact (sizes, safetensors headers, JSON shapes; a damaged
@@ -42,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from mlora.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
+from mlora.backends import RngState
 from mlora.dispatcher import AdapterQueue
 from mlora.errors import MloraError, first_line
 from mlora.integrity import json_problem, safetensors_problem, shape_problem, torch_file_problem
@@ -206,11 +210,19 @@ def _status(run: AdapterRun) -> str:
     return "finished" if run.finished else "running"
 
 
-def write_cut(trainer: Trainer) -> Path:
+def cut_path(trainer: Trainer) -> Path:
+    """Where the cut of ``trainer``'s current global step goes."""
+    return identity_of(trainer).records(trainer.output_dir) / f"step-{trainer.global_step}"
+
+
+def write_cut(trainer: Trainer, rng: list[RngState]) -> Path:
     """Write a consistent snapshot of the whole run at ``trainer.global_step``; returns it.
 
     Adapter folders come first, the run-level folder (the manifest) last, so a cut that exists
     is complete. Then old checkpoints are pruned (``save_total_limit`` per adapter).
+
+    Args:
+        rng: every rank's global RNG state, in rank order (one entry with one process).
     """
     tensors: dict[str, torch.Tensor] = {}
     adapters: dict[str, dict[str, Any]] = {}
@@ -233,7 +245,7 @@ def write_cut(trainer: Trainer) -> Path:
                 trainer.checkpoints_written[run.name] = run.steps_done
             entry["checkpoint"] = folder.name
         if status == "running":
-            for i, param in enumerate(_optimizer_params(run)):
+            for i, param in enumerate(run.params):
                 if param.grad is not None:  # mid gradient-accumulation
                     tensors[f"grad/{run.name}/{i}"] = _own(param.grad)
             if run.step_loss is not None:
@@ -241,15 +253,17 @@ def write_cut(trainer: Trainer) -> Path:
         if run.loss_sum is not None:
             tensors[f"loss_sum/{run.name}"] = _own(run.loss_sum.reshape(1))
         adapters[run.name] = entry
-    rng = trainer.backend.get_rng_state()
     for key, state in trainer.model.context.generators.state_dict().items():
         tensors[f"adapter_rng/{key}"] = state  # each adapter's dropout / jitter stream
-    tensors["rng/cpu"] = rng.cpu
-    if rng.device is not None:
-        tensors["rng/device"] = rng.device.cpu()
+    for rank, state in enumerate(rng):
+        prefix = "rng" if rank == 0 else f"rng/rank{rank}"
+        tensors[f"{prefix}/cpu"] = state.cpu
+        if state.device is not None:
+            tensors[f"{prefix}/device"] = state.device.cpu()
     identity = identity_of(trainer)
     manifest = {
         "format": FORMAT,
+        "world_size": len(rng),
         "global_step": trainer.global_step,
         "seed": trainer.seed,
         "base_model": base_model_identity(trainer.base_model_name),
@@ -259,7 +273,7 @@ def write_cut(trainer: Trainer) -> Path:
         "adapters": adapters,
     }
     records = identity.records(trainer.output_dir)
-    target = records / f"step-{trainer.global_step}"
+    target = cut_path(trainer)
     with atomic_directory(target) as tmp:
         atomic_write_bytes(tmp / TENSORS_NAME, save(tensors))
         atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
@@ -272,10 +286,6 @@ def _own(value: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy with its own storage (safetensors refuses shared storage, and the
     loss sums can be views of the same step's losses)."""
     return value.detach().cpu().clone(memory_format=torch.contiguous_format)
-
-
-def _optimizer_params(run: AdapterRun) -> list[torch.nn.Parameter]:
-    return [p for group in run.optimizer.param_groups for p in group["params"]]
 
 
 def _referenced(manifest: dict[str, Any]) -> list[tuple[str, str]]:
@@ -513,7 +523,6 @@ def _load_torch(path: Path) -> Any:
 
 def restore(trainer: Trainer, point: ResumePoint) -> None:
     """Put ``trainer`` back in the exact state of the cut ``point`` and drop newer leftovers."""
-    from mlora.backends import RngState
     from mlora.persistence import read_adapter
 
     identity = identity_of(trainer)
@@ -544,19 +553,25 @@ def restore(trainer: Trainer, point: ResumePoint) -> None:
             run.optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
             run.scheduler.load_state_dict(_load_torch(folder / "scheduler.pt"))
             trainer.checkpoints_written[run.name] = run.steps_done
-        for i, param in enumerate(_optimizer_params(run)):
-            grad = tensors.get(f"grad/{run.name}/{i}")
+        main = trainer.dist.is_main  # the cut's partial sums are the whole run's: rank 0 takes
+        for i, param in enumerate(run.params):  # them, the others start the step from zero
+            grad = tensors.get(f"grad/{run.name}/{i}") if main else None
             param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype)
         step_loss = tensors.get(f"step_loss/{run.name}")
+        if step_loss is not None and not main:
+            step_loss = torch.zeros_like(step_loss)
         run.step_loss = None if step_loss is None else step_loss.to(device).reshape(())
-        _drop_after(list_checkpoints(output_dir / run.name), run.steps_done)
-    records = identity.records(output_dir)
-    _drop_after(list_cuts(records), point.global_step)
-    _drop_temporaries([records, *(output_dir / run.name for run in trainer.runs)])
+        if main:
+            _drop_after(list_checkpoints(output_dir / run.name), run.steps_done)
+    if trainer.dist.is_main:
+        records = identity.records(output_dir)
+        _drop_after(list_cuts(records), point.global_step)
+        _drop_temporaries([records, *(output_dir / run.name for run in trainer.runs)])
     trainer.global_step = point.global_step
     trainer.last_cut_step = point.global_step
-    rng_device = tensors.get("rng/device")
-    trainer.backend.set_rng_state(RngState(cpu=tensors["rng/cpu"], device=rng_device))
+    trainer.backend.set_rng_state(
+        _rank_rng(tensors, point, trainer.dist.rank, trainer.dist.world_size)
+    )
     prefix = "adapter_rng/"
     trainer.model.context.generators.load_state_dict(
         {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -568,6 +583,23 @@ def restore(trainer: Trainer, point: ResumePoint) -> None:
         point.global_step,
         f"; already finished: {', '.join(done)}" if done else "",
     )
+
+
+def _rank_rng(
+    tensors: dict[str, torch.Tensor], point: ResumePoint, rank: int, world_size: int
+) -> RngState:
+    """This rank's global RNG state from the cut: its own when the world size is the same,
+    else rank 0's (adapter noise does not come from it; see ``mlora.randomness``)."""
+    saved_world = int(point.manifest.get("world_size", 1))
+    prefix = "rng" if rank == 0 or saved_world != world_size else f"rng/rank{rank}"
+    if saved_world != world_size and rank == 0:
+        logger.info(
+            "resuming a run of %d process(es) with %d: each adapter's micro-batches and "
+            "random draws are the same, only the sharding of rows changes",
+            saved_world,
+            world_size,
+        )
+    return RngState(cpu=tensors[f"{prefix}/cpu"], device=tensors.get(f"{prefix}/device"))
 
 
 def _drop_after(numbered: list[tuple[int, Path]], step: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -75,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_base_model_options(parser)
     parser.add_argument("--tf32", action="store_true", help="Allow TF32 matmuls (CUDA).")
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="Under torchrun with several processes: shard the frozen base over them (FSDP2, "
+        "per decoder layer); adapters stay whole on every rank.",
+    )
+    parser.add_argument(
+        "--dist_backend",
+        choices=("nccl", "gloo"),
+        default=None,
+        help="Under torchrun / accelerate launch with several processes: the torch.distributed "
+        "backend (default: nccl on CUDA, gloo on CPU).",
+    )
     parser.add_argument("--log_file", default=None, help="Also write the log to this file.")
     parser.add_argument("--verbose", action="store_true", help="Debug logging.")
     return parser
@@ -122,11 +136,17 @@ def quantize_choice(args: argparse.Namespace) -> str | None:
 
 
 def setup_logging(verbose: bool, log_file: str | None) -> None:
+    """Log to stderr (and ``log_file``); with several processes only rank 0 logs below
+    warnings, and only rank 0 writes the log file."""
+    from mlora.distributed import env_rank
+
+    main = env_rank() == 0
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
+    if log_file and main:
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level if main else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
         handlers=handlers,
         force=True,
@@ -180,11 +200,25 @@ def run(args: argparse.Namespace) -> int:
         quantize=quantize_choice(args),
         attn_implementation=args.attn_impl,
         tf32=args.tf32,
+        dist_backend=args.dist_backend,
+        fsdp=args.fsdp,
     )
     failed = [run.failed for run in trainer.runs if run.failed]
     for message in failed:
         print(f"error: {message}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def launcher_words() -> list[str]:
+    """How to start ``mlora.py`` again as this run was started: ``python``, or torchrun with
+    this machine's process count (``...`` stands for the multi-node options of torchrun)."""
+    from mlora.distributed import env_world_size
+
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if env_world_size() <= 1:
+        return ["python"]
+    nodes = [] if str(env_world_size()) == local else ["..."]
+    return ["torchrun", *nodes, "--nproc_per_node", local]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingInterrupted as exc:
             given = sys.argv[1:] if argv is None else argv
             resume = [] if args.resume else ["--resume"]
-            command = shlex.join(["python", "mlora.py", *given, *resume])
-            print(f"error: {exc}; resume with: {command}", file=sys.stderr)
+            command = shlex.join([*launcher_words(), "mlora.py", *given, *resume])
+            if not exc.quiet:
+                print(f"error: {exc}; resume with: {command}", file=sys.stderr)
             return exc.exit_code
 
     return exit_code_of(train_or_report_resume)

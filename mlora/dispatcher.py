@@ -42,6 +42,49 @@ class MicroBatch:
     def max_len(self) -> int:
         return max(len(row) for row in self.rows)
 
+    def shard(self, rank: int, world_size: int) -> MicroBatchShard:
+        """Rank ``rank``'s contiguous share of the rows (data parallel; see ``shard_bounds``)."""
+        start, end = shard_bounds(len(self.rows), rank, world_size)
+        return MicroBatchShard(
+            self.rows[start:end],
+            tokens_before=sum(len(row) for row in self.rows[:start]),
+            tokens_total=sum(len(row) for row in self.rows),
+            supervised_before=sum(row.num_supervised for row in self.rows[:start]),
+            supervised_total=sum(row.num_supervised for row in self.rows),
+        )
+
+
+@dataclass(frozen=True)
+class MicroBatchShard:
+    """One rank's rows of a micro-batch, and where their tokens sit among the micro-batch's.
+
+    Attributes:
+        rows: this rank's rows (possibly none), in micro-batch order.
+        tokens_before: tokens of the micro-batch's rows before ``rows``.
+        tokens_total: tokens of the whole micro-batch. Every rank draws the adapter's noise for
+            all of them and keeps its window, so sharding does not change the masks.
+        supervised_before, supervised_total: the same for the supervised positions (the
+            ``lm_head`` pass draws for those).
+    """
+
+    rows: tuple[TokenizedRow, ...]
+    tokens_before: int
+    tokens_total: int
+    supervised_before: int
+    supervised_total: int
+
+
+def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``[start, end)`` of ``count`` ordered items.
+
+    The first ``count % world_size`` ranks take one item more; a rank may get none (a
+    micro-batch with fewer rows than ranks). Deterministic in (rank, world size); the order it
+    cuts comes from the seed (``epoch_order``).
+    """
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
 
 def name_seed(seed: int, name: str) -> int:
     """A seed per adapter name, so an adapter's randomness never depends on the others."""

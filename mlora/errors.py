@@ -11,7 +11,12 @@ from collections.abc import Callable
 
 
 class MloraError(Exception):
-    """A problem with the user's input or environment, reported as one line."""
+    """A problem with the user's input or environment, reported as one line.
+
+    ``quiet``: another process reports it (data parallel: rank 0 prints what all ranks raise).
+    """
+
+    quiet = False
 
 
 class ConfigError(MloraError):
@@ -35,7 +40,8 @@ def exit_code_of(body: Callable[[], int], interrupted_code: int = 130) -> int:
     try:
         return body()
     except MloraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not exc.quiet:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if interrupted_code:

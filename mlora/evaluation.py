@@ -15,6 +15,10 @@ Batching: each step takes the next ``evaluate_batch_size`` rows (questions, with
 choices) of every adapter that has rows left and scores them in ONE forward pass, one layout
 segment per adapter; generation likewise answers the step's rows of all adapters in one
 ``generate`` call. Segments never mix, so an adapter's figures do not depend on its neighbours.
+
+Under ``torchrun`` / ``accelerate launch`` with several processes each rank scores and answers a
+contiguous share of every adapter's test rows; rank 0 gathers them in order, computes the
+figures and writes the result file.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch
 from mlora.batch import collate
 from mlora.config import AdapterConfig, TrainConfig
 from mlora.data import IGNORE_INDEX, TokenizedRow, pad_token_id, tokenize_rows
+from mlora.dispatcher import shard_bounds
+from mlora.distributed import Distributed, local_device, process_group
 from mlora.errors import ConfigError, DataError, MloraError
 from mlora.eval_tasks import CHOICE_TASKS, choice_source, load_choice_questions, read_test_rows
 from mlora.model import MultiLoraModel
@@ -374,14 +380,49 @@ def _result(ts: TestSet, nll: list[list[float]], answers: list[str] | None) -> A
     )
 
 
+def shard_test_set(ts: TestSet, rank: int, world_size: int) -> TestSet:
+    """Rank ``rank``'s contiguous share of a test set's scoring units and prompts."""
+    units = slice(*shard_bounds(len(ts.units), rank, world_size))
+    prompts = slice(*shard_bounds(len(ts.prompts), rank, world_size))
+    return TestSet(
+        ts.adapter, ts.task, ts.batch_size, ts.units[units], ts.prompts[prompts],
+        max_new_tokens=ts.max_new_tokens,
+    )  # fmt: skip
+
+
 def evaluate_model(
-    model: MultiLoraModel, tokenizer: Any, test_sets: Sequence[TestSet]
+    model: MultiLoraModel,
+    tokenizer: Any,
+    test_sets: Sequence[TestSet],
+    dist: Distributed | None = None,
 ) -> dict[str, AdapterResult]:
     """Evaluate the adapters of ``test_sets`` (already attached to ``model``) together.
+
+    Args:
+        dist: with several processes, each scores its share of the rows and every rank gets
+            the results of all (gathered in row order).
 
     Raises:
         MloraError: a test set names an adapter the model does not have.
     """
+    dist = dist or Distributed()
+    if dist.enabled:
+        shares = [shard_test_set(ts, dist.rank, dist.world_size) for ts in test_sets]
+        nll, answers = _score_and_answer(model, tokenizer, shares)
+        gathered = dist.gather((nll, answers))
+        nll = {
+            ts.adapter: [n for part, _ in gathered for n in part[ts.adapter]] for ts in test_sets
+        }
+        answers = {name: [a for _, part in gathered for a in part[name]] for name in gathered[0][1]}
+    else:
+        nll, answers = _score_and_answer(model, tokenizer, test_sets)
+    return {ts.adapter: _result(ts, nll[ts.adapter], answers.get(ts.adapter)) for ts in test_sets}
+
+
+def _score_and_answer(
+    model: MultiLoraModel, tokenizer: Any, test_sets: Sequence[TestSet]
+) -> tuple[dict[str, list[list[float]]], dict[str, list[str]]]:
+    """Every test row's negative log-likelihoods and every ``casual`` row's greedy answer."""
     missing = [ts.adapter for ts in test_sets if ts.adapter not in model.specs]
     if missing:
         raise MloraError(f"adapter {missing[0]!r} is not loaded in the model")
@@ -389,11 +430,9 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        nll = score_rows(model, pad_id, test_sets)
-        answers = generate_answers(model, tokenizer, test_sets)
+        return score_rows(model, pad_id, test_sets), generate_answers(model, tokenizer, test_sets)
     finally:
         model.train(was_training)
-    return {ts.adapter: _result(ts, nll[ts.adapter], answers.get(ts.adapter)) for ts in test_sets}
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -471,6 +510,9 @@ def evaluate(
         quantize: ``"4bit"`` or ``"8bit"`` base through bitsandbytes (CUDA only).
         attn_implementation: ``eager``, ``sdpa`` or ``flash_attn`` (``None``: as for training).
 
+    Under ``torchrun`` with several processes the rows are shared out and rank 0 writes and
+    prints the results (every rank returns them).
+
     Returns:
         ``{adapter: AdapterResult}`` in evaluation order.
 
@@ -489,6 +531,7 @@ def evaluate(
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     backend = get_backend(None if device is None else str(device))
+    backend = get_backend(str(local_device(backend.device)))  # one GPU per local rank
     device = backend.device
     load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     output_dir = Path(output_dir)
@@ -506,7 +549,10 @@ def evaluate(
     )
     model.packing = resolve_packing(model.model, config.packing)
     start = time.perf_counter()
-    results = evaluate_model(model, tokenizer, test_sets)
+    with process_group(device) as dist:
+        results = evaluate_model(model, tokenizer, test_sets, dist)
+    if not dist.is_main:
+        return results
     logger.info(
         "evaluated %d adapter(s) in %.1fs; results in %s",
         len(results),

@@ -16,6 +16,8 @@ from typing import TextIO
 
 from mlora.atomic import atomic_write_text
 from mlora.cli import BASE_MODEL_HELP, add_base_model_options, program_name, quantize_choice
+from mlora.dispatcher import shard_bounds
+from mlora.distributed import local_device, process_group
 from mlora.errors import MloraError, exit_code_of
 from mlora.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
 from mlora.preflight import check_output_file
@@ -119,6 +121,7 @@ def load_model(args: argparse.Namespace, folders: dict[str, Path]):
     from mlora.trained import load_trained
 
     backend = get_backend(args.device)  # --device, else $MLORA_BACKEND_TYPE, else the best
+    backend = get_backend(str(local_device(backend.device)))  # torchrun: a GPU per local rank
     dtype = resolve_dtype(args.fp16, args.bf16, backend)
     options = base_model_load_options(backend, dtype, quantize_choice(args), args.attn_impl)
     return load_trained(
@@ -297,16 +300,22 @@ def run(args: argparse.Namespace) -> int:
     if args.output and not to_stdout:  # a bad --output found after generating loses the answers
         check_output_file(Path(args.output).resolve())
     model, tokenizer = load_model(args, folders)
-    printer = OrderedStreamPrinter(requests, sys.stdout) if args.stream and not to_stdout else None
-    outputs = generate(
-        model,
-        tokenizer,
-        requests,
-        params,
-        on_text=printer.on_text if printer else None,
-        batch_size=args.batch_size,
-        on_finish=printer.on_finish if printer else None,
-    )
+    with process_group(model.device) as dist:  # torchrun: each rank answers a share, rank 0
+        start, end = shard_bounds(len(requests), dist.rank, dist.world_size)  # writes them all
+        stream = args.stream and not to_stdout and not dist.enabled
+        printer = OrderedStreamPrinter(requests, sys.stdout) if stream else None
+        mine = generate(
+            model,
+            tokenizer,
+            requests[start:end],
+            params,
+            on_text=printer.on_text if printer else None,
+            batch_size=args.batch_size,
+            on_finish=printer.on_finish if printer else None,
+        )
+        outputs = [output for share in dist.gather(mine) for output in share]
+    if not dist.is_main:
+        return 0
     if args.output:
         lines = "".join(json.dumps(result_row(o)) + "\n" for o in outputs)
         if to_stdout:

@@ -5,7 +5,9 @@ Verbs (each a plain function; ``main`` only parses and dispatches):
 - ``gen``: one adapter per task, from ``mlora/templates/NAME.json`` (or ``./templates``), validated
   before it is written.
 - ``run``: calls ``mlora.cli.main`` in the same process (no shelling out); without
-  ``--base_model`` it trains on the built-in random-weight demo model.
+  ``--base_model`` it trains on the built-in random-weight demo model. With
+  ``--nproc_per_node N`` (N > 1) it starts ``torchrun`` (``torch.distributed.run``) with N
+  processes of ``mlora.cli`` on this machine instead: data parallel training.
 - ``avail``: the templates, prompt templates, task types and bundled data sets.
 - ``help``: the overview, or one verb's help.
 
@@ -20,6 +22,8 @@ import argparse
 import copy
 import json
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -331,6 +335,8 @@ RUN_FLAG_MAP: dict[str, Callable[[Any], list[str]]] = {
     "resume": lambda v: ["--resume"] if v else [],
     "trust_remote_code": lambda v: ["--trust_remote_code"] if v else [],
     "gguf_file": lambda v: ["--gguf_file", v],
+    "dist_backend": lambda v: ["--dist_backend", v],
+    "fsdp": lambda v: ["--fsdp"] if v else [],
 }
 
 
@@ -365,11 +371,33 @@ def _call_mlora(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
 
         cli.setup_logging(verbose=False, log_file=None)
         base_model = str(demo_model_path())
+    nproc = getattr(args, "nproc_per_node", None) or 1
+    if nproc < 1:
+        raise MloraError(f"--nproc_per_node must be at least 1, got {nproc}")
+    if nproc > 1:
+        return run_torchrun(nproc, ["--base_model", base_model, *argv])
     return cli.main(["--base_model", base_model, *argv])
 
 
+def torchrun_command(nproc: int, mlora_flags: Sequence[str]) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m mlora.cli FLAGS``:
+    one machine, N processes, a free rendezvous port chosen by torchrun."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(nproc), "-m", "mlora.cli", *mlora_flags,
+    ]  # fmt: skip
+
+
+def run_torchrun(nproc: int, mlora_flags: Sequence[str]) -> int:
+    """Start torchrun on this mlora package (PYTHONPATH points at it); its exit code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run(torchrun_command(nproc, mlora_flags), env=env).returncode
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Train the config in this process via ``mlora.cli.main``; its exit code is returned."""
+    """Train the config via ``mlora.cli.main`` (in this process, or under torchrun with
+    ``--nproc_per_node`` > 1); its exit code is returned."""
     return _call_mlora(args)
 
 
@@ -491,6 +519,23 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed for data order and adapter init")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA)")
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoints")
+    p.add_argument(
+        "--nproc_per_node",
+        type=int,
+        default=None,
+        help="data parallel: start torchrun with this many processes on this machine (one per "
+        "GPU; on CPU each process takes a share of the cores); multi-node: see README",
+    )
+    p.add_argument(
+        "--dist_backend",
+        choices=("nccl", "gloo"),
+        help="torch.distributed backend with --nproc_per_node (default: nccl on CUDA, else gloo)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --nproc_per_node: shard the frozen base over the processes (FSDP2)",
+    )
     p.set_defaults(func=cmd_run)
 
 

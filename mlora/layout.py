@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,12 +31,16 @@ class AdapterSegment:
 
     ``real``: how many of them are real tokens when the segment holds padding (host-known, so
     random draws can skip padding without a device sync); None: no padding, or unknown.
+    ``window``: ``(before, total)`` when the segment's rows are one rank's contiguous share of a
+    micro-batch (data parallel): draws are made for all ``total`` tokens of the micro-batch and
+    this segment's are those from ``before`` on (``mlora.randomness.RealRows``); None: whole.
     """
 
     adapter: str
     start: int
     end: int
     real: int | None = None
+    window: tuple[int, int] | None = None
 
     @property
     def size(self) -> int:
@@ -75,11 +79,23 @@ class BatchLayout:
 
     @classmethod
     def from_lengths(
-        cls, groups: Sequence[tuple[str | None, int]], real: Sequence[int] | None = None
+        cls,
+        groups: Sequence[tuple[str | None, int]],
+        real: Sequence[int] | None = None,
+        windows: Sequence[tuple[int, int]] | None = None,
     ) -> BatchLayout:
         """A token layout from consecutive ``(adapter or None, tokens)`` groups, with each
-        group's real (non-padding) token count when some groups hold padding."""
-        return cls._from_groups(groups, per_row=False, real=real)
+        group's real (non-padding) token count when some groups hold padding, and each group's
+        draw window (``AdapterSegment.window``) when groups are shares of micro-batches (one
+        group per adapter then)."""
+        layout = cls._from_groups(groups, per_row=False, real=real)
+        if windows is None:
+            return layout
+        named = [w for (name, _), w in zip(groups, windows, strict=True) if name is not None]
+        segments = tuple(
+            replace(seg, window=w) for seg, w in zip(layout.segments, named, strict=True)
+        )
+        return cls(segments, layout.num_tokens)
 
     @classmethod
     def _from_groups(
@@ -207,7 +223,8 @@ class LayoutContext:
         index = self._segment_slice(self.token_real_index, seg, num_tokens)
         if index is None:
             return SegmentRandom(generator)
-        return SegmentRandom(generator, RealRows(index, seg.size if seg.real is None else seg.real))
+        count = seg.size if seg.real is None else seg.real
+        return SegmentRandom(generator, RealRows(index, count, seg.window))
 
     @staticmethod
     def _segment_slice(

@@ -5,6 +5,12 @@ seeded from (seed, X) alone. Layers draw in model order, so adapter X consumes i
 same order whether it trains alone or beside others: concurrent training equals isolated
 training with dropout on. The global RNG is never touched by adapter layers.
 
+The trainer restarts X's stream at every micro-batch of X from (seed, X, micro-batch index)
+(``start_pass``), so the masks of a micro-batch do not depend on what was drawn before: under
+data parallel a rank that holds none of X's rows in a step (and draws nothing) stays in step
+with the others, and each rank draws the noise of X's whole micro-batch and keeps the window
+of its own rows (``RealRows``), so N processes draw exactly the masks one process draws.
+
 The trainer seeds each adapter's stream, saves the states in checkpoints (``state_dict``) and
 gradient checkpointing snapshots and restores them around a recomputation (``get_state`` /
 ``set_state``), so ``--resume`` and recompute replay the same masks.
@@ -27,16 +33,36 @@ def stream_seed(seed: int, adapter: str, device: torch.device) -> int:
     return (seed * 1_000_003 + zlib.crc32(key)) % (2**63)
 
 
+def pass_seed(stream: int, index: int) -> int:
+    """The seed of a stream restarted for micro-batch ``index`` (``start_pass``)."""
+    return (stream + (index + 1) * 0x9E3779B97F4A7C15) % (2**63)
+
+
 class AdapterGenerators:
     """A ``torch.Generator`` per (adapter, device), created on first use from its seed."""
 
     def __init__(self) -> None:
         self._seeds: dict[str, int] = {}
+        self._passes: dict[str, int] = {}
         self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
+
+    def _stream_seed(self, adapter: str, device: torch.device) -> int:
+        stream = stream_seed(self._seeds.get(adapter, DEFAULT_SEED), adapter, device)
+        index = self._passes.get(adapter)
+        return stream if index is None else pass_seed(stream, index)
+
+    def start_pass(self, adapter: str, index: int) -> None:
+        """Restart ``adapter``'s streams for its micro-batch number ``index`` (0-based, counted
+        over the whole run), so its draws depend on (seed, adapter, index) only."""
+        self._passes[adapter] = index
+        for (name, device), generator in self._generators.items():
+            if name == adapter:
+                generator.manual_seed(self._stream_seed(name, device))
 
     def seed(self, adapter: str, seed: int) -> None:
         """(Re)start ``adapter``'s streams from ``seed``."""
         self._seeds[adapter] = seed
+        self._passes.pop(adapter, None)
         for key in [k for k in self._generators if k[0] == adapter]:
             del self._generators[key]
 
@@ -52,8 +78,7 @@ class AdapterGenerators:
         generator = self._generators.get(key)
         if generator is None:
             generator = torch.Generator(device=device)
-            seed = self._seeds.get(adapter, DEFAULT_SEED)
-            generator.manual_seed(stream_seed(seed, adapter, device))
+            generator.manual_seed(self._stream_seed(adapter, device))
             self._generators[key] = generator
         return generator
 
@@ -115,10 +140,14 @@ class RealRows:
         index: (n,) position of each of the segment's tokens among its real tokens (padding:
             any valid index, its noise is never used).
         count: real tokens of the segment.
+        window: ``(before, total)``: the segment is one rank's share of a micro-batch of
+            ``total`` real tokens, starting at token ``before`` (data parallel). Noise is drawn
+            for all ``total`` and the segment keeps its own, so the sharding changes no mask.
     """
 
     index: torch.Tensor
     count: int
+    window: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,9 +165,11 @@ class SegmentRandom:
     def _spread(
         self, like: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        count = like.shape[0] if self.rows is None else self.rows.count
+        if self.rows is None:
+            return fill(like.new_empty(like.shape))
+        before, count = (0, self.rows.count) if self.rows.window is None else self.rows.window
         drawn = fill(like.new_empty((count, *like.shape[1:])))
-        return drawn if self.rows is None else drawn.index_select(0, self.rows.index)
+        return drawn.index_select(0, self.rows.index + before if before else self.rows.index)
 
     def canonical_order(self, token_mask: torch.Tensor | None) -> torch.Tensor | None:
         """(count,) where each real token sits, in canonical order; None: already canonical.
@@ -156,7 +187,9 @@ class SegmentRandom:
         return index.new_empty(count + 1).scatter_(0, index, where)[:count]
 
     def plain(self) -> SegmentRandom:
-        """The same stream without the spread: draws for tokens already in canonical order."""
+        """The same stream without the spread: draws for tokens already in canonical order
+        (this rank's tokens only: a data-parallel window is not kept, so MoE draws depend on
+        the sharding)."""
         return SegmentRandom(self.generator)
 
     def keep(self, like: torch.Tensor, p: float) -> torch.Tensor:

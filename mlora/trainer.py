@@ -32,6 +32,7 @@ from mlora.checkpointing import (
 from mlora.config import LINEAR_MOE_STRATEGIES, MIXLORA_STRATEGIES, AdapterConfig, TrainConfig
 from mlora.data import TokenizedRow, load_rows, pad_token_id, tokenize_rows
 from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name_seed
+from mlora.distributed import Distributed
 from mlora.errors import MloraError
 from mlora.eval_tasks import CHOICE_TASKS, training_rows
 from mlora.interrupt import GracefulStop, TrainingInterrupted
@@ -130,6 +131,11 @@ class AdapterRun:
     def finished(self) -> bool:
         return self.queue.finished
 
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """The adapter's trainable parameters, in its optimizer's order."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
 
 class Trainer:
     """Trains every adapter of a config on one ``MultiLoraModel``.
@@ -143,6 +149,8 @@ class Trainer:
         seed: seeds data order and adapter initialisation.
         base_model_name: recorded in each saved ``adapter_config.json``.
         init_from: adapter folders to continue from, by adapter name (``--load_adapter``).
+        dist: this process's place in a data-parallel group (default: a single process). Each
+            rank trains on its share of every micro-batch; only rank 0 writes files and logs.
     """
 
     def __init__(
@@ -155,8 +163,10 @@ class Trainer:
         seed: int = 42,
         base_model_name: str | None = None,
         init_from: dict[str, Path] | None = None,
+        dist: Distributed | None = None,
     ) -> None:
         self.model = model
+        self.dist = dist or Distributed()
         self.tokenizer = tokenizer
         self.config = config
         self.output_dir = Path(output_dir)
@@ -257,7 +267,12 @@ class Trainer:
         """Run until every adapter has done all its epochs; returns each adapter's loss history."""
         self.model.train()
         total = sum(run.queue.total_micro_batches - run.queue.micro_steps_done for run in self.runs)
-        progress = tqdm(total=total, desc="training", unit="micro-batch", disable=None)
+        progress = tqdm(
+            total=total,
+            desc="training",
+            unit="micro-batch",
+            disable=None if self.dist.is_main else True,
+        )
         last_log = time.perf_counter()
         by_queue = {id(run.queue): run for run in self.runs}
         if self.config.save_step and self.global_step == 0:
@@ -293,40 +308,49 @@ class Trainer:
                 self._log(now - last_log)
                 last_log = now
             self._log_saved()
-            if self._cut_due or (stop.signal_name and not self.dispatcher.finished):
+            signal_name = self._agreed_signal(stop)
+            if self._cut_due or (signal_name and not self.dispatcher.finished):
                 cut = self.save_cut()
-                if stop.signal_name:
-                    raise TrainingInterrupted(
-                        f"stopped by {stop.signal_name} after global step {self.global_step}; "
+                if signal_name:
+                    interrupted = TrainingInterrupted(
+                        f"stopped by {signal_name} after global step {self.global_step}; "
                         f"checkpoint {cut} written"
                     )
+                    interrupted.quiet = not self.dist.is_main  # rank 0 says it, once
+                    raise interrupted
         if self.config.save_step and self.last_cut_step != self.global_step:
             self.save_cut()  # the end: --resume of a finished run has nothing left to do
 
+    def _agreed_signal(self, stop: GracefulStop) -> str | None:
+        """The signal that stops the run after this step, agreed by every rank (a launcher
+        signals its processes at slightly different moments: all must stop at the same step)."""
+        if not self.dist.enabled:
+            return stop.signal_name
+        if self.dist.any(stop.signal_name is not None):
+            return stop.signal_name or "a signal to another rank"
+        return None
+
     def train_step(self, step: list[tuple[AdapterRun, MicroBatch]]) -> None:
-        """One forward and one backward for every adapter in ``step``, then due optimizer steps."""
-        batch = collate(
-            [(run.name, mb.rows) for run, mb in step],
-            self.pad_token_id,
-            self.model.device,
-            packed=self.model.packing,
-        )
-        self.tokens_seen += batch.num_tokens
-        self.padded_tokens += batch.padded_tokens
-        # Built and queued before the forward: a blocking copy after it would wait for the GPU.
-        divisors = torch.tensor(
-            [[mb.step_tokens, mb.accumulation] for _, mb in step], dtype=torch.float32
-        ).to(self.model.device, non_blocking=True)
-        # (S,) fp32: token-loss sums over the step's supervised tokens, + router losses / micro
-        losses = self.model.segment_losses(batch, divisors[:, 0], divisors[:, 1])
-        losses.sum().backward()
-        detached = losses.detach()
+        """One forward and one backward for every adapter in ``step``, then due optimizer steps.
+
+        With several processes this rank runs its share of each micro-batch (possibly none of
+        some adapter's); token losses are still divided by the whole step's supervised tokens,
+        so the gradients summed over ranks at the optimizer step are the one-process gradients.
+        """
+        for run, _ in step:  # each micro-batch's noise from (seed, adapter, its index) alone
+            self.model.context.generators.start_pass(run.name, run.queue.micro_steps_done)
+        losses = self._forward_backward(step)
+        zero = torch.zeros((), device=self.model.device)
         for i, (run, mb) in enumerate(step):
-            run.loss_sum = detached[i] if run.loss_sum is None else run.loss_sum + detached[i]
-            run.step_loss = detached[i] if run.step_loss is None else run.step_loss + detached[i]
-            run.loss_count += sum(row.num_supervised for row in mb.rows) / mb.step_tokens
+            loss = zero if losses[i] is None else losses[i]
+            run.step_loss = loss if run.step_loss is None else run.step_loss + loss
             run.tokens += sum(len(row) for row in mb.rows)
-        for run in (run for run, mb in step if mb.ends_step):
+            if not self.dist.enabled:  # (data parallel: the global loss, at the step's end)
+                run.loss_sum = loss if run.loss_sum is None else run.loss_sum + loss
+                run.loss_count += sum(row.num_supervised for row in mb.rows) / mb.step_tokens
+        ending = [run for run, mb in step if mb.ends_step]
+        self._sum_over_ranks(ending)
+        for run in ending:
             self._flag_non_finite(run)
             run.step_loss = None
             step_unless(run.optimizer, run.fault)  # a non-finite step is never applied
@@ -339,8 +363,84 @@ class Trainer:
                 self._cut_due = True
             if run.finished:
                 self.check_faults()  # never save an adapter whose skipped step is unread
-                if run.failed is None:
+                if run.failed is None and self.dist.is_main:
                     self.save_final(run)
+
+    def _forward_backward(
+        self, step: list[tuple[AdapterRun, MicroBatch]]
+    ) -> list[torch.Tensor | None]:
+        """This rank's forward and backward over its rows of ``step``; each entry's detached
+        loss (its token-loss sum over the step's supervised tokens), None where it has no rows."""
+        dist = self.dist
+        shards = [mb.shard(dist.rank, dist.world_size) for _, mb in step]
+        local = [i for i, shard in enumerate(shards) if shard.rows]
+        out: list[torch.Tensor | None] = [None] * len(step)
+        if not local:
+            return out
+        batch = collate(
+            [(step[i][0].name, shards[i].rows) for i in local],
+            self.pad_token_id,
+            self.model.device,
+            packed=self.model.packing,
+            shards=[shards[i] for i in local] if dist.enabled else None,
+        )
+        self.tokens_seen += batch.num_tokens
+        self.padded_tokens += batch.padded_tokens
+        # Router losses are means over a micro-batch's tokens: each rank holding rows of it adds
+        # its own, so their sum over ranks is divided by how many ranks hold rows.
+        holders = [min(dist.world_size, len(step[i][1].rows)) for i in local]
+        # Built and queued before the forward: a blocking copy after it would wait for the GPU.
+        divisors = torch.tensor(
+            [
+                [step[i][1].step_tokens, step[i][1].accumulation * h]
+                for i, h in zip(local, holders, strict=True)
+            ],
+            dtype=torch.float32,
+        ).to(self.model.device, non_blocking=True)
+        # (S,) fp32: token-loss sums over the step's supervised tokens, + router losses / micro
+        losses = self.model.segment_losses(batch, divisors[:, 0], divisors[:, 1])
+        losses.sum().backward()
+        detached = losses.detach()
+        for k, i in enumerate(local):
+            out[i] = detached[k]
+        return out
+
+    def consolidate_partial_steps(self) -> None:
+        """Before a checkpoint: move the partial gradients and step losses of adapters in the
+        middle of a gradient accumulation to rank 0 (summed; nothing pending elsewhere).
+
+        The sum at the optimizer step is then the same, and rank 0's state is the whole run's,
+        which is what the checkpoint saves and what every rank resumes from (rank 0 with it,
+        the others with nothing pending): a resumed run does what the uninterrupted one did,
+        with this world size or another.
+        """
+        pending = [r for r in self.runs if r.step_loss is not None and r.failed is None]
+        if self.dist.enabled and pending:
+            self._reduce_over_ranks(pending, keep=self.dist.is_main)
+
+    def _reduce_over_ranks(self, runs: list[AdapterRun], keep: bool) -> None:
+        """One ``all_reduce`` over one flat buffer of ``runs``' gradients and step losses; the
+        sums replace this rank's own (``keep``), or this rank's share is dropped."""
+        params = [p for run in runs for p in run.params]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        local_losses = [run.step_loss for run in runs]
+        summed = self.dist.all_reduce_flat([*grads, *(loss.reshape(1) for loss in local_losses)])
+        for param, grad in zip(params, summed, strict=False):
+            param.grad = grad if keep else None
+        for run, local, total in zip(runs, local_losses, summed[len(params) :], strict=True):
+            run.step_loss = total.reshape(()) if keep else torch.zeros_like(local)
+
+    def _sum_over_ranks(self, ending: list[AdapterRun]) -> None:
+        """Sum the gradients and step losses of the adapters that step now over every rank, so
+        every rank applies the same update (a rank without rows of an adapter adds zeros); the
+        logged loss is the global step loss."""
+        if not self.dist.enabled or not ending:
+            return
+        self._reduce_over_ranks(ending, keep=True)
+        for run in ending:
+            assert run.step_loss is not None
+            run.loss_sum = run.step_loss if run.loss_sum is None else run.loss_sum + run.step_loss
+            run.loss_count += 1
 
     def _flag_non_finite(self, run: AdapterRun) -> None:
         """Raise ``run``'s device fault flag if this step's loss is not finite (no host read);
@@ -434,8 +534,10 @@ class Trainer:
 
     def save_cut(self) -> Path:
         """Write a resumable snapshot of every adapter at this global step (see checkpoint.py)."""
-        from mlora.checkpoint import write_cut
+        from mlora.checkpoint import cut_path, write_cut
 
         self.check_faults()  # a stopped adapter is saved as failed, never with a skipped step
         self._cut_due, self.last_cut_step = False, self.global_step
-        return write_cut(self)
+        self.consolidate_partial_steps()
+        rng = self.dist.gather(self.backend.get_rng_state())  # every rank's, for --resume
+        return write_cut(self, rng) if self.dist.is_main else cut_path(self)

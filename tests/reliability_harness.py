@@ -11,6 +11,8 @@ Used by tests/test_reliability_*.py as ``python tests/reliability_harness.py ARG
     ``write:N`` inside the N-th atomic file write, after its data is on disk and before it is
                 renamed into place (inside a checkpoint folder that is still a temp folder).
 
+``MLORA_TEST_KILL_RANK`` — under torchrun, only the process of this rank is killed.
+
 ``MLORA_TEST_FAIL`` — ``ERRNO:TEXT`` (e.g. ``ENOSPC:a/.adapter_model``): the first atomic write
 whose temporary file path contains TEXT fails with that OSError while flushing to disk, as a
 full disk or a revoked permission would.
@@ -106,7 +108,8 @@ def install_failure(spec: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    if os.environ.get("MLORA_TEST_KILL"):
+    kill_rank = os.environ.get("MLORA_TEST_KILL_RANK")
+    if os.environ.get("MLORA_TEST_KILL") and kill_rank in (None, os.environ.get("RANK", "0")):
         install_kill(os.environ["MLORA_TEST_KILL"])
     if os.environ.get("MLORA_TEST_FAIL"):
         install_failure(os.environ["MLORA_TEST_FAIL"])
