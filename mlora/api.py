@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -31,6 +30,7 @@ from mlora.model import MultiLoraModel, load_base_model, load_tokenizer
 from mlora.precision import base_model_load_options, check_dtype
 from mlora.preflight import check_seed, preflight
 from mlora.run_records import RunIdentity
+from mlora.stderr_log import CurrentStderrHandler
 from mlora.trainer import Trainer, prepare_data
 
 logger = logging.getLogger("mlora")
@@ -65,7 +65,7 @@ def log_to_stderr_unless_configured(enabled: bool) -> Iterator[None]:
     if not enabled or logger.hasHandlers():
         yield
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     level = logger.level
     logger.addHandler(handler)

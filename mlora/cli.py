@@ -141,7 +141,9 @@ def setup_logging(verbose: bool, log_file: str | None) -> None:
     from mlora.distributed import env_rank
 
     main = env_rank() == 0
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    from mlora.stderr_log import CurrentStderrHandler
+
+    handlers: list[logging.Handler] = [CurrentStderrHandler()]
     if log_file and main:
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     level = logging.DEBUG if verbose else logging.INFO

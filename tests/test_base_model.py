@@ -118,11 +118,14 @@ def test_cli_folder_plus_gguf_file_trains_and_generates(gguf_file, tmp_path: Pat
     saved = json.loads((out / "add" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == str(path)
     capsys.readouterr()
-    args = ["--dir", str(out), "--use", "add", "--max_new_tokens", "3", "add 1 2="]
+    args = ["--dir", str(out), "--use", "add", "--max_new_tokens", "3", "--output", "-"]
+    args += ["add 1 2=", "add 4 4="]
     assert generate_main([*common, *args]) == 0
-    first = capsys.readouterr().out
+    first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(first) == 2 and all(row["num_tokens"] >= 1 for row in first)  # (EOS may be one)
     assert generate_main(["--base_model", str(path), *args]) == 0
-    assert first.strip() and capsys.readouterr().out == first  # the same base, either way
+    again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert again == first  # the same base, either way
 
 
 def truncated(path: Path) -> Path:

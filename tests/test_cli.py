@@ -109,3 +109,27 @@ def test_nonexistent_base_model(tmp_path: Path, capsys) -> None:
     config = write_config(tmp_path)
     assert main(["--base_model", str(tmp_path / "no-model"), "--config", str(config)]) == 2
     assert "no-model" in capsys.readouterr().err
+
+
+def test_log_lines_follow_a_swapped_stderr() -> None:
+    """A stderr captured and closed by a caller (notebook, capsys) must not break later logging:
+    the CLI's handler writes to the stderr of the moment."""
+    import contextlib
+    import io
+    import logging
+
+    from mlora.stderr_log import CurrentStderrHandler
+
+    log = logging.getLogger("mlora.test-stderr")
+    handler = CurrentStderrHandler()
+    log.addHandler(handler)
+    try:
+        first, second = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(first):
+            log.warning("one")
+        first.close()
+        with contextlib.redirect_stderr(second):
+            log.warning("two")  # a handler holding the closed stream would fail here
+        assert second.getvalue() == "two\n"
+    finally:
+        log.removeHandler(handler)
