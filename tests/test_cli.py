@@ -121,6 +121,7 @@ def test_log_lines_follow_a_swapped_stderr() -> None:
     from mlora.stderr_log import CurrentStderrHandler
 
     log = logging.getLogger("mlora.test-stderr")
+    log.propagate = False  # only this handler (an earlier CLI test configured the root logger)
     handler = CurrentStderrHandler()
     log.addHandler(handler)
     try:
