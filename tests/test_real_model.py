@@ -164,10 +164,19 @@ def learned(smollm2, tmp_path_factory: pytest.TempPathFactory):
     base, tokenizer = smollm2
     folder = tmp_path_factory.mktemp("learned")
     rows = [{"instruction": "w", "input": w, "output": ANSWER} for w in WORDS]
-    spec = {"name": "zebra", "data": write_json(folder / "z.json", rows),
-            "prompt": write_template(folder), "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
-            "target_modules": ["q_proj", "v_proj", "o_proj"], "batch_size": 4, "num_epochs": 3,
-            "lr": 5e-3, "scheduler_type": "linear"}  # fmt: skip (constant 1e-2 spiked: seed luck)
+    spec = {
+        "name": "zebra",
+        "data": write_json(folder / "z.json", rows),
+        "prompt": write_template(folder),
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "target_modules": ["q_proj", "v_proj", "o_proj"],
+        "batch_size": 4,
+        "num_epochs": 3,
+        "lr": 5e-3,
+        "scheduler_type": "linear",
+    }  # fmt: skip (constant 1e-2 spiked: seed luck)
     trainer = run_in_memory(
         lambda: copy.deepcopy(base),
         tokenizer,
