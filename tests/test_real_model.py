@@ -175,8 +175,8 @@ def learned(smollm2, tmp_path_factory: pytest.TempPathFactory):
         "batch_size": 4,
         "num_epochs": 3,
         "lr": 5e-3,
-        "scheduler_type": "linear",
-    }  # fmt: skip (constant 1e-2 spiked: seed luck)
+        "scheduler_type": "linear",  # a constant 1e-2 spiked, passing or not by seed luck
+    }
     trainer = run_in_memory(
         lambda: copy.deepcopy(base),
         tokenizer,
