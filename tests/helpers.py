@@ -109,3 +109,13 @@ def train_killed_then_resumed(
     monkeypatch.setattr(Trainer, "train_step", step)
     api.train(config_path, str(model_dir), folder / "cut", resume=True)
     return folder / "clean", folder / "cut"
+
+
+def in_row_order(batch, per_position: torch.Tensor) -> torch.Tensor:
+    """Per-supervised-position values of a collated batch in (row, position in row) order, so
+    a packed batch (rows reordered into bins) compares with a padded one."""
+    if batch.position_ids is not None:  # packed
+        in_row = batch.position_ids.reshape(-1)[batch.positions]
+    else:
+        in_row = batch.positions % batch.input_ids.shape[1]
+    return per_position[torch.argsort(batch.position_rows * 10_000 + in_row)]

@@ -21,6 +21,7 @@ from mlora.data import IGNORE_INDEX, TokenizedRow
 from mlora.layout import BatchLayout
 from mlora.model import LoraSpec, MultiLoraModel
 from mlora.packing import packing_problem, resolve_packing
+from tests.helpers import in_row_order
 
 COMMON = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
 ATTENTION = {"num_attention_heads": 4, "num_key_value_heads": 2}
@@ -142,12 +143,7 @@ def _losses_and_grads(
     token_losses = model.token_losses(batch)
     token_losses.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    if packed:  # packing reorders rows inside an adapter's segment
-        in_row = batch.position_ids.reshape(-1)[batch.positions]
-    else:
-        in_row = batch.positions % batch.input_ids.shape[1]
-    order = torch.argsort(batch.position_rows * 10_000 + in_row)
-    return token_losses.detach()[order], grads
+    return in_row_order(batch, token_losses.detach()), grads
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -19,6 +19,7 @@ from mlora.data import IGNORE_INDEX, TokenizedRow
 from mlora.model import MultiLoraModel
 from mlora.trainer import spec_from_config
 from tests.conftest import make_model
+from tests.helpers import in_row_order
 
 ATTENTION_AND_FFN = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 KINDS = {
@@ -70,12 +71,7 @@ def losses_and_grads(
     aux = [model.context.aux_losses.loss(name) for name in model.specs]  # router losses
     (token_losses.sum() + sum(a for a in aux if a is not None)).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    if packed:
-        in_row = batch.position_ids.reshape(-1)[batch.positions]
-    else:
-        in_row = batch.positions % batch.input_ids.shape[1]
-    order = torch.argsort(batch.position_rows * 10_000 + in_row)
-    return token_losses.detach()[order], grads
+    return in_row_order(batch, token_losses.detach()), grads
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
