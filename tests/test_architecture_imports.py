@@ -149,9 +149,9 @@ def layer_of(module: str) -> int:
     best: tuple[int, int] | None = None  # (prefix length, layer index): the longest prefix wins
     for index, (_, members) in enumerate(LAYERS):
         for member in members:
-            if module == member or module.startswith(member + "."):
-                if best is None or len(member) > best[0]:
-                    best = (len(member), index)
+            inside = module == member or module.startswith(member + ".")
+            if inside and (best is None or len(member) > best[0]):
+                best = (len(member), index)
     assert best is not None, f"{module} is in no layer of LAYERS: place it"
     return best[1]
 
@@ -166,7 +166,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt) :] + [nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state and (cycle := visit(nxt)) is not None:
                 return cycle
         stack.pop()

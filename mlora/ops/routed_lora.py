@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from mlora.ops.segmented_lora import _grouped_mm, _host_to_device, grouped_supported
+from mlora.ops.segmented_lora import grouped_mm, grouped_supported, host_to_device
 
 IMPLS = ("loop", "grouped", "masked", "auto")
 DEFAULT_IMPL = "auto"
@@ -95,8 +95,8 @@ def _grouped(
         [scale * F.pad(b, (0, r_pad - b.shape[1])) for b, scale in zip(lora_b, scales, strict=True)]
     )  # (E, out, r_pad), the scale folded in
     offs = torch.bincount(experts, minlength=len(lora_a)).cumsum(0).to(torch.int32)
-    hidden = _grouped_mm(x.contiguous(), weight_a.mT, offs=offs)  # (P, r_pad)
-    delta = _grouped_mm(hidden, weight_b.mT, offs=offs)  # (P, out)
+    hidden = grouped_mm(x.contiguous(), weight_a.mT, offs=offs)  # (P, r_pad)
+    delta = grouped_mm(hidden, weight_b.mT, offs=offs)  # (P, out)
     if delta.requires_grad:  # grouped_mm's backward rejects stride-0 incoming gradients
         delta.register_hook(torch.Tensor.contiguous)
     return delta
@@ -111,7 +111,7 @@ def _masked(
 ) -> torch.Tensor:
     ranks = [a.shape[0] for a in lora_a]
     owner = [e for e, r in enumerate(ranks) for _ in range(r)]
-    block_expert = _host_to_device(owner, torch.long, x.device)  # (sum r,) owner of h's columns
+    block_expert = host_to_device(owner, torch.long, x.device)  # (sum r,) owner of h's columns
     hidden = x @ torch.cat(list(lora_a)).T  # (P, sum r)
     hidden = hidden * (block_expert[None, :] == experts[:, None]).to(hidden.dtype)
     stacked_b = torch.cat([scale * b for b, scale in zip(lora_b, scales, strict=True)], dim=1)

@@ -62,10 +62,10 @@ from mlora.backends import get_backend
 
 IMPLS = ("loop", "grouped", "function", "auto")
 
-_grouped_mm: Callable[..., torch.Tensor] | None = getattr(
+grouped_mm: Callable[..., torch.Tensor] | None = getattr(
     F, "grouped_mm", getattr(torch, "_grouped_mm", None)
 )
-GROUPED_AVAILABLE: bool = _grouped_mm is not None
+GROUPED_AVAILABLE: bool = grouped_mm is not None
 """Whether this torch has a grouped matmul at all (``grouped_supported`` says where it runs)."""
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -173,10 +173,10 @@ def _hopper_or_blackwell(device: torch.device) -> bool:
 @functools.cache
 def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
     """Try one tiny grouped matmul once per dtype: older torch has ``_grouped_mm`` for CUDA only."""
-    if _grouped_mm is None:
+    if grouped_mm is None:
         return False
     try:
-        _grouped_mm(
+        grouped_mm(
             torch.zeros(2, 8, dtype=dtype),
             torch.zeros(2, 8, 8, dtype=dtype),
             offs=torch.tensor([1, 2], dtype=torch.int32),
@@ -288,21 +288,21 @@ def _grouped(
         stacked_a.append(zero_a)
         stacked_b.append(zero_b)
         group_scales.append(0.0)
-    offs = _host_to_device(ends, torch.int32, x.device)
-    scale_b = _host_to_device(group_scales, x.dtype, x.device).view(-1, 1, 1)
+    offs = host_to_device(ends, torch.int32, x.device)
+    scale_b = host_to_device(group_scales, x.dtype, x.device).view(-1, 1, 1)
     weight_a = torch.stack(stacked_a)  # (G', r_pad, in)
     weight_b = torch.stack(stacked_b).mul_(scale_b)  # (G', out, r_pad)
     # .mT gives the column-major (G', in, r_pad) and (G', r_pad, out) views grouped_mm accepts.
     # contiguous(): a strided view of x (a column slice, say) may have an unaligned row stride.
-    hidden = _grouped_mm(x.contiguous(), weight_a.mT, offs=offs)  # (T, r_pad)
-    delta = _grouped_mm(hidden, weight_b.mT, offs=offs)  # (T, out)
+    hidden = grouped_mm(x.contiguous(), weight_a.mT, offs=offs)  # (T, r_pad)
+    delta = grouped_mm(hidden, weight_b.mT, offs=offs)  # (T, out)
     if delta.requires_grad:
         # grouped_mm's backward rejects stride-0 gradients such as the one of delta.sum().
         delta.register_hook(torch.Tensor.contiguous)
     return delta
 
 
-def _host_to_device(
+def host_to_device(
     values: list[int] | list[float], dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """A small Python list as a tensor on ``device`` without waiting for the device.
