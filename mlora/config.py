@@ -18,7 +18,6 @@ from typing import Any
 
 from mlora.adapter_names import adapter_name_problem
 from mlora.errors import ConfigError
-from mlora.eval_tasks import CHOICE_TASK_NAMES
 from mlora.jsonfile import read_json_file
 from mlora.upstream import translate_adapter, translate_top
 
@@ -31,6 +30,9 @@ SCHEDULER_TYPES = (
     "constant_with_warmup",
     "inverse_sqrt",
 )
+# The built-in multiple-choice tasks a ``task_name`` may name; ``mlora.eval_tasks`` holds how each
+# one is read (a test keeps the two in step).
+CHOICE_TASK_NAMES = ("arc-e", "arc-c", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Names users often write for our keys (from PEFT / transformers / other trainers).
 KEY_ALIASES = {

@@ -134,7 +134,6 @@ CHOICE_TASKS: dict[str, ChoiceTask] = {
         _winogrande,
     ),
 }
-CHOICE_TASK_NAMES = tuple(CHOICE_TASKS)
 
 
 def read_test_rows(adapter: str, source: str, key: str = "test_data") -> list[dict[str, Any]]:

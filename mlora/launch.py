@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mlora.config import (
+    CHOICE_TASK_NAMES,
     MOE_STRATEGY_DEFAULTS,
     AdapterConfig,
     TrainConfig,
@@ -39,7 +40,6 @@ from mlora.config import (
     read_config_json,
 )
 from mlora.errors import ConfigError, MloraError, exit_code_of
-from mlora.eval_tasks import CHOICE_TASK_NAMES
 
 DEFAULT_CONFIG = "mlora.json"
 # Data files look like paths; anything else in --tasks is a hub dataset name.

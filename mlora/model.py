@@ -60,6 +60,11 @@ _DISPATCH: list[tuple[Callable[[nn.Module], bool], LayerFactory]] = [
 SUPPORTED_LAYERS = "torch.nn.Linear (including bitsandbytes Linear4bit / Linear8bitLt)"
 
 
+def can_wrap(module: nn.Module) -> bool:
+    """Whether ``wrap_layer`` can adapt ``module`` (preflight checks targets without loading)."""
+    return any(matches(module) for matches, _ in _DISPATCH)
+
+
 def wrap_layer(module: nn.Module, context: LayoutContext) -> nn.Module:
     """Return the adapter-aware replacement of ``module``.
 

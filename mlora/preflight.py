@@ -100,7 +100,7 @@ def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mlora.model import _DISPATCH
+    from mlora.model import can_wrap
 
     try:
         model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
@@ -113,7 +113,7 @@ def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[
         return None
     sizes: dict[str, int] = {}
     for name, module in model.named_modules():
-        if name and any(matches(module) for matches, _ in _DISPATCH):
+        if name and can_wrap(module):
             short = name.rsplit(".", 1)[-1]
             smallest = min(module.weight.shape)
             sizes[short] = min(sizes.get(short, smallest), smallest)

@@ -95,12 +95,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("mlora.generate_cli", "mlora.cli"): "cli <-> generate_cli circle",
     ("mlora.cli", "mlora.interactive"): "cli <-> interactive circle",
     ("mlora.interactive", "mlora.generate_cli"): "interactive <-> generate_cli circle",
-    # Validation of eval tasks sits in the data layer.
-    ("mlora.config", "mlora.eval_tasks"): "config reads eval task names",
     # The LoRA format dispatches to MeteoRA's by name, which builds on the LoRA format.
     ("mlora.persistence", "mlora.meteora_persistence"): "persistence <-> meteora circle",
-    # preflight checks target layers with the model's private dispatch table.
-    ("mlora.preflight", "mlora.model"): "private _DISPATCH",
 }
 
 

@@ -264,3 +264,12 @@ def test_accuracy_with_and_without_scikit_learn(monkeypatch):
     assert accuracy(labels, predicted) == pytest.approx(plain)
     monkeypatch.setitem(sys.modules, "sklearn.metrics", None)  # import now fails
     assert accuracy(labels, predicted) == pytest.approx(plain)
+
+
+def test_every_choice_task_the_config_accepts_has_a_reader() -> None:
+    """``config.CHOICE_TASK_NAMES`` (what ``task_name`` accepts) and ``eval_tasks.CHOICE_TASKS``
+    (how each task is read) name the same tasks, in the same order."""
+    from mlora.config import CHOICE_TASK_NAMES
+    from mlora.eval_tasks import CHOICE_TASKS
+
+    assert tuple(CHOICE_TASKS) == CHOICE_TASK_NAMES

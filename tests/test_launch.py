@@ -102,8 +102,7 @@ def test_adapter_names_from_a_list_a_prefix_or_a_single_name(
 
 
 def test_built_in_choice_task_names_set_task_name(tmp_path: Path) -> None:
-    from mlora.config import load_config
-    from mlora.eval_tasks import CHOICE_TASK_NAMES
+    from mlora.config import CHOICE_TASK_NAMES, load_config
 
     tasks = ";".join([*CHOICE_TASK_NAMES, str(DATA)])
     assert gen(tmp_path, "--template", "lora", "--tasks", tasks) == 0
