@@ -71,7 +71,8 @@ def main() -> None:
         args.hidden,
         {n: (getattr(ffn, n).in_features, getattr(ffn, n).out_features) for n in ffn.projections},
         None,
-        spec,
+        spec.expert_spec,
+        spec.router,
         ffn.default_activation,
     )
     for p in moe.parameters():

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mlora.adapters import MultiLoraLinear, dense_weight
+from mlora.adapters import AdapterModel, LoraSpec, MultiLoraLinear, dense_weight
 from mlora.adapters.lora_moe import LoraMoeAdapter, MolaAdapter
 from mlora.config import LINEAR_MOE_STRATEGIES, AdapterConfig, lora_scaling
 from mlora.errors import MloraError
 from mlora.layout import LayoutContext
-from mlora.model import LoraSpec, MultiLoraModel
 from mlora.moe.spec import strategy_reader
 
 
@@ -48,7 +47,7 @@ class LinearMoeSpec(LoraSpec):
     lora_alpha: float = 16.0
     use_rslora: bool = False
 
-    def attach(self, model: MultiLoraModel, name: str) -> LinearMoeSpec:
+    def attach(self, model: AdapterModel, name: str) -> LinearMoeSpec:
         attach_linear_moe(model, name, self)  # router + LoRA experts on target linears
         return self
 
@@ -147,7 +146,7 @@ def expert_mixture(
     return module.to(layer.base_layer.weight.device)
 
 
-def attach_linear_moe(model: nn.Module, name: str, spec: LinearMoeSpec) -> None:
+def attach_linear_moe(model: AdapterModel, name: str, spec: LinearMoeSpec) -> None:
     """Add LoRAMoE / MoLA adapter ``name`` to a ``MultiLoraModel``: every target linear layer is
     wrapped; those ``spec.experts_on`` get the experts, the others plain LoRA.
 
@@ -163,7 +162,7 @@ def attach_linear_moe(model: nn.Module, name: str, spec: LinearMoeSpec) -> None:
         with_experts += 1
         return expert_mixture(layer, name, spec, model.context)
 
-    model._add_lora(name, spec, experts)
+    model.attach_lora(name, spec, experts)
     if not with_experts:
         model.remove_adapter(name, strict=False)
         raise MloraError(

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mlora.adapters import MultiLoraLinear
+from mlora.adapters import AdapterModel, LoraSpec, MultiLoraLinear
 from mlora.adapters.meteora import MeteoraAdapter
 from mlora.config import lora_scaling
-from mlora.model import LoraSpec, MultiLoraModel
 
 
 @dataclass(frozen=True)
@@ -83,12 +82,12 @@ class MeteoraSpec(LoraSpec):
         """The embedded adapters' names, in gate-output order (for the gate statistics)."""
         return [adapter.name for adapter in self.adapters]
 
-    def attach(self, model: MultiLoraModel, name: str) -> MeteoraSpec:
+    def attach(self, model: AdapterModel, name: str) -> MeteoraSpec:
         attach_meteora(model, name, self)
         return self
 
 
-def attach_meteora(model: MultiLoraModel, name: str, spec: MeteoraSpec) -> None:
+def attach_meteora(model: AdapterModel, name: str, spec: MeteoraSpec) -> None:
     """Add MeteoRA adapter ``name`` to ``model``: a ``MeteoraAdapter`` on every gated layer,
     its embedded LoRAs frozen unless ``spec.train_loras``; weights are loaded afterwards.
 
@@ -118,13 +117,13 @@ def attach_meteora(model: MultiLoraModel, name: str, spec: MeteoraSpec) -> None:
         gates.append(module)
         return module
 
-    model._add_lora(name, spec, gate_for)
+    model.attach_lora(name, spec, gate_for)
     for module in gates:  # the gate loss is averaged over the gated layers
         module.gate_loss_weight = spec.gate_loss_coef / len(gates)
 
 
 @contextlib.contextmanager
-def record_gates(model: MultiLoraModel, name: str) -> Iterator[dict[str, list[torch.Tensor]]]:
+def record_gates(model: AdapterModel, name: str) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Keep the gate logits of MeteoRA adapter ``name`` for every pass inside the block.
 
     Yields:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters import MultiLoraLinear
+from mlora.adapters import AdapterHost, LoraSpec, MultiLoraLinear
 from mlora.base_model import resolve_base_model
 from mlora.batch import LossBatch
 from mlora.errors import MloraError, first_line
@@ -27,29 +26,6 @@ from mlora.hub import before_loading
 from mlora.layout import BatchLayout, LayoutContext
 
 logger = logging.getLogger("mlora")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """The shape of one LoRA adapter: flat arguments, so no config object reaches a layer."""
-
-    r: int
-    scaling: float
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    init: str = "original"
-    use_dora: bool = False
-
-    @property
-    def peft_type(self) -> str:
-        """``peft_type`` in ``adapter_config.json``: which on-disk format stores it."""
-        return "LORA"
-
-    def attach(self, model: MultiLoraModel, name: str) -> LoraSpec:
-        """Give ``model`` adapter ``name`` of this shape; returns the spec as attached (MoE
-        kinds may resolve defaults from the model). Each kind of spec knows its own modules."""
-        model._add_lora(name, self)
-        return self
 
 
 # Module replacement dispatch: (predicate, factory), first match wins (PEFT's pattern).
@@ -128,11 +104,11 @@ class MultiLoraModel(nn.Module):
         if not self.training:
             self.eval()  # new adapter modules are born training: no dropout after model.eval()
 
-    def _add_lora(
+    def attach_lora(
         self,
         name: str,
         spec: LoraSpec,
-        module_for: Callable[[str, MultiLoraLinear], nn.Module | None] | None = None,
+        module_for: Callable[[str, nn.Module], nn.Module | None] | None = None,
     ) -> None:
         """Wrap every target linear layer of ``spec`` and give it adapter ``name``'s LoRA.
 
@@ -169,15 +145,15 @@ class MultiLoraModel(nn.Module):
                 f"{type(self.model).__name__} (its linear layers: {available})"
             )
 
-    def remove_adapter(self, name: str, strict: bool = True) -> None:
-        for _, layer in self.adapter_layers():
-            if name in layer.adapters:
-                del layer.adapters[name]
-        from mlora.moe.feed_forward import mixlora_layers
+    def adapter_hosts(self) -> list[tuple[str, AdapterHost]]:
+        """(module path, host) of every module that holds adapters: wrapped linear layers first,
+        then block-level hosts (MixLoRA FFNs), each in model order (``AdapterHost.host_rank``)."""
+        hosts = [(p, m) for p, m in self.model.named_modules() if isinstance(m, AdapterHost)]
+        return sorted(hosts, key=lambda item: item[1].host_rank)  # stable: model order kept
 
-        for _, ffn in mixlora_layers(self.model):
-            if name in ffn.moes:
-                del ffn.moes[name]
+    def remove_adapter(self, name: str, strict: bool = True) -> None:
+        for _, host in self.adapter_hosts():
+            host.remove_hosted(name)
         if strict and name not in self.specs:
             raise MloraError(f"no adapter named {name!r}")
         self.specs.pop(name, None)
@@ -186,16 +162,12 @@ class MultiLoraModel(nn.Module):
     def adapter_modules(self, name: str) -> Iterator[tuple[str, nn.Module]]:
         """(base layer path, adapter module) of adapter ``name`` on every layer it targets.
 
-        A MixLoRA adapter also yields ``(FFN path + ".moes." + name, MixLoraExperts)``.
+        A block-level host names its own path below it (a MixLoRA adapter yields
+        ``(FFN path + ".moes." + name, MixLoraExperts)``).
         """
-        for path, layer in self.adapter_layers():
-            if name in layer.adapters:
-                yield path, layer.adapters[name]
-        from mlora.moe.feed_forward import mixlora_layers
-
-        for path, ffn in mixlora_layers(self.model):
-            if name in ffn.moes:
-                yield f"{path}.moes.{name}", ffn.moes[name]
+        for path, host in self.adapter_hosts():
+            for suffix, module in host.hosted(name):
+                yield (f"{path}.{suffix}" if suffix else path), module
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for _, module in self.adapter_modules(name) for p in module.parameters()]

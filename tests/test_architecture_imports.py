@@ -84,13 +84,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     # Run state reads and sets Trainer internals (issue 18, trainer state_dict helper's part).
     ("mlora.trainer", "mlora.checkpoint"): "checkpoint <-> trainer circle",
     ("mlora.checkpoint", "mlora.trainer"): "checkpoint <-> trainer circle",
-    # The MoE modules need LoraSpec/MultiLoraModel; the model walks MixLoRA FFNs by name.
-    ("mlora.moe.spec", "mlora.model"): "LoraSpec lives in model.py",
-    ("mlora.moe.feed_forward", "mlora.model"): "LoraSpec lives in model.py",
-    ("mlora.model", "mlora.moe.feed_forward"): "the model names MixLoRA FFNs",
-    ("mlora.moe.spec", "mlora.moe.feed_forward"): "spec <-> feed_forward circle",
-    ("mlora.linear_moe", "mlora.model"): "LoraSpec lives in model.py",
-    ("mlora.meteora", "mlora.model"): "LoraSpec lives in model.py",
     # Library code (model loading, sampling) lives in the generate CLI.
     ("mlora.generate_cli", "mlora.cli"): "cli <-> generate_cli circle",
     ("mlora.cli", "mlora.interactive"): "cli <-> interactive circle",

@@ -2,5 +2,14 @@
 
 from mlora.adapters.linear import MultiLoraLinear, dense_weight
 from mlora.adapters.lora import DoraMagnitude, LoraAdapter
+from mlora.adapters.spec import AdapterHost, AdapterModel, LoraSpec
 
-__all__ = ["DoraMagnitude", "LoraAdapter", "MultiLoraLinear", "dense_weight"]
+__all__ = [
+    "AdapterHost",
+    "AdapterModel",
+    "DoraMagnitude",
+    "LoraAdapter",
+    "LoraSpec",
+    "MultiLoraLinear",
+    "dense_weight",
+]

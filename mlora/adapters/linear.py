@@ -13,10 +13,13 @@ outside every segment, or whose adapter does not target this layer, get the base
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 from mlora.adapters.lora import LoraAdapter
+from mlora.adapters.spec import AdapterHost
 from mlora.layout import AdapterSegment, LayoutContext
 from mlora.ops.segmented_lora import segmented_lora
 from mlora.ops.segments import join_segments, split_segments
@@ -36,7 +39,7 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     return weight
 
 
-class MultiLoraLinear(nn.Module):
+class MultiLoraLinear(nn.Module, AdapterHost):
     """A frozen linear layer plus any number of adapters, applied by the current batch layout.
 
     Args:
@@ -49,6 +52,14 @@ class MultiLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.context = context
+
+    def hosted(self, name: str) -> Iterator[tuple[str, nn.Module]]:
+        if name in self.adapters:
+            yield "", self.adapters[name]
+
+    def remove_hosted(self, name: str) -> None:
+        if name in self.adapters:
+            del self.adapters[name]
 
     @property
     def in_features(self) -> int:

@@ -25,10 +25,9 @@ from torch import nn
 
 from mlora.adapters import LoraAdapter, MultiLoraLinear, dense_weight
 from mlora.adapters.lora import adapter_dropout
-from mlora.errors import MloraError
+from mlora.adapters.spec import AdapterHost, LoraSpec
 from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
-from mlora.moe.routing import route
-from mlora.moe.spec import MixLoraSpec, RouterSpec
+from mlora.moe.routing import RouterSpec, route
 from mlora.ops.routed_lora import routed_lora
 from mlora.ops.segments import join_segments, split_segments
 from mlora.randomness import SegmentRandom
@@ -70,7 +69,8 @@ class MixLoraExperts(nn.Module):
         hidden: the FFN input width.
         shapes: (in, out) features of each adapted projection, by name.
         base_weights: the dense base weight of each adapted projection (DoRA init), or None.
-        spec: the adapter's MixLoRA spec.
+        expert: each expert's LoRA shape (r, scaling, dropout, init, DoRA).
+        router: the adapter's routing settings.
         activation: the experts' activation.
     """
 
@@ -79,11 +79,11 @@ class MixLoraExperts(nn.Module):
         hidden: int,
         shapes: dict[str, tuple[int, int]],
         base_weights: dict[str, torch.Tensor] | None,
-        spec: MixLoraSpec,
+        expert: LoraSpec,
+        router: RouterSpec,
         activation: nn.Module,
     ) -> None:
         super().__init__()
-        router = spec.router
         self.router_spec: RouterSpec = router
         self.router = nn.Linear(hidden, router.num_experts, bias=False)
         nn.init.normal_(self.router.weight, mean=0.0, std=router.init_range)
@@ -95,11 +95,11 @@ class MixLoraExperts(nn.Module):
                     LoraAdapter(
                         fan_in,
                         fan_out,
-                        spec.expert_r,
-                        spec.expert_scaling,
-                        spec.expert_dropout,
-                        spec.init,
-                        spec.use_dora,
+                        expert.r,
+                        expert.scaling,
+                        expert.dropout,
+                        expert.init,
+                        expert.use_dora,
                         None if base_weights is None else base_weights[name],
                     )
                     for _ in range(router.num_experts)
@@ -108,7 +108,7 @@ class MixLoraExperts(nn.Module):
             }
         )
         self.activation = activation
-        self.use_dora = spec.use_dora
+        self.use_dora = expert.use_dora
         self.ffn_dropout = router.ffn_dropout
 
     def expert(self, projection: str, index: int) -> LoraAdapter | None:
@@ -126,7 +126,7 @@ class MixLoraExperts(nn.Module):
         return self.router(x)
 
 
-class MixLoraFeedForward(nn.Module):
+class MixLoraFeedForward(nn.Module, AdapterHost):
     """Stands in for a decoder layer's MLP; MixLoRA segments take the expert path.
 
     The model's MLP module is kept (unregistered, so module paths do not change) for the rows
@@ -153,6 +153,16 @@ class MixLoraFeedForward(nn.Module):
         self.default_activation = shape.activation
         self.moes = nn.ModuleDict()
         self.context = context
+
+    host_rank = 1  # after every linear layer's adapters (see AdapterHost)
+
+    def hosted(self, name: str) -> Iterator[tuple[str, nn.Module]]:
+        if name in self.moes:
+            yield f"moes.{name}", self.moes[name]
+
+    def remove_hosted(self, name: str) -> None:
+        if name in self.moes:
+            del self.moes[name]
 
     def __setattr__(self, name: str, value: object) -> None:
         # A projection replaced later (MultiLoraModel wrapping gate_proj for a plain LoRA) must
@@ -456,105 +466,6 @@ class MixLoraFeedForward(nn.Module):
 
 
 # --- attaching ---------------------------------------------------------------------------------
-
-
-def find_mlps(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(path, module) of every decoder layer's MLP (a child named ``mlp``)."""
-    for path, module in model.named_modules():
-        if path.rsplit(".", 1)[-1] == "mlp":
-            yield path, module
-
-
-def _known_shape(mlp: nn.Module) -> MlpShape | None:
-    """``mlp_shape``, also of an MLP already wrapped for another MixLoRA adapter."""
-    if isinstance(mlp, MixLoraFeedForward):
-        return MlpShape(mlp.projections, mlp.default_activation)
-    return mlp_shape(mlp)
-
-
-def _activation(name: str | None, default: nn.Module) -> nn.Module:
-    if name is None:
-        return default
-    from transformers.activations import ACT2FN
-
-    return ACT2FN[name]
-
-
-def _model_activation_name(hf_model: nn.Module, activation: nn.Module) -> str | None:
-    """The ``ACT2FN`` name of the model's MLP activation, if its config names it."""
-    from transformers.activations import ACT2FN
-
-    for key in ("hidden_act", "hidden_activation"):
-        value = getattr(getattr(hf_model, "config", None), key, None)
-        if isinstance(value, str) and value in ACT2FN and type(ACT2FN[value]) is type(activation):
-            return value
-    return None
-
-
-def attach_mixlora(model: nn.Module, name: str, spec: MixLoraSpec) -> MixLoraSpec:
-    """Add MixLoRA adapter ``name`` to a ``MultiLoraModel``: experts on every FFN, plain LoRA on
-    the other targets.
-
-    Returns:
-        ``spec`` with ``act_fn`` resolved to the model's activation name when it was unset (so
-        the saved config names it, as the mixlora package's loader needs).
-
-    Raises:
-        MloraError: the model has no MLP of a known shape, or no FFN projection is targeted.
-    """
-    hf_model = model.model
-    mlps = [(path, mlp, _known_shape(mlp)) for path, mlp in find_mlps(hf_model)]
-    unknown = [type(mlp).__name__ for _, mlp, shape in mlps if shape is None]
-    if not mlps or unknown:
-        what = unknown[0] if unknown else "no 'mlp' modules"
-        raise MloraError(
-            f"adapter {name!r}: key 'routing_strategy' ({spec.router.strategy!r}) needs decoder "
-            f"MLPs with gate_proj/up_proj/down_proj or fc1/fc2; {type(hf_model).__name__} has "
-            f"{what}"
-        )
-    ffn_names = {proj for _, _, shape in mlps if shape for proj in shape.projections}
-    expert_targets = [t for t in spec.target_modules if t in ffn_names]
-    other_targets = tuple(t for t in spec.target_modules if t not in ffn_names)
-    if not expert_targets:
-        raise MloraError(
-            f"adapter {name!r}: key 'target_modules' must include an FFN projection for "
-            f"MixLoRA experts (one of {', '.join(sorted(ffn_names))})"
-        )
-    if other_targets:
-        from mlora.model import LoraSpec
-
-        model._add_lora(
-            name,
-            LoraSpec(spec.r, spec.scaling, spec.dropout, other_targets, spec.init, spec.use_dora),
-        )
-    for path, mlp, shape in mlps:
-        if not isinstance(mlp, MixLoraFeedForward):
-            parent = hf_model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else hf_model
-            mlp = MixLoraFeedForward(mlp, model.context, shape)
-            parent.mlp = mlp
-        targets = [t for t in expert_targets if t in mlp.projections]
-        layers = {t: mlp.linear(t) for t in targets}
-        shapes = {t: (layer.in_features, layer.out_features) for t, layer in layers.items()}
-        weights = (
-            {t: dense_weight(layer).float() for t, layer in layers.items()}
-            if spec.use_dora
-            else None
-        )
-        first = mlp.linear(mlp.projections[0])
-        device = first.weight.device
-        experts = MixLoraExperts(
-            first.in_features,
-            shapes,
-            weights,
-            spec,
-            _activation(spec.act_fn, mlp.default_activation),
-        )
-        mlp.moes[name] = experts.to(device)
-    if spec.act_fn is None:
-        resolved = _model_activation_name(hf_model, mlp.default_activation)
-        if resolved is not None:
-            spec = replace(spec, act_fn=resolved)
-    return spec
 
 
 def mixlora_layers(model: nn.Module) -> Iterator[tuple[str, MixLoraFeedForward]]:

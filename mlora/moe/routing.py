@@ -27,7 +27,39 @@ import torch
 import torch.nn.functional as F
 
 from mlora.adapters.lora_moe import load_balance, top_k_weights
-from mlora.moe.spec import RouterSpec
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How one MixLoRA adapter routes tokens to its experts and what its router losses weigh.
+
+    Attributes:
+        strategy: "mixlora" (softmax top-k, renormalised), "mixlora-dynamic" (top-p) or
+            "mixlora-switch" (top-1 with a per-row capacity in training).
+        num_experts: experts per FFN.
+        top_k: experts per token (mixlora).
+        top_p, temperature: mixlora-dynamic's cumulative threshold and softmax temperature.
+        init_range: std of the router weight's normal initialisation.
+        aux_loss_coef: weight of the load-balancing loss.
+        z_loss_coef: weight of the router z-loss (switch).
+        router_loss: whether the router losses join the adapter's loss.
+        jitter_noise: multiplicative uniform noise on the router input in training.
+        expert_capacity: tokens per expert per row in training (switch).
+        ffn_dropout: dropout on the MoE FFN output in training (switch).
+    """
+
+    strategy: str = "mixlora"
+    num_experts: int = 8
+    top_k: int = 2
+    top_p: float = 0.8
+    temperature: float = 0.0
+    init_range: float = 0.02
+    aux_loss_coef: float = 0.001
+    z_loss_coef: float = 0.0
+    router_loss: bool = True
+    jitter_noise: float = 0.0
+    expert_capacity: int = 32
+    ffn_dropout: float = 0.0
 
 
 @dataclass

@@ -2,50 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
+from torch import nn
+
+from mlora.adapters import AdapterModel, LoraSpec, dense_weight
 from mlora.config import (
     MIXLORA_STRATEGIES,
     MOE_STRATEGY_DEFAULTS,
     AdapterConfig,
     lora_scaling,
 )
-from mlora.model import LoraSpec, MultiLoraModel
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    """How one MixLoRA adapter routes tokens to its experts and what its router losses weigh.
-
-    Attributes:
-        strategy: "mixlora" (softmax top-k, renormalised), "mixlora-dynamic" (top-p) or
-            "mixlora-switch" (top-1 with a per-row capacity in training).
-        num_experts: experts per FFN.
-        top_k: experts per token (mixlora).
-        top_p, temperature: mixlora-dynamic's cumulative threshold and softmax temperature.
-        init_range: std of the router weight's normal initialisation.
-        aux_loss_coef: weight of the load-balancing loss.
-        z_loss_coef: weight of the router z-loss (switch).
-        router_loss: whether the router losses join the adapter's loss.
-        jitter_noise: multiplicative uniform noise on the router input in training.
-        expert_capacity: tokens per expert per row in training (switch).
-        ffn_dropout: dropout on the MoE FFN output in training (switch).
-    """
-
-    strategy: str = "mixlora"
-    num_experts: int = 8
-    top_k: int = 2
-    top_p: float = 0.8
-    temperature: float = 0.0
-    init_range: float = 0.02
-    aux_loss_coef: float = 0.001
-    z_loss_coef: float = 0.0
-    router_loss: bool = True
-    jitter_noise: float = 0.0
-    expert_capacity: int = 32
-    ffn_dropout: float = 0.0
+from mlora.errors import MloraError
+from mlora.moe.feed_forward import MixLoraExperts, MixLoraFeedForward, MlpShape, mlp_shape
+from mlora.moe.routing import RouterSpec
 
 
 @dataclass(frozen=True)
@@ -61,7 +33,7 @@ class MixLoraSpec(LoraSpec):
         lora_alpha, use_rslora: as configured (recorded when saving).
     """
 
-    router: RouterSpec = RouterSpec()
+    router: RouterSpec = RouterSpec()  # noqa: RUF009 (frozen: one shared default is safe)
     expert_r: int = 8
     expert_scaling: float = 2.0
     expert_dropout: float = 0.0
@@ -74,9 +46,15 @@ class MixLoraSpec(LoraSpec):
     def peft_type(self) -> str:
         return "MIXLORA"
 
-    def attach(self, model: MultiLoraModel, name: str) -> MixLoraSpec:
-        from mlora.moe.feed_forward import attach_mixlora  # lazy: it builds on this module
+    @property
+    def expert_spec(self) -> LoraSpec:
+        """The LoRA shape of each expert."""
+        return LoraSpec(
+            self.expert_r, self.expert_scaling, self.expert_dropout, init=self.init,
+            use_dora=self.use_dora,
+        )  # fmt: skip
 
+    def attach(self, model: AdapterModel, name: str) -> MixLoraSpec:
         return attach_mixlora(model, name, self)  # FFN experts + plain LoRA on other targets
 
 
@@ -155,3 +133,101 @@ def mixlora_spec(config: AdapterConfig) -> MixLoraSpec:
         act_fn=config.moe("act_fn"),
         expert_lora=config.moe("expert_lora"),
     )
+
+
+def find_mlps(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) of every decoder layer's MLP (a child named ``mlp``)."""
+    for path, module in model.named_modules():
+        if path.rsplit(".", 1)[-1] == "mlp":
+            yield path, module
+
+
+def _known_shape(mlp: nn.Module) -> MlpShape | None:
+    """``mlp_shape``, also of an MLP already wrapped for another MixLoRA adapter."""
+    if isinstance(mlp, MixLoraFeedForward):
+        return MlpShape(mlp.projections, mlp.default_activation)
+    return mlp_shape(mlp)
+
+
+def _activation(name: str | None, default: nn.Module) -> nn.Module:
+    if name is None:
+        return default
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def _model_activation_name(hf_model: nn.Module, activation: nn.Module) -> str | None:
+    """The ``ACT2FN`` name of the model's MLP activation, if its config names it."""
+    from transformers.activations import ACT2FN
+
+    for key in ("hidden_act", "hidden_activation"):
+        value = getattr(getattr(hf_model, "config", None), key, None)
+        if isinstance(value, str) and value in ACT2FN and type(ACT2FN[value]) is type(activation):
+            return value
+    return None
+
+
+def attach_mixlora(model: AdapterModel, name: str, spec: MixLoraSpec) -> MixLoraSpec:
+    """Add MixLoRA adapter ``name`` to a ``MultiLoraModel``: experts on every FFN, plain LoRA on
+    the other targets.
+
+    Returns:
+        ``spec`` with ``act_fn`` resolved to the model's activation name when it was unset (so
+        the saved config names it, as the mixlora package's loader needs).
+
+    Raises:
+        MloraError: the model has no MLP of a known shape, or no FFN projection is targeted.
+    """
+    hf_model = model.model
+    mlps = [(path, mlp, _known_shape(mlp)) for path, mlp in find_mlps(hf_model)]
+    unknown = [type(mlp).__name__ for _, mlp, shape in mlps if shape is None]
+    if not mlps or unknown:
+        what = unknown[0] if unknown else "no 'mlp' modules"
+        raise MloraError(
+            f"adapter {name!r}: key 'routing_strategy' ({spec.router.strategy!r}) needs decoder "
+            f"MLPs with gate_proj/up_proj/down_proj or fc1/fc2; {type(hf_model).__name__} has "
+            f"{what}"
+        )
+    ffn_names = {proj for _, _, shape in mlps if shape for proj in shape.projections}
+    expert_targets = [t for t in spec.target_modules if t in ffn_names]
+    other_targets = tuple(t for t in spec.target_modules if t not in ffn_names)
+    if not expert_targets:
+        raise MloraError(
+            f"adapter {name!r}: key 'target_modules' must include an FFN projection for "
+            f"MixLoRA experts (one of {', '.join(sorted(ffn_names))})"
+        )
+    if other_targets:
+        model.attach_lora(
+            name,
+            LoraSpec(spec.r, spec.scaling, spec.dropout, other_targets, spec.init, spec.use_dora),
+        )
+    for path, mlp, shape in mlps:
+        if not isinstance(mlp, MixLoraFeedForward):
+            parent = hf_model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else hf_model
+            mlp = MixLoraFeedForward(mlp, model.context, shape)
+            parent.mlp = mlp
+        targets = [t for t in expert_targets if t in mlp.projections]
+        layers = {t: mlp.linear(t) for t in targets}
+        shapes = {t: (layer.in_features, layer.out_features) for t, layer in layers.items()}
+        weights = (
+            {t: dense_weight(layer).float() for t, layer in layers.items()}
+            if spec.use_dora
+            else None
+        )
+        first = mlp.linear(mlp.projections[0])
+        device = first.weight.device
+        experts = MixLoraExperts(
+            first.in_features,
+            shapes,
+            weights,
+            spec.expert_spec,
+            spec.router,
+            _activation(spec.act_fn, mlp.default_activation),
+        )
+        mlp.moes[name] = experts.to(device)
+    if spec.act_fn is None:
+        resolved = _model_activation_name(hf_model, mlp.default_activation)
+        if resolved is not None:
+            spec = replace(spec, act_fn=resolved)
+    return spec

@@ -1,0 +1,83 @@
+"""What every adapter kind shares: its spec's base shape and the two protocols around it.
+
+``LoraSpec`` is the shape of one plain LoRA adapter; the other kinds (MixLoRA, LoRAMoE/MoLA,
+MeteoRA) subclass it and override ``attach``. ``AdapterHost`` is any module that holds adapter
+modules by name (a wrapped linear layer, a MixLoRA FFN): the model finds, lists and removes an
+adapter by walking hosts, so it never names a kind. ``AdapterModel`` is what a spec's
+``attach`` may use of the model, so the kinds never import the model module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from torch import nn
+
+from mlora.layout import LayoutContext
+
+
+class AdapterHost:
+    """A module that holds adapters by name (mixed into ``nn.Module`` subclasses).
+
+    Attributes:
+        host_rank: the walk order of hosts: every rank-0 host (a wrapped linear layer) before
+            any rank-1 host (a block such as a MixLoRA FFN), each in model order. This order is
+            the order of ``MultiLoraModel.adapter_parameters`` and so of optimizer state in
+            checkpoints; it must not change.
+    """
+
+    host_rank: ClassVar[int] = 0
+
+    def hosted(self, name: str) -> Iterator[tuple[str, nn.Module]]:
+        """(path suffix below this host, module) of adapter ``name`` here; "" = the host's path."""
+        raise NotImplementedError
+
+    def remove_hosted(self, name: str) -> None:
+        """Forget adapter ``name`` here (nothing if this host does not hold it)."""
+        raise NotImplementedError
+
+
+class AdapterModel(Protocol):
+    """What an adapter kind's ``attach`` uses of ``MultiLoraModel``."""
+
+    model: nn.Module
+    context: LayoutContext
+
+    def attach_lora(
+        self,
+        name: str,
+        spec: LoraSpec,
+        module_for: Callable[[str, nn.Module], nn.Module | None] | None = None,
+    ) -> None:
+        """Wrap ``spec``'s target linears; ``module_for(path, layer)`` may give a kind's own
+        module for a layer (None: a plain LoRA)."""
+        ...
+
+    def remove_adapter(self, name: str, strict: bool = True) -> None: ...
+
+    def adapter_modules(self, name: str) -> Iterator[tuple[str, nn.Module]]: ...
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The shape of one LoRA adapter: flat arguments, so no config object reaches a layer."""
+
+    r: int
+    scaling: float
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    init: str = "original"
+    use_dora: bool = False
+
+    @property
+    def peft_type(self) -> str:
+        """``peft_type`` in ``adapter_config.json``: which on-disk format stores it."""
+        return "LORA"
+
+    def attach(self, model: AdapterModel, name: str) -> LoraSpec:
+        """Give ``model`` adapter ``name`` of this shape; returns the spec as attached (MoE
+        kinds may resolve defaults from the model). Each kind of spec knows its own modules."""
+        model.attach_lora(name, self)
+        return self
