@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from mlora.atomic import output_lock
-from mlora.backends import get_backend
 from mlora.base_model import resolve_base_model
 from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
 from mlora.config import TrainConfig, config_to_dict, load_config
@@ -20,14 +19,13 @@ from mlora.distributed import (
     check_world_size,
     env_world_size,
     fingerprint,
-    local_device,
     process_group,
     shard_frozen_base,
 )
 from mlora.errors import MloraError
 from mlora.hub import before_loading
-from mlora.model import MultiLoraModel, load_base_model, load_tokenizer
-from mlora.precision import base_model_load_options, check_dtype
+from mlora.loading import plan_base_load
+from mlora.model import MultiLoraModel
 from mlora.preflight import check_seed, preflight
 from mlora.run_records import RunIdentity
 from mlora.stderr_log import CurrentStderrHandler
@@ -155,16 +153,13 @@ def _train(
     fsdp: bool,
 ) -> Trainer:
     """``train`` with its logging settled (same arguments)."""
-    backend = get_backend(None if device is None else str(device))  # before any device use
-    if env_world_size() > 1:
-        backend = get_backend(str(local_device(backend.device)))  # one GPU per local rank
+    plan = plan_base_load(device, dtype, quantize, attn_implementation)  # before any device use
+    backend = plan.backend
     if not isinstance(config, TrainConfig):
         config = load_config(config)
     for note in config.notes:  # upstream m-LoRA keys read with a different meaning or none
         logger.info(note)
-    check_dtype(dtype, backend)
     check_seed(seed)
-    load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     if tf32:
         backend.allow_tf32(True)
     check_world_size(config, env_world_size())  # before joining the group: fails in a second
@@ -188,7 +183,7 @@ def _train(
             before_loading(model_path, "base model")  # the preflight reads a hub id's config
             preflight(config, model_path, output_dir, trust_remote_code, load_adapter)
             backend.manual_seed(seed)
-            tokenizer = load_tokenizer(model_path, trust_remote_code)
+            tokenizer = plan.load_tokenizer(model_path, trust_remote_code)
             data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
         except MloraError as exc:
             if not dist.enabled:
@@ -199,19 +194,7 @@ def _train(
             {} if error else _fingerprint(config, run, data, load_adapter, overwrite), error
         )
         init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
-        hf_model, _ = load_base_model(
-            model_path,
-            dtype,
-            backend.device,
-            trust_remote_code=trust_remote_code,
-            tokenizer=tokenizer,
-            **load_options,
-        )
-        logger.info(
-            "backend %s (%s), base dtype %s, attention %s, quantization %s",
-            backend.label, backend.device, dtype, load_options["attn_implementation"],
-            quantize or "none",
-        )  # fmt: skip
+        hf_model, _ = plan.load(model_path, trust_remote_code, tokenizer)
         trainer = Trainer(
             MultiLoraModel(hf_model),
             tokenizer,

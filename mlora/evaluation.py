@@ -37,7 +37,7 @@ from mlora.batch import collate
 from mlora.config import AdapterConfig, TrainConfig
 from mlora.data import IGNORE_INDEX, TokenizedRow, pad_token_id, tokenize_rows
 from mlora.dispatcher import shard_bounds
-from mlora.distributed import Distributed, local_device, process_group
+from mlora.distributed import Distributed, process_group
 from mlora.errors import ConfigError, DataError, MloraError
 from mlora.eval_tasks import CHOICE_TASKS, choice_source, load_choice_questions, read_test_rows
 from mlora.model import MultiLoraModel
@@ -520,20 +520,15 @@ def evaluate(
         MloraError: unknown adapter, missing test data / trained adapter / base model, a bad
             file (one line each, all checked before the model loads).
     """
-    from mlora.backends import get_backend
     from mlora.base_model import resolve_base_model
     from mlora.config import load_config
-    from mlora.model import load_tokenizer
-    from mlora.precision import base_model_load_options
+    from mlora.loading import plan_base_load
     from mlora.preflight import check_base_model_path, check_output_file
     from mlora.trained import check_trained, load_trained
 
     if not isinstance(config, TrainConfig):
         config = load_config(config)
-    backend = get_backend(None if device is None else str(device))
-    backend = get_backend(str(local_device(backend.device)))  # one GPU per local rank
-    device = backend.device
-    load_options = base_model_load_options(backend, dtype, quantize, attn_implementation)
+    plan = plan_base_load(device, dtype, quantize, attn_implementation)
     output_dir = Path(output_dir)
     selected = select_adapters(config, adapters)
     folders = {a.name: output_dir / a.name for a in selected}
@@ -542,14 +537,14 @@ def evaluate(
     check_base_model_path(base_model)
     target = Path(result_file) if result_file is not None else result_path(config, output_dir)
     check_output_file(target)  # before the work: the results must not be lost after it
-    tokenizer = load_tokenizer(base_model, trust_remote_code)
+    tokenizer = plan.load_tokenizer(base_model, trust_remote_code)
     test_sets = prepare_test_sets(config, tokenizer, [a.name for a in selected])
     model, tokenizer = load_trained(
-        base_model, folders, dtype, device, trust_remote_code, tokenizer=tokenizer, **load_options
+        base_model, folders, trust_remote_code=trust_remote_code, tokenizer=tokenizer, plan=plan
     )
     model.packing = resolve_packing(model.model, config.packing)
     start = time.perf_counter()
-    with process_group(device) as dist:
+    with process_group(plan.device) as dist:
         results = evaluate_model(model, tokenizer, test_sets, dist)
     if not dist.is_main:
         return results

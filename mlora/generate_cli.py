@@ -8,130 +8,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 from mlora.atomic import atomic_write_text
-from mlora.cli import BASE_MODEL_HELP, add_base_model_options, program_name, quantize_choice
+from mlora.cli_common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    model_from_args,
+    program_name,
+    sampling_params,
+    setup_logging,
+    sources_from_args,
+)
 from mlora.dispatcher import shard_bounds
-from mlora.distributed import local_device, process_group
+from mlora.distributed import process_group
 from mlora.errors import MloraError, exit_code_of
-from mlora.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
+from mlora.generation import GenerationOutput, GenerationRequest, generate
+from mlora.inference import quiet_loading
 from mlora.preflight import check_output_file
 from mlora.prompts import PromptTemplate, load_template
 
 BASE = "base"  # --use value (and JSONL "adapter": null) for the base model without adapter
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``SamplingParams`` flags, shared by generate.py and inference.py."""
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max_new_tokens", type=int, default=128, help="Tokens per answer at most.")
-    group.add_argument(
-        "--temperature", type=float, default=0.0, help="Sampling temperature (0: greedy)."
-    )
-    group.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass.")
-    group.add_argument("--top_k", type=int, default=0, help="Sample among the k best (0: off).")
-    group.add_argument(
-        "--repetition_penalty", type=float, default=1.0, help="Penalty on repeated tokens (1: off)."
-    )
-    group.add_argument(
-        "--stop", action="append", default=[], help="Stop string (repeatable); not printed."
-    )
-    group.add_argument("--seed", type=int, default=None, help="Seed for reproducible sampling.")
-
-
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop),
-        seed=args.seed,
-    )
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Base model and adapter sources, shared by generate.py and inference.py."""
-    parser.add_argument("--base_model", required=True, help=BASE_MODEL_HELP)
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="A trained adapter folder (ours or any PEFT LoRA) under a name (repeatable).",
-    )
-    parser.add_argument(
-        "--dir", default=None, help="Training output folder: its adapters DIR/NAME are loaded."
-    )
-    parser.add_argument(
-        "--config", default=None, help="With --dir: load exactly this config's adapters."
-    )
-    add_base_model_options(parser)
-
-
-def adapter_sources(
-    args: argparse.Namespace, require_all: bool = True
-) -> tuple[dict[str, Path], dict[str, PromptTemplate]]:
-    """The adapter folders to load by name, and the config's templates (empty without one).
-
-    Raises:
-        MloraError: a bad --adapter value, a missing folder, a name given twice.
-    """
-    from mlora.config import load_config
-    from mlora.trained import (
-        config_adapter_dirs,
-        config_templates,
-        find_adapters,
-        parse_adapter_arg,
-    )
-
-    folders: dict[str, Path] = {}
-    templates: dict[str, PromptTemplate] = {}
-    if args.config and not args.dir:
-        raise MloraError("--config needs --dir (the folder the adapters were trained into)")
-    if args.config:
-        config = load_config(args.config)
-        folders.update(config_adapter_dirs(config, args.dir, require_all))
-        templates = config_templates(config)
-    elif args.dir:
-        folders.update(find_adapters(args.dir))
-        if not folders:
-            raise MloraError(f"no trained adapter found in {args.dir}")
-    for value in getattr(args, "adapter", []):  # mlora.py --inference has no --adapter
-        name, folder = parse_adapter_arg(value)
-        if name in folders:
-            raise MloraError(f"adapter {name!r} given twice")
-        if not folder.is_dir():
-            raise MloraError(f"adapter {name!r}: directory not found: {folder}")
-        folders[name] = folder
-    return folders, templates
-
-
-def load_model(args: argparse.Namespace, folders: dict[str, Path]):
-    """Load the base model with the adapters attached; returns (model, tokenizer)."""
-    from mlora.backends import get_backend
-    from mlora.base_model import with_gguf_file
-    from mlora.precision import base_model_load_options, resolve_dtype
-    from mlora.trained import load_trained
-
-    backend = get_backend(args.device)  # --device, else $MLORA_BACKEND_TYPE, else the best
-    backend = get_backend(str(local_device(backend.device)))  # torchrun: a GPU per local rank
-    dtype = resolve_dtype(args.fp16, args.bf16, backend)
-    options = base_model_load_options(backend, dtype, quantize_choice(args), args.attn_impl)
-    return load_trained(
-        with_gguf_file(args.base_model, args.gguf_file),
-        folders,
-        dtype=dtype,
-        device=str(backend.device),
-        trust_remote_code=args.trust_remote_code,
-        **options,
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,12 +194,12 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     if args.batch_size < 1:
         raise MloraError(f"--batch_size must be >= 1, got {args.batch_size}")
-    folders, templates = adapter_sources(args)
+    folders, templates = sources_from_args(args)
     requests = build_requests(args, list(folders), templates)  # all checked before loading
     to_stdout = args.output == "-"
     if args.output and not to_stdout:  # a bad --output found after generating loses the answers
         check_output_file(Path(args.output).resolve())
-    model, tokenizer = load_model(args, folders)
+    model, tokenizer = model_from_args(args, folders)
     with process_group(model.device) as dist:  # torchrun: each rank answers a share, rank 0
         start, end = shard_bounds(len(requests), dist.rank, dist.world_size)  # writes them all
         stream = args.stream and not to_stdout and not dist.enabled
@@ -339,18 +239,8 @@ def result_row(output: GenerationOutput) -> dict:
     }
 
 
-def quiet_loading() -> None:
-    """No loading logs or progress bars on the terminal (they would mix with the answers)."""
-    from transformers.utils import logging as hf_logging
-
-    logging.getLogger("mlora").setLevel(logging.WARNING)
-    hf_logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, printed as one line)."""
-    from mlora.cli import setup_logging
-
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, None)
     if not args.verbose:  # stdout carries the answers; keep stderr to warnings and errors

@@ -149,12 +149,13 @@ def run_inference(args: argparse.Namespace) -> int:
     Raises:
         MloraError: none of the config's adapters has been trained into ``--dir``.
     """
-    from mlora.generate_cli import adapter_sources, load_model, quiet_loading
+    from mlora.cli_common import model_from_args, sources_from_args
+    from mlora.inference import quiet_loading
 
     if not args.verbose:
         quiet_loading()
-    folders, templates = adapter_sources(args, require_all=False)
-    model, tokenizer = load_model(args, folders)
+    folders, templates = sources_from_args(args, require_all=False)
+    model, tokenizer = model_from_args(args, folders)
     loop = PromptLoop(model, tokenizer, templates, SamplingParams(), sys.stdout)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())

@@ -16,7 +16,8 @@ import torch
 from mlora.adapter_names import adapter_name_problem
 from mlora.config import TrainConfig
 from mlora.errors import MloraError
-from mlora.model import MultiLoraModel, load_base_model
+from mlora.loading import BaseLoad, plan_base_load
+from mlora.model import MultiLoraModel
 from mlora.persistence import (
     CONFIG_NAME,
     adapter_files_problem,
@@ -81,24 +82,31 @@ def load_trained(
     base_model: str,
     adapters: Mapping[str, str | Path],
     dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     trust_remote_code: bool = False,
-    **load_options: Any,
+    *,
+    quantize: str | None = None,
+    attn_implementation: str | None = None,
+    tokenizer: Any = None,
+    plan: BaseLoad | None = None,
 ) -> tuple[MultiLoraModel, Any]:
     """Load ``base_model`` and attach each ``{name: folder}`` adapter; returns (model, tokenizer).
 
     ``base_model`` is a folder, a hub id, a GGUF file or ``"smollm2"`` (see ``mlora.base_model``).
 
-    ``load_options`` go to ``load_base_model`` (see ``precision.base_model_load_options`` for
-    a quantized base or another attention implementation).
+    Args:
+        quantize: ``"4bit"`` / ``"8bit"`` base through bitsandbytes (CUDA only).
+        attn_implementation: ``eager``, ``sdpa`` or ``flash_attn`` (None: the best usable).
+        tokenizer: one already loaded, to use instead of loading it again.
+        plan: a ``mlora.loading.plan_base_load`` result (it then decides dtype, device,
+            quantization and attention).
 
     Raises:
         MloraError: a missing adapter folder (checked before the model loads) or a bad model.
     """
     check_trained(adapters)
-    hf_model, tokenizer = load_base_model(
-        base_model, dtype, device, trust_remote_code=trust_remote_code, **load_options
-    )
+    plan = plan or plan_base_load(device, dtype, quantize, attn_implementation)
+    hf_model, tokenizer = plan.load(base_model, trust_remote_code, tokenizer)
     model = MultiLoraModel(hf_model).eval()
     for name, folder in adapters.items():
         attach_adapter(model, name, folder)

@@ -24,7 +24,7 @@ BASE_CHOICE = "(base model)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mlora.generate_cli import add_model_arguments, add_sampling_arguments
+    from mlora.cli_common import add_model_arguments, add_sampling_arguments
 
     parser = argparse.ArgumentParser(
         prog="inference.py",
@@ -153,13 +153,14 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise MloraError("inference.py needs gradio: pip install 'mlora[webui]'") from None
-    from mlora.generate_cli import adapter_sources, load_model, quiet_loading, sampling_params
+    from mlora.cli_common import model_from_args, sampling_params, sources_from_args
+    from mlora.inference import quiet_loading
 
     if not args.verbose:
         quiet_loading()
     params = sampling_params(args)
-    folders, templates = adapter_sources(args, require_all=False)
-    model, tokenizer = load_model(args, folders)
+    folders, templates = sources_from_args(args, require_all=False)
+    model, tokenizer = model_from_args(args, folders)
     app = build_app(ChatBackend(model, tokenizer, templates, params))
     print(f"mlora chat: http://{args.host}:{args.port}", flush=True)
     app.queue().launch(server_name=args.host, server_port=args.port, quiet=True)
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, printed as one line)."""
-    from mlora.cli import setup_logging
+    from mlora.cli_common import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, None)

@@ -70,11 +70,27 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "mlora.trainer",
         ),
     ),
-    ("inference", ("mlora.generation", "mlora.trained", "mlora.evaluation")),
+    (
+        "inference",
+        (
+            "mlora.loading",
+            "mlora.generation",
+            "mlora.trained",
+            "mlora.inference",
+            "mlora.evaluation",
+        ),
+    ),
     ("api", ("mlora.api",)),
     (
         "cli",
-        ("mlora.cli", "mlora.launch", "mlora.generate_cli", "mlora.interactive", "mlora.webui"),
+        (
+            "mlora.cli_common",
+            "mlora.cli",
+            "mlora.launch",
+            "mlora.generate_cli",
+            "mlora.interactive",
+            "mlora.webui",
+        ),
     ),
     ("package", ("mlora",)),
 ]
@@ -84,10 +100,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     # Run state reads and sets Trainer internals (issue 18, trainer state_dict helper's part).
     ("mlora.trainer", "mlora.checkpoint"): "checkpoint <-> trainer circle",
     ("mlora.checkpoint", "mlora.trainer"): "checkpoint <-> trainer circle",
-    # Library code (model loading, sampling) lives in the generate CLI.
-    ("mlora.generate_cli", "mlora.cli"): "cli <-> generate_cli circle",
-    ("mlora.cli", "mlora.interactive"): "cli <-> interactive circle",
-    ("mlora.interactive", "mlora.generate_cli"): "interactive <-> generate_cli circle",
     # The LoRA format dispatches to MeteoRA's by name, which builds on the LoRA format.
     ("mlora.persistence", "mlora.meteora_persistence"): "persistence <-> meteora circle",
 }
