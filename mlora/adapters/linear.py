@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from mlora.adapters.lora import LoraAdapter
+from mlora.adapters.lora import LoraAdapter, LoraVariant
 from mlora.adapters.spec import AdapterHost
 from mlora.layout import AdapterSegment, LayoutContext
 from mlora.ops.segmented_lora import segmented_lora
@@ -148,13 +148,13 @@ class MultiLoraLinear(nn.Module, AdapterHost):
         deltas = []
         for seg, seg_x, seg_y in zip(segments, xs, ys, strict=True):
             adapter = self.adapters[seg.adapter]
-            if adapter.magnitude is not None and dense is None:
+            if adapter.needs_base_weight and dense is None:
                 dense = dense_weight(self.base_layer)
             deltas.append(
                 adapter(
                     seg_x,
                     seg_y,
-                    dense if adapter.magnitude is not None else None,
+                    dense if adapter.needs_base_weight else None,
                     self.base_layer.bias,
                     random=self.context.segment_random(seg, x.shape[0], x.device),
                     token_mask=self.context.segment_token_mask(seg, x.shape[0]),
@@ -165,5 +165,5 @@ class MultiLoraLinear(nn.Module, AdapterHost):
 
 
 def _is_plain_lora(adapter: nn.Module) -> bool:
-    """A LoRA without DoRA: the segmented op computes it from A, B and the scale alone."""
-    return type(adapter) is LoraAdapter and adapter.magnitude is None
+    """A LoRA without a variant: the segmented op computes it from A, B and the scale alone."""
+    return type(adapter) is LoraAdapter and type(adapter.variant) is LoraVariant

@@ -67,8 +67,88 @@ class DoraMagnitude(nn.Module):
             self.weight.copy_(self.weight_norm(weight.float(), lora_weight.float(), scaling))
 
 
+class LoraVariant:
+    """Plain LoRA's hooks; a variant (DoRA) overrides them (PEFT's ``LoraVariant`` pattern).
+
+    A variant is stateless: what it trains (DoRA's magnitude) lives on the adapter, so the
+    adapter's parameter names, and the saved tensor names, do not depend on the variant.
+    """
+
+    needs_base_weight = False  # whether ``forward`` / ``init`` need the dense base weight
+
+    def init(self, adapter: LoraAdapter, base_weight: torch.Tensor | None) -> None:
+        """Create the variant's own parameters on ``adapter`` (plain LoRA has none)."""
+
+    def forward(
+        self,
+        adapter: LoraAdapter,
+        x: torch.Tensor,
+        base_result: torch.Tensor,
+        base_weight: torch.Tensor | None,
+        base_bias: torch.Tensor | None,
+        random: SegmentRandom | None,
+    ) -> torch.Tensor:
+        """(N, out) what ``adapter`` adds to ``base_result`` for the (N, in) input ``x``."""
+        dropped = adapter_dropout(x, adapter.dropout_p, adapter.training, random)
+        return adapter.lora_B(adapter.lora_A(dropped)) * adapter.scaling
+
+    def merged_weight(self, adapter: LoraAdapter, base_weight: torch.Tensor) -> torch.Tensor:
+        """(out, in) the weight that gives base + adapter in one linear (no dropout)."""
+        return base_weight + adapter.scaling * adapter.lora_weight()
+
+
+class DoraVariant(LoraVariant):
+    """DoRA: each output row of the adapted weight rescaled to a trained magnitude,
+    ``m / ||W + s B A||`` (row norms, detached as in the paper section 4.3 and PEFT)."""
+
+    needs_base_weight = True
+
+    def init(self, adapter: LoraAdapter, base_weight: torch.Tensor | None) -> None:
+        if base_weight is None:
+            raise ValueError("DoRA needs the base weight to initialise its magnitude")
+        adapter.magnitude = DoraMagnitude(adapter.lora_B.out_features)
+        adapter.magnitude.reset(base_weight, adapter.lora_weight(), adapter.scaling)
+
+    def scale(self, adapter: LoraAdapter, weight: torch.Tensor) -> torch.Tensor:
+        """(out,) ``m / ||W + s B A||`` with the norm detached."""
+        assert adapter.magnitude is not None
+        lora_weight = adapter.lora_weight().detach()
+        norm = DoraMagnitude.weight_norm(weight, lora_weight, adapter.scaling).detach()
+        return adapter.magnitude.weight / norm
+
+    def forward(
+        self,
+        adapter: LoraAdapter,
+        x: torch.Tensor,
+        base_result: torch.Tensor,
+        base_weight: torch.Tensor | None,
+        base_bias: torch.Tensor | None,
+        random: SegmentRandom | None,
+    ) -> torch.Tensor:
+        assert base_weight is not None
+        weight = base_weight.to(x.dtype)
+        mag_norm_scale = self.scale(adapter, weight).view(1, -1)
+        if adapter.dropout_p == 0 or not adapter.training:
+            lora_result = adapter.lora_B(adapter.lora_A(x))
+            base = base_result if base_bias is None else base_result - base_bias
+        else:  # the base term must see the dropped input too (PEFT)
+            x = adapter_dropout(x, adapter.dropout_p, adapter.training, random)
+            lora_result = adapter.lora_B(adapter.lora_A(x))
+            base = F.linear(x, weight)
+        return (mag_norm_scale - 1) * base + mag_norm_scale * lora_result * adapter.scaling
+
+    def merged_weight(self, adapter: LoraAdapter, base_weight: torch.Tensor) -> torch.Tensor:
+        weight = base_weight.to(adapter.lora_A.weight.dtype)
+        adapted = weight + adapter.scaling * adapter.lora_weight()
+        return self.scale(adapter, weight).view(-1, 1) * adapted
+
+
+LORA = LoraVariant()
+DORA = DoraVariant()
+
+
 class LoraAdapter(nn.Module):
-    """One adapter's LoRA matrices, dropout and (optionally) DoRA magnitude for one layer.
+    """One adapter's LoRA matrices, dropout and variant (DoRA: ``DoraVariant``) for one layer.
 
     Args:
         in_features, out_features: the wrapped layer's shape.
@@ -76,7 +156,7 @@ class LoraAdapter(nn.Module):
         scaling: output scale (alpha / r, or alpha / sqrt(r) for rsLoRA).
         dropout: probability applied to the adapter's input (0 disables).
         init: "original" or "gaussian" initialisation of lora_A.
-        use_dora: add DoRA's magnitude vector (initialised from ``base_weight``).
+        use_dora: the DoRA variant (a magnitude vector initialised from ``base_weight``).
         base_weight: the dense (out, in) base weight; required with ``use_dora``.
     """
 
@@ -97,12 +177,18 @@ class LoraAdapter(nn.Module):
         self.dropout_p = dropout
         self.scaling = scaling
         init_lora_weights(self.lora_A, self.lora_B, init, r)
-        self.magnitude: DoraMagnitude | None = None
-        if use_dora:
-            if base_weight is None:
-                raise ValueError("DoRA needs the base weight to initialise its magnitude")
-            self.magnitude = DoraMagnitude(out_features)
-            self.magnitude.reset(base_weight, self.lora_weight(), scaling)
+        self.magnitude: DoraMagnitude | None = None  # DoRA's, set by its variant
+        self.variant: LoraVariant = DORA if use_dora else LORA
+        self.variant.init(self, base_weight)
+
+    @property
+    def needs_base_weight(self) -> bool:
+        """Whether ``forward`` needs the dense base weight (DoRA)."""
+        return self.variant.needs_base_weight
+
+    def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """(out, in) fp32 weight equal to the base layer plus this adapter (eval mode)."""
+        return self.variant.merged_weight(self, base_weight)
 
     def lora_weight(self) -> torch.Tensor:
         """B @ A, shape (out, in), without the scale."""
@@ -134,18 +220,4 @@ class LoraAdapter(nn.Module):
             (N, out) fp32 delta.
         """
         x = x.to(self.lora_A.weight.dtype)
-        if self.magnitude is None:
-            dropped = adapter_dropout(x, self.dropout_p, self.training, random)
-            return self.lora_B(self.lora_A(dropped)) * self.scaling
-        assert base_weight is not None
-        weight = base_weight.to(x.dtype)
-        norm = DoraMagnitude.weight_norm(weight, self.lora_weight().detach(), self.scaling).detach()
-        mag_norm_scale = (self.magnitude.weight / norm).view(1, -1)
-        if self.dropout_p == 0 or not self.training:
-            lora_result = self.lora_B(self.lora_A(x))
-            base = base_result if base_bias is None else base_result - base_bias
-        else:
-            x = adapter_dropout(x, self.dropout_p, self.training, random)
-            lora_result = self.lora_B(self.lora_A(x))
-            base = F.linear(x, weight)
-        return (mag_norm_scale - 1) * base + mag_norm_scale * lora_result * self.scaling
+        return self.variant.forward(self, x, base_result, base_weight, base_bias, random)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters.lora import DoraMagnitude, LoraAdapter, adapter_dropout
+from mlora.adapters.lora import LoraAdapter, adapter_dropout
 from mlora.layout import LayoutContext
 from mlora.ops.routed_lora import routed_lora
 from mlora.randomness import SegmentRandom
@@ -133,9 +133,9 @@ class ExpertMixture(nn.Module):
         )
 
     @property
-    def magnitude(self) -> DoraMagnitude | None:
-        """Set when the experts use DoRA: ``MultiLoraLinear`` then passes the dense base weight."""
-        return self.experts[0].magnitude
+    def needs_base_weight(self) -> bool:
+        """The experts use DoRA: ``MultiLoraLinear`` then passes the dense base weight."""
+        return self.experts[0].needs_base_weight
 
     def router_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(N, E) fp32 routing probabilities of the (N, in) input."""
@@ -277,7 +277,7 @@ class MolaAdapter(ExpertMixture):
             flat_expert = flat_expert.masked_fill(~token_mask.repeat_interleave(k), num_experts)
         order = torch.argsort(flat_expert, stable=True)  # pairs grouped by expert
         load = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
-        if self.magnitude is None and token_mask is None:  # every pair real: n*k, host-known
+        if not self.needs_base_weight and token_mask is None:  # every pair real: n*k, host-known
             delta = self._routed_lora(x, order, flat_expert, weights, random)
             if self._reporting():
                 self._report(probs, selected, load, None)
@@ -290,7 +290,7 @@ class MolaAdapter(ExpertMixture):
         subset_random = None if random is None else SegmentRandom(random.generator)
         if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
             base_weight = base_weight.float()
-        if self.magnitude is not None:  # DoRA experts rescale the base output of their tokens
+        if self.needs_base_weight:  # DoRA experts rescale the base output of their tokens
             picked = token_of if canonical is None else canonical.index_select(0, token_of)
             bases = base_result.index_select(0, picked).split(counts)
         else:

@@ -102,10 +102,7 @@ class MeteoraAdapter(nn.Module):
         self.register_buffer("scalings", scalings, persistent=False)
         self.register_buffer("rank_owner", torch.tensor(owner, dtype=torch.long), persistent=False)
 
-    @property
-    def magnitude(self) -> None:
-        """No DoRA: ``MultiLoraLinear`` need not pass the dense base weight."""
-        return None
+    needs_base_weight = False  # no DoRA: ``MultiLoraLinear`` need not pass the dense base weight
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits (T, N), weights (T, N) zero outside the top-k, chosen (T, N) bool), fp32."""
