@@ -31,7 +31,7 @@ from mlora.adapters.meteora import MeteoraAdapter
 from mlora.config import AdapterConfig
 from mlora.errors import MloraError
 from mlora.meteora import EmbeddedLora, MeteoraSpec
-from mlora.persistence import (
+from mlora.peft_files import (
     LEGACY_WEIGHTS_NAME,
     PEFT_PREFIX,
     WEIGHTS_NAME,

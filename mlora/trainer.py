@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mlora.adapter_kinds import kind_for_config
 from mlora.backends import get_backend
 from mlora.batch import collate
 from mlora.checkpointing import (
@@ -29,7 +30,7 @@ from mlora.checkpointing import (
     checkpoint_mode,
     resolve_checkpoint_mode,
 )
-from mlora.config import LINEAR_MOE_STRATEGIES, MIXLORA_STRATEGIES, AdapterConfig, TrainConfig
+from mlora.config import AdapterConfig, TrainConfig
 from mlora.data import TokenizedRow, load_rows, pad_token_id, tokenize_rows
 from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name_seed
 from mlora.distributed import Distributed
@@ -57,26 +58,8 @@ def adapter_seed(seed: int, name: str) -> int:
 
 
 def spec_from_config(config: AdapterConfig) -> LoraSpec:
-    if config.routing_strategy in MIXLORA_STRATEGIES:
-        from mlora.moe import mixlora_spec
-
-        return mixlora_spec(config)
-    if config.routing_strategy in LINEAR_MOE_STRATEGIES:
-        from mlora.linear_moe import linear_moe_spec
-
-        return linear_moe_spec(config)
-    if config.routing_strategy == "meteora":
-        from mlora.meteora_persistence import meteora_spec
-
-        return meteora_spec(config)
-    return LoraSpec(
-        r=config.r,
-        scaling=config.scaling,
-        dropout=config.lora_dropout,
-        target_modules=tuple(config.target_module_names),
-        init=config.lora_init,
-        use_dora=config.use_dora,
-    )
+    """The spec of a validated adapter config, built by its kind (``mlora.adapter_kinds``)."""
+    return kind_for_config(config).spec_from_config(config)
 
 
 def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]]:
@@ -216,10 +199,8 @@ class Trainer:
         self.model.context.generators.seed(config.name, adapter_seed(self.seed, config.name))
         if init_from is not None:
             self._load_initial_weights(config, spec, init_from)
-        elif config.routing_strategy == "meteora":  # the adapters it embeds, from their folders
-            from mlora.meteora_persistence import load_embedded_adapters
-
-            load_embedded_adapters(self.model, config.name)
+        elif (load_fresh := kind_for_config(config).load_fresh) is not None:
+            load_fresh(self.model, config.name)  # MeteoRA: the LoRAs it embeds, from their folders
         queue = AdapterQueue(
             config.name,
             rows,

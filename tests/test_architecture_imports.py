@@ -52,10 +52,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "persistence",
         (
             "mlora.adapter_tensors",
-            "mlora.persistence",
+            "mlora.peft_files",
+            "mlora.lora_persistence",
             "mlora.moe.persistence",
             "mlora.linear_moe_persistence",
             "mlora.meteora_persistence",
+            "mlora.adapter_kinds",
+            "mlora.persistence",
         ),
     ),
     (
@@ -100,8 +103,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     # Run state reads and sets Trainer internals (issue 18, trainer state_dict helper's part).
     ("mlora.trainer", "mlora.checkpoint"): "checkpoint <-> trainer circle",
     ("mlora.checkpoint", "mlora.trainer"): "checkpoint <-> trainer circle",
-    # The LoRA format dispatches to MeteoRA's by name, which builds on the LoRA format.
-    ("mlora.persistence", "mlora.meteora_persistence"): "persistence <-> meteora circle",
 }
 
 
