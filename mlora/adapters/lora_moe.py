@@ -37,7 +37,7 @@ from torch import nn
 
 from mlora.adapters.lora import LoraAdapter, adapter_dropout
 from mlora.layout import LayoutContext
-from mlora.ops.routed_lora import routed_lora
+from mlora.ops.routed_lora import routed_lora, weighted_lora
 from mlora.randomness import SegmentRandom
 
 DEFAULT_ROUTER_INIT_RANGE = 5.0  # upstream's default for loramoe / mola: nn.Linear's own init
@@ -148,7 +148,10 @@ class ExpertMixture(nn.Module):
 class LoraMoeAdapter(ExpertMixture):
     """LoRAMoE (Dou et al. 2023) on one linear layer: every expert, softmax-weighted.
 
-    Dense by definition, so it has no load-balancing loss (neither has upstream).
+    Without dropout the mixture is one LoRA of rank E*r whose rank blocks the router
+    probabilities scale (two matmuls, ``rank_stacked``); with dropout in training each expert
+    runs on its own masked input. Dense by definition, so it has no load-balancing loss
+    (neither has upstream).
     """
 
     def forward(
@@ -175,16 +178,51 @@ class LoraMoeAdapter(ExpertMixture):
             (N, out) fp32 delta.
         """
         probs = self.router_probs(x)  # (N, E)
+        if self.rank_stacked():
+            delta = self._stacked_delta(x, probs)
+        else:
+            delta = self._per_expert_delta(x, probs, base_result, base_weight, base_bias, random)
+        if self._reporting():  # dense: an expert's "load" is its share of the router's mass
+            mask = token_mask
+            mass = probs if mask is None else probs * mask[:, None].to(probs.dtype)
+            self.context.aux_losses.add_load(self.adapter_name, mass.sum(dim=0))
+        return delta
+
+    def rank_stacked(self) -> bool:
+        """Whether the experts run as one LoRA of rank E*r (``_stacked_delta``): plain LoRA
+        experts with no dropout in effect. With dropout each expert draws its own mask, and
+        DoRA rescales each expert's rows by its own norm, so those run expert by expert."""
+        plain = not self.needs_base_weight
+        return plain and (not self.training or all(e.dropout_p == 0 for e in self.experts))
+
+    def _stacked_delta(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """(N, out) ``sum_e p_e * s * B_e A_e x`` in two matmuls (``ops.weighted_lora``)."""
+        experts = list(self.experts)
+        return weighted_lora(
+            x.to(experts[0].lora_A.weight.dtype),
+            probs,
+            [e.lora_A.weight for e in experts],
+            [e.lora_B.weight for e in experts],
+            [e.scaling for e in experts],
+        )
+
+    def _per_expert_delta(
+        self,
+        x: torch.Tensor,
+        probs: torch.Tensor,
+        base_result: torch.Tensor,
+        base_weight: torch.Tensor | None,
+        base_bias: torch.Tensor | None,
+        random: SegmentRandom | None,
+    ) -> torch.Tensor:
+        """(N, out) the probability-weighted sum of each expert's own forward (its dropout
+        mask drawn from ``random`` in expert order, its DoRA scale)."""
         if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
             base_weight = base_weight.float()
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
         for e, expert in enumerate(self.experts):
             out = expert(x, base_result, base_weight, base_bias, random)
             delta = delta + probs[:, e : e + 1] * out
-        if self._reporting():  # dense: an expert's "load" is its share of the router's mass
-            mask = token_mask
-            mass = probs if mask is None else probs * mask[:, None].to(probs.dtype)
-            self.context.aux_losses.add_load(self.adapter_name, mass.sum(dim=0))
         return delta
 
 

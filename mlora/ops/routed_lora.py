@@ -109,10 +109,30 @@ def _masked(
     lora_b: Sequence[torch.Tensor],
     scales: Sequence[float],
 ) -> torch.Tensor:
+    one_hot = F.one_hot(experts, len(lora_a)).to(x.dtype)  # (P, E): each row keeps its block
+    return weighted_lora(x, one_hot, lora_a, lora_b, scales)
+
+
+def weighted_lora(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> torch.Tensor:
+    """(N, out) ``sum_e weights[:, e] * s_e * (x @ A_e.T) @ B_e.T`` as one LoRA of rank
+    ``sum r_e`` whose rank blocks the weights scale: a dense mixture of LoRA experts (LoRAMoE)
+    in two matmuls, and ``masked`` routing with one-hot weights.
+
+    Args:
+        x: (N, in) rows in the weights' dtype.
+        weights: (N, E) per-row expert weights (router probabilities, or one-hot).
+        lora_a: E tensors (r_e, in); lora_b: E tensors (out, r_e); scales: E floats.
+    """
     ranks = [a.shape[0] for a in lora_a]
     owner = [e for e, r in enumerate(ranks) for _ in range(r)]
     block_expert = host_to_device(owner, torch.long, x.device)  # (sum r,) owner of h's columns
-    hidden = x @ torch.cat(list(lora_a)).T  # (P, sum r)
-    hidden = hidden * (block_expert[None, :] == experts[:, None]).to(hidden.dtype)
+    hidden = x @ torch.cat(list(lora_a)).T  # (N, sum r)
+    hidden = hidden * weights.index_select(1, block_expert).to(hidden.dtype)
     stacked_b = torch.cat([scale * b for b, scale in zip(lora_b, scales, strict=True)], dim=1)
-    return hidden @ stacked_b.T  # (P, out)
+    return hidden @ stacked_b.T  # (N, out)
