@@ -72,3 +72,13 @@ def test_unknown_impl_is_refused():
     x, experts, lora_a, lora_b, scales = problem(2, [2])
     with pytest.raises(ValueError, match="unknown routed LoRA impl"):
         routed_lora(x, experts, lora_a, lora_b, scales, impl="fast")
+
+
+def test_group_by_expert_sorts_pairs_stably_and_names_their_tokens() -> None:
+    """Pairs ``token * k + slot``, k = 2: grouped by expert, token order kept within one."""
+    from mlora.ops.routed_lora import group_by_expert
+
+    order, token, expert = group_by_expert(torch.tensor([2, 0, 1, 0, 2, 3]), 2)
+    assert order.tolist() == [1, 3, 2, 0, 4, 5]
+    assert token.tolist() == [0, 1, 1, 0, 2, 2]
+    assert expert.tolist() == [0, 0, 1, 2, 2, 3]

@@ -37,59 +37,12 @@ from torch import nn
 
 from mlora.adapters.lora import LoraAdapter, adapter_dropout
 from mlora.layout import LayoutContext
-from mlora.ops.routed_lora import routed_lora, weighted_lora
+from mlora.moe.routing import load_balance, top_k
+from mlora.moe.routing import load_balancing_loss as load_balancing_loss  # re-exported
+from mlora.ops.routed_lora import group_by_expert, routed_lora, weighted_lora
 from mlora.randomness import SegmentRandom
 
 DEFAULT_ROUTER_INIT_RANGE = 5.0  # upstream's default for loramoe / mola: nn.Linear's own init
-
-
-def load_balance(
-    probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``sum_e f_e * P_e`` over the real tokens: Mixtral's load-balancing loss before its
-    ``E * coef`` factor (callers keep their own multiplication order, so numbers do not move).
-
-    ``f_e`` is the fraction of choices that picked expert ``e`` and ``P_e`` the mean router
-    probability of ``e`` (transformers' ``load_balancing_loss_func`` for one layer).
-
-    Args:
-        probs: (N, E) router probabilities.
-        chosen: (N, E) multi-hot chosen experts, or (N, k, E) one-hot per top-k slot (MoLA:
-            transformers' summation order; a multi-hot sum rounds differently).
-        mask: (N,) bool, True for real tokens; None counts every token.
-    """
-    chosen = chosen.to(probs.dtype)
-    if mask is None:
-        return (chosen.mean(dim=0) * probs.mean(dim=0)).sum()
-    weight = mask.to(probs.dtype)  # (N,)
-    count = weight.sum().clamp_min(1.0)
-    fraction = (chosen * weight.view(-1, *[1] * (chosen.dim() - 1))).sum(dim=0) / count
-    return (fraction * ((probs * weight[:, None]).sum(dim=0) / count)).sum()
-
-
-def top_k_weights(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest probabilities of each token renormalised to sum 1 (Mixtral's top-k;
-    MeteoRA's ``softmax(top-k logits / T)`` is this over ``softmax(logits / T)``).
-
-    Args:
-        probs: (N, E) probabilities.
-        k: experts kept per token.
-
-    Returns:
-        (N, E) weights (0 where not kept) and (N, E) bool, the kept experts.
-    """
-    values, index = probs.topk(k, dim=-1)  # (N, k)
-    values = values / values.sum(-1, keepdim=True)
-    routed = torch.zeros_like(probs, dtype=torch.bool).scatter(1, index, True)
-    return torch.zeros_like(probs).scatter(1, index, values), routed
-
-
-def load_balancing_loss(
-    probs: torch.Tensor, selected: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mixtral's auxiliary loss ``E * sum_e f_e * P_e`` of top-k ``selected`` (N, k) experts,
-    without any coefficient (see ``load_balance``)."""
-    return num_experts * load_balance(probs, F.one_hot(selected, num_experts), mask)
 
 
 class ExpertMixture(nn.Module):
@@ -255,8 +208,8 @@ class MolaAdapter(ExpertMixture):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probs (N, E), kept weights (N, k) summing to 1, selected experts (N, k))."""
         probs = self.router_probs(x)
-        weights, selected = torch.topk(probs, self.top_k, dim=-1)
-        return probs, weights / weights.sum(dim=-1, keepdim=True), selected
+        weights, selected = top_k(probs, self.top_k)
+        return probs, weights, selected
 
     def forward(
         self,
@@ -313,16 +266,16 @@ class MolaAdapter(ExpertMixture):
         flat_expert = selected.reshape(-1)  # (N*k,) expert of each (token, slot) pair
         if token_mask is not None:  # padding is routed nowhere: a last, dropped group
             flat_expert = flat_expert.masked_fill(~token_mask.repeat_interleave(k), num_experts)
-        order = torch.argsort(flat_expert, stable=True)  # pairs grouped by expert
+        order, token_of, expert_of = group_by_expert(flat_expert, k)
         load = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
         if not self.needs_base_weight and token_mask is None:  # every pair real: n*k, host-known
-            delta = self._routed_lora(x, order, flat_expert, weights, random)
+            delta = self._routed_lora(x, order, token_of, expert_of, weights, random)
             if self._reporting():
                 self._report(probs, selected, load, None)
             return delta
         counts = load.tolist()  # DoRA experts / padding: group sizes on the host (a sync)
-        order = order[: sum(counts)]  # (P,) routed pairs
-        token_of = order // k  # (P,) token of each sorted pair
+        routed = sum(counts)
+        order, token_of = order[:routed], token_of[:routed]  # (P,) routed pairs, their tokens
         xs = x.index_select(0, token_of)  # (P, in)
         # an expert's tokens are real ones (padding is routed nowhere): draw for each of them
         subset_random = None if random is None else SegmentRandom(random.generator)
@@ -352,7 +305,8 @@ class MolaAdapter(ExpertMixture):
         self,
         x: torch.Tensor,
         order: torch.Tensor,
-        flat_expert: torch.Tensor,
+        token_of: torch.Tensor,
+        expert_of: torch.Tensor,
         weights: torch.Tensor,
         random: SegmentRandom | None,
     ) -> torch.Tensor:
@@ -362,18 +316,18 @@ class MolaAdapter(ExpertMixture):
         tokens), then each pair goes through its expert's LoRA.
         """
         first = self.experts[0]
-        pairs = x.index_select(0, order // self.top_k).to(first.lora_A.weight.dtype)  # (P, in)
+        pairs = x.index_select(0, token_of).to(first.lora_A.weight.dtype)  # (P, in)
         pairs = adapter_dropout(pairs, first.dropout_p, self.training, random)
         out = routed_lora(
             pairs,
-            flat_expert.index_select(0, order),
+            expert_of,
             [expert.lora_A.weight for expert in self.experts],
             [expert.lora_B.weight for expert in self.experts],
             [expert.scaling for expert in self.experts],
         )  # (P, out)
         kept = weights.reshape(-1).index_select(0, order)  # (P,)
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
-        return delta.index_add(0, order // self.top_k, out.float() * kept[:, None])
+        return delta.index_add(0, token_of, out.float() * kept[:, None])
 
     def _report(
         self,

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters.lora import LoraAdapter, adapter_dropout
-from mlora.adapters.lora_moe import top_k_weights
 from mlora.layout import LayoutContext
+from mlora.moe.routing import top_k_weights
 from mlora.randomness import SegmentRandom
 
 FORWARD_MODES = ("grouped", "loop")

@@ -28,7 +28,7 @@ from mlora.adapters.lora import adapter_dropout
 from mlora.adapters.spec import AdapterHost, LoraSpec
 from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.moe.routing import RouterSpec, route
-from mlora.ops.routed_lora import routed_lora
+from mlora.ops.routed_lora import group_by_expert, routed_lora
 from mlora.ops.segments import join_segments, split_segments
 from mlora.randomness import SegmentRandom
 
@@ -375,8 +375,7 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
         hit = routed.gather(1, slots)  # (N, k) False: an unrouted slot
         slot_expert = torch.where(hit, slots, num_experts).reshape(-1)  # (N*k,)
         slot_weight = torch.where(hit, weights.gather(1, slots), 1.0).reshape(-1)
-        order = torch.argsort(slot_expert, stable=True)  # pairs grouped by expert
-        token_of, expert_of = order // k, slot_expert.index_select(0, order)
+        order, token_of, expert_of = group_by_expert(slot_expert, k)
         xs = x.index_select(0, token_of)  # (P, H)
         random = SegmentRandom(generator)
 

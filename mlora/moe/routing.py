@@ -1,4 +1,6 @@
-"""MixLoRA routers: which experts each token goes to, with what weight, and the router losses.
+"""The router of every MoE kind: which experts each token goes to, with what weight, and the
+router losses. MoLA and MeteoRA use its ``top_k`` / ``top_k_weights`` and Mixtral's
+``load_balance``; MixLoRA's three strategies (``route``) are below.
 
 All three strategies start from the router's softmax ``p = softmax(logits)`` over E experts:
 
@@ -26,7 +28,66 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mlora.adapters.lora_moe import load_balance, top_k_weights
+
+def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest probabilities of each token, renormalised to sum 1, and their experts.
+
+    Args:
+        probs: (N, E) probabilities.
+
+    Returns:
+        (N, k) weights and (N, k) long expert indices (largest first).
+    """
+    values, index = probs.topk(k, dim=-1)  # (N, k)
+    return values / values.sum(-1, keepdim=True), index
+
+
+def load_balance(
+    probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum_e f_e * P_e`` over the real tokens: Mixtral's load-balancing loss before its
+    ``E * coef`` factor (callers keep their own multiplication order, so numbers do not move).
+
+    ``f_e`` is the fraction of choices that picked expert ``e`` and ``P_e`` the mean router
+    probability of ``e`` (transformers' ``load_balancing_loss_func`` for one layer).
+
+    Args:
+        probs: (N, E) router probabilities.
+        chosen: (N, E) multi-hot chosen experts, or (N, k, E) one-hot per top-k slot (MoLA:
+            transformers' summation order; a multi-hot sum rounds differently).
+        mask: (N,) bool, True for real tokens; None counts every token.
+    """
+    chosen = chosen.to(probs.dtype)
+    if mask is None:
+        return (chosen.mean(dim=0) * probs.mean(dim=0)).sum()
+    weight = mask.to(probs.dtype)  # (N,)
+    count = weight.sum().clamp_min(1.0)
+    fraction = (chosen * weight.view(-1, *[1] * (chosen.dim() - 1))).sum(dim=0) / count
+    return (fraction * ((probs * weight[:, None]).sum(dim=0) / count)).sum()
+
+
+def top_k_weights(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest probabilities of each token renormalised to sum 1 (Mixtral's top-k;
+    MeteoRA's ``softmax(top-k logits / T)`` is this over ``softmax(logits / T)``).
+
+    Args:
+        probs: (N, E) probabilities.
+        k: experts kept per token.
+
+    Returns:
+        (N, E) weights (0 where not kept) and (N, E) bool, the kept experts.
+    """
+    values, index = top_k(probs, k)  # (N, k)
+    routed = torch.zeros_like(probs, dtype=torch.bool).scatter(1, index, True)
+    return torch.zeros_like(probs).scatter(1, index, values), routed
+
+
+def load_balancing_loss(
+    probs: torch.Tensor, selected: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mixtral's auxiliary loss ``E * sum_e f_e * P_e`` of top-k ``selected`` (N, k) experts,
+    without any coefficient (see ``load_balance``)."""
+    return num_experts * load_balance(probs, F.one_hot(selected, num_experts), mask)
 
 
 @dataclass(frozen=True)

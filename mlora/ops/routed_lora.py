@@ -34,6 +34,24 @@ DEFAULT_IMPL = "auto"
 """What ``routed_lora`` runs when no ``impl`` is given (tests pin it to check each path)."""
 
 
+def group_by_expert(
+    slot_expert: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, slot) pairs grouped by expert: the one grouping every MoE kind uses.
+
+    Args:
+        slot_expert: (N*k,) the expert of each pair ``token * k + slot`` (an index past the
+            last expert groups pairs that go nowhere, last).
+        k: slots per token.
+
+    Returns:
+        ``order`` (N*k,) the pairs sorted by expert (stable: token order within an expert),
+        ``token`` (N*k,) the token of each sorted pair, ``expert`` (N*k,) its expert.
+    """
+    order = torch.argsort(slot_expert, stable=True)
+    return order, order // k, slot_expert.index_select(0, order)
+
+
 def routed_lora(
     x: torch.Tensor,
     experts: torch.Tensor,
