@@ -11,6 +11,7 @@ global RNG, so one adapter's masks do not depend on which other adapters share t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -221,3 +222,10 @@ class LoraAdapter(nn.Module):
         """
         x = x.to(self.lora_A.weight.dtype)
         return self.variant.forward(self, x, base_result, base_weight, base_bias, random)
+
+
+def dora_scales(adapters: Sequence[LoraAdapter], weight: torch.Tensor) -> torch.Tensor:
+    """(len(adapters), out) each DoRA adapter's magnitude over the row norms of its adapted
+    weight ``W + s B A`` (``DoraVariant.scale``): the factor a routed (token, expert) pair
+    applies without running the adapters one by one."""
+    return torch.stack([DORA.scale(adapter, weight) for adapter in adapters])
