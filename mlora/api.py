@@ -13,7 +13,13 @@ import torch
 from mlora.atomic import output_lock
 from mlora.backends import get_backend
 from mlora.base_model import resolve_base_model
-from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
+from mlora.checkpoint import (
+    clear_run_state,
+    drop_newer_files,
+    find_resume_point,
+    interrupted_run,
+    read_run_state,
+)
 from mlora.config import TrainConfig, config_to_dict, load_config
 from mlora.data import TokenizedRow
 from mlora.distributed import (
@@ -235,7 +241,11 @@ def _train(
                 units,
             )
         if point is not None:
-            restore(trainer, point)
+            trainer.load_state_dict(
+                read_run_state(point, output_dir, identity, dist.rank, dist.world_size)
+            )
+            if dist.is_main:
+                drop_newer_files(output_dir, point, identity)
         elif dist.is_main:
             clear_run_state(output_dir, identity)  # stale records of this run, if any
         dist.barrier()  # every rank has read the checkpoint before rank 0 writes again
