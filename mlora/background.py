@@ -44,9 +44,10 @@ class BackgroundWriter:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if kind is None:
-            self.flush()
-        else:  # already failing: wait for the pending writes, keep the first error
+        try:
+            if kind is None:
+                self.flush()
+        finally:  # (when already failing: wait for the pending writes, keep the first error)
             self.close()
 
     def _work(self) -> None:

@@ -48,8 +48,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from mlora.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
-from mlora.background import BackgroundWriter
 from mlora.backends import RngState
+from mlora.background import BackgroundWriter
 from mlora.dispatcher import AdapterQueue
 from mlora.errors import MloraError, first_line
 from mlora.integrity import json_problem, safetensors_problem, shape_problem, torch_file_problem
@@ -245,13 +245,16 @@ class RunCheckpoints:
         snapshots: list[tuple[str, dict[str, Any]]] = []
         for name, entry in state["adapters"].items():
             status, step = entry["status"], entry["checkpoint_step"]
+            snapshot = entry.get("snapshot")
+            if snapshot is not None and snapshot["steps_done"] > 0:  # step 0: the init, rebuilt
+                if snapshot["steps_done"] != step:  # (else its folder holds this step already)
+                    snapshots.append((name, snapshot))
+                step = snapshot["steps_done"]
             adapters[name] = {
                 **{key: entry[key] for key in ENTRY_KEYS},
                 "message": entry["message"],
                 "checkpoint": None if step is None or status != "running" else f"checkpoint-{step}",
             }
-            if "snapshot" in entry:
-                snapshots.append((name, entry["snapshot"]))
             pending = entry.get("pending")
             if pending is not None:
                 for i, grad in pending["grads"].items():

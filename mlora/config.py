@@ -291,7 +291,7 @@ class AdapterConfig:
     save_step: int | None = _key(
         None,
         "Write DIR/NAME/checkpoint-STEP every this many of this adapter's optimizer steps "
-        "(unset: the run-wide save_step; 0: never).",
+        "(unset: the run-wide save_step; 0: only on Ctrl-C / SIGTERM).",
         optional(int_at_least(0)),
     )
     optim: str = _key("adamw", "Optimizer: 'adamw' or 'sgd'.", one_of("adamw", "sgd"))

@@ -223,7 +223,11 @@ class AdapterQueue:
         ):
             into += 1
         state = self.state_dict()
-        return {**state, "cursor": self.cursor - into, "micro_steps_done": state["micro_steps_done"] - into}
+        return {
+            **state,
+            "cursor": self.cursor - into,
+            "micro_steps_done": state["micro_steps_done"] - into,
+        }
 
     def check_same_order(self, epoch: int, order: list[int] | None, source: object) -> None:
         """Refuse to resume from ``source`` when ``order`` (the row order of ``epoch`` saved

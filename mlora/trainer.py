@@ -622,36 +622,27 @@ class Trainer:
         if self.dist.is_main:
             path = self.checkpoints.save(self.state_dict(due), rng)
         for run in self.runs:
-            if self._snapshot_due(run, due):
-                run.checkpoint_step = run.steps_done
+            if run.status == "running" and (due is None or run.name in due) and run.steps_done:
+                run.checkpoint_step = run.steps_done  # its folder now (or already) holds this step
         return path
 
     # --- state -----------------------------------------------------------------------------
 
-    def _snapshot_due(self, run: AdapterRun, full: Collection[str] | None) -> bool:
-        """Whether ``state_dict(full)`` carries ``run``'s weights and optimizer: it is running,
-        named (None: all), past its initial state and not saved at this step already."""
-        named = full is None or run.name in full
-        fresh = run.steps_done > 0 and run.steps_done != run.checkpoint_step
-        return named and fresh and run.status == "running"
-
     def state_dict(self, full: Collection[str] | None = None) -> dict[str, Any]:
         """The training state as plain values and CPU tensor copies (torch's convention).
 
-        Every adapter's progress (status, step counters, data position, loss bookkeeping,
-        ``checkpoint_step``), the global step and each adapter's noise stream. The adapters in
-        ``full`` (None: all running ones) also carry their step in progress (``pending``:
-        gradients and loss) and, unless their weights are those of ``checkpoint_step``, a
-        ``snapshot``: weights (PEFT names), ``adapter_config``, optimizer and scheduler state,
-        ``steps_done`` and the data position at the start of the step in progress.
+        Every adapter's progress (status, step counters, data position, loss bookkeeping, and
+        ``checkpoint_step``: the step of its newest checkpoint folder), the global step and
+        each adapter's noise stream. The running adapters in ``full`` (None: all) also carry
+        a ``snapshot`` (weights under PEFT names, ``adapter_config``, optimizer and scheduler
+        state, ``steps_done`` and the data position at the start of the step in progress) and
+        that step's ``pending`` gradients and loss, if any.
         """
         adapters = {}
         for run in self.runs:
             entry = run.progress_state()
-            if self._snapshot_due(run, full):
-                entry["snapshot"] = self._snapshot(run)
-                entry["checkpoint_step"] = run.steps_done
             if run.status == "running" and (full is None or run.name in full):
+                entry["snapshot"] = self._snapshot(run)
                 pending = run.pending_state()
                 if pending is not None:
                     entry["pending"] = pending
@@ -767,8 +758,8 @@ class Trainer:
         seen, padded, training = self.tokens_seen, self.padded_tokens, self.model.training
         self.model.train()
         try:
-            while step := [(r, r.queue.pop()) for r, _, t in targets if r.queue.micro_steps_done < t]:
-                self.train_step(step)
+            while behind := [r for r, _, t in targets if r.queue.micro_steps_done < t]:
+                self.train_step([(run, run.queue.pop()) for run in behind])
         finally:
             self.model.train(training)
             self.model.context.set(None)
