@@ -241,6 +241,75 @@ def shard_frozen_base(model: nn.Module, adapter_params: set[nn.Parameter]) -> in
     return len(units)
 
 
+def router_stat_slots(model: nn.Module) -> dict[str, tuple[dict[int, int], int]]:
+    """The MoE modules whose router losses are means over a micro-batch, per adapter.
+
+    Under data parallel they record router sums that the trainer reduces over ranks
+    (``mlora.aux_losses.AuxLossCollector.use_global_stats``): MixLoRA routers and MoLA mixtures
+    with ``router_loss``, MeteoRA gates with a gate loss. Every rank walks the same model, so
+    slots agree across ranks without a collective.
+
+    Returns:
+        ``{adapter: ({id(module): slot}, E + 2)}`` in model order; adapters without a router
+        loss are absent.
+    """
+    from mlora.adapters import MultiLoraLinear
+    from mlora.adapters.lora_moe import MolaAdapter
+    from mlora.adapters.meteora import MeteoraAdapter
+    from mlora.moe.feed_forward import MixLoraFeedForward
+
+    slots: dict[str, tuple[dict[int, int], int]] = {}
+    for module in model.modules():
+        found: list[tuple[str, nn.Module, int]] = []
+        if isinstance(module, MixLoraFeedForward):
+            found = [
+                (name, moe, moe.router_spec.num_experts)
+                for name, moe in module.moes.items()
+                if moe.router_spec.router_loss
+            ]
+        elif isinstance(module, MultiLoraLinear):
+            for name, adapter in module.adapters.items():
+                if isinstance(adapter, MolaAdapter) and adapter.router_loss:
+                    found.append((name, adapter, adapter.num_experts))
+                elif isinstance(adapter, MeteoraAdapter) and adapter.gate_loss_weight:
+                    found.append((name, adapter, adapter.num_adapters))
+        for name, owner, experts in found:
+            ids, _ = slots.setdefault(name, ({}, experts + 2))
+            ids[id(owner)] = len(ids)
+    return slots
+
+
+def grouped_expert_dropout(model: nn.Module) -> list[str]:
+    """Adapters whose MoE experts draw dropout per expert group (MixLoRA, MoLA).
+
+    A group's masks are drawn for all of its (token, expert) pairs at once, so their values
+    depend on how many tokens every rank sends to each expert: under data parallel such an
+    adapter trains as one process would in distribution, not bit for bit (and the later draws
+    of its stream in that micro-batch shift too). LoRAMoE's experts, MeteoRA and every
+    per-token draw (LoRA dropout, router jitter, FFN dropout) follow the canonical token index
+    and are exact.
+    """
+    from mlora.adapters import MultiLoraLinear
+    from mlora.adapters.lora_moe import MolaAdapter
+    from mlora.moe.feed_forward import MixLoraFeedForward
+
+    names: list[str] = []
+    for module in model.modules():
+        if isinstance(module, MixLoraFeedForward):
+            pairs = [(n, e) for n, moe in module.moes.items() for e in moe.experts.values()]
+            found = [n for n, experts in pairs if experts[0].dropout_p > 0]
+        elif isinstance(module, MultiLoraLinear):
+            found = [
+                n
+                for n, adapter in module.adapters.items()
+                if isinstance(adapter, MolaAdapter) and adapter.experts[0].dropout_p > 0
+            ]
+        else:
+            continue
+        names += [n for n in found if n not in names]
+    return names
+
+
 @contextmanager
 def process_group(device: torch.device, backend: str | None = None) -> Iterator[Distributed]:
     """Join the launcher's process group for the duration of a run (nothing with one process).

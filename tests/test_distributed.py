@@ -31,7 +31,7 @@ from tests.reliability_support import (
     mlora_args,
 )
 
-NAMES = ("acc", "odd")
+NAMES = ("acc", "odd", "topk", "switch", "dense", "mola")
 
 
 def write_config(folder: Path) -> Path:
@@ -51,11 +51,49 @@ def write_config(folder: Path) -> Path:
             {"name": "odd", "data": write_json(folder / "odd.json", reverse_rows(7)),
              "prompt": template, "r": 2, "batch_size": 3, "num_epochs": 2, "use_dora": True,
              "lora_dropout": 0.2, "lr": 1e-2},
+            *moe_adapters(folder, template),
         ],
     }  # fmt: skip
     path = folder / "config.json"
     path.write_text(json.dumps(config), encoding="utf-8")
     return path
+
+
+def moe_adapters(folder: Path, template: Path) -> list[dict]:
+    """Mixture-of-experts adapters whose router losses are means over a micro-batch split over
+    the ranks: MixLoRA top-k (router jitter, load-balancing loss, dropout on its attention
+    LoRA), MixLoRA switch (a capacity that drops tokens, z-loss, FFN dropout), LoRAMoE (expert
+    dropout) and MoLA (load-balancing loss; 5 rows in micro-batches of 2, so rank 1 holds no
+    row of its last one). MixLoRA and MoLA experts train without dropout: their masks are drawn
+    per expert group, whose sizes on other ranks a rank does not know (README). SGD: Adam would
+    blow rounding in near-zero gradients up to its step size."""
+    data = write_json(folder / "moe.json", addition_rows(6, offset=2))
+    common = {
+        "data": data,
+        "prompt": template,
+        "r": 2,
+        "optim": "sgd",
+        "lr": 0.2,
+        "num_epochs": 1,
+        "batch_size": 3,
+        "lora_dropout": 0.2,
+    }
+    routed = {**common, "router_aux_loss_coef": 0.05, "num_experts": 3}
+    no_expert_dropout = {"expert_lora": {"lora_dropout": 0.0}}
+    return [
+        {**routed, **no_expert_dropout, "name": "topk", "routing_strategy": "mixlora",
+         "top_k": 2, "jitter_noise": 0.1,
+         "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]},
+        {**routed, **no_expert_dropout, "name": "switch", "routing_strategy": "mixlora-switch",
+         "expert_capacity": 2, "ffn_dropout": 0.2, "router_z_loss_coef": 0.01,
+         "target_modules": ["up_proj", "down_proj"]},
+        {**common, "name": "dense", "routing_strategy": "loramoe", "num_experts": 3,
+         "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        {**routed, "name": "mola", "routing_strategy": "mola", "top_k": 2, "router_loss": True,
+         "lora_dropout": 0.0, "batch_size": 2,
+         "data": write_json(folder / "mola.json", reverse_rows(5)),
+         "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    ]  # fmt: skip
 
 
 def torchrun(
