@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,34 @@ def torchrun(
         cwd=ROOT,
         env={**env_with(**env), "OMP_NUM_THREADS": "1"},
     )
+
+
+def torchrun_two_nodes(args: list[str]) -> list[subprocess.CompletedProcess]:
+    """Two "nodes" on this machine: two ``torchrun --nnodes 2 --node_rank K --nproc_per_node 1
+    --master_addr 127.0.0.1 --master_port P`` started side by side (the static rendezvous of a
+    real two-machine run, see README), one process each."""
+    with socket.socket() as probe:  # a free port for the master (node 0's store)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**env_with(), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+    command += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    nodes = [
+        subprocess.Popen(
+            [*command, "--node_rank", str(rank), MLORA, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
+    done = []
+    for node in nodes:
+        out, err = node.communicate(timeout=240)
+        done.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    return done
 
 
 def plain(args: list[str]) -> subprocess.CompletedProcess:
@@ -218,7 +247,10 @@ def test_killed_rank_then_resume_equals_the_uninterrupted_run(
     runs: dict, tiny_model_dir: Path
 ) -> None:
     """Rank 1 is SIGKILLed before global step 5 (mid accumulation of ``acc``); torchrun stops
-    rank 0. ``--resume`` with 2 processes, and a copy with 1 process, end as the clean run."""
+    rank 0. ``--resume`` with 2 processes, and a copy with 1 process, end as the clean run.
+
+    The resumed run is a two-node launch (two torchrun invocations, one process each, joined
+    over 127.0.0.1): multi-node training saves the adapters of one process too."""
     folder, config = runs["folder"], runs["config"]
     cut = folder / "cut"
     killed = torchrun(
@@ -230,11 +262,14 @@ def test_killed_rank_then_resume_equals_the_uninterrupted_run(
     assert killed.returncode != 0
     assert not (cut / "acc" / "adapter_model.safetensors").exists()
     shutil.copytree(cut, folder / "cut-one")
-    resumed = torchrun(mlora_args(tiny_model_dir, config, cut, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
+    node0, node1 = torchrun_two_nodes(mlora_args(tiny_model_dir, config, cut, "--resume"))
+    assert node0.returncode == node1.returncode == 0, node0.stderr + node1.stderr
+    assert "resuming from" in node0.stderr
+    assert "distributed: world size 2, backend gloo" in node0.stderr
+    assert "finished, saved to" not in node1.stderr  # node 1 holds rank 1: it writes nothing
     clean = weights(folder / "two")
     assert max_relative_difference(weights(cut), clean) <= 1e-5
+    assert max_relative_difference(weights(cut), weights(runs["one"])) <= 1e-5
     alone = plain(mlora_args(tiny_model_dir, config, folder / "cut-one", "--resume"))
     assert alone.returncode == 0, alone.stderr
     assert "resuming a run of 2 process(es) with 1" in alone.stderr
