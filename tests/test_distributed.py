@@ -400,3 +400,29 @@ def test_one_process_needs_no_group() -> None:
     tensors = [pytest.importorskip("torch").ones(2)]
     assert single.all_reduce_flat(tensors)[0] is tensors[0]
     assert single.any(True) and not single.any(False)
+
+
+def test_router_sums_of_two_shares_give_the_load_balancing_loss_of_the_whole() -> None:
+    """What each rank adds (its router sums under the summed counts) adds up, in value and in
+    gradient, to transformers' Mixtral load-balancing loss of the whole micro-batch."""
+    import torch
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from mlora.aux_losses import RouterStats, router_loss
+
+    experts, k = 4, 2
+    logits = torch.randn(11, experts, generator=torch.Generator().manual_seed(3))
+    whole_logits = logits.clone().requires_grad_(True)
+    load_balancing_loss_func((whole_logits,), experts, k).backward()
+    shared = logits.clone().requires_grad_(True)
+    shares = []
+    for part in (shared[:7], shared[7:]):  # rank 0's tokens, rank 1's
+        probs = part.softmax(-1)
+        chosen = torch.zeros_like(probs).scatter(1, probs.topk(k, dim=-1).indices, 1.0)
+        shares.append(RouterStats.balance(probs, chosen, coef=float(experts)))
+    counts = shares[0].counts + shares[1].counts  # the all_reduce
+    total = sum(router_loss(s.values, counts, s.coefs) for s in shares)
+    total.backward()
+    want = load_balancing_loss_func((logits,), experts, k)
+    assert total.item() == pytest.approx(want.item(), rel=1e-6)
+    assert torch.allclose(shared.grad, whole_logits.grad, rtol=1e-5, atol=1e-8)
