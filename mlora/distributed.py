@@ -241,6 +241,85 @@ def shard_frozen_base(model: nn.Module, adapter_params: set[nn.Parameter]) -> in
     return len(units)
 
 
+@dataclass(frozen=True)
+class ShardedBase:
+    """What ``--fsdp`` loading left on this rank.
+
+    Attributes:
+        units: modules sharded with ``fully_shard``.
+        held_bytes: base parameter bytes materialised on this rank, at most over the loading
+            (rank 0: the whole base it read; the others: their shards, plus any tied head).
+        full_bytes: the whole base's parameter bytes.
+    """
+
+    units: int
+    held_bytes: int
+    full_bytes: int
+
+
+def empty_base_model(
+    model_path: str, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool
+) -> nn.Module:
+    """The base model built from its config on the meta device: modules and shapes, no memory
+    (the ranks other than 0 under ``--fsdp``; their shards come from rank 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+
+
+def _parameter_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes materialised on this rank, bytes of the whole parameters) of ``model``."""
+    from torch.distributed.tensor import DTensor
+
+    held = full = 0
+    for param in model.parameters():
+        full += param.numel() * param.element_size()
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if not local.is_meta:
+            held += local.numel() * local.element_size()
+    return held, full
+
+
+def load_sharded_base(model: nn.Module, state: Distributed) -> ShardedBase:
+    """FSDP2 over a base model that only rank 0 holds in full; the others built it on meta.
+
+    The torchtune pattern: rank 0 takes the full state dict of the model it read (CPU), every
+    rank shards the base (``shard_frozen_base``), then ``set_model_state_dict`` with
+    ``broadcast_from_rank0`` sends each tensor from rank 0 and every rank keeps its shard. The
+    buffers outside the state dict (rotary ``inv_freq``) are broadcast too. Call it before any
+    adapter is attached: adapters are created on the sharded base, whole on every rank.
+
+    Returns:
+        What this rank holds (``ShardedBase``).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    before, _ = _parameter_bytes(model)
+    full_state = model.state_dict() if state.is_main else {}
+    units = shard_frozen_base(model, set())
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    del full_state
+    device = next(p for p in model.parameters() if not p.is_meta).device
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            received = buffer if state.is_main else torch.empty_like(buffer, device=device)
+            dist.broadcast(received, src=0)
+            module._buffers[name] = received
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None:
+        head.weight = embeddings.weight  # loading assigns new tensors: tie them again
+    after, full = _parameter_bytes(model)
+    return ShardedBase(units, max(before, after), full)
+
+
 def router_stat_slots(model: nn.Module) -> dict[str, tuple[dict[int, int], int]]:
     """The MoE modules whose router losses are means over a micro-batch, per adapter.
 

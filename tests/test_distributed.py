@@ -205,13 +205,25 @@ def test_two_processes_save_the_adapters_of_one(runs: dict) -> None:
 def test_fsdp_sharded_base_trains_the_adapters_of_one_process(
     runs: dict, tiny_model_dir: Path
 ) -> None:
-    """``--fsdp`` (FSDP2 on gloo, CPU): the base is sharded over the 2 ranks, the adapters are
-    not, and the saved adapters equal one process's."""
-    out = runs["folder"] / "fsdp"
-    done = torchrun(mlora_args(tiny_model_dir, runs["config"], out, "--fsdp"))
+    """``--fsdp`` (FSDP2 on gloo, CPU): rank 0 reads the base, rank 1 builds it on the meta
+    device and receives its shards only; the adapters (DoRA included, whose init reads the
+    base weight) are whole on both, and the saved adapters equal one process's. The probe
+    (tests/reliability_harness.py) weighs each rank's parameter storage around the loading."""
+    out, probe = runs["folder"] / "fsdp", runs["folder"] / "fsdp-probe"
+    probe.mkdir()
+    done = torchrun(
+        mlora_args(tiny_model_dir, runs["config"], out, "--fsdp"),
+        script=HARNESS,
+        MLORA_TEST_FSDP_REPORT=str(probe),
+    )
     assert done.returncode == 0, done.stderr
     assert "fsdp: the frozen base is sharded over 2 ranks (4 modules)" in done.stderr
     assert max_relative_difference(weights(out), weights(runs["one"])) <= 1e-5
+    rank0, rank1 = (json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["before"] == rank0["full"] > 0  # rank 0 read the whole base
+    assert rank1["before"] == 0  # rank 1 built it without memory
+    # its shards: half of every tensor, rounded up to whole rows (the tiny model has no tied head)
+    assert 0.45 * rank1["full"] <= rank1["after"] <= 0.55 * rank1["full"], rank1
 
 
 @pytest.mark.gpu
@@ -382,6 +394,21 @@ def test_world_size_larger_than_a_micro_batch_is_one_line(
     )
     assert run_as_rank(monkeypatch, 1, argv) == 2  # the same error, printed by rank 0 alone
     assert "error:" not in capsys.readouterr().err
+
+
+def test_fsdp_with_a_quantized_base_is_one_line(
+    monkeypatch, capsys, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "c")
+    argv = mlora_args(tiny_model_dir, config, tmp_path / "out", "--fsdp", "--load_4bit")
+    assert run_as_rank(monkeypatch, 0, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --fsdp shards plain base weights, not a 4bit quantized base (--load_4bit): "
+        "drop one of the two"
+    )
+    assert run_as_rank(monkeypatch, 1, argv) == 2  # the same error, printed by rank 0 alone
+    assert "error:" not in capsys.readouterr().err
+    assert not (tmp_path / "out" / "acc").exists()
 
 
 def test_nccl_without_cuda_is_one_line(monkeypatch, capsys, tiny_model_dir: Path, tmp_path: Path):
