@@ -385,8 +385,8 @@ def grouped_expert_dropout(model: nn.Module) -> list[str]:
             ]
         else:
             continue
-        names += [n for n in found if n not in names]
-    return names
+        names += found
+    return list(dict.fromkeys(names))  # each once, in model order
 
 
 @contextmanager

@@ -453,3 +453,31 @@ def test_router_sums_of_two_shares_give_the_load_balancing_loss_of_the_whole() -
     want = load_balancing_loss_func((logits,), experts, k)
     assert total.item() == pytest.approx(want.item(), rel=1e-6)
     assert torch.allclose(shared.grad, whole_logits.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_moe_modules_are_found_for_router_sums_and_grouped_expert_dropout(
+    tmp_path: Path,
+) -> None:
+    """Which adapters record router sums under data parallel (one slot per MoE module, in
+    model order) and which are named by the start-up line about expert dropout."""
+    from mlora.config import parse_config
+    from mlora.distributed import grouped_expert_dropout, router_stat_slots
+    from mlora.model import MultiLoraModel
+    from mlora.trainer import spec_from_config
+    from tests.conftest import make_model, make_tokenizer
+
+    adapters = moe_adapters(tmp_path, write_template(tmp_path))
+    adapters.append({**adapters[0], "name": "dropping", "expert_lora": {"lora_dropout": 0.1}})
+    adapters.append({**adapters[3], "name": "mola-dropping", "lora_dropout": 0.1})
+    config = parse_config({"lora": adapters})
+    model = MultiLoraModel(make_model(vocab_size=len(make_tokenizer())))  # 2 decoder layers
+    for adapter in config.lora:
+        model.add_adapter(adapter.name, spec_from_config(adapter))
+    slots = router_stat_slots(model.model)
+    # MixLoRA: a router per FFN; MoLA: a mixture per target (q, v, down) per layer; LoRAMoE has
+    # no router loss
+    assert {name: (len(ids), width) for name, (ids, width) in slots.items()} == {
+        "topk": (2, 5), "switch": (2, 5), "dropping": (2, 5), "mola": (6, 5),
+        "mola-dropping": (6, 5),
+    }  # fmt: skip
+    assert grouped_expert_dropout(model.model) == ["mola-dropping", "dropping"]  # model order
