@@ -481,3 +481,39 @@ def test_moe_modules_are_found_for_router_sums_and_grouped_expert_dropout(
         "mola-dropping": (6, 5),
     }  # fmt: skip
     assert grouped_expert_dropout(model.model) == ["mola-dropping", "dropping"]  # model order
+
+
+def test_router_sums_of_two_shares_give_the_z_loss_and_gate_loss_of_the_whole() -> None:
+    """The switch z-loss (mean of logsumexp(logits)^2) and MeteoRA's gate loss (mean
+    cross-entropy over the labelled tokens, some rows unlabelled) from two ranks' sums equal
+    the whole micro-batch's, written directly, in value and gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    from mlora.aux_losses import RouterStats, router_loss
+
+    experts = 3
+    logits = torch.randn(9, experts, generator=torch.Generator().manual_seed(5))
+    tasks = torch.tensor([0, 2, -1, 1, 1, -1, -1, 0, 2])  # -1: no label
+    whole = logits.clone().requires_grad_(True)
+    labelled = tasks >= 0
+    z_want = torch.logsumexp(whole, -1).pow(2).mean()
+    gate_want = F.cross_entropy(whole[labelled], tasks[labelled])
+    (0.1 * z_want + 0.3 * gate_want).backward()
+    shared = logits.clone().requires_grad_(True)
+    shares = []
+    for part, part_tasks in ((shared[:4], tasks[:4]), (shared[4:], tasks[4:])):
+        probs = part.softmax(-1)
+        z = torch.logsumexp(part, -1).pow(2)
+        shares.append(RouterStats.balance(probs, probs > 1.0, 0.0, z, 0.1))  # z only
+        ce = F.cross_entropy(part, part_tasks.clamp_min(0), reduction="none")
+        shares.append(RouterStats.gate(experts, ce, (part_tasks >= 0).float(), 0.3))
+    z_counts = shares[0].counts + shares[2].counts  # the all_reduce, per module slot
+    gate_counts = shares[1].counts + shares[3].counts
+    total = sum(
+        router_loss(s.values, z_counts if i % 2 == 0 else gate_counts, s.coefs)
+        for i, s in enumerate(shares)
+    )
+    total.backward()
+    assert total.item() == pytest.approx((0.1 * z_want + 0.3 * gate_want).item(), rel=1e-6)
+    assert torch.allclose(shared.grad, whole.grad, rtol=1e-5, atol=1e-8)
