@@ -243,17 +243,9 @@ def shard_frozen_base(model: nn.Module, adapter_params: set[nn.Parameter]) -> in
 
 @dataclass(frozen=True)
 class ShardedBase:
-    """What ``--fsdp`` loading left on this rank.
-
-    Attributes:
-        units: modules sharded with ``fully_shard``.
-        held_bytes: base parameter bytes materialised on this rank, at most over the loading
-            (rank 0: the whole base it read; the others: their shards, plus any tied head).
-        full_bytes: the whole base's parameter bytes.
-    """
+    """What ``--fsdp`` loading did: ``units`` modules sharded, a base of ``full_bytes``."""
 
     units: int
-    held_bytes: int
     full_bytes: int
 
 
@@ -274,19 +266,6 @@ def empty_base_model(
         )
 
 
-def _parameter_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes materialised on this rank, bytes of the whole parameters) of ``model``."""
-    from torch.distributed.tensor import DTensor
-
-    held = full = 0
-    for param in model.parameters():
-        full += param.numel() * param.element_size()
-        local = param.to_local() if isinstance(param, DTensor) else param
-        if not local.is_meta:
-            held += local.numel() * local.element_size()
-    return held, full
-
-
 def load_sharded_base(model: nn.Module, state: Distributed) -> ShardedBase:
     """FSDP2 over a base model that only rank 0 holds in full; the others built it on meta.
 
@@ -297,11 +276,11 @@ def load_sharded_base(model: nn.Module, state: Distributed) -> ShardedBase:
     adapter is attached: adapters are created on the sharded base, whole on every rank.
 
     Returns:
-        What this rank holds (``ShardedBase``).
+        How many modules were sharded, and the base's size.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    before, _ = _parameter_bytes(model)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     full_state = model.state_dict() if state.is_main else {}
     units = shard_frozen_base(model, set())
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
@@ -316,8 +295,7 @@ def load_sharded_base(model: nn.Module, state: Distributed) -> ShardedBase:
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and head is not None:
         head.weight = embeddings.weight  # loading assigns new tensors: tie them again
-    after, full = _parameter_bytes(model)
-    return ShardedBase(units, max(before, after), full)
+    return ShardedBase(units, full_bytes)
 
 
 def router_stat_slots(model: nn.Module) -> dict[str, tuple[dict[int, int], int]]:
