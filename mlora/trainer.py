@@ -36,7 +36,7 @@ from mlora.checkpointing import (
 from mlora.config import LINEAR_MOE_STRATEGIES, MIXLORA_STRATEGIES, AdapterConfig, TrainConfig
 from mlora.data import TokenizedRow, load_rows, pad_token_id, tokenize_rows
 from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name_seed
-from mlora.distributed import Distributed
+from mlora.distributed import Distributed, grouped_expert_dropout, router_stat_slots
 from mlora.errors import MloraError
 from mlora.eval_tasks import CHOICE_TASKS, training_rows
 from mlora.interrupt import GracefulStop, TrainingInterrupted
@@ -259,6 +259,17 @@ class Trainer:
             )
             logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
         model.set_packing(config.packing)
+        if self.dist.enabled:  # router losses over whole micro-batches: sums reduced over ranks
+            model.context.aux_losses.use_global_stats(router_stat_slots(model.model) or None)
+            inexact = grouped_expert_dropout(model.model)
+            if inexact and self.dist.is_main:
+                logger.warning(
+                    "distributed: the MoE experts of %s draw dropout per expert group, which "
+                    "depends on how the rows are split over processes: they train as one "
+                    "process does in distribution, not bit for bit (expert lora_dropout 0 "
+                    "makes them exact)",
+                    ", ".join(repr(n) for n in inexact),
+                )
         self.tokens_seen = 0  # tokens of every pass so far, padding included
         self.padded_tokens = 0
 
@@ -444,6 +455,8 @@ class Trainer:
         local = [i for i, shard in enumerate(shards) if shard.rows]
         out: list[torch.Tensor | None] = [None] * len(step)
         if not local:
+            self.model.context.aux_losses.clear()
+            self._router_losses(step, [])  # joins the ranks' reduction with zeros
             return out
         batch = collate(
             [(step[i][0].name, shards[i].rows) for i in local],
@@ -455,24 +468,38 @@ class Trainer:
         )
         self.tokens_seen += batch.num_tokens
         self.padded_tokens += batch.padded_tokens
-        # Router losses are means over a micro-batch's tokens: each rank holding rows of it adds
-        # its own, so their sum over ranks is divided by how many ranks hold rows.
-        holders = [min(dist.world_size, len(step[i][1].rows)) for i in local]
         # Built and queued before the forward: a blocking copy after it would wait for the GPU.
         divisors = torch.tensor(
-            [
-                [step[i][1].step_tokens, step[i][1].accumulation * h]
-                for i, h in zip(local, holders, strict=True)
-            ],
+            [[step[i][1].step_tokens, step[i][1].accumulation] for i in local],
             dtype=torch.float32,
         ).to(self.model.device, non_blocking=True)
         # (S,) fp32: token-loss sums over the step's supervised tokens, + router losses / micro
         losses = self.model.segment_losses(batch, divisors[:, 0], divisors[:, 1])
+        router = self._router_losses(step, [step[i][0].name for i in local])
+        if router is not None:
+            losses = losses + router / divisors[:, 1]
         losses.sum().backward()
         detached = losses.detach()
         for k, i in enumerate(local):
             out[i] = detached[k]
         return out
+
+    def _router_losses(
+        self, step: list[tuple[AdapterRun, MicroBatch]], local: list[str]
+    ) -> torch.Tensor | None:
+        """Data parallel: (S,) router losses of this rank's segments (adapters ``local``) over
+        their whole micro-batches, from the router sums of this pass reduced over all ranks
+        (one collective, which every rank joins); None when no adapter has router sums."""
+        collector = self.model.context.aux_losses
+        if not collector.global_stats:
+            return None
+        zero = torch.zeros((), device=self.model.device)
+        found = collector.reduce_stats(
+            [run.name for run, _ in step], zero, self.dist.all_reduce_flat
+        )
+        if not found or not local:
+            return None
+        return torch.stack([found.get(name, zero) for name in local])
 
     def consolidate_partial_steps(self) -> None:
         """Before a checkpoint: move the partial gradients and step losses of adapters in the
