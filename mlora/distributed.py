@@ -337,33 +337,28 @@ def router_stat_slots(model: nn.Module) -> dict[str, tuple[dict[int, int], int]]
 
 
 def grouped_expert_dropout(model: nn.Module) -> list[str]:
-    """Adapters whose MoE experts draw dropout per expert group (MixLoRA, MoLA).
+    """Adapters whose MoE experts draw dropout per expert group: MixLoRA ``mixlora-dynamic``
+    where it runs one group per expert (the CPU, see ``feed_forward.DYNAMIC_AS_PAIRS``).
 
     A group's masks are drawn for all of its (token, expert) pairs at once, so their values
     depend on how many tokens every rank sends to each expert: under data parallel such an
     adapter trains as one process would in distribution, not bit for bit (and the later draws
-    of its stream in that micro-batch shift too). LoRAMoE's experts, MeteoRA and every
-    per-token draw (LoRA dropout, router jitter, FFN dropout) follow the canonical token index
-    and are exact.
+    of its stream in that micro-batch shift too). Every other expert path draws its pairs'
+    masks token by token (``slot_dropout``), and every per-token draw (LoRA dropout, router
+    jitter, FFN dropout) follows the canonical token index: exact.
     """
-    from mlora.adapters import MultiLoraLinear
-    from mlora.adapters.lora_moe import MolaAdapter
-    from mlora.moe.feed_forward import MixLoraFeedForward
+    from mlora.moe import feed_forward
 
     names: list[str] = []
     for module in model.modules():
-        if isinstance(module, MixLoraFeedForward):
-            pairs = [(n, e) for n, moe in module.moes.items() for e in moe.experts.values()]
-            found = [n for n, experts in pairs if experts[0].dropout_p > 0]
-        elif isinstance(module, MultiLoraLinear):
-            found = [
-                n
-                for n, adapter in module.adapters.items()
-                if isinstance(adapter, MolaAdapter) and adapter.experts[0].dropout_p > 0
-            ]
-        else:
-            continue
-        names += found
+        if isinstance(module, feed_forward.MixLoraFeedForward):
+            device = next(module.parameters()).device
+            for name, moe in module.moes.items():
+                spec = moe.router_spec
+                grouped = feed_forward.slots_per_token(spec, device) is None
+                experts = list(moe.experts.values())
+                if grouped and experts and experts[0][0].dropout_p > 0:
+                    names.append(name)
     return list(dict.fromkeys(names))  # each once, in model order
 
 

@@ -80,18 +80,17 @@ def moe_adapters(folder: Path, template: Path) -> list[dict]:
         "lora_dropout": 0.2,
     }
     routed = {**common, "router_aux_loss_coef": 0.05, "num_experts": 3}
-    no_expert_dropout = {"expert_lora": {"lora_dropout": 0.0}}
-    return [
-        {**routed, **no_expert_dropout, "name": "topk", "routing_strategy": "mixlora",
+    return [  # expert dropout 0.2 everywhere (common): drawn token by token, exact
+        {**routed, "name": "topk", "routing_strategy": "mixlora",
          "top_k": 2, "jitter_noise": 0.1,
          "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]},
-        {**routed, **no_expert_dropout, "name": "switch", "routing_strategy": "mixlora-switch",
+        {**routed, "name": "switch", "routing_strategy": "mixlora-switch",
          "expert_capacity": 2, "ffn_dropout": 0.2, "router_z_loss_coef": 0.01,
          "target_modules": ["up_proj", "down_proj"]},
         {**common, "name": "dense", "routing_strategy": "loramoe", "num_experts": 3,
          "target_modules": ["q_proj", "v_proj", "down_proj"]},
         {**routed, "name": "mola", "routing_strategy": "mola", "top_k": 2, "router_loss": True,
-         "lora_dropout": 0.0, "batch_size": 2,
+         "batch_size": 2,
          "data": write_json(folder / "mola.json", reverse_rows(5)),
          "target_modules": ["q_proj", "v_proj", "down_proj"]},
     ]  # fmt: skip
@@ -467,8 +466,10 @@ def test_moe_modules_are_found_for_router_sums_and_grouped_expert_dropout(
     from tests.conftest import make_model, make_tokenizer
 
     adapters = moe_adapters(tmp_path, write_template(tmp_path))
-    adapters.append({**adapters[0], "name": "dropping", "expert_lora": {"lora_dropout": 0.1}})
-    adapters.append({**adapters[3], "name": "mola-dropping", "lora_dropout": 0.1})
+    dynamic = {k: v for k, v in adapters[0].items() if k != "top_k"}
+    dynamic.update(routing_strategy="mixlora-dynamic", top_p=0.7)
+    adapters.append({**dynamic, "name": "dynamic"})
+    adapters.append({**dynamic, "name": "dynamic-0", "expert_lora": {"lora_dropout": 0.0}})
     config = parse_config({"lora": adapters})
     model = MultiLoraModel(make_model(vocab_size=len(make_tokenizer())))  # 2 decoder layers
     for adapter in config.lora:
@@ -477,10 +478,10 @@ def test_moe_modules_are_found_for_router_sums_and_grouped_expert_dropout(
     # MixLoRA: a router per FFN; MoLA: a mixture per target (q, v, down) per layer; LoRAMoE has
     # no router loss
     assert {name: (len(ids), width) for name, (ids, width) in slots.items()} == {
-        "topk": (2, 5), "switch": (2, 5), "dropping": (2, 5), "mola": (6, 5),
-        "mola-dropping": (6, 5),
+        "topk": (2, 5), "switch": (2, 5), "dynamic": (2, 5), "dynamic-0": (2, 5), "mola": (6, 5),
     }  # fmt: skip
-    assert grouped_expert_dropout(model.model) == ["mola-dropping", "dropping"]  # model order
+    # on the CPU mixlora-dynamic runs one group per expert: its expert dropout is per group
+    assert grouped_expert_dropout(model.model) == ["dynamic"]
 
 
 def test_router_sums_of_two_shares_give_the_z_loss_and_gate_loss_of_the_whole() -> None:

@@ -291,6 +291,11 @@ def test_dora_experts_with_dropout_equal_the_dense_formula(
     read per layer) and every (token, expert) pair at once (``dispatch_pairs``, no host read)."""
     monkeypatch.setattr(lora_module, "adapter_dropout", value_dropout)
     monkeypatch.setattr(feed_forward, "adapter_dropout", value_dropout)
+    monkeypatch.setattr(
+        feed_forward,
+        "slot_dropout",
+        lambda x, _order, _k, p, training, _r: value_dropout(x, p, training),
+    )
     monkeypatch.setattr(feed_forward, "DYNAMIC_AS_PAIRS", True)
     monkeypatch.setattr(sys.modules[__name__], "lora_linear", dropped_lora_linear)
     ffn_names = FFN if family == "llama" else ("fc1", "fc2")
@@ -327,6 +332,7 @@ def test_dora_experts_with_dropout_equal_the_dense_formula(
     # the dropout is live: without it the output differs
     monkeypatch.setattr(lora_module, "adapter_dropout", lambda x, *a, **k: x)
     monkeypatch.setattr(feed_forward, "adapter_dropout", lambda x, *a, **k: x)
+    monkeypatch.setattr(feed_forward, "slot_dropout", lambda x, *a, **k: x)
     with model.context.use(*layouts["pairs"]):
         undropped = ffn(x).reshape(-1, 64)
     assert (undropped - reference).abs().max() > 1e-3

@@ -35,7 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters.lora import DoraMagnitude, LoraAdapter, adapter_dropout, dora_scales
+from mlora.adapters.lora import (
+    DoraMagnitude,
+    LoraAdapter,
+    dora_scales,
+    slot_dropout,
+)
 from mlora.aux_losses import RouterStats
 from mlora.layout import LayoutContext
 from mlora.ops.routed_lora import routed_lora
@@ -254,7 +259,7 @@ class MolaAdapter(ExpertMixture):
                 canonical,
                 base_weight,
                 base_bias,
-                random.stream(),
+                random.plain(),
                 None,
             )
             return delta.new_zeros(x.shape[0], delta.shape[1]).index_copy(0, canonical, delta)
@@ -325,16 +330,16 @@ class MolaAdapter(ExpertMixture):
     ) -> torch.Tensor:
         """The experts over all n*k pairs without a host sync (``routed_lora``).
 
-        One dropout draw covers every pair in expert order (the adapter's stream, canonical
-        tokens), then each pair goes through its expert's LoRA. DoRA experts (``dora``: the
-        segment's base output, the segment index of each of ``x``'s tokens or None when ``x``
-        is the segment, the dense base weight and bias) rescale each pair by its expert's
-        magnitude over weight norm, as ``LoraAdapter.forward`` does for one expert.
+        The pairs' dropout is drawn token by token (``slot_dropout``: the adapter's stream over
+        the canonical tokens), then each pair goes through its expert's LoRA. DoRA experts
+        (``dora``: the segment's base output, the segment index of each of ``x``'s tokens or
+        None when ``x`` is the segment, the dense base weight and bias) rescale each pair by its
+        expert's magnitude over weight norm, as ``LoraAdapter.forward`` does for one expert.
         """
         first = self.experts[0]
         token_of = order // self.top_k  # (P,)
         pairs = x.index_select(0, token_of).to(first.lora_A.weight.dtype)  # (P, in)
-        pairs = adapter_dropout(pairs, first.dropout_p, self.training, random)
+        pairs = slot_dropout(pairs, order, self.top_k, first.dropout_p, self.training, random)
         expert_of = flat_expert.index_select(0, order)  # (P,)
         out = routed_lora(
             pairs,
