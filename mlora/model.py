@@ -268,7 +268,9 @@ class MultiLoraModel(nn.Module):
         ).last_hidden_state  # (B, T, H) padded or (1, sum L, H) packed
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # (N, H)
         with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
-            logits = self._logits(picked).float()  # (N, V)
+            logits = self._logits(picked)  # (N, V)
+        # half-precision logits are upcast for the softmax; fp32 and fp64 keep their precision
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits, batch.targets, reduction="none")
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,19 @@ def write_json(path: Path, rows: list[dict]) -> str:
 
 
 def run_in_memory(
-    model_factory, tokenizer, raw_config: dict, output_dir: Path, seed: int = 7, init_from=None
+    model_factory,
+    tokenizer,
+    raw_config: dict,
+    output_dir: Path,
+    seed: int = 7,
+    init_from=None,
+    dtype: torch.dtype | None = None,
 ) -> Trainer:
-    """Train a config on a fresh model from ``model_factory`` without touching the CLI."""
+    """Train a config on a fresh model from ``model_factory`` without touching the CLI.
+
+    ``dtype`` converts the whole model, adapters included, before the first step (fp64: the
+    math without fp32 rounding, which AdamW's sign-like steps would amplify).
+    """
     config = parse_config(raw_config, "test-config")
     data = prepare_data(config, tokenizer)
     trainer = Trainer(
@@ -66,6 +76,8 @@ def run_in_memory(
         "tiny",
         init_from,
     )
+    if dtype is not None:
+        trainer.model.to(dtype)  # same Parameter objects: the optimizers keep them
     trainer.train()
     return trainer
 

@@ -86,10 +86,13 @@ def reference_training(model: torch.nn.Module, rows, pad_id: int, variant: str) 
                 ids[b, : len(row)] = torch.tensor(row.input_ids)
                 mask[b, : len(row)] = 1
                 labels[b, : len(row)] = torch.tensor(row.labels)
-            loss = model(
-                input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=step_tokens
-            ).loss
-            loss.backward()
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            # the HF loss with num_items_in_batch, written out so that it keeps the logits'
+            # dtype (transformers' own casts to fp32, which would round an fp64 reference)
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum"
+            )
+            (loss / step_tokens).backward()
         optimizer.step()
         optimizer.zero_grad()
 
