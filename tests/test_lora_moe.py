@@ -110,15 +110,13 @@ def mixture_reference(
         a, b, m = weights.lora_a[e], weights.lora_b[e], magnitudes[e]
         return lora_delta(x[rows], a, b, SCALING, base_weight, no_bias[rows], m, keep)
 
-    every = torch.arange(x.shape[0])
-    if weights.top_k is None:  # LoRAMoE: one mask per expert, experts in order
-        return sum(
-            probs[:, e : e + 1]
-            * expert(
-                e, every, None if generator is None else keep_multipliers(x.shape, p, generator)
-            )
-            for e in range(E)
-        )
+    if weights.top_k is None:  # LoRAMoE: every expert on every token, one mask per expert
+        every = torch.arange(x.shape[0], device=x.device)
+        delta = x.new_zeros(x.shape[0], OUT)
+        for e in range(E):
+            keep = None if generator is None else keep_multipliers(x.shape, p, generator)
+            delta = delta + probs[:, e : e + 1] * expert(e, every, keep)
+        return delta
     k = weights.top_k
     kept, chosen = probs.topk(k, dim=-1)  # (N, k)
     kept = (kept / kept.sum(dim=-1, keepdim=True)).reshape(-1)  # (N*k,) per (token, slot) pair
