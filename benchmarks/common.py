@@ -76,8 +76,9 @@ SHAPES = {
 }  # fmt: skip
 TEMPLATE_TOKENS = 64  # room for the alpaca template's own tokens, on any benchmark tokenizer
 STEP_LOG = re.compile(r"step (\d+) \|")  # mlora's per-step log line: "step 12 | name | ..."
-# its end-of-run line "padding: 3.4% of 320 tokens (packing on)"
-PADDING_LOG = re.compile(r"padding: ([\d.]+)% of \d+ tokens \(packing (on|off)\)")
+# its end-of-run line "padding: 0.0% of 320 tokens (rows in one stream)"; older engines said
+# "(packing on)" / "(packing off)"
+PADDING_LOG = re.compile(r"padding: ([\d.]+)% of \d+ tokens \((?:packing |rows )?([^)]+)\)")
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -508,7 +509,7 @@ def mlora_padding(stats: dict[str, Any], run: dict[str, Any]) -> tuple[str, floa
     reports it, or (an engine from before packing, which says nothing) computed from the rows."""
     if run["packing"] is None:
         return "padded to each step's longest row", padding_fraction(stats, "padded_per_step")
-    return f"packing {run['packing']}", run["padding"]
+    return f"rows {run['packing']}", run["padding"]
 
 
 def side_notes(stats: dict[str, Any], run: dict[str, Any]) -> list[str]:

@@ -1,7 +1,12 @@
 """Collate rows of several adapters into one step batch with its token layout.
 
-Two forms, the same layout semantics (token offsets over the flattened ``(rows, width)`` pass):
+Three forms, the same layout semantics (token offsets over the flattened ``(rows, width)`` pass):
 
+stream
+    every row of the step end to end in one batch row, in group order: no padding at all.
+    ``position_ids`` restart per row, ``sequences`` gives each row's token range, and the model
+    must attend per row (``mlora.varlen_attention``, chosen by ``mlora.packing.use_stream``
+    where a probe finds it exact): rows never see each other, so this is as isolated as bins.
 packed
     each adapter's rows fill bins of the step's longest row (first fit decreasing); a bin is one
     row of the batch, with ``position_ids`` restarting at 0 for every packed row and no
@@ -22,6 +27,7 @@ them) is computed here on the host, so the training step itself never syncs with
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +65,8 @@ class LossBatch:
         padded_tokens: how many tokens of the pass are padding.
         token_tasks: (tokens,) long, the task label of every token's row (MeteoRA's gate loss;
             -1 at padding and unlabelled rows); None when no row has one.
+        sequences: one stream (``collate(stream=True)``): each row's ``(start, end)`` token
+            range, for per-row attention; None in bins or padded rows.
     """
 
     input_ids: torch.Tensor
@@ -77,6 +85,7 @@ class LossBatch:
     head_real_index: torch.Tensor | None
     padded_tokens: int
     token_tasks: torch.Tensor | None = None
+    sequences: tuple[tuple[int, int], ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -157,6 +166,7 @@ def collate(
     device: torch.device | str = "cpu",
     packed: bool = True,
     shards: Sequence[MicroBatchShard] | None = None,
+    stream: bool = False,
 ) -> LossBatch:
     """Put the rows of each ``(adapter, rows)`` group into one batch, groups contiguous.
 
@@ -165,6 +175,8 @@ def collate(
         pad_token_id: fills padded positions.
         device: where the tensors go.
         packed: pack each group's rows into bins (default), or one padded row per row.
+        stream: with ``packed``: every row end to end in one batch row, no padding at all; the
+            model must attend per row (``mlora.varlen_attention``, ``LossBatch.sequences``).
         shards: data parallel: group ``i`` is this rank's share ``shards[i]`` of a micro-batch
             (one group per adapter). Each adapter's noise is then drawn for the whole
             micro-batch (tokens, and supervised positions for ``lm_head``) and each token takes
@@ -176,15 +188,16 @@ def collate(
     """
     rows = [row for _, group in groups for row in group]
     lengths = [len(row) for row in rows]
-    width = max(lengths)
-    bins: list[list[int]] = []  # batch rows, as indices into ``rows``
-    bins_per_group: list[int] = []
+    stream = stream and packed
+    width = sum(lengths) if stream else max(lengths)
+    bins: list[list[int]] = [list(range(len(rows)))] if stream else []  # as indices into rows
+    segment_tokens = [sum(len(r) for r in group) for _, group in groups] if stream else []
     first = 0
-    for _, group in groups:
+    for _, group in [] if stream else groups:
         sizes = [len(r) for r in group]
         local = pack_rows(sizes, width) if packed else [[i] for i in range(len(group))]
         bins += [[first + i for i in b] for b in local]
-        bins_per_group.append(len(local))
+        segment_tokens.append(len(local) * width)
         first += len(group)
     total = width * len(bins)
 
@@ -219,7 +232,7 @@ def collate(
         windows = [(s.tokens_before, s.tokens_total) for s in shards]
         head_windows = [(s.supervised_before, s.supervised_total) for s in shards]
     layout = BatchLayout.from_lengths(
-        [(name, n * width) for name, n in zip(names, bins_per_group, strict=True)],
+        list(zip(names, segment_tokens, strict=True)),
         real_counts,
         windows,
     )
@@ -239,7 +252,15 @@ def collate(
             head_index = _rank_within_segments(real_index[positions], segment_of_group[owners])
     return LossBatch(
         input_ids=ids.view(shape).to(**move),
-        attention_mask=None if packed else real.view(shape).long().to(**move),
+        # a stream passes an all-ones mask: transformers then builds none (rows are kept
+        # apart by the attention function), where no mask would make it build a T x T one
+        attention_mask=(
+            torch.ones(shape, dtype=torch.long, device=device)
+            if stream
+            else None
+            if packed
+            else real.view(shape).long().to(**move)
+        ),
         position_ids=positions_in_row.view(shape).to(**move) if packed else None,
         layout=layout,
         head_layout=head_layout,
@@ -254,4 +275,11 @@ def collate(
         head_real_index=None if head_index is None else head_index.to(**move),
         padded_tokens=padded_tokens,
         token_tasks=token_tasks.to(**move) if any(r.task >= 0 for r in rows) else None,
+        sequences=_row_ranges(lengths) if stream else None,
     )
+
+
+def _row_ranges(lengths: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Each row's ``(start, end)`` token range when the rows lie end to end."""
+    ends = list(itertools.accumulate(lengths))
+    return tuple((end - n, end) for n, end in zip(lengths, ends, strict=True))

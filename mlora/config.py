@@ -109,7 +109,8 @@ def one_of(*choices: str) -> Check:
 
 
 def _packing(v: Any) -> str | None:
-    return None if v == "auto" or isinstance(v, bool) else "'auto', true or false"
+    ok = v in ("auto", "stream", "bins") or isinstance(v, bool)
+    return None if ok else "'auto', 'stream', 'bins', true or false"
 
 
 def _adapter_name(v: Any) -> str | None:
@@ -474,9 +475,12 @@ class TrainConfig:
     )
     packing: str | bool = _key(
         "auto",
-        "Concatenate each step's rows into one sequence without padding (position ids restart "
-        "per row, no attention mask); 'auto' packs where a one-time probe finds the model keeps "
-        "packed rows apart, else pads (and logs why).",
+        "Pack each step's rows instead of padding them: 'stream' lays them end to end in one "
+        "sequence with no padding and attends per row (sdpa models), 'bins' fills rows as long "
+        "as the step's longest row (position ids restart per row, no attention mask); true "
+        "packs as a stream where the model allows it, else in bins; 'auto' does the same where "
+        "a one-time probe finds the model keeps packed rows apart, else pads (and logs why); "
+        "false pads.",
         _packing,
     )
     evaluate_result: str | None = _key(

@@ -41,7 +41,6 @@ from mlora.distributed import Distributed, local_device, process_group
 from mlora.errors import ConfigError, DataError, MloraError
 from mlora.eval_tasks import CHOICE_TASKS, choice_source, load_choice_questions, read_test_rows
 from mlora.model import MultiLoraModel
-from mlora.packing import resolve_packing
 from mlora.prompts import load_template
 
 logger = logging.getLogger("mlora")
@@ -286,7 +285,8 @@ def score_rows(
     step = 0
     while picked := _take(test_sets, step):
         groups = [(ts.adapter, [row for i in idx for row in ts.units[i]]) for ts, idx in picked]
-        batch = collate(groups, pad_id, model.device, packed=model.packing)
+        stream = model.packing_form == "stream"
+        batch = collate(groups, pad_id, model.device, packed=model.packing, stream=stream)
         token_nll = model.token_losses(batch)  # (N,)
         num_rows = sum(len(rows) for _, rows in groups)
         row_nll = token_nll.new_zeros(num_rows).index_add(0, batch.position_rows, token_nll)
@@ -547,7 +547,7 @@ def evaluate(
     model, tokenizer = load_trained(
         base_model, folders, dtype, device, trust_remote_code, tokenizer=tokenizer, **load_options
     )
-    model.packing = resolve_packing(model.model, config.packing)
+    model.set_packing(config.packing)
     start = time.perf_counter()
     with process_group(device) as dist:
         results = evaluate_model(model, tokenizer, test_sets, dist)

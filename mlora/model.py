@@ -25,6 +25,8 @@ from mlora.batch import LossBatch
 from mlora.errors import MloraError, first_line
 from mlora.hub import before_loading
 from mlora.layout import BatchLayout, LayoutContext
+from mlora.packing import resolve_packing
+from mlora.varlen_attention import SEQUENCES_KWARG, streams_rows
 
 logger = logging.getLogger("mlora")
 
@@ -197,6 +199,19 @@ class MultiLoraModel(nn.Module):
 
     # --- passes --------------------------------------------------------------------------------
 
+    def set_packing(self, requested: str | bool) -> None:
+        """Apply the ``packing`` key (``mlora.packing.resolve_packing``); its probes run the
+        bare base model, whatever layout an earlier pass left set."""
+        with self.context.use(None):
+            self.packing = resolve_packing(self.model, requested)
+
+    @property
+    def packing_form(self) -> str:
+        """How ``collate`` lays out this model's training batches: "stream", "bins" or "padded"."""
+        if not self.packing:
+            return "padded"
+        return "stream" if streams_rows(self.model) else "bins"
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -260,12 +275,16 @@ class MultiLoraModel(nn.Module):
         )
         self.context.aux_losses.clear()
         backbone = self.model.base_model
+        rows = {} if batch.sequences is None else {SEQUENCES_KWARG: batch.sequences}
+        if rows and not streams_rows(self.model):  # sdpa would let the rows see each other
+            raise ValueError("a stream batch needs the model's per-row attention (use_stream)")
         hidden = backbone(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=False,
-        ).last_hidden_state  # (B, T, H) padded or (1, sum L, H) packed
+            **rows,
+        ).last_hidden_state  # (B, T, H) padded, (bins, W, H) packed or (1, sum L, H) stream
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # (N, H)
         with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
             logits = self._logits(picked)  # (N, V)

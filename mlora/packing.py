@@ -15,11 +15,12 @@ import logging
 import torch
 from torch import nn
 
-from mlora.errors import first_line
+from mlora.errors import MloraError, first_line
+from mlora.varlen_attention import SEQUENCES_KWARG, VARLEN_ATTENTION
 
 logger = logging.getLogger("mlora")
 
-PACKING_CHOICES = ("auto", True, False)
+PACKING_CHOICES = ("auto", True, False, "stream", "bins")
 _PROBE_BINS = ((5, 3), (4, 4))  # row lengths packed into each of two batch rows
 
 
@@ -28,11 +29,38 @@ def packing_problem(hf_model: nn.Module) -> str | None:
 
     Runs the frozen backbone without adapters on a few tokens (no gradient, eval mode).
     """
+    lengths = [n for bin_lengths in _PROBE_BINS for n in bin_lengths]
+    shape = (len(_PROBE_BINS), -1)  # (2, 8): two packed rows per batch row
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).view(shape)
+    return _probe(hf_model, lengths, shape, position_ids, {}, "packed rows")
+
+
+def stream_problem(hf_model: nn.Module) -> str | None:
+    """Why one stream of rows with per-row attention (``mlora.varlen_attention``) is not exact
+    for ``hf_model``, or None if it is; the model must use sdpa attention."""
+    if hf_model.config._attn_implementation != VARLEN_ATTENTION:
+        return f"attention is {hf_model.config._attn_implementation!r}, not 'sdpa'"
+    lengths = [n for bin_lengths in _PROBE_BINS for n in bin_lengths]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    rows = {SEQUENCES_KWARG: tuple((s, s + n) for s, n in zip(starts, lengths, strict=True))}
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)
+    return _probe(hf_model, lengths, (1, -1), position_ids, rows, "rows in one stream")
+
+
+def _probe(
+    hf_model: nn.Module,
+    lengths: list[int],
+    shape: tuple[int, int],
+    position_ids: torch.Tensor,
+    extra: dict,
+    what: str,
+) -> str | None:
+    """Random rows of ``lengths`` run alone vs together in ``shape`` (no attention mask, or an
+    all-ones one with ``extra``); the relative error decides."""
     parameter = next(hf_model.parameters())
     device, dtype = parameter.device, parameter.dtype
     vocab = int(getattr(hf_model.config, "vocab_size", 0) or 2)
     generator = torch.Generator().manual_seed(0)
-    lengths = [n for bin_lengths in _PROBE_BINS for n in bin_lengths]
     rows = [torch.randint(0, vocab, (n,), generator=generator) for n in lengths]
     backbone = hf_model.base_model
     was_training = hf_model.training
@@ -47,36 +75,75 @@ def packing_problem(hf_model: nn.Module) -> str | None:
                     for row in rows
                 ]
             )
-            shape = (len(_PROBE_BINS), -1)  # (2, 8): two packed rows per batch row
-            position_ids = torch.cat([torch.arange(n) for n in lengths]).view(shape)
+            ids = torch.cat(rows).view(shape).to(device)
             packed = backbone(
-                input_ids=torch.cat(rows).view(shape).to(device),
+                input_ids=ids,
                 position_ids=position_ids.to(device),
-                attention_mask=None,
+                attention_mask=torch.ones_like(ids) if extra else None,
                 use_cache=False,
+                **extra,
             ).last_hidden_state
             packed = packed.reshape(-1, packed.shape[-1]).float()
     except Exception as exc:  # any failure of the packed call means: don't pack
-        return f"a packed forward fails ({type(exc).__name__}: {first_line(exc)})"
+        return f"a forward of {what} fails ({type(exc).__name__}: {first_line(exc)})"
     finally:
         hf_model.train(was_training)
     error = ((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-6)).item()
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     if error > tolerance:
         return (
-            f"packed rows differ from rows run alone (relative error {error:.1e}): "
-            f"{type(hf_model).__name__} does not keep packed rows apart"
+            f"{what} differ from rows run alone (relative error {error:.1e}): "
+            f"{type(hf_model).__name__} does not keep them apart"
         )
     return None
 
 
 def resolve_packing(hf_model: nn.Module, requested: str | bool) -> bool:
-    """The ``packing`` key: True / False as asked; "auto" packs where the probe finds it exact
-    and otherwise falls back to padded rows, saying why in one log line."""
-    if requested != "auto":
-        return bool(requested)
-    problem = packing_problem(hf_model)
-    if problem is None:
-        return True
-    logger.info("packing: off, rows are padded instead: %s", problem)
-    return False
+    """Apply the ``packing`` key to ``hf_model``; returns whether its batches are packed.
+
+    "auto" packs where ``packing_problem`` finds it exact, else pads (one log line says why);
+    True packs without asking. Packed rows go into one stream where ``use_stream`` finds
+    per-row attention exact, else into bins; "bins" and "stream" ask for one form ("stream"
+    fails with one line where the model cannot have it); False pads.
+
+    Raises:
+        MloraError: "stream" on a model that cannot attend per row.
+    """
+    if requested == "auto":
+        problem = packing_problem(hf_model)
+        if problem is not None:
+            logger.info("packing: off, rows are padded instead: %s", problem)
+            requested = False
+    if requested is False or requested == "bins":
+        _leave_stream(hf_model)
+        return requested == "bins"
+    problem = stream_problem_after_switch(hf_model)
+    if problem is not None and requested == "stream":
+        raise MloraError(f'packing: "stream" is not possible for this model: {problem}')
+    if problem is not None:
+        logger.info("packing: bins (padded to the longest row), not one stream: %s", problem)
+    return True
+
+
+def use_stream(hf_model: nn.Module) -> bool:
+    """Switch an sdpa model to per-row attention over one unpadded stream of rows where the
+    probe finds it exact (else leave it as it is: rows go into bins). Returns whether it did."""
+    return stream_problem_after_switch(hf_model) is None
+
+
+def stream_problem_after_switch(hf_model: nn.Module) -> str | None:
+    """Switch ``hf_model`` to per-row attention if it uses sdpa and the probe finds the switch
+    exact; returns None when it attends per row, else why not (the model is then unchanged)."""
+    if hf_model.config._attn_implementation == "sdpa":
+        hf_model.set_attn_implementation(VARLEN_ATTENTION)
+        problem = stream_problem(hf_model)
+        if problem is not None:
+            hf_model.set_attn_implementation("sdpa")
+        return problem
+    return stream_problem(hf_model)
+
+
+def _leave_stream(hf_model: nn.Module) -> None:
+    """Back to plain sdpa (a model an earlier run switched to per-row attention)."""
+    if hf_model.config._attn_implementation == VARLEN_ATTENTION:
+        hf_model.set_attn_implementation("sdpa")

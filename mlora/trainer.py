@@ -38,7 +38,6 @@ from mlora.eval_tasks import CHOICE_TASKS, training_rows
 from mlora.interrupt import GracefulStop, TrainingInterrupted
 from mlora.model import LoraSpec, MultiLoraModel
 from mlora.optim import build_optimizer, build_scheduler, step_unless
-from mlora.packing import resolve_packing
 from mlora.persistence import (
     load_adapter_weights,
     peft_config,
@@ -200,7 +199,7 @@ class Trainer:
                 model.context.generators,
             )
             logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
-        model.packing = resolve_packing(model.model, config.packing)
+        model.set_packing(config.packing)
         self.tokens_seen = 0  # tokens of every pass so far, padding included
         self.padded_tokens = 0
 
@@ -289,10 +288,12 @@ class Trainer:
         logger.info("peak memory %.0f MiB on %s", peak / 2**20, self.backend.device)
         if self.tokens_seen:
             logger.info(
-                "padding: %.1f%% of %d tokens (packing %s)",
+                "padding: %.1f%% of %d tokens (rows %s)",
                 100 * self.padded_tokens / self.tokens_seen,
                 self.tokens_seen,
-                "on" if self.model.packing else "off",
+                {"stream": "in one stream", "bins": "packed in bins", "padded": "padded"}[
+                    self.model.packing_form
+                ],
             )
         return {run.name: run.history for run in self.runs}
 
@@ -382,6 +383,7 @@ class Trainer:
             self.pad_token_id,
             self.model.device,
             packed=self.model.packing,
+            stream=self.model.packing_form == "stream",
             shards=[shards[i] for i in local] if dist.enabled else None,
         )
         self.tokens_seen += batch.num_tokens

@@ -20,7 +20,7 @@ from mlora.batch import collate
 from mlora.data import IGNORE_INDEX, TokenizedRow
 from mlora.layout import BatchLayout
 from mlora.model import LoraSpec, MultiLoraModel
-from mlora.packing import packing_problem, resolve_packing
+from mlora.packing import packing_problem, resolve_packing, use_stream
 from tests.helpers import in_row_order
 
 COMMON = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
@@ -135,11 +135,11 @@ def test_labels_only_loss_equals_the_models_own_loss(family: str) -> None:
 
 
 def _losses_and_grads(
-    model: MultiLoraModel, groups: list, packed: bool
+    model: MultiLoraModel, groups: list, packed: bool, stream: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token losses in (row, position in row) order, and every gradient."""
     model.zero_grad(set_to_none=True)
-    batch = collate(groups, pad_token_id=0, packed=packed)
+    batch = collate(groups, pad_token_id=0, packed=packed, stream=stream)
     token_losses = model.token_losses(batch)
     token_losses.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -174,6 +174,14 @@ def test_packed_rows_equal_padded_rows(family: str) -> None:
     assert any("lm_head" in name for name in padded_grads)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    # one stream with per-row attention: every sdpa family (Gemma 2 runs eager: it softcaps)
+    with model.context.use(None):  # the probe runs the bare base model
+        assert use_stream(base) == (family != "gemma2")
+    if family != "gemma2":
+        stream_losses, stream_grads = _losses_and_grads(model, groups, packed=True, stream=True)
+        torch.testing.assert_close(stream_losses, padded_losses, rtol=1e-5, atol=1e-5)
+        for name, grad in padded_grads.items():
+            torch.testing.assert_close(stream_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 UNPACKABLE = {

@@ -1,4 +1,4 @@
-"""Packing never changes an adapter's random draws: packed == padded with every draw on.
+"""Packing never changes an adapter's random draws: packed == stream == padded, every draw on.
 
 First-fit-decreasing packing reorders an adapter's rows inside its segment and puts them in
 bins whose width the other adapters set. Dropout masks, MixLoRA router jitter and expert
@@ -17,6 +17,7 @@ from mlora.batch import collate
 from mlora.config import parse_config
 from mlora.data import IGNORE_INDEX, TokenizedRow
 from mlora.model import MultiLoraModel
+from mlora.packing import use_stream
 from mlora.trainer import spec_from_config
 from tests.conftest import make_model
 from tests.helpers import in_row_order
@@ -59,14 +60,14 @@ def row(start: int, length: int, prompt: int) -> TokenizedRow:
 
 
 def losses_and_grads(
-    model: MultiLoraModel, groups: list, packed: bool
+    model: MultiLoraModel, groups: list, packed: bool, stream: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token losses in (row, position in row) order and every gradient, from fresh streams."""
     for name in model.specs:
         model.context.generators.seed(name, 5)
     model.zero_grad(set_to_none=True)
     model.context.aux_losses.clear()
-    batch = collate(groups, pad_token_id=0, packed=packed)
+    batch = collate(groups, pad_token_id=0, packed=packed, stream=stream)
     token_losses = model.token_losses(batch)
     aux = [model.context.aux_losses.loss(name) for name in model.specs]  # router losses
     (token_losses.sum() + sum(a for a in aux if a is not None)).backward()
@@ -90,6 +91,16 @@ def test_packed_equals_padded_with_dropout_jitter_and_routing(kind: str) -> None
     assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 4
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    # one stream (all rows end to end, per-row attention): no padding, same losses and grads
+    with model.context.use(None):  # the probe runs the bare base model
+        assert use_stream(model.model)
+    stream_batch = collate(groups, 0, stream=True)
+    assert stream_batch.input_ids.shape[0] == 1 and stream_batch.padded_tokens == 0
+    stream_losses, stream_grads = losses_and_grads(model, groups, packed=True, stream=True)
+    torch.testing.assert_close(stream_losses, padded_losses, rtol=1e-5, atol=1e-5)
+    assert stream_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(stream_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
     # the draws are live: other streams give other losses (dropout is really on)
     for name in model.specs:
         model.context.generators.seed(name, 6)
