@@ -25,6 +25,7 @@ from mlora.layout import BatchLayout
 from mlora.model import LoraSpec, MultiLoraModel
 from mlora.precision import build_quantization_config
 from mlora.trainer import Trainer, prepare_data
+from mlora.varlen_attention import VARLEN_ATTENTION
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import adapter_tensors, addition_rows, reverse_rows, write_json, write_template
 
@@ -233,9 +234,10 @@ def test_bf16_base_keeps_adapters_fp32_and_matches_fp32_loss(runs: dict[str, Tra
 
 
 def test_attention_kernels_give_equal_losses(runs: dict[str, Trainer]) -> None:
-    assert runs["fp32"].model.model.config._attn_implementation == "sdpa"
+    # sdpa models train on one stream of rows with sdpa per row (mlora.varlen_attention)
+    assert runs["fp32"].model.model.config._attn_implementation == VARLEN_ATTENTION
     assert runs["eager"].model.model.config._attn_implementation == "eager"
-    assert runs["flash"].model.model.config._attn_implementation == "sdpa"  # fell back
+    assert runs["flash"].model.model.config._attn_implementation == VARLEN_ATTENTION  # sdpa
     reference = histories(runs["fp32"])
     torch.testing.assert_close(histories(runs["eager"]), reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(histories(runs["flash"]), reference, rtol=0, atol=0)

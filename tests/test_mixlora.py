@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from mlora.adapters import lora as lora_module
 from mlora.config import parse_config
 from mlora.errors import MloraError
 from mlora.layout import BatchLayout
 from mlora.model import LoraSpec, MultiLoraModel
-from mlora.moe import MixLoraFeedForward
+from mlora.moe import MixLoraFeedForward, feed_forward
 from mlora.moe.spec import RouterSpec, build_mixlora_spec
 from mlora.persistence import read_adapter
 from mlora.trained import load_trained
@@ -187,10 +189,12 @@ def segment_real_index(mask: torch.Tensor, row_segments: list[int]) -> torch.Ten
 @pytest.mark.parametrize("canonical", [False, True], ids=["mask-only", "canonical"])
 @pytest.mark.parametrize(("family", "strategy", "use_dora"), CASES)
 def test_routed_forward_equals_dense_reference(
-    family: str, strategy: str, use_dora: bool, canonical: bool
+    family: str, strategy: str, use_dora: bool, canonical: bool, monkeypatch
 ) -> None:
     """``canonical``: the context also gives each token's canonical index (as a collated batch
-    does), so the segment's real tokens are gathered and dispatched as n*k pairs (no sync)."""
+    does), so the segment's real tokens are gathered and dispatched as n*k pairs (no sync;
+    ``mixlora-dynamic`` as E pairs per token, as on accelerators)."""
+    monkeypatch.setattr(feed_forward, "DYNAMIC_AS_PAIRS", canonical)
     ffn_names = FFN if family == "llama" else ("fc1", "fc2")
     model = MultiLoraModel(make_model() if family == "llama" else make_phi())
     model.add_adapter("moe", mixlora(strategy, use_dora, ffn_names))
@@ -251,6 +255,81 @@ def test_routed_forward_equals_dense_reference(
         logits = x[2:5].reshape(-1, 64).float() @ moe.router.weight.T
         want = 0.01 * load_balancing_loss_func((logits,), 4, 2, mask[2:5].long())
         torch.testing.assert_close(aux, want, atol=1e-6, rtol=1e-5)
+
+
+def value_dropout(x: torch.Tensor, p: float, training: bool, random=None) -> torch.Tensor:
+    """Inverted dropout whose mask is a fixed, coarse function of each element's value (about
+    a third of the units dropped; rounding differences between paths flip it only at bucket
+    edges), so every path (experts one by one, or all (token, expert) pairs at once, in any
+    order) and the dense reference drop the same units; real masks follow each path's own
+    draw order."""
+    if not training or p == 0:
+        return x
+    keep = torch.floor(x.detach() * 8) % 3 != 0
+    return x * keep / (1 - p)
+
+
+def dropped_lora_linear(weight: torch.Tensor, adapter, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's LoRA / DoRA with dropout on the adapter's input: DoRA rescales the base output
+    of the dropped input, ``W x + (m/||W + sBA|| - 1) W d(x) + m/||.|| s B A d(x)``."""
+    dropped = value_dropout(x, adapter.dropout_p, True)
+    delta = adapter.lora_B.weight @ adapter.lora_A.weight * adapter.scaling  # (out, in)
+    if adapter.magnitude is None:
+        return x @ weight.T + dropped @ delta.T
+    scale = adapter.magnitude.weight / torch.linalg.norm(weight + delta, dim=1).detach()
+    return x @ weight.T + (scale - 1) * (dropped @ weight.T) + scale * (dropped @ delta.T)
+
+
+@pytest.mark.parametrize(
+    ("family", "strategy"),
+    [("llama", "mixlora"), ("phi", "mixlora-switch"), ("llama", "mixlora-dynamic")],
+)
+def test_dora_experts_with_dropout_equal_the_dense_formula(
+    family: str, strategy: str, monkeypatch
+) -> None:
+    """DoRA experts with expert dropout on, both dispatch paths: experts one by one (a host
+    read per layer) and every (token, expert) pair at once (``dispatch_pairs``, no host read)."""
+    monkeypatch.setattr(lora_module, "adapter_dropout", value_dropout)
+    monkeypatch.setattr(feed_forward, "adapter_dropout", value_dropout)
+    monkeypatch.setattr(feed_forward, "DYNAMIC_AS_PAIRS", True)
+    monkeypatch.setattr(sys.modules[__name__], "lora_linear", dropped_lora_linear)
+    ffn_names = FFN if family == "llama" else ("fc1", "fc2")
+    model = MultiLoraModel(make_model() if family == "llama" else make_phi())
+    spec = mixlora(strategy, True, ffn_names)
+    model.add_adapter("moe", replace(spec, dropout=0.3, expert_dropout=0.3))
+    randomise(model, "moe", 2)
+    model.train()
+    ffn = model.model.model.layers[0].mlp
+    moe = ffn.moes["moe"]
+    assert moe.expert(ffn_names[0], 0).dropout_p == 0.3
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    params = [p for _, m in model.adapter_modules("moe") for p in m.parameters()]
+    reference = dense_moe(ffn, moe, x.reshape(-1, 64), torch.ones(21, dtype=torch.bool), 3, True)
+    probe = torch.randn(21, 64)
+    expected = torch.autograd.grad((reference * probe).sum(), [x, *params], allow_unused=True)
+    mask = torch.ones(21, dtype=torch.bool)
+    rows = torch.arange(3).repeat_interleave(7)
+    layouts = {  # experts one by one / all pairs (canonical indices: real tokens gathered)
+        "experts": (BatchLayout.from_row_adapters(["moe"] * 3), mask, None, None),
+        "pairs": (BatchLayout.from_lengths([("moe", 21)], [21]), mask, rows, torch.arange(21)),
+    }
+    for path, context in layouts.items():
+        with model.context.use(*context):
+            routed = ffn(x).reshape(-1, 64)
+        grads = torch.autograd.grad((routed * probe).sum(), [x, *params], allow_unused=True)
+        torch.testing.assert_close(routed, reference, atol=2e-5, rtol=1e-4, msg=path)
+        for got, want in zip(grads, expected, strict=True):
+            if want is None:
+                assert got is None or not got.any()
+            else:
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=path)
+    # the dropout is live: without it the output differs
+    monkeypatch.setattr(lora_module, "adapter_dropout", lambda x, *a, **k: x)
+    monkeypatch.setattr(feed_forward, "adapter_dropout", lambda x, *a, **k: x)
+    with model.context.use(*layouts["pairs"]):
+        undropped = ffn(x).reshape(-1, 64)
+    assert (undropped - reference).abs().max() > 1e-3
 
 
 def test_switch_capacity_sends_overflow_to_the_frozen_ffn_only_in_training() -> None:

@@ -18,6 +18,7 @@ from mlora.batch import collate
 from mlora.config import parse_config
 from mlora.data import IGNORE_INDEX, TokenizedRow
 from mlora.model import MultiLoraModel
+from mlora.moe import feed_forward
 from mlora.trainer import spec_from_config
 from tests.conftest import make_model
 
@@ -68,6 +69,14 @@ ADAPTERS = {
                "target_modules": ["gate_proj", "up_proj", "down_proj"]},
     "mola": {"routing_strategy": "mola", "num_experts": 4, "top_k": 2, "router_loss": True,
              "target_modules": ["q_proj", "down_proj"]},
+    "dynamic": {"routing_strategy": "mixlora-dynamic", "num_experts": 4, "top_p": 0.7,
+                "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+    "mixlora-dora": {"routing_strategy": "mixlora", "num_experts": 4, "top_k": 2,
+                     "use_dora": True, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+    "switch-dora": {"routing_strategy": "mixlora-switch", "num_experts": 4, "expert_capacity": 3,
+                    "use_dora": True, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+    "mola-dora": {"routing_strategy": "mola", "num_experts": 4, "top_k": 2, "use_dora": True,
+                  "target_modules": ["q_proj", "down_proj"]},
 }  # fmt: skip
 
 
@@ -117,6 +126,7 @@ def run_step(kind: str, device: torch.device = CPU) -> None:
 @pytest.mark.parametrize("kind", list(ADAPTERS))
 def test_moe_step_reads_nothing_back(kind: str, impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(routed_lora_module, "DEFAULT_IMPL", impl)
+    monkeypatch.setattr(feed_forward, "DYNAMIC_AS_PAIRS", True)  # what accelerators choose
     run_step(kind)
 
 

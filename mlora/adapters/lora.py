@@ -11,6 +11,7 @@ global RNG, so one adapter's masks do not depend on which other adapters share t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,3 +150,16 @@ class LoraAdapter(nn.Module):
             lora_result = self.lora_B(self.lora_A(x))
             base = F.linear(x, weight)
         return (mag_norm_scale - 1) * base + mag_norm_scale * lora_result * self.scaling
+
+
+def dora_scales(adapters: Sequence[LoraAdapter], weight: torch.Tensor) -> torch.Tensor:
+    """(len(adapters), out) each DoRA adapter's magnitude over the row norms of its adapted
+    weight ``W + s B A`` (norm detached, as ``LoraAdapter.forward``): the factor a routed
+    (token, expert) pair applies without running the adapters one by one."""
+    rows = []
+    for adapter in adapters:
+        assert adapter.magnitude is not None
+        lora = adapter.lora_weight().detach()
+        norm = DoraMagnitude.weight_norm(weight, lora, adapter.scaling).detach()
+        rows.append(adapter.magnitude.weight / norm)
+    return torch.stack(rows)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters.lora import DoraMagnitude, LoraAdapter, adapter_dropout
+from mlora.adapters.lora import DoraMagnitude, LoraAdapter, adapter_dropout, dora_scales
 from mlora.layout import LayoutContext
 from mlora.ops.routed_lora import routed_lora
 from mlora.randomness import SegmentRandom
@@ -277,12 +277,15 @@ class MolaAdapter(ExpertMixture):
             flat_expert = flat_expert.masked_fill(~token_mask.repeat_interleave(k), num_experts)
         order = torch.argsort(flat_expert, stable=True)  # pairs grouped by expert
         load = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
-        if self.magnitude is None and token_mask is None:  # every pair real: n*k, host-known
-            delta = self._routed_lora(x, order, flat_expert, weights, random)
+        if token_mask is None:  # every pair real: n*k, host-known
+            dora = (
+                None if self.magnitude is None else (base_result, canonical, base_weight, base_bias)
+            )
+            delta = self._routed_lora(x, order, flat_expert, weights, random, dora)
             if self._reporting():
                 self._report(probs, selected, load, None)
             return delta
-        counts = load.tolist()  # DoRA experts / padding: group sizes on the host (a sync)
+        counts = load.tolist()  # padding: group sizes on the host (a sync)
         order = order[: sum(counts)]  # (P,) routed pairs
         token_of = order // k  # (P,) token of each sorted pair
         xs = x.index_select(0, token_of)  # (P, in)
@@ -317,22 +320,39 @@ class MolaAdapter(ExpertMixture):
         flat_expert: torch.Tensor,
         weights: torch.Tensor,
         random: SegmentRandom | None,
+        dora: tuple | None = None,
     ) -> torch.Tensor:
-        """Plain LoRA experts over all n*k pairs without a host sync (``routed_lora``).
+        """The experts over all n*k pairs without a host sync (``routed_lora``).
 
         One dropout draw covers every pair in expert order (the adapter's stream, canonical
-        tokens), then each pair goes through its expert's LoRA.
+        tokens), then each pair goes through its expert's LoRA. DoRA experts (``dora``: the
+        segment's base output, the segment index of each of ``x``'s tokens or None when ``x``
+        is the segment, the dense base weight and bias) rescale each pair by its expert's
+        magnitude over weight norm, as ``LoraAdapter.forward`` does for one expert.
         """
         first = self.experts[0]
-        pairs = x.index_select(0, order // self.top_k).to(first.lora_A.weight.dtype)  # (P, in)
+        token_of = order // self.top_k  # (P,)
+        pairs = x.index_select(0, token_of).to(first.lora_A.weight.dtype)  # (P, in)
         pairs = adapter_dropout(pairs, first.dropout_p, self.training, random)
+        expert_of = flat_expert.index_select(0, order)  # (P,)
         out = routed_lora(
             pairs,
-            flat_expert.index_select(0, order),
+            expert_of,
             [expert.lora_A.weight for expert in self.experts],
             [expert.lora_B.weight for expert in self.experts],
             [expert.scaling for expert in self.experts],
-        )  # (P, out)
+        )  # (P, out), scaled
+        if dora is not None:
+            base_result, picked, base_weight, base_bias = dora
+            weight = base_weight.to(pairs.dtype)
+            scale = dora_scales(self.experts, weight).index_select(0, expert_of)  # (P, out)
+            if first.dropout_p == 0 or not self.training:
+                rows = token_of if picked is None else picked.index_select(0, token_of)
+                base = base_result.index_select(0, rows).to(pairs.dtype)
+                base = base if base_bias is None else base - base_bias
+            else:  # DoRA rescales the base output of the dropped input (PEFT)
+                base = F.linear(pairs, weight)
+            out = (scale - 1) * base + scale * out
         kept = weights.reshape(-1).index_select(0, order)  # (P,)
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
         return delta.index_add(0, order // self.top_k, out.float() * kept[:, None])

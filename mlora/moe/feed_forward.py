@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters import LoraAdapter, MultiLoraLinear, dense_weight
-from mlora.adapters.lora import adapter_dropout
+from mlora.adapters.lora import adapter_dropout, dora_scales
 from mlora.errors import MloraError
 from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.moe.routing import route
@@ -280,9 +281,8 @@ class MixLoraFeedForward(nn.Module):
             self.context.aux_losses.add(seg.adapter, routing.aux_loss)
         if routing.counts is not None:
             self.context.aux_losses.add_load(seg.adapter, routing.counts)
-        fixed_k = {"mixlora": moe.router_spec.top_k, "mixlora-switch": 1}
-        k = fixed_k.get(moe.router_spec.strategy)
-        if real is None and k is not None and not moe.use_dora:  # k pairs per token: no sync
+        k = _slots_per_token(moe.router_spec, x.device)
+        if real is None and k is not None:  # k pairs per token: no sync
             out = self.dispatch_pairs(moe, x, routing.weights, routing.routed, k, random.generator)
         else:
             out = self.dispatch(moe, x, routing.weights, routing.routed, random.generator)
@@ -346,13 +346,16 @@ class MixLoraFeedForward(nn.Module):
         k: int,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """``dispatch`` for routers that give every token exactly ``k`` slots, without a sync.
+        """``dispatch`` for routers that give every token at most ``k`` slots, without a sync.
 
         Every token is real (canonical order), so there are n*k (token, slot) pairs, a number
-        the host knows. A slot that is not routed (a switch token past capacity) goes to a
-        pseudo-expert E with zero LoRA weights and weight 1: the frozen FFN, as in ``dispatch``.
-        Pairs are sorted by expert and each projection's expert LoRAs run as one
-        ``routed_lora`` (offsets on the device); plain LoRA experts only.
+        the host knows. A slot that is not routed goes to a pseudo-expert E with zero LoRA
+        weights: with weight 1 for a switch token past capacity (the frozen FFN, as in
+        ``dispatch``), with weight 0 for the unused slots of ``mixlora-dynamic`` (k = E there:
+        top-p keeps a varying number of experts). Pairs are sorted by expert and each
+        projection's expert LoRAs run as one ``routed_lora`` (offsets on the device); DoRA
+        experts rescale each pair's output by its expert's magnitude over weight norm, which
+        is computed from the weights alone.
 
         Args:
             x: (N, H) real tokens; weights: (N, E); routed: (N, E) bool, at most k per token.
@@ -361,14 +364,18 @@ class MixLoraFeedForward(nn.Module):
             (N, H_out) fp32.
         """
         n, num_experts = routed.shape
+        strategy = moe.router_spec.strategy
+        pseudo = strategy in ("mixlora-switch", "mixlora-dynamic")
         slots = torch.argsort(~routed, dim=-1, stable=True)[:, :k]  # (N, k) routed ones first
         hit = routed.gather(1, slots)  # (N, k) False: an unrouted slot
         slot_expert = torch.where(hit, slots, num_experts).reshape(-1)  # (N*k,)
-        slot_weight = torch.where(hit, weights.gather(1, slots), 1.0).reshape(-1)
+        unrouted = 1.0 if strategy == "mixlora-switch" else 0.0
+        slot_weight = torch.where(hit, weights.gather(1, slots), unrouted).reshape(-1)
         order = torch.argsort(slot_expert, stable=True)  # pairs grouped by expert
         token_of, expert_of = order // k, slot_expert.index_select(0, order)
         xs = x.index_select(0, token_of)  # (P, H)
         random = SegmentRandom(generator)
+        dense = self._dense_weights(moe)
 
         def project(name: str, inp: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
             experts = [moe.expert(name, e) for e in range(num_experts)]
@@ -377,7 +384,7 @@ class MixLoraFeedForward(nn.Module):
             a = [e.lora_A.weight for e in experts]
             b = [e.lora_B.weight for e in experts]
             scales = [e.scaling for e in experts]
-            if moe.router_spec.strategy == "mixlora-switch":  # the frozen-FFN pseudo-expert
+            if pseudo:  # the zero-LoRA pseudo-expert of unrouted slots
                 a, b, scales = (
                     [*a, a[0].new_zeros(a[0].shape)],
                     [*b, b[0].new_zeros(b[0].shape)],
@@ -386,7 +393,20 @@ class MixLoraFeedForward(nn.Module):
             dropped = adapter_dropout(
                 inp.to(a[0].dtype), experts[0].dropout_p, experts[0].training, random
             )
-            return (base + routed_lora(dropped, expert_of, a, b, scales)).to(base.dtype)
+            lora = routed_lora(dropped, expert_of, a, b, scales)  # (P, out), scaled
+            if experts[0].magnitude is None:
+                return (base + lora).to(base.dtype)
+            weight = dense[name].to(dropped.dtype)
+            scale = dora_scales(experts, weight)  # (E, out); the pseudo-expert's row is 1
+            if pseudo:
+                scale = torch.cat([scale, torch.ones_like(scale[:1])])
+            scale = scale.index_select(0, expert_of)  # (P, out)
+            if experts[0].dropout_p == 0 or not experts[0].training:
+                bias = self.linear(name).bias
+                plain = base if bias is None else base - bias  # W x, without the bias
+            else:  # DoRA rescales the base output of the dropped input (PEFT)
+                plain = F.linear(dropped, weight)
+            return (base + (scale - 1) * plain + scale * lora).to(base.dtype)
 
         first = self.projections[0]
         shared = self.linear(first)(x).index_select(0, token_of)  # (P, I): once for all experts
@@ -453,6 +473,24 @@ class MixLoraFeedForward(nn.Module):
             down = "fc2"
         base = self.linear(down)(hidden)
         return self._project(moe, expert, down, hidden, base, dense, g).float()
+
+
+# Whether ``mixlora-dynamic`` runs as E pairs per token (no host read; E/k times the expert
+# work, as top-p keeps k of E experts on average) or as one group per expert (one host read of
+# the group sizes per layer). None: pairs on accelerators, where a host read stalls the queue,
+# and groups on the CPU, where it costs nothing.
+DYNAMIC_AS_PAIRS: bool | None = None
+
+
+def _slots_per_token(spec: RouterSpec, device: torch.device) -> int | None:
+    """How many (token, expert) slots ``dispatch_pairs`` gives each token for this router, or
+    None where the router runs through ``dispatch`` (grouped by expert, one host read)."""
+    if spec.strategy == "mixlora":
+        return spec.top_k
+    if spec.strategy == "mixlora-switch":
+        return 1
+    as_pairs = DYNAMIC_AS_PAIRS if DYNAMIC_AS_PAIRS is not None else device.type != "cpu"
+    return spec.num_experts if as_pairs else None
 
 
 # --- attaching ---------------------------------------------------------------------------------
