@@ -6,9 +6,8 @@ semantics over plain tensors read out of the module (router weight, each expert'
 magnitude); it never calls the module's methods. Dropout masks are rebuilt from the documented
 draw rule (``tests.references.keep_multipliers``) on a twin of the adapter's generator, in the
 order the layers document: LoRAMoE draws one (N, in) mask per expert, experts in order; MoLA
-takes the (token, slot) pairs grouped by expert (stable) and draws over them, one draw for all
-pairs with plain LoRA experts (they run as one routed matmul), one draw per expert that got
-tokens with DoRA experts (each runs as its own LoRA).
+takes the (token, slot) pairs grouped by expert (stable) and makes one (N*k, in) draw over them
+in that order (plain LoRA and DoRA experts alike: all pairs run as one routed matmul).
 """
 
 from __future__ import annotations
@@ -124,10 +123,8 @@ def mixture_reference(
     counts = [len(g) for g in groups]
     if generator is None:
         keeps = [None] * E
-    elif weights.magnitude is None:  # one draw over all pairs in expert order
+    else:  # one draw over all pairs in expert order
         keeps = list(keep_multipliers((x.shape[0] * k, IN), p, generator).split(counts))
-    else:  # one draw per expert that has tokens
-        keeps = [keep_multipliers((c, IN), p, generator) if c else None for c in counts]
     delta = x.new_zeros(x.shape[0], OUT)
     for e, pairs in enumerate(groups):
         if counts[e]:
