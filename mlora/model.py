@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from mlora.errors import MloraError, first_line
 from mlora.hub import before_loading
 from mlora.layout import BatchLayout, LayoutContext
 from mlora.packing import resolve_packing
-from mlora.varlen_attention import SEQUENCES_KWARG, streams_rows
+from mlora.varlen_attention import SEQUENCES_KWARG, streaming, streams_rows
 
 logger = logging.getLogger("mlora")
 
@@ -278,13 +278,14 @@ class MultiLoraModel(nn.Module):
         rows = {} if batch.sequences is None else {SEQUENCES_KWARG: batch.sequences}
         if rows and not streams_rows(self.model):  # sdpa would let the rows see each other
             raise ValueError("a stream batch needs the model's per-row attention (use_stream)")
-        hidden = backbone(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            **rows,
-        ).last_hidden_state  # (B, T, H) padded, (bins, W, H) packed or (1, sum L, H) stream
+        with streaming() if rows else nullcontext():
+            hidden = backbone(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                **rows,
+            ).last_hidden_state  # (B, T, H) padded, (bins, W, H) packed or (1, sum L, H) stream
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # (N, H)
         with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
             logits = self._logits(picked)  # (N, V)

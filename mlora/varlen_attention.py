@@ -15,7 +15,9 @@ given, so generation and padded evaluation on the same model behave exactly as u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -89,5 +91,25 @@ def streams_rows(hf_model: nn.Module) -> bool:
     return getattr(hf_model.config, "_attn_implementation", None) == VARLEN_ATTENTION
 
 
+_STREAMING: ContextVar[bool] = ContextVar("mlora_streaming", default=False)
+
+
+@contextmanager
+def streaming() -> Iterator[None]:
+    """A forward of one stream: transformers builds no attention mask (the rows are kept apart
+    by ``varlen_attention``), so it never reads the mask back to decide whether it can skip it,
+    a host sync on a GPU."""
+    token = _STREAMING.set(True)
+    try:
+        yield
+    finally:
+        _STREAMING.reset(token)
+
+
+def varlen_mask(*args, **kwargs) -> torch.Tensor | None:
+    """sdpa's mask for padded calls; none inside ``streaming``."""
+    return None if _STREAMING.get() else sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, sdpa_mask)  # padded calls: sdpa's mask
+ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, varlen_mask)

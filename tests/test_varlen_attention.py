@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from mlora import varlen_attention as varlen_attention_module
 from mlora.batch import collate
 from mlora.config import parse_config
 from mlora.data import IGNORE_INDEX, TokenizedRow
@@ -117,3 +118,19 @@ def test_the_packing_key_picks_the_form() -> None:
         assert parse_config({"packing": value, "lora": adapters}).packing == value
     with pytest.raises(ConfigError, match="packing"):
         parse_config({"packing": "always", "lora": adapters})
+
+
+def test_a_stream_forward_builds_no_attention_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No mask means nothing to read back (sdpa's mask code reads the padding mask to decide
+    whether it may skip it: a host sync on a GPU); padded batches still get sdpa's mask."""
+    calls = []
+    monkeypatch.setattr(varlen_attention_module, "sdpa_mask", lambda *a, **k: calls.append(1))
+    model = MultiLoraModel(make_model(vocab_size=96))
+    with model.context.use(None):
+        assert use_stream(model.model)
+    calls.clear()
+    row = TokenizedRow([5, 6, 7, 8], [IGNORE_INDEX, 6, 7, 8])
+    model.token_losses(collate([(None, [row, row])], 0, stream=True))
+    assert calls == []
+    model.token_losses(collate([(None, [row, row])], 0, packed=False))
+    assert calls  # the control: a padded batch asks for sdpa's mask

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters.lora import DoraMagnitude, LoraAdapter, adapter_dropout, dora_scales
+from mlora.aux_losses import RouterStats
 from mlora.layout import LayoutContext
 from mlora.ops.routed_lora import routed_lora
 from mlora.randomness import SegmentRandom
@@ -253,7 +254,7 @@ class MolaAdapter(ExpertMixture):
                 canonical,
                 base_weight,
                 base_bias,
-                random.plain(),
+                random.stream(),
                 None,
             )
             return delta.new_zeros(x.shape[0], delta.shape[1]).index_copy(0, canonical, delta)
@@ -369,7 +370,14 @@ class MolaAdapter(ExpertMixture):
         slots = F.one_hot(selected, self.num_experts)  # (N, k, E), built once for both
         if mask is not None:  # count real tokens only
             load = (slots.sum(dim=1) * mask[:, None]).sum(dim=0)
-        self.context.aux_losses.add_load(self.adapter_name, load)
-        if self.router_loss:
+        collector = self.context.aux_losses
+        collector.add_load(self.adapter_name, load)
+        if not self.router_loss:
+            return
+        coef = self.aux_loss_coef * self.num_experts
+        if collector.global_stats and mask is None:  # data parallel: sums, finished over ranks
+            stats = RouterStats.balance(probs, slots.sum(dim=1), coef)
+            collector.add_stats(self.adapter_name, self, stats)
+        else:
             loss = self.num_experts * load_balance(probs, slots, mask)
-            self.context.aux_losses.add(self.adapter_name, self.aux_loss_coef * loss)
+            collector.add(self.adapter_name, self.aux_loss_coef * loss)

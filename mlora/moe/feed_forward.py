@@ -276,11 +276,15 @@ class MixLoraFeedForward(nn.Module):
             rows = None if rows is None else rows.index_select(0, order)
             random = random.plain()
         logits = moe.router_logits(x, random)
-        routing = route(logits, moe.router_spec, real, rows, self.training)
+        collector = self.context.aux_losses
+        global_stats = collector.global_stats and order is not None
+        routing = route(logits, moe.router_spec, real, rows, self.training, global_stats)
         if routing.aux_loss is not None:
-            self.context.aux_losses.add(seg.adapter, routing.aux_loss)
+            collector.add(seg.adapter, routing.aux_loss)
+        if routing.stats is not None:
+            collector.add_stats(seg.adapter, moe, routing.stats)
         if routing.counts is not None:
-            self.context.aux_losses.add_load(seg.adapter, routing.counts)
+            collector.add_load(seg.adapter, routing.counts)
         k = _slots_per_token(moe.router_spec, x.device)
         if real is None and k is not None:  # k pairs per token: no sync
             out = self.dispatch_pairs(moe, x, routing.weights, routing.routed, k, random.generator)
