@@ -398,12 +398,20 @@ def test_mixlora_trained_alongside_lora_equals_alone(tmp_path: Path) -> None:
     template = write_template(tmp_path)
     add = write_json(tmp_path / "add.json", addition_rows(16))
     rev = write_json(tmp_path / "rev.json", reverse_rows(12))
-    moe = moe_adapter(add, template, strategy, use_dora=strategy == "mixlora", num_epochs=1)
+    moe = moe_adapter(
+        add,
+        template,
+        strategy,
+        use_dora=strategy == "mixlora",
+        num_epochs=1,
+        lora_dropout=0.1,
+        jitter_noise=0.1,
+    )  # each adapter's own random stream
     others = [
-        {"name": "ffn-lora", "data": rev, "prompt": template, "r": 4, "lora_dropout": 0.0,
+        {"name": "ffn-lora", "data": rev, "prompt": template, "r": 4, "lora_dropout": 0.1,
          "target_modules": ["q_proj", "gate_proj", "down_proj"], "batch_size": 4, "lr": 5e-3,
          "num_epochs": 1},
-        {"name": "attn-lora", "data": add, "prompt": template, "r": 2, "lora_dropout": 0.0,
+        {"name": "attn-lora", "data": add, "prompt": template, "r": 2, "lora_dropout": 0.1,
          "batch_size": 8, "num_epochs": 1, "use_dora": True},
     ]  # fmt: skip
 
