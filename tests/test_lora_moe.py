@@ -123,8 +123,9 @@ def mixture_reference(
     counts = [len(g) for g in groups]
     if generator is None:
         keeps = [None] * E
-    else:  # one draw over all pairs in expert order
-        keeps = list(keep_multipliers((x.shape[0] * k, IN), p, generator).split(counts))
+    else:  # one draw, token by token: each token's k slots side by side (N, k*in)
+        by_pair = keep_multipliers((x.shape[0], k * IN), p, generator).view(-1, IN)  # (N*k, in)
+        keeps = [by_pair[pairs] for pairs in groups]
     delta = x.new_zeros(x.shape[0], OUT)
     for e, pairs in enumerate(groups):
         if counts[e]:
