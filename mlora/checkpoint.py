@@ -1,30 +1,33 @@
-"""Resumable checkpoints: per-adapter folders tied together by run-level cuts.
+"""Resumable checkpoints: per-adapter folders on each adapter's own schedule, tied together
+by small run-level cuts.
 
-Adapters share steps, so an exact resume needs every adapter's state *at the same global step*.
-A **cut** is that consistent snapshot; it has two parts, each written atomically (complete or
-absent) and the run-level one last:
+Each adapter checkpoints on its own schedule: when it reaches a multiple of its ``save_step``
+(its own key, else the run-wide one) it writes ``DIR/NAME/checkpoint-STEP/`` (STEP = its
+optimizer steps): the adapter in PEFT format, ``optimizer.pt``, ``scheduler.pt`` and
+``trainer_state.json`` (its data position at that step). Nothing is rewritten for the adapters
+that are not due.
 
-1. ``DIR/NAME/checkpoint-STEP/`` for every running adapter (STEP = its optimizer steps): the
-   adapter in PEFT format, ``optimizer.pt``, ``scheduler.pt`` and ``trainer_state.json``. Weights,
-   optimizer and schedule change only at optimizer steps, so a folder written earlier at the same
-   STEP is reused instead of rewritten.
-2. ``DIR/.mlora-run/RUN_ID/step-G/`` (G = global step; RUN_ID names this run's config, seed
-   and base model, so other runs in the same folder keep their own records: see
-   ``run_records.py``): ``manifest.json`` (step counters and dispatcher
-   position of every adapter, which checkpoint folder it uses, finished/failed status, loss
-   bookkeeping, the config, the world size) and ``state.safetensors`` (RNG states of torch CPU
-   and device, of every rank, the partial gradients of adapters that are mid
-   gradient-accumulation, summed over ranks, pending loss sums).
+A **cut** ``DIR/.mlora-run/RUN_ID/step-G/`` (G = global step; RUN_ID names this run's config,
+seed and base model: see ``run_records.py``) is the run manifest: ``manifest.json`` says, for
+every adapter, its position at G (step counters, dispatcher position, loss bookkeeping,
+running/finished/failed) and which of its checkpoint folders it resumes from; with
+``state.safetensors`` (every rank's RNG states, each adapter's noise stream, loss sums, and
+the partial gradients of adapters saved mid gradient-accumulation). A cut is taken whenever an
+adapter writes a checkpoint, finishes or fails, at the start (``step-0``), on Ctrl-C / SIGTERM
+(then every running adapter is saved at G) and at the end. It is written after the folders it
+names, so a cut that exists is complete.
 
-With several processes only rank 0 writes; every rank reads the same cut on ``--resume``.
+**Resume** takes the newest intact cut (sizes, safetensors headers, JSON shapes; a damaged one
+is skipped with a warning naming the file). An adapter whose folder is at G is restored as is;
+one whose newest folder is older is restored from it and *replayed* up to its position at G:
+its micro-batches, noise (seeded per micro-batch) and optimizer steps depend on its own data
+and state only, never on the adapters beside it, so the replay recomputes exactly the state
+it had at G. Then the RNG states are restored and the run goes on as the uninterrupted one
+did (same steps, same log lines). The replay costs at most ``save_step`` optimizer steps of
+each lagging adapter, in place of rewriting every adapter whenever one is due.
 
-A cut can therefore be taken after any global step. ``--resume`` picks the newest cut of this
-run whose parts all exist and are intact (sizes, safetensors headers, JSON shapes; a damaged
-one is skipped with a warning naming the file) and restores it; since the RNG streams,
-gradients, optimizer, schedule and data position are all restored, the rest of the run is the
-same computation as without the interruption. A cut is taken at the start (``step-0``),
-whenever an adapter reaches a multiple of ``save_step`` or finishes, on Ctrl-C / SIGTERM, and
-at the end.
+Writes run on a background thread (``RunCheckpoints.save`` takes CPU copies; see
+``background.py``). With several processes only rank 0 writes; every rank reads the same cut.
 
 Retention: each adapter keeps its newest ``save_total_limit`` folders; a cut that references a
 deleted folder is deleted first, so every cut left on disk is complete.
@@ -39,31 +42,25 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
 
 from mlora.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
 from mlora.backends import RngState
+from mlora.background import BackgroundWriter
 from mlora.dispatcher import AdapterQueue
 from mlora.errors import MloraError, first_line
 from mlora.integrity import json_problem, safetensors_problem, shape_problem, torch_file_problem
-from mlora.persistence import (
-    adapter_files_problem,
-    load_adapter_weights,
-    save_adapter,
-)
+from mlora.persistence import adapter_files_problem, read_adapter, write_adapter_files
 from mlora.run_records import (
-    RESUME_FREE_KEYS,
     RUN_DIR,
     RunIdentity,
     base_model_identity,
+    resume_relevant,
     run_folders,
 )
-
-if TYPE_CHECKING:
-    from mlora.trainer import AdapterRun, Trainer
 
 logger = logging.getLogger("mlora")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -87,6 +84,8 @@ ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "history": list, "checkpoint": (str, type(None)), "message": (str, type(None)),
 }  # fmt: skip
 STATE_FIELDS: dict[str, type | tuple[type, ...]] = {"queue": dict}
+# What a cut records of each adapter's progress, as Trainer.state_dict gives it.
+ENTRY_KEYS = ("status", "steps_done", "queue", "loss_count", "tokens", "history")
 
 
 # --- listing ---------------------------------------------------------------------------------
@@ -113,10 +112,6 @@ def list_checkpoints(adapter_dir: Path) -> list[tuple[int, Path]]:
 def list_cuts(records: Path) -> list[tuple[int, Path]]:
     """Run-level cuts in a run's records folder (``DIR/.mlora-run/RUN_ID``), oldest first."""
     return _numbered(records, CUT_PATTERN, MANIFEST_NAME)
-
-
-def identity_of(trainer: Trainer) -> RunIdentity:
-    return RunIdentity(trainer.config, trainer.seed, trainer.base_model_name)
 
 
 def _read_json(path: Path, fields: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
@@ -159,33 +154,32 @@ def _torch_bytes(obj: object) -> bytes:
     return buffer.getvalue()
 
 
-def write_checkpoint(trainer: Trainer, run: AdapterRun) -> Path:
-    """Write ``DIR/NAME/checkpoint-STEP/`` for ``run``'s current optimizer step."""
-    target = trainer.output_dir / run.name / f"checkpoint-{run.steps_done}"
+def checkpoint_folder(output_dir: Path, name: str, step: int) -> Path:
+    """``DIR/NAME/checkpoint-STEP``: adapter ``name`` after ``step`` optimizer steps."""
+    return output_dir / name / f"checkpoint-{step}"
+
+
+def write_checkpoint(
+    output_dir: Path, name: str, snapshot: dict[str, Any], seed: int, global_step: int
+) -> Path:
+    """Write ``DIR/NAME/checkpoint-STEP/`` from an adapter snapshot (``Trainer.state_dict``'s
+    ``snapshot``: weights, adapter_config, optimizer, scheduler, steps_done, queue)."""
+    target = checkpoint_folder(output_dir, name, snapshot["steps_done"])
     with atomic_directory(target) as tmp:
-        save_adapter(trainer.model, run.name, tmp, trainer.adapter_config_json(run))
-        atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(run.optimizer.state_dict()))
-        atomic_write_bytes(tmp / "scheduler.pt", _torch_bytes(run.scheduler.state_dict()))
+        write_adapter_files(tmp, snapshot["weights"], snapshot["adapter_config"])
+        atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(snapshot["optimizer"]))
+        atomic_write_bytes(tmp / "scheduler.pt", _torch_bytes(snapshot["scheduler"]))
         state = {
-            "adapter": run.name,
-            "steps_done": run.steps_done,
-            "global_step": trainer.global_step,
-            "queue": run.queue.state_dict(),
-            "epoch_order": current_epoch_order(run.queue),
-            "seed": trainer.seed,
+            "adapter": name,
+            "steps_done": snapshot["steps_done"],
+            "global_step": global_step,
+            "queue": snapshot["queue"],
+            "epoch_order": snapshot["epoch_order"],
+            "seed": seed,
         }
         atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2) + "\n")
-    logger.info("adapter %s: checkpoint %s", run.name, target)
+    logger.info("adapter %s: checkpoint %s", name, target)
     return target
-
-
-def current_epoch_order(queue: AdapterQueue) -> list[int] | None:
-    """Row indices of the queue's current epoch, in training order (None once finished).
-
-    A resume recomputes it from the seed; the checkpoint keeps it to show where it stands and
-    to notice a data file that changed since (see ``check_same_data``).
-    """
-    return None if queue.finished else queue.epoch_order(queue.epoch)
 
 
 def check_same_data(folder: Path, queue: AdapterQueue) -> None:
@@ -195,97 +189,111 @@ def check_same_data(folder: Path, queue: AdapterQueue) -> None:
         MloraError: naming the adapter and the checkpoint.
     """
     state = _read_json(folder / STATE_NAME, STATE_FIELDS)
-    saved = state.get("epoch_order")
-    if saved is not None and queue.epoch_order(state["queue"]["epoch"]) != saved:
-        raise MloraError(
-            f"cannot resume adapter {queue.name!r} from {folder}: its training data changed "
-            f"since (now {len(queue.rows)} usable rows, and the row order differs); resume "
-            "with the same data, or start over with --overwrite"
-        )
+    queue.check_same_order(state["queue"]["epoch"], state.get("epoch_order"), folder)
 
 
-def _status(run: AdapterRun) -> str:
-    if run.failed is not None:
-        return "failed"
-    return "finished" if run.finished else "running"
+class RunCheckpoints:
+    """One run's checkpoints on disk: each adapter's folders and the run-level cuts.
 
-
-def cut_path(trainer: Trainer) -> Path:
-    """Where the cut of ``trainer``'s current global step goes."""
-    return identity_of(trainer).records(trainer.output_dir) / f"step-{trainer.global_step}"
-
-
-def write_cut(trainer: Trainer, rng: list[RngState]) -> Path:
-    """Write a consistent snapshot of the whole run at ``trainer.global_step``; returns it.
-
-    Adapter folders come first, the run-level folder (the manifest) last, so a cut that exists
-    is complete. Then old checkpoints are pruned (``save_total_limit`` per adapter).
+    ``save`` takes ``Trainer.state_dict(...)`` (plain values and CPU tensor copies, so the
+    training loop may go on at once) and writes it on a background thread: first the
+    checkpoint folders of the adapters that carry a ``snapshot``, then the cut (manifest and
+    run state), then the pruning of old folders.
 
     Args:
-        rng: every rank's global RNG state, in rank order (one entry with one process).
+        output_dir: ``--dir``.
+        identity: the run (names its records folder ``DIR/.mlora-run/RUN_ID``).
+        keep: checkpoint folders kept per adapter (``save_total_limit``).
+        load_adapter: whether the run started from ``--load_adapter`` folders (a resume does too).
+        background: write on a thread (False: in ``save`` itself).
     """
-    tensors: dict[str, torch.Tensor] = {}
-    adapters: dict[str, dict[str, Any]] = {}
-    for run in trainer.runs:
-        status = _status(run)
-        entry: dict[str, Any] = {
-            "status": status,
-            "steps_done": run.steps_done,
-            "queue": run.queue.state_dict(),
-            "loss_count": run.loss_count,
-            "tokens": run.tokens,
-            "history": run.history,
-            "checkpoint": None,
-            "message": run.failed,
+
+    def __init__(
+        self,
+        output_dir: Path,
+        identity: RunIdentity,
+        keep: int,
+        load_adapter: bool = False,
+        background: bool = True,
+    ) -> None:
+        self.output_dir = output_dir
+        self.identity = identity
+        self.keep = keep
+        self.load_adapter = load_adapter
+        self.writer = BackgroundWriter(enabled=background)
+
+    @property
+    def records(self) -> Path:
+        return self.identity.records(self.output_dir)
+
+    def cut_path(self, global_step: int) -> Path:
+        """Where the cut of ``global_step`` goes."""
+        return self.records / f"step-{global_step}"
+
+    def save(self, state: dict[str, Any], rng: list[RngState]) -> Path:
+        """Queue the writing of ``state`` (see ``Trainer.state_dict``); returns the cut's path.
+
+        Args:
+            rng: every rank's global RNG state, in rank order (one entry with one process).
+
+        Raises:
+            WriteError: an earlier background write failed (one line naming the file).
+        """
+        global_step = state["global_step"]
+        tensors: dict[str, torch.Tensor] = {}
+        adapters: dict[str, dict[str, Any]] = {}
+        snapshots: list[tuple[str, dict[str, Any]]] = []
+        for name, entry in state["adapters"].items():
+            status, step = entry["status"], entry["checkpoint_step"]
+            snapshot = entry.get("snapshot")
+            if snapshot is not None and snapshot["steps_done"] > 0:  # step 0: the init, rebuilt
+                if snapshot["steps_done"] != step:  # (else its folder holds this step already)
+                    snapshots.append((name, snapshot))
+                step = snapshot["steps_done"]
+            adapters[name] = {
+                **{key: entry[key] for key in ENTRY_KEYS},
+                "message": entry["message"],
+                "checkpoint": None if step is None or status != "running" else f"checkpoint-{step}",
+            }
+            pending = entry.get("pending")
+            if pending is not None:
+                for i, grad in pending["grads"].items():
+                    tensors[f"grad/{name}/{i}"] = grad
+                if pending["step_loss"] is not None:
+                    tensors[f"step_loss/{name}"] = pending["step_loss"].reshape(1)
+            if entry["loss_sum"] is not None:
+                tensors[f"loss_sum/{name}"] = entry["loss_sum"].reshape(1)
+        for key, value in state["adapter_rng"].items():
+            tensors[f"adapter_rng/{key}"] = value  # each adapter's dropout / jitter stream
+        for rank, rank_state in enumerate(rng):
+            prefix = "rng" if rank == 0 else f"rng/rank{rank}"
+            tensors[f"{prefix}/cpu"] = rank_state.cpu
+            if rank_state.device is not None:
+                tensors[f"{prefix}/device"] = rank_state.device.cpu()
+        manifest = {
+            "format": FORMAT,
+            "world_size": len(rng),
+            "global_step": global_step,
+            "seed": self.identity.seed,
+            "base_model": base_model_identity(self.identity.base_model),
+            "config_file": self.identity.config.source,
+            "load_adapter": self.load_adapter,
+            "config": self.identity.config_json,
+            "adapters": adapters,
         }
-        if status == "running" and run.steps_done > 0:  # at step 0 the init is reproducible
-            folder = trainer.output_dir / run.name / f"checkpoint-{run.steps_done}"
-            if trainer.checkpoints_written.get(run.name) != run.steps_done or not folder.is_dir():
-                write_checkpoint(trainer, run)
-                trainer.checkpoints_written[run.name] = run.steps_done
-            entry["checkpoint"] = folder.name
-        if status == "running":
-            for i, param in enumerate(run.params):
-                if param.grad is not None:  # mid gradient-accumulation
-                    tensors[f"grad/{run.name}/{i}"] = _own(param.grad)
-            if run.step_loss is not None:
-                tensors[f"step_loss/{run.name}"] = _own(run.step_loss.reshape(1))
-        if run.loss_sum is not None:
-            tensors[f"loss_sum/{run.name}"] = _own(run.loss_sum.reshape(1))
-        adapters[run.name] = entry
-    for key, state in trainer.model.context.generators.state_dict().items():
-        tensors[f"adapter_rng/{key}"] = state  # each adapter's dropout / jitter stream
-    for rank, state in enumerate(rng):
-        prefix = "rng" if rank == 0 else f"rng/rank{rank}"
-        tensors[f"{prefix}/cpu"] = state.cpu
-        if state.device is not None:
-            tensors[f"{prefix}/device"] = state.device.cpu()
-    identity = identity_of(trainer)
-    manifest = {
-        "format": FORMAT,
-        "world_size": len(rng),
-        "global_step": trainer.global_step,
-        "seed": trainer.seed,
-        "base_model": base_model_identity(trainer.base_model_name),
-        "config_file": trainer.config.source,
-        "load_adapter": bool(trainer.init_from),
-        "config": identity.config_json,
-        "adapters": adapters,
-    }
-    records = identity.records(trainer.output_dir)
-    target = cut_path(trainer)
-    with atomic_directory(target) as tmp:
-        atomic_write_bytes(tmp / TENSORS_NAME, save(tensors))
-        atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-    prune(trainer.output_dir, records, identity.names, trainer.config.save_total_limit)
-    logger.debug("run state %s", target)
-    return target
+        target = self.cut_path(global_step)
 
+        def write() -> None:
+            for name, snapshot in snapshots:
+                write_checkpoint(self.output_dir, name, snapshot, self.identity.seed, global_step)
+            with atomic_directory(target) as tmp:
+                atomic_write_bytes(tmp / TENSORS_NAME, save(tensors))
+                atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+            prune(self.output_dir, self.records, self.identity.names, self.keep)
+            logger.debug("run state %s", target)
 
-def _own(value: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy with its own storage (safetensors refuses shared storage, and the
-    loss sums can be views of the same step's losses)."""
-    return value.detach().cpu().clone(memory_format=torch.contiguous_format)
+        self.writer.submit(write)
+        return target
 
 
 def _referenced(manifest: dict[str, Any]) -> list[tuple[str, str]]:
@@ -498,11 +506,12 @@ def check_same_run(point: ResumePoint, identity: RunIdentity) -> None:
             f"cannot resume {point.path}: the adapters were in the order {', '.join(old_order)} "
             "(resume with the same config, or start over with --overwrite)"
         )
-    old_top = {k: v for k, v in saved["config"].items() if k not in RESUME_FREE_KEYS | {"lora"}}
-    new_top = {k: v for k, v in now.items() if k not in RESUME_FREE_KEYS | {"lora"}}
+    old_config, new_config = resume_relevant(saved["config"]), resume_relevant(now)
+    old_top = {k: v for k, v in old_config.items() if k != "lora"}
+    new_top = {k: v for k, v in new_config.items() if k != "lora"}
     pairs = [(None, old_top, new_top)]
-    old_adapters = {a["name"]: a for a in saved["config"]["lora"]}
-    pairs += [(a["name"], old_adapters[a["name"]], a) for a in now["lora"]]
+    old_adapters = {a["name"]: a for a in old_config["lora"]}
+    pairs += [(a["name"], old_adapters[a["name"]], a) for a in new_config["lora"]]
     for adapter, old, new in pairs:
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
@@ -521,68 +530,87 @@ def _load_torch(path: Path) -> Any:
         raise MloraError(f"cannot read {path}: {first_line(exc)}") from None
 
 
-def restore(trainer: Trainer, point: ResumePoint) -> None:
-    """Put ``trainer`` back in the exact state of the cut ``point`` and drop newer leftovers."""
-    from mlora.persistence import read_adapter
+def _read_checkpoint(folder: Path) -> dict[str, Any]:
+    """A checkpoint folder as the ``snapshot`` ``Trainer.load_state_dict`` takes."""
+    state = _read_json(folder / STATE_NAME, STATE_FIELDS)
+    _, weights = read_adapter(folder)
+    return {
+        "steps_done": int(state.get("steps_done", 0)),
+        "queue": state["queue"],
+        "epoch_order": state.get("epoch_order"),
+        "weights": weights,
+        "optimizer": _load_torch(folder / "optimizer.pt"),
+        "scheduler": _load_torch(folder / "scheduler.pt"),
+        "source": str(folder),
+    }
 
-    identity = identity_of(trainer)
+
+def _pending(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any] | None:
+    """The gradients and loss of ``name``'s optimizer step in progress saved in a cut, if any."""
+    prefix = f"grad/{name}/"
+    grads = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    step_loss = tensors.get(f"step_loss/{name}")
+    if not grads and step_loss is None:
+        return None
+    return {"grads": grads, "step_loss": step_loss}
+
+
+def read_run_state(
+    point: ResumePoint, output_dir: Path, identity: RunIdentity, rank: int = 0, world_size: int = 1
+) -> dict[str, Any]:
+    """The cut ``point`` as the state dict ``Trainer.load_state_dict`` takes (for ``rank``).
+
+    Each running adapter comes with the snapshot of the checkpoint folder the cut names (none
+    before its first one) and, when the cut holds them, the gradients of its step in progress;
+    without them the trainer replays the adapter from that folder to the cut's position.
+
+    Raises:
+        MloraError: another seed, base or setting than the cut's, or a file that cannot be read.
+    """
     check_same_run(point, identity)
-    output_dir = trainer.output_dir
     tensors = load_file(point.path / TENSORS_NAME)
-    device = trainer.model.device
-    for run in trainer.runs:
-        entry = point.manifest["adapters"][run.name]
-        run.queue.load_state_dict(entry["queue"])
-        run.steps_done = entry["steps_done"]
-        run.loss_count, run.tokens = entry["loss_count"], entry["tokens"]
-        run.history = list(entry["history"])
-        loss_sum = tensors.get(f"loss_sum/{run.name}")
-        run.loss_sum = None if loss_sum is None else loss_sum.to(device).reshape(())
-        if entry["status"] == "failed":
-            run.failed = entry["message"]
-        elif entry["status"] == "finished":
-            _, weights = read_adapter(output_dir / run.name)
-            load_adapter_weights(trainer.model, run.name, weights, str(output_dir / run.name))
-        if entry["status"] != "running":
-            continue
-        if entry["checkpoint"] is not None:
-            folder = output_dir / run.name / entry["checkpoint"]
-            check_same_data(folder, run.queue)
-            _, weights = read_adapter(folder)
-            load_adapter_weights(trainer.model, run.name, weights, str(folder))
-            run.optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
-            run.scheduler.load_state_dict(_load_torch(folder / "scheduler.pt"))
-            trainer.checkpoints_written[run.name] = run.steps_done
-        main = trainer.dist.is_main  # the cut's partial sums are the whole run's: rank 0 takes
-        for i, param in enumerate(run.params):  # them, the others start the step from zero
-            grad = tensors.get(f"grad/{run.name}/{i}") if main else None
-            param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype)
-        step_loss = tensors.get(f"step_loss/{run.name}")
-        if step_loss is not None and not main:
-            step_loss = torch.zeros_like(step_loss)
-        run.step_loss = None if step_loss is None else step_loss.to(device).reshape(())
-        if main:
-            _drop_after(list_checkpoints(output_dir / run.name), run.steps_done)
-    if trainer.dist.is_main:
-        records = identity.records(output_dir)
-        _drop_after(list_cuts(records), point.global_step)
-        _drop_temporaries([records, *(output_dir / run.name for run in trainer.runs)])
-    trainer.global_step = point.global_step
-    trainer.last_cut_step = point.global_step
-    trainer.backend.set_rng_state(
-        _rank_rng(tensors, point, trainer.dist.rank, trainer.dist.world_size)
-    )
+    adapters = {}
+    for name, entry in point.manifest["adapters"].items():
+        out: dict[str, Any] = {key: entry[key] for key in ENTRY_KEYS}
+        out["message"], out["checkpoint_step"] = entry["message"], None
+        loss_sum = tensors.get(f"loss_sum/{name}")
+        out["loss_sum"] = None if loss_sum is None else loss_sum.reshape(())
+        if entry["status"] == "finished":
+            _, weights = read_adapter(output_dir / name)
+            out["snapshot"] = {"weights": weights, "source": str(output_dir / name)}
+        elif entry["status"] == "running":
+            if entry["checkpoint"] is not None:
+                out["snapshot"] = _read_checkpoint(output_dir / name / entry["checkpoint"])
+                out["checkpoint_step"] = out["snapshot"]["steps_done"]
+            pending = _pending(tensors, name)
+            if pending is not None:
+                out["pending"] = pending
+        adapters[name] = out
     prefix = "adapter_rng/"
-    trainer.model.context.generators.load_state_dict(
-        {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    )
-    done = [run.name for run in trainer.runs if run.finished and run.failed is None]
+    done = [n for n, e in point.manifest["adapters"].items() if e["status"] == "finished"]
     logger.info(
         "resuming from %s (global step %d)%s",
         point.path,
         point.global_step,
         f"; already finished: {', '.join(done)}" if done else "",
     )
+    return {
+        "global_step": point.global_step,
+        "adapter_rng": {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+        "rng": _rank_rng(tensors, point, rank, world_size),
+        "adapters": adapters,
+    }
+
+
+def drop_newer_files(output_dir: Path, point: ResumePoint, identity: RunIdentity) -> None:
+    """Before resuming from ``point``: drop the folders the interrupted process wrote after it
+    (they will be written again) and leftovers of writes cut short."""
+    for name, entry in point.manifest["adapters"].items():
+        if entry["status"] == "running":
+            _drop_after(list_checkpoints(output_dir / name), entry["steps_done"])
+    records = identity.records(output_dir)
+    _drop_after(list_cuts(records), point.global_step)
+    _drop_temporaries([records, *(output_dir / name for name in identity.names)])
 
 
 def _rank_rng(
@@ -619,9 +647,3 @@ def _drop_temporaries(folders: list[Path]) -> None:
                     shutil.rmtree(child, ignore_errors=True)
                 else:
                     child.unlink(missing_ok=True)
-
-
-def last_good_checkpoint(trainer: Trainer, run: AdapterRun) -> str:
-    """The newest checkpoint folder of ``run`` (for messages), or a note that there is none."""
-    found = list_checkpoints(trainer.output_dir / run.name)
-    return str(found[-1][1]) if found else "none (no checkpoint written yet)"

@@ -291,6 +291,12 @@ class AdapterConfig:
         int_at_least(1),
     )
     num_epochs: int = _key(3, "Passes over the training data.", int_at_least(1))
+    save_step: int | None = _key(
+        None,
+        "Write DIR/NAME/checkpoint-STEP every this many of this adapter's optimizer steps "
+        "(unset: the run-wide save_step; 0: only on Ctrl-C / SIGTERM).",
+        optional(int_at_least(0)),
+    )
     optim: str = _key("adamw", "Optimizer: 'adamw' or 'sgd'.", one_of("adamw", "sgd"))
     lr: float = _key(3e-4, "Learning rate.", positive_number)
     momentum: float = _key(0.0, "SGD momentum.", non_negative_number)
@@ -421,6 +427,10 @@ class AdapterConfig:
             "use_rslora": self.use_rslora,
         }
 
+    def checkpoint_every(self, run_wide: int) -> int:
+        """This adapter's checkpoint interval in optimizer steps (0: none scheduled)."""
+        return run_wide if self.save_step is None else self.save_step
+
     @property
     def accumulation_steps(self) -> int:
         """Micro-batches whose gradients make one optimizer step."""
@@ -448,7 +458,8 @@ class TrainConfig:
     cutoff_len: int = _key(256, "Maximum tokens per row (prompt + output + EOS).", int_at_least(2))
     save_step: int = _key(
         0,
-        "Write DIR/NAME/checkpoint-STEP every this many optimizer steps (0: only at the end).",
+        "Write each adapter's DIR/NAME/checkpoint-STEP every this many of its optimizer steps "
+        "(0: only on Ctrl-C / SIGTERM); an adapter's own save_step overrides it.",
         int_at_least(0),
     )
     save_total_limit: int = _key(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mlora.data import TokenizedRow
+from mlora.errors import MloraError
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,37 @@ class AdapterQueue:
             "cursor": self.cursor,
             "micro_steps_done": self.micro_steps_done,
         }
+
+    def step_start_state(self) -> dict[str, int]:
+        """``state_dict`` at the start of the optimizer step in progress (the position that
+        goes with the weights and optimizer state while gradients are being accumulated)."""
+        into = 0  # micro-batches of the current step already popped (steps never span epochs)
+        while (
+            not self.finished
+            and into < self.cursor
+            and not self._epoch_batches[self.cursor - into - 1].ends_step
+        ):
+            into += 1
+        state = self.state_dict()
+        return {
+            **state,
+            "cursor": self.cursor - into,
+            "micro_steps_done": state["micro_steps_done"] - into,
+        }
+
+    def check_same_order(self, epoch: int, order: list[int] | None, source: object) -> None:
+        """Refuse to resume from ``source`` when ``order`` (the row order of ``epoch`` saved
+        there) is not this queue's: the training data changed in number (or length) of rows.
+
+        Raises:
+            MloraError: naming the adapter and ``source``.
+        """
+        if order is not None and self.epoch_order(epoch) != order:
+            raise MloraError(
+                f"cannot resume adapter {self.name!r} from {source}: its training data changed "
+                f"since (now {len(self.rows)} usable rows, and the row order differs); resume "
+                "with the same data, or start over with --overwrite"
+            )
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]

@@ -241,6 +241,127 @@ def shard_frozen_base(model: nn.Module, adapter_params: set[nn.Parameter]) -> in
     return len(units)
 
 
+@dataclass(frozen=True)
+class ShardedBase:
+    """What ``--fsdp`` loading did: ``units`` modules sharded, a base of ``full_bytes``."""
+
+    units: int
+    full_bytes: int
+
+
+def empty_base_model(
+    model_path: str, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool
+) -> nn.Module:
+    """The base model built from its config on the meta device: modules and shapes, no memory
+    (the ranks other than 0 under ``--fsdp``; their shards come from rank 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+
+
+def load_sharded_base(model: nn.Module, state: Distributed) -> ShardedBase:
+    """FSDP2 over a base model that only rank 0 holds in full; the others built it on meta.
+
+    The torchtune pattern: rank 0 takes the full state dict of the model it read (CPU), every
+    rank shards the base (``shard_frozen_base``), then ``set_model_state_dict`` with
+    ``broadcast_from_rank0`` sends each tensor from rank 0 and every rank keeps its shard. The
+    buffers outside the state dict (rotary ``inv_freq``) are broadcast too. Call it before any
+    adapter is attached: adapters are created on the sharded base, whole on every rank.
+
+    Returns:
+        How many modules were sharded, and the base's size.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    full_state = model.state_dict() if state.is_main else {}
+    units = shard_frozen_base(model, set())
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    del full_state
+    device = next(p for p in model.parameters() if not p.is_meta).device
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            received = buffer if state.is_main else torch.empty_like(buffer, device=device)
+            dist.broadcast(received, src=0)
+            module._buffers[name] = received
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None:
+        head.weight = embeddings.weight  # loading assigns new tensors: tie them again
+    return ShardedBase(units, full_bytes)
+
+
+def router_stat_slots(model: nn.Module) -> dict[str, tuple[dict[int, int], int]]:
+    """The MoE modules whose router losses are means over a micro-batch, per adapter.
+
+    Under data parallel they record router sums that the trainer reduces over ranks
+    (``mlora.aux_losses.AuxLossCollector.use_global_stats``): MixLoRA routers and MoLA mixtures
+    with ``router_loss``, MeteoRA gates with a gate loss. Every rank walks the same model, so
+    slots agree across ranks without a collective.
+
+    Returns:
+        ``{adapter: ({id(module): slot}, E + 2)}`` in model order; adapters without a router
+        loss are absent.
+    """
+    from mlora.adapters import MultiLoraLinear
+    from mlora.adapters.lora_moe import MolaAdapter
+    from mlora.adapters.meteora import MeteoraAdapter
+    from mlora.moe.feed_forward import MixLoraFeedForward
+
+    slots: dict[str, tuple[dict[int, int], int]] = {}
+    for module in model.modules():
+        found: list[tuple[str, nn.Module, int]] = []
+        if isinstance(module, MixLoraFeedForward):
+            found = [
+                (name, moe, moe.router_spec.num_experts)
+                for name, moe in module.moes.items()
+                if moe.router_spec.router_loss
+            ]
+        elif isinstance(module, MultiLoraLinear):
+            for name, adapter in module.adapters.items():
+                if isinstance(adapter, MolaAdapter) and adapter.router_loss:
+                    found.append((name, adapter, adapter.num_experts))
+                elif isinstance(adapter, MeteoraAdapter) and adapter.gate_loss_weight:
+                    found.append((name, adapter, adapter.num_adapters))
+        for name, owner, experts in found:
+            ids, _ = slots.setdefault(name, ({}, experts + 2))
+            ids[id(owner)] = len(ids)
+    return slots
+
+
+def grouped_expert_dropout(model: nn.Module) -> list[str]:
+    """Adapters whose MoE experts draw dropout per expert group: MixLoRA ``mixlora-dynamic``
+    where it runs one group per expert (the CPU, see ``feed_forward.DYNAMIC_AS_PAIRS``).
+
+    A group's masks are drawn for all of its (token, expert) pairs at once, so their values
+    depend on how many tokens every rank sends to each expert: under data parallel such an
+    adapter trains as one process would in distribution, not bit for bit (and the later draws
+    of its stream in that micro-batch shift too). Every other expert path draws its pairs'
+    masks token by token (``slot_dropout``), and every per-token draw (LoRA dropout, router
+    jitter, FFN dropout) follows the canonical token index: exact.
+    """
+    from mlora.moe import feed_forward
+
+    names: list[str] = []
+    for module in model.modules():
+        if isinstance(module, feed_forward.MixLoraFeedForward):
+            device = next(module.parameters()).device
+            for name, moe in module.moes.items():
+                spec = moe.router_spec
+                grouped = feed_forward.slots_per_token(spec, device) is None
+                experts = list(moe.experts.values())
+                if grouped and experts and experts[0][0].dropout_p > 0:
+                    names.append(name)
+    return list(dict.fromkeys(names))  # each once, in model order
+
+
 @contextmanager
 def process_group(device: torch.device, backend: str | None = None) -> Iterator[Distributed]:
     """Join the launcher's process group for the duration of a run (nothing with one process).

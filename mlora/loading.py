@@ -49,9 +49,14 @@ class BaseLoad:
         return load_tokenizer(base_model, trust_remote_code)
 
     def load(
-        self, base_model: str, trust_remote_code: bool = False, tokenizer: Any = None
+        self,
+        base_model: str,
+        trust_remote_code: bool = False,
+        tokenizer: Any = None,
+        device: torch.device | None = None,
     ) -> tuple[nn.Module, Any]:
-        """The frozen causal LM on this plan's device, and its tokenizer (``tokenizer`` if given).
+        """The frozen causal LM on this plan's device (or ``device``: ``--fsdp`` reads the base
+        into host memory on rank 0), and its tokenizer (``tokenizer`` if given).
 
         Raises:
             MloraError: the model cannot be loaded (one line naming it).
@@ -59,7 +64,7 @@ class BaseLoad:
         hf_model, tokenizer = load_base_model(
             base_model,
             self.dtype,
-            self.device,
+            device or self.device,
             trust_remote_code=trust_remote_code,
             tokenizer=tokenizer,
             **self.options,

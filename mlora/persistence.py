@@ -68,8 +68,15 @@ def save_adapter(
     model: MultiLoraModel, name: str, directory: str | Path, config: dict[str, Any]
 ) -> None:
     """Write adapter ``name`` to ``directory`` in PEFT format, each file atomically."""
+    write_adapter_files(directory, adapter_state_dict(model, name), config)
+
+
+def write_adapter_files(
+    directory: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+) -> None:
+    """Write PEFT-named ``tensors`` and their ``adapter_config.json`` to ``directory``, each
+    file atomically (``save_adapter`` on a snapshot taken earlier)."""
     directory = Path(directory)
-    tensors = adapter_state_dict(model, name)
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors))
     if kind_for_peft_type(config.get("peft_type")).writes_legacy_bin:
         buffer = io.BytesIO()

@@ -161,12 +161,17 @@ class SegmentRandom:
 
     generator: torch.Generator | None
     rows: RealRows | None = None
+    window: tuple[int, int] | None = None  # canonical tokens that are one rank's share: plain()
 
     def _spread(
         self, like: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         if self.rows is None:
-            return fill(like.new_empty(like.shape))
+            if self.window is None:
+                return fill(like.new_empty(like.shape))
+            before, total = self.window  # draw for the whole micro-batch, keep this rank's part
+            drawn = fill(like.new_empty((total, *like.shape[1:])))
+            return drawn[before : before + like.shape[0]]
         before, count = (0, self.rows.count) if self.rows.window is None else self.rows.window
         drawn = fill(like.new_empty((count, *like.shape[1:])))
         return drawn.index_select(0, self.rows.index + before if before else self.rows.index)
@@ -187,9 +192,15 @@ class SegmentRandom:
         return index.new_empty(count + 1).scatter_(0, index, where)[:count]
 
     def plain(self) -> SegmentRandom:
-        """The same stream without the spread: draws for tokens already in canonical order
-        (this rank's tokens only: a data-parallel window is not kept, so MoE draws depend on
-        the sharding)."""
+        """The same stream for the segment's real tokens already in canonical order (as
+        ``canonical_order`` gives them): no spread, but a data-parallel window is kept, so
+        per-token draws (router jitter, FFN dropout) are those of one process."""
+        window = None if self.rows is None else self.rows.window
+        return SegmentRandom(self.generator, window=window)
+
+    def stream(self) -> SegmentRandom:
+        """The bare stream: draws in call order for tensors that are not the segment's tokens
+        (MoE (token, expert) pairs grouped by expert; their order depends on the sharding)."""
         return SegmentRandom(self.generator)
 
     def keep(self, like: torch.Tensor, p: float) -> torch.Tensor:

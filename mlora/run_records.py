@@ -23,6 +23,8 @@ RUN_DIR = ".mlora-run"
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 # Run-wide keys that may change between a run and its resume without changing the result.
 RESUME_FREE_KEYS = {"save_step", "save_total_limit", "log_step", "evaluate_result"}
+# Per-adapter keys that may change on resume (checkpoint schedule only).
+ADAPTER_RESUME_FREE_KEYS = {"save_step"}
 
 
 def base_model_identity(base_model: str | None) -> str | None:
@@ -35,8 +37,14 @@ def base_model_identity(base_model: str | None) -> str | None:
 
 
 def resume_relevant(config: dict[str, Any]) -> dict[str, Any]:
-    """The JSON config without the keys a resume may change."""
-    return {k: v for k, v in config.items() if k not in RESUME_FREE_KEYS}
+    """The JSON config without the keys a resume may change (run-wide and per adapter)."""
+    top = {k: v for k, v in config.items() if k not in RESUME_FREE_KEYS}
+    if isinstance(config.get("lora"), list):
+        top["lora"] = [
+            {k: v for k, v in adapter.items() if k not in ADAPTER_RESUME_FREE_KEYS}
+            for adapter in config["lora"]
+        ]
+    return top
 
 
 @dataclass(frozen=True)

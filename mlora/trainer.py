@@ -12,11 +12,14 @@ alone), and each adapter steps its own optimizer and schedule when its batch is 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mlora.adapter_kinds import kind_for_config
 from mlora.backends import get_backend
 from mlora.batch import collate
+from mlora.checkpoint import RunCheckpoints, checkpoint_folder
 from mlora.checkpointing import (
     apply_gradient_checkpointing,
     checkpoint_mode,
@@ -33,13 +37,14 @@ from mlora.checkpointing import (
 from mlora.config import AdapterConfig, TrainConfig
 from mlora.data import TokenizedRow, load_rows, pad_token_id, tokenize_rows
 from mlora.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name_seed
-from mlora.distributed import Distributed
+from mlora.distributed import Distributed, grouped_expert_dropout, router_stat_slots
 from mlora.errors import MloraError
 from mlora.eval_tasks import CHOICE_TASKS, training_rows
 from mlora.interrupt import GracefulStop, TrainingInterrupted
 from mlora.model import LoraSpec, MultiLoraModel
 from mlora.optim import build_optimizer, build_scheduler, step_unless
 from mlora.persistence import (
+    adapter_state_dict,
     load_adapter_weights,
     peft_config,
     read_adapter,
@@ -47,6 +52,7 @@ from mlora.persistence import (
     spec_from_peft_config,
 )
 from mlora.prompts import load_template
+from mlora.run_records import RunIdentity
 
 logger = logging.getLogger("mlora")
 
@@ -104,6 +110,7 @@ class AdapterRun:
     tokens: int = 0
     history: list[float] = field(default_factory=list)
     expert_load: list[list[float]] = field(default_factory=list)  # MoE: per-expert token share
+    checkpoint_step: int | None = None  # steps_done of its newest checkpoint folder
 
     @property
     def name(self) -> str:
@@ -117,6 +124,51 @@ class AdapterRun:
     def params(self) -> list[torch.nn.Parameter]:
         """The adapter's trainable parameters, in its optimizer's order."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def status(self) -> str:
+        if self.failed is not None:
+            return "failed"
+        return "finished" if self.finished else "running"
+
+    def progress_state(self) -> dict[str, Any]:
+        """Where the adapter stands (cheap: counters, data position, loss bookkeeping)."""
+        return {
+            "status": self.status,
+            "message": self.failed,
+            "steps_done": self.steps_done,
+            "queue": self.queue.state_dict(),
+            "loss_count": self.loss_count,
+            "tokens": self.tokens,
+            "history": list(self.history),
+            "loss_sum": None if self.loss_sum is None else _own(self.loss_sum),
+            "checkpoint_step": self.checkpoint_step,
+        }
+
+    def pending_state(self) -> dict[str, Any] | None:
+        """The gradients and loss of the optimizer step in progress (None between steps)."""
+        grads = {str(i): _own(p.grad) for i, p in enumerate(self.params) if p.grad is not None}
+        if not grads and self.step_loss is None:
+            return None
+        step_loss = None if self.step_loss is None else _own(self.step_loss)
+        return {"grads": grads, "step_loss": step_loss}
+
+
+def _own(value: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy with its own storage: the loop may change the original while a
+    background thread writes the copy (and safetensors refuses shared storage)."""
+    return value.detach().to("cpu", copy=True).contiguous()
+
+
+def _cpu_copy(value: Any) -> Any:
+    """``value`` (an optimizer or scheduler state dict) with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return _own(value)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
 
 
 class Trainer:
@@ -167,8 +219,15 @@ class Trainer:
         )
         self.global_step = 0
         self.init_from = dict(init_from or {})
-        self.checkpoints_written: dict[str, int] = {}  # adapter -> STEP of its newest folder
+        self.checkpoints = RunCheckpoints(
+            self.output_dir,
+            RunIdentity(config, seed, base_model_name),
+            config.save_total_limit,
+            load_adapter=bool(self.init_from),
+        )
+        self.checkpointing = any(r.config.checkpoint_every(config.save_step) for r in self.runs)
         self._cut_due = False
+        self._due: set[str] = set()  # adapters whose checkpoint is due at this step
         self._saved: list[str] = []  # "finished, saved" lines, logged after the step's line
         self.last_cut_step: int | None = None
         self.backend = get_backend(str(model.device))
@@ -183,6 +242,17 @@ class Trainer:
             )
             logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
         model.set_packing(config.packing)
+        if self.dist.enabled:  # router losses over whole micro-batches: sums reduced over ranks
+            model.context.aux_losses.use_global_stats(router_stat_slots(model.model) or None)
+            inexact = grouped_expert_dropout(model.model)
+            if inexact and self.dist.is_main:
+                logger.warning(
+                    "distributed: the MoE experts of %s draw dropout per expert group, which "
+                    "depends on how the rows are split over processes: they train as one "
+                    "process does in distribution, not bit for bit (expert lora_dropout 0 "
+                    "makes them exact)",
+                    ", ".join(repr(n) for n in inexact),
+                )
         self.tokens_seen = 0  # tokens of every pass so far, padding included
         self.padded_tokens = 0
 
@@ -255,11 +325,15 @@ class Trainer:
         )
         last_log = time.perf_counter()
         by_queue = {id(run.queue): run for run in self.runs}
-        if self.config.save_step and self.global_step == 0:
-            self.save_cut()  # step-0: --resume after an early crash starts over exactly
         consoles = [lg for lg in (logging.getLogger(), logger) if lg.handlers]
         try:  # log lines printed above the bar, never through it
-            with GracefulStop() as stop, logging_redirect_tqdm(consoles):
+            with (
+                self.checkpoints.writer,  # waits for the pending writes, raises their error
+                GracefulStop() as stop,
+                logging_redirect_tqdm(consoles),
+            ):
+                if self.checkpointing and self.global_step == 0:
+                    self.save_cut()  # step-0: --resume after an early crash starts over exactly
                 self._loop(stop, progress, by_queue, last_log)
         finally:
             progress.close()
@@ -280,6 +354,7 @@ class Trainer:
 
     def _loop(self, stop: GracefulStop, progress, by_queue: dict, last_log: float) -> None:
         while not self.dispatcher.finished:
+            self.checkpoints.writer.check()  # a failed background write stops the run here
             step = [(by_queue[id(q)], mb) for q, mb in self.dispatcher.next_step()]
             self.train_step(step)
             self.global_step += 1
@@ -292,15 +367,16 @@ class Trainer:
             self._log_saved()
             signal_name = self._agreed_signal(stop)
             if self._cut_due or (signal_name and not self.dispatcher.finished):
-                cut = self.save_cut()
+                cut = self.save_cut(every_adapter=bool(signal_name))
                 if signal_name:
+                    self.checkpoints.writer.flush()  # written before we say so
                     interrupted = TrainingInterrupted(
                         f"stopped by {signal_name} after global step {self.global_step}; "
                         f"checkpoint {cut} written"
                     )
                     interrupted.quiet = not self.dist.is_main  # rank 0 says it, once
                     raise interrupted
-        if self.config.save_step and self.last_cut_step != self.global_step:
+        if self.checkpointing and self.last_cut_step != self.global_step:
             self.save_cut()  # the end: --resume of a finished run has nothing left to do
 
     def _agreed_signal(self, stop: GracefulStop) -> str | None:
@@ -339,10 +415,12 @@ class Trainer:
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.steps_done += 1
-            if self.config.save_step and (
-                run.steps_done % self.config.save_step == 0 or run.finished
-            ):
+            every = run.config.checkpoint_every(self.config.save_step)
+            if every and run.steps_done % every == 0 and not run.finished:
+                self._due.add(run.name)  # its own schedule: only this adapter is written
                 self._cut_due = True
+            if run.finished and self.checkpointing:
+                self._cut_due = True  # the manifest records it as finished
             if run.finished:
                 self.check_faults()  # never save an adapter whose skipped step is unread
                 if run.failed is None and self.dist.is_main:
@@ -358,6 +436,8 @@ class Trainer:
         local = [i for i, shard in enumerate(shards) if shard.rows]
         out: list[torch.Tensor | None] = [None] * len(step)
         if not local:
+            self.model.context.aux_losses.clear()
+            self._router_losses(step, [])  # joins the ranks' reduction with zeros
             return out
         batch = collate(
             [(step[i][0].name, shards[i].rows) for i in local],
@@ -369,24 +449,38 @@ class Trainer:
         )
         self.tokens_seen += batch.num_tokens
         self.padded_tokens += batch.padded_tokens
-        # Router losses are means over a micro-batch's tokens: each rank holding rows of it adds
-        # its own, so their sum over ranks is divided by how many ranks hold rows.
-        holders = [min(dist.world_size, len(step[i][1].rows)) for i in local]
         # Built and queued before the forward: a blocking copy after it would wait for the GPU.
         divisors = torch.tensor(
-            [
-                [step[i][1].step_tokens, step[i][1].accumulation * h]
-                for i, h in zip(local, holders, strict=True)
-            ],
+            [[step[i][1].step_tokens, step[i][1].accumulation] for i in local],
             dtype=torch.float32,
         ).to(self.model.device, non_blocking=True)
         # (S,) fp32: token-loss sums over the step's supervised tokens, + router losses / micro
         losses = self.model.segment_losses(batch, divisors[:, 0], divisors[:, 1])
+        router = self._router_losses(step, [step[i][0].name for i in local])
+        if router is not None:
+            losses = losses + router / divisors[:, 1]
         losses.sum().backward()
         detached = losses.detach()
         for k, i in enumerate(local):
             out[i] = detached[k]
         return out
+
+    def _router_losses(
+        self, step: list[tuple[AdapterRun, MicroBatch]], local: list[str]
+    ) -> torch.Tensor | None:
+        """Data parallel: (S,) router losses of this rank's segments (adapters ``local``) over
+        their whole micro-batches, from the router sums of this pass reduced over all ranks
+        (one collective, which every rank joins); None when no adapter has router sums."""
+        collector = self.model.context.aux_losses
+        if not collector.global_stats:
+            return None
+        zero = torch.zeros((), device=self.model.device)
+        found = collector.reduce_stats(
+            [run.name for run, _ in step], zero, self.dist.all_reduce_flat
+        )
+        if not found or not local:
+            return None
+        return torch.stack([found.get(name, zero) for name in local])
 
     def consolidate_partial_steps(self) -> None:
         """Before a checkpoint: move the partial gradients and step losses of adapters in the
@@ -453,18 +547,22 @@ class Trainer:
     def _stop_adapter(self, run: AdapterRun, adapter_step: int, global_step: int) -> None:
         """Stop an adapter whose loss was not finite at ``adapter_step``; that update and every
         later one were skipped on the device, so its weights are those of the step before."""
-        from mlora.checkpoint import last_good_checkpoint
-
         run.optimizer.zero_grad(set_to_none=True)
         run.queue.stop()
         run.steps_done = adapter_step - 1
+        good = (
+            "none (no checkpoint written yet)"
+            if run.checkpoint_step is None
+            else checkpoint_folder(self.output_dir, run.name, run.checkpoint_step)
+        )
         run.failed = (
             f"adapter {run.name}: non-finite loss at adapter step {adapter_step} "
             f"(global step {global_step}); stopped it, the others carry on; "
-            f"last good checkpoint: {last_good_checkpoint(self, run)}"
+            f"last good checkpoint: {good}"
         )
         logger.error("%s", run.failed)
-        if self.config.save_step:
+        self._due.discard(run.name)
+        if self.checkpointing:
             self._cut_due = True
 
     def _log(self, elapsed: float) -> None:
@@ -515,12 +613,173 @@ class Trainer:
             logger.info("%s", line)
         self._saved.clear()
 
-    def save_cut(self) -> Path:
-        """Write a resumable snapshot of every adapter at this global step (see checkpoint.py)."""
-        from mlora.checkpoint import cut_path, write_cut
+    def save_cut(self, every_adapter: bool = False) -> Path:
+        """Take a run-level cut at this global step (see checkpoint.py); returns its path.
 
+        Args:
+            every_adapter: save every running adapter at this step, gradients in progress
+                included (Ctrl-C / SIGTERM: the resume then replays nothing); otherwise only
+                the adapters whose own checkpoint is due get a folder.
+        """
         self.check_faults()  # a stopped adapter is saved as failed, never with a skipped step
         self._cut_due, self.last_cut_step = False, self.global_step
-        self.consolidate_partial_steps()
+        due = None if every_adapter else set(self._due)
+        self._due.clear()
+        if every_adapter:
+            self.consolidate_partial_steps()
         rng = self.dist.gather(self.backend.get_rng_state())  # every rank's, for --resume
-        return write_cut(self, rng) if self.dist.is_main else cut_path(self)
+        path = self.checkpoints.cut_path(self.global_step)
+        if self.dist.is_main:
+            path = self.checkpoints.save(self.state_dict(due), rng)
+        for run in self.runs:
+            if run.status == "running" and (due is None or run.name in due) and run.steps_done:
+                run.checkpoint_step = run.steps_done  # its folder now (or already) holds this step
+        return path
+
+    # --- state -----------------------------------------------------------------------------
+
+    def state_dict(self, full: Collection[str] | None = None) -> dict[str, Any]:
+        """The training state as plain values and CPU tensor copies (torch's convention).
+
+        Every adapter's progress (status, step counters, data position, loss bookkeeping, and
+        ``checkpoint_step``: the step of its newest checkpoint folder), the global step and
+        each adapter's noise stream. The running adapters in ``full`` (None: all) also carry
+        a ``snapshot`` (weights under PEFT names, ``adapter_config``, optimizer and scheduler
+        state, ``steps_done`` and the data position at the start of the step in progress) and
+        that step's ``pending`` gradients and loss, if any.
+        """
+        adapters = {}
+        for run in self.runs:
+            entry = run.progress_state()
+            if run.status == "running" and (full is None or run.name in full):
+                entry["snapshot"] = self._snapshot(run)
+                pending = run.pending_state()
+                if pending is not None:
+                    entry["pending"] = pending
+            adapters[run.name] = entry
+        return {
+            "global_step": self.global_step,
+            "adapter_rng": self.model.context.generators.state_dict(),
+            "adapters": adapters,
+        }
+
+    def _snapshot(self, run: AdapterRun) -> dict[str, Any]:
+        queue = run.queue.step_start_state()
+        return {
+            "steps_done": run.steps_done,
+            "queue": queue,
+            "epoch_order": run.queue.epoch_order(queue["epoch"]),
+            "weights": {k: _own(v) for k, v in adapter_state_dict(self.model, run.name).items()},
+            "adapter_config": self.adapter_config_json(run),
+            "optimizer": _cpu_copy(run.optimizer.state_dict()),
+            "scheduler": _cpu_copy(run.scheduler.state_dict()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put a freshly built trainer in the state ``state`` describes (``state_dict``'s
+        form; ``checkpoint.read_run_state`` reads one from disk, with ``rng``: this rank's
+        global RNG state).
+
+        A running adapter without ``pending`` is restored from its ``snapshot`` (or its
+        initial state when it has none) and replayed, alone, up to its position in ``state``:
+        its results depend on its own data, noise and state only, so the replay recomputes
+        exactly the state it had.
+
+        Raises:
+            MloraError: a snapshot of other training data, or a position it cannot reach.
+        """
+        replays = []
+        for run in self.runs:
+            entry = state["adapters"][run.name]
+            run.checkpoint_step = entry["checkpoint_step"]
+            snapshot = entry.get("snapshot")
+            if entry["status"] != "running":
+                run.queue.load_state_dict(entry["queue"])
+                run.steps_done, run.failed = entry["steps_done"], entry["message"]
+                if snapshot is not None:  # finished: its final weights
+                    load_adapter_weights(
+                        self.model, run.name, snapshot["weights"], snapshot["source"]
+                    )
+                continue
+            if snapshot is not None:
+                self._load_snapshot(run, snapshot)
+            elif run.steps_done or run.queue.micro_steps_done:
+                raise MloraError(f"adapter {run.name!r}: load_state_dict needs a fresh trainer")
+            if "pending" in entry:
+                run.queue.load_state_dict(entry["queue"])
+                run.steps_done = entry["steps_done"]
+                self._load_pending(run, entry["pending"])
+            else:
+                replays.append((run, entry))
+        self._replay(replays)
+        for run in self.runs:
+            entry = state["adapters"][run.name]
+            run.loss_count, run.tokens = entry["loss_count"], entry["tokens"]
+            run.history = list(entry["history"])
+            loss_sum = entry["loss_sum"]
+            run.loss_sum = None if loss_sum is None else loss_sum.to(self.model.device).reshape(())
+        self.global_step = self.last_cut_step = state["global_step"]
+        self.model.context.generators.load_state_dict(state["adapter_rng"])
+        if state.get("rng") is not None:
+            self.backend.set_rng_state(state["rng"])
+
+    def _load_snapshot(self, run: AdapterRun, snapshot: dict[str, Any]) -> None:
+        source = snapshot.get("source", f"the state of adapter {run.name!r}")
+        run.queue.check_same_order(snapshot["queue"]["epoch"], snapshot.get("epoch_order"), source)
+        load_adapter_weights(self.model, run.name, snapshot["weights"], str(source))
+        run.optimizer.load_state_dict(snapshot["optimizer"])
+        run.scheduler.load_state_dict(snapshot["scheduler"])
+        run.steps_done = snapshot["steps_done"]
+        run.queue.load_state_dict(snapshot["queue"])
+
+    def _load_pending(self, run: AdapterRun, pending: dict[str, Any]) -> None:
+        """The step in progress: rank 0 takes the saved partial sums (the whole run's), the
+        other ranks start the step from zero."""
+        main = self.dist.is_main
+        for i, param in enumerate(run.params):
+            grad = pending["grads"].get(str(i)) if main else None
+            param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype)
+        step_loss = pending["step_loss"]
+        if step_loss is not None and not main:
+            step_loss = torch.zeros_like(step_loss)
+        run.step_loss = None if step_loss is None else step_loss.to(self.model.device).reshape(())
+
+    def _replay(self, replays: list[tuple[AdapterRun, dict[str, Any]]]) -> None:
+        """Re-run the micro-batches of ``replays``' adapters from their restored position to
+        their position in the state (several adapters share each pass, as in training)."""
+        targets = []
+        for run, entry in replays:
+            target = entry["queue"]["micro_steps_done"]
+            if run.queue.micro_steps_done > target:
+                raise MloraError(
+                    f"adapter {run.name!r}: its checkpoint is past the position it resumes to "
+                    f"({run.queue.micro_steps_done} > {target} micro-batches)"
+                )
+            if run.queue.micro_steps_done < target:
+                logger.info(
+                    "adapter %s: replaying %d micro-batch(es) from %s",
+                    run.name,
+                    target - run.queue.micro_steps_done,
+                    f"checkpoint-{run.steps_done}" if run.steps_done else "the start",
+                )
+                targets.append((run, entry, target))
+        if not targets:
+            return
+        seen, padded, training = self.tokens_seen, self.padded_tokens, self.model.training
+        self.model.train()
+        try:
+            while behind := [r for r, _, t in targets if r.queue.micro_steps_done < t]:
+                self.train_step([(run, run.queue.pop()) for run in behind])
+        finally:
+            self.model.train(training)
+            self.model.context.set(None)
+        self.tokens_seen, self.padded_tokens = seen, padded
+        self._cut_due = False
+        self._due.clear()
+        for run, entry, _ in targets:
+            self.model.context.aux_losses.take_loads(run.name)  # not this run's to log
+            if run.queue.state_dict() != entry["queue"] or run.steps_done != entry["steps_done"]:
+                raise MloraError(
+                    f"adapter {run.name!r}: replaying its checkpoint did not reach the saved "
+                    f"position {entry['queue']} (step {entry['steps_done']})"
+                )

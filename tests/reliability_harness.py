@@ -13,6 +13,9 @@ Used by tests/test_reliability_*.py as ``python tests/reliability_harness.py ARG
 
 ``MLORA_TEST_KILL_RANK`` — under torchrun, only the process of this rank is killed.
 
+``MLORA_TEST_FSDP_REPORT`` — a folder: under ``--fsdp`` each rank writes ``rank<R>.json`` with
+the base parameter bytes it held before and after ``load_sharded_base`` (a probe, not a fault).
+
 ``MLORA_TEST_FAIL`` — ``ERRNO:TEXT`` (e.g. ``ENOSPC:a/.adapter_model``): the first atomic write
 whose temporary file path contains TEXT fails with that OSError while flushing to disk, as a
 full disk or a revoked permission would.
@@ -106,6 +109,34 @@ def install_failure(spec: str) -> None:
     os.fsync = fsync
 
 
+def _held_bytes(model) -> int:  # type: ignore[no-untyped-def]
+    """Parameter bytes with storage on this rank (a sharded parameter: its local shard)."""
+    total = 0
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if local.device.type != "meta":
+            total += local.numel() * local.element_size()
+    return total
+
+
+def install_fsdp_report(folder: str) -> None:
+    import json
+
+    import mlora.api
+
+    real = mlora.api.load_sharded_base
+
+    def load_sharded_base(model, state):  # type: ignore[no-untyped-def]
+        before = _held_bytes(model)
+        full = sum(p.numel() * p.element_size() for p in model.parameters())
+        result = real(model, state)
+        report = {"before": before, "after": _held_bytes(model), "full": full}
+        Path(folder, f"rank{state.rank}.json").write_text(json.dumps(report))
+        return result
+
+    mlora.api.load_sharded_base = load_sharded_base
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     kill_rank = os.environ.get("MLORA_TEST_KILL_RANK")
@@ -113,5 +144,7 @@ if __name__ == "__main__":
         install_kill(os.environ["MLORA_TEST_KILL"])
     if os.environ.get("MLORA_TEST_FAIL"):
         install_failure(os.environ["MLORA_TEST_FAIL"])
+    if os.environ.get("MLORA_TEST_FSDP_REPORT"):
+        install_fsdp_report(os.environ["MLORA_TEST_FSDP_REPORT"])
     sys.argv = [str(ROOT / "mlora.py"), *sys.argv[1:]]
     runpy.run_path(str(ROOT / "mlora.py"), run_name="__main__")

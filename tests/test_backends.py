@@ -25,52 +25,119 @@ def fresh_cache(monkeypatch: pytest.MonkeyPatch):
     clear_backend_cache()
 
 
-def test_auto_picks_cuda_then_mps_then_cpu() -> None:
-    expected = next(c for c in (CudaBackend, MpsBackend, CpuBackend) if c.is_available())
-    assert type(get_backend()) is expected
-    assert type(get_backend("auto")) is expected
+def pretend(monkeypatch: pytest.MonkeyPatch, cuda: bool, mps: bool) -> None:
+    """Make torch report CUDA / MPS (un)available; a pretended CUDA's current device is 0.
+    The backends are only constructed, so nothing ever runs on the pretended devices."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
 
 
-def test_auto_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(CudaBackend, "is_available", classmethod(lambda cls: False))
-    monkeypatch.setattr(MpsBackend, "is_available", classmethod(lambda cls: False))
-    backend = get_backend()
-    assert isinstance(backend, CpuBackend)
-    assert backend.device == torch.device("cpu")
+# (CUDA available, MPS available, MLORA_BACKEND_TYPE or None, --device or None) -> device
+SELECTION_CASES = [
+    # automatic: CUDA, else MPS, else CPU
+    (True, True, None, None, "cuda:0"),
+    (True, False, None, None, "cuda:0"),
+    (False, True, None, None, "mps"),
+    (False, False, None, None, "cpu"),
+    (False, True, None, "auto", "mps"),
+    (True, True, "", None, "cuda:0"),
+    (False, True, " Auto ", None, "mps"),
+    # the environment variable beats automatic selection, in any case and spacing
+    (True, True, "MPS", None, "mps"),
+    (True, True, "cpu", None, "cpu"),
+    (True, True, " Cpu ", None, "cpu"),
+    (True, False, "CUDA", None, "cuda:0"),
+    # an explicit name beats the environment variable
+    (True, True, "CUDA", "cpu", "cpu"),
+    (True, True, "CPU", "mps", "mps"),
+    (True, True, "CPU", "cuda:1", "cuda:1"),
+    (True, True, "CPU", "CUDA", "cuda:0"),
+    (False, True, "CPU", "auto", "mps"),
+    (True, False, "definitely-not-a-backend", "cpu", "cpu"),
+]
 
 
-@pytest.mark.parametrize("value", ["CPU", "cpu", " Cpu "])
-def test_env_forces_cpu(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    monkeypatch.setenv(BACKEND_ENV_VAR, value)
-    assert isinstance(get_backend(), CpuBackend)
+@pytest.mark.parametrize(("cuda", "mps", "env", "name", "expected"), SELECTION_CASES)
+def test_selection_rule(
+    monkeypatch: pytest.MonkeyPatch,
+    cuda: bool,
+    mps: bool,
+    env: str | None,
+    name: str | None,
+    expected: str,
+) -> None:
+    pretend(monkeypatch, cuda, mps)
+    if env is not None:
+        monkeypatch.setenv(BACKEND_ENV_VAR, env)
+    backend = get_backend(name)
+    kinds = {"cuda": CudaBackend, "mps": MpsBackend, "cpu": CpuBackend}
+    assert type(backend) is kinds[expected.partition(":")[0]]
+    assert backend.device == torch.device(expected)
 
 
-def test_explicit_name_overrides_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(BACKEND_ENV_VAR, "definitely-not-a-backend")
-    assert isinstance(get_backend("cpu"), CpuBackend)
+@pytest.mark.skipif(
+    torch.cuda.is_available() or torch.backends.mps.is_available(), reason="an accelerator is here"
+)
+def test_auto_is_cpu_on_a_machine_without_accelerators() -> None:
+    assert type(get_backend()) is CpuBackend
+    assert type(get_backend("auto")) is CpuBackend
+    assert get_backend().device == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_auto_is_cuda_on_a_cuda_machine() -> None:
+    assert type(get_backend()) is CudaBackend
+    assert get_backend().device.type == "cuda"
 
 
 def test_backend_is_cached() -> None:
     assert get_backend("cpu") is get_backend("CPU")
 
 
-def test_forced_unavailable_backend_is_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(CudaBackend, "is_available", classmethod(lambda cls: False))
-    monkeypatch.setenv(BACKEND_ENV_VAR, "CUDA")
-    with pytest.raises(MloraError, match=f"{BACKEND_ENV_VAR}='CUDA'.*not available") as err:
-        get_backend()
-    assert "\n" not in str(err.value)
-    with pytest.raises(MloraError, match=r"--device='cuda:0'.*not available"):
-        get_backend("cuda:0")
+@pytest.mark.parametrize(
+    ("cuda", "mps", "env", "name", "message"),
+    [
+        (False, True, "CUDA", None, "MLORA_BACKEND_TYPE='CUDA': the CUDA backend is not available"),
+        (True, False, "MPS", None, "MLORA_BACKEND_TYPE='MPS': the MPS backend is not available"),
+        (False, False, None, "cuda:0", "--device='cuda:0': the CUDA backend is not available"),
+        (True, False, "CPU", "mps", "--device='mps': the MPS backend is not available"),
+    ],
+)
+def test_forced_unavailable_backend_is_one_line_error(
+    monkeypatch: pytest.MonkeyPatch,
+    cuda: bool,
+    mps: bool,
+    env: str | None,
+    name: str | None,
+    message: str,
+) -> None:
+    """A forced backend that is missing is an error even when another one is available."""
+    pretend(monkeypatch, cuda, mps)
+    if env is not None:
+        monkeypatch.setenv(BACKEND_ENV_VAR, env)
+    with pytest.raises(MloraError) as err:
+        get_backend(name)
+    assert str(err.value) == message + " here"
 
 
 @pytest.mark.parametrize(
-    ("name", "message"),
-    [("tpu", "not a backend; expected one of CUDA, MPS, CPU"), ("cpu:1", "device index")],
+    ("env", "name", "message"),
+    [
+        (None, "tpu", "--device='tpu' is not a backend; expected one of CUDA, MPS, CPU"),
+        ("TPU", None, "MLORA_BACKEND_TYPE='TPU' is not a backend; expected one of CUDA, MPS, CPU"),
+        (None, "cpu:1", "--device='cpu:1': only CUDA takes a device index, as in 'cuda:1'"),
+        (None, "cuda:x", "--device='cuda:x': only CUDA takes a device index, as in 'cuda:1'"),
+    ],
 )
-def test_bad_names(name: str, message: str) -> None:
-    with pytest.raises(MloraError, match=message):
+def test_bad_names(
+    monkeypatch: pytest.MonkeyPatch, env: str | None, name: str | None, message: str
+) -> None:
+    if env is not None:
+        monkeypatch.setenv(BACKEND_ENV_VAR, env)
+    with pytest.raises(MloraError) as err:
         get_backend(name)
+    assert str(err.value) == message
 
 
 def test_rng_get_set_roundtrip() -> None:
@@ -131,10 +198,15 @@ def test_set_deterministic_toggles_torch() -> None:
 
 
 def test_cpu_backend_is_a_backend() -> None:
+    """The CUDA-only hooks are documented no-ops on CPU: they return None and change nothing."""
     backend: Backend = get_backend("cpu")
-    backend.allow_tf32(True)  # no-op on CPU, must not raise
-    backend.empty_cache()
-    backend.synchronize()
+    assert isinstance(backend, Backend)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    assert backend.allow_tf32(True) is None
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+    assert backend.empty_cache() is None
+    assert backend.synchronize() is None
+    assert backend.compute_capability() is None
     assert backend.pin_memory is False
 
 
@@ -147,12 +219,14 @@ def test_cuda_backend_rng_tf32_memory() -> None:
     first = torch.rand(8, device=backend.device)
     backend.set_rng_state(state)
     assert torch.equal(torch.rand(8, device=backend.device), first)
+    backend.set_rng_state(state)
     with backend.fork_rng():
         torch.rand(100, device=backend.device)
-    backend.set_rng_state(state)
-    torch.rand(8, device=backend.device)
+    assert torch.equal(torch.rand(8, device=backend.device), first)  # fork left it in place
     backend.allow_tf32(True)
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     backend.allow_tf32(False)
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     backend.reset_peak_memory_stats()
     x = torch.empty(2**20, device=backend.device)
     assert backend.memory_stats()["peak"] >= x.numel() * 4

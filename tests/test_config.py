@@ -102,7 +102,8 @@ def test_every_shipped_config_validates(path: Path) -> None:
     for adapter in raw.get("lora", []):
         adapter.setdefault("name", "x")
         adapter.setdefault("data", "x.json")
-    parse_config(raw, str(path))
+    config = parse_config(raw, str(path))
+    assert [a.name for a in config.lora] == [a["name"] for a in raw.get("lora", [])]
 
 
 def test_readme_documents_every_key() -> None:

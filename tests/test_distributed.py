@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ from tests.reliability_support import (
     mlora_args,
 )
 
-NAMES = ("acc", "odd")
+NAMES = ("acc", "odd", "topk", "switch", "dense", "mola")
 
 
 def write_config(folder: Path) -> Path:
@@ -51,11 +52,48 @@ def write_config(folder: Path) -> Path:
             {"name": "odd", "data": write_json(folder / "odd.json", reverse_rows(7)),
              "prompt": template, "r": 2, "batch_size": 3, "num_epochs": 2, "use_dora": True,
              "lora_dropout": 0.2, "lr": 1e-2},
+            *moe_adapters(folder, template),
         ],
     }  # fmt: skip
     path = folder / "config.json"
     path.write_text(json.dumps(config), encoding="utf-8")
     return path
+
+
+def moe_adapters(folder: Path, template: Path) -> list[dict]:
+    """Mixture-of-experts adapters whose router losses are means over a micro-batch split over
+    the ranks: MixLoRA top-k (router jitter, load-balancing loss, dropout on its attention
+    LoRA), MixLoRA switch (a capacity that drops tokens, z-loss, FFN dropout), LoRAMoE (expert
+    dropout) and MoLA (load-balancing loss; 5 rows in micro-batches of 2, so rank 1 holds no
+    row of its last one). MixLoRA and MoLA experts train without dropout: their masks are drawn
+    per expert group, whose sizes on other ranks a rank does not know (README). SGD: Adam would
+    blow rounding in near-zero gradients up to its step size."""
+    data = write_json(folder / "moe.json", addition_rows(6, offset=2))
+    common = {
+        "data": data,
+        "prompt": template,
+        "r": 2,
+        "optim": "sgd",
+        "lr": 0.2,
+        "num_epochs": 1,
+        "batch_size": 3,
+        "lora_dropout": 0.2,
+    }
+    routed = {**common, "router_aux_loss_coef": 0.05, "num_experts": 3}
+    return [  # expert dropout 0.2 everywhere (common): drawn token by token, exact
+        {**routed, "name": "topk", "routing_strategy": "mixlora",
+         "top_k": 2, "jitter_noise": 0.1,
+         "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]},
+        {**routed, "name": "switch", "routing_strategy": "mixlora-switch",
+         "expert_capacity": 2, "ffn_dropout": 0.2, "router_z_loss_coef": 0.01,
+         "target_modules": ["up_proj", "down_proj"]},
+        {**common, "name": "dense", "routing_strategy": "loramoe", "num_experts": 3,
+         "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        {**routed, "name": "mola", "routing_strategy": "mola", "top_k": 2, "router_loss": True,
+         "batch_size": 2,
+         "data": write_json(folder / "mola.json", reverse_rows(5)),
+         "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    ]  # fmt: skip
 
 
 def torchrun(
@@ -72,6 +110,34 @@ def torchrun(
         cwd=ROOT,
         env={**env_with(**env), "OMP_NUM_THREADS": "1"},
     )
+
+
+def torchrun_two_nodes(args: list[str]) -> list[subprocess.CompletedProcess]:
+    """Two "nodes" on this machine: two ``torchrun --nnodes 2 --node_rank K --nproc_per_node 1
+    --master_addr 127.0.0.1 --master_port P`` started side by side (the static rendezvous of a
+    real two-machine run, see README), one process each."""
+    with socket.socket() as probe:  # a free port for the master (node 0's store)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**env_with(), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+    command += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    nodes = [
+        subprocess.Popen(
+            [*command, "--node_rank", str(rank), MLORA, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
+    done = []
+    for node in nodes:
+        out, err = node.communicate(timeout=240)
+        done.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    return done
 
 
 def plain(args: list[str]) -> subprocess.CompletedProcess:
@@ -138,13 +204,25 @@ def test_two_processes_save_the_adapters_of_one(runs: dict) -> None:
 def test_fsdp_sharded_base_trains_the_adapters_of_one_process(
     runs: dict, tiny_model_dir: Path
 ) -> None:
-    """``--fsdp`` (FSDP2 on gloo, CPU): the base is sharded over the 2 ranks, the adapters are
-    not, and the saved adapters equal one process's."""
-    out = runs["folder"] / "fsdp"
-    done = torchrun(mlora_args(tiny_model_dir, runs["config"], out, "--fsdp"))
+    """``--fsdp`` (FSDP2 on gloo, CPU): rank 0 reads the base, rank 1 builds it on the meta
+    device and receives its shards only; the adapters (DoRA included, whose init reads the
+    base weight) are whole on both, and the saved adapters equal one process's. The probe
+    (tests/reliability_harness.py) weighs each rank's parameter storage around the loading."""
+    out, probe = runs["folder"] / "fsdp", runs["folder"] / "fsdp-probe"
+    probe.mkdir()
+    done = torchrun(
+        mlora_args(tiny_model_dir, runs["config"], out, "--fsdp"),
+        script=HARNESS,
+        MLORA_TEST_FSDP_REPORT=str(probe),
+    )
     assert done.returncode == 0, done.stderr
     assert "fsdp: the frozen base is sharded over 2 ranks (4 modules)" in done.stderr
     assert max_relative_difference(weights(out), weights(runs["one"])) <= 1e-5
+    rank0, rank1 = (json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["before"] == rank0["full"] > 0  # rank 0 read the whole base
+    assert rank1["before"] == 0  # rank 1 built it without memory
+    # its shards: half of every tensor, rounded up to whole rows (the tiny model has no tied head)
+    assert 0.45 * rank1["full"] <= rank1["after"] <= 0.55 * rank1["full"], rank1
 
 
 @pytest.mark.gpu
@@ -180,7 +258,10 @@ def test_killed_rank_then_resume_equals_the_uninterrupted_run(
     runs: dict, tiny_model_dir: Path
 ) -> None:
     """Rank 1 is SIGKILLed before global step 5 (mid accumulation of ``acc``); torchrun stops
-    rank 0. ``--resume`` with 2 processes, and a copy with 1 process, end as the clean run."""
+    rank 0. ``--resume`` with 2 processes, and a copy with 1 process, end as the clean run.
+
+    The resumed run is a two-node launch (two torchrun invocations, one process each, joined
+    over 127.0.0.1): multi-node training saves the adapters of one process too."""
     folder, config = runs["folder"], runs["config"]
     cut = folder / "cut"
     killed = torchrun(
@@ -192,11 +273,14 @@ def test_killed_rank_then_resume_equals_the_uninterrupted_run(
     assert killed.returncode != 0
     assert not (cut / "acc" / "adapter_model.safetensors").exists()
     shutil.copytree(cut, folder / "cut-one")
-    resumed = torchrun(mlora_args(tiny_model_dir, config, cut, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
+    node0, node1 = torchrun_two_nodes(mlora_args(tiny_model_dir, config, cut, "--resume"))
+    assert node0.returncode == node1.returncode == 0, node0.stderr + node1.stderr
+    assert "resuming from" in node0.stderr
+    assert "distributed: world size 2, backend gloo" in node0.stderr
+    assert "finished, saved to" not in node1.stderr  # node 1 holds rank 1: it writes nothing
     clean = weights(folder / "two")
     assert max_relative_difference(weights(cut), clean) <= 1e-5
+    assert max_relative_difference(weights(cut), weights(runs["one"])) <= 1e-5
     alone = plain(mlora_args(tiny_model_dir, config, folder / "cut-one", "--resume"))
     assert alone.returncode == 0, alone.stderr
     assert "resuming a run of 2 process(es) with 1" in alone.stderr
@@ -311,6 +395,21 @@ def test_world_size_larger_than_a_micro_batch_is_one_line(
     assert "error:" not in capsys.readouterr().err
 
 
+def test_fsdp_with_a_quantized_base_is_one_line(
+    monkeypatch, capsys, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "c")
+    argv = mlora_args(tiny_model_dir, config, tmp_path / "out", "--fsdp", "--load_4bit")
+    assert run_as_rank(monkeypatch, 0, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --fsdp shards plain base weights, not a 4bit quantized base (--load_4bit): "
+        "drop one of the two"
+    )
+    assert run_as_rank(monkeypatch, 1, argv) == 2  # the same error, printed by rank 0 alone
+    assert "error:" not in capsys.readouterr().err
+    assert not (tmp_path / "out" / "acc").exists()
+
+
 def test_nccl_without_cuda_is_one_line(monkeypatch, capsys, tiny_model_dir: Path, tmp_path: Path):
     config = write_config(tmp_path / "c")
     argv = mlora_args(tiny_model_dir, config, tmp_path / "out", "--dist_backend", "nccl")
@@ -327,3 +426,95 @@ def test_one_process_needs_no_group() -> None:
     tensors = [pytest.importorskip("torch").ones(2)]
     assert single.all_reduce_flat(tensors)[0] is tensors[0]
     assert single.any(True) and not single.any(False)
+
+
+def test_router_sums_of_two_shares_give_the_load_balancing_loss_of_the_whole() -> None:
+    """What each rank adds (its router sums under the summed counts) adds up, in value and in
+    gradient, to transformers' Mixtral load-balancing loss of the whole micro-batch."""
+    import torch
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from mlora.aux_losses import RouterStats, router_loss
+
+    experts, k = 4, 2
+    logits = torch.randn(11, experts, generator=torch.Generator().manual_seed(3))
+    whole_logits = logits.clone().requires_grad_(True)
+    load_balancing_loss_func((whole_logits,), experts, k).backward()
+    shared = logits.clone().requires_grad_(True)
+    shares = []
+    for part in (shared[:7], shared[7:]):  # rank 0's tokens, rank 1's
+        probs = part.softmax(-1)
+        chosen = torch.zeros_like(probs).scatter(1, probs.topk(k, dim=-1).indices, 1.0)
+        shares.append(RouterStats.balance(probs, chosen, coef=float(experts)))
+    counts = shares[0].counts + shares[1].counts  # the all_reduce
+    total = sum(router_loss(s.values, counts, s.coefs) for s in shares)
+    total.backward()
+    want = load_balancing_loss_func((logits,), experts, k)
+    assert total.item() == pytest.approx(want.item(), rel=1e-6)
+    assert torch.allclose(shared.grad, whole_logits.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_moe_modules_are_found_for_router_sums_and_grouped_expert_dropout(
+    tmp_path: Path,
+) -> None:
+    """Which adapters record router sums under data parallel (one slot per MoE module, in
+    model order) and which are named by the start-up line about expert dropout."""
+    from mlora.config import parse_config
+    from mlora.distributed import grouped_expert_dropout, router_stat_slots
+    from mlora.model import MultiLoraModel
+    from mlora.trainer import spec_from_config
+    from tests.conftest import make_model, make_tokenizer
+
+    adapters = moe_adapters(tmp_path, write_template(tmp_path))
+    dynamic = {k: v for k, v in adapters[0].items() if k != "top_k"}
+    dynamic.update(routing_strategy="mixlora-dynamic", top_p=0.7)
+    adapters.append({**dynamic, "name": "dynamic"})
+    adapters.append({**dynamic, "name": "dynamic-0", "expert_lora": {"lora_dropout": 0.0}})
+    config = parse_config({"lora": adapters})
+    model = MultiLoraModel(make_model(vocab_size=len(make_tokenizer())))  # 2 decoder layers
+    for adapter in config.lora:
+        model.add_adapter(adapter.name, spec_from_config(adapter))
+    slots = router_stat_slots(model.model)
+    # MixLoRA: a router per FFN; MoLA: a mixture per target (q, v, down) per layer; LoRAMoE has
+    # no router loss
+    assert {name: (len(ids), width) for name, (ids, width) in slots.items()} == {
+        "topk": (2, 5), "switch": (2, 5), "dynamic": (2, 5), "dynamic-0": (2, 5), "mola": (6, 5),
+    }  # fmt: skip
+    # on the CPU mixlora-dynamic runs one group per expert: its expert dropout is per group
+    assert grouped_expert_dropout(model.model) == ["dynamic"]
+
+
+def test_router_sums_of_two_shares_give_the_z_loss_and_gate_loss_of_the_whole() -> None:
+    """The switch z-loss (mean of logsumexp(logits)^2) and MeteoRA's gate loss (mean
+    cross-entropy over the labelled tokens, some rows unlabelled) from two ranks' sums equal
+    the whole micro-batch's, written directly, in value and gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    from mlora.aux_losses import RouterStats, router_loss
+
+    experts = 3
+    logits = torch.randn(9, experts, generator=torch.Generator().manual_seed(5))
+    tasks = torch.tensor([0, 2, -1, 1, 1, -1, -1, 0, 2])  # -1: no label
+    whole = logits.clone().requires_grad_(True)
+    labelled = tasks >= 0
+    z_want = torch.logsumexp(whole, -1).pow(2).mean()
+    gate_want = F.cross_entropy(whole[labelled], tasks[labelled])
+    (0.1 * z_want + 0.3 * gate_want).backward()
+    shared = logits.clone().requires_grad_(True)
+    shares = []
+    for part, part_tasks in ((shared[:4], tasks[:4]), (shared[4:], tasks[4:])):
+        probs = part.softmax(-1)
+        z = torch.logsumexp(part, -1).pow(2)
+        shares.append(RouterStats.balance(probs, probs > 1.0, 0.0, z, 0.1))  # z only
+        ce = F.cross_entropy(part, part_tasks.clamp_min(0), reduction="none")
+        shares.append(RouterStats.gate(experts, ce, (part_tasks >= 0).float(), 0.3))
+    z_counts = shares[0].counts + shares[2].counts  # the all_reduce, per module slot
+    gate_counts = shares[1].counts + shares[3].counts
+    total = sum(
+        router_loss(s.values, z_counts if i % 2 == 0 else gate_counts, s.coefs)
+        for i, s in enumerate(shares)
+    )
+    total.backward()
+    assert total.item() == pytest.approx((0.1 * z_want + 0.3 * gate_want).item(), rel=1e-6)
+    assert torch.allclose(shared.grad, whole.grad, rtol=1e-5, atol=1e-8)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mlora.checkpointing as checkpointing
 from mlora import launch
@@ -388,32 +388,44 @@ def test_flash_attn_equals_sdpa_through_training(tmp_path: Path, tiny_model_dir:
 
 
 @pytest.mark.gpu
-def test_bf16_is_not_slower_than_fp32_on_cuda() -> None:
+def test_bf16_step_on_cuda_keeps_adapters_fp32_and_follows_fp32() -> None:
+    """A training step with a bf16 base on CUDA: adapter weights and gradients stay fp32, and
+    the loss and LoRA gradients follow the fp32 model's (bf16 rounding). Its speed against fp32
+    is a benchmark, not a test: ``python benchmarks/bench_precision.py``."""
     backend = get_backend("cuda")
     backend.allow_tf32(False)
-    seconds = {}
+    ids = torch.randint(0, 512, (4, 64), device=backend.device)
+    layout = BatchLayout.from_row_adapters(["a"] * 4)
+    results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        base = make_model(vocab_size=4096, hidden=1024, layers=4)
+        base = make_model(vocab_size=512, hidden=256, layers=2)
         model = MultiLoraModel(base.to(device=backend.device, dtype=dtype))
-        model.add_adapter("a", LoraSpec(r=16, scaling=2.0))
+        model.add_adapter("a", LoraSpec(r=8, scaling=2.0))
+        torch.manual_seed(0)
+        for _, module in model.adapter_modules("a"):
+            torch.nn.init.normal_(module.lora_B.weight, std=0.05)
         model.train()
-        ids = torch.randint(0, 4096, (8, 512), device=backend.device)
-        layout = BatchLayout.from_row_adapters(["a"] * 8)
-        for i in range(4):  # 1 warm-up + 3 timed
-            if i == 1:
-                backend.synchronize()
-                start = time.perf_counter()
-            model(ids, torch.ones_like(ids), layout).logits.float().mean().backward()
-        backend.synchronize()
-        seconds[dtype] = time.perf_counter() - start
-    assert seconds[torch.bfloat16] < seconds[torch.float32]
+        logits = model(ids, torch.ones_like(ids), layout).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        params = model.adapter_parameters("a")
+        assert params and all(p.dtype == torch.float32 for p in params)
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+        results[dtype] = (loss.detach(), [p.grad.detach() for p in params])
+    (loss32, grads32), (loss16, grads16) = results[torch.float32], results[torch.bfloat16]
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=2e-2)
+    for g16, g32 in zip(grads16, grads32, strict=True):  # relative to the tensor's norm
+        assert ((g16 - g32).norm() / g32.norm()).item() < 0.05  # 0.016 measured in bf16 on CPU
 
 
-# --- DoRA over a quantized base (bitsandbytes runs 4/8-bit on CPU too; skipped without it) ---
+# --- DoRA over a quantized base (bitsandbytes, in the test extra: on CPU, and on CUDA) ---------
+
+NEEDS_BNB = "needs bitsandbytes (in the test extra: pip install -e '.[test]')"
 
 
-def _quantized_linear(weight: torch.Tensor, bits: int) -> torch.nn.Module:
-    bnb = pytest.importorskip("bitsandbytes")
+def _quantized_linear(weight: torch.Tensor, bits: int, device: str) -> torch.nn.Module:
+    """A bitsandbytes 4-bit (NF4) or 8-bit layer holding ``weight``, quantized onto ``device``."""
+    bnb = pytest.importorskip("bitsandbytes", reason=NEEDS_BNB)
     out_features, in_features = weight.shape
     if bits == 4:
         layer = bnb.nn.Linear4bit(
@@ -425,22 +437,32 @@ def _quantized_linear(weight: torch.Tensor, bits: int) -> torch.nn.Module:
         layer.weight = bnb.nn.Int8Params(
             weight.clone(), requires_grad=False, has_fp16_weights=False
         )
-    return layer.to("cpu")  # quantizes
+    return layer.to(device)  # quantizes
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_dora_over_quantized_base_equals_dequantized_reference(bits: int) -> None:
+def test_dora_over_quantized_base_equals_dequantized_reference(bits: int, device: str) -> None:
+    """DoRA (dropout on) over a 4/8-bit base equals DoRA over the dequantized weight W: as a
+    dense layer, and as the formula on W with the adapter's own masks (``tests.references``).
+    On CUDA, bitsandbytes' 8-bit matmul quantizes the input too (LLM.int8), so the base output
+    is only close to ``x W^T`` there; the adapter's part and its gradients are exact."""
     from mlora.adapters import MultiLoraLinear
     from mlora.layout import LayoutContext
+    from tests.references import keep_multipliers, lora_delta, twin_generator
 
     torch.manual_seed(0)
-    quantized = _quantized_linear(torch.randn(48, 32) * 0.2, bits)
-    dense = torch.nn.Linear(32, 48, bias=False).requires_grad_(False)
+    quantized = _quantized_linear(torch.randn(48, 32) * 0.2, bits, device)
+    dense = torch.nn.Linear(32, 48, bias=False, device=device).requires_grad_(False)
     dense.weight.copy_(dense_weight(quantized).float())
-    x = torch.randn(3, 5, 32)
+    x = torch.randn(3, 5, 32, device=device)
+    grad_out = torch.randn(3, 5, 48, device=device)
+    int8_input = device == "cuda" and bits == 8
+    base_tolerance = {"atol": 0.05, "rtol": 0.05} if int8_input else {"atol": 1e-5, "rtol": 1e-5}
     with torch.no_grad():  # the dequantized W is what the quantized layer computes with
-        torch.testing.assert_close(quantized(x), dense(x), atol=1e-5, rtol=1e-5)
-    layers = []
+        torch.testing.assert_close(quantized(x).float(), dense(x), **base_tolerance)
+    tolerance = {"atol": 1e-3, "rtol": 1e-2} if int8_input else {"atol": 1e-5, "rtol": 1e-4}
+    layers, deltas, grads = [], [], []
     for base in (quantized, dense):
         context = LayoutContext()
         layer = MultiLoraLinear(base, context)
@@ -449,16 +471,25 @@ def test_dora_over_quantized_base_equals_dequantized_reference(bits: int) -> Non
         torch.nn.init.normal_(adapter.lora_B.weight, std=0.1)
         context.layout = BatchLayout.from_row_adapters(["d", "d", None])
         layers.append(layer.train())
-    grads, outs = [], []
-    for layer in layers:
-        torch.manual_seed(2)  # same dropout mask
+        twin = twin_generator(context.generators.get("d", torch.device(device)))
         out = layer(x)
-        out.square().sum().backward()
+        (out.float() * grad_out).sum().backward()
         grads.append({n: p.grad for n, p in layer.adapters.named_parameters()})
-        outs.append(out.detach())
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            deltas.append((out.float() - base(x).float())[:2].reshape(-1, 48))
+        # the formula on the dequantized W, masks drawn from a twin of the adapter's stream
+        leaves = [p.detach().clone().requires_grad_(True) for p in adapter.parameters()]
+        a, b, magnitude = (leaves[i] for i in (0, 1, 2))
+        rows = x[:2].reshape(-1, 32)
+        keep = keep_multipliers(rows.shape, 0.2, twin)
+        expected = lora_delta(rows, a, b, 2.0, dense.weight, None, magnitude, keep)
+        (expected * grad_out[:2].reshape(-1, 48)).sum().backward()
+        torch.testing.assert_close(deltas[-1], expected.detach(), **tolerance)
+        for (name, param), leaf in zip(adapter.named_parameters(), leaves, strict=True):
+            torch.testing.assert_close(param.grad, leaf.grad, **tolerance, msg=name)
+    torch.testing.assert_close(deltas[0], deltas[1], **tolerance)
     magnitudes = [layer.adapters["d"].magnitude.weight for layer in layers]
     torch.testing.assert_close(magnitudes[0], magnitudes[1])  # norm of the dequantized W
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 3
     for name, grad in grads[1].items():
-        torch.testing.assert_close(grads[0][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(grads[0][name], grad, **tolerance, msg=name)

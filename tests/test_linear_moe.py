@@ -37,7 +37,7 @@ def moe_adapters(tmp_path: Path) -> list[dict]:
     template = write_template(tmp_path)
     add = write_json(tmp_path / "add.json", addition_rows(12))
     rev = write_json(tmp_path / "rev.json", reverse_rows(8))
-    common = {"prompt": template, "lora_dropout": 0.0, "lr": 1e-2, "num_epochs": 1}
+    common = {"prompt": template, "lora_dropout": 0.1, "lr": 1e-2, "num_epochs": 1}
     return [
         {"name": "plain", "data": add, "r": 4, "batch_size": 4, **common},
         {"name": "loramoe", "data": rev, "r": 2, "batch_size": 4, "micro_batch_size": 2,

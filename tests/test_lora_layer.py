@@ -12,6 +12,7 @@ from torch import nn
 from mlora.adapters import MultiLoraLinear
 from mlora.layout import BatchLayout, LayoutContext
 from mlora.randomness import SegmentRandom
+from tests.references import keep_multipliers, lora_delta, twin_generator
 
 
 class OneLinear(nn.Module):
@@ -89,21 +90,15 @@ def test_matches_peft_forward_and_gradients(variant: str) -> None:
 
 
 class GeneratorDropout(nn.Module):
-    """Inverted dropout by mlora's documented rule, written here with shifts instead of views:
-    three 16-bit draws from the low 48 bits of each 64-bit ``random_`` word, a unit kept when
-    its draw is below K = round((1 - p) * 2**16), kept units scaled by 2**16 / K."""
+    """PEFT's dropout slot filled with mlora's documented draw rule (``keep_multipliers``,
+    rebuilt independently in ``tests.references``) on a twin of the adapter's generator."""
 
     def __init__(self, p: float, generator: torch.Generator) -> None:
         super().__init__()
         self.p, self.generator = p, generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.numel()
-        words = torch.empty((n + 2) // 3, dtype=torch.int64).random_(generator=self.generator)
-        draws = torch.stack([(words >> (16 * j)) & 0xFFFF for j in range(3)], dim=1).reshape(-1)
-        kept = round((1 - self.p) * 65536)
-        keep = (draws[:n] < kept).view(x.shape)
-        return x * keep * (65536 / kept)
+        return x * keep_multipliers(x.shape, self.p, self.generator)
 
 
 def test_dropout_rate_and_scale() -> None:
@@ -127,7 +122,7 @@ def test_dropout_matches_peft_with_the_adapters_own_stream(variant: str) -> None
     ours.add_adapter("a", 4, 2.0, 0.3, use_dora=variant == "dora")
     copy_peft_weights_into(ours, "a", reference)
     context.generators.seed("a", 7)
-    twin = torch.Generator().set_state(context.generators.get("a", torch.device("cpu")).get_state())
+    twin = twin_generator(context.generators.get("a", torch.device("cpu")))
     reference.base_model.model.proj.lora_dropout["default"] = GeneratorDropout(0.3, twin)
     x = torch.randn(4, 16)
     x_ref, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -145,22 +140,44 @@ def test_dropout_matches_peft_with_the_adapters_own_stream(variant: str) -> None
 
 
 def test_mixed_batch_equals_each_adapter_alone() -> None:
-    """Rows of different adapters (and base-only rows) in one batch equal separate passes."""
+    """Rows of different adapters (and base-only rows) in one batch, dropout on, equal the
+    LoRA / DoRA formula with each adapter's own masks, and so does each adapter run alone."""
     torch.manual_seed(0)
     context = LayoutContext()
-    layer = MultiLoraLinear(nn.Linear(16, 12).requires_grad_(False), context)
+    layer = MultiLoraLinear(nn.Linear(16, 12).requires_grad_(False), context).train()
     for name, dora in [("a", False), ("b", True), ("c", False)]:
-        layer.add_adapter(name, 4, 2.0, use_dora=dora)
+        layer.add_adapter(name, 4, 2.0, dropout=0.3, use_dora=dora)
         nn.init.normal_(layer.adapters[name].lora_B.weight)
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+
+    def streams() -> dict[str, torch.Generator]:
+        cpu = torch.device("cpu")
+        return {n: twin_generator(context.generators.get(n, cpu)) for n in ("a", "b", "c")}
+
+    def expected(name: str, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(rows, T, out) base + the adapter's delta by the formula, masks from ``generator``."""
+        flat = x.reshape(-1, x.shape[-1])
+        adapter = layer.adapters[name]
+        magnitude = None if adapter.magnitude is None else adapter.magnitude.weight
+        keep = keep_multipliers(flat.shape, adapter.dropout_p, generator)
+        a, b, s = adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling
+        delta = lora_delta(flat, a, b, s, weight, None, magnitude, keep)
+        return (flat @ weight.T + bias + delta).view(*x.shape[:-1], -1)
+
     rows = ["a", "a", None, "b", "c", "c"]
     x = torch.randn(len(rows), 7, 16)
+    twins = streams()
     with context.use(BatchLayout.from_row_adapters(rows)):
         mixed = layer(x)
-    for i, name in enumerate(rows):
-        with context.use(BatchLayout.from_row_adapters([name])):
-            alone = layer(x[i : i + 1])
-        torch.testing.assert_close(mixed[i : i + 1], alone)
-    torch.testing.assert_close(mixed[2], layer.base_layer(x[2]))
+    for name, picked in (("a", [0, 1]), ("b", [3]), ("c", [4, 5])):
+        reference = expected(name, x[picked], twins[name])
+        torch.testing.assert_close(mixed[picked], reference, rtol=1e-5, atol=1e-5)
+        alone_twins = streams()
+        with context.use(BatchLayout.from_row_adapters([name] * len(picked))):
+            alone = layer(x[picked])
+        reference = expected(name, x[picked], alone_twins[name])
+        torch.testing.assert_close(alone, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[2], x[2] @ weight.T + bias)
 
 
 def test_zero_b_equals_base_layer() -> None:
@@ -169,5 +186,6 @@ def test_zero_b_equals_base_layer() -> None:
     layer.add_adapter("a", 4, 2.0)
     layer.add_adapter("d", 4, 2.0, use_dora=True)
     x = torch.randn(2, 3, 16)
+    base = layer.base_layer
     with context.use(BatchLayout.from_row_adapters(["a", "d"])):
-        torch.testing.assert_close(layer(x), layer.base_layer(x))
+        torch.testing.assert_close(layer(x), x @ base.weight.T + base.bias)

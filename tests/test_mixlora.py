@@ -291,6 +291,11 @@ def test_dora_experts_with_dropout_equal_the_dense_formula(
     read per layer) and every (token, expert) pair at once (``dispatch_pairs``, no host read)."""
     monkeypatch.setattr(lora_module, "adapter_dropout", value_dropout)
     monkeypatch.setattr(feed_forward, "adapter_dropout", value_dropout)
+    monkeypatch.setattr(
+        feed_forward,
+        "slot_dropout",
+        lambda x, _order, _k, p, training, _r: value_dropout(x, p, training),
+    )
     monkeypatch.setattr(feed_forward, "DYNAMIC_AS_PAIRS", True)
     monkeypatch.setattr(sys.modules[__name__], "lora_linear", dropped_lora_linear)
     ffn_names = FFN if family == "llama" else ("fc1", "fc2")
@@ -327,6 +332,7 @@ def test_dora_experts_with_dropout_equal_the_dense_formula(
     # the dropout is live: without it the output differs
     monkeypatch.setattr(lora_module, "adapter_dropout", lambda x, *a, **k: x)
     monkeypatch.setattr(feed_forward, "adapter_dropout", lambda x, *a, **k: x)
+    monkeypatch.setattr(feed_forward, "slot_dropout", lambda x, *a, **k: x)
     with model.context.use(*layouts["pairs"]):
         undropped = ffn(x).reshape(-1, 64)
     assert (undropped - reference).abs().max() > 1e-3
@@ -392,12 +398,20 @@ def test_mixlora_trained_alongside_lora_equals_alone(tmp_path: Path) -> None:
     template = write_template(tmp_path)
     add = write_json(tmp_path / "add.json", addition_rows(16))
     rev = write_json(tmp_path / "rev.json", reverse_rows(12))
-    moe = moe_adapter(add, template, strategy, use_dora=strategy == "mixlora", num_epochs=1)
+    moe = moe_adapter(
+        add,
+        template,
+        strategy,
+        use_dora=strategy == "mixlora",
+        num_epochs=1,
+        lora_dropout=0.1,
+        jitter_noise=0.1,
+    )  # each adapter's own random stream
     others = [
-        {"name": "ffn-lora", "data": rev, "prompt": template, "r": 4, "lora_dropout": 0.0,
+        {"name": "ffn-lora", "data": rev, "prompt": template, "r": 4, "lora_dropout": 0.1,
          "target_modules": ["q_proj", "gate_proj", "down_proj"], "batch_size": 4, "lr": 5e-3,
          "num_epochs": 1},
-        {"name": "attn-lora", "data": add, "prompt": template, "r": 2, "lora_dropout": 0.0,
+        {"name": "attn-lora", "data": add, "prompt": template, "r": 2, "lora_dropout": 0.1,
          "batch_size": 8, "num_epochs": 1, "use_dora": True},
     ]  # fmt: skip
 

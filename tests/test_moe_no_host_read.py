@@ -44,8 +44,10 @@ class Guard:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.saved = {name: getattr(torch.Tensor, name) for name in READS}
+        self.guarded = 0  # times the guard was switched on
 
     def on(self, *_: object) -> None:
+        self.guarded += 1
         if self.cuda:
             torch.cuda.set_sync_debug_mode("error")
             return
@@ -79,6 +81,8 @@ ADAPTERS = {
 
 
 def run_step(kind: str, device: torch.device = CPU) -> None:
+    """One forward + backward of adapter ``kind`` with host reads refused inside its layers and
+    the backward; asserts the guard was live in every adapter layer and the step completed."""
     config = parse_config(
         {"lora": [{"name": kind, "data": "x.json", "r": 4, "lora_dropout": 0.1, **ADAPTERS[kind]}]}
     )
@@ -105,11 +109,17 @@ def run_step(kind: str, device: torch.device = CPU) -> None:
             input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
         ).last_hidden_state
         loss = hidden.float().pow(2).mean()
+        guarded_layers = guard.guarded
         guard.on()
         loss.backward()
     finally:
         guard.off()
         model.context.set(None)
+    modules = {path.split(".moes.")[0] for path, _ in model.adapter_modules(kind)}
+    assert guarded_layers == len(modules) > 0  # each adapter layer ran under the guard
+    params = [p for _, m in model.adapter_modules(kind) for p in m.parameters()]
+    assert any(p.grad is not None and p.grad.any() for p in params)  # it trained
+    assert torch.isfinite(loss.detach().cpu()).all()
 
 
 @pytest.mark.parametrize("impl", ["grouped", "masked"])

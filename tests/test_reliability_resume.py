@@ -121,14 +121,17 @@ def test_sigkill_at_several_moments_then_resume_equals_uninterrupted(
     short_file = out / "short" / "adapter_model.safetensors"
     short_written = short_file.stat().st_mtime_ns  # "short" finished before the kill
 
-    # 2. Resume, then die inside the 7th file write after it: the cut at step 6 is being written
-    #    (acc's checkpoint-3 is complete, sgd's checkpoint-2 is a temp folder, no manifest yet).
+    # 2. Resume (sgd replays from its start: no checkpoint of it yet), then die inside the 7th
+    #    file write after it: the cut at step 6 is being written (sgd's checkpoint-2, the only
+    #    adapter due, is complete; the cut's manifest is in a temp folder). acc (step 3) is not
+    #    due, so nothing of it is rewritten.
     second = run_mlora([*args, "--resume"], script=HARNESS, MLORA_TEST_KILL="write:7")
     assert second.returncode == -signal.SIGKILL, second.stderr
     logs.append(second.stderr)
     assert "resuming from" in second.stderr and "step-4" in second.stderr
     assert temporaries(out), "the kill should have left a half-written folder behind"
-    assert (out / "acc" / "checkpoint-3").is_dir()  # complete, but its cut never was
+    assert (out / "sgd" / "checkpoint-2").is_dir()  # complete, but its cut never was
+    assert not (out / "acc" / "checkpoint-3").exists()  # each adapter on its own schedule
 
     # 3. Resume (the half-written folder must be ignored), SIGKILL from outside at a random moment.
     proc = start_mlora([*args, "--resume"])

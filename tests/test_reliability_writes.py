@@ -48,8 +48,8 @@ def test_disk_full_and_permission_denied_mid_run(tmp_path: Path, tiny_model_dir:
     runs = [
         # the disk fills up while "short" replaces its earlier final adapter
         (mlora_args(tiny_model_dir, config, full, "--overwrite"), "ENOSPC:short/.adapter_model"),
-        # permission is lost while acc's checkpoint-3 is being written
-        (mlora_args(tiny_model_dir, config, denied), "EACCES:acc/.checkpoint-3"),
+        # permission is lost while acc's checkpoint-4 is being written (in the background)
+        (mlora_args(tiny_model_dir, config, denied), "EACCES:acc/.checkpoint-4"),
     ]
     with ThreadPoolExecutor(2) as pool:
         futures = [
@@ -64,12 +64,12 @@ def test_disk_full_and_permission_denied_mid_run(tmp_path: Path, tiny_model_dir:
     assert not leftovers(full)
 
     assert second.returncode == 2, second.stderr
-    target = denied / "acc" / "checkpoint-3" / "adapter_model.safetensors"
+    target = denied / "acc" / "checkpoint-4" / "adapter_model.safetensors"
     assert one_error_line(second.stderr) == f"error: cannot write {target}: {os.strerror(13)}"
-    assert not (denied / "acc" / "checkpoint-3").exists() and not leftovers(denied)
-    assert [step for step, _ in list_checkpoints(denied / "acc")] == [1, 2]
+    assert not (denied / "acc" / "checkpoint-4").exists() and not leftovers(denied)
+    assert [step for step, _ in list_checkpoints(denied / "acc")] == [2]  # its own schedule
     point = find_resume_point(denied, run_identity(config, tiny_model_dir))
-    assert point.global_step == 4  # --resume picks up from here
+    assert point.global_step == 6  # --resume picks up from here (sgd's checkpoint-2)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")

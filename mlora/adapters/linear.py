@@ -26,8 +26,14 @@ from mlora.ops.segments import join_segments, split_segments
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of a base linear layer as a dense tensor (dequantized if needed)."""
+    """The (out, in) weight of a base linear layer as a dense tensor (dequantized if needed).
+
+    A weight sharded by ``--fsdp`` (a ``DTensor``, outside the layer's forward) is gathered:
+    every rank attaches the same adapters in the same order, so every rank joins the gather.
+    """
     weight = layer.weight
+    if type(weight).__name__ == "DTensor":  # no import of torch.distributed on the hot path
+        return weight.full_tensor()
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes 4-bit
         import bitsandbytes.functional as bnb_functional

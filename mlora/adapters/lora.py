@@ -48,6 +48,33 @@ def adapter_dropout(
     return x * (random or SegmentRandom(None)).keep(x, p)
 
 
+def slot_dropout(
+    pairs: torch.Tensor,
+    order: torch.Tensor,
+    slots: int,
+    p: float,
+    training: bool,
+    random: SegmentRandom | None,
+) -> torch.Tensor:
+    """Dropout of MoE (token, slot) pairs grouped by expert, drawn token by token.
+
+    The masks are drawn for the ``n * slots`` pairs in token order (each token's slots side by
+    side, as one row of ``slots * in`` units) and then put in the pairs' expert order, so a
+    token's masks do not depend on which experts the other tokens chose, and a data-parallel
+    rank draws exactly its tokens' part of the whole micro-batch (``SegmentRandom.plain``).
+
+    Args:
+        pairs: (n * slots, in) the pairs' inputs, sorted by expert.
+        order: (n * slots,) the token-order index (``token * slots + slot``) of each pair.
+        random: the adapter's stream over the n tokens in canonical order (None: global RNG).
+    """
+    if not training or p == 0:
+        return pairs
+    n = pairs.shape[0] // slots
+    keep = (random or SegmentRandom(None)).keep(pairs.new_empty(n, slots * pairs.shape[1]), p)
+    return pairs * keep.view(n * slots, -1).index_select(0, order)
+
+
 class DoraMagnitude(nn.Module):
     """DoRA's trained magnitude, one value per output feature (PEFT: lora_magnitude_vector)."""
 

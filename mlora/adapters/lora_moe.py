@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters.lora import LoraAdapter, adapter_dropout, dora_scales
+from mlora.adapters.lora import LoraAdapter, dora_scales, slot_dropout
+from mlora.aux_losses import RouterStats
 from mlora.layout import LayoutContext
 from mlora.moe.routing import load_balance, top_k
 from mlora.moe.routing import load_balancing_loss as load_balancing_loss  # re-exported
@@ -316,15 +317,15 @@ class MolaAdapter(ExpertMixture):
     ) -> torch.Tensor:
         """The experts over all n*k pairs without a host sync (``routed_lora``).
 
-        One dropout draw covers every pair in expert order (the adapter's stream, canonical
-        tokens), then each pair goes through its expert's LoRA. DoRA experts (``dora``: the
-        segment's base output, the segment index of each of ``x``'s tokens or None when ``x``
-        is the segment, the dense base weight and bias) rescale each pair by its expert's
-        magnitude over weight norm, as ``LoraAdapter.forward`` does for one expert.
+        The pairs' dropout is drawn token by token (``slot_dropout``: the adapter's stream over
+        the canonical tokens), then each pair goes through its expert's LoRA. DoRA experts
+        (``dora``: the segment's base output, the segment index of each of ``x``'s tokens or
+        None when ``x`` is the segment, the dense base weight and bias) rescale each pair by its
+        expert's magnitude over weight norm, as ``LoraAdapter.forward`` does for one expert.
         """
         first = self.experts[0]
         pairs = x.index_select(0, token_of).to(first.lora_A.weight.dtype)  # (P, in)
-        pairs = adapter_dropout(pairs, first.dropout_p, self.training, random)
+        pairs = slot_dropout(pairs, order, self.top_k, first.dropout_p, self.training, random)
         out = routed_lora(
             pairs,
             expert_of,
@@ -359,7 +360,14 @@ class MolaAdapter(ExpertMixture):
         slots = F.one_hot(selected, self.num_experts)  # (N, k, E), built once for both
         if mask is not None:  # count real tokens only
             load = (slots.sum(dim=1) * mask[:, None]).sum(dim=0)
-        self.context.aux_losses.add_load(self.adapter_name, load)
-        if self.router_loss:
+        collector = self.context.aux_losses
+        collector.add_load(self.adapter_name, load)
+        if not self.router_loss:
+            return
+        coef = self.aux_loss_coef * self.num_experts
+        if collector.global_stats and mask is None:  # data parallel: sums, finished over ranks
+            stats = RouterStats.balance(probs, slots.sum(dim=1), coef)
+            collector.add_stats(self.adapter_name, self, stats)
+        else:
             loss = self.num_experts * load_balance(probs, slots, mask)
-            self.context.aux_losses.add(self.adapter_name, self.aux_loss_coef * loss)
+            collector.add(self.adapter_name, self.aux_loss_coef * loss)

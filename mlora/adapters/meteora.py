@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters.lora import LoraAdapter, adapter_dropout
+from mlora.aux_losses import RouterStats
 from mlora.layout import LayoutContext
 from mlora.moe.routing import top_k_weights
 from mlora.randomness import SegmentRandom
@@ -181,5 +182,10 @@ class MeteoraAdapter(nn.Module):
             return
         labelled = (tasks >= 0).float()  # (T,) padding and unlabelled rows carry -1
         loss = F.cross_entropy(logits, tasks.clamp_min(0), reduction="none")  # (T,)
+        collector = self.context.aux_losses
+        if collector.global_stats:  # data parallel: the mean over the whole micro-batch
+            stats = RouterStats.gate(self.num_adapters, loss, labelled, self.gate_loss_weight)
+            collector.add_stats(self.adapter_name, self, stats)
+            return
         mean = (loss * labelled).sum() / labelled.sum().clamp_min(1)
-        self.context.aux_losses.add(self.adapter_name, self.gate_loss_weight * mean)
+        collector.add(self.adapter_name, self.gate_loss_weight * mean)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters import LoraAdapter, MultiLoraLinear, dense_weight
-from mlora.adapters.lora import adapter_dropout, dora_scales
+from mlora.adapters.lora import adapter_dropout, dora_scales, slot_dropout
 from mlora.adapters.spec import AdapterHost, LoraSpec
 from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.moe.routing import RouterSpec, route
@@ -286,14 +286,18 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
             rows = None if rows is None else rows.index_select(0, order)
             random = random.plain()
         logits = moe.router_logits(x, random)
-        routing = route(logits, moe.router_spec, real, rows, self.training)
+        collector = self.context.aux_losses
+        global_stats = collector.global_stats and order is not None
+        routing = route(logits, moe.router_spec, real, rows, self.training, global_stats)
         if routing.aux_loss is not None:
-            self.context.aux_losses.add(seg.adapter, routing.aux_loss)
+            collector.add(seg.adapter, routing.aux_loss)
+        if routing.stats is not None:
+            collector.add_stats(seg.adapter, moe, routing.stats)
         if routing.counts is not None:
-            self.context.aux_losses.add_load(seg.adapter, routing.counts)
-        k = _slots_per_token(moe.router_spec, x.device)
+            collector.add_load(seg.adapter, routing.counts)
+        k = slots_per_token(moe.router_spec, x.device)
         if real is None and k is not None:  # k pairs per token: no sync
-            out = self.dispatch_pairs(moe, x, routing.weights, routing.routed, k, random.generator)
+            out = self.dispatch_pairs(moe, x, routing.weights, routing.routed, k, random)
         else:
             out = self.dispatch(moe, x, routing.weights, routing.routed, random.generator)
         out = adapter_dropout(out, moe.ffn_dropout, moe.training, random).to(x.dtype)
@@ -354,7 +358,7 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
         weights: torch.Tensor,
         routed: torch.Tensor,
         k: int,
-        generator: torch.Generator | None = None,
+        random: SegmentRandom | None = None,
     ) -> torch.Tensor:
         """``dispatch`` for routers that give every token at most ``k`` slots, without a sync.
 
@@ -369,6 +373,8 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
 
         Args:
             x: (N, H) real tokens; weights: (N, E); routed: (N, E) bool, at most k per token.
+            random: the adapter's stream over the N tokens in canonical order (expert dropout,
+                drawn token by token: ``slot_dropout``).
 
         Returns:
             (N, H_out) fp32.
@@ -383,7 +389,6 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
         slot_weight = torch.where(hit, weights.gather(1, slots), unrouted).reshape(-1)
         order, token_of, expert_of = group_by_expert(slot_expert, k)
         xs = x.index_select(0, token_of)  # (P, H)
-        random = SegmentRandom(generator)
         dense = self._dense_weights(moe)
 
         def project(name: str, inp: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -399,8 +404,8 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
                     [*b, b[0].new_zeros(b[0].shape)],
                     [*scales, 0.0],
                 )
-            dropped = adapter_dropout(
-                inp.to(a[0].dtype), experts[0].dropout_p, experts[0].training, random
+            dropped = slot_dropout(
+                inp.to(a[0].dtype), order, k, experts[0].dropout_p, experts[0].training, random
             )
             lora = routed_lora(dropped, expert_of, a, b, scales)  # (P, out), scaled
             if experts[0].magnitude is None:
@@ -491,7 +496,7 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
 DYNAMIC_AS_PAIRS: bool | None = None
 
 
-def _slots_per_token(spec: RouterSpec, device: torch.device) -> int | None:
+def slots_per_token(spec: RouterSpec, device: torch.device) -> int | None:
     """How many (token, expert) slots ``dispatch_pairs`` gives each token for this router, or
     None where the router runs through ``dispatch`` (grouped by expert, one host read)."""
     if spec.strategy == "mixlora":

@@ -18,7 +18,10 @@ All three strategies start from the router's softmax ``p = softmax(logits)`` ove
 Load balancing (every strategy): ``coef * E * sum_e f_e * P_e``, with ``f_e`` the fraction of
 real tokens sent to expert e (before capacity) and ``P_e`` the mean router probability of e over
 real tokens; padding is excluded. Switch adds the z-loss ``z_coef * mean(logsumexp(logits)^2)``.
-Losses and counts are computed in training only (eval and generation discard them).
+Losses and counts are computed in training only (eval and generation discard them). Under data
+parallel the router losses are means over the whole micro-batch: ``route`` then returns the
+router sums of this rank's tokens (``Routing.stats``, see ``mlora.aux_losses.RouterStats``)
+for the trainer to finish over all ranks, instead of a loss.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from mlora.aux_losses import RouterStats
 
 
 def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,12 +138,14 @@ class Routing:
         aux_loss: scalar, the coefficient-weighted router losses over real tokens; None out of
             training or without ``router_loss``.
         counts: (E,) real tokens routed to each expert; None out of training.
+        stats: the router sums behind ``aux_loss`` when asked for them instead (data parallel).
     """
 
     weights: torch.Tensor
     routed: torch.Tensor
     aux_loss: torch.Tensor | None
     counts: torch.Tensor | None
+    stats: RouterStats | None = None
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +180,7 @@ def route(
     real: torch.Tensor | None,
     rows: torch.Tensor | None,
     training: bool,
+    global_stats: bool = False,
 ) -> Routing:
     """Route N tokens given their router logits.
 
@@ -182,6 +190,8 @@ def route(
         real: (N,) bool, True at real (non-padding) tokens; None: all are real.
         rows: (N,) row index of each token (the switch capacity is per row); None: one row.
         training: apply the switch capacity and compute the counts and router losses.
+        global_stats: return the router sums (``Routing.stats``), not the losses; every token
+            must be real (``real`` None, the canonical order).
 
     Returns:
         The routing, with the router losses when training with ``router_loss``.
@@ -211,8 +221,15 @@ def route(
     counts = (routed.to(probs.dtype) * mask[:, None]).sum(0)
     if not spec.router_loss:
         return Routing(weights, routed, None, counts)
-    aux = spec.aux_loss_coef * probs.shape[-1] * load_balance(probs, chosen, real)
-    if spec.strategy == "mixlora-switch" and spec.z_loss_coef > 0:
+    coef = spec.aux_loss_coef * probs.shape[-1]
+    z_coef = spec.z_loss_coef if spec.strategy == "mixlora-switch" else 0.0
+    if global_stats:
+        assert not padded, "router sums are taken over canonical (real) tokens"
+        z = torch.logsumexp(logits, dim=-1).pow(2) if z_coef > 0 else None
+        stats = RouterStats.balance(probs, chosen, coef, z, z_coef)
+        return Routing(weights, routed, None, counts, stats)
+    aux = coef * load_balance(probs, chosen, real)
+    if z_coef > 0:
         z = torch.logsumexp(logits, dim=-1).pow(2)  # (N,)
-        aux = aux + spec.z_loss_coef * (z * mask).sum() / mask.sum().clamp_min(1)
+        aux = aux + z_coef * (z * mask).sum() / mask.sum().clamp_min(1)
     return Routing(weights, routed, aux, counts)
