@@ -162,6 +162,12 @@ def _train(
     fsdp: bool,
 ) -> Trainer:
     """``train`` with its logging settled (same arguments)."""
+    if fsdp and quantize:  # before the plan's CUDA check: every rank stops, rank 0 prints
+        raise AgreedError(
+            f"--fsdp shards plain base weights, not a {quantize} quantized base "
+            f"(--load_{quantize}): drop one of the two",
+            env_rank(),
+        )
     plan = plan_base_load(device, dtype, quantize, attn_implementation)  # before any device use
     backend = plan.backend
     if not isinstance(config, TrainConfig):
@@ -169,12 +175,6 @@ def _train(
     for note in config.notes:  # upstream m-LoRA keys read with a different meaning or none
         logger.info(note)
     check_seed(seed)
-    if fsdp and quantize:  # every rank stops; rank 0 prints the line
-        raise AgreedError(
-            f"--fsdp shards plain base weights, not a {quantize} quantized base "
-            f"(--load_{quantize}): drop one of the two",
-            env_rank(),
-        )
     if tf32:
         backend.allow_tf32(True)
     check_world_size(config, env_world_size())  # before joining the group: fails in a second
