@@ -176,8 +176,10 @@ def test_packed_rows_equal_padded_rows(family: str) -> None:
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
     # one stream with per-row attention: every sdpa family (Gemma 2 runs eager: it softcaps)
     with model.context.use(None):  # the probe runs the bare base model
-        assert use_stream(base) == (family != "gemma2")
-    if family != "gemma2":
+        streamed = use_stream(base)
+    # Gemma 2 softcaps its attention: transformers 5.24 runs it eager (bins stay), 5.0 sdpa
+    assert streamed or family == "gemma2"
+    if streamed:
         stream_losses, stream_grads = _losses_and_grads(model, groups, packed=True, stream=True)
         torch.testing.assert_close(stream_losses, padded_losses, rtol=1e-5, atol=1e-5)
         for name, grad in padded_grads.items():
