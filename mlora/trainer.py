@@ -48,8 +48,8 @@ from mlora.persistence import (
     load_adapter_weights,
     peft_config,
     read_adapter,
-    save_adapter,
     spec_from_peft_config,
+    write_adapter_files,
 )
 from mlora.prompts import load_template
 from mlora.run_records import RunIdentity
@@ -602,8 +602,12 @@ class Trainer:
         return peft_config(spec, run.config.lora_alpha, run.config.use_rslora, self.base_model_name)
 
     def save_final(self, run: AdapterRun) -> Path:
+        """Queue the finished adapter's PEFT files on the checkpoint writer: one ordered stream
+        of writes (a later cut that records it as finished is written after its files)."""
         folder = self.output_dir / run.name
-        save_adapter(self.model, run.name, folder, self.adapter_config_json(run))
+        tensors = {key: _own(t) for key, t in adapter_state_dict(self.model, run.name).items()}
+        config = self.adapter_config_json(run)
+        self.checkpoints.writer.submit(lambda: write_adapter_files(folder, tensors, config))
         self._saved.append(f"adapter {run.name}: finished, saved to {folder}")
         return folder
 

@@ -11,6 +11,10 @@ Used by tests/test_reliability_*.py as ``python tests/reliability_harness.py ARG
     ``write:N`` inside the N-th atomic file write, after its data is on disk and before it is
                 renamed into place (inside a checkpoint folder that is still a temp folder).
 
+    ``step`` and ``optim`` first wait for the checkpoint writes already queued on the background
+    writer, so the moment is the same on a fast and a slow machine (a kill while a write is in
+    flight is what ``write:N`` and the tests' kills from outside are for).
+
 ``MLORA_TEST_KILL_RANK`` — under torchrun, only the process of this rank is killed.
 
 ``MLORA_TEST_FSDP_REPORT`` — a folder: under ``--fsdp`` each rank writes ``rank<R>.json`` with
@@ -34,7 +38,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _die() -> None:
+_writers: list = []
+
+
+def _track_writers() -> None:
+    """Remember every background checkpoint writer, so a kill can wait for its queued jobs."""
+    from mlora.background import BackgroundWriter
+
+    real_init = BackgroundWriter.__init__
+
+    def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real_init(self, *args, **kwargs)
+        _writers.append(self)
+
+    BackgroundWriter.__init__ = init  # type: ignore[method-assign]
+
+
+def _die(drain: bool = False) -> None:
+    if drain:
+        for writer in _writers:
+            if writer._thread is not None:
+                writer._jobs.join()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -66,17 +90,20 @@ def install_kill(spec: str) -> None:
     elif kind == "step":
         from mlora.trainer import Trainer
 
+        _track_writers()
+
         real_step = Trainer.train_step
 
         def train_step(self, step):  # type: ignore[no-untyped-def]
             if self.global_step == target:
-                _die()
+                _die(drain=True)
             return real_step(self, step)
 
         Trainer.train_step = train_step  # type: ignore[method-assign]
     elif kind == "optim":
         import torch
 
+        _track_writers()
         for cls in (torch.optim.AdamW, torch.optim.SGD):
             real = cls.step
 
@@ -84,7 +111,7 @@ def install_kill(spec: str) -> None:
                 nonlocal count
                 count += 1
                 if count == target:
-                    _die()
+                    _die(drain=True)
                 return _real(self, *args, **kwargs)
 
             cls.step = step  # type: ignore[method-assign]
