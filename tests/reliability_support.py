@@ -23,6 +23,7 @@ from tests.helpers import addition_rows, reverse_rows, write_json, write_templat
 ROOT = Path(__file__).resolve().parents[1]
 MLORA = str(ROOT / "mlora.py")
 HARNESS = str(ROOT / "tests" / "reliability_harness.py")
+FORKED_CLI = str(ROOT / "tests" / "forked_cli.py")
 NAMES = ("acc", "short", "sgd")
 TIMEOUT = 120
 
