@@ -36,11 +36,11 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mlora.backends import get_backend
-    from mlora.batch import collate
-    from mlora.checkpointing import apply_gradient_checkpointing
-    from mlora.data import TokenizedRow
-    from mlora.model import LoraSpec, MultiLoraModel
+    from mlora.batching.collate import collate
+    from mlora.data.rows import TokenizedRow
+    from mlora.hardware.backends import get_backend
+    from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+    from mlora.training.recompute import apply_gradient_checkpointing
 
     backend = get_backend(args.device)
     backend.manual_seed(0)
@@ -107,7 +107,7 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
-    from mlora.backends import get_backend
+    from mlora.hardware.backends import get_backend
 
     print(
         f"device={get_backend(args.device).device} hidden={args.hidden} layers={args.layers} "

@@ -75,9 +75,9 @@ def in_process(
     model_dir: Path, config_path: Path, out: Path
 ) -> tuple[tuple[float, float], tuple[float, float]]:
     """(together, separately) (wall, CPU) seconds of ``evaluate_model`` on one loaded model."""
-    from mlora.config import load_config
-    from mlora.evaluation import evaluate_model, prepare_test_sets
-    from mlora.trained import load_trained
+    from mlora.config.schema import load_config
+    from mlora.inference.evaluation import evaluate_model, prepare_test_sets
+    from mlora.inference.trained import load_trained
 
     config = load_config(config_path)
     names = list(TASKS)

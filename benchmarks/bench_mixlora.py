@@ -22,10 +22,10 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from mlora.layout import BatchLayout, LayoutContext
-from mlora.moe.feed_forward import MixLoraExperts, MixLoraFeedForward
-from mlora.moe.routing import route
-from mlora.moe.spec import RouterSpec, build_mixlora_spec
+from mlora.adapters.mixlora.feed_forward import MixLoraExperts, MixLoraFeedForward
+from mlora.adapters.mixlora.spec import RouterSpec, build_mixlora_spec
+from mlora.adapters.routing import route
+from mlora.batching.layout import BatchLayout, LayoutContext
 
 
 def dense(ffn: MixLoraFeedForward, moe: MixLoraExperts, x: torch.Tensor) -> torch.Tensor:

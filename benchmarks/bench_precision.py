@@ -23,9 +23,9 @@ import torch
 from common import Spread, resolve_device  # benchmarks/common.py (puts the checkout on the path)
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mlora.backends import Backend, get_backend
-from mlora.layout import BatchLayout
-from mlora.model import LoraSpec, MultiLoraModel
+from mlora.batching.layout import BatchLayout
+from mlora.hardware.backends import Backend, get_backend
+from mlora.model.multi_lora import LoraSpec, MultiLoraModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_lora_op import check_memory_probe, memory_of
 
-from mlora.batch import collate
-from mlora.data import IGNORE_INDEX, TokenizedRow
-from mlora.model import LoraSpec, MultiLoraModel
+from mlora.batching.collate import collate
+from mlora.data.rows import IGNORE_INDEX, TokenizedRow
+from mlora.model.multi_lora import LoraSpec, MultiLoraModel
 
 MIB = 2**20
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

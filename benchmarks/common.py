@@ -5,7 +5,7 @@ differs. The mlora side (here) is ``mlora.train``, the public API: every adapter
 forward and one backward per step, ``lm_head`` only at supervised positions. The PEFT side
 (peft_train_one.py) is the ordinary user workflow, one adapter after another. Both build their
 rows and micro-batches with mlora's pipeline (``mlora.prepare_data``,
-``mlora.dispatcher.AdapterQueue``; see ``schedule``), so both see identical batches.
+``mlora.batching.dispatcher.AdapterQueue``; see ``schedule``), so both see identical batches.
 
 Each side runs in a fresh child process (``python benchmarks/common.py ...`` for mlora,
 ``python benchmarks/peft_train_one.py ...`` for PEFT, same flags, see ``child_parser``) that
@@ -46,8 +46,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `import mlora` from a checkout that is not pip-installed
 
 import mlora  # noqa: E402
-from mlora.data import TokenizedRow  # noqa: E402
-from mlora.dispatcher import AdapterQueue, MicroBatch  # noqa: E402
+from mlora.batching.dispatcher import AdapterQueue, MicroBatch  # noqa: E402
+from mlora.data.rows import TokenizedRow  # noqa: E402
 
 # Common English words that SmolLM2's tokenizer (and our word-level one) encode as one token
 # each, so a row of n words is about n tokens on every benchmark model.

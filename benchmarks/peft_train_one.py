@@ -9,8 +9,8 @@ summed token losses of its micro-batches divided by its supervised tokens, which
 does when given ``num_items_in_batch`` (as its Trainer does under gradient accumulation).
 
 Rows and micro-batches come from mlora's pipeline (``mlora.prepare_data``,
-``mlora.dispatcher.AdapterQueue``), so the rows, their order and the batch composition equal
-mlora's. Run by the benchmarks as a child process (one JSON line on stdout, see common.py):
+``mlora.batching.dispatcher.AdapterQueue``), so the rows, their order and the batch composition
+equal mlora's. Run by the benchmarks as a child process (one JSON line on stdout, see common.py):
 
     python benchmarks/peft_train_one.py --model-dir M --config C --out O --adapters a,b \\
         --device cpu --dtype fp32 --attn-impl sdpa --warmup 1 --repeat 1 --seed 42
@@ -32,9 +32,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mlora import TrainConfig
-from mlora.data import TokenizedRow, pad_token_id
-from mlora.dispatcher import MicroBatch
-from mlora.trainer import prepare_data
+from mlora.batching.dispatcher import MicroBatch
+from mlora.data.rows import TokenizedRow, pad_token_id
+from mlora.training.trainer import prepare_data
 
 
 def padded_batch(

@@ -11,15 +11,15 @@ Notebook use::
 """
 
 from mlora.api import check_outputs, train
-from mlora.config import AdapterConfig, TrainConfig, load_config, parse_config
-from mlora.errors import ConfigError, DataError, MloraError
-from mlora.evaluation import AdapterResult, evaluate
-from mlora.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
-from mlora.layout import AdapterSegment, BatchLayout, LayoutContext
-from mlora.model import LoraSpec, MultiLoraModel, load_base_model
-from mlora.persistence import read_adapter, save_adapter
-from mlora.trained import load_trained
-from mlora.trainer import Trainer, prepare_data
+from mlora.batching.layout import AdapterSegment, BatchLayout, LayoutContext
+from mlora.config.schema import AdapterConfig, TrainConfig, load_config, parse_config
+from mlora.core.errors import ConfigError, DataError, MloraError
+from mlora.inference.evaluation import AdapterResult, evaluate
+from mlora.inference.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
+from mlora.inference.trained import load_trained
+from mlora.model.multi_lora import LoraSpec, MultiLoraModel, load_base_model
+from mlora.persistence.adapter_files import read_adapter, save_adapter
+from mlora.training.trainer import Trainer, prepare_data
 
 __version__ = "0.1.0"
 

@@ -10,18 +10,23 @@ from pathlib import Path
 
 import torch
 
-from mlora.atomic import output_lock
-from mlora.base_model import resolve_base_model
-from mlora.checkpoint import (
+from mlora.config.schema import TrainConfig, config_to_dict, load_config
+from mlora.core.atomic import output_lock
+from mlora.core.errors import MloraError
+from mlora.core.hub import before_loading
+from mlora.core.stderr_log import CurrentStderrHandler
+from mlora.data.rows import TokenizedRow
+from mlora.inference.loading import plan_base_load
+from mlora.model.base_model import resolve_base_model
+from mlora.model.multi_lora import MultiLoraModel
+from mlora.training.checkpoints import (
     clear_run_state,
     drop_newer_files,
     find_resume_point,
     interrupted_run,
     read_run_state,
 )
-from mlora.config import TrainConfig, config_to_dict, load_config
-from mlora.data import TokenizedRow
-from mlora.distributed import (
+from mlora.training.distributed import (
     AgreedError,
     check_world_size,
     empty_base_model,
@@ -31,14 +36,9 @@ from mlora.distributed import (
     load_sharded_base,
     process_group,
 )
-from mlora.errors import MloraError
-from mlora.hub import before_loading
-from mlora.loading import plan_base_load
-from mlora.model import MultiLoraModel
-from mlora.preflight import check_seed, preflight
-from mlora.run_records import RunIdentity
-from mlora.stderr_log import CurrentStderrHandler
-from mlora.trainer import Trainer, prepare_data
+from mlora.training.preflight import check_seed, preflight
+from mlora.training.run_records import RunIdentity
+from mlora.training.trainer import Trainer, prepare_data
 
 logger = logging.getLogger("mlora")
 
@@ -107,10 +107,10 @@ def train(
     Args:
         config: a TrainConfig or the path of a JSON config.
         base_model: a local model directory, a hub id, a GGUF file (converted once, see
-            ``mlora.base_model``) or ``"smollm2"``; recorded as given in each adapter_config.json.
-        dtype: the frozen base's compute dtype; adapters are kept and updated in fp32 anyway.
-        device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``; ``None`` reads ``MLORA_BACKEND_TYPE``,
-            else picks CUDA, then MPS, then CPU.
+            ``mlora.model.base_model``) or ``"smollm2"``; recorded as given in each
+        adapter_config.json. dtype: the frozen base's compute dtype; adapters are kept and updated
+        in fp32 anyway. device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``; ``None`` reads
+            ``MLORA_BACKEND_TYPE``, else picks CUDA, then MPS, then CPU.
         attn_implementation: ``eager``, ``sdpa`` or ``flash_attn`` (``None``: flash-attn on
             CUDA in fp16/bf16 when installed, else sdpa; unusable flash-attn warns and uses sdpa).
         quantize: ``"4bit"`` (NF4, QLoRA) or ``"8bit"`` base through bitsandbytes (CUDA only).

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlora.api import train
-from mlora.config import parse_config
+from mlora.config.schema import parse_config
 
 TEMPLATE = {"prompt_input": "{instruction} {input}=", "prompt_no_input": "{instruction}="}
 WORDS = ["cat", "dog", "bird", "fish", "lion", "bear", "wolf", "frog", "owl", "ant", "bee", "yak"]

@@ -73,6 +73,6 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     import transformers.models.llama.modeling_llama  # noqa: F401  (the tests' tiny base model)
 
-    import mlora.cli  # noqa: F401  (torch, transformers and mlora, imported once for every fork)
+    import mlora.cli.train  # noqa: F401  (torch, transformers and mlora, imported once for every fork)
 
     print(json.dumps(run(json.load(sys.stdin))))

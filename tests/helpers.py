@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from mlora.config import parse_config
-from mlora.model import MultiLoraModel
-from mlora.trainer import Trainer, prepare_data
+from mlora.config.schema import parse_config
+from mlora.model.multi_lora import MultiLoraModel
+from mlora.training.trainer import Trainer, prepare_data
 
 SHORT_TEMPLATE = {"prompt_input": "{instruction} {input}=", "prompt_no_input": "{instruction}="}
 

@@ -1,8 +1,8 @@
 """Independent references for the adapter-layer tests, written from the math on plain tensors.
 
 Nothing here calls mlora's layers or its dropout code: the dropout rule is rebuilt from its
-documented description (README "Randomness"; ``mlora.randomness.fill_keep``) with shifts instead
-of dtype views, and the LoRA / DoRA / mixture-of-experts deltas are the papers' (and PEFT's,
+documented description (README "Randomness"; ``mlora.batching.randomness.fill_keep``) with shifts
+instead of dtype views, and the LoRA / DoRA / mixture-of-experts deltas are the papers' (and PEFT's,
 MoE-PEFT's) formulas over weight tensors the tests read out of the modules.
 """
 

@@ -43,7 +43,7 @@ _writers: list = []
 
 def _track_writers() -> None:
     """Remember every background checkpoint writer, so a kill can wait for its queued jobs."""
-    from mlora.background import BackgroundWriter
+    from mlora.core.background import BackgroundWriter
 
     real_init = BackgroundWriter.__init__
 
@@ -63,7 +63,7 @@ def _die(drain: bool = False) -> None:
 
 
 def _from_atomic() -> bool:
-    return sys._getframe(2).f_globals.get("__name__") == "mlora.atomic"
+    return sys._getframe(2).f_globals.get("__name__") == "mlora.core.atomic"
 
 
 def _is_file(fd: int) -> bool:
@@ -88,7 +88,7 @@ def install_kill(spec: str) -> None:
 
         os.fsync = fsync
     elif kind == "step":
-        from mlora.trainer import Trainer
+        from mlora.training.trainer import Trainer
 
         _track_writers()
 

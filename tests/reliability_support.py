@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from mlora.config import load_config, parse_config
-from mlora.run_records import RunIdentity, run_folders
+from mlora.config.schema import load_config, parse_config
+from mlora.training.run_records import RunIdentity, run_folders
 from tests.helpers import addition_rows, reverse_rows, write_json, write_template
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,9 @@
 """The house plan: imports inside ``mlora/`` point only down the layers and form no circle.
 
 Every module under ``mlora/`` is parsed with ``ast`` (top-level imports, imports inside
-functions and ``TYPE_CHECKING`` blocks alike: a lazy import is still an arrow) and placed in one
-layer of ``LAYERS``. A module may import its own layer or lower ones; the import graph must have
+functions and ``TYPE_CHECKING`` blocks alike: a lazy import is still an arrow). Its layer is its
+folder: ``LAYERS`` lists the folders of ``mlora/``, lowest first, and a test keeps the table and
+the tree equal. A module may import its own layer or lower ones; the import graph must have
 no circle; no module imports another module's private (``_name``) attribute. ``ALLOWED`` lists
 the arrows that break these rules today, each with the reason it is still there; the test also
 fails when an allowed arrow is gone, so the list only shrinks.
@@ -17,90 +18,27 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mlora"
 
-# Lowest layer first. A module belongs to the entry that names it or, failing that, the longest
-# entry naming a package above it ("mlora" itself names only mlora/__init__.py).
-LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    (
-        "foundation",
-        (
-            "mlora.errors",
-            "mlora.jsonfile",
-            "mlora.atomic",
-            "mlora.integrity",
-            "mlora.adapter_names",
-            "mlora.hub",
-            "mlora.stderr_log",
-            "mlora.interrupt",
-            "mlora.upstream",
-            "mlora.background",
-        ),
-    ),
-    ("hardware", ("mlora.backends", "mlora.precision")),
-    ("config", ("mlora.config",)),
-    ("data", ("mlora.prompts", "mlora.data", "mlora.eval_tasks")),
-    ("ops", ("mlora.ops", "mlora.varlen_attention")),  # tensor code, no mlora state
-    (
-        "batching",
-        (
-            "mlora.randomness",
-            "mlora.aux_losses",
-            "mlora.layout",
-            "mlora.dispatcher",
-            "mlora.batch",
-            "mlora.packing",
-        ),
-    ),
-    ("adapters", ("mlora.adapters", "mlora.moe", "mlora.linear_moe", "mlora.meteora")),
-    ("model", ("mlora.base_model", "mlora.model", "mlora.demo_model")),
-    (
-        "persistence",
-        (
-            "mlora.adapter_tensors",
-            "mlora.peft_files",
-            "mlora.lora_persistence",
-            "mlora.moe.persistence",
-            "mlora.linear_moe_persistence",
-            "mlora.meteora_persistence",
-            "mlora.adapter_kinds",
-            "mlora.persistence",
-        ),
-    ),
-    (
-        "training",
-        (
-            "mlora.optim",
-            "mlora.checkpointing",
-            "mlora.distributed",
-            "mlora.preflight",
-            "mlora.run_records",
-            "mlora.checkpoint",
-            "mlora.trainer",
-        ),
-    ),
-    (
-        "inference",
-        (
-            "mlora.loading",
-            "mlora.generation",
-            "mlora.trained",
-            "mlora.inference",
-            "mlora.evaluation",
-        ),
-    ),
-    ("api", ("mlora.api",)),
-    (
-        "cli",
-        (
-            "mlora.cli_common",
-            "mlora.cli",
-            "mlora.launch",
-            "mlora.generate_cli",
-            "mlora.interactive",
-            "mlora.webui",
-        ),
-    ),
-    ("package", ("mlora",)),
+# Lowest layer first. Each layer is a folder of ``mlora/`` (``mlora/core/``, ...) except the two
+# modules at the top of the package: ``api`` (mlora/api.py, the library entry points) and
+# ``mlora`` itself (mlora/__init__.py, the public names). A module's layer is its folder.
+LAYERS: list[str] = [
+    "core",  # errors, JSON reading, atomic/background writes, file checks, hub, stderr, Ctrl-C
+    "hardware",  # backends (CUDA, MPS, CPU), dtypes
+    "config",  # the config's keys and checks, adapter names, upstream m-LoRA keys
+    "data",  # prompt templates, rows, evaluation tasks
+    "ops",  # tensor code, no mlora state
+    "batching",  # the packed batch's layout, random streams, side losses, dispatcher, collation
+    "adapters",  # LoRA/DoRA layers and the MoE kinds (MixLoRA, LoRAMoE/MoLA, MeteoRA)
+    "model",  # the base model and MultiLoraModel
+    "persistence",  # adapters on disk (PEFT format), the registry of kinds
+    "training",  # trainer, optimizers, recomputation, distributed, preflight, checkpoints
+    "inference",  # loading trained adapters, generation, evaluation
+    "api",  # mlora/api.py
+    "cli",  # the command lines
+    "mlora",  # mlora/__init__.py
 ]
+# Modules that sit directly in mlora/ rather than in a layer's folder: each is a layer of its own.
+TOP_MODULES = {"mlora": "mlora", "mlora.api": "api"}
 
 # (importer, imported): arrows that would break the plan, with the reason; empty, and the test
 # below keeps it from holding arrows that no longer exist.
@@ -135,7 +73,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> dict[str, set
                 continue
             for alias in node.names:
                 submodule = f"{target}.{alias.name}"
-                if submodule in modules:  # ``from mlora.moe import persistence``
+                if submodule in modules:  # ``from mlora.adapters.mixlora import persistence``
                     found.setdefault(submodule, set())
                 else:
                     found.setdefault(target, set()).add(alias.name)
@@ -149,14 +87,15 @@ def import_graph() -> dict[str, dict[str, set[str]]]:
 
 
 def layer_of(module: str) -> int:
-    best: tuple[int, int] | None = None  # (prefix length, layer index): the longest prefix wins
-    for index, (_, members) in enumerate(LAYERS):
-        for member in members:
-            inside = module == member or (member != "mlora" and module.startswith(member + "."))
-            if inside and (best is None or len(member) > best[0]):
-                best = (len(member), index)
-    assert best is not None, f"{module} is in no layer of LAYERS: place it"
-    return best[1]
+    """The index in ``LAYERS`` of ``module``'s folder (or of the top module it is)."""
+    parts = module.split(".")
+    in_folder = len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir())
+    layer = TOP_MODULES.get(module) or (parts[1] if in_folder else None)
+    assert layer in LAYERS, (
+        f"{module} is in no layer of LAYERS: place it in the folder of its layer "
+        "(only mlora/__init__.py and mlora/api.py sit directly in mlora/)"
+    )
+    return LAYERS.index(layer)
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -185,6 +124,20 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 def test_every_module_has_a_layer() -> None:
     for module in all_modules():
         layer_of(module)
+
+
+def test_the_folders_are_the_layers() -> None:
+    """The tree and the table cannot drift: every folder holding code is a layer of LAYERS, every
+    layer's folder is a package, and no module besides the top ones sits directly in mlora/."""
+    top = {PACKAGE / (module.partition(".")[2] or "__init__") for module in TOP_MODULES}
+    loose = [p.name for p in PACKAGE.glob("*.py") if p.with_suffix("") not in top]
+    assert not loose, f"modules directly in mlora/, move each into its layer's folder: {loose}"
+    folders = {p.relative_to(PACKAGE).parts[0] for p in PACKAGE.glob("*/**/*.py")}
+    assert folders <= set(LAYERS), f"folders that are no layer: {sorted(folders - set(LAYERS))}"
+    missing = [f for f in LAYERS if f not in TOP_MODULES.values() and f not in folders]
+    assert not missing, f"layers without a folder: {missing}"
+    for folder in folders:
+        assert (PACKAGE / folder / "__init__.py").is_file(), f"mlora/{folder}/ is not a package"
 
 
 def test_imports_point_down_the_layers() -> None:
@@ -228,7 +181,9 @@ def test_the_checker_sees_circles_and_upward_arrows() -> None:
     """The helpers themselves, on a hand-made graph: a circle and an upward arrow are found."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert layer_of("mlora.config") < layer_of("mlora.trainer")
-    assert layer_of("mlora.moe.spec") == layer_of("mlora.adapters.lora")
+    assert layer_of("mlora.config.schema") < layer_of("mlora.training.trainer")
+    assert layer_of("mlora.adapters.mixlora.spec") == layer_of("mlora.adapters.lora")
+    assert layer_of("mlora.core") == layer_of("mlora.core.errors") == 0
+    assert layer_of("mlora.api") < layer_of("mlora.cli.train") < layer_of("mlora")
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("mlora.a_module_nobody_placed")

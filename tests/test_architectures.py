@@ -16,11 +16,11 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
-from mlora.batch import collate
-from mlora.data import IGNORE_INDEX, TokenizedRow
-from mlora.layout import BatchLayout
-from mlora.model import LoraSpec, MultiLoraModel
-from mlora.packing import packing_problem, resolve_packing, use_stream
+from mlora.batching.collate import collate
+from mlora.batching.layout import BatchLayout
+from mlora.batching.packing import packing_problem, resolve_packing, use_stream
+from mlora.data.rows import IGNORE_INDEX, TokenizedRow
+from mlora.model.multi_lora import LoraSpec, MultiLoraModel
 from tests.helpers import in_row_order
 
 COMMON = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
@@ -97,7 +97,7 @@ def test_mixed_batch_equals_peft_per_adapter(family: str) -> None:
         )
         from peft.utils import get_peft_model_state_dict
 
-        from mlora.persistence import load_adapter_weights
+        from mlora.persistence.adapter_files import load_adapter_weights
 
         load_adapter_weights(ours, name, get_peft_model_state_dict(peft_model), family)
 

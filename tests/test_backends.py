@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlora.backends import (
+from mlora.core.errors import MloraError
+from mlora.hardware.backends import (
     BACKEND_ENV_VAR,
     Backend,
     CpuBackend,
@@ -14,7 +15,6 @@ from mlora.backends import (
     clear_backend_cache,
     get_backend,
 )
-from mlora.errors import MloraError
 
 
 @pytest.fixture(autouse=True)

@@ -18,13 +18,13 @@ pytest.importorskip("gguf", reason="GGUF support needs the gguf package: pip ins
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlora import base_model
 from mlora.api import train
-from mlora.cli import main
-from mlora.errors import MloraError
-from mlora.generate_cli import main as generate_main
-from mlora.layout import BatchLayout
-from mlora.trained import load_trained
+from mlora.batching.layout import BatchLayout
+from mlora.cli.generate import main as generate_main
+from mlora.cli.train import main
+from mlora.core.errors import MloraError
+from mlora.inference.trained import load_trained
+from mlora.model import base_model
 from tests.gguf_support import write_gguf
 from tests.helpers import addition_rows, write_json, write_template
 
@@ -183,7 +183,7 @@ def test_smollm2_alias_without_its_package_says_how_to_install(monkeypatch) -> N
 
 @pytest.mark.parametrize("verb", ["run", "evaluate"])
 def test_launch_passes_gguf_file_to_mlora_py(verb: str) -> None:
-    from mlora.launch import build_parser, mlora_argv
+    from mlora.cli.launch import build_parser, mlora_argv
 
     args = build_parser().parse_args([verb, "--base_model", "d", "--gguf_file", "m.gguf"])
     argv = mlora_argv(args)

@@ -11,14 +11,14 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mlora.aux_losses import AuxLossCollector
-from mlora.backends import CpuBackend, RngState, get_backend
-from mlora.checkpointing import (
+from mlora.batching.aux_losses import AuxLossCollector
+from mlora.core.errors import MloraError
+from mlora.hardware.backends import CpuBackend, RngState, get_backend
+from mlora.training.recompute import (
     apply_gradient_checkpointing,
     checkpoint_mode,
     find_decoder_layers,
 )
-from mlora.errors import MloraError
 
 VOCAB = 128
 

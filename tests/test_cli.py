@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mlora.cli import main
+from mlora.cli.train import main
 from tests.helpers import addition_rows, reverse_rows, write_json, write_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_log_lines_follow_a_swapped_stderr() -> None:
     import io
     import logging
 
-    from mlora.stderr_log import CurrentStderrHandler
+    from mlora.core.stderr_log import CurrentStderrHandler
 
     log = logging.getLogger("mlora.test-stderr")
     log.propagate = False  # only this handler (an earlier CLI test configured the root logger)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlora.persistence import read_adapter
+from mlora.persistence.adapter_files import read_adapter
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import (
     adapter_tensors,

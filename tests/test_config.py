@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlora.config import (
+from mlora.config.schema import (
     AdapterConfig,
     TrainConfig,
     config_to_dict,
@@ -15,7 +15,7 @@ from mlora.config import (
     load_config,
     parse_config,
 )
-from mlora.errors import ConfigError
+from mlora.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_defaults_and_derived_values() -> None:
 
 def shipped_configs() -> list[Path]:
     return sorted((ROOT / "config").glob("*.json")) + sorted(
-        (ROOT / "mlora" / "templates").glob("*.json")
+        (ROOT / "mlora" / "cli" / "templates").glob("*.json")
     )
 
 
@@ -116,7 +116,7 @@ def test_readme_documents_every_key() -> None:
 def test_cutoff_len_past_the_base_models_positions_warns(tiny_model_dir, caplog):
     import logging
 
-    from mlora.preflight import check_cutoff_len
+    from mlora.training.preflight import check_cutoff_len
 
     def config(cutoff_len: int):
         return parse_config({"cutoff_len": cutoff_len, "lora": [{"name": "a", "data": "x"}]}, "c")

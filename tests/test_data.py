@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mlora.data import IGNORE_INDEX, load_rows, tokenize_rows
-from mlora.errors import DataError
-from mlora.prompts import load_template
+from mlora.core.errors import DataError
+from mlora.data.prompts import load_template
+from mlora.data.rows import IGNORE_INDEX, load_rows, tokenize_rows
 from tests.conftest import make_tokenizer
 
 ROWS = [

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlora import demo_model
+from mlora.model import demo_model
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mlora.data import TokenizedRow
-from mlora.dispatcher import AdapterQueue, Dispatcher
+from mlora.batching.dispatcher import AdapterQueue, Dispatcher
+from mlora.data.rows import TokenizedRow
 
 
 def rows(lengths: list[int]) -> list[TokenizedRow]:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from mlora import cli
-from mlora.data import TokenizedRow
-from mlora.dispatcher import AdapterQueue, shard_bounds
-from mlora.distributed import Distributed
+from mlora.batching.dispatcher import AdapterQueue, shard_bounds
+from mlora.cli import train as cli
+from mlora.data.rows import TokenizedRow
+from mlora.training.distributed import Distributed
 from tests.helpers import addition_rows, reverse_rows, write_json, write_template
 from tests.reliability_support import (
     HARNESS,
@@ -165,7 +165,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     one = plain(mlora_args(tiny_model_dir, config, folder / "one"))
     assert one.returncode == 0, one.stderr
     launch = [sys.executable, str(ROOT / "launch.py"), "run", "--nproc_per_node", "2"]
-    two = subprocess.run(  # launch.py starts torchrun with 2 processes of mlora.cli
+    two = subprocess.run(  # launch.py starts torchrun with 2 processes of mlora.cli.train
         [*launch, *mlora_args(tiny_model_dir, config, folder / "two")],
         capture_output=True,
         text=True,
@@ -341,8 +341,8 @@ def test_generation_shares_prompts_and_rank_0_writes_every_answer(
 ) -> None:
     """``generate.py`` under torchrun: 5 prompts over 2 ranks, the answers in request order are
     ``generate``'s in this process (greedy)."""
-    from mlora.generation import GenerationRequest, SamplingParams, generate
-    from mlora.trained import load_trained
+    from mlora.inference.generation import GenerationRequest, SamplingParams, generate
+    from mlora.inference.trained import load_trained
 
     prompts = [("add 1 2=", "acc"), ("rev cat=", "odd"), ("add 3 4=", "acc"), ("hi", None),
                ("rev owl=", "odd")]  # fmt: skip
@@ -434,7 +434,7 @@ def test_router_sums_of_two_shares_give_the_load_balancing_loss_of_the_whole() -
     import torch
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from mlora.aux_losses import RouterStats, router_loss
+    from mlora.batching.aux_losses import RouterStats, router_loss
 
     experts, k = 4, 2
     logits = torch.randn(11, experts, generator=torch.Generator().manual_seed(3))
@@ -459,10 +459,10 @@ def test_moe_modules_are_found_for_router_sums_and_grouped_expert_dropout(
 ) -> None:
     """Which adapters record router sums under data parallel (one slot per MoE module, in
     model order) and which are named by the start-up line about expert dropout."""
-    from mlora.config import parse_config
-    from mlora.distributed import grouped_expert_dropout, router_stat_slots
-    from mlora.model import MultiLoraModel
-    from mlora.trainer import spec_from_config
+    from mlora.config.schema import parse_config
+    from mlora.model.multi_lora import MultiLoraModel
+    from mlora.training.distributed import grouped_expert_dropout, router_stat_slots
+    from mlora.training.trainer import spec_from_config
     from tests.conftest import make_model, make_tokenizer
 
     adapters = moe_adapters(tmp_path, write_template(tmp_path))
@@ -491,7 +491,7 @@ def test_router_sums_of_two_shares_give_the_z_loss_and_gate_loss_of_the_whole() 
     import torch
     import torch.nn.functional as F
 
-    from mlora.aux_losses import RouterStats, router_loss
+    from mlora.batching.aux_losses import RouterStats, router_loss
 
     experts = 3
     logits = torch.randn(9, experts, generator=torch.Generator().manual_seed(5))

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mlora import evaluation
-from mlora.config import parse_config
-from mlora.data import tokenize_rows
-from mlora.evaluation import accuracy, evaluate_model, prepare_test_sets
-from mlora.prompts import PromptTemplate
-from mlora.trained import load_trained
+from mlora.config.schema import parse_config
+from mlora.data.prompts import PromptTemplate
+from mlora.data.rows import tokenize_rows
+from mlora.inference import evaluation
+from mlora.inference.evaluation import accuracy, evaluate_model, prepare_test_sets
+from mlora.inference.trained import load_trained
 from tests.eval_support import ADAPTERS, TEMPLATE, task_rows, trained  # noqa: F401
 
 PROMPT = PromptTemplate(TEMPLATE["prompt_input"], TEMPLATE["prompt_no_input"])
@@ -269,7 +269,7 @@ def test_accuracy_with_and_without_scikit_learn(monkeypatch):
 def test_every_choice_task_the_config_accepts_has_a_reader() -> None:
     """``config.CHOICE_TASK_NAMES`` (what ``task_name`` accepts) and ``eval_tasks.CHOICE_TASKS``
     (how each task is read) name the same tasks, in the same order."""
-    from mlora.config import CHOICE_TASK_NAMES
-    from mlora.eval_tasks import CHOICE_TASKS
+    from mlora.config.schema import CHOICE_TASK_NAMES
+    from mlora.data.tasks import CHOICE_TASKS
 
     assert tuple(CHOICE_TASKS) == CHOICE_TASK_NAMES

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mlora import cli, launch
-from mlora.errors import DataError
-from mlora.eval_tasks import CHOICE_TASKS, ChoiceQuestion, load_choice_questions
+from mlora.cli import launch
+from mlora.cli import train as cli
+from mlora.core.errors import DataError
+from mlora.data.tasks import CHOICE_TASKS, ChoiceQuestion, load_choice_questions
 from tests.eval_support import ADAPTERS, trained  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,10 +221,10 @@ def test_hub_task_offline_is_one_line(trained, tiny_model_dir, tmp_path):  # noq
 
 
 def test_choice_task_trains_on_question_then_right_choice(tmp_path):
-    from mlora.config import parse_config
-    from mlora.data import tokenize_rows
-    from mlora.prompts import load_template
-    from mlora.trainer import prepare_data
+    from mlora.config.schema import parse_config
+    from mlora.data.prompts import load_template
+    from mlora.data.rows import tokenize_rows
+    from mlora.training.trainer import prepare_data
     from tests.conftest import make_tokenizer
 
     row, question = SCHEMA_CASES["siqa"]

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from mlora import cli, hub, launch
+from mlora.cli import launch
+from mlora.cli import train as cli
+from mlora.core import hub
 from tests.helpers import addition_rows, write_json, write_template
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,18 +67,24 @@ def test_a_wheel_ships_the_templates_and_gen_finds_them(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "dist").glob("mlora-*.whl")
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)
-    assert (installed / "mlora" / "templates" / "lora.json").is_file()
+    assert (installed / "mlora" / "cli" / "templates" / "lora.json").is_file()
+    assert (installed / "mlora" / "model" / "resources" / "demo_corpus.txt").is_file()
+    packages = {p.parent for p in (REPO / "mlora").rglob("__init__.py")}  # every layer's folder
+    assert {installed / p.relative_to(REPO) for p in packages} <= {
+        p.parent for p in (installed / "mlora").rglob("__init__.py")
+    }
     user = tmp_path / "user"  # a folder with no templates/ of its own
     user.mkdir()
     write_json(user / "rows.json", addition_rows(4))
     done = subprocess.run(
-        [sys.executable, "-m", "mlora.launch", "gen", "--template", "lora", "--tasks", "rows.json"],
+        [sys.executable, "-m", "mlora.cli.launch", "gen", "--template", "lora",
+         "--tasks", "rows.json"],
         capture_output=True, text=True, timeout=120, cwd=user,
         env={**os.environ, "PYTHONPATH": str(installed)},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads((user / "mlora.json").read_text())["lora"][0]["data"] == "rows.json"
-    assert "next: python -m mlora.launch run --dir out" in done.stdout
+    assert "next: python -m mlora.cli.launch run --dir out" in done.stdout
 
 
 # --- the network -------------------------------------------------------------------------------
@@ -199,10 +207,10 @@ def test_log_switch_attaches_a_handler_only_where_none_is_configured(
     [
         ("/venv/bin/mlora", cli.build_parser, "mlora"),
         ("mlora.py", cli.build_parser, "mlora.py"),
-        (cli.__file__, cli.build_parser, "python -m mlora.cli"),
+        (cli.__file__, cli.build_parser, "python -m mlora.cli.train"),
         ("/venv/bin/mlora-launch", launch.build_parser, "mlora-launch"),
         ("launch.py", launch.build_parser, "launch.py"),
-        (launch.__file__, launch.build_parser, "python -m mlora.launch"),
+        (launch.__file__, launch.build_parser, "python -m mlora.cli.launch"),
     ],
 )
 def test_usage_names_the_program_as_it_was_started(
@@ -213,7 +221,7 @@ def test_usage_names_the_program_as_it_was_started(
 
 
 def test_generate_usage_names_its_console_script(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlora import generate_cli
+    from mlora.cli import generate as generate_cli
 
     monkeypatch.setattr(sys, "argv", ["/venv/bin/mlora-generate"])
     assert generate_cli.build_parser().format_usage().startswith("usage: mlora-generate ")

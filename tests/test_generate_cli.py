@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mlora.generate_cli import main
-from mlora.generation import GenerationRequest, SamplingParams, generate
-from mlora.trained import load_trained
+from mlora.cli.generate import main
+from mlora.inference.generation import GenerationRequest, SamplingParams, generate
+from mlora.inference.trained import load_trained
 from tests.eval_support import ADAPTERS, trained  # noqa: F401  (session fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mlora.errors import MloraError
-from mlora.generation import GenerationRequest, SamplingParams, generate
-from mlora.trained import load_trained
+from mlora.core.errors import MloraError
+from mlora.inference.generation import GenerationRequest, SamplingParams, generate
+from mlora.inference.trained import load_trained
 from tests.eval_support import ADAPTERS, trained  # noqa: F401  (session fixture)
 
 PROMPTS = ["add 3 4=", "rev owl=", "up bee=", "dup cat=", "add 12 1=", "rev lion=", "hello"]

@@ -12,20 +12,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mlora.checkpointing as checkpointing
-from mlora import launch
+import mlora.training.recompute as checkpointing
 from mlora.adapters.linear import dense_weight
 from mlora.api import train
-from mlora.backends import CpuBackend, CudaBackend, get_backend
-from mlora.checkpointing import find_decoder_layers, resolve_checkpoint_mode
-from mlora.cli import main
-from mlora.config import parse_config
-from mlora.errors import ConfigError
-from mlora.layout import BatchLayout
-from mlora.model import LoraSpec, MultiLoraModel
-from mlora.precision import build_quantization_config
-from mlora.trainer import Trainer, prepare_data
-from mlora.varlen_attention import VARLEN_ATTENTION
+from mlora.batching.layout import BatchLayout
+from mlora.cli import launch
+from mlora.cli.train import main
+from mlora.config.schema import parse_config
+from mlora.core.errors import ConfigError
+from mlora.hardware.backends import CpuBackend, CudaBackend, get_backend
+from mlora.hardware.precision import build_quantization_config
+from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+from mlora.ops.varlen_attention import VARLEN_ATTENTION
+from mlora.training.recompute import find_decoder_layers, resolve_checkpoint_mode
+from mlora.training.trainer import Trainer, prepare_data
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import adapter_tensors, addition_rows, reverse_rows, write_json, write_template
 
@@ -44,7 +44,7 @@ def test_no_device_calls_outside_the_backend_module() -> None:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if DEVICE_CALL.search(line)
     ]
-    assert not offenders, "route these through mlora.backends:\n" + "\n".join(offenders)
+    assert not offenders, "route these through mlora.hardware.backends:\n" + "\n".join(offenders)
 
 
 # --- configs and runs -------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_bf16_base_keeps_adapters_fp32_and_matches_fp32_loss(runs: dict[str, Tra
 
 
 def test_attention_kernels_give_equal_losses(runs: dict[str, Trainer]) -> None:
-    # sdpa models train on one stream of rows with sdpa per row (mlora.varlen_attention)
+    # sdpa models train on one stream of rows with sdpa per row (mlora.ops.varlen_attention)
     assert runs["fp32"].model.model.config._attn_implementation == VARLEN_ATTENTION
     assert runs["eager"].model.model.config._attn_implementation == "eager"
     assert runs["flash"].model.model.config._attn_implementation == VARLEN_ATTENTION  # sdpa
@@ -448,7 +448,7 @@ def test_dora_over_quantized_base_equals_dequantized_reference(bits: int, device
     On CUDA, bitsandbytes' 8-bit matmul quantizes the input too (LLM.int8), so the base output
     is only close to ``x W^T`` there; the adapter's part and its gradients are exact."""
     from mlora.adapters import MultiLoraLinear
-    from mlora.layout import LayoutContext
+    from mlora.batching.layout import LayoutContext
     from tests.references import keep_multipliers, lora_delta, twin_generator
 
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlora.generation import SamplingParams, generate
-from mlora.trained import load_trained
+from mlora.inference.generation import SamplingParams, generate
+from mlora.inference.trained import load_trained
 from tests.eval_support import ADAPTERS, trained  # noqa: F401  (session fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_prompt_loop_answers_like_generate(trained, tiny_model_dir, tmp_path):  
 
 
 def test_nothing_trained_is_one_line_error(trained, tmp_path, capsys):  # noqa: F811
-    from mlora.cli import main
+    from mlora.cli.train import main
 
     _, raw = trained
     config = tmp_path / "config.json"

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlora import launch
-from mlora.config import load_config
+from mlora.cli import launch
+from mlora.config.schema import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "dummy_data.json"
 TEST_DATA = REPO / "data" / "dummy_test.json"
-TEMPLATES = sorted(p.stem for p in (REPO / "mlora" / "templates").glob("*.json"))
+TEMPLATES = sorted(p.stem for p in (REPO / "mlora" / "cli" / "templates").glob("*.json"))
 
 
 def launch_cli(cwd: Path, *args: str, home: Path) -> subprocess.CompletedProcess[str]:
@@ -55,7 +55,7 @@ def test_the_required_templates_ship() -> None:
 def test_every_template_is_a_valid_config_and_gen_output_validates(
     template: str, tmp_path: Path
 ) -> None:
-    load_config(REPO / "mlora" / "templates" / f"{template}.json")
+    load_config(REPO / "mlora" / "cli" / "templates" / f"{template}.json")
     assert gen(tmp_path, "--template", template, "--tasks", f"{DATA};{TEST_DATA}") == 0
     config = load_config(tmp_path / "mlora.json")
     assert [a.name for a in config.lora] == [f"{template}_0", f"{template}_1"]
@@ -102,7 +102,7 @@ def test_adapter_names_from_a_list_a_prefix_or_a_single_name(
 
 
 def test_built_in_choice_task_names_set_task_name(tmp_path: Path) -> None:
-    from mlora.config import CHOICE_TASK_NAMES, load_config
+    from mlora.config.schema import CHOICE_TASK_NAMES, load_config
 
     tasks = ";".join([*CHOICE_TASK_NAMES, str(DATA)])
     assert gen(tmp_path, "--template", "lora", "--tasks", tasks) == 0
@@ -201,7 +201,7 @@ def test_run_maps_its_flags_onto_mlora_py(tmp_path: Path) -> None:
     ],
 )  # fmt: skip
 def test_every_mapped_run_flag_is_accepted_by_mlora_py(flags: list[str]) -> None:
-    from mlora.cli import build_parser as mlora_parser
+    from mlora.cli.train import build_parser as mlora_parser
 
     argv = launch.mlora_argv(launch.build_parser().parse_args(["run", *flags]))
     parsed = mlora_parser().parse_args(["--base_model", "m", *argv])  # exits 2 on an unknown flag
@@ -253,7 +253,7 @@ def test_console_script_points_at_main() -> None:
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["mlora-launch"] == "mlora.launch:main"
+    assert scripts["mlora-launch"] == "mlora.cli.launch:main"
 
 
 def test_usage_errors_exit_2() -> None:
@@ -303,9 +303,9 @@ def test_quickstart_offline_on_the_demo_model(tmp_path: Path) -> None:
     assert weights[some_b].abs().sum() > 0  # trained, not the zero init
 
 
-@pytest.mark.parametrize("module", ["mlora.launch", "mlora.cli", "mlora.generate_cli"])
+@pytest.mark.parametrize("module", ["mlora.cli.launch", "mlora.cli.train", "mlora.cli.generate"])
 def test_python_dash_m_runs_the_entry_point(module: str) -> None:
-    """``python -m mlora.launch`` (and the other two) run their command line, not nothing."""
+    """``python -m mlora.cli.launch`` (and the other two) run their command line, not nothing."""
     done = subprocess.run(
         [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mlora.layout import BatchLayout
+from mlora.batching.layout import BatchLayout
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import run_in_memory, write_json, write_template
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlora.adapters.lora_moe import LoraMoeAdapter, MolaAdapter
-from mlora.config import parse_config
-from mlora.errors import ConfigError, MloraError
-from mlora.generation import SamplingParams, generate
-from mlora.layout import BatchLayout
-from mlora.model import MultiLoraModel
-from mlora.trained import attach_adapter
-from mlora.trainer import Trainer, prepare_data
+from mlora.adapters.lora_moe.layer import LoraMoeAdapter, MolaAdapter
+from mlora.batching.layout import BatchLayout
+from mlora.config.schema import parse_config
+from mlora.core.errors import ConfigError, MloraError
+from mlora.inference.generation import SamplingParams, generate
+from mlora.inference.trained import attach_adapter
+from mlora.model.multi_lora import MultiLoraModel
+from mlora.training.trainer import Trainer, prepare_data
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import (
     adapter_tensors,
@@ -161,7 +161,7 @@ def test_bad_config_is_one_line_naming_the_key(extra: dict, message: str) -> Non
 
 
 def test_loramoe_needs_an_ffn_target() -> None:
-    from mlora.linear_moe import linear_moe_spec
+    from mlora.adapters.lora_moe.spec import linear_moe_spec
 
     config = parse_config(
         {"lora": [{"name": "m", "data": "x.json", "routing_strategy": "loramoe",

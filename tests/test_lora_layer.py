@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from mlora.adapters import MultiLoraLinear
-from mlora.layout import BatchLayout, LayoutContext
-from mlora.randomness import SegmentRandom
+from mlora.batching.layout import BatchLayout, LayoutContext
+from mlora.batching.randomness import SegmentRandom
 from tests.references import keep_multipliers, lora_delta, twin_generator
 
 

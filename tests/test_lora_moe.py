@@ -19,10 +19,10 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from mlora.adapters import MultiLoraLinear
-from mlora.adapters.lora_moe import LoraMoeAdapter, MolaAdapter, load_balancing_loss
-from mlora.layout import BatchLayout, LayoutContext
+from mlora.adapters.lora_moe.layer import LoraMoeAdapter, MolaAdapter, load_balancing_loss
+from mlora.batching.layout import BatchLayout, LayoutContext
+from mlora.batching.randomness import SegmentRandom
 from mlora.ops.routed_lora import routed_lora
-from mlora.randomness import SegmentRandom
 from tests.references import keep_multipliers, lora_delta, twin_generator
 
 IN, OUT, E, R = 16, 12, 4, 3
@@ -184,7 +184,7 @@ def test_loramoe_equals_weights_by_hand() -> None:
 
 def test_mola_runs_each_expert_on_its_tokens_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """k (token, expert) rows per token go through the experts' LoRAs, not E."""
-    import mlora.adapters.lora_moe as lora_moe
+    import mlora.adapters.lora_moe.layer as lora_moe
 
     seen: list[int] = []
 

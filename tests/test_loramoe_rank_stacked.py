@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from mlora.adapters.lora_moe import LoraMoeAdapter
+from mlora.adapters.lora_moe.layer import LoraMoeAdapter
 from mlora.ops.routed_lora import weighted_lora
 
 IN, OUT, E, R, SCALE = 16, 12, 4, 3, 0.75

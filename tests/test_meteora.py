@@ -21,21 +21,21 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from mlora.adapters.meteora import MeteoraAdapter
+from mlora.adapters.meteora.layer import MeteoraAdapter
+from mlora.adapters.meteora.spec import record_gates
 from mlora.api import train
-from mlora.cli import main as mlora_main
-from mlora.config import parse_config
-from mlora.errors import ConfigError, DataError, MloraError
-from mlora.generate_cli import main as generate_main
-from mlora.generation import SamplingParams, generate
-from mlora.layout import BatchLayout
-from mlora.meteora import record_gates
-from mlora.meteora_persistence import load_embedded_adapters, meteora_spec, peft_config
-from mlora.model import MultiLoraModel
-from mlora.persistence import read_adapter, save_adapter
-from mlora.randomness import SegmentRandom
-from mlora.trained import attach_adapter
-from mlora.trainer import prepare_data
+from mlora.batching.layout import BatchLayout
+from mlora.batching.randomness import SegmentRandom
+from mlora.cli.generate import main as generate_main
+from mlora.cli.train import main as mlora_main
+from mlora.config.schema import parse_config
+from mlora.core.errors import ConfigError, DataError, MloraError
+from mlora.inference.generation import SamplingParams, generate
+from mlora.inference.trained import attach_adapter
+from mlora.model.multi_lora import MultiLoraModel
+from mlora.persistence.adapter_files import read_adapter, save_adapter
+from mlora.persistence.meteora import load_embedded_adapters, meteora_spec, peft_config
+from mlora.training.trainer import prepare_data
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import (
     adapter_tensors,

@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from mlora.adapters import lora as lora_module
-from mlora.config import parse_config
-from mlora.errors import MloraError
-from mlora.layout import BatchLayout
-from mlora.model import LoraSpec, MultiLoraModel
-from mlora.moe import MixLoraFeedForward, feed_forward
-from mlora.moe.spec import RouterSpec, build_mixlora_spec
-from mlora.persistence import read_adapter
-from mlora.trained import load_trained
-from mlora.trainer import spec_from_config
+from mlora.adapters.mixlora import MixLoraFeedForward, feed_forward
+from mlora.adapters.mixlora.spec import RouterSpec, build_mixlora_spec
+from mlora.batching.layout import BatchLayout
+from mlora.config.schema import parse_config
+from mlora.core.errors import MloraError
+from mlora.inference.trained import load_trained
+from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+from mlora.persistence.adapter_files import read_adapter
+from mlora.training.trainer import spec_from_config
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import (
     adapter_tensors,
@@ -175,7 +175,7 @@ CASES = [("llama", s, False) for s in STRATEGIES] + [
 
 def segment_real_index(mask: torch.Tensor, row_segments: list[int]) -> torch.Tensor:
     """(rows*T,) each token's index among the real tokens of its segment (rows end to end),
-    written independently of ``mlora.batch``: a running count restarted per segment."""
+    written independently of ``mlora.batching.collate``: a running count restarted per segment."""
     index, count, previous = [], 0, None
     for row, segment in zip(mask, row_segments, strict=True):
         if segment != previous:
@@ -498,7 +498,7 @@ def test_save_load_gives_equal_logits(tmp_path: Path, tiny_model_dir: Path, stra
     model = MultiLoraModel(make_model(vocab_size=len(make_tokenizer())))
     model.add_adapter(strategy, spec_from_config(config.lora[0]))
     randomise(model, strategy, 4)
-    from mlora.persistence import peft_config, save_adapter
+    from mlora.persistence.adapter_files import peft_config, save_adapter
 
     spec = model.specs[strategy]
     save_adapter(model, strategy, tmp_path / strategy, peft_config(spec, 8, False, "tiny"))
@@ -523,7 +523,7 @@ def test_the_mixlora_package_loads_our_files_with_equal_logits(
     model = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     model.add_adapter("mixlora", spec_from_config(config.lora[0]))
     randomise(model, "mixlora", 6)
-    from mlora.persistence import peft_config, save_adapter
+    from mlora.persistence.adapter_files import peft_config, save_adapter
 
     folder = tmp_path / "mixlora"
     save_adapter(
@@ -560,7 +560,7 @@ def test_mixlora_needs_a_known_mlp_and_an_ffn_target() -> None:
 
 
 def test_cached_generation_equals_full_recomputation(tmp_path: Path) -> None:
-    from mlora.generation import GenerationRequest, SamplingParams, generate
+    from mlora.inference.generation import GenerationRequest, SamplingParams, generate
 
     tokenizer = make_tokenizer()
     model = MultiLoraModel(make_model(vocab_size=len(tokenizer), init_range=0.2))
@@ -608,7 +608,7 @@ def test_cli_trains_continues_and_reports_bad_input(
     assert first.returncode == 0, first.stderr
     assert "| mixlora | expert load" in first.stderr
     weights = read_adapter(tmp_path / "out" / "mixlora")[1]
-    from mlora.cli import main  # the code mlora.py runs, in this process (one start less)
+    from mlora.cli.train import main  # the code mlora.py runs, in this process (one start less)
 
     (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
     argv = ["--base_model", str(tiny_model_dir), "--config", str(tmp_path / "config.json")]
@@ -639,7 +639,7 @@ def test_cli_trains_continues_and_reports_bad_input(
 def test_bad_moe_keys_are_one_line_cli_errors(
     tmp_path: Path, tiny_model_dir: Path, capsys, change: dict, message: str
 ) -> None:
-    from mlora.cli import main
+    from mlora.cli.train import main
 
     adapter = {
         k: v for k, v in {**moe_adapter("x.json", "alpaca"), **change}.items() if v is not None

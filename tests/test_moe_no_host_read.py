@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import mlora.ops.routed_lora as routed_lora_module
-from mlora.batch import collate
-from mlora.config import parse_config
-from mlora.data import IGNORE_INDEX, TokenizedRow
-from mlora.model import MultiLoraModel
-from mlora.moe import feed_forward
-from mlora.trainer import spec_from_config
+from mlora.adapters.mixlora import feed_forward
+from mlora.batching.collate import collate
+from mlora.config.schema import parse_config
+from mlora.data.rows import IGNORE_INDEX, TokenizedRow
+from mlora.model.multi_lora import MultiLoraModel
+from mlora.training.trainer import spec_from_config
 from tests.conftest import make_model
 
 CPU = torch.device("cpu")

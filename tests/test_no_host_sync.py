@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from mlora.adapters import MultiLoraLinear
-from mlora.config import parse_config
-from mlora.layout import BatchLayout, LayoutContext
-from mlora.optim import build_optimizer, step_unless
+from mlora.batching.layout import BatchLayout, LayoutContext
+from mlora.config.schema import parse_config
+from mlora.training.optim import build_optimizer, step_unless
 
 
 @pytest.mark.gpu

@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-from mlora.config import parse_config
-from mlora.optim import build_optimizer, step_unless
+from mlora.config.schema import parse_config
+from mlora.training.optim import build_optimizer, step_unless
 
 
 def optimizer_for(optim: str) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlora.batch import collate
-from mlora.config import parse_config
-from mlora.data import IGNORE_INDEX, TokenizedRow
-from mlora.model import MultiLoraModel
-from mlora.packing import use_stream
-from mlora.trainer import spec_from_config
+from mlora.batching.collate import collate
+from mlora.batching.packing import use_stream
+from mlora.config.schema import parse_config
+from mlora.data.rows import IGNORE_INDEX, TokenizedRow
+from mlora.model.multi_lora import MultiLoraModel
+from mlora.training.trainer import spec_from_config
 from tests.conftest import make_model
 from tests.helpers import in_row_order
 

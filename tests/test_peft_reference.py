@@ -18,9 +18,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
-from mlora.config import parse_config
-from mlora.data import IGNORE_INDEX
-from mlora.trainer import prepare_data
+from mlora.config.schema import parse_config
+from mlora.data.rows import IGNORE_INDEX
+from mlora.training.trainer import prepare_data
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import (
     addition_rows,
@@ -127,7 +127,7 @@ def test_matches_peft_and_a_plain_loop(tmp_path: Path, variant: str) -> None:
     rows = prepare_data(parse_config(raw), tokenizer)["target"]
     reference_training(reference, rows, tokenizer.pad_token_id, variant)
 
-    from mlora.persistence import adapter_state_dict
+    from mlora.persistence.adapter_files import adapter_state_dict
 
     ours = adapter_state_dict(trainer.model, "target")
     theirs = {k: v.detach() for k, v in get_peft_model_state_dict(reference).items()}

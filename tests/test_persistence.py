@@ -10,9 +10,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from mlora.layout import BatchLayout
-from mlora.model import LoraSpec, MultiLoraModel
-from mlora.persistence import (
+from mlora.batching.layout import BatchLayout
+from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+from mlora.persistence.adapter_files import (
     load_adapter_weights,
     peft_config,
     read_adapter,

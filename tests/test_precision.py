@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mlora.precision as precision
-from mlora.backends import CpuBackend, CudaBackend, get_backend
-from mlora.errors import MloraError
-from mlora.precision import (
+import mlora.hardware.precision as precision
+from mlora.core.errors import MloraError
+from mlora.hardware.backends import CpuBackend, CudaBackend, get_backend
+from mlora.hardware.precision import (
     build_quantization_config,
     resolve_attn_implementation,
     resolve_dtype,

@@ -17,13 +17,18 @@ import pytest
 import torch
 from peft.utils import get_peft_model_state_dict
 
-from mlora.base_model import SMOLLM2_ALIAS, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, resolve_base_model
-from mlora.config import parse_config
-from mlora.generation import GenerationRequest, SamplingParams, generate
-from mlora.layout import BatchLayout
-from mlora.model import MultiLoraModel, load_tokenizer
-from mlora.persistence import _named_parameters, adapter_state_dict
-from mlora.trainer import Trainer, prepare_data
+from mlora.batching.layout import BatchLayout
+from mlora.config.schema import parse_config
+from mlora.inference.generation import GenerationRequest, SamplingParams, generate
+from mlora.model.base_model import (
+    SMOLLM2_ALIAS,
+    SMOLLM2_INSTALL,
+    SMOLLM2_PACKAGE,
+    resolve_base_model,
+)
+from mlora.model.multi_lora import MultiLoraModel, load_tokenizer
+from mlora.persistence.adapter_files import _named_parameters, adapter_state_dict
+from mlora.training.trainer import Trainer, prepare_data
 from tests.helpers import (
     adapter_tensors,
     addition_rows,

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from mlora.checkpoint import cut_problem, find_resume_point
-from mlora.errors import MloraError
-from mlora.integrity import safetensors_problem, torch_file_problem
-from mlora.persistence import read_adapter
+from mlora.core.errors import MloraError
+from mlora.core.integrity import safetensors_problem, torch_file_problem
+from mlora.persistence.adapter_files import read_adapter
+from mlora.training.checkpoints import cut_problem, find_resume_point
 from tests.reliability_support import fake_checkpoint, fake_cut, small_identity
 
 

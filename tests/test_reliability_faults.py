@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mlora.cli import main
+from mlora.cli.train import main
 from tests.helpers import addition_rows, reverse_rows, write_json, write_template
 from tests.reliability_support import mlora_args, run_mlora
 

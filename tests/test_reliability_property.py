@@ -4,8 +4,8 @@ a non-zero exit code, no traceback, and every file saved before is byte-for-byte
 Hypothesis generates bad configs (wrong JSON, unknown keys, values of the wrong type or out of
 range, unusable adapter names), bad data rows, bad prompt templates, and damaged files (adapter
 weights for ``--load_adapter``, base weights). Each example calls the real command line
-(``mlora.cli.main``) in this process with stderr captured, so a few hundred examples fit the CI
-budget; the subprocess tests in test_reliability_input.py show the same messages reach a user.
+(``mlora.cli.train.main``) in this process with stderr captured, so a few hundred examples fit the
+CI budget; the subprocess tests in test_reliability_input.py show the same messages reach a user.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from mlora.adapter_names import adapter_name_problem
-from mlora.cli import main
-from mlora.config import AdapterConfig, TrainConfig
+from mlora.cli.train import main
+from mlora.config.adapter_names import adapter_name_problem
+from mlora.config.schema import AdapterConfig, TrainConfig
 from tests.helpers import SHORT_TEMPLATE, addition_rows
 
 SETTINGS = settings(

@@ -22,8 +22,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mlora.checkpoint import list_checkpoints, list_cuts
-from mlora.cli import main
+from mlora.cli.train import main
+from mlora.training.checkpoints import list_checkpoints, list_cuts
 from tests.helpers import addition_rows, write_json, write_template
 from tests.reliability_harness import ROOT
 from tests.reliability_support import (
@@ -236,10 +236,10 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_still_equals_the_clean_run
 
 
 def test_resume_refuses_another_seed_base_a_changed_key_or_a_new_order(config: Path) -> None:
-    from mlora.checkpoint import ResumePoint, check_same_run
-    from mlora.config import load_config, parse_config
-    from mlora.errors import MloraError
-    from mlora.run_records import RunIdentity
+    from mlora.config.schema import load_config, parse_config
+    from mlora.core.errors import MloraError
+    from mlora.training.checkpoints import ResumePoint, check_same_run
+    from mlora.training.run_records import RunIdentity
 
     saved = RunIdentity(load_config(config), 5, "hub/model")
     manifest = {"seed": 5, "base_model": "hub/model", "config": saved.config_json}
@@ -264,9 +264,9 @@ def test_resume_refuses_another_seed_base_a_changed_key_or_a_new_order(config: P
 
 def test_existing_output_of_an_interrupted_run_suggests_resume(config: Path, tmp_path: Path):
     from mlora.api import check_outputs
-    from mlora.config import load_config
-    from mlora.errors import MloraError
-    from mlora.run_records import RunIdentity
+    from mlora.config.schema import load_config
+    from mlora.core.errors import MloraError
+    from mlora.training.run_records import RunIdentity
 
     (tmp_path / "acc").mkdir()
     (tmp_path / "acc" / "adapter_config.json").write_text("{}")
@@ -277,10 +277,10 @@ def test_existing_output_of_an_interrupted_run_suggests_resume(config: Path, tmp
 
 
 def test_resume_notices_changed_training_data(reference: Path) -> None:
-    from mlora.checkpoint import check_same_data
-    from mlora.data import TokenizedRow
-    from mlora.dispatcher import AdapterQueue
-    from mlora.errors import MloraError
+    from mlora.batching.dispatcher import AdapterQueue
+    from mlora.core.errors import MloraError
+    from mlora.data.rows import TokenizedRow
+    from mlora.training.checkpoints import check_same_data
 
     _, folder = list_checkpoints(reference / "acc")[-1]
     state = json.loads((folder / "trainer_state.json").read_text())

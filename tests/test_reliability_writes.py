@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import mlora
-from mlora.atomic import WriteError, atomic_directory, atomic_write_bytes, output_lock
-from mlora.checkpoint import find_resume_point, list_checkpoints
-from mlora.errors import MloraError
+from mlora.core.atomic import WriteError, atomic_directory, atomic_write_bytes, output_lock
+from mlora.core.errors import MloraError
+from mlora.training.checkpoints import find_resume_point, list_checkpoints
 from tests.reliability_support import (
     HARNESS,
     fake_checkpoint,
@@ -108,7 +108,7 @@ def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from mlora.atomic import output_lock\n"
+         "from mlora.core.atomic import output_lock\n"
          "with output_lock(Path(sys.argv[1])):\n print('locked', flush=True); time.sleep(60)",
          str(out)],
         stdout=subprocess.PIPE, text=True,
@@ -224,14 +224,14 @@ def test_remote_code_is_off_unless_asked() -> None:
         if ast.unparse(call.func).startswith(("Auto", "transformers.Auto")):
             assert value is not None, f"{where} does not pass trust_remote_code"
         assert not (isinstance(value, ast.Constant) and value.value is True), where
-    from mlora.cli import build_parser
+    from mlora.cli.train import build_parser
 
     args = build_parser().parse_args(["--base_model", "m", "--config", "c"])
     assert args.trust_remote_code is False
 
 
 def test_launch_run_passes_trust_remote_code_only_when_given() -> None:
-    from mlora.launch import build_parser, mlora_argv
+    from mlora.cli.launch import build_parser, mlora_argv
 
     parser = build_parser()
     assert "--trust_remote_code" not in mlora_argv(parser.parse_args(["run", "--config", "c"]))
@@ -251,7 +251,7 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
 
 
 def test_a_fresh_run_clears_leftovers_of_its_own_adapters_only(tmp_path: Path) -> None:
-    from mlora.checkpoint import clear_run_state
+    from mlora.training.checkpoints import clear_run_state
 
     fake_checkpoint(tmp_path, "a", ".checkpoint-4.k2j3.tmp")
     (tmp_path / "other").mkdir()
@@ -264,7 +264,7 @@ def test_a_fresh_run_clears_leftovers_of_its_own_adapters_only(tmp_path: Path) -
 def test_a_fresh_run_leaves_other_runs_records_and_adapters(tmp_path: Path) -> None:
     """Config C trains (or --overwrite's) adapter a; the interrupted run A (a, b) keeps b's
     checkpoint and its own records, so only what C names is replaced."""
-    from mlora.checkpoint import clear_run_state, list_cuts
+    from mlora.training.checkpoints import clear_run_state, list_cuts
 
     run_a, run_c = small_identity("a", "b"), small_identity("a", seed=2)
     fake_checkpoint(tmp_path, "a", "checkpoint-2")
@@ -279,7 +279,7 @@ def test_a_fresh_run_leaves_other_runs_records_and_adapters(tmp_path: Path) -> N
 
 
 def test_records_of_the_layout_before_run_ids_are_adopted_when_they_match(tmp_path: Path):
-    from mlora.run_records import RUN_DIR
+    from mlora.training.run_records import RUN_DIR
 
     identity = small_identity("a")
     fake_checkpoint(tmp_path, "a", "checkpoint-2")

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from mlora import cli, launch
-from mlora.config import load_config, parse_config
-from mlora.errors import ConfigError, MloraError
-from mlora.moe.spec import mixlora_spec
-from mlora.prompts import load_template
+from mlora.adapters.mixlora.spec import mixlora_spec
+from mlora.cli import launch
+from mlora.cli import train as cli
+from mlora.config.schema import load_config, parse_config
+from mlora.core.errors import ConfigError, MloraError
+from mlora.data.prompts import load_template
 
 UPSTREAM = Path(__file__).resolve().parent / "data" / "upstream"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -197,7 +198,7 @@ def test_top_level_group_by_length_applies_to_adapters_without_their_own() -> No
 
 
 def test_expert_lora_use_rslora_scales_the_experts_and_survives_saving(tmp_path: Path) -> None:
-    from mlora.moe.persistence import peft_config, spec_from_config
+    from mlora.persistence.mixlora import peft_config, spec_from_config
 
     adapter = {
         "name": "m",

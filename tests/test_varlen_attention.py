@@ -1,6 +1,6 @@
 """One stream of rows with per-row attention: rows alone are the reference.
 
-``mlora.varlen_attention`` lays a step's rows end to end with no padding and runs transformers'
+``mlora.ops.varlen_attention`` lays a step's rows end to end with no padding and runs transformers'
 sdpa on each row's slice. Each row's hidden states must equal the row run alone; without the
 row ranges the function is plain sdpa (generation and padded batches on the same model).
 """
@@ -11,14 +11,14 @@ import pytest
 import torch
 import transformers
 
-from mlora import varlen_attention as varlen_attention_module
-from mlora.batch import collate
-from mlora.config import parse_config
-from mlora.data import IGNORE_INDEX, TokenizedRow
-from mlora.errors import ConfigError, MloraError
-from mlora.model import MultiLoraModel
-from mlora.packing import resolve_packing, use_stream
-from mlora.varlen_attention import SEQUENCES_KWARG, VARLEN_ATTENTION
+from mlora.batching.collate import collate
+from mlora.batching.packing import resolve_packing, use_stream
+from mlora.config.schema import parse_config
+from mlora.core.errors import ConfigError, MloraError
+from mlora.data.rows import IGNORE_INDEX, TokenizedRow
+from mlora.model.multi_lora import MultiLoraModel
+from mlora.ops import varlen_attention as varlen_attention_module
+from mlora.ops.varlen_attention import SEQUENCES_KWARG, VARLEN_ATTENTION
 from tests.conftest import make_model
 
 LENGTHS = [5, 9, 3, 7]

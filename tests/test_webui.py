@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from mlora.generation import SamplingParams, generate
-from mlora.trained import load_trained
-from mlora.webui import BASE_CHOICE, ChatBackend, main
+from mlora.cli.webui import BASE_CHOICE, ChatBackend, main
+from mlora.inference.generation import SamplingParams, generate
+from mlora.inference.trained import load_trained
 from tests.eval_support import ADAPTERS, trained  # noqa: F401  (session fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from torch import nn
 
 from mlora.adapters.lora import LoraAdapter, LoraVariant
 from mlora.adapters.spec import AdapterHost
-from mlora.layout import AdapterSegment, LayoutContext
+from mlora.batching.layout import AdapterSegment, LayoutContext
 from mlora.ops.segmented_lora import segmented_lora
 from mlora.ops.segments import join_segments, split_segments
 

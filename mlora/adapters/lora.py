@@ -4,8 +4,8 @@ LoRA adds ``scaling * B(A(dropout(x)))`` to the frozen layer's output. DoRA addi
 rescales each output row by a trained magnitude over the norm of the adapted weight
 ``m / ||W + scaling * B A||`` (the norm is detached, as in the DoRA paper section 4.3 and PEFT).
 Adapter weights are kept in fp32 whatever the base dtype. Dropout masks are drawn from the
-generator the caller passes (each adapter's own stream, ``mlora.randomness``), never from the
-global RNG, so one adapter's masks do not depend on which other adapters share the pass.
+generator the caller passes (each adapter's own stream, ``mlora.batching.randomness``), never from
+the global RNG, so one adapter's masks do not depend on which other adapters share the pass.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.randomness import SegmentRandom
+from mlora.batching.randomness import SegmentRandom
 
 
 def init_lora_weights(lora_A: nn.Linear, lora_B: nn.Linear, init: str, r: int) -> None:

@@ -15,7 +15,7 @@ from typing import ClassVar, Protocol
 
 from torch import nn
 
-from mlora.layout import LayoutContext
+from mlora.batching.layout import LayoutContext
 
 
 class AdapterHost:

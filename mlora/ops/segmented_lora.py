@@ -58,7 +58,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from mlora.backends import get_backend
+from mlora.hardware.backends import get_backend
 
 IMPLS = ("loop", "grouped", "function", "auto")
 

@@ -1,0 +1,374 @@
+"""Per-linear mixtures of LoRA experts: LoRAMoE (dense) and MoLA (top-k), one adapter each.
+
+Both put E expert LoRAs and a router (a linear layer without bias, fp32) on each target linear
+layer and add a router-weighted sum of the experts' deltas to the frozen output:
+
+    p = softmax(router(x))                                     # (N, E)
+    LoRAMoE:  delta = sum_e p_e * expert_e(x)                  # every expert, every token
+    MoLA:     keep the top-k of p, renormalise them to sum 1; each token runs only its k experts
+
+This is the upstream m-LoRA / MoE-PEFT semantics (``LoraMoe`` and ``MolaSparseMoe``): the router
+is initialised with ``kaiming_uniform_(a=sqrt(router_init_range))`` (default range 5: the
+``nn.Linear`` default), expert ``i`` is an ordinary LoRA (its own dropout and scale; DoRA works
+too, which upstream lacks). Both modules have ``LoraAdapter``'s interface, so they sit in
+``MultiLoraLinear.adapters`` under one adapter name and see only that adapter's segment.
+
+MoLA dispatches tokens to experts by index: the (token, expert) pairs are sorted by expert, each
+pair runs through its expert's LoRA (``mlora.ops.routed_lora``: group offsets stay on the device)
+and the weighted results are scattered back. The segment's real tokens come in canonical order
+(``SegmentRandom.canonical_order``), so there are exactly n*k pairs, known on the host: no device
+sync. DoRA experts (a per-expert magnitude over each expert's own rows) still split the pairs
+with the per-expert counts read on the host, once per layer call, as upstream and transformers'
+Mixtral do.
+
+In training, each module reports to its model's ``context.aux_losses`` (see
+``mlora.batching.aux_losses``) the routed-token counts per expert (LoRAMoE: the router probability
+mass, it is dense) and, for MoLA with ``router_loss``, Mixtral's load-balancing loss over the
+segment's real tokens (upstream offers it "for testing", off by default). LoRAMoE has no router
+loss, as upstream.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlora.adapters.lora import LoraAdapter, dora_scales, slot_dropout
+from mlora.adapters.routing import load_balance, top_k
+from mlora.adapters.routing import load_balancing_loss as load_balancing_loss  # re-exported
+from mlora.batching.aux_losses import RouterStats
+from mlora.batching.layout import LayoutContext
+from mlora.batching.randomness import SegmentRandom
+from mlora.ops.routed_lora import group_by_expert, routed_lora, weighted_lora
+
+DEFAULT_ROUTER_INIT_RANGE = 5.0  # upstream's default for loramoe / mola: nn.Linear's own init
+
+
+class ExpertMixture(nn.Module):
+    """What LoRAMoE and MoLA share: the router and E expert LoRAs on one linear layer.
+
+    Args:
+        in_features, out_features: the wrapped layer's shape.
+        num_experts: E.
+        r, scaling, dropout, init, use_dora: each expert's LoRA shape (see ``LoraAdapter``).
+        base_weight: the dense (out, in) base weight; required with ``use_dora``.
+        router_init_range: router init ``kaiming_uniform_(a=sqrt(router_init_range))``.
+        context, adapter_name: where (and under which adapter) to report router statistics and
+            losses in training; None: report nothing (a standalone layer).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_experts: int,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        init: str = "original",
+        use_dora: bool = False,
+        base_weight: torch.Tensor | None = None,
+        router_init_range: float = DEFAULT_ROUTER_INIT_RANGE,
+        context: LayoutContext | None = None,
+        adapter_name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.context = context
+        self.adapter_name = adapter_name
+        self.num_experts = num_experts
+        self.out_features = out_features
+        self.moe_gate = nn.Linear(in_features, num_experts, bias=False)
+        nn.init.kaiming_uniform_(self.moe_gate.weight, a=math.sqrt(router_init_range))
+        self.experts = nn.ModuleList(
+            LoraAdapter(in_features, out_features, r, scaling, dropout, init, use_dora, base_weight)
+            for _ in range(num_experts)
+        )
+
+    @property
+    def needs_base_weight(self) -> bool:
+        """The experts use DoRA: ``MultiLoraLinear`` then passes the dense base weight."""
+        return self.experts[0].needs_base_weight
+
+    def router_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, E) fp32 routing probabilities of the (N, in) input."""
+        return torch.softmax(self.moe_gate(x.to(self.moe_gate.weight.dtype)), dim=-1)
+
+    def _reporting(self) -> bool:
+        return self.training and self.context is not None and self.adapter_name is not None
+
+
+class LoraMoeAdapter(ExpertMixture):
+    """LoRAMoE (Dou et al. 2023) on one linear layer: every expert, softmax-weighted.
+
+    Without dropout the mixture is one LoRA of rank E*r whose rank blocks the router
+    probabilities scale (two matmuls, ``rank_stacked``); with dropout in training each expert
+    runs on its own masked input. Dense by definition, so it has no load-balancing loss
+    (neither has upstream).
+    """
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_result: torch.Tensor,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+        random: SegmentRandom | None = None,
+        token_mask: torch.Tensor | None = None,
+        token_tasks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What this adapter adds to the base output for its tokens.
+
+        Args:
+            x: (N, in) the segment's layer input.
+            base_result: (N, out) the frozen layer's output for the same tokens.
+            base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
+            random: the adapter's random stream over these tokens (its experts' dropout).
+            token_mask: (N,) real (non-padding) tokens, for router statistics; None: all.
+            token_tasks: unused (MeteoRA's gate labels; see ``LoraAdapter.forward``).
+
+        Returns:
+            (N, out) fp32 delta.
+        """
+        probs = self.router_probs(x)  # (N, E)
+        if self.rank_stacked():
+            delta = self._stacked_delta(x, probs)
+        else:
+            delta = self._per_expert_delta(x, probs, base_result, base_weight, base_bias, random)
+        if self._reporting():  # dense: an expert's "load" is its share of the router's mass
+            mask = token_mask
+            mass = probs if mask is None else probs * mask[:, None].to(probs.dtype)
+            self.context.aux_losses.add_load(self.adapter_name, mass.sum(dim=0))
+        return delta
+
+    def rank_stacked(self) -> bool:
+        """Whether the experts run as one LoRA of rank E*r (``_stacked_delta``): plain LoRA
+        experts with no dropout in effect. With dropout each expert draws its own mask, and
+        DoRA rescales each expert's rows by its own norm, so those run expert by expert."""
+        plain = not self.needs_base_weight
+        return plain and (not self.training or all(e.dropout_p == 0 for e in self.experts))
+
+    def _stacked_delta(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """(N, out) ``sum_e p_e * s * B_e A_e x`` in two matmuls (``ops.weighted_lora``)."""
+        experts = list(self.experts)
+        return weighted_lora(
+            x.to(experts[0].lora_A.weight.dtype),
+            probs,
+            [e.lora_A.weight for e in experts],
+            [e.lora_B.weight for e in experts],
+            [e.scaling for e in experts],
+        )
+
+    def _per_expert_delta(
+        self,
+        x: torch.Tensor,
+        probs: torch.Tensor,
+        base_result: torch.Tensor,
+        base_weight: torch.Tensor | None,
+        base_bias: torch.Tensor | None,
+        random: SegmentRandom | None,
+    ) -> torch.Tensor:
+        """(N, out) the probability-weighted sum of each expert's own forward (its dropout
+        mask drawn from ``random`` in expert order, its DoRA scale)."""
+        if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
+            base_weight = base_weight.float()
+        delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
+        for e, expert in enumerate(self.experts):
+            out = expert(x, base_result, base_weight, base_bias, random)
+            delta = delta + probs[:, e : e + 1] * out
+        return delta
+
+
+class MolaAdapter(ExpertMixture):
+    """MoLA (Gao et al. 2024) on one linear layer: each token runs its top-k experts only.
+
+    Args:
+        top_k: experts per token; their probabilities are renormalised to sum to 1.
+        router_loss: in training, add ``aux_loss_coef`` times Mixtral's load-balancing loss
+            over the segment's real tokens to the adapter's loss (via ``context.aux_losses``).
+        aux_loss_coef: its weight.
+        Others: see ``ExpertMixture``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        top_k: int = 2,
+        router_loss: bool = False,
+        aux_loss_coef: float = 0.001,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not 1 <= top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, {self.num_experts}], got {top_k}")
+        self.top_k = top_k
+        self.router_loss = router_loss
+        self.aux_loss_coef = aux_loss_coef
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probs (N, E), kept weights (N, k) summing to 1, selected experts (N, k))."""
+        probs = self.router_probs(x)
+        weights, selected = top_k(probs, self.top_k)
+        return probs, weights, selected
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        base_result: torch.Tensor,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+        random: SegmentRandom | None = None,
+        token_mask: torch.Tensor | None = None,
+        token_tasks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What this adapter adds to the base output for its tokens (same contract as LoRA).
+
+        Args:
+            x: (N, in) the segment's layer input.
+            base_result: (N, out) the frozen layer's output for the same tokens.
+            base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
+            random: the adapter's random stream over these tokens (its experts' dropout).
+            token_mask: (N,) real (non-padding) tokens, for router statistics; None: all.
+            token_tasks: unused (MeteoRA's gate labels; see ``LoraAdapter.forward``).
+
+        Returns:
+            (N, out) fp32 delta.
+        """
+        # the real tokens in canonical order: routing and the experts' draws never see
+        # padding or the packing order (``SegmentRandom.canonical_order``)
+        canonical = None if random is None else random.canonical_order(token_mask)
+        if canonical is not None:
+            delta = self._routed(
+                x.index_select(0, canonical),
+                base_result,
+                canonical,
+                base_weight,
+                base_bias,
+                random.plain(),
+                None,
+            )
+            return delta.new_zeros(x.shape[0], delta.shape[1]).index_copy(0, canonical, delta)
+        return self._routed(x, base_result, None, base_weight, base_bias, random, token_mask)
+
+    def _routed(
+        self,
+        x: torch.Tensor,
+        base_result: torch.Tensor,
+        canonical: torch.Tensor | None,
+        base_weight: torch.Tensor | None,
+        base_bias: torch.Tensor | None,
+        random: SegmentRandom | None,
+        token_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``forward`` over tokens ``x`` (n, in) taken at ``canonical`` from the segment."""
+        n, k, num_experts = x.shape[0], self.top_k, self.num_experts
+        probs, weights, selected = self.route(x)  # (N, E), (N, k), (N, k)
+        flat_expert = selected.reshape(-1)  # (N*k,) expert of each (token, slot) pair
+        if token_mask is not None:  # padding is routed nowhere: a last, dropped group
+            flat_expert = flat_expert.masked_fill(~token_mask.repeat_interleave(k), num_experts)
+        order, token_of, expert_of = group_by_expert(flat_expert, k)
+        load = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
+        if token_mask is None:  # every pair real: n*k, host-known
+            dora = (
+                (base_result, canonical, base_weight, base_bias) if self.needs_base_weight else None
+            )
+            delta = self._routed_lora(x, order, token_of, expert_of, weights, random, dora)
+            if self._reporting():
+                self._report(probs, selected, load, None)
+            return delta
+        counts = load.tolist()  # padding: group sizes on the host (a sync)
+        routed = sum(counts)
+        order, token_of = order[:routed], token_of[:routed]  # (P,) routed pairs, their tokens
+        xs = x.index_select(0, token_of)  # (P, in)
+        # an expert's tokens are real ones (padding is routed nowhere): draw for each of them
+        subset_random = None if random is None else SegmentRandom(random.generator)
+        if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
+            base_weight = base_weight.float()
+        if self.needs_base_weight:  # DoRA experts rescale the base output of their tokens
+            picked = token_of if canonical is None else canonical.index_select(0, token_of)
+            bases = base_result.index_select(0, picked).split(counts)
+        else:
+            bases = (base_result,) * num_experts  # unused by plain LoRA experts
+        outputs = [
+            expert(x_e, base_e, base_weight, base_bias, subset_random)
+            for expert, x_e, base_e, count in zip(
+                self.experts, xs.split(counts), bases, counts, strict=True
+            )
+            if count > 0
+        ]
+        delta = x.new_zeros(n, self.out_features, dtype=torch.float32)
+        if outputs:
+            kept = weights.reshape(-1).index_select(0, order)  # (P,)
+            delta = delta.index_add(0, token_of, torch.cat(outputs) * kept[:, None])
+        if self._reporting():
+            self._report(probs, selected, load, token_mask)
+        return delta
+
+    def _routed_lora(
+        self,
+        x: torch.Tensor,
+        order: torch.Tensor,
+        token_of: torch.Tensor,
+        expert_of: torch.Tensor,
+        weights: torch.Tensor,
+        random: SegmentRandom | None,
+        dora: tuple | None = None,
+    ) -> torch.Tensor:
+        """The experts over all n*k pairs without a host sync (``routed_lora``).
+
+        The pairs' dropout is drawn token by token (``slot_dropout``: the adapter's stream over
+        the canonical tokens), then each pair goes through its expert's LoRA. DoRA experts
+        (``dora``: the segment's base output, the segment index of each of ``x``'s tokens or
+        None when ``x`` is the segment, the dense base weight and bias) rescale each pair by its
+        expert's magnitude over weight norm, as ``LoraAdapter.forward`` does for one expert.
+        """
+        first = self.experts[0]
+        pairs = x.index_select(0, token_of).to(first.lora_A.weight.dtype)  # (P, in)
+        pairs = slot_dropout(pairs, order, self.top_k, first.dropout_p, self.training, random)
+        out = routed_lora(
+            pairs,
+            expert_of,
+            [expert.lora_A.weight for expert in self.experts],
+            [expert.lora_B.weight for expert in self.experts],
+            [expert.scaling for expert in self.experts],
+        )  # (P, out), scaled
+        if dora is not None:
+            base_result, picked, base_weight, base_bias = dora
+            weight = base_weight.to(pairs.dtype)
+            scale = dora_scales(self.experts, weight).index_select(0, expert_of)  # (P, out)
+            if first.dropout_p == 0 or not self.training:
+                rows = token_of if picked is None else picked.index_select(0, token_of)
+                base = base_result.index_select(0, rows).to(pairs.dtype)
+                base = base if base_bias is None else base - base_bias
+            else:  # DoRA rescales the base output of the dropped input (PEFT)
+                base = F.linear(pairs, weight)
+            out = (scale - 1) * base + scale * out
+        kept = weights.reshape(-1).index_select(0, order)  # (P,)
+        delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
+        return delta.index_add(0, token_of, out.float() * kept[:, None])
+
+    def _report(
+        self,
+        probs: torch.Tensor,
+        selected: torch.Tensor,
+        load: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> None:
+        """Routed counts over real tokens and, with ``router_loss``, the weighted aux loss."""
+        assert self.context is not None and self.adapter_name is not None
+        slots = F.one_hot(selected, self.num_experts)  # (N, k, E), built once for both
+        if mask is not None:  # count real tokens only
+            load = (slots.sum(dim=1) * mask[:, None]).sum(dim=0)
+        collector = self.context.aux_losses
+        collector.add_load(self.adapter_name, load)
+        if not self.router_loss:
+            return
+        coef = self.aux_loss_coef * self.num_experts
+        if collector.global_stats and mask is None:  # data parallel: sums, finished over ranks
+            stats = RouterStats.balance(probs, slots.sum(dim=1), coef)
+            collector.add_stats(self.adapter_name, self, stats)
+        else:
+            loss = self.num_experts * load_balance(probs, slots, mask)
+            collector.add(self.adapter_name, self.aux_loss_coef * loss)

@@ -1,0 +1,1 @@
+"""Inference: loading trained adapters onto the base model, generating, and evaluating."""

@@ -1,0 +1,357 @@
+"""The frozen base model with adapter-aware layers injected, and its per-adapter loss.
+
+We wrap transformers' own model classes (never copy them): the base causal LM is loaded with
+``AutoModelForCausalLM``, frozen, and each target linear layer is replaced in place by a
+``MultiLoraLinear``. Only the adapter-aware layers know adapters exist; they read the batch
+layout from a ``LayoutContext`` that this class sets around each pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlora.adapters import AdapterHost, LoraSpec, MultiLoraLinear
+from mlora.batching.collate import LossBatch
+from mlora.batching.layout import BatchLayout, LayoutContext
+from mlora.batching.packing import resolve_packing
+from mlora.core.errors import MloraError, first_line
+from mlora.core.hub import before_loading
+from mlora.model.base_model import resolve_base_model
+from mlora.ops.varlen_attention import SEQUENCES_KWARG, streaming, streams_rows
+
+logger = logging.getLogger("mlora")
+
+
+# Module replacement dispatch: (predicate, factory), first match wins (PEFT's pattern).
+LayerFactory = Callable[[nn.Module, LayoutContext], nn.Module]
+_DISPATCH: list[tuple[Callable[[nn.Module], bool], LayerFactory]] = [
+    (lambda m: isinstance(m, nn.Linear), MultiLoraLinear),
+]
+SUPPORTED_LAYERS = "torch.nn.Linear (including bitsandbytes Linear4bit / Linear8bitLt)"
+
+
+def can_wrap(module: nn.Module) -> bool:
+    """Whether ``wrap_layer`` can adapt ``module`` (preflight checks targets without loading)."""
+    return any(matches(module) for matches, _ in _DISPATCH)
+
+
+def wrap_layer(module: nn.Module, context: LayoutContext) -> nn.Module:
+    """Return the adapter-aware replacement of ``module``.
+
+    Raises:
+        MloraError: the layer type is not supported.
+    """
+    for matches, factory in _DISPATCH:
+        if matches(module):
+            return factory(module, context)
+    raise MloraError(f"cannot adapt a {type(module).__name__} layer; supported: {SUPPORTED_LAYERS}")
+
+
+def freeze(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+class MultiLoraModel(nn.Module):
+    """A frozen causal LM that trains and runs many named adapters side by side.
+
+    Args:
+        model: a transformers causal LM (``AutoModelForCausalLM``), already on its device.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        freeze(model)
+        self.model = model
+        self.context = LayoutContext()
+        self.specs: dict[str, LoraSpec] = {}
+        # Whether training and loss evaluation pack rows (see mlora.batching.packing); padded by
+        # default, the trainer and evaluation resolve the ``packing`` key.
+        self.packing = False
+
+    # --- adapters ------------------------------------------------------------------------------
+
+    def _linear_names(self) -> list[str]:
+        return sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, m in self.model.named_modules()
+                if isinstance(m, nn.Linear)
+            }
+        )
+
+    def adapter_layers(self) -> Iterator[tuple[str, MultiLoraLinear]]:
+        """(module path, layer) of every adapter-aware layer, in model order."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, MultiLoraLinear):
+                yield name, module
+
+    def add_adapter(self, name: str, spec: LoraSpec) -> None:
+        """Attach a new LoRA adapter to every target layer.
+
+        Raises:
+            MloraError: a duplicate name, or a target module the model does not have.
+        """
+        if name in self.specs:
+            raise MloraError(f"adapter {name!r} already exists")
+        self.specs[name] = spec.attach(self, name)
+        if not self.training:
+            self.eval()  # new adapter modules are born training: no dropout after model.eval()
+
+    def attach_lora(
+        self,
+        name: str,
+        spec: LoraSpec,
+        module_for: Callable[[str, nn.Module], nn.Module | None] | None = None,
+    ) -> None:
+        """Wrap every target linear layer of ``spec`` and give it adapter ``name``'s LoRA.
+
+        Args:
+            module_for: ``(path, layer)`` -> the module adapter ``name`` uses on that layer
+                instead of a plain LoRA (per-linear MoE experts), or None for a plain LoRA.
+        """
+        targets = set(spec.target_modules)
+        found: set[str] = set()
+        for path, module in list(self.model.named_modules()):
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf not in targets:
+                continue
+            if not isinstance(module, MultiLoraLinear):
+                parent = (
+                    self.model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else self.model
+                )
+                module = wrap_layer(module, self.context)
+                setattr(parent, leaf, module)
+            custom = module_for(path, module) if module_for is not None else None
+            if custom is None:
+                module.add_adapter(
+                    name, spec.r, spec.scaling, spec.dropout, spec.init, spec.use_dora
+                )
+            else:
+                module.adapters[name] = custom
+            found.add(leaf)
+        missing = sorted(targets - found)
+        if missing:
+            self.remove_adapter(name, strict=False)
+            available = ", ".join(self._linear_names())
+            raise MloraError(
+                f"adapter {name!r}: target module {missing[0]!r} not found in "
+                f"{type(self.model).__name__} (its linear layers: {available})"
+            )
+
+    def adapter_hosts(self) -> list[tuple[str, AdapterHost]]:
+        """(module path, host) of every module that holds adapters: wrapped linear layers first,
+        then block-level hosts (MixLoRA FFNs), each in model order (``AdapterHost.host_rank``)."""
+        hosts = [(p, m) for p, m in self.model.named_modules() if isinstance(m, AdapterHost)]
+        return sorted(hosts, key=lambda item: item[1].host_rank)  # stable: model order kept
+
+    def remove_adapter(self, name: str, strict: bool = True) -> None:
+        for _, host in self.adapter_hosts():
+            host.remove_hosted(name)
+        if strict and name not in self.specs:
+            raise MloraError(f"no adapter named {name!r}")
+        self.specs.pop(name, None)
+        self.context.generators.forget(name)
+
+    def adapter_modules(self, name: str) -> Iterator[tuple[str, nn.Module]]:
+        """(base layer path, adapter module) of adapter ``name`` on every layer it targets.
+
+        A block-level host names its own path below it (a MixLoRA adapter yields
+        ``(FFN path + ".moes." + name, MixLoraExperts)``).
+        """
+        for path, host in self.adapter_hosts():
+            for suffix, module in host.hosted(name):
+                yield (f"{path}.{suffix}" if suffix else path), module
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for _, module in self.adapter_modules(name) for p in module.parameters()]
+
+    # --- passes --------------------------------------------------------------------------------
+
+    def set_packing(self, requested: str | bool) -> None:
+        """Apply the ``packing`` key (``mlora.batching.packing.resolve_packing``); its probes run
+        the bare base model, whatever layout an earlier pass left set."""
+        with self.context.use(None):
+            self.packing = resolve_packing(self.model, requested)
+
+    @property
+    def packing_form(self) -> str:
+        """How ``collate`` lays out this model's training batches: "stream", "bins" or "padded"."""
+        if not self.packing:
+            return "padded"
+        return "stream" if streams_rows(self.model) else "bins"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BatchLayout
+    ) -> Any:
+        """Full logits of the wrapped model with each row using its segment's adapter.
+
+        Args:
+            input_ids, attention_mask: (B, T) padded rows.
+            layout: a per-row layout (``BatchLayout.from_row_adapters``) or a token layout of
+                the B*T tokens.
+        """
+        with self.context.use(layout, attention_mask.reshape(-1).bool()):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    def segment_losses(
+        self,
+        batch: LossBatch,
+        token_divisors: torch.Tensor | None = None,
+        aux_divisors: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Each segment's summed next-token cross-entropy over ``token_divisors``, shape (S,).
+
+        Plus, in training, each adapter's MoE router losses recorded during this pass on
+        ``context.aux_losses`` (see ``mlora.batching.aux_losses``), over ``aux_divisors``.
+
+        Args:
+            token_divisors: (S,) default: the segments' own supervised tokens (a mean); the
+                trainer passes each adapter's supervised tokens in the whole optimizer step.
+            aux_divisors: (S,) default 1; the trainer passes the micro-batches per step.
+
+        The layout stays set on the context until the next pass, so backward (and checkpoint
+        recomputation) sees it too.
+        """
+        token_loss = self.token_losses(batch)  # (N,)
+        sums = token_loss.new_zeros(len(batch.layout.segments)).index_add(
+            0, batch.owners, token_loss
+        )
+        losses = sums / (batch.token_counts if token_divisors is None else token_divisors)
+        aux = self.context.aux_losses.segment_losses(batch.layout.adapters, losses)
+        if aux is None:
+            return losses
+        return losses + (aux if aux_divisors is None else aux / aux_divisors)
+
+    def token_losses(self, batch: LossBatch) -> torch.Tensor:
+        """Next-token cross-entropy (fp32) at each supervised position of ``batch``, shape (N,).
+
+        Runs the backbone once for the whole (packed or padded) batch, then applies ``lm_head``
+        only to the positions that carry a label (most positions are prompt), under the layout
+        of those gathered positions. Training reduces these per segment; evaluation also per
+        row (a choice's log-likelihood is minus its row's sum).
+        """
+        self.context.set(
+            batch.layout,
+            batch.token_mask,
+            batch.token_rows,
+            batch.token_real_index,
+            batch.token_tasks,
+        )
+        self.context.aux_losses.clear()
+        backbone = self.model.base_model
+        rows = {} if batch.sequences is None else {SEQUENCES_KWARG: batch.sequences}
+        if rows and not streams_rows(self.model):  # sdpa would let the rows see each other
+            raise ValueError("a stream batch needs the model's per-row attention (use_stream)")
+        with streaming() if rows else nullcontext():
+            hidden = backbone(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                **rows,
+            ).last_hidden_state  # (B, T, H) padded, (bins, W, H) packed or (1, sum L, H) stream
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # (N, H)
+        with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
+            logits = self._logits(picked)  # (N, V)
+        # half-precision logits are upcast for the softmax; fp32 and fp64 keep their precision
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, batch.targets, reduction="none")
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2 style soft-capping, as the model's own forward does
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+@contextmanager
+def transformers_progress_bars_off() -> Iterator[None]:
+    """transformers' own bars (loading/writing shards) off for a call: they would share the
+    terminal with mlora's log lines and the training bar; the log says what loaded instead."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model folder, hub id or GGUF file, padding with EOS when it has no pad.
+
+    Raises:
+        MloraError: it cannot be loaded (one line naming it).
+    """
+    from transformers import AutoTokenizer
+
+    name_or_path = resolve_base_model(name_or_path)
+    before_loading(name_or_path, "base model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        message = f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}"
+        raise MloraError(message) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    tokenizer: Any = None,
+    **from_pretrained_kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local directory, the hub or a GGUF file.
+
+    Args:
+        tokenizer: one already loaded (``load_tokenizer``) to return instead of loading it again.
+
+    Raises:
+        MloraError: the path/name cannot be loaded (one line naming it).
+    """
+    from transformers import AutoModelForCausalLM
+
+    name_or_path = resolve_base_model(name_or_path)
+    local = Path(name_or_path)
+    if (name_or_path.startswith((".", "/")) or local.exists()) and not (
+        local / "config.json"
+    ).is_file():
+        raise MloraError(f"base model not found: {name_or_path} (no config.json in that directory)")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    try:
+        with transformers_progress_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+                **from_pretrained_kwargs,
+            )
+    except (OSError, ValueError) as exc:
+        raise MloraError(f"cannot load base model {name_or_path}: {first_line(exc)}") from None
+    if "quantization_config" not in from_pretrained_kwargs:
+        model.to(device)
+    logger.info("loaded %s (%s, %s)", name_or_path, type(model).__name__, dtype)
+    return model, tokenizer
