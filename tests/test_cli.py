@@ -53,6 +53,27 @@ def test_mlora_py_trains_and_writes_peft_adapters(tmp_path: Path, tiny_model_dir
         )
 
 
+def test_the_package_wins_over_the_mlora_py_script() -> None:
+    """From the checkout's root, ``mlora/`` (the package) and ``mlora.py`` (the documented command)
+    sit in one folder: ``import mlora`` gets the package (a package directory wins over a module of
+    the same name in one path entry), and ``python mlora.py`` still runs the command."""
+    imported = subprocess.run(
+        [sys.executable, "-c", "import mlora; print(mlora.__file__)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    assert Path(imported.stdout.strip()) == ROOT / "mlora" / "__init__.py"
+    helped = subprocess.run(
+        [sys.executable, "mlora.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: mlora.py "), helped.stdout
+
+
 def test_refuses_to_overwrite_and_continues_with_load_adapter(
     tmp_path: Path, tiny_model_dir: Path, capsys
 ) -> None:
