@@ -30,7 +30,7 @@ def test_same_bytes_in_process_and_in_a_fresh_process(built: Path, tmp_path: Pat
     # A fresh interpreter with another hash seed and thread count: the tokenizer trainer must
     # not depend on either.
     env = {**os.environ, "PYTHONHASHSEED": "7", "RAYON_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    code = "import sys; from mlora.model import demo_model; demo_model.build_demo_model(sys.argv[1])"
+    code = "import sys; from mlora.model import demo_model as d; d.build_demo_model(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "fresh")], check=True, env=env)
     for name in FILES:
         reference = (built / name).read_bytes()

@@ -267,8 +267,8 @@ def test_accuracy_with_and_without_scikit_learn(monkeypatch):
 
 
 def test_every_choice_task_the_config_accepts_has_a_reader() -> None:
-    """``config.CHOICE_TASK_NAMES`` (what ``task_name`` accepts) and ``eval_tasks.CHOICE_TASKS``
-    (how each task is read) name the same tasks, in the same order."""
+    """``config.schema.CHOICE_TASK_NAMES`` (what ``task_name`` accepts) and
+    ``data.tasks.CHOICE_TASKS`` (how each task is read) name the same tasks, in the same order."""
     from mlora.config.schema import CHOICE_TASK_NAMES
     from mlora.data.tasks import CHOICE_TASKS
 

@@ -20,7 +20,7 @@ from mlora.adapters.lora_moe.spec import linear_moe_spec
 from mlora.adapters.mixlora.spec import mixlora_spec
 from mlora.config.schema import LINEAR_MOE_STRATEGIES, MIXLORA_STRATEGIES, AdapterConfig
 from mlora.persistence import lora as lora_persistence
-from mlora.persistence import lora_moe as linear_moe_persistence
+from mlora.persistence import lora_moe as lora_moe_persistence
 from mlora.persistence import meteora as meteora_persistence
 from mlora.persistence import mixlora as mixlora_persistence
 
@@ -122,7 +122,7 @@ KINDS: tuple[AdapterKind, ...] = (
         tuple(LINEAR_MOE_STRATEGIES),
         ("LORAMOE", "MOLA"),
         linear_moe_spec,
-        **_upstream_format(linear_moe_persistence),
+        **_upstream_format(lora_moe_persistence),
     ),
     AdapterKind(
         "MeteoRA",

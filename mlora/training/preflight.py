@@ -78,7 +78,7 @@ def meteora_targets(config: TrainConfig) -> dict[str, list[str]]:
     """The gated modules of each MeteoRA adapter, its adapter folders read and checked.
 
     Raises:
-        MloraError: a folder MeteoRA cannot embed (see ``meteora_persistence.meteora_spec``).
+        MloraError: a folder MeteoRA cannot embed (see ``mlora.persistence.meteora.meteora_spec``).
     """
     from mlora.persistence.meteora import meteora_spec
 
