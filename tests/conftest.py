@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist (``-n N``) each worker, and each process it starts, gets its share of
+    the cores: torch would otherwise start one thread per core in every worker, and N workers'
+    threads would fight over the same cores. An ``OMP_NUM_THREADS`` the user set is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -57,23 +58,35 @@ def varlen_attention(
         )
     kwargs.pop("is_causal", None)  # every row is causal
     window = kwargs.get("sliding_window")  # set by sliding-window layers (Mistral, Qwen2, ...)
+    lengths = [end - start for start, end in sequences]
     outputs = []
-    for start, end in sequences:
-        band = _sliding_mask(end - start, window, query.device)
+    for q, k, v in zip(*(_rows(t, sequences, lengths) for t in (query, key, value)), strict=True):
+        band = _sliding_mask(q.shape[2], window, query.device)
         outputs.append(
             sdpa_attention_forward(
-                module,
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                band,
-                dropout=dropout,
-                scaling=scaling,
-                is_causal=band is None,
+                module, q, k, v, band, dropout=dropout, scaling=scaling, is_causal=band is None,
                 **kwargs,
             )[0]  # (1, L, heads, D)
-        )
+        )  # fmt: skip
     return torch.cat(outputs, dim=1), None
+
+
+def _rows(
+    tensor: torch.Tensor, sequences: Sequence[tuple[int, int]], lengths: list[int]
+) -> Sequence[torch.Tensor]:
+    """Each row's (1, heads, L, D) view of a stream tensor.
+
+    One ``split``: its backward joins the rows' gradients in one ``cat``, where a slice per row
+    would each allocate a zero gradient of the whole stream and copy its part in (rows x stream
+    memory traffic).
+
+    Raises:
+        ValueError: the rows do not tile the stream in order (``collate`` always makes them so).
+    """
+    tiled = all(a[1] == b[0] for a, b in pairwise(sequences))
+    if not (tiled and sequences[0][0] == 0 and sequences[-1][1] == tensor.shape[2]):
+        raise ValueError(f"rows {list(sequences)} do not tile a stream of {tensor.shape[2]}")
+    return tensor.split(lengths, dim=2)
 
 
 def _sliding_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
