@@ -36,10 +36,11 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from mlora.adapters.spec import LoraSpec
     from mlora.batching.collate import collate
     from mlora.data.rows import TokenizedRow
     from mlora.hardware.backends import get_backend
-    from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+    from mlora.model.multi_lora import MultiLoraModel
     from mlora.training.recompute import apply_gradient_checkpointing
 
     backend = get_backend(args.device)

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_concurrent_vs_peft import TASKS, build_model  # noqa: E402
+from benchmarks.toy_tasks import TASKS, build_model  # noqa: E402
 
 
 def build_config(folder: Path, rows: int, batch_size: int) -> Path:

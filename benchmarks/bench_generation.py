@@ -28,10 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_concurrent_vs_peft import build_model  # noqa: E402
+from benchmarks.toy_tasks import build_model  # noqa: E402
+from mlora.adapters.spec import LoraSpec  # noqa: E402
 from mlora.inference.generation import GenerationRequest, SamplingParams, generate  # noqa: E402
 from mlora.inference.trained import load_trained  # noqa: E402
-from mlora.model.multi_lora import LoraSpec, MultiLoraModel  # noqa: E402
+from mlora.model.multi_lora import MultiLoraModel  # noqa: E402
 from mlora.persistence.adapter_files import peft_config, save_adapter  # noqa: E402
 
 NAMES = ("a", "b", "c", "d")

@@ -23,9 +23,10 @@ import torch
 from common import Spread, resolve_device  # benchmarks/common.py (puts the checkout on the path)
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mlora.adapters.spec import LoraSpec
 from mlora.batching.layout import BatchLayout
 from mlora.hardware.backends import Backend, get_backend
-from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+from mlora.model.multi_lora import MultiLoraModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

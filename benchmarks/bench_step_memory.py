@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_lora_op import check_memory_probe, memory_of
 
+from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import collate
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow
-from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+from mlora.model.multi_lora import MultiLoraModel
 
 MIB = 2**20
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

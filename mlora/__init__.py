@@ -10,6 +10,7 @@ Notebook use::
     answers = mlora.generate(model, tokenizer, [("What is 2+3?", "math")])
 """
 
+from mlora.adapters.spec import LoraSpec
 from mlora.api import check_outputs, train
 from mlora.batching.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.config.schema import AdapterConfig, TrainConfig, load_config, parse_config
@@ -17,7 +18,7 @@ from mlora.core.errors import ConfigError, DataError, MloraError
 from mlora.inference.evaluation import AdapterResult, evaluate
 from mlora.inference.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
 from mlora.inference.trained import load_trained
-from mlora.model.multi_lora import LoraSpec, MultiLoraModel, load_base_model
+from mlora.model.multi_lora import MultiLoraModel, load_base_model
 from mlora.persistence.adapter_files import read_adapter, save_adapter
 from mlora.training.trainer import Trainer, prepare_data
 

@@ -16,11 +16,12 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
+from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import collate
 from mlora.batching.layout import BatchLayout
 from mlora.batching.packing import packing_problem, resolve_packing, use_stream
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow
-from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+from mlora.model.multi_lora import MultiLoraModel
 from tests.helpers import in_row_order
 
 COMMON = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import mlora.training.recompute as checkpointing
 from mlora.adapters.linear import dense_weight
+from mlora.adapters.spec import LoraSpec
 from mlora.api import train
 from mlora.batching.layout import BatchLayout
 from mlora.cli import launch
@@ -22,7 +23,7 @@ from mlora.config.schema import parse_config
 from mlora.core.errors import ConfigError
 from mlora.hardware.backends import CpuBackend, CudaBackend, get_backend
 from mlora.hardware.precision import build_quantization_config
-from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+from mlora.model.multi_lora import MultiLoraModel
 from mlora.ops.varlen_attention import VARLEN_ATTENTION
 from mlora.training.recompute import find_decoder_layers, resolve_checkpoint_mode
 from mlora.training.trainer import Trainer, prepare_data

@@ -19,11 +19,12 @@ import torch
 from mlora.adapters import lora as lora_module
 from mlora.adapters.mixlora import MixLoraFeedForward, feed_forward
 from mlora.adapters.mixlora.spec import RouterSpec, build_mixlora_spec
+from mlora.adapters.spec import LoraSpec
 from mlora.batching.layout import BatchLayout
 from mlora.config.schema import parse_config
 from mlora.core.errors import MloraError
 from mlora.inference.trained import load_trained
-from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import read_adapter
 from mlora.training.trainer import spec_from_config
 from tests.conftest import make_model, make_tokenizer

@@ -10,8 +10,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from mlora.adapters.spec import LoraSpec
 from mlora.batching.layout import BatchLayout
-from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import (
     load_adapter_weights,
     peft_config,

@@ -51,6 +51,11 @@ class AdapterKind:
         legacy_names: saved tensors renamed to today's keys before loading.
         writes_legacy_bin: also write ``adapter_model.bin`` (upstream MoE loaders read it).
         load_fresh: fill a newly attached adapter from elsewhere (MeteoRA: the LoRAs it embeds).
+        task_field: the data field that labels each row's task, if the kind trains on one.
+        own_targets: ``(config, where)`` -> the modules the kind wraps when they come from its
+            own files rather than the config's ``target_modules`` (MeteoRA: the gated modules
+            of the LoRAs it embeds, read and checked before the model loads); their ranks are
+            those files' own, so the config's ``r`` is not checked against them.
     """
 
     name: str
@@ -64,6 +69,8 @@ class AdapterKind:
     legacy_names: Callable[[Tensors], Tensors] = _same
     writes_legacy_bin: bool = False
     load_fresh: Callable[[AdapterModel, str], None] | None = None
+    task_field: Callable[[AdapterConfig], str | None] = lambda config: None
+    own_targets: Callable[[AdapterConfig, str], list[str]] | None = None
 
 
 def lora_spec(config: AdapterConfig) -> LoraSpec:
@@ -130,7 +137,12 @@ KINDS: tuple[AdapterKind, ...] = (
         (meteora_persistence.PEFT_TYPE,),
         meteora_persistence.meteora_spec,
         **_upstream_format(
-            meteora_persistence, load_fresh=meteora_persistence.load_embedded_adapters
+            meteora_persistence,
+            load_fresh=meteora_persistence.load_embedded_adapters,
+            task_field=lambda config: config.moe("task_field"),
+            own_targets=lambda config, where: list(
+                meteora_persistence.meteora_spec(config, where).target_modules
+            ),
         ),
     ),
 )

@@ -20,6 +20,7 @@ from mlora.core.errors import MloraError
 from mlora.core.integrity import json_problem, safetensors_problem, shape_problem
 from mlora.data.prompts import load_template
 from mlora.data.rows import local_data_path
+from mlora.persistence.kinds import kind_for_config
 
 logger = logging.getLogger("mlora")
 
@@ -74,20 +75,19 @@ def check_data_sources(config: TrainConfig) -> None:
         local_data_path(adapter.data, f"adapter {adapter.name!r}: data")
 
 
-def meteora_targets(config: TrainConfig) -> dict[str, list[str]]:
-    """The gated modules of each MeteoRA adapter, its adapter folders read and checked.
+def own_targets(config: TrainConfig) -> dict[str, list[str]]:
+    """The wrapped modules of each adapter whose kind takes them from its own files (MeteoRA:
+    the LoRAs it embeds), those files read and checked.
 
     Raises:
-        MloraError: a folder MeteoRA cannot embed (see ``mlora.persistence.meteora.meteora_spec``).
+        MloraError: a file the kind cannot use (e.g. ``mlora.persistence.meteora.meteora_spec``).
     """
-    from mlora.persistence.meteora import meteora_spec
-
-    return {
-        adapter.name: list(meteora_spec(adapter, f"{config.source}: adapter {adapter.name!r}")
-                           .target_modules)
-        for adapter in config.lora
-        if adapter.routing_strategy == "meteora"
-    }  # fmt: skip
+    found = {}
+    for adapter in config.lora:
+        read = kind_for_config(adapter).own_targets
+        if read is not None:
+            found[adapter.name] = read(adapter, f"{config.source}: adapter {adapter.name!r}")
+    return found
 
 
 def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[str, int] | None:
@@ -129,8 +129,8 @@ def check_target_modules(
     """Every adapter's target modules exist in the base model, and its rank fits them.
 
     Args:
-        overrides: target modules by adapter name where the config does not name them
-            (MeteoRA: its gated modules).
+        overrides: target modules by adapter name where the kind reads them from its own
+            files (``own_targets``); their ranks are not the config's ``r``.
 
     Raises:
         MloraError: naming the adapter, the module and the model's adaptable layers (or the
@@ -149,7 +149,7 @@ def check_target_modules(
                 f"(its linear layers: {', '.join(sorted(sizes))})"
             )
         if adapter.name in (overrides or {}):
-            continue  # MeteoRA: its ranks are the embedded adapters', checked as they load
+            continue  # its ranks are its files', checked as they load
         module = min(adapter.target_module_names, key=lambda name: sizes[name])
         if adapter.r > sizes[module]:
             raise MloraError(
@@ -261,7 +261,7 @@ def preflight(
     check_remote_code(base_model, trust_remote_code)
     check_base_weights(base_model)
     check_data_sources(config)
-    check_target_modules(config, base_model, trust_remote_code, meteora_targets(config))
+    check_target_modules(config, base_model, trust_remote_code, own_targets(config))
     check_cutoff_len(config, base_model)
     check_writable(output_dir)
     if load_adapter:

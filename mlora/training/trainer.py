@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import collate
 from mlora.batching.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name_seed
 from mlora.config.schema import AdapterConfig, TrainConfig
@@ -34,7 +35,7 @@ from mlora.data.prompts import load_template
 from mlora.data.rows import TokenizedRow, load_rows, pad_token_id, tokenize_rows
 from mlora.data.tasks import CHOICE_TASKS, training_rows
 from mlora.hardware.backends import get_backend
-from mlora.model.multi_lora import LoraSpec, MultiLoraModel
+from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import (
     adapter_state_dict,
     load_adapter_weights,
@@ -76,7 +77,7 @@ def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]
             rows = training_rows(adapter.task_name, adapter.data, adapter.name)
         else:
             rows = load_rows(adapter.data)
-        task_field = adapter.moe("task_field") if adapter.routing_strategy == "meteora" else None
+        task_field = kind_for_config(adapter).task_field(adapter)
         out[adapter.name] = tokenize_rows(
             rows,
             tokenizer,
