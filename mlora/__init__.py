@@ -10,17 +10,74 @@ Notebook use::
     answers = mlora.generate(model, tokenizer, [("What is 2+3?", "math")])
 """
 
-from mlora.adapters.spec import LoraSpec
-from mlora.api import check_outputs, train
-from mlora.batching.layout import AdapterSegment, BatchLayout, LayoutContext
-from mlora.config.schema import AdapterConfig, TrainConfig, load_config, parse_config
-from mlora.core.errors import ConfigError, DataError, MloraError
-from mlora.inference.evaluation import AdapterResult, evaluate
-from mlora.inference.generation import GenerationOutput, GenerationRequest, SamplingParams, generate
-from mlora.inference.trained import load_trained
-from mlora.model.multi_lora import MultiLoraModel, load_base_model
-from mlora.persistence.adapter_files import read_adapter, save_adapter
-from mlora.training.trainer import Trainer, prepare_data
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names below, for type checkers and editors
+    from mlora.adapters.spec import LoraSpec
+    from mlora.api import check_outputs, train
+    from mlora.batching.layout import AdapterSegment, BatchLayout, LayoutContext
+    from mlora.config.schema import AdapterConfig, TrainConfig, load_config, parse_config
+    from mlora.core.errors import ConfigError, DataError, MloraError
+    from mlora.inference.evaluation import AdapterResult, evaluate
+    from mlora.inference.generation import (
+        GenerationOutput,
+        GenerationRequest,
+        SamplingParams,
+        generate,
+    )
+    from mlora.inference.trained import load_trained
+    from mlora.model.multi_lora import MultiLoraModel, load_base_model
+    from mlora.persistence.adapter_files import read_adapter, save_adapter
+    from mlora.training.trainer import Trainer, prepare_data
+
+# Each public name and the module that defines it, imported on first use: ``import mlora`` (and
+# so every ``mlora.cli`` command, ``launch.py gen`` or ``--help`` included) does not pay seconds
+# of torch and transformers imports until a name that needs them is used.
+_HOMES = {
+    "LoraSpec": "mlora.adapters.spec",
+    "check_outputs": "mlora.api",
+    "train": "mlora.api",
+    "AdapterSegment": "mlora.batching.layout",
+    "BatchLayout": "mlora.batching.layout",
+    "LayoutContext": "mlora.batching.layout",
+    "AdapterConfig": "mlora.config.schema",
+    "TrainConfig": "mlora.config.schema",
+    "load_config": "mlora.config.schema",
+    "parse_config": "mlora.config.schema",
+    "ConfigError": "mlora.core.errors",
+    "DataError": "mlora.core.errors",
+    "MloraError": "mlora.core.errors",
+    "AdapterResult": "mlora.inference.evaluation",
+    "evaluate": "mlora.inference.evaluation",
+    "GenerationOutput": "mlora.inference.generation",
+    "GenerationRequest": "mlora.inference.generation",
+    "SamplingParams": "mlora.inference.generation",
+    "generate": "mlora.inference.generation",
+    "load_trained": "mlora.inference.trained",
+    "MultiLoraModel": "mlora.model.multi_lora",
+    "load_base_model": "mlora.model.multi_lora",
+    "read_adapter": "mlora.persistence.adapter_files",
+    "save_adapter": "mlora.persistence.adapter_files",
+    "Trainer": "mlora.training.trainer",
+    "prepare_data": "mlora.training.trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'mlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
+
 
 __version__ = "0.1.0"
 

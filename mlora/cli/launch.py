@@ -313,7 +313,7 @@ def _command_name() -> str:
 
 
 def _program_name() -> str:
-    from mlora.cli.train import program_name
+    from mlora.cli.program import program_name
 
     return program_name("launch.py", "mlora-launch", "mlora.cli.launch")
 

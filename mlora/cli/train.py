@@ -12,10 +12,10 @@ from pathlib import Path
 from mlora.cli.common import (
     BASE_MODEL_HELP,
     add_base_model_options,
-    program_name,
     quantize_choice,
     setup_logging,
 )
+from mlora.cli.program import program_name
 from mlora.core.errors import exit_code_of
 from mlora.core.interrupt import TrainingInterrupted
 
