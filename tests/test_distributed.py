@@ -474,14 +474,15 @@ def test_moe_modules_are_found_for_router_sums_and_grouped_expert_dropout(
     model = MultiLoraModel(make_model(vocab_size=len(make_tokenizer())))  # 2 decoder layers
     for adapter in config.lora:
         model.add_adapter(adapter.name, spec_from_config(adapter))
-    slots = router_stat_slots(model.model)
+    names = [adapter.name for adapter in config.lora]
+    slots = router_stat_slots(model, names)
     # MixLoRA: a router per FFN; MoLA: a mixture per target (q, v, down) per layer; LoRAMoE has
     # no router loss
     assert {name: (len(ids), width) for name, (ids, width) in slots.items()} == {
         "topk": (2, 5), "switch": (2, 5), "dynamic": (2, 5), "dynamic-0": (2, 5), "mola": (6, 5),
     }  # fmt: skip
     # on the CPU mixlora-dynamic runs one group per expert: its expert dropout is per group
-    assert grouped_expert_dropout(model.model) == ["dynamic"]
+    assert grouped_expert_dropout(model, names) == ["dynamic"]
 
 
 def test_router_sums_of_two_shares_give_the_z_loss_and_gate_loss_of_the_whole() -> None:
@@ -518,3 +519,14 @@ def test_router_sums_of_two_shares_give_the_z_loss_and_gate_loss_of_the_whole() 
     total.backward()
     assert total.item() == pytest.approx((0.1 * z_want + 0.3 * gate_want).item(), rel=1e-6)
     assert torch.allclose(shared.grad, whole.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_a_meteora_gate_records_router_sums_only_with_a_gate_loss() -> None:
+    """The ``router_stat_experts`` hook of a MeteoRA gate: its adapters with a gate loss, none
+    without (the MoE kinds' hooks are walked through a model in the test above)."""
+    from mlora.adapters.meteora.layer import MeteoraAdapter
+
+    gate = MeteoraAdapter(16, 12, [(2, 0.5), (4, 2.0), None], top_k=2)
+    assert gate.router_stat_experts is None
+    gate.gate_loss_weight = 0.25
+    assert gate.router_stat_experts == 3

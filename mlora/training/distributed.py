@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mlora.adapters.spec import AdapterModel
 from mlora.batching.dispatcher import shard_bounds
 from mlora.config.schema import TrainConfig
 from mlora.core.errors import MloraError
@@ -298,47 +299,35 @@ def load_sharded_base(model: nn.Module, state: Distributed) -> ShardedBase:
     return ShardedBase(units, full_bytes)
 
 
-def router_stat_slots(model: nn.Module) -> dict[str, tuple[dict[int, int], int]]:
-    """The MoE modules whose router losses are means over a micro-batch, per adapter.
+def router_stat_slots(
+    model: AdapterModel, names: Sequence[str]
+) -> dict[str, tuple[dict[int, int], int]]:
+    """The adapter modules whose router losses are means over a micro-batch, per adapter.
 
     Under data parallel they record router sums that the trainer reduces over ranks
-    (``mlora.batching.aux_losses.AuxLossCollector.use_global_stats``): MixLoRA routers and MoLA
-    mixtures with ``router_loss``, MeteoRA gates with a gate loss. Every rank walks the same model,
-    so slots agree across ranks without a collective.
+    (``mlora.batching.aux_losses.AuxLossCollector.use_global_stats``): every module whose
+    ``router_stat_experts`` hook says so (MixLoRA routers and MoLA mixtures with a router loss,
+    MeteoRA gates with a gate loss). Every rank walks the same model, so slots agree across
+    ranks without a collective.
 
     Returns:
-        ``{adapter: ({id(module): slot}, E + 2)}`` in model order; adapters without a router
-        loss are absent.
+        ``{adapter: ({id(module): slot}, E + 2)}`` in the model's walk order; adapters without
+        a router loss are absent.
     """
-    from mlora.adapters import MultiLoraLinear
-    from mlora.adapters.lora_moe.layer import MolaAdapter
-    from mlora.adapters.meteora.layer import MeteoraAdapter
-    from mlora.adapters.mixlora.feed_forward import MixLoraFeedForward
-
     slots: dict[str, tuple[dict[int, int], int]] = {}
-    for module in model.modules():
-        found: list[tuple[str, nn.Module, int]] = []
-        if isinstance(module, MixLoraFeedForward):
-            found = [
-                (name, moe, moe.router_spec.num_experts)
-                for name, moe in module.moes.items()
-                if moe.router_spec.router_loss
-            ]
-        elif isinstance(module, MultiLoraLinear):
-            for name, adapter in module.adapters.items():
-                if isinstance(adapter, MolaAdapter) and adapter.router_loss:
-                    found.append((name, adapter, adapter.num_experts))
-                elif isinstance(adapter, MeteoraAdapter) and adapter.gate_loss_weight:
-                    found.append((name, adapter, adapter.num_adapters))
-        for name, owner, experts in found:
-            ids, _ = slots.setdefault(name, ({}, experts + 2))
-            ids[id(owner)] = len(ids)
+    for name in names:
+        for _, module in model.adapter_modules(name):
+            experts = getattr(module, "router_stat_experts", None)
+            if experts is not None:
+                ids, _ = slots.setdefault(name, ({}, experts + 2))
+                ids[id(module)] = len(ids)
     return slots
 
 
-def grouped_expert_dropout(model: nn.Module) -> list[str]:
-    """Adapters whose MoE experts draw dropout per expert group: MixLoRA ``mixlora-dynamic``
-    where it runs one group per expert (the CPU, see ``feed_forward.DYNAMIC_AS_PAIRS``).
+def grouped_expert_dropout(model: AdapterModel, names: Sequence[str]) -> list[str]:
+    """Adapters whose MoE experts draw dropout per expert group (their modules'
+    ``draws_dropout_per_group`` hook): MixLoRA ``mixlora-dynamic`` where it runs one group per
+    expert (the CPU, see ``feed_forward.DYNAMIC_AS_PAIRS``).
 
     A group's masks are drawn for all of its (token, expert) pairs at once, so their values
     depend on how many tokens every rank sends to each expert: under data parallel such an
@@ -347,19 +336,11 @@ def grouped_expert_dropout(model: nn.Module) -> list[str]:
     masks token by token (``slot_dropout``), and every per-token draw (LoRA dropout, router
     jitter, FFN dropout) follows the canonical token index: exact.
     """
-    from mlora.adapters.mixlora import feed_forward
-
-    names: list[str] = []
-    for module in model.modules():
-        if isinstance(module, feed_forward.MixLoraFeedForward):
-            device = next(module.parameters()).device
-            for name, moe in module.moes.items():
-                spec = moe.router_spec
-                grouped = feed_forward.slots_per_token(spec, device) is None
-                experts = list(moe.experts.values())
-                if grouped and experts and experts[0][0].dropout_p > 0:
-                    names.append(name)
-    return list(dict.fromkeys(names))  # each once, in model order
+    return [
+        name
+        for name in names
+        if any(getattr(m, "draws_dropout_per_group", False) for _, m in model.adapter_modules(name))
+    ]
 
 
 @contextmanager

@@ -244,8 +244,9 @@ class Trainer:
             logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
         model.set_packing(config.packing)
         if self.dist.enabled:  # router losses over whole micro-batches: sums reduced over ranks
-            model.context.aux_losses.use_global_stats(router_stat_slots(model.model) or None)
-            inexact = grouped_expert_dropout(model.model)
+            names = [run.name for run in self.runs]
+            model.context.aux_losses.use_global_stats(router_stat_slots(model, names) or None)
+            inexact = grouped_expert_dropout(model, names)
             if inexact and self.dist.is_main:
                 logger.warning(
                     "distributed: the MoE experts of %s draw dropout per expert group, which "

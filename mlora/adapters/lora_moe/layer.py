@@ -207,6 +207,12 @@ class MolaAdapter(ExpertMixture):
         self.router_loss = router_loss
         self.aux_loss_coef = aux_loss_coef
 
+    @property
+    def router_stat_experts(self) -> int | None:
+        """Experts whose router sums this mixture records (``AdapterHost``'s hooks); None
+        without a router loss."""
+        return self.num_experts if self.router_loss else None
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probs (N, E), kept weights (N, k) summing to 1, selected experts (N, k))."""
         probs = self.router_probs(x)

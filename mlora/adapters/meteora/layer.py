@@ -105,6 +105,12 @@ class MeteoraAdapter(nn.Module):
 
     needs_base_weight = False  # no DoRA: ``MultiLoraLinear`` need not pass the dense base weight
 
+    @property
+    def router_stat_experts(self) -> int | None:
+        """Adapters whose gate sums this gate records (``AdapterHost``'s hooks); None without a
+        gate loss."""
+        return self.num_adapters if self.gate_loss_weight else None
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits (T, N), weights (T, N) zero outside the top-k, chosen (T, N) bool), fp32."""
         logits = self.gate(x.to(self.gate.weight.dtype))

@@ -118,6 +118,20 @@ class MixLoraExperts(nn.Module):
         key = f"{projection}_experts"
         return self.experts[key][index] if key in self.experts else None
 
+    @property
+    def router_stat_experts(self) -> int | None:
+        """Experts whose router sums this router records (``AdapterHost``'s hooks); None
+        without a router loss."""
+        return self.router_spec.num_experts if self.router_spec.router_loss else None
+
+    @property
+    def draws_dropout_per_group(self) -> bool:
+        """Whether expert dropout is drawn per expert group (``mixlora-dynamic`` where it runs
+        one group per expert): its masks then depend on how rows are split over processes."""
+        grouped = slots_per_token(self.router_spec, self.router.weight.device) is None
+        experts = list(self.experts.values())
+        return grouped and bool(experts) and experts[0][0].dropout_p > 0
+
     def router_logits(self, x: torch.Tensor, random: SegmentRandom | None = None) -> torch.Tensor:
         """(N, E) fp32 logits; the router input gets multiplicative jitter in training, drawn
         from ``random`` (the adapter's stream)."""
