@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlora.data.prompts import PromptTemplate
-from mlora.hardware.precision import resolve_dtype
-from mlora.inference.generation import SamplingParams
-from mlora.inference.startup import adapter_sources, load_model
-from mlora.model.multi_lora import MultiLoraModel
+if TYPE_CHECKING:  # the library is imported where a command uses it, not for ``--help``
+    from mlora.data.prompts import PromptTemplate
+    from mlora.inference.generation import SamplingParams
+    from mlora.model.multi_lora import MultiLoraModel
 
 BASE_MODEL_HELP = (
     "Local model directory, hub id, GGUF file (converted once to $MLORA_HOME/gguf), or "
@@ -64,7 +63,7 @@ def quantize_choice(args: argparse.Namespace) -> str | None:
 def setup_logging(verbose: bool, log_file: str | None) -> None:
     """Log to stderr (and ``log_file``); with several processes only rank 0 logs below
     warnings, and only rank 0 writes the log file."""
-    from mlora.training.distributed import env_rank
+    from mlora.core.launcher_env import env_rank
 
     main = env_rank() == 0
     from mlora.core.stderr_log import CurrentStderrHandler
@@ -103,6 +102,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    from mlora.inference.generation import SamplingParams
+
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -137,6 +138,8 @@ def sources_from_args(
     args: argparse.Namespace, require_all: bool = True
 ) -> tuple[dict[str, Path], dict[str, PromptTemplate]]:
     """``inference.adapter_sources`` of ``--config`` / ``--dir`` / ``--adapter``."""
+    from mlora.inference.startup import adapter_sources
+
     return adapter_sources(
         args.config,
         args.dir,
@@ -149,6 +152,9 @@ def model_from_args(
     args: argparse.Namespace, folders: dict[str, Path]
 ) -> tuple[MultiLoraModel, Any]:
     """``inference.load_model`` with the base-model flags (see ``add_base_model_options``)."""
+    from mlora.hardware.precision import resolve_dtype
+    from mlora.inference.startup import load_model
+
     return load_model(
         args.base_model,
         folders,

@@ -85,18 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlora.api import train
     from mlora.config.schema import load_config
-    from mlora.hardware.backends import get_backend
-    from mlora.hardware.precision import resolve_dtype
-    from mlora.model.base_model import with_gguf_file
 
     if args.inference:
         from mlora.cli.chat import run_inference
 
         return run_inference(args)
+    config = load_config(args.config)  # validate before torch and transformers even import
+    from mlora.api import train
+    from mlora.hardware.backends import get_backend
+    from mlora.hardware.precision import resolve_dtype
+    from mlora.model.base_model import with_gguf_file
+
     backend = get_backend(args.device)  # --device, else MLORA_BACKEND_TYPE, before any device use
-    config = load_config(args.config)  # validate before anything heavy
     dtype = resolve_dtype(args.fp16, args.bf16, backend)
     args.base_model = with_gguf_file(args.base_model, args.gguf_file)
     if args.evaluate:
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 def launcher_words() -> list[str]:
     """How to start ``mlora.py`` again as this run was started: ``python``, or torchrun with
     this machine's process count (``...`` stands for the multi-node options of torchrun)."""
-    from mlora.training.distributed import env_world_size
+    from mlora.core.launcher_env import env_world_size
 
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     if env_world_size() <= 1:

@@ -33,6 +33,7 @@ from mlora.adapters.spec import AdapterModel
 from mlora.batching.dispatcher import shard_bounds
 from mlora.config.schema import TrainConfig
 from mlora.core.errors import MloraError
+from mlora.core.launcher_env import env_rank, env_world_size
 from mlora.training.recompute import find_decoder_layers
 
 logger = logging.getLogger("mlora")
@@ -45,16 +46,6 @@ class AgreedError(MloraError):
     def __init__(self, message: str, rank: int) -> None:
         super().__init__(message)
         self.quiet = rank != 0
-
-
-def env_rank() -> int:
-    """This process's rank as the launcher set it (0 without a launcher)."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def env_world_size() -> int:
-    """The number of processes the launcher started (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def local_device(device: torch.device) -> torch.device:
