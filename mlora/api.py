@@ -108,9 +108,10 @@ def train(
         config: a TrainConfig or the path of a JSON config.
         base_model: a local model directory, a hub id, a GGUF file (converted once, see
             ``mlora.model.base_model``) or ``"smollm2"``; recorded as given in each
-        adapter_config.json. dtype: the frozen base's compute dtype; adapters are kept and updated
-        in fp32 anyway. device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``; ``None`` reads
-            ``MLORA_BACKEND_TYPE``, else picks CUDA, then MPS, then CPU.
+            adapter_config.json.
+        dtype: the frozen base's compute dtype; adapters are kept and updated in fp32 anyway.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``; ``None`` reads ``MLORA_BACKEND_TYPE``,
+            else picks CUDA, then MPS, then CPU.
         attn_implementation: ``eager``, ``sdpa`` or ``flash_attn`` (``None``: flash-attn on
             CUDA in fp16/bf16 when installed, else sdpa; unusable flash-attn warns and uses sdpa).
         quantize: ``"4bit"`` (NF4, QLoRA) or ``"8bit"`` base through bitsandbytes (CUDA only).

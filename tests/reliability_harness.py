@@ -57,8 +57,7 @@ def _track_writers() -> None:
 def _die(drain: bool = False) -> None:
     if drain:
         for writer in _writers:
-            if writer._thread is not None:
-                writer._jobs.join()
+            writer.close()  # waits for its queued writes (without raising their error)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -6,8 +6,9 @@ stream
     every row of the step end to end in one batch row, in group order: no padding at all.
     ``position_ids`` restart per row, ``sequences`` gives each row's token range, and the model
     must attend per row (``mlora.ops.varlen_attention``, chosen by
-    ``mlora.batching.packing.use_stream`` where a probe finds it exact): rows never see each other,
-so this is as isolated as bins. packed
+    ``mlora.batching.packing.use_stream`` where a probe finds it exact): rows never see each
+    other, so this is as isolated as bins.
+packed
     each adapter's rows fill bins of the step's longest row (first fit decreasing); a bin is one
     row of the batch, with ``position_ids`` restarting at 0 for every packed row and no
     attention mask, so transformers keeps the packed rows apart (a block-diagonal causal mask

@@ -58,9 +58,10 @@ def varlen_attention(
         )
     kwargs.pop("is_causal", None)  # every row is causal
     window = kwargs.get("sliding_window")  # set by sliding-window layers (Mistral, Qwen2, ...)
-    lengths = [end - start for start, end in sequences]
+    lengths = _row_lengths(sequences, query.shape[2])
     outputs = []
-    for q, k, v in zip(*(_rows(t, sequences, lengths) for t in (query, key, value)), strict=True):
+    rows = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
+    for q, k, v in rows:  # each row's (1, heads, L, D) views
         band = _sliding_mask(q.shape[2], window, query.device)
         outputs.append(
             sdpa_attention_forward(
@@ -71,22 +72,18 @@ def varlen_attention(
     return torch.cat(outputs, dim=1), None
 
 
-def _rows(
-    tensor: torch.Tensor, sequences: Sequence[tuple[int, int]], lengths: list[int]
-) -> Sequence[torch.Tensor]:
-    """Each row's (1, heads, L, D) view of a stream tensor.
-
-    One ``split``: its backward joins the rows' gradients in one ``cat``, where a slice per row
-    would each allocate a zero gradient of the whole stream and copy its part in (rows x stream
-    memory traffic).
+def _row_lengths(sequences: Sequence[tuple[int, int]], total: int) -> list[int]:
+    """Each row's length, for one ``split`` of q, k and v: its backward joins the rows'
+    gradients in one ``cat``, where a slice per row would each allocate a zero gradient of the
+    whole stream and copy its part in (rows x stream memory traffic).
 
     Raises:
         ValueError: the rows do not tile the stream in order (``collate`` always makes them so).
     """
     tiled = all(a[1] == b[0] for a, b in pairwise(sequences))
-    if not (tiled and sequences[0][0] == 0 and sequences[-1][1] == tensor.shape[2]):
-        raise ValueError(f"rows {list(sequences)} do not tile a stream of {tensor.shape[2]}")
-    return tensor.split(lengths, dim=2)
+    if not (tiled and sequences[0][0] == 0 and sequences[-1][1] == total):
+        raise ValueError(f"rows {list(sequences)} do not tile a stream of {total}")
+    return [end - start for start, end in sequences]
 
 
 def _sliding_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:

@@ -603,11 +603,15 @@ class Trainer:
         spec = self.model.specs[run.name]
         return peft_config(spec, run.config.lora_alpha, run.config.use_rslora, self.base_model_name)
 
+    def weights_copy(self, run: AdapterRun) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under their file keys, as CPU copies the writer thread owns."""
+        return {key: _own(t) for key, t in adapter_state_dict(self.model, run.name).items()}
+
     def save_final(self, run: AdapterRun) -> Path:
         """Queue the finished adapter's PEFT files on the checkpoint writer: one ordered stream
         of writes (a later cut that records it as finished is written after its files)."""
         folder = self.output_dir / run.name
-        tensors = {key: _own(t) for key, t in adapter_state_dict(self.model, run.name).items()}
+        tensors = self.weights_copy(run)
         config = self.adapter_config_json(run)
         self.checkpoints.writer.submit(lambda: write_adapter_files(folder, tensors, config))
         self._saved.append(f"adapter {run.name}: finished, saved to {folder}")
@@ -675,7 +679,7 @@ class Trainer:
             "steps_done": run.steps_done,
             "queue": queue,
             "epoch_order": run.queue.epoch_order(queue["epoch"]),
-            "weights": {k: _own(v) for k, v in adapter_state_dict(self.model, run.name).items()},
+            "weights": self.weights_copy(run),
             "adapter_config": self.adapter_config_json(run),
             "optimizer": _cpu_copy(run.optimizer.state_dict()),
             "scheduler": _cpu_copy(run.scheduler.state_dict()),
