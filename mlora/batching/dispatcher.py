@@ -30,7 +30,10 @@ class MicroBatch:
         ends_step: the optimizer steps after this micro-batch.
         step_tokens: supervised tokens of the whole optimizer step (all its micro-batches):
             the token losses of each micro-batch are summed and divided by this, so the step
-            minimises the mean over its tokens whatever the micro-batch size.
+            minimises the mean over its tokens whatever the micro-batch size. Preference pairs:
+            the chosen rows' tokens only.
+        rows_per_item: rows that travel together (2: a preference pair, chosen then rejected).
+        step_items: items (rows, or pairs) of the whole optimizer step.
     """
 
     rows: tuple[TokenizedRow, ...]
@@ -38,14 +41,25 @@ class MicroBatch:
     accumulation: int
     ends_step: bool
     step_tokens: int
+    rows_per_item: int = 1
+    step_items: int = 0
+
+    @property
+    def step_fraction(self) -> float:
+        """The share of its optimizer step this micro-batch makes (for loss bookkeeping)."""
+        if self.rows_per_item > 1:
+            return len(self.rows) / self.rows_per_item / self.step_items
+        return sum(row.num_supervised for row in self.rows) / self.step_tokens
 
     @property
     def max_len(self) -> int:
         return max(len(row) for row in self.rows)
 
     def shard(self, rank: int, world_size: int) -> MicroBatchShard:
-        """Rank ``rank``'s contiguous share of the rows (data parallel; see ``shard_bounds``)."""
-        start, end = shard_bounds(len(self.rows), rank, world_size)
+        """Rank ``rank``'s contiguous share of the rows (data parallel; see ``shard_bounds``);
+        the rows of an item (a preference pair) stay on one rank."""
+        per = self.rows_per_item
+        start, end = (per * i for i in shard_bounds(len(self.rows) // per, rank, world_size))
         return MicroBatchShard(
             self.rows[start:end],
             tokens_before=sum(len(row) for row in self.rows[:start]),
@@ -132,10 +146,18 @@ class AdapterQueue:
         shuffle: bool = True,
         group_by_length: bool = False,
         seed: int = 42,
+        rows_per_item: int = 1,
+        max_steps: int | None = None,
     ) -> None:
         self.name = name
         self.rows = list(rows)
-        self._lengths = [len(row) for row in self.rows]
+        self.rows_per_item = rows_per_item
+        # an item's length: its rows' tokens (batch sizes, order and grouping count items)
+        self._lengths = [
+            sum(len(row) for row in self.rows[i : i + rows_per_item])
+            for i in range(0, len(self.rows), rows_per_item)
+        ]
+        self.max_steps = max_steps
         self.batch_size = batch_size
         self.micro_batch_size = micro_batch_size
         self.num_epochs = num_epochs
@@ -149,16 +171,21 @@ class AdapterQueue:
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-len(self.rows) // self.batch_size)
+        return -(-len(self._lengths) // self.batch_size)
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps over all epochs."""
-        return self.steps_per_epoch * self.num_epochs
+        """Optimizer steps over all epochs (at most ``max_steps``)."""
+        steps = self.steps_per_epoch * self.num_epochs
+        return steps if self.max_steps is None else min(steps, self.max_steps)
 
     @property
     def total_micro_batches(self) -> int:
-        return len(self._epoch_batches) * self.num_epochs
+        """Micro-batches over all epochs, up to the end of step ``max_steps``."""
+        full, rest = divmod(self.total_steps, self.steps_per_epoch)
+        per_step = -(-self.batch_size // self.micro_batch_size)
+        epoch = len(self._epoch_batches)
+        return full * epoch + min(rest * per_step, epoch)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """Row indices of ``epoch`` in training order (recomputable: resume checks it)."""
@@ -176,16 +203,28 @@ class AdapterQueue:
                 batch[i : i + self.micro_batch_size]
                 for i in range(0, len(batch), self.micro_batch_size)
             ]
-            step_tokens = sum(self.rows[i].num_supervised for i in batch)
+            per = self.rows_per_item
+            step_tokens = sum(self.rows[per * i].num_supervised for i in batch) if per > 1 else (
+                sum(self.rows[i].num_supervised for i in batch)
+            )  # fmt: skip
             for k, indices in enumerate(micro):
-                rows = tuple(self.rows[i] for i in indices)
+                rows = tuple(self.rows[per * i + j] for i in indices for j in range(per))
                 ends = k == len(micro) - 1
-                out.append(MicroBatch(rows, epoch, len(micro), ends, step_tokens))
+                out.append(
+                    MicroBatch(rows, epoch, len(micro), ends, step_tokens, per, len(batch))
+                )
         return out
 
     @property
     def finished(self) -> bool:
+        if self.max_steps is not None and self._steps_popped() >= self.max_steps:
+            return True
         return self.epoch >= self.num_epochs
+
+    def _steps_popped(self) -> int:
+        """Optimizer steps whose micro-batches were all popped (``max_steps`` counts these)."""
+        within = self._epoch_batches[: self.cursor] if self.epoch < self.num_epochs else []
+        return self.epoch * self.steps_per_epoch + sum(mb.ends_step for mb in within)
 
     def peek(self) -> MicroBatch:
         return self._epoch_batches[self.cursor]

@@ -33,6 +33,19 @@ SCHEDULER_TYPES = (
 # The built-in multiple-choice tasks a ``task_name`` may name; ``mlora.data.tasks`` holds how each
 # one is read (a test keeps the two in step).
 CHOICE_TASK_NAMES = ("arc-e", "arc-c", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
+# Data formats (``mlora.data.formats`` reads each; a test keeps the two in step) and training
+# objectives with their keys and defaults (``mlora.training.objectives`` computes each).
+DATA_FORMATS = ("alpaca", "messages", "prompt_completion", "text", "preference")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {},
+    "dpo": {"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0},
+    "orpo": {"beta": 0.1},
+    "simpo": {"beta": 2.0, "gamma": 0.5},
+    "cpo": {"beta": 0.1, "label_smoothing": 0.0},
+}
+OBJECTIVES = tuple(OBJECTIVE_DEFAULTS)
+OBJECTIVE_KEYS = ("loss_type", "beta", "label_smoothing", "gamma")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Names users often write for our keys (from PEFT / transformers / other trainers).
 KEY_ALIASES = {
@@ -162,6 +175,10 @@ def _expert_lora(v: Any) -> str | None:
         if problem:
             return f"an object whose {key!r} is {problem}"
     return None
+
+
+def half_fraction(v: Any) -> str | None:
+    return None if _is_num(v) and 0 <= v < 0.5 else "a number in [0, 0.5)"
 
 
 def probability(v: Any) -> str | None:
@@ -317,6 +334,49 @@ class AdapterConfig:
     train_on_inputs: bool = _key(
         False, "Also train on the prompt tokens (default: output only).", boolean
     )
+    data_format: str = _key(
+        "auto",
+        "Shape of the data rows: 'alpaca' (instruction/input/output), 'messages' (chat turns, "
+        "rendered by the tokenizer's chat template), 'prompt_completion', 'text', 'preference' "
+        "(prompt/chosen/rejected); 'auto' tells them apart by the first row's fields.",
+        one_of("auto", *DATA_FORMATS),
+    )
+    objective: str = _key(
+        "sft",
+        "Training objective: 'sft' (next-token cross-entropy), or on preference rows 'dpo', "
+        "'orpo', 'simpo', 'cpo'.",
+        one_of(*OBJECTIVES),
+    )
+    loss_type: str | None = _key(
+        None, "dpo: 'sigmoid' (default), 'ipo' or 'hinge'.", optional(one_of(*DPO_LOSS_TYPES))
+    )
+    beta: float | None = _key(
+        None,
+        "dpo, orpo, simpo, cpo: the preference temperature (defaults: dpo 0.1, orpo 0.1, "
+        "simpo 2.0, cpo 0.1).",
+        optional(positive_number),
+    )
+    label_smoothing: float | None = _key(
+        None,
+        "dpo (sigmoid), cpo: probability that a preference label is flipped (conservative DPO; "
+        "default 0).",
+        optional(half_fraction),
+    )
+    gamma: float | None = _key(
+        None, "simpo: the target reward margin (default 0.5).", optional(non_negative_number)
+    )
+    max_grad_norm: float | None = _key(
+        None,
+        "Clip this adapter's gradient to this global norm over its own parameters before each "
+        "optimizer step (unset: no clipping).",
+        optional(positive_number),
+    )
+    max_steps: int | None = _key(
+        None,
+        "Stop this adapter after this many optimizer steps (unset: num_epochs decides; the "
+        "learning-rate schedule spans the steps it trains).",
+        optional(int_at_least(1)),
+    )
     routing_strategy: str | None = _key(
         None,
         "Mixture of LoRA experts: 'mixlora' (FFN experts, top-k), 'mixlora-dynamic' (top-p), "
@@ -436,6 +496,11 @@ class AdapterConfig:
         """Micro-batches whose gradients make one optimizer step."""
         assert self.micro_batch_size is not None
         return self.batch_size // self.micro_batch_size
+
+    def objective_value(self, key: str) -> Any:
+        """An objective key's value: the one set, else its objective's default."""
+        value = getattr(self, key)
+        return OBJECTIVE_DEFAULTS[self.objective].get(key) if value is None else value
 
     def moe(self, key: str) -> Any:
         """A MoE key's value: the one set, else its routing_strategy's default."""
@@ -560,8 +625,46 @@ def _check_adapter(adapter: AdapterConfig, where: str, keys: set[str]) -> None:
             f"'batch_size' ({adapter.batch_size})"
         )
     _check_moe(adapter, where)
+    _check_objective(adapter, where)
     if adapter.routing_strategy == "meteora":
         _check_meteora(adapter, where, keys)
+
+
+def _check_objective(adapter: AdapterConfig, where: str) -> None:
+    """Objective keys only with an objective that reads them; preference objectives only on
+    preference data (when data_format says so; detected formats are checked with the data)."""
+    table = OBJECTIVE_DEFAULTS[adapter.objective]
+    for key in OBJECTIVE_KEYS:
+        if getattr(adapter, key) is not None and key not in table:
+            readers = [o for o, t in OBJECTIVE_DEFAULTS.items() if key in t]
+            raise ConfigError(
+                f"{where}: key {key!r} does not apply to objective {adapter.objective!r} "
+                f"(only to {', '.join(repr(o) for o in readers)})"
+            )
+    if adapter.label_smoothing and adapter.objective_value("loss_type") not in (None, "sigmoid"):
+        raise ConfigError(
+            f"{where}: key 'label_smoothing' applies to loss_type 'sigmoid' only "
+            f"(not {adapter.loss_type!r})"
+        )
+    if adapter.data_format != "auto":
+        preference = adapter.data_format == "preference"
+        if preference != (adapter.objective != "sft"):
+            raise ConfigError(f"{where}: {objective_data_problem(adapter.objective)}")
+    if adapter.objective != "sft" and adapter.routing_strategy is not None:
+        raise ConfigError(
+            f"{where}: key 'objective' {adapter.objective!r} trains plain LoRA adapters only "
+            "(not with routing_strategy)"
+        )
+
+
+def objective_data_problem(objective: str) -> str:
+    """Why ``objective`` does not fit the data format it was given."""
+    if objective == "sft":
+        return (
+            "preference rows (prompt/chosen/rejected) need key 'objective' set to one of "
+            + ", ".join(repr(o) for o in OBJECTIVES if o != "sft")
+        )
+    return f"key 'objective' {objective!r} needs preference rows (prompt, chosen, rejected)"
 
 
 def _check_meteora(adapter: AdapterConfig, where: str, keys: set[str]) -> None:

@@ -29,12 +29,14 @@ logger = logging.getLogger("mlora")
 
 @dataclass(frozen=True)
 class TokenizedRow:
-    """One training row: token ids and labels (-100 where no loss is taken), and the index of
-    its task among a MeteoRA adapter's embedded adapters (its ``task_field``; -1: none)."""
+    """One training row: token ids and labels (-100 where no loss is taken), the index of its
+    task among a MeteoRA adapter's embedded adapters (its ``task_field``; -1: none), and, for
+    DPO, the reference model's summed log-prob of its labelled tokens (set before training)."""
 
     input_ids: list[int]
     labels: list[int]
     task: int = -1
+    reference_logp: float | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

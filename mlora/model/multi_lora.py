@@ -30,6 +30,9 @@ from mlora.ops.varlen_attention import SEQUENCES_KWARG, streaming, streams_rows
 logger = logging.getLogger("mlora")
 
 
+# (token losses (N,), batch, SFT losses (S,)) -> (S,) each segment's loss under its objective
+SegmentObjective = Callable[[torch.Tensor, LossBatch, torch.Tensor], torch.Tensor]
+
 # Module replacement dispatch: (predicate, factory), first match wins (PEFT's pattern).
 LayerFactory = Callable[[nn.Module, LayoutContext], nn.Module]
 _DISPATCH: list[tuple[Callable[[nn.Module], bool], LayerFactory]] = [
@@ -211,6 +214,7 @@ class MultiLoraModel(nn.Module):
         batch: LossBatch,
         token_divisors: torch.Tensor | None = None,
         aux_divisors: torch.Tensor | None = None,
+        objective: SegmentObjective | None = None,
     ) -> torch.Tensor:
         """Each segment's summed next-token cross-entropy over ``token_divisors``, shape (S,).
 
@@ -221,6 +225,8 @@ class MultiLoraModel(nn.Module):
             token_divisors: (S,) default: the segments' own supervised tokens (a mean); the
                 trainer passes each adapter's supervised tokens in the whole optimizer step.
             aux_divisors: (S,) default 1; the trainer passes the micro-batches per step.
+            objective: replaces some segments' losses given the token losses (preference
+                adapters: ``mlora.training.objectives.ObjectivePlan``); None: SFT everywhere.
 
         The layout stays set on the context until the next pass, so backward (and checkpoint
         recomputation) sees it too.
@@ -230,6 +236,8 @@ class MultiLoraModel(nn.Module):
             0, batch.owners, token_loss
         )
         losses = sums / (batch.token_counts if token_divisors is None else token_divisors)
+        if objective is not None:
+            losses = objective(token_loss, batch, losses)
         aux = self.context.aux_losses.segment_losses(batch.layout.adapters, losses)
         if aux is None:
             return losses

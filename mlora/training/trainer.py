@@ -32,7 +32,8 @@ from mlora.config.schema import AdapterConfig, TrainConfig
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
 from mlora.data.prompts import load_template
-from mlora.data.rows import TokenizedRow, load_rows, pad_token_id, tokenize_rows
+from mlora.data.dataset import tokenize_dataset
+from mlora.data.rows import TokenizedRow, load_rows, pad_token_id
 from mlora.data.tasks import CHOICE_TASKS, training_rows
 from mlora.hardware.backends import get_backend
 from mlora.model.multi_lora import MultiLoraModel
@@ -46,6 +47,7 @@ from mlora.persistence.adapter_files import (
 )
 from mlora.persistence.kinds import kind_for_config
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
+from mlora.training.objectives import check_objective_fits
 from mlora.training.distributed import Distributed, grouped_expert_dropout, router_stat_slots
 from mlora.training.optim import build_optimizer, build_scheduler, step_unless
 from mlora.training.recompute import (
@@ -78,16 +80,18 @@ def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]
         else:
             rows = load_rows(adapter.data)
         task_field = kind_for_config(adapter).task_field(adapter)
-        out[adapter.name] = tokenize_rows(
+        fmt, out[adapter.name] = tokenize_dataset(
             rows,
             tokenizer,
             template,
             config.cutoff_len,
+            adapter.data_format,
             adapter.train_on_inputs,
             source=adapter.data,
             task_field=task_field,
             task_names=[Path(folder).name for folder in adapter.adapters or ()],
         )
+        check_objective_fits(adapter, fmt)
     return out
 
 
