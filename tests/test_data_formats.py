@@ -116,7 +116,10 @@ def trl_sft_rows(tokenizer: Any, rows: list[dict], **options: Any) -> list[tuple
             output_dir=folder, max_length=CUTOFF, report_to=[], use_cpu=True, **options
         )
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
         )
         return [(r["input_ids"], r["labels"]) for r in trainer.train_dataset]
 
@@ -178,7 +181,8 @@ def test_preference_pairs_equal_trl_dpo() -> None:
         assert fmt == "preference" and len(tokenized) == 2 * len(rows)
         for pair, example in enumerate(theirs):
             prompt = example["prompt_ids"]
-            for row, key in zip(tokenized[2 * pair : 2 * pair + 2], ("chosen_ids", "rejected_ids")):
+            pair_rows = tokenized[2 * pair : 2 * pair + 2]
+            for row, key in zip(pair_rows, ("chosen_ids", "rejected_ids"), strict=True):
                 assert row.input_ids == prompt + example[key]
                 assert row.labels == [-100] * len(prompt) + example[key]
 
@@ -238,13 +242,17 @@ BAD_ROWS = {
 @pytest.mark.parametrize("case", list(BAD_ROWS))
 def test_bad_rows_name_file_and_row(case: str) -> None:
     rows, message = BAD_ROWS[case]
-    with pytest.raises(DataError, match="^data.json: " + message.replace("+", r"\+")):
-        tokenize_dataset(rows, tiny_tokenizer(), load_template("alpaca"), CUTOFF, source="data.json")
+    with pytest.raises(DataError, match=r"^data\.json: " + message.replace("+", r"\+")):
+        tokenize_dataset(
+            rows, tiny_tokenizer(), load_template("alpaca"), CUTOFF, source="data.json"
+        )
 
 
 def test_conversations_need_a_chat_template() -> None:
-    with pytest.raises(DataError, match="^data.json: conversational rows need a tokenizer with"):
-        tokenize_dataset(MESSAGES, make_tokenizer(), load_template("alpaca"), 64, source="data.json")
+    with pytest.raises(DataError, match=r"^data\.json: conversational rows need a tokenizer with"):
+        tokenize_dataset(
+            MESSAGES, make_tokenizer(), load_template("alpaca"), 64, source="data.json"
+        )
 
 
 def test_data_format_and_objective_must_fit_the_data(tmp_path) -> None:
@@ -255,7 +263,7 @@ def test_data_format_and_objective_must_fit_the_data(tmp_path) -> None:
         raw = {"cutoff_len": 64, "lora": [{"name": "a", "data": data, **adapter}]}
         return prepare_data(parse_config(raw), tiny_tokenizer())
 
-    with pytest.raises(ConfigError, match="preference rows .* need key 'objective'"):
+    with pytest.raises(ConfigError, match=r"preference rows .* need key 'objective'"):
         prepare()
     with pytest.raises(ConfigError, match="key 'objective' 'dpo' needs preference rows"):
         prepare(data=chat, objective="dpo")

@@ -151,11 +151,13 @@ def run_inference(args: argparse.Namespace) -> int:
     """
     from mlora.cli.common import model_from_args, sources_from_args
     from mlora.inference.startup import quiet_loading
+    from mlora.inference.trained import bind_templates
 
     if not args.verbose:
         quiet_loading()
     folders, templates = sources_from_args(args, require_all=False)
     model, tokenizer = model_from_args(args, folders)
+    templates = bind_templates(templates, tokenizer)  # chat adapters: the chat template
     loop = PromptLoop(model, tokenizer, templates, SamplingParams(), sys.stdout)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())

@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from mlora.batching.dispatcher import shard_bounds
 from mlora.cli.common import (
@@ -25,13 +25,18 @@ from mlora.cli.common import (
 from mlora.cli.program import program_name
 from mlora.core.atomic import atomic_write_text
 from mlora.core.errors import MloraError, exit_code_of
+from mlora.data.chat import ChatPrompt
 from mlora.data.prompts import PromptTemplate, load_template
 from mlora.inference.generation import GenerationOutput, GenerationRequest, generate
 from mlora.inference.startup import quiet_loading
+from mlora.inference.trained import bind_templates
+from mlora.model.base_model import with_gguf_file
+from mlora.model.multi_lora import load_tokenizer
 from mlora.training.distributed import process_group
 from mlora.training.preflight import check_output_file
 
 BASE = "base"  # --use value (and JSONL "adapter": null) for the base model without adapter
+CHAT = "chat"  # --template value: the tokenizer's chat template
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--template",
         default=None,
-        help="Render each prompt as the instruction of this template; 'auto' (needs --config): "
-        "each adapter's own template. Default: prompts are used as given.",
+        help="Render each prompt as the instruction of this template; 'chat': as a user turn of "
+        "the tokenizer's chat template; 'auto' (needs --config): each adapter's own (the chat "
+        "template for adapters trained on conversations). Default: prompts are used as given.",
     )
     parser.add_argument("--batch_size", type=int, default=16, help="Rows per generate call.")
     parser.add_argument(
@@ -110,9 +116,15 @@ def read_prompts_file(path: str) -> list[tuple[str, str | None, bool, str]]:
 
 
 def build_requests(
-    args: argparse.Namespace, known: Sequence[str], templates: dict[str, PromptTemplate]
+    args: argparse.Namespace,
+    known: Sequence[str],
+    templates: dict[str, PromptTemplate | ChatPrompt],
+    tokenizer: Any = None,
 ) -> list[GenerationRequest]:
     """The requests in output order: each prompt once per adapter that answers it.
+
+    Args:
+        tokenizer: renders chat prompts (``--template chat``, chat adapters under ``auto``).
 
     Raises:
         MloraError: no prompts, an unknown adapter name, --template auto without --config.
@@ -134,7 +146,12 @@ def build_requests(
         raise MloraError("no prompts: give them as arguments or with --prompts_file")
     if args.template == "auto" and not templates:
         raise MloraError("--template auto needs --config (it holds each adapter's template)")
-    fixed = load_template(args.template) if args.template not in (None, "auto") else None
+    fixed: PromptTemplate | ChatPrompt | None = None
+    if args.template == CHAT:
+        fixed = ChatPrompt(tokenizer)
+    elif args.template not in (None, "auto"):
+        fixed = load_template(args.template)
+    templates = bind_templates(templates, tokenizer)
     requests = []
     for prompt, adapter, given, where in rows:
         for name in [resolve(adapter, where)] if given else default:
@@ -195,7 +212,13 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise MloraError(f"--batch_size must be >= 1, got {args.batch_size}")
     folders, templates = sources_from_args(args)
-    requests = build_requests(args, list(folders), templates)  # all checked before loading
+    tokenizer = None  # chat prompts are rendered by the tokenizer, loaded first (cheap)
+    if args.template == CHAT or (
+        args.template == "auto" and any(isinstance(t, ChatPrompt) for t in templates.values())
+    ):
+        base = with_gguf_file(args.base_model, args.gguf_file)
+        tokenizer = load_tokenizer(base, args.trust_remote_code)
+    requests = build_requests(args, list(folders), templates, tokenizer)  # checked before loading
     to_stdout = args.output == "-"
     if args.output and not to_stdout:  # a bad --output found after generating loses the answers
         check_output_file(Path(args.output).resolve())

@@ -155,12 +155,14 @@ def run(args: argparse.Namespace) -> int:
         raise MloraError("inference.py needs gradio: pip install 'mlora[webui]'") from None
     from mlora.cli.common import model_from_args, sampling_params, sources_from_args
     from mlora.inference.startup import quiet_loading
+    from mlora.inference.trained import bind_templates
 
     if not args.verbose:
         quiet_loading()
     params = sampling_params(args)
     folders, templates = sources_from_args(args, require_all=False)
     model, tokenizer = model_from_args(args, folders)
+    templates = bind_templates(templates, tokenizer)  # chat adapters: the chat template
     app = build_app(ChatBackend(model, tokenizer, templates, params))
     print(f"mlora chat: http://{args.host}:{args.port}", flush=True)
     app.queue().launch(server_name=args.host, server_port=args.port, quiet=True)

@@ -141,3 +141,26 @@ def _prefix(
             "found; give the template {% generation %} markers"
         )
     return ids
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """Renders a prompt as one user turn of the tokenizer's chat template, with the generation
+    prompt after it: how an adapter trained on conversations is asked (``PromptTemplate``'s
+    ``render``). ``tokenizer`` is bound once it is loaded (``bind``).
+
+    Raises:
+        DataError: rendering with a tokenizer that has no chat template.
+    """
+
+    tokenizer: Any = None
+
+    def bind(self, tokenizer: Any) -> ChatPrompt:
+        return ChatPrompt(tokenizer)
+
+    def render(self, instruction: str, input: str = "") -> str:
+        if self.tokenizer is None:
+            raise ValueError("ChatPrompt.render before bind(tokenizer)")
+        require_chat_template(self.tokenizer, "the chat prompt")
+        content = f"{instruction}\n\n{input}" if input else instruction
+        return chat_text(self.tokenizer, [{"role": "user", "content": content}])

@@ -29,6 +29,7 @@ from mlora.core.errors import DataError
 from mlora.core.integrity import json_type
 from mlora.data.chat import (
     chat_ids,
+    chat_text,
     is_conversation,
     normalize_messages,
     require_chat_template,
@@ -197,3 +198,36 @@ def tokenize_sft_rows(
     if not out:
         raise DataError(f"{source}: no usable rows (none has a token to learn within cutoff_len)")
     return out
+
+
+def generation_examples(
+    rows: Sequence[dict[str, Any]], fmt: str, tokenizer: Any, source: str = "<data>"
+) -> tuple[list[str], list[str]]:
+    """``(prompts, references)``: what generation is asked for each row, rendered as in
+    training, and the answer it should give. ``messages``: the conversation up to its last
+    assistant turn with the generation prompt, and that turn; ``prompt_completion``: the prompt
+    (with the generation prompt when conversational) and the completion; ``text``: none.
+
+    Raises:
+        DataError: as ``tokenize_sft_rows`` (rows it already read, so not in practice).
+    """
+    prompts: list[str] = []
+    references: list[str] = []
+    if fmt == "text":
+        return prompts, references
+    conversational = is_conversational(rows, fmt)
+    for index, row in enumerate(rows):
+        where = f"{source}: row {index}"
+        if fmt == "messages":
+            field = "conversations" if "conversations" in row else "messages"
+            messages = required_field(row, field, where, True)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt: Any = messages[:last]
+            reference = messages[last]["content"]
+        else:
+            prompt = required_field(row, "prompt", where, conversational)
+            completion = required_field(row, "completion", where, conversational)
+            reference = completion[-1]["content"] if conversational else completion
+        prompts.append(chat_text(tokenizer, prompt) if isinstance(prompt, list) else prompt)
+        references.append(reference)
+    return prompts, references

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from mlora.core.errors import DataError
@@ -47,7 +48,16 @@ def pair_ids(
 def completion_row(prompt_ids: list[int], completion: list[int], cutoff_len: int) -> TokenizedRow:
     ids = prompt_ids + completion
     labels = [IGNORE_INDEX] * len(prompt_ids) + completion
-    return TokenizedRow(ids[:cutoff_len], labels[:cutoff_len])
+    return TokenizedRow(ids[:cutoff_len], labels[:cutoff_len], completion_start=len(prompt_ids))
+
+
+def with_chosen_prompt_labels(rows: Sequence[TokenizedRow]) -> list[TokenizedRow]:
+    """Pairs whose chosen rows also label their prompt: ORPO's NLL term covers the prompt and
+    the response (TRL's ``ORPOTrainer``); the log-probs still start at ``completion_start``."""
+    return [
+        replace(row, labels=list(row.input_ids)) if i % PAIR_ROWS == 0 else row
+        for i, row in enumerate(rows)
+    ]
 
 
 def read_pair(row: Any, where: str) -> tuple[Any, Any, Any]:

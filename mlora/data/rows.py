@@ -31,12 +31,20 @@ logger = logging.getLogger("mlora")
 class TokenizedRow:
     """One training row: token ids and labels (-100 where no loss is taken), the index of its
     task among a MeteoRA adapter's embedded adapters (its ``task_field``; -1: none), and, for
-    DPO, the reference model's summed log-prob of its labelled tokens (set before training)."""
+    DPO, the reference model's summed log-prob of its completion (set before training)."""
 
     input_ids: list[int]
     labels: list[int]
     task: int = -1
     reference_logp: float | None = None
+    completion_start: int = 0  # preference rows: where the completion starts
+
+    @property
+    def completion_tokens(self) -> int:
+        """Labelled tokens from ``completion_start`` on: a preference completion's log-prob
+        sums over these (ORPO also labels the chosen row's prompt, for its NLL term)."""
+        start = max(1, self.completion_start)
+        return sum(label != IGNORE_INDEX for label in self.labels[start:])
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,15 @@ from mlora.batching.collate import collate
 from mlora.batching.dispatcher import shard_bounds
 from mlora.config.schema import AdapterConfig, TrainConfig
 from mlora.core.errors import ConfigError, DataError, MloraError
+from mlora.data.dataset import tokenize_dataset
+from mlora.data.formats import generation_examples
 from mlora.data.prompts import load_template
-from mlora.data.rows import IGNORE_INDEX, TokenizedRow, pad_token_id, tokenize_rows
+from mlora.data.rows import IGNORE_INDEX, TokenizedRow, pad_token_id
 from mlora.data.tasks import CHOICE_TASKS, choice_source, load_choice_questions, read_test_rows
+from mlora.inference.preference_eval import fill_references, preference_metrics, preference_units
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.training.distributed import Distributed, process_group
+from mlora.training.objectives import Objective, check_objective_fits
 
 logger = logging.getLogger("mlora")
 
@@ -73,6 +77,7 @@ class TestSet:
     choices: list[tuple[str, ...]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     max_new_tokens: int = 0
+    objective: Objective | None = None  # preference adapters: units are (chosen, rejected)
 
     @property
     def is_choice(self) -> bool:
@@ -97,6 +102,8 @@ class AdapterResult:
     # casual: rows the loss covers (rows whose prompt fills cutoff_len have no supervised
     # token, as in training); exact_match covers all ``rows``
     loss_rows: int | None = None
+    # preference adapters (``mlora.inference.preference_eval``)
+    preference: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -112,6 +119,9 @@ class AdapterResult:
         if self.accuracy is not None:
             out["accuracy"] = self.accuracy
             out["accuracy_norm"] = self.accuracy_norm
+        if self.preference is not None:
+            out.update(self.preference)
+            return out
         out["predictions"] = self.predictions
         return out
 
@@ -163,19 +173,33 @@ def _casual_test_set(adapter: AdapterConfig, tokenizer: Any, cutoff_len: int) ->
     source = adapter.test_data
     rows = read_test_rows(adapter.name, source)
     template = load_template(adapter.prompt)
-    units = tokenize_rows(
-        rows, tokenizer, template, cutoff_len, adapter.train_on_inputs, source=source
-    )
-    references = [row["output"] for row in rows]
-    answer_lens = [len(ids) for ids in tokenizer(references, add_special_tokens=False)["input_ids"]]
+    fmt, units = tokenize_dataset(
+        rows, tokenizer, template, cutoff_len, adapter.data_format, adapter.train_on_inputs,
+        source=source,
+    )  # fmt: skip
+    if fmt == "preference" or adapter.objective != "sft":
+        check_objective_fits(adapter, fmt)
+        return TestSet(
+            adapter=adapter.name,
+            task=adapter.task_name,
+            batch_size=adapter.evaluate_batch_size,
+            units=preference_units(units),
+            objective=Objective.from_config(adapter),
+        )
+    if fmt == "alpaca":
+        prompts = [template.render(r["instruction"], r.get("input") or "") for r in rows]
+        references = [row["output"] for row in rows]
+    else:  # rendered as in training: the chat template for conversations
+        prompts, references = generation_examples(rows, fmt, tokenizer, source)
+    answers = tokenizer(references, add_special_tokens=False)["input_ids"] if references else []
     return TestSet(
         adapter=adapter.name,
         task=adapter.task_name,
         batch_size=adapter.evaluate_batch_size,
         units=[[row] for row in units],
-        prompts=[template.render(r["instruction"], r.get("input") or "") for r in rows],
+        prompts=prompts,
         references=references,
-        max_new_tokens=max(answer_lens) + ANSWER_SLACK_TOKENS,
+        max_new_tokens=max((len(ids) for ids in answers), default=0) + ANSWER_SLACK_TOKENS,
     )
 
 
@@ -363,6 +387,19 @@ def _result(ts: TestSet, nll: list[list[float]], answers: list[str] | None) -> A
             accuracy_norm=accuracy(ts.labels, best_norm),
             choice_logprobs=[[-x for x in n] for n in nll],
         )
+    if ts.objective is not None:
+        figures = preference_metrics(ts.objective, ts.units, nll)
+        return AdapterResult(
+            adapter=ts.adapter,
+            task=ts.objective.name,
+            rows=len(ts.units),
+            tokens=figures.pop("tokens"),
+            loss=figures.pop("loss"),
+            perplexity=figures.pop("perplexity"),
+            predictions=[],
+            accuracy=None,
+            preference=figures,
+        )
     assert answers is not None
     tokens = sum(_token_count(unit[0]) for unit in ts.units)
     loss = sum(n[0] for n in nll) / tokens
@@ -370,12 +407,12 @@ def _result(ts: TestSet, nll: list[list[float]], answers: list[str] | None) -> A
     return AdapterResult(
         adapter=ts.adapter,
         task=ts.task,
-        rows=len(ts.references),
+        rows=len(ts.references) or len(ts.units),  # text rows: no generation
         tokens=tokens,
         loss=loss,
         perplexity=_perplexity(loss),
         predictions=answers,
-        exact_match=sum(matches) / len(matches),
+        exact_match=sum(matches) / len(matches) if matches else None,  # text rows: none
         loss_rows=len(ts.units),
     )
 
@@ -386,7 +423,7 @@ def shard_test_set(ts: TestSet, rank: int, world_size: int) -> TestSet:
     prompts = slice(*shard_bounds(len(ts.prompts), rank, world_size))
     return TestSet(
         ts.adapter, ts.task, ts.batch_size, ts.units[units], ts.prompts[prompts],
-        max_new_tokens=ts.max_new_tokens,
+        max_new_tokens=ts.max_new_tokens, objective=ts.objective,
     )  # fmt: skip
 
 
@@ -406,6 +443,13 @@ def evaluate_model(
         MloraError: a test set names an adapter the model does not have.
     """
     dist = dist or Distributed()
+    pad_id = pad_token_id(tokenizer)
+    test_sets = [  # DPO: the reference log-probs of every pair, before the rows are shared out
+        replace(ts, units=fill_references(model, pad_id, ts.units, ts.batch_size))
+        if ts.objective is not None and ts.objective.needs_reference
+        else ts
+        for ts in test_sets
+    ]
     if dist.enabled:
         shares = [shard_test_set(ts, dist.rank, dist.world_size) for ts in test_sets]
         nll, answers = _score_and_answer(model, tokenizer, shares)
@@ -466,7 +510,11 @@ def format_table(results: dict[str, AdapterResult]) -> str:
                 f"{r.loss:.4f}",
                 f"{r.perplexity:.3f}",
                 "-" if r.exact_match is None else f"{r.exact_match:.4f}",
-                "-" if r.accuracy is None else f"{r.accuracy:.4f}",
+                f"{r.accuracy:.4f}"
+                if r.accuracy is not None
+                else "-"
+                if r.preference is None
+                else f"{r.preference['reward_accuracy']:.4f}",  # preference: reward accuracy
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

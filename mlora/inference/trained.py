@@ -14,9 +14,12 @@ from typing import Any
 import torch
 
 from mlora.config.adapter_names import adapter_name_problem
-from mlora.config.schema import TrainConfig
-from mlora.core.errors import MloraError
+from mlora.config.schema import AdapterConfig, TrainConfig
+from mlora.core.errors import DataError, MloraError
+from mlora.data.chat import ChatPrompt
+from mlora.data.formats import CHAT_FORMATS, is_conversational, resolve_format
 from mlora.data.prompts import PromptTemplate, load_template
+from mlora.data.rows import load_rows
 from mlora.inference.loading import BaseLoad, plan_base_load
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import (
@@ -156,6 +159,33 @@ def config_adapter_dirs(
     return found
 
 
-def config_templates(config: TrainConfig) -> dict[str, PromptTemplate]:
-    """Each adapter's prompt template, so prompts can be rendered the way it was trained."""
-    return {adapter.name: load_template(adapter.prompt) for adapter in config.lora}
+def config_templates(config: TrainConfig) -> dict[str, PromptTemplate | ChatPrompt]:
+    """Each adapter's prompt template, so prompts can be rendered the way it was trained: its
+    ``prompt`` template, or the chat template for adapters trained on conversations (a
+    ``ChatPrompt`` to ``bind`` to the tokenizer, see ``bind_templates``)."""
+    return {
+        adapter.name: ChatPrompt() if trained_on_chat(adapter) else load_template(adapter.prompt)
+        for adapter in config.lora
+    }
+
+
+def trained_on_chat(adapter: AdapterConfig) -> bool:
+    """Whether ``adapter``'s rows are conversations (its ``data_format``, else its data's first
+    row; a data file no longer there: its ``prompt`` template, with a warning)."""
+    if adapter.data_format not in ("auto", "prompt_completion", "preference"):
+        return adapter.data_format in CHAT_FORMATS
+    try:
+        rows = load_rows(adapter.data)
+        return is_conversational(rows, resolve_format(rows, adapter.data_format, adapter.data))
+    except DataError as exc:
+        logger.warning("adapter %s: %s; prompts use its prompt template", adapter.name, exc)
+        return False
+
+
+def bind_templates(
+    templates: Mapping[str, PromptTemplate | ChatPrompt], tokenizer: Any
+) -> dict[str, PromptTemplate | ChatPrompt]:
+    """``templates`` with every ``ChatPrompt`` bound to ``tokenizer``."""
+    return {
+        name: t.bind(tokenizer) if isinstance(t, ChatPrompt) else t for name, t in templates.items()
+    }

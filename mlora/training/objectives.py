@@ -3,9 +3,9 @@
 A preference adapter's rows come in pairs, chosen then rejected (``mlora.data.preference``),
 and every objective is a function of each row's summed completion log-probs ``s`` (and token
 count ``n``), which the packed pass already gives: ``s = -sum of the row's token losses``.
-With ``P`` pairs and ``C`` chosen tokens in the adapter's whole optimizer step, a micro-batch
-adds ``sum_pairs loss_p / P + alpha * sum_pairs (-s_chosen) / C`` (TRL's per-batch means,
-independent of micro-batching like the SFT loss):
+With ``P`` pairs and ``C`` labelled chosen tokens in the adapter's whole optimizer step, a
+micro-batch adds ``sum_pairs loss_p / P + alpha * (chosen rows' token losses) / C`` (TRL's
+per-batch means, independent of micro-batching like the SFT loss):
 
 - ``dpo``: ``d = (s_c - ref_c) - (s_r - ref_r)``; sigmoid ``-(1-e) logsig(b d) - e logsig(-b d)``,
   hinge ``relu(1 - b d)``, ipo ``((s_c-ref_c)/n_c - (s_r-ref_r)/n_r - 1/(2b))^2``; alpha 0.
@@ -14,7 +14,9 @@ independent of micro-batching like the SFT loss):
 - ``cpo``: ``x = s_c - s_r``, sigmoid as above; alpha 1 (TRL ``CPOTrainer``, ``cpo_alpha=1``).
 - ``simpo``: ``x = s_c/n_c - s_r/n_r - g/b``, sigmoid; alpha 0 (``CPOTrainer`` ``loss_type
   simpo``, ``cpo_alpha=0``).
-- ``orpo``: ``a = s/n``, ``-b logsig((a_c - a_r) - (log(1-e^a_c) - log(1-e^a_r)))``; alpha 1.
+- ``orpo``: ``a = s/n``, ``-b logsig((a_c - a_r) - (log(1-e^a_c) - log(1-e^a_r)))``; alpha 1,
+  its NLL over the chosen prompt and response (TRL's ``ORPOTrainer``; the chosen rows label
+  their prompt too, ``with_chosen_prompt_labels``, and ``s`` sums from ``completion_start``).
 """
 
 from __future__ import annotations
@@ -175,12 +177,21 @@ class ObjectivePlan:
 
     Args:
         segments: the preference segments of the pass.
-        row_tokens: (rows,) each row's supervised tokens (float, on the device).
+        row_tokens: (rows,) each row's completion tokens (float, on the device).
+        completion_starts: (rows,) where each row's completion starts (long, on the device):
+            a row's log-prob sums its positions from there (ORPO's chosen rows also label
+            their prompt, for the NLL term alone).
     """
 
-    def __init__(self, segments: Sequence[PairSegment], row_tokens: torch.Tensor) -> None:
+    def __init__(
+        self,
+        segments: Sequence[PairSegment],
+        row_tokens: torch.Tensor,
+        completion_starts: torch.Tensor,
+    ) -> None:
         self.segments = list(segments)
         self.row_tokens = row_tokens
+        self.completion_starts = completion_starts
 
     def __call__(
         self, token_loss: torch.Tensor, batch: LossBatch, losses: torch.Tensor
@@ -192,20 +203,24 @@ class ObjectivePlan:
             losses: (S,) the SFT losses (token-loss sums over their divisors).
         """
         rows = self.row_tokens.numel()
-        row_logps = -token_loss.new_zeros(rows).index_add(0, batch.position_rows, token_loss)
+        in_completion = _position_in_row(batch) + 1 >= self.completion_starts[batch.position_rows]
+        completion_loss = token_loss * in_completion
+        row_logps = -token_loss.new_zeros(rows).index_add(0, batch.position_rows, completion_loss)
+        row_nll = token_loss.new_zeros(rows).index_add(0, batch.position_rows, token_loss)
         replaced = []
         for seg in self.segments:
             end = seg.first_row + PAIR_ROWS * seg.pair_count
             logps = row_logps[seg.first_row : end].view(-1, PAIR_ROWS)  # (P, 2)
             tokens = self.row_tokens[seg.first_row : end].view(-1, PAIR_ROWS)
             chosen, rejected = logps[:, 0], logps[:, 1]
+            chosen_nll = row_nll[seg.first_row : end : PAIR_ROWS]
             per_pair = pair_losses(
                 seg.objective, chosen, rejected, tokens[:, 0], tokens[:, 1], seg.reference
             )
             loss = per_pair.sum() / seg.pairs_divisor
             weight = NLL_WEIGHT[seg.objective.name]
             if weight:
-                loss = loss - weight * chosen.sum() / seg.chosen_divisor
+                loss = loss + weight * chosen_nll.sum() / seg.chosen_divisor
             replaced.append(loss)
         index = torch.tensor([seg.segment for seg in self.segments], device=losses.device)
         return losses.index_put((index,), torch.stack(replaced).to(losses.dtype))
@@ -224,9 +239,10 @@ def plan_objectives(
     """
     if not any(objective.pairs for objective, *_ in groups):
         return None
-    segments, first, counts = [], 0, []
+    segments, first, counts, starts = [], 0, [], []
     for index, (objective, rows, pairs_divisor, chosen_divisor) in enumerate(groups):
-        counts += [float(row.num_supervised) for row in rows]
+        counts += [float(row.completion_tokens) for row in rows]
+        starts += [row.completion_start for row in rows]
         if objective.pairs:
             reference = None
             if objective.needs_reference:
@@ -241,7 +257,15 @@ def plan_objectives(
             )
         first += len(rows)
     row_tokens = torch.tensor(counts, dtype=torch.float32).to(device, non_blocking=True)
-    return ObjectivePlan(segments, row_tokens)
+    completion_starts = torch.tensor(starts, dtype=torch.long).to(device, non_blocking=True)
+    return ObjectivePlan(segments, row_tokens, completion_starts)
+
+
+def _position_in_row(batch: LossBatch) -> torch.Tensor:
+    """(N,) each supervised position's index within its row."""
+    if batch.position_ids is not None:  # packed: positions restart per row
+        return batch.position_ids.reshape(-1)[batch.positions]
+    return batch.positions % batch.input_ids.shape[1]
 
 
 @torch.no_grad()
@@ -253,6 +277,8 @@ def row_logps(model: Any, rows: Sequence[TokenizedRow], pad_id: int, batch_rows:
         chunk = list(rows[start : start + batch_rows])
         batch = collate([(None, chunk)], pad_id, model.device, packed=False)
         token_loss = model.token_losses(batch)
+        starts = torch.tensor([row.completion_start for row in chunk], device=model.device)
+        token_loss = token_loss * (_position_in_row(batch) + 1 >= starts[batch.position_rows])
         sums = token_loss.new_zeros(len(chunk)).index_add(0, batch.position_rows, token_loss)
         out += (-sums).float().tolist()
     return out

@@ -31,8 +31,8 @@ from mlora.batching.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name
 from mlora.config.schema import AdapterConfig, TrainConfig
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
-from mlora.data.prompts import load_template
 from mlora.data.dataset import tokenize_dataset
+from mlora.data.prompts import load_template
 from mlora.data.rows import TokenizedRow, load_rows, pad_token_id
 from mlora.data.tasks import CHOICE_TASKS, training_rows
 from mlora.hardware.backends import get_backend
@@ -47,8 +47,8 @@ from mlora.persistence.adapter_files import (
 )
 from mlora.persistence.kinds import kind_for_config
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
-from mlora.training.objectives import check_objective_fits
 from mlora.training.distributed import Distributed, grouped_expert_dropout, router_stat_slots
+from mlora.training.objectives import check_objective_fits
 from mlora.training.optim import build_optimizer, build_scheduler, step_unless
 from mlora.training.recompute import (
     apply_gradient_checkpointing,
