@@ -150,8 +150,8 @@ def run_inference(args: argparse.Namespace) -> int:
         MloraError: none of the config's adapters has been trained into ``--dir``.
     """
     from mlora.cli.common import model_from_args, sources_from_args
+    from mlora.data.chat import bind_templates
     from mlora.inference.startup import quiet_loading
-    from mlora.inference.trained import bind_templates
 
     if not args.verbose:
         quiet_loading()

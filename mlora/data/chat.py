@@ -14,7 +14,7 @@ the assistant turns only:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,3 +164,11 @@ class ChatPrompt:
         require_chat_template(self.tokenizer, "the chat prompt")
         content = f"{instruction}\n\n{input}" if input else instruction
         return chat_text(self.tokenizer, [{"role": "user", "content": content}])
+
+
+def bind_templates(templates: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """``templates`` (prompt templates by adapter) with every ``ChatPrompt`` bound to
+    ``tokenizer``; the others as they are."""
+    return {
+        name: t.bind(tokenizer) if isinstance(t, ChatPrompt) else t for name, t in templates.items()
+    }

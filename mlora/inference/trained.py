@@ -162,7 +162,7 @@ def config_adapter_dirs(
 def config_templates(config: TrainConfig) -> dict[str, PromptTemplate | ChatPrompt]:
     """Each adapter's prompt template, so prompts can be rendered the way it was trained: its
     ``prompt`` template, or the chat template for adapters trained on conversations (a
-    ``ChatPrompt`` to ``bind`` to the tokenizer, see ``bind_templates``)."""
+    ``ChatPrompt`` to bind to the tokenizer, ``mlora.data.chat.bind_templates``)."""
     return {
         adapter.name: ChatPrompt() if trained_on_chat(adapter) else load_template(adapter.prompt)
         for adapter in config.lora
@@ -180,12 +180,3 @@ def trained_on_chat(adapter: AdapterConfig) -> bool:
     except DataError as exc:
         logger.warning("adapter %s: %s; prompts use its prompt template", adapter.name, exc)
         return False
-
-
-def bind_templates(
-    templates: Mapping[str, PromptTemplate | ChatPrompt], tokenizer: Any
-) -> dict[str, PromptTemplate | ChatPrompt]:
-    """``templates`` with every ``ChatPrompt`` bound to ``tokenizer``."""
-    return {
-        name: t.bind(tokenizer) if isinstance(t, ChatPrompt) else t for name, t in templates.items()
-    }
