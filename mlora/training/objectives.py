@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mlora.batching.collate import LossBatch, collate
 from mlora.config.schema import OBJECTIVE_DEFAULTS, AdapterConfig, objective_data_problem
 from mlora.core.errors import ConfigError
-from mlora.data.preference import PAIR_ROWS
+from mlora.data.preference import PAIR_ROWS, with_chosen_prompt_labels
 from mlora.data.rows import TokenizedRow
 
 NLL_WEIGHT = {"dpo": 0.0, "cpo": 1.0, "simpo": 0.0, "orpo": 1.0}
@@ -297,3 +297,15 @@ def with_reference_logps(
         model.train(training)
         model.context.set(None)
     return [replace(row, reference_logp=value) for row, value in zip(rows, values, strict=True)]
+
+
+def objective_rows(
+    objective: Objective, rows: Sequence[TokenizedRow], model: Any, pad_id: int
+) -> list[TokenizedRow]:
+    """An adapter's training rows as its objective reads them: DPO's with their reference
+    log-probs (one no-grad pass of the base), ORPO's chosen rows with their prompt labelled."""
+    if objective.needs_reference:
+        return with_reference_logps(model, rows, pad_id)
+    if objective.name == "orpo":
+        return with_chosen_prompt_labels(rows)
+    return list(rows)

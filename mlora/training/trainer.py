@@ -32,6 +32,7 @@ from mlora.config.schema import AdapterConfig, TrainConfig
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
 from mlora.data.dataset import tokenize_dataset
+from mlora.data.preference import PAIR_ROWS
 from mlora.data.prompts import load_template
 from mlora.data.rows import TokenizedRow, load_rows, pad_token_id
 from mlora.data.tasks import CHOICE_TASKS, training_rows
@@ -48,7 +49,12 @@ from mlora.persistence.adapter_files import (
 from mlora.persistence.kinds import kind_for_config
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
 from mlora.training.distributed import Distributed, grouped_expert_dropout, router_stat_slots
-from mlora.training.objectives import check_objective_fits
+from mlora.training.objectives import (
+    Objective,
+    check_objective_fits,
+    objective_rows,
+    plan_objectives,
+)
 from mlora.training.optim import build_optimizer, build_scheduler, step_unless
 from mlora.training.recompute import (
     apply_gradient_checkpointing,
@@ -116,6 +122,7 @@ class AdapterRun:
     history: list[float] = field(default_factory=list)
     expert_load: list[list[float]] = field(default_factory=list)  # MoE: per-expert token share
     checkpoint_step: int | None = None  # steps_done of its newest checkpoint folder
+    objective: Objective = field(default_factory=Objective)  # sft, or a preference objective
 
     @property
     def name(self) -> str:
@@ -268,6 +275,8 @@ class Trainer:
         self, config: AdapterConfig, rows: list[TokenizedRow], init_from: Path | None
     ) -> AdapterRun:
         spec = spec_from_config(config)
+        objective = Objective.from_config(config)
+        rows = objective_rows(objective, rows, self.model, self.pad_token_id)  # before the adapter
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(adapter_seed(self.seed, config.name))
             self.model.add_adapter(config.name, spec)
@@ -285,6 +294,8 @@ class Trainer:
             shuffle=config.shuffle,
             group_by_length=config.group_by_length,
             seed=self.seed,
+            rows_per_item=PAIR_ROWS if objective.pairs else 1,
+            max_steps=config.max_steps,
         )
         named = [
             (f"{path}.{n}", p)
@@ -294,7 +305,7 @@ class Trainer:
         ]
         optimizer = build_optimizer(config, named)
         scheduler = build_scheduler(config, optimizer, queue.total_steps)
-        run = AdapterRun(config, queue, optimizer, scheduler)
+        run = AdapterRun(config, queue, optimizer, scheduler, objective=objective)
         run.fault, run.fault_at = (
             run.fault.to(self.model.device),
             run.fault_at.to(self.model.device),
@@ -411,12 +422,14 @@ class Trainer:
             run.tokens += sum(len(row) for row in mb.rows)
             if not self.dist.enabled:  # (data parallel: the global loss, at the step's end)
                 run.loss_sum = loss if run.loss_sum is None else run.loss_sum + loss
-                run.loss_count += sum(row.num_supervised for row in mb.rows) / mb.step_tokens
+                run.loss_count += mb.step_fraction
         ending = [run for run, mb in step if mb.ends_step]
         self._sum_over_ranks(ending)
         for run in ending:
             self._flag_non_finite(run)
             run.step_loss = None
+            if run.config.max_grad_norm is not None:  # its own params; no host read
+                torch.nn.utils.clip_grad_norm_(run.params, run.config.max_grad_norm, foreach=True)
             step_unless(run.optimizer, run.fault)  # a non-finite step is never applied
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -460,8 +473,13 @@ class Trainer:
             [[step[i][1].step_tokens, step[i][1].accumulation] for i in local],
             dtype=torch.float32,
         ).to(self.model.device, non_blocking=True)
+        plan = plan_objectives(  # preference adapters: their objective over their pairs
+            [(step[i][0].objective, shards[i].rows, step[i][1].step_items, step[i][1].step_tokens)
+             for i in local],
+            self.model.device,
+        )  # fmt: skip
         # (S,) fp32: token-loss sums over the step's supervised tokens, + router losses / micro
-        losses = self.model.segment_losses(batch, divisors[:, 0], divisors[:, 1])
+        losses = self.model.segment_losses(batch, divisors[:, 0], divisors[:, 1], plan)
         router = self._router_losses(step, [step[i][0].name for i in local])
         if router is not None:
             losses = losses + router / divisors[:, 1]
