@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +194,26 @@ def test_loss_and_gradients_equal_trl(case: str, tmp_path: Path) -> None:
     for key, grad in expected.items():
         torch.testing.assert_close(got[key], grad, rtol=0, atol=TOLERANCE, msg=key)
     assert max(float(g.abs().max()) for g in expected.values()) > 1e-3  # real gradients
+
+
+@pytest.mark.gpu
+def test_objective_plan_and_clipping_do_not_sync() -> None:
+    """Two preference segments' losses (DPO, ORPO), their backward and gradient clipping run
+    under CUDA sync debug mode: the plan is built on the host before the pass."""
+    device = torch.device("cuda")
+    rows = tokenize_pairs(PAIRS, make_tokenizer(), CUTOFF)
+    dpo_rows = [replace(row, reference_logp=-1.0 - i) for i, row in enumerate(rows)]
+    orpo_rows = with_chosen_prompt_labels(rows)
+    batch = collate([("a", dpo_rows), ("b", orpo_rows)], 0, device, packed=True)
+    groups = [(Objective("dpo"), dpo_rows, 4.0, 10.0), (Objective("orpo"), orpo_rows, 4.0, 9.0)]
+    weight = torch.randn(batch.positions.numel(), device=device, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        plan = plan_objectives(groups, device)
+        assert plan is not None
+        token_loss = torch.nn.functional.softplus(weight)  # (N,) positive, like cross-entropy
+        plan(token_loss, batch, torch.zeros(2, device=device)).sum().backward()
+        torch.nn.utils.clip_grad_norm_([weight], 0.1, foreach=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -192,6 +192,8 @@ class ObjectivePlan:
         self.segments = list(segments)
         self.row_tokens = row_tokens
         self.completion_starts = completion_starts
+        index = torch.tensor([seg.segment for seg in self.segments], dtype=torch.long)
+        self.segment_index = index.to(row_tokens.device, non_blocking=True)
 
     def __call__(
         self, token_loss: torch.Tensor, batch: LossBatch, losses: torch.Tensor
@@ -222,8 +224,7 @@ class ObjectivePlan:
             if weight:
                 loss = loss + weight * chosen_nll.sum() / seg.chosen_divisor
             replaced.append(loss)
-        index = torch.tensor([seg.segment for seg in self.segments], device=losses.device)
-        return losses.index_put((index,), torch.stack(replaced).to(losses.dtype))
+        return losses.index_put((self.segment_index,), torch.stack(replaced).to(losses.dtype))
 
 
 def plan_objectives(
