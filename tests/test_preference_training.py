@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from peft.utils import get_peft_model_state_dict
 
@@ -222,3 +225,29 @@ def test_evaluation_of_a_dpo_adapter_equals_its_rewards_under_peft(
     for key, value in expected.items():
         assert abs(figures[key] - value) <= 1e-4, key
     assert figures["rows"] == 4 and figures["task"] == "dpo"
+
+
+@pytest.mark.slow
+def test_launch_gen_dpo_run_and_evaluate_offline(tmp_path: Path) -> None:
+    """``launch.py gen --template dpo`` with the bundled pairs, ``run`` on the demo model, then
+    ``evaluate``: the result file has the preference figures."""
+    from tests.test_launch import REPO, launch_cli
+
+    (tmp_path / "data").mkdir()
+    for name in ("dummy_preference.json", "dummy_preference_test.json"):
+        shutil.copy(REPO / "data" / name, tmp_path / "data" / name)
+    home = tmp_path / "home"
+    made = launch_cli(
+        tmp_path, "gen", "--template", "dpo", "--tasks", "./data/dummy_preference.json",
+        "--test_data", "./data/dummy_preference_test.json", "--learning_rate", "1e-3",
+        home=home,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    ran = launch_cli(tmp_path, "run", home=home)
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / "dpo_0" / "adapter_model.safetensors").is_file()
+    evaluated = launch_cli(tmp_path, "evaluate", home=home)
+    assert evaluated.returncode == 0, evaluated.stderr
+    figures = json.loads((tmp_path / "evaluate_result.json").read_text())["dpo_0"]
+    assert figures["task"] == "dpo" and figures["rows"] == 6
+    assert {"reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"} <= set(figures)
