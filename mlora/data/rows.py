@@ -174,8 +174,11 @@ def json_problem_location(path: Path) -> str | None:
                 return f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}"
     if not isinstance(rows, list):
         return f"must hold a list of rows (or one row per line), not {json_type(rows)}"
+    alpaca = (
+        bool(rows) and isinstance(rows[0], dict) and not rows[0].keys().isdisjoint(REQUIRED_FIELDS)
+    )  # other formats: their rows are checked where they are tokenized
     for index, row in enumerate(rows):
-        problem = row_problem(row)
+        problem = row_problem(row) if alpaca or not isinstance(row, dict) else None
         if problem:
             return f"row {index} {problem}"
     return None
