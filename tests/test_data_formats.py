@@ -278,3 +278,48 @@ def test_data_format_and_objective_must_fit_the_data(tmp_path) -> None:
     with pytest.raises(ConfigError, match="key 'data_format' must be one of"):
         prepare(data_format="chatml")
     assert len(prepare(objective="dpo")["a"]) == 2 * len(PREFERENCE)
+
+
+def test_chat_adapters_are_asked_through_the_chat_template(tmp_path) -> None:
+    """generate.py --template auto / chat, and evaluation, render a chat adapter's prompts
+    with the tokenizer's chat template (the generation prompt after the user turn)."""
+    import argparse
+
+    from mlora.cli.generate import build_requests
+    from mlora.data.chat import ChatPrompt
+    from mlora.data.prompts import PromptTemplate
+    from mlora.inference.evaluation import prepare_test_sets
+    from mlora.inference.trained import config_templates
+
+    tokenizer = tiny_tokenizer()
+    chat = write_json(tmp_path / "chat.json", MESSAGES)
+    alpaca = write_json(tmp_path / "alpaca.json", [{"instruction": "hi", "output": "yo"}])
+    config = parse_config(
+        {
+            "lora": [
+                {"name": "chat", "data": chat, "test_data": chat},
+                {"name": "plain", "data": alpaca},
+            ]
+        }
+    )
+    templates = config_templates(config)
+    assert isinstance(templates["chat"], ChatPrompt)
+    assert isinstance(templates["plain"], PromptTemplate)
+    args = argparse.Namespace(
+        prompts=["Opposite of up?"], prompts_file=None, use=["chat", "plain"], template="auto"
+    )
+    requests = build_requests(args, ["chat", "plain"], templates, tokenizer)
+    user_turn = [{"role": "user", "content": "Opposite of up?"}]
+    expected = tokenizer.apply_chat_template(user_turn, tokenize=False, add_generation_prompt=True)
+    assert [r.prompt for r in requests] == [
+        expected,
+        templates["plain"].render("Opposite of up?"),
+    ]
+    args.template, args.use = "chat", ["plain"]
+    assert build_requests(args, ["chat", "plain"], templates, tokenizer)[0].prompt == expected
+
+    (test_set,) = prepare_test_sets(config, tokenizer, ["chat"])
+    assert test_set.references == ["6, of course", "hi there"]
+    assert test_set.prompts[1] == tokenizer.apply_chat_template(
+        CONVERSATIONS[1][:1], tokenize=False, add_generation_prompt=True
+    )
