@@ -42,7 +42,12 @@ from mlora.data.formats import generation_examples
 from mlora.data.prompts import load_template
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow, pad_token_id
 from mlora.data.tasks import CHOICE_TASKS, choice_source, load_choice_questions, read_test_rows
-from mlora.inference.preference_eval import fill_references, preference_metrics, preference_units
+from mlora.inference.preference_eval import (
+    fill_references,
+    has_references,
+    preference_metrics,
+    preference_units,
+)
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.training.distributed import Distributed, process_group
 from mlora.training.objectives import Objective, check_objective_fits
@@ -446,7 +451,9 @@ def evaluate_model(
     pad_id = pad_token_id(tokenizer)
     test_sets = [  # DPO: the reference log-probs of every pair, before the rows are shared out
         replace(ts, units=fill_references(model, pad_id, ts.units, ts.batch_size))
-        if ts.objective is not None and ts.objective.needs_reference
+        if ts.objective is not None
+        and ts.objective.needs_reference
+        and not has_references(ts.units)
         else ts
         for ts in test_sets
     ]

@@ -30,6 +30,11 @@ def preference_units(rows: Sequence[Any]) -> list[list[Any]]:
     return [list(rows[i : i + 2]) for i in range(0, len(rows), 2)]
 
 
+def has_references(units: Sequence[Sequence[Any]]) -> bool:
+    """Whether every row already has its reference log-prob (filled by an earlier call)."""
+    return all(row.reference_logp is not None for unit in units for row in unit)
+
+
 def fill_references(model: Any, pad_id: int, units: list[list[Any]], batch_rows: int) -> list:
     """``units`` with each row's ``reference_logp`` (the model with no adapter)."""
     rows = with_reference_logps(model, [r for unit in units for r in unit], pad_id, batch_rows)
