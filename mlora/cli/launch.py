@@ -47,6 +47,9 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # What a template cannot say in its own keys (templates stay valid configs, no comment keys).
 TEMPLATE_NOTES = {
     "qlora": "meant for a 4-bit base model: run it with `launch.py run --quantize 4bit`",
+    "chat": "conversations through the base model's chat template: run it with a chat model, "
+    "e.g. `launch.py run --base_model smollm2`",
+    "dpo": "preference pairs (prompt/chosen/rejected); the reference is the base itself",
 }
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding mlora/
 
