@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters.lora import LoraAdapter, dora_scales, slot_dropout
+from mlora.adapters.lora import LoraAdapter, dora_delta, dora_scales, slot_dropout
 from mlora.adapters.routing import load_balance, top_k
 from mlora.adapters.routing import load_balancing_loss as load_balancing_loss  # re-exported
 from mlora.batching.aux_losses import RouterStats
@@ -344,13 +344,14 @@ class MolaAdapter(ExpertMixture):
             base_result, picked, base_weight, base_bias = dora
             weight = base_weight.to(pairs.dtype)
             scale = dora_scales(self.experts, weight).index_select(0, expert_of)  # (P, out)
-            if first.dropout_p == 0 or not self.training:
+
+            def undropped_base() -> torch.Tensor:  # W x of each pair's token, without the bias
                 rows = token_of if picked is None else picked.index_select(0, token_of)
                 base = base_result.index_select(0, rows).to(pairs.dtype)
-                base = base if base_bias is None else base - base_bias
-            else:  # DoRA rescales the base output of the dropped input (PEFT)
-                base = F.linear(pairs, weight)
-            out = (scale - 1) * base + scale * out
+                return base if base_bias is None else base - base_bias
+
+            active = first.dropout_p != 0 and self.training
+            out = dora_delta(scale, out, pairs, weight, active, undropped_base)
         kept = weights.reshape(-1).index_select(0, order)  # (P,)
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
         return delta.index_add(0, token_of, out.float() * kept[:, None])
