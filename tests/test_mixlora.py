@@ -502,7 +502,7 @@ def test_save_load_gives_equal_logits(tmp_path: Path, tiny_model_dir: Path, stra
     from mlora.persistence.adapter_files import peft_config, save_adapter
 
     spec = model.specs[strategy]
-    save_adapter(model, strategy, tmp_path / strategy, peft_config(spec, 8, False, "tiny"))
+    save_adapter(model, strategy, tmp_path / strategy, peft_config(spec, "tiny"))
     saved, tensors = read_adapter(tmp_path / strategy)
     assert saved["peft_type"] == "MIXLORA" and saved["routing_strategy"] == strategy
     assert saved["expert_lora"] == {"r": 2, "lora_alpha": 4} and saved["act_fn"] == "silu"
@@ -527,9 +527,7 @@ def test_the_mixlora_package_loads_our_files_with_equal_logits(
     from mlora.persistence.adapter_files import peft_config, save_adapter
 
     folder = tmp_path / "mixlora"
-    save_adapter(
-        model, "mixlora", folder, peft_config(model.specs["mixlora"], 8, False, str(tiny_model_dir))
-    )
+    save_adapter(model, "mixlora", folder, peft_config(model.specs["mixlora"], str(tiny_model_dir)))
     their_config, weights = mixlora.load_adapter_weights(str(folder), device="cpu")
     theirs = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     mixlora.inject_adapter_in_model(theirs, their_config, weights)

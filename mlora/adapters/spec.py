@@ -68,7 +68,12 @@ class AdapterModel(Protocol):
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """The shape of one LoRA adapter: flat arguments, so no config object reaches a layer."""
+    """The shape of one LoRA adapter: flat arguments, so no config object reaches a layer.
+
+    ``scaling`` is what the layers use; ``lora_alpha`` and ``use_rslora`` are where it came
+    from (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA), recorded in the saved
+    ``adapter_config.json``. A spec built from a scaling alone records ``alpha = scaling * r``.
+    """
 
     r: int
     scaling: float
@@ -76,6 +81,13 @@ class LoraSpec:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     init: str = "original"
     use_dora: bool = False
+    lora_alpha: float | None = None
+    use_rslora: bool = False
+
+    @property
+    def alpha(self) -> float:
+        """``lora_alpha`` as configured, else the one that gives ``scaling`` without rsLoRA."""
+        return self.scaling * self.r if self.lora_alpha is None else self.lora_alpha
 
     @property
     def peft_type(self) -> str:

@@ -236,7 +236,7 @@ class Trainer:
 
     def _load_initial_weights(self, config: AdapterConfig, spec: LoraSpec, folder: Path) -> None:
         saved, tensors = read_adapter(folder)
-        saved_spec, _, _ = spec_from_peft_config(saved, str(folder))
+        saved_spec = spec_from_peft_config(saved, str(folder))
         for key, ours, theirs in [
             ("r", spec.r, saved_spec.r),
             ("target_modules", sorted(spec.target_modules), sorted(saved_spec.target_modules)),
@@ -520,7 +520,7 @@ class Trainer:
 
     def adapter_config_json(self, run: AdapterRun) -> dict:
         spec = self.model.specs[run.name]
-        return peft_config(spec, run.config.lora_alpha, run.config.use_rslora, self.base_model_name)
+        return peft_config(spec, self.base_model_name)
 
     def weights_copy(self, run: AdapterRun) -> dict[str, torch.Tensor]:
         """The adapter's tensors under their file keys, as CPU copies the writer thread owns."""
