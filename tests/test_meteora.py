@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from mlora.adapters.meteora.layer import MeteoraAdapter
 from mlora.adapters.meteora.spec import record_gates
+from mlora.adapters.spec import AdapterInput
 from mlora.api import train
 from mlora.batching.layout import BatchLayout
 from mlora.batching.randomness import SegmentRandom
@@ -145,7 +146,7 @@ def test_weights_are_softmax_of_top_k_logits_over_temperature() -> None:
         for i, s in ((0, 0.5), (1, 2.0))
     )  # fmt: skip
     loop.eval()
-    assert torch.allclose(loop(x, x), expected, atol=1e-5)
+    assert torch.allclose(loop(AdapterInput(x, x)), expected, atol=1e-5)
     assert (weights[:, 2] > 0).any()  # the adapter absent from this layer is chosen, adds 0
 
 
@@ -157,7 +158,7 @@ def test_grouped_equals_loop_in_outputs_and_gradients(train_loras: bool) -> None
     for module in (loop, grouped):
         generator = torch.Generator().manual_seed(5)  # the same dropout masks for both
         x.grad = None
-        out = module(x, x, random=SegmentRandom(generator))
+        out = module(AdapterInput(x, x, random=SegmentRandom(generator)))
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         outputs.append(out.detach())
         grads.append({"x": x.grad.clone()} | {

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlora.adapters.spec import AdapterInput
 from mlora.batching.randomness import SegmentRandom
 
 
@@ -223,31 +224,17 @@ class LoraAdapter(nn.Module):
         """B @ A, shape (out, in), without the scale."""
         return self.lora_B.weight @ self.lora_A.weight
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        base_result: torch.Tensor,
-        base_weight: torch.Tensor | None = None,
-        base_bias: torch.Tensor | None = None,
-        random: SegmentRandom | None = None,
-        token_mask: torch.Tensor | None = None,
-        token_tasks: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, inputs: AdapterInput) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens.
 
         Args:
-            x: (N, in) the segment's layer input.
-            base_result: (N, out) the frozen layer's output for the same tokens.
-            base_weight: (out, in) dense base weight; needed only for DoRA.
-            base_bias: the base layer's bias, removed from ``base_result`` for DoRA.
-            random: the adapter's random stream for dropout (see ``adapter_dropout``).
-            token_mask: (N,) real tokens; unused by LoRA (MoE modules share this signature).
-            token_tasks: (N,) task label of each token (-1: none), for MeteoRA's gate loss;
-                unused by LoRA.
+            inputs: the segment's tokens and what the layer gives (``AdapterInput``).
 
         Returns:
             (N, out) fp32 delta.
         """
+        x, base_result = inputs.x, inputs.base_result
+        base_weight, base_bias, random = inputs.base_weight, inputs.base_bias, inputs.random
         x = x.to(self.lora_A.weight.dtype)
         return self.variant.forward(self, x, base_result, base_weight, base_bias, random)
 

@@ -27,7 +27,7 @@ from torch import nn
 from mlora.adapters import LoraAdapter, MultiLoraLinear, dense_weight
 from mlora.adapters.lora import adapter_dropout, dora_delta, dora_scales, slot_dropout
 from mlora.adapters.routing import RouterSpec, route
-from mlora.adapters.spec import AdapterHost, LoraSpec
+from mlora.adapters.spec import AdapterHost, AdapterInput, LoraSpec
 from mlora.batching.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.batching.randomness import SegmentRandom
 from mlora.ops.routed_lora import group_by_expert, routed_lora
@@ -475,7 +475,7 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
         if adapter is None:
             return base
         random = None if generator is None else SegmentRandom(generator)
-        delta = adapter(x, base, dense.get(name), self.linear(name).bias, random)
+        delta = adapter(AdapterInput(x, base, dense.get(name), self.linear(name).bias, random))
         return (base + delta).to(base.dtype)
 
     def _expert(
