@@ -28,13 +28,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import collate
 from mlora.batching.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name_seed
-from mlora.config.schema import AdapterConfig, TrainConfig
+from mlora.config.schema import AdapterConfig, TrainConfig, config_to_dict
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
 from mlora.data.prompts import load_template
 from mlora.data.rows import TokenizedRow, load_rows, pad_token_id, tokenize_rows
 from mlora.data.tasks import CHOICE_TASKS, training_rows
 from mlora.hardware.backends import get_backend
+from mlora.hardware.peak_flops import peak_flops
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import (
     adapter_state_dict,
@@ -47,6 +48,10 @@ from mlora.persistence.adapter_files import (
 from mlora.persistence.kinds import kind_for_config
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
 from mlora.training.distributed import Distributed, grouped_expert_dropout, router_stat_slots
+from mlora.training.metrics.collector import PendingStep, StepCollector, gradient_norm, now
+from mlora.training.metrics.progress import ProgressSink
+from mlora.training.metrics.sinks import RunStart, Sinks
+from mlora.training.metrics.throughput import FlopsEstimate, RunMeter
 from mlora.training.optim import build_optimizer, build_scheduler, step_unless
 from mlora.training.recompute import (
     apply_gradient_checkpointing,
@@ -112,6 +117,8 @@ class AdapterRun:
     history: list[float] = field(default_factory=list)
     expert_load: list[list[float]] = field(default_factory=list)  # MoE: per-expert token share
     checkpoint_step: int | None = None  # steps_done of its newest checkpoint folder
+    step_rows: int = 0  # rows and tokens of the optimizer step in progress (metrics rows)
+    step_tokens: int = 0
 
     @property
     def name(self) -> str:
@@ -220,9 +227,11 @@ class Trainer:
         )
         self.global_step = 0
         self.init_from = dict(init_from or {})
+        identity = RunIdentity(config, seed, base_model_name)
+        self.run_id = identity.run_id  # names this run's metrics rows
         self.checkpoints = RunCheckpoints(
             self.output_dir,
-            RunIdentity(config, seed, base_model_name),
+            identity,
             config.save_total_limit,
             load_adapter=bool(self.init_from),
         )
@@ -257,6 +266,17 @@ class Trainer:
                 )
         self.tokens_seen = 0  # tokens of every pass so far, padding included
         self.padded_tokens = 0
+        # Metrics: steps wait on the device in ``collector``; rows go to ``metrics`` (rank 0).
+        self.metrics = Sinks()
+        self.collector = StepCollector()
+        self.meter = RunMeter(
+            FlopsEstimate.of(
+                model.model, {r.name: sum(p.numel() for p in r.params) for r in self.runs}
+            ),
+            peak_flops(self.backend.device_name(), model.model.dtype),
+            self.dist.world_size,
+        )
+        self.resumed_at: int | None = None  # the global step load_state_dict resumed at
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -327,6 +347,10 @@ class Trainer:
         )
         last_log = time.perf_counter()
         by_queue = {id(run.queue): run for run in self.runs}
+        if self.dist.is_main:
+            self.metrics.add(ProgressSink(progress))
+            self.metrics.start(self._run_start())
+        self.meter.restart()
         consoles = [lg for lg in (logging.getLogger(), logger) if lg.handlers]
         try:  # log lines printed above the bar, never through it
             with (
@@ -341,6 +365,7 @@ class Trainer:
             progress.close()
             self._log_saved()
             self.model.context.set(None)
+            self.metrics.close(finished=self.dispatcher.finished)
         peak = self.backend.memory_stats()["peak"]  # CPU: process peak RSS; GPU: allocator peak
         logger.info("peak memory %.0f MiB on %s", peak / 2**20, self.backend.device)
         if self.tokens_seen:
@@ -404,13 +429,17 @@ class Trainer:
         for i, (run, mb) in enumerate(step):
             loss = zero if losses[i] is None else losses[i]
             run.step_loss = loss if run.step_loss is None else run.step_loss + loss
-            run.tokens += sum(len(row) for row in mb.rows)
+            tokens = sum(len(row) for row in mb.rows)
+            run.tokens += tokens
+            run.step_rows, run.step_tokens = run.step_rows + len(mb.rows), run.step_tokens + tokens
+            self.meter.count(run.name, tokens, sum(row.num_supervised for row in mb.rows))
             if not self.dist.enabled:  # (data parallel: the global loss, at the step's end)
                 run.loss_sum = loss if run.loss_sum is None else run.loss_sum + loss
                 run.loss_count += sum(row.num_supervised for row in mb.rows) / mb.step_tokens
         ending = [run for run, mb in step if mb.ends_step]
         self._sum_over_ranks(ending)
-        for run in ending:
+        for run, mb in [(run, mb) for run, mb in step if mb.ends_step]:
+            self._collect_step(run, mb)
             self._flag_non_finite(run)
             run.step_loss = None
             step_unless(run.optimizer, run.fault)  # a non-finite step is never applied
@@ -567,7 +596,44 @@ class Trainer:
         if self.checkpointing:
             self._cut_due = True
 
+    def _collect_step(self, run: AdapterRun, mb: MicroBatch) -> None:
+        """Keep the ending optimizer step's metrics (device scalars until the log interval)."""
+        if self.dist.is_main:
+            assert run.step_loss is not None
+            steps = run.steps_done + 1
+            self.collector.add(
+                PendingStep(
+                    adapter=run.name, step=steps, global_step=self.global_step + 1,
+                    epoch=steps / run.queue.steps_per_epoch, rows=run.step_rows,
+                    tokens=run.step_tokens, supervised_tokens=mb.step_tokens,
+                    lr=run.optimizer.param_groups[0]["lr"], loss=run.step_loss.detach(),
+                    grad_norm=gradient_norm(run.params), time=now(),
+                )
+            )  # fmt: skip
+        run.step_rows = run.step_tokens = 0
+
+    def _run_start(self) -> RunStart:
+        adapters = {a["name"]: a for a in config_to_dict(self.config)["lora"]}
+        return RunStart(
+            output_dir=self.output_dir,
+            run=self.run_id,
+            adapters=adapters,
+            resume_step=self.resumed_at,
+            positions={run.name: run.steps_done for run in self.runs},
+        )
+
+    def emit_metrics(self, run_row: bool) -> None:
+        """Hand the finished steps to the sinks (one host read), and the interval's run row."""
+        if not self.dist.is_main:
+            self.collector.clear()
+            return
+        self.metrics.log_steps(self.collector.take(self.run_id))
+        if run_row:
+            peak = self.backend.memory_stats()["peak"]
+            self.metrics.log_run(self.meter.row(self.run_id, self.global_step, peak))
+
     def _log(self, elapsed: float) -> None:
+        self.emit_metrics(run_row=True)
         self.check_faults()
         logged = [run for run in self.runs if run.loss_count]
         if not logged:
@@ -639,6 +705,8 @@ class Trainer:
             self.consolidate_partial_steps()
         rng = self.dist.gather(self.backend.get_rng_state())  # every rank's, for --resume
         path = self.checkpoints.cut_path(self.global_step)
+        self.emit_metrics(run_row=False)  # rows 1..G on disk before the cut at G is queued
+        self.metrics.sync()
         if self.dist.is_main:
             path = self.checkpoints.save(self.state_dict(due), rng)
         for run in self.runs:
@@ -728,7 +796,7 @@ class Trainer:
             run.history = list(entry["history"])
             loss_sum = entry["loss_sum"]
             run.loss_sum = None if loss_sum is None else loss_sum.to(self.model.device).reshape(())
-        self.global_step = self.last_cut_step = state["global_step"]
+        self.global_step = self.last_cut_step = self.resumed_at = state["global_step"]
         self.model.context.generators.load_state_dict(state["adapter_rng"])
         if state.get("rng") is not None:
             self.backend.set_rng_state(state["rng"])
@@ -746,6 +814,9 @@ class Trainer:
         """The step in progress: rank 0 takes the saved partial sums (the whole run's), the
         other ranks start the step from zero."""
         main = self.dist.is_main
+        popped = run.queue.popped_in_step()  # its metrics count the whole step
+        run.step_rows = sum(len(mb.rows) for mb in popped)
+        run.step_tokens = sum(len(row) for mb in popped for row in mb.rows)
         for i, param in enumerate(run.params):
             grad = pending["grads"].get(str(i)) if main else None
             param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype)
@@ -786,6 +857,7 @@ class Trainer:
         self.tokens_seen, self.padded_tokens = seen, padded
         self._cut_due = False
         self._due.clear()
+        self.collector.clear()  # steps the interrupted run logged already
         for run, entry, _ in targets:
             self.model.context.aux_losses.take_loads(run.name)  # not this run's to log
             if run.queue.state_dict() != entry["queue"] or run.steps_done != entry["steps_done"]:
