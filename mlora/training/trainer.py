@@ -49,7 +49,7 @@ from mlora.persistence.kinds import kind_for_config
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
 from mlora.training.distributed import Distributed, grouped_expert_dropout, router_stat_slots
 from mlora.training.metrics.collector import PendingStep, StepCollector, gradient_norm, now
-from mlora.training.metrics.progress import ProgressSink
+from mlora.training.metrics.progress import ProgressSink, in_notebook
 from mlora.training.metrics.sinks import RunStart, Sinks
 from mlora.training.metrics.throughput import FlopsEstimate, RunMeter
 from mlora.training.optim import build_optimizer, build_scheduler, step_unless
@@ -343,7 +343,8 @@ class Trainer:
             total=total,
             desc="training",
             unit="micro-batch",
-            disable=None if self.dist.is_main else True,
+            # a terminal, or a notebook (its output is no terminal, yet shows a bar)
+            disable=True if not self.dist.is_main else False if in_notebook() else None,
         )
         last_log = time.perf_counter()
         by_queue = {id(run.queue): run for run in self.runs}
