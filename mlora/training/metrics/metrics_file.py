@@ -5,10 +5,12 @@ leaves every row it wrote, at worst plus one torn last line (no newline). The tr
 the rows of every step up to a checkpoint *before* that checkpoint is queued (and fsyncs them),
 so a complete checkpoint at global step G always has its rows 1..G on disk.
 
-Exactly once on ``--resume``: the run resumes at G, so ``start(resume_step=G)`` rewrites the
-file (atomically) without this run's rows past G (those steps run again) and without a torn
-last line; other runs' rows and anything the reader cannot parse are kept as they were. A fresh
-run drops its own earlier rows (a same-id run is the same computation, restarted).
+Exactly once on ``--resume``: the run resumes at G, so ``start(resume_step=G)`` drops this
+run's rows past G (those steps run again) and a torn last line: they end the file (one run
+writes into a folder at a time), so the file is cut there; if another run has trained into the
+folder since, the file is rewritten atomically without them. Other runs' rows and lines the
+reader cannot parse are kept as they were. A fresh run drops its own earlier rows (a run with
+the same id is the same computation, restarted).
 """
 
 from __future__ import annotations
@@ -40,21 +42,16 @@ def _parse(line: str) -> dict[str, Any] | None:
     return row if isinstance(row, dict) else None
 
 
-def _kept_lines(text: str, run: str, resume_step: int | None) -> list[str]:
-    """The complete lines of ``text`` that are not this run's rows to drop (see module doc)."""
-    lines = text.split("\n")
-    if not text.endswith("\n"):
-        lines = lines[:-1] if _parse(lines[-1]) is None else lines  # a torn last write
-    kept = []
+def _dropped(lines: list[str], run: str, resume_step: int | None) -> list[bool]:
+    """For each line: whether a (re)start of run ``run`` at ``resume_step`` drops it (its own
+    rows past the step, all of them on a fresh start: None; and blank lines)."""
+    out = []
     for line in lines:
-        if not line.strip():
-            continue
         row = _parse(line)
         ours = row is not None and row.get("run") == run
-        if ours and (resume_step is None or row.get("global_step", 0) > resume_step):
-            continue
-        kept.append(line)
-    return kept
+        past = ours and (resume_step is None or row.get("global_step", 0) > resume_step)
+        out.append(past or not line.strip())
+    return out
 
 
 class MetricsFile:
@@ -78,12 +75,23 @@ class MetricsFile:
             WriteError: the file cannot be read or written (one line naming it).
         """
         try:
-            text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+            data = self.path.read_bytes() if self.path.exists() else b""
+            lines = data.decode("utf-8").split("\n")
         except (OSError, UnicodeDecodeError) as exc:
             raise WriteError(self.path, getattr(exc, "strerror", None) or str(exc)) from None
-        kept = _kept_lines(text, self.run, resume_step)
-        if "".join(line + "\n" for line in kept) != text:
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        torn = lines.pop()  # "" after a final newline; else a write the crash cut short
+        dropped = _dropped(lines, self.run, resume_step)
+        if torn or any(dropped):
+            first = dropped.index(True) if any(dropped) else len(lines)
+            if all(dropped[first:]):  # the usual case: the rows to drop end the file
+                keep = sum(len(line.encode("utf-8")) + 1 for line in lines[:first])
+                try:
+                    os.truncate(self.path, keep)
+                except OSError as exc:
+                    raise WriteError(self.path, exc.strerror or str(exc)) from None
+            else:  # another run trained here since: rewrite without the dropped rows
+                kept = [line for line, drop in zip(lines, dropped, strict=True) if not drop]
+                atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         try:
             self._handle = self.path.open("a", encoding="utf-8")
         except OSError as exc:

@@ -4,7 +4,7 @@ FLOPs of a step, estimated from parameter counts (attention's score products are
 in the usual ``6N`` rule):
 
 - every token passes the frozen base: ``2 N`` forward + ``2 N`` backward (input gradients
-  only; frozen weights get no weight gradient), N = the base's matmul weights without the
+  only; frozen weights get no weight gradient), N = the base's weight matrices without the
   embeddings and ``lm_head``;
 - ``lm_head`` runs on the supervised positions only (the loss gathers them): ``4 H V`` each;
 - an adapter's own weights (trainable) on its tokens: ``6 n`` per token.
@@ -39,15 +39,21 @@ class FlopsEstimate:
 
     @classmethod
     def of(cls, model: nn.Module, adapter_params: dict[str, int]) -> FlopsEstimate:
-        """The counts of a transformers ``PreTrainedModel`` (4-bit weights counted whole)."""
-        without_embeddings = model.num_parameters(exclude_embeddings=True)
+        """The counts of a transformers ``PreTrainedModel``: its frozen matrices (norm vectors
+        and biases are left out; a 4-bit matrix, stored two weights a byte, counts whole)."""
+        embeddings = model.get_input_embeddings().weight
         head = model.get_output_embeddings()
-        embeddings = model.get_input_embeddings()
-        tied = head is None or head.weight is getattr(embeddings, "weight", None)
-        head_params = 0 if head is None else head.weight.numel()
-        trainable = sum(adapter_params.values())
-        base = without_embeddings - trainable - (0 if tied else head_params)
-        return cls(max(base, 0), head_params, dict(adapter_params))
+        head_weight = None if head is None else head.weight
+        base = 0
+        for param in model.parameters():  # each shared tensor once
+            if param.requires_grad or param.dim() < 2 or param is embeddings:
+                continue
+            if param is head_weight:
+                continue
+            packed = type(param).__name__ == "Params4bit"
+            base += param.numel() * (2 if packed else 1)
+        head_params = 0 if head_weight is None else head_weight.numel()
+        return cls(base, head_params, dict(adapter_params))
 
     def flops(self, tokens: dict[str, int], supervised: int) -> float:
         """Estimated FLOPs of training on ``tokens`` per adapter, ``supervised`` of them with
