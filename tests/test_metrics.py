@@ -4,6 +4,7 @@ returned loss history, an SGD step's size, the scheduler's formula, parameter co
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import signal
@@ -28,7 +29,7 @@ from mlora.training.metrics.throughput import FlopsEstimate
 from mlora.training.trainer import Trainer, prepare_data
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import adapter_tensors, addition_rows, reverse_rows, write_json, write_template
-from tests.reliability_support import HARNESS, mlora_args, run_mlora, write_run_config
+from tests.reliability_support import HARNESS, NAMES, mlora_args, run_mlora, write_run_config
 
 
 def steps_of(rows: list[dict], adapter: str) -> list[dict]:
@@ -190,10 +191,17 @@ def test_sigkill_then_resume_logs_every_step_exactly_once(tiny_model_dir: Path, 
     config = write_run_config(tmp_path / "cfg")  # three adapters, accumulation, save_step 2
     clean, out = tmp_path / "clean", tmp_path / "out"
     api.train(config, str(tiny_model_dir), clean, seed=5, device="cpu", log=False)
-    args = mlora_args(tiny_model_dir, config, out)
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    args = mlora_args(tiny_model_dir, config, out, *(["--report_to", "tensorboard"] * tensorboard))
     first = run_mlora(args, script=HARNESS, MLORA_TEST_KILL="optim:9")
     assert first.returncode == -signal.SIGKILL, first.stderr
     killed_rows = row_keys(read_metrics(metrics_path(out)))
+    if tensorboard:  # events past the checkpoint were written too: the resume must purge them
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (group,) = (out / "tensorboard").iterdir()
+        events = EventAccumulator(str(group / "acc")).Reload().Scalars("train/loss")
+        assert len(events) == len([k for k in killed_rows if k[0] == "acc"]) > 2
     last = run_mlora([*args, "--resume"])
     assert last.returncode == 0, last.stderr
 
@@ -210,6 +218,12 @@ def test_sigkill_then_resume_logs_every_step_exactly_once(tiny_model_dir: Path, 
             assert mine[key] == theirs[key], (mine, theirs)
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
         assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+    if tensorboard:  # the resume purged the events past its checkpoint: each step once
+        for name in NAMES:
+            events = EventAccumulator(str(group / name)).Reload().Scalars("train/loss")
+            mine = steps_of(got, name)
+            assert [e.step for e in events] == [row["step"] for row in mine]
+            assert [e.value for e in events] == pytest.approx([r["loss"] for r in mine], 1e-6)
 
 
 def run_row(run: str, step: int) -> str:

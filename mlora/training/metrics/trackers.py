@@ -124,6 +124,7 @@ class TensorBoardTracker:
         writer = self._writer("run", self.resume_step)
         for key, value in run_metrics(row).items():
             writer.add_scalar(key, value, row.global_step, walltime=row.time)
+        self.sync()  # once per log interval, as the metrics file: a crash loses no interval
 
     def sync(self) -> None:
         for writer in self.writers.values():
