@@ -40,8 +40,9 @@ def _save(figure, path: Path) -> None:  # type: ignore[no-untyped-def]
     atomic_write_bytes(path, buffer.getvalue())  # a reader never sees half a PNG
 
 
-def _adapter_figure(name: str, curves: AdapterCurves):  # type: ignore[no-untyped-def]
+def adapter_figure(name: str, curves: AdapterCurves):  # type: ignore[no-untyped-def]
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(9, 3.6), layout="constrained")
     loss_axes, lr_axes = figure.subplots(1, 2, width_ratios=(2, 1))
@@ -59,11 +60,14 @@ def _adapter_figure(name: str, curves: AdapterCurves):  # type: ignore[no-untype
     lr_axes.set(title="learning rate", xlabel="optimizer step")
     lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     lr_axes.grid(alpha=0.3)
+    for axes in (loss_axes, lr_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     return figure
 
 
-def _overview_figure(curves: dict[str, AdapterCurves]):  # type: ignore[no-untyped-def]
+def overview_figure(curves: dict[str, AdapterCurves]):  # type: ignore[no-untyped-def]
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.subplots()
@@ -76,6 +80,7 @@ def _overview_figure(curves: dict[str, AdapterCurves]):  # type: ignore[no-untyp
             axes.plot(val_steps, val, "o--", color=color, label=f"{name} (validation)")
     axes.set(title="training loss (smoothed) per adapter", xlabel="optimizer step", ylabel="loss")
     axes.grid(alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
     return figure
 
@@ -95,11 +100,11 @@ def plot_run(output_dir: str | Path) -> list[Path]:
         raise MetricsFileError(f"{source}: no training step logged yet, nothing to plot")
     folder = Path(output_dir) / PLOTS_DIR
     written = [folder / "loss.png"]
-    _save(_overview_figure(curves), written[0])
+    _save(overview_figure(curves), written[0])
     for name, curve in curves.items():
         if curve.steps:
             path = folder / f"{name}.png"
-            _save(_adapter_figure(name, curve), path)
+            _save(adapter_figure(name, curve), path)
             written.append(path)
     return written
 
