@@ -8,15 +8,17 @@ loss when there is one, learning rate, and the run's tokens/s and peak memory.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlora.training.metrics.metrics_file import MetricsFileError, metrics_path, read_metrics
+from mlora.training.metrics.metrics_file import MetricsFileError, MetricsTail, metrics_path
 from mlora.training.metrics.series import adapter_curves, run_curves, smoothed
 
 REFRESH_SECONDS = 2.0
+MAX_POINTS = 400  # per curve: a long run's curves are thinned, evenly, to this many points
 TABLE_COLUMNS = ["adapter", "step", "epoch", "loss", "loss (smoothed)", "val loss", "lr"]
 
 
@@ -31,16 +33,28 @@ class TrainingView:
     table: Any  # pandas.DataFrame: TABLE_COLUMNS
 
 
-def training_view(output_dir: str | Path) -> TrainingView:
+def thinned(count: int, limit: int = MAX_POINTS) -> range:
+    """Indices of at most about ``limit`` evenly spaced points of ``count``, the last included."""
+    stride = max(1, -(-count // limit))
+    return range((count - 1) % stride, count, stride)
+
+
+def training_view(output_dir: str | Path, tail: MetricsTail | None = None) -> TrainingView:
     """Read ``output_dir/metrics.jsonl`` now (a missing or empty file gives an empty view whose
-    status says why, in one line)."""
+    status says why, in one line).
+
+    Args:
+        tail: the page's reader of the file, which parses only what was appended since its
+            last read (None: read the whole file).
+    """
     import pandas as pd
 
     path = metrics_path(output_dir)
+    tail = tail or MetricsTail(path)
     empty_loss = pd.DataFrame({"step": [], "loss": [], "adapter": []})
     empty_lr = pd.DataFrame({"step": [], "lr": [], "adapter": []})
     try:
-        rows = read_metrics(path)
+        rows = tail.read()
     except MetricsFileError as exc:
         table = pd.DataFrame(columns=TABLE_COLUMNS)
         return TrainingView(f"waiting for metrics: {exc}", empty_loss, empty_lr, table)
@@ -48,16 +62,16 @@ def training_view(output_dir: str | Path) -> TrainingView:
     loss_rows, lr_rows, table_rows = [], [], []
     for name, curve in curves.items():
         smooth = smoothed(curve.loss)
-        for step, raw, average, lr in zip(curve.steps, curve.loss, smooth, curve.lr, strict=True):
+        for i in thinned(len(curve.steps)):
+            step, raw = curve.steps[i], curve.loss[i]
             if raw is not None:
                 loss_rows.append((step, raw, name))
-                loss_rows.append((step, average, f"{name} (smoothed)"))
-            lr_rows.append((step, lr, name))
+                loss_rows.append((step, smooth[i], f"{name} (smoothed)"))
+            lr_rows.append((step, curve.lr[i], name))
         for step, val in zip(curve.val_steps, curve.val_loss, strict=True):
             if val is not None:
                 loss_rows.append((step, val, f"{name} (validation)"))
-        last = [row for row in rows if row.get("adapter") == name and row.get("kind") == "step"]
-        epoch = last[-1].get("epoch") if last else None
+        epoch = curve.epochs[-1] if curve.epochs else None
         table_rows.append(
             [
                 name,
@@ -115,8 +129,12 @@ def add_training_tab(
             )  # fmt: skip
         table = gr.Dataframe(headers=TABLE_COLUMNS, elem_id="training-table", interactive=False)
 
+        tail = MetricsTail(metrics_path(output_dir))
+        lock = threading.Lock()  # one reader of the file for every open page
+
         def refresh() -> tuple[str, Any, Any, Any]:
-            view = training_view(output_dir)
+            with lock:
+                view = training_view(output_dir, tail)
             return view.status, view.loss, view.lr, view.table
 
         gr.Timer(refresh_seconds).tick(refresh, None, [status, loss, lr, table])

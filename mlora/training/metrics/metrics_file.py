@@ -152,3 +152,51 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise MetricsFileError(f"{path}: no rows yet (the run has not logged a step)")
     return rows
+
+
+class MetricsTail:
+    """Follows a metrics file that a run is still writing: each ``read`` parses only the bytes
+    appended since the last one (a file that got shorter, cut by a ``--resume``, or replaced,
+    is read again from the start).
+
+    Raises (from ``read``):
+        MetricsFileError: as ``read_metrics``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        self._offset = 0
+        self._identity: tuple[int, int] | None = None
+        self._lines = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every complete row so far, in file order (the same list, grown)."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            raise MetricsFileError(
+                f"{self.path}: no metrics file (a training run writes it into its --dir)"
+            ) from None
+        identity = (stat.st_dev, stat.st_ino)
+        if identity != self._identity or stat.st_size < self._offset:
+            self.rows, self._offset, self._lines, self._identity = [], 0, 0, identity
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except OSError as exc:
+            raise MetricsFileError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a last line still being written waits
+        for line in complete.decode("utf-8", errors="replace").split("\n")[:-1]:
+            self._lines += 1
+            if not line.strip():
+                continue
+            row = _parse(line)
+            if row is None:
+                raise MetricsFileError(f"{self.path}: line {self._lines} is not a JSON object")
+            self.rows.append(row)
+        self._offset += len(complete)
+        if not self.rows:
+            raise MetricsFileError(f"{self.path}: no rows yet (the run has not logged a step)")
+        return self.rows

@@ -20,6 +20,7 @@ class AdapterCurves:
     steps: list[int] = field(default_factory=list)
     loss: list[float | None] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    epochs: list[float] = field(default_factory=list)
     val_steps: list[int] = field(default_factory=list)
     val_loss: list[float | None] = field(default_factory=list)
 
@@ -55,6 +56,7 @@ def adapter_curves(rows: list[dict[str, Any]]) -> dict[str, AdapterCurves]:
             curve.steps.append(int(row["step"]))
             curve.loss.append(row.get("loss"))
             curve.lr.append(float(row.get("lr", 0.0)))
+            curve.epochs.append(float(row.get("epoch", 0.0)))
         if row.get("val_loss") is not None or row.get("kind") == VALIDATION:
             curve.val_steps.append(int(row["step"]))
             curve.val_loss.append(row.get("val_loss"))
