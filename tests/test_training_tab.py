@@ -61,9 +61,9 @@ def start(command: list, log: Path, env: dict) -> subprocess.Popen:
 @pytest.mark.skipif(bool(MISSING), reason=f"browser test needs: {', '.join(MISSING)}")
 def test_training_tab_follows_a_running_training_in_chromium(tiny_model_dir, tmp_path):
     from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
