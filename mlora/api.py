@@ -257,7 +257,7 @@ def _train(
             clear_run_state(output_dir, identity)  # stale records of this run, if any
         if dist.is_main:  # the file first: it is the record the others may be checked against
             for sink in [MetricsFileSink(), *open_trackers(trackers), PlotSink()]:
-                trainer.metrics.add(sink)
+                trainer.row_sinks.add(sink)
         dist.barrier()  # every rank has read the checkpoint before rank 0 writes again
         trainer.train()
         return trainer

@@ -128,7 +128,7 @@ def test_grad_norm_is_the_size_of_an_sgd_step(tmp_path: Path):
     config = parse_config(raw, "c")
     model = MultiLoraModel(make_model(vocab_size=len(tokenizer)).double())
     trainer = Trainer(model, tokenizer, config, prepare_data(config, tokenizer), tmp_path, 3)
-    trainer.metrics.add(MetricsFileSink())
+    trainer.row_sinks.add(MetricsFileSink())
     before = adapter_tensors(trainer, "a")
     trainer.train()
     after = adapter_tensors(trainer, "a")

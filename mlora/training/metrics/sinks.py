@@ -1,6 +1,8 @@
-"""Where a run's metric rows go: the interface the trainer reports to, and the fan-out.
+"""Where a run's metric rows go: the per-step interface the trainer reports to, and the fan-out
+(``training/metrics_sink.py``'s ``MetricsSink`` gets the log interval's summary, for the log
+line; a ``RowSink`` gets every optimizer step's row).
 
-The trainer hands finished rows (host values, read once per log interval) to one ``Sinks``;
+The trainer hands finished rows (host values, read once per log interval) to one ``RowSinks``;
 each sink does one thing with them: the metrics file, a tracker, the progress bar. A sink never
 sees device tensors, so none can add a host sync to the step.
 """
@@ -36,7 +38,7 @@ class RunStart:
     positions: dict[str, int] = field(default_factory=dict)
 
 
-class MetricsSink(Protocol):
+class RowSink(Protocol):
     """Something that receives a run's rows (all methods are called on rank 0 only)."""
 
     def start(self, run: RunStart) -> None: ...
@@ -86,14 +88,14 @@ class MetricsFileSink:
             self.file.close()
 
 
-class Sinks:
+class RowSinks:
     """Every sink of a run, called in order (the metrics file first: it is the record)."""
 
-    def __init__(self, sinks: Sequence[MetricsSink] = ()) -> None:
+    def __init__(self, sinks: Sequence[RowSink] = ()) -> None:
         self.sinks = list(sinks)
         self.started = False
 
-    def add(self, sink: MetricsSink) -> None:
+    def add(self, sink: RowSink) -> None:
         self.sinks.append(sink)
 
     def start(self, run: RunStart) -> None:

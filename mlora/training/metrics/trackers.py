@@ -29,7 +29,7 @@ from typing import Any
 
 from mlora.core.errors import MloraError, first_line
 from mlora.training.metrics.rows import RunRow, StepRow, ValidationRow
-from mlora.training.metrics.sinks import MetricsSink, RunStart
+from mlora.training.metrics.sinks import RowSink, RunStart
 
 # report_to name -> (the module it needs, the pip extra that installs it)
 TRACKER_PACKAGES: dict[str, tuple[str, str]] = {
@@ -309,7 +309,7 @@ class WandbTracker:
         self.runs.clear()
 
 
-TRACKERS: dict[str, type[MetricsSink]] = {
+TRACKERS: dict[str, type[RowSink]] = {
     "tensorboard": TensorBoardTracker,
     "mlflow": MlflowTracker,
     "trackio": TrackioTracker,
@@ -317,7 +317,7 @@ TRACKERS: dict[str, type[MetricsSink]] = {
 }
 
 
-def open_trackers(names: Sequence[str]) -> list[MetricsSink]:
+def open_trackers(names: Sequence[str]) -> list[RowSink]:
     """The sinks of ``report_to`` (``none`` and an empty list: none)."""
     check_trackers([n for n in names if n != "none"])
     return [TRACKERS[name]() for name in names if name != "none"]
