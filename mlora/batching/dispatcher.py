@@ -229,6 +229,12 @@ class AdapterQueue:
             "micro_steps_done": state["micro_steps_done"] - into,
         }
 
+    def popped_in_step(self) -> list[MicroBatch]:
+        """The micro-batches of the optimizer step in progress already popped (none between
+        steps): what a step resumed in the middle of its accumulation has already seen."""
+        start = self.step_start_state()["cursor"]
+        return [] if self.finished else self._epoch_batches[start : self.cursor]
+
     def check_same_order(self, epoch: int, order: list[int] | None, source: object) -> None:
         """Refuse to resume from ``source`` when ``order`` (the row order of ``epoch`` saved
         there) is not this queue's: the training data changed in number (or length) of rows.

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mlora.cli.plot import add_plot_verb
 from mlora.config.schema import (
     CHOICE_TASK_NAMES,
     MOE_STRATEGY_DEFAULTS,
@@ -341,6 +342,7 @@ RUN_FLAG_MAP: dict[str, Callable[[Any], list[str]]] = {
     "gguf_file": lambda v: ["--gguf_file", v],
     "dist_backend": lambda v: ["--dist_backend", v],
     "fsdp": lambda v: ["--fsdp"] if v else [],
+    "report_to": lambda v: ["--report_to", *v],
 }
 
 
@@ -540,6 +542,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --nproc_per_node: shard the frozen base over the processes (FSDP2)",
     )
+    p.add_argument(
+        "--report_to",
+        nargs="+",
+        metavar="TRACKER",
+        help="trackers that also get the metrics: tensorboard, mlflow, trackio, wandb or none",
+    )
     p.set_defaults(func=cmd_run)
 
 
@@ -589,10 +597,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gen(sub)
     _add_run(sub)
     _add_evaluate(sub)
+    add_plot_verb(sub)
     avail = sub.add_parser("avail", help="list templates, prompt templates and bundled data")
     avail.set_defaults(func=cmd_avail)
     help_ = sub.add_parser("help", help="show this help, or one verb's help")
-    help_.add_argument("verb", nargs="?", choices=("gen", "run", "evaluate", "avail", "help"))
+    help_.add_argument(
+        "verb", nargs="?", choices=("gen", "run", "evaluate", "plot", "avail", "help")
+    )
     help_.set_defaults(func=cmd_help)
     return parser
 

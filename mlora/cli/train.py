@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Under torchrun / accelerate launch with several processes: the torch.distributed "
         "backend (default: nccl on CUDA, gloo on CPU).",
     )
+    parser.add_argument(
+        "--report_to",
+        nargs="+",
+        default=None,
+        metavar="TRACKER",
+        help="Trackers that also get the metrics: tensorboard, mlflow, trackio, wandb (several "
+        "allowed, space- or comma-separated) or none; overrides the config's report_to. "
+        "DIR/metrics.jsonl is always written.",
+    )
     parser.add_argument("--log_file", default=None, help="Also write the log to this file.")
     parser.add_argument("--verbose", action="store_true", help="Debug logging.")
     return parser
@@ -131,11 +140,19 @@ def run(args: argparse.Namespace) -> int:
         tf32=args.tf32,
         dist_backend=args.dist_backend,
         fsdp=args.fsdp,
+        report_to=split_names(args.report_to),
     )
     failed = [run.failed for run in trainer.runs if run.failed]
     for message in failed:
         print(f"error: {message}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def split_names(values: list[str] | None) -> list[str] | None:
+    """``--report_to a b,c`` -> ``["a", "b", "c"]`` (None when the flag is not given)."""
+    if values is None:
+        return None
+    return [name for value in values for name in value.split(",") if name]
 
 
 def launcher_words() -> list[str]:

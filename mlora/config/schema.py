@@ -110,6 +110,21 @@ def one_of(*choices: str) -> Check:
     return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
 
 
+REPORT_TO_CHOICES = ("tensorboard", "mlflow", "trackio", "wandb", "none")
+
+
+def report_to_problem(v: Any) -> str | None:
+    """What ``report_to`` (the key, or ``--report_to``'s names) must be, or None when valid."""
+    names = "a list of " + ", ".join(repr(c) for c in REPORT_TO_CHOICES)
+    if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+        return names
+    if any(n not in REPORT_TO_CHOICES for n in v):
+        return names
+    if "none" in v and len(v) > 1:
+        return "'none' alone, or a list of trackers without it"
+    return None
+
+
 def _packing(v: Any) -> str | None:
     ok = v in ("auto", "stream", "bins") or isinstance(v, bool)
     return None if ok else "'auto', 'stream', 'bins', true or false"
@@ -502,6 +517,12 @@ class TrainConfig:
         None,
         "Where evaluation writes its JSON (default DIR/evaluate_result.json).",
         optional(non_empty_string),
+    )
+    report_to: list[str] = _key(
+        [],
+        "Trackers that also receive the metrics (DIR/metrics.jsonl is always written): any of "
+        "'tensorboard', 'mlflow', 'trackio', 'wandb', or 'none'; --report_to overrides it.",
+        lambda v: report_to_problem(v),
     )
     source: str = field(default="<config>", metadata={"internal": True})
     notes: list[str] = field(default_factory=list, metadata={"internal": True})

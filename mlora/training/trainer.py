@@ -31,13 +31,14 @@ from mlora.batching.dispatcher import (
     MicroBatchShard,
     name_seed,
 )
-from mlora.config.schema import AdapterConfig, TrainConfig
+from mlora.config.schema import AdapterConfig, TrainConfig, config_to_dict
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
 from mlora.data.prompts import load_template
 from mlora.data.rows import TokenizedRow, load_rows, pad_token_id, tokenize_rows
 from mlora.data.tasks import CHOICE_TASKS, training_rows
 from mlora.hardware.backends import get_backend
+from mlora.hardware.peak_flops import peak_flops
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import (
     adapter_state_dict,
@@ -54,6 +55,10 @@ from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
 from mlora.training.distributed import Distributed
 from mlora.training.faults import FaultMonitor
 from mlora.training.gradient_sync import gradient_sync
+from mlora.training.metrics.collector import PendingStep, StepCollector, gradient_norm, now
+from mlora.training.metrics.progress import ProgressSink, in_notebook
+from mlora.training.metrics.sinks import RowSinks, RunStart
+from mlora.training.metrics.throughput import FlopsEstimate, RunMeter
 from mlora.training.metrics_sink import AdapterMetrics, LogLineSink, MetricsSink
 from mlora.training.optim import build_optimizer, build_scheduler
 from mlora.training.recompute import (
@@ -165,9 +170,11 @@ class Trainer:
         )
         self.global_step = 0
         self.init_from = dict(init_from or {})
+        identity = RunIdentity(config, seed, base_model_name)
+        self.run_id = identity.run_id  # names this run's metrics rows
         self.checkpoints = RunCheckpoints(
             self.output_dir,
-            RunIdentity(config, seed, base_model_name),
+            identity,
             config.save_total_limit,
             load_adapter=bool(self.init_from),
         )
@@ -189,6 +196,19 @@ class Trainer:
         self.sync.adapters_changed(model, [run.name for run in self.runs])
         self.tokens_seen = 0  # tokens of every pass so far, padding included
         self.padded_tokens = 0
+        # Per-step metrics rows: each step waits on the device in ``collector`` until the log
+        # interval, then goes to ``row_sinks`` (rank 0: metrics file, trackers, progress bar).
+        self.row_sinks = RowSinks()
+        self.collector = StepCollector()
+        self.step_counts: dict[str, tuple[int, int]] = {}  # rows, tokens of the step in progress
+        self.meter = RunMeter(
+            FlopsEstimate.of(
+                model.model, {r.name: sum(p.numel() for p in r.params) for r in self.runs}
+            ),
+            peak_flops(self.backend.device_name(), model.model.dtype),
+            self.dist.world_size,
+        )
+        self.resumed_at: int | None = None  # the global step load_state_dict resumed at
 
     @property
     def checkpointing(self) -> bool:
@@ -260,8 +280,13 @@ class Trainer:
             total=total,
             desc="training",
             unit="micro-batch",
-            disable=None if self.dist.is_main else True,
+            # a terminal, or a notebook (its output is no terminal, yet shows a bar)
+            disable=True if not self.dist.is_main else False if in_notebook() else None,
         )
+        if self.dist.is_main:
+            self.row_sinks.add(ProgressSink(progress))
+            self.row_sinks.start(self._run_start())
+        self.meter.restart()
         consoles = [lg for lg in (logging.getLogger(), logger) if lg.handlers]
         try:  # log lines printed above the bar, never through it
             with (
@@ -276,6 +301,7 @@ class Trainer:
             progress.close()
             self._log_saved()
             self.model.context.set(None)
+            self.row_sinks.close(finished=self.dispatcher.finished)
         peak = self.backend.memory_stats()["peak"]  # CPU: process peak RSS; GPU: allocator peak
         logger.info("peak memory %.0f MiB on %s", peak / 2**20, self.backend.device)
         if self.tokens_seen:
@@ -353,11 +379,14 @@ class Trainer:
             for k, i in enumerate(local):
                 losses[i] = detached[k]
         for (run, mb), loss in zip(step, losses, strict=True):
-            run.add_micro_batch(loss, sum(len(row) for row in mb.rows))
+            tokens = sum(len(row) for row in mb.rows)
+            run.add_micro_batch(loss, tokens)
+            self._count_micro_batch(run, mb, tokens)
         ending = [run for run, mb in step if mb.ends_step]
         self.sync.sum_step(ending)  # gradients and step losses: the sums over processes
-        for run in ending:
+        for run, mb in [(run, mb) for run, mb in step if mb.ends_step]:
             self.faults.flag(run, self.global_step)  # a non-finite step is never applied
+            self._collect_step(run, mb)
             run.optimizer_step()
 
     def _collate(self, shards: list[tuple[str, MicroBatchShard]]) -> LossBatch:
@@ -475,9 +504,53 @@ class Trainer:
                 f"last good checkpoint: {good}",
             )
 
+    def _count_micro_batch(self, run: AdapterRun, mb: MicroBatch, tokens: int) -> None:
+        """A micro-batch's rows and tokens: into its step's row, and the interval's run row."""
+        rows, counted = self.step_counts.get(run.name, (0, 0))
+        self.step_counts[run.name] = (rows + len(mb.rows), counted + tokens)
+        self.meter.count(run.name, tokens, sum(row.num_supervised for row in mb.rows))
+
+    def _collect_step(self, run: AdapterRun, mb: MicroBatch) -> None:
+        """Keep the ending optimizer step's row (device scalars until the log interval)."""
+        rows, tokens = self.step_counts.pop(run.name, (0, 0))
+        if not self.dist.is_main:
+            return
+        assert run.step_loss is not None
+        steps = run.steps_done + 1
+        self.collector.add(
+            PendingStep(
+                adapter=run.name, step=steps, global_step=self.global_step + 1,
+                epoch=steps / run.queue.steps_per_epoch, rows=rows, tokens=tokens,
+                supervised_tokens=mb.step_tokens, lr=run.optimizer.param_groups[0]["lr"],
+                loss=run.step_loss.detach(), grad_norm=gradient_norm(run.params), time=now(),
+            )
+        )  # fmt: skip
+
+    def _run_start(self) -> RunStart:
+        adapters = {a["name"]: a for a in config_to_dict(self.config)["lora"]}
+        return RunStart(
+            output_dir=self.output_dir,
+            run=self.run_id,
+            adapters=adapters,
+            resume_step=self.resumed_at,
+            positions={run.name: run.steps_done for run in self.runs},
+        )
+
+    def emit_rows(self, run_row: bool) -> None:
+        """Hand the finished steps' rows to the row sinks (one host read), with the interval's
+        run row when ``run_row``."""
+        if not self.dist.is_main:
+            self.collector.clear()
+            return
+        self.row_sinks.log_steps(self.collector.take(self.run_id))
+        if run_row:
+            peak = self.backend.memory_stats()["peak"]
+            self.row_sinks.log_run(self.meter.row(self.run_id, self.global_step, peak))
+
     def _report(self, elapsed: float) -> None:
         """Each adapter's results since the last report, to every sink (one host read for
-        every adapter's mean loss, every ``log_step`` steps)."""
+        every adapter's mean loss, every ``log_step`` steps), and every step's row."""
+        self.emit_rows(run_row=True)
         self.check_faults()
         logged = [run for run in self.runs if run.loss_count]
         if not logged:
@@ -558,6 +631,8 @@ class Trainer:
             self.consolidate_partial_steps()
         rng = self.dist.gather(self.backend.get_rng_state())  # every rank's, for --resume
         path = self.checkpoints.cut_path(self.global_step)
+        self.emit_rows(run_row=False)  # rows 1..G on disk before the cut at G is queued
+        self.row_sinks.sync()
         if self.dist.is_main:
             path = self.checkpoints.save(self.state_dict(due), rng)
         for run in self.runs:
@@ -648,7 +723,7 @@ class Trainer:
             run.history = list(entry["history"])
             loss_sum = entry["loss_sum"]
             run.loss_sum = None if loss_sum is None else loss_sum.to(self.model.device).reshape(())
-        self.global_step = self.last_cut_step = state["global_step"]
+        self.global_step = self.last_cut_step = self.resumed_at = state["global_step"]
         self.model.context.generators.load_state_dict(state["adapter_rng"])
         if state.get("rng") is not None:
             self.backend.set_rng_state(state["rng"])
@@ -666,6 +741,11 @@ class Trainer:
         """The step in progress: rank 0 takes the saved partial sums (the whole run's), the
         other ranks start the step from zero."""
         main = self.dist.is_main
+        popped = run.queue.popped_in_step()  # its metrics row counts the whole step
+        self.step_counts[run.name] = (
+            sum(len(mb.rows) for mb in popped),
+            sum(len(row) for mb in popped for row in mb.rows),
+        )
         for i, param in enumerate(run.params):
             grad = pending["grads"].get(str(i)) if main else None
             param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype)
@@ -704,6 +784,7 @@ class Trainer:
             self.model.train(training)
             self.model.context.set(None)
         self.tokens_seen, self.padded_tokens = seen, padded
+        self.collector.clear()  # steps the interrupted run logged already
         for run, entry, _ in targets:
             self.model.context.aux_losses.take_loads(run.name)  # not this run's to log
             if run.queue.state_dict() != entry["queue"] or run.steps_done != entry["steps_done"]:
