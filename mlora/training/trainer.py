@@ -32,8 +32,7 @@ from mlora.config.schema import AdapterConfig, TrainConfig
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
 from mlora.data.prompts import load_template
-from mlora.data.rows import TokenizedRow, load_rows, pad_token_id, tokenize_rows
-from mlora.data.tasks import CHOICE_TASKS, training_rows
+from mlora.data.rows import TokenizedRow, pad_token_id, tokenize_rows
 from mlora.hardware.backends import get_backend
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import (
@@ -42,7 +41,6 @@ from mlora.persistence.adapter_files import (
     peft_config,
     read_adapter,
     spec_from_peft_config,
-    write_adapter_files,
 )
 from mlora.persistence.kinds import kind_for_config
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
@@ -54,6 +52,7 @@ from mlora.training.recompute import (
     resolve_checkpoint_mode,
 )
 from mlora.training.run_records import RunIdentity
+from mlora.training.validation import Validation, prepare_validation, training_rows_of
 
 logger = logging.getLogger("mlora")
 
@@ -68,15 +67,13 @@ def spec_from_config(config: AdapterConfig) -> LoraSpec:
     return kind_for_config(config).spec_from_config(config)
 
 
-def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]]:
-    """Load and tokenize every adapter's training data (before the model loads: fail fast)."""
+def prepare_data(config: TrainConfig, tokenizer, seed: int = 42) -> dict[str, list[TokenizedRow]]:
+    """Load and tokenize every adapter's training data (before the model loads: fail fast);
+    ``seed`` (the trainer's) picks the rows ``val_set_size`` holds out of training."""
     out = {}
     for adapter in config.lora:
         template = load_template(adapter.prompt)
-        if adapter.task_name in CHOICE_TASKS:  # question -> right choice, as evaluation scores
-            rows = training_rows(adapter.task_name, adapter.data, adapter.name)
-        else:
-            rows = load_rows(adapter.data)
+        rows = training_rows_of(adapter, seed)  # choice tasks: question -> right choice
         task_field = kind_for_config(adapter).task_field(adapter)
         out[adapter.name] = tokenize_rows(
             rows,
@@ -186,6 +183,8 @@ class Trainer:
         init_from: adapter folders to continue from, by adapter name (``--load_adapter``).
         dist: this process's place in a data-parallel group (default: a single process). Each
             rank trains on its share of every micro-batch; only rank 0 writes files and logs.
+        validation_rows: tokenized validation rows by adapter name (``prepare_validation``;
+            None: prepared here from the config and ``seed``).
     """
 
     def __init__(
@@ -199,6 +198,7 @@ class Trainer:
         base_model_name: str | None = None,
         init_from: dict[str, Path] | None = None,
         dist: Distributed | None = None,
+        validation_rows: dict[str, list[TokenizedRow]] | None = None,
     ) -> None:
         self.model = model
         self.dist = dist or Distributed()
@@ -208,6 +208,10 @@ class Trainer:
         self.seed = seed
         self.base_model_name = base_model_name
         self.pad_token_id = pad_token_id(tokenizer)
+        if validation_rows is None:
+            validation_rows = prepare_validation(config, tokenizer, seed)
+        self.validation = Validation(model, self.pad_token_id, validation_rows, self.output_dir)
+        self.places: Any = None  # a sweep: fills free places at step boundaries (mlora.sweep)
         self.runs = [
             self._setup_adapter(a, data[a.name], (init_from or {}).get(a.name)) for a in config.lora
         ]
@@ -355,7 +359,12 @@ class Trainer:
         return {run.name: run.history for run in self.runs}
 
     def _loop(self, stop: GracefulStop, progress, by_queue: dict, last_log: float) -> None:
-        while not self.dispatcher.finished:
+        while True:
+            if self.places is not None:  # trials leave and enter at step boundaries
+                self.places.fill(self)
+                by_queue = {id(run.queue): run for run in self.runs}
+            if self.dispatcher.finished:
+                break
             self.checkpoints.writer.check()  # a failed background write stops the run here
             step = [(by_queue[id(q)], mb) for q, mb in self.dispatcher.next_step()]
             self.train_step(step)
@@ -417,6 +426,8 @@ class Trainer:
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.steps_done += 1
+        self._validate(ending)
+        for run in ending:
             every = run.config.checkpoint_every(self.config.save_step)
             if every and run.steps_done % every == 0 and not run.finished:
                 self._due.add(run.name)  # its own schedule: only this adapter is written
@@ -427,6 +438,49 @@ class Trainer:
                 self.check_faults()  # never save an adapter whose skipped step is unread
                 if run.failed is None and self.dist.is_main:
                     self.save_final(run)
+
+    def _validate(self, ending: list[AdapterRun]) -> None:
+        """Validate the adapters whose evaluation is due after this step, in one pass; stop
+        those early stopping (or the sweep's pruner) ends, and queue new best weights."""
+        due = [r for r in ending if self.validation.due(r.config, r.steps_done, r.finished)]
+        if not due:
+            return
+        by_name = {run.name: run for run in due}
+        stopping = self.validation.validate(
+            [(run.config, run.steps_done, run.finished) for run in due],
+            lambda name: self.weights_copy(by_name[name]),
+        )
+        for name in stopping:
+            by_name[name].queue.stop()  # finished from now on: its place is free
+        for name in self.validation.take_fresh_best():
+            if self.dist.is_main:
+                config = self.adapter_config_json(by_name[name])
+                self.checkpoints.writer.submit(self.validation.best_write(name, config))
+
+    def add_run(
+        self,
+        config: AdapterConfig,
+        rows: list[TokenizedRow],
+        validation_rows: list[TokenizedRow] | None = None,
+    ) -> AdapterRun:
+        """A new adapter at this step boundary (a sweep's trial): its own seeded init,
+        optimizer and schedule, exactly as if it had been in the config from the start."""
+        if validation_rows is not None:
+            self.validation.add(config.name, validation_rows)
+        run = self._setup_adapter(config, rows, None)
+        self.runs.append(run)
+        self.dispatcher.queues.append(run.queue)
+        return run
+
+    def retire(self, run: AdapterRun) -> None:
+        """Take a finished adapter out of the model (its files are written or queued): its
+        weights, gradients and optimizer state are freed; the base is not touched."""
+        self.model.remove_adapter(run.name)
+        run.optimizer.state.clear()
+        for group in run.optimizer.param_groups:
+            group["params"] = []
+        self.runs.remove(run)
+        self.dispatcher.queues.remove(run.queue)
 
     def _forward_backward(
         self, step: list[tuple[AdapterRun, MicroBatch]]
@@ -613,7 +667,7 @@ class Trainer:
         folder = self.output_dir / run.name
         tensors = self.weights_copy(run)
         config = self.adapter_config_json(run)
-        self.checkpoints.writer.submit(lambda: write_adapter_files(folder, tensors, config))
+        self.checkpoints.writer.submit(self.validation.final_write(run.name, tensors, config))
         self._saved.append(f"adapter {run.name}: finished, saved to {folder}")
         return folder
 
@@ -661,17 +715,23 @@ class Trainer:
         adapters = {}
         for run in self.runs:
             entry = run.progress_state()
+            validation = self.validation.state_dict(run.name)
+            if validation is not None:
+                entry["validation"] = validation
             if run.status == "running" and (full is None or run.name in full):
                 entry["snapshot"] = self._snapshot(run)
                 pending = run.pending_state()
                 if pending is not None:
                     entry["pending"] = pending
             adapters[run.name] = entry
-        return {
+        state = {
             "global_step": self.global_step,
             "adapter_rng": self.model.context.generators.state_dict(),
             "adapters": adapters,
         }
+        if self.places is not None:
+            state["sweep"] = self.places.state_dict()
+        return state
 
     def _snapshot(self, run: AdapterRun) -> dict[str, Any]:
         queue = run.queue.step_start_state()
@@ -701,6 +761,7 @@ class Trainer:
         replays = []
         for run in self.runs:
             entry = state["adapters"][run.name]
+            self.validation.load_state(run.name, entry.get("validation"), run.config.save_best)
             run.checkpoint_step = entry["checkpoint_step"]
             snapshot = entry.get("snapshot")
             if entry["status"] != "running":
