@@ -214,3 +214,33 @@ def test_bad_sweep_input_is_one_line_before_the_model_loads(
     argv = ["--base_model", str(missing), "--config", str(config), "--dir", str(tmp_path / "o")]
     assert main(argv) == 2
     assert re.search(message, one_error_line(capsys.readouterr().err))
+
+
+# --- launch.py sweep ------------------------------------------------------------------------------
+
+
+def test_launch_sweep_writes_a_config_mlora_reads(tmp_path: Path, capsys) -> None:
+    from mlora.cli.launch import main as launch
+
+    data = write_json(tmp_path / "add.json", addition_rows(20))
+    target = tmp_path / "sweep.json"
+    argv = ["sweep", "--data", data, "--search", "lr=1e-5:1e-3:log", "--search", "r=4,8,16",
+            "--search", "target_modules=q_proj+v_proj,q_proj", "--sampler", "tpe", "--trials",
+            "12", "--concurrent", "4", "--pruner", "successive_halving", "--eval_steps", "5",
+            "--file_name", str(target), "--name", "search"]  # fmt: skip
+    assert launch(argv) == 0
+    config = parse_config(json.loads(target.read_text()), str(target))
+    sweep = config.sweep
+    assert sweep is not None and (sweep.name, sweep.trials, sweep.concurrent) == ("search", 12, 4)
+    assert (sweep.sampler, sweep.pruner) == ("tpe", "successive_halving")
+    lr = sweep.space["lr"]
+    assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-5, 1e-3, True)
+    assert sweep.space["r"].choices == (4, 8, 16)
+    assert sweep.space["target_modules"].choices == (["q_proj", "v_proj"], ["q_proj"])
+    assert sweep.base["val_set_size"] == 0.1 and sweep.base["eval_steps"] == 5
+    assert launch(argv) == 2  # never overwritten without --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert launch(["sweep", "--data", data, "--search", "rank=4", "--file_name",
+                   str(tmp_path / "x.json")]) == 2  # fmt: skip
+    assert "'rank' is not searchable" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x.json").exists()
