@@ -37,6 +37,14 @@ def _scalar(text: str) -> Any:
         return text
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """``--pruner_options``: a JSON object (argparse reports anything else as a usage error)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
 def parse_search(item: str) -> tuple[str, Any]:
     """One ``--search KEY=VALUES`` as ``(key, list or range object)``.
 
@@ -92,6 +100,8 @@ def build_sweep_config(args: argparse.Namespace, template: dict[str, Any]) -> di
     }  # fmt: skip
     if args.trials is not None:
         block["trials"] = args.trials
+    if args.pruner_options is not None:
+        block["pruner_options"] = args.pruner_options
     config = {k: v for k, v in template.items() if k != "lora"}
     if args.cutoff_len is not None:
         config["cutoff_len"] = args.cutoff_len
@@ -145,6 +155,8 @@ def add_sweep_parser(
     p.add_argument("--trials", type=int, help="trials to run (grid: every combination)")
     p.add_argument("--concurrent", type=int, default=4, help="trials trained at once (4)")
     p.add_argument("--pruner", choices=PRUNERS, default="none", help="Optuna pruner (none)")
+    p.add_argument("--pruner_options", type=_json_object, metavar="JSON",
+                   help='the Optuna pruner\'s arguments, e.g. \'{"min_resource": 2}\'')  # fmt: skip
     p.add_argument("--early_stopping_patience", type=int, help="key early_stopping_patience")
     p.add_argument("--early_stopping_threshold", type=float, help="key early_stopping_threshold")
     p.add_argument("--save_best", action="store_true", help="keep each trial's best weights")
