@@ -4,7 +4,7 @@ validation loss within 1% of (a)'s).
 
 The grid: every learning rate of ``--lrs`` x every rank of ``--ranks`` (default 4 x 3 = 12
 trials), AdamW, LoRA on q/k/v/o, the same training rows (``--rows``) and a held-out validation
-set (``--val-rows``) of a small arithmetic task, ``--epochs`` epochs of batches of ``--batch``:
+set (``--val-rows``) of two-digit products, ``--epochs`` epochs of batches of ``--batch``:
 
 - (a) PEFT: ``get_peft_model`` + a plain loop, each trial trained to its end one after another
   on the once-loaded base (what users do today), its validation loss computed at the end;
@@ -50,9 +50,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def task_row(i: int) -> dict[str, str]:
-    """Row ``i`` of the task: two-digit addition, written out."""
+    """Row ``i`` of the task: a product of two two-digit numbers (hard enough that the
+    validation loss stays well above 0 after a few steps, so the trials differ)."""
     a, b = (i * 37) % 90 + 10, (i * 53) % 90 + 10
-    return {"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)}
+    return {"instruction": "Multiply.", "input": f"{a} * {b}", "output": str(a * b)}
 
 
 def sweep_raw(args: argparse.Namespace, data: str, val: str, pruner: str) -> dict:

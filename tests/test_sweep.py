@@ -89,6 +89,9 @@ def test_grid_runs_every_combination_once(grid) -> None:
     assert sorted(combos) == sorted(itertools.product([0.3, 0.05, 1e-3], [2, 4]))
     assert {row["state"] for row in rows} == {"complete"}
     assert all(int(row["steps"]) == 8 for row in rows)
+    for row in rows:  # save_step 2, save_total_limit 2: each trial keeps its newest two
+        kept = sorted(p.name for p in (result.folder / row["name"]).glob("checkpoint-*"))
+        assert kept == ["checkpoint-4", "checkpoint-6"], kept
 
 
 def test_outputs_agree_with_optunas_study(grid, tiny_model_dir) -> None:

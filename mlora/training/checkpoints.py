@@ -292,6 +292,8 @@ class RunCheckpoints:
         if "sweep" in state:  # a sweep's trials and their order (mlora.sweep)
             manifest["sweep"] = state["sweep"]
         target = self.cut_path(global_step)
+        # the config's adapters, and those that entered since (a sweep's trials)
+        names = list(dict.fromkeys([*self.identity.names, *adapters]))
 
         def write() -> None:
             for name, snapshot in snapshots:
@@ -299,7 +301,7 @@ class RunCheckpoints:
             with atomic_directory(target) as tmp:
                 atomic_write_bytes(tmp / TENSORS_NAME, save(tensors))
                 atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-            prune(self.output_dir, self.records, self.identity.names, self.keep)
+            prune(self.output_dir, self.records, names, self.keep)
             logger.debug("run state %s", target)
 
         self.writer.submit(write)
