@@ -238,7 +238,7 @@ def _train(
             base_model,
             init_from,
             dist,
-            validation,
+            validation_rows=validation,
         )
         if point is not None:
             trainer.load_state_dict(

@@ -278,6 +278,10 @@ class Dispatcher:
     def finished(self) -> bool:
         return all(q.finished for q in self.queues)
 
+    def add(self, queue: AdapterQueue) -> None:
+        """A new adapter's queue, last in config order (it may share the next step)."""
+        self.queues.append(queue)
+
     def _candidates(self) -> list[AdapterQueue]:
         return [q for q in self.queues if not q.finished][: self.candidate_num]
 

@@ -1,12 +1,14 @@
 """A sweep's trials in the trainer: each enters a free place at a step boundary and leaves when
 it completes, early-stops, fails or is pruned.
 
-``SweepPlaces`` is the trainer's ``places``: before every step the trainer calls ``fill``, which
-first retires the trials that ended (tells Optuna, removes the adapter from the model) and then
-asks Optuna for new trials until ``concurrent`` places are taken or ``trials`` were asked. A new
-trial is an ordinary adapter added with ``Trainer.add_run``: its own seeded init, optimizer,
-schedule, data order and noise, all derived from its name and the seed, so it trains exactly as
-the same configuration trained alone would, whenever it enters. The base never reloads.
+``SweepPlaces`` is a step hook of the trainer (``mlora.training.step_hooks``), run after the
+validation hook: at every step boundary it lets the trials whose last step it was leave (saved),
+retires every trial that left (pruned or early-stopped by the validation hook, failed, or
+finished: Optuna is told, the adapter is removed from the model) and then asks Optuna for new
+trials until ``concurrent`` places are taken or ``trials`` were asked. A new trial is an ordinary
+adapter added with ``Trainer.enter``: its own seeded init, optimizer, schedule, data order and
+noise, all derived from its name and the seed, so it trains exactly as the same configuration
+trained alone would, whenever it enters. The base never reloads.
 
 Its ``state_dict`` (every trial's record and which trials hold a place, in entry order) goes
 into each run-level cut; ``load_state_dict`` puts the same trials back in their places before
@@ -27,7 +29,9 @@ from mlora.core.errors import ConfigError
 from mlora.data.rows import TokenizedRow
 from mlora.sweep.outputs import TrialRecord
 from mlora.sweep.study import SweepStudy
-from mlora.training.trainer import AdapterRun, Trainer, prepare_data
+from mlora.training.adapter_run import AdapterRun
+from mlora.training.step_hooks import StepBoundary
+from mlora.training.trainer import Trainer, prepare_data
 from mlora.training.validation import PRUNED, validation_rows_of
 
 logger = logging.getLogger("mlora")
@@ -94,9 +98,17 @@ class SweepPlaces:
 
     # --- the trainer's hooks -------------------------------------------------------------------
 
+    def __call__(self, boundary: StepBoundary, control: Trainer) -> None:  # type: ignore[override]
+        """The step hook: trials whose last step this was leave (saved), then ``fill``."""
+        for run in boundary.stepped:
+            if run.finished and not run.left and run.name in self.active:
+                control.leave(run, "finished")
+        self.fill(control)
+
     def fill(self, trainer: Trainer) -> None:
-        """At a step boundary: retire the trials that ended, then fill the free places."""
-        for run in [r for r in trainer.runs if r.name in self.active and r.finished]:
+        """Retire the trials that left the run, then fill the free places (also before the
+        first step)."""
+        for run in [r for r in trainer.runs if r.name in self.active and r.left]:
             self._leave(trainer, run)
         while len(self.active) < self.sweep.concurrent and self.next_number < self.sweep.trials:
             self._enter(trainer, self.next_number)
@@ -138,7 +150,8 @@ class SweepPlaces:
 
     def _place(self, trainer: Trainer, number: int, config: AdapterConfig) -> None:
         rows, validation = self.data.of(config)
-        trainer.add_run(config, rows, validation)
+        trainer.validation.add(config.name, validation)
+        trainer.enter(config, rows)
         self.active[config.name] = number
         self.started[config.name] = time.perf_counter()
 

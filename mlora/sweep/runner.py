@@ -148,7 +148,8 @@ def run_sweep(
         )  # fmt: skip
         places = SweepPlaces(sweep, study, data, config.source)
         trainer.places, trainer.validation.judge = places, places.judge
-        trainer.checkpointing = True  # cuts at every trial's end: a sweep always resumes
+        trainer.step_hooks.append(places)  # after the validation hook
+        trainer.checkpoint_policy.enabled = True  # a cut at every trial's end: always resumable
         if point is not None:
             state = read_run_state(point, folder, identity)
             places.load_state_dict(state["sweep"], trainer)
@@ -156,6 +157,7 @@ def run_sweep(
             drop_newer_files(folder, point, identity)
         else:
             clear_run_state(folder, identity)
+        places.fill(trainer)  # the first trials (or, resumed, any place a cut left free)
         trainer.train()
         records, best = places.ordered_records(), study.best_number()
         write_outputs(folder, sweep, records, best)

@@ -42,6 +42,7 @@ from mlora.data.rows import TokenizedRow, load_rows, tokenize_rows
 from mlora.data.tasks import CHOICE_TASKS, training_rows
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import read_adapter, write_adapter_files
+from mlora.training.adapter_run import AdapterRun
 
 logger = logging.getLogger("mlora")
 
@@ -242,6 +243,10 @@ class Validation:
         if name not in self.rows:
             return None
         return self.states.setdefault(name, ValidationState())
+
+    def eval_steps(self, run: AdapterRun) -> int | None:
+        """``run``'s validation interval for the evaluation schedule (None: only at its end)."""
+        return run.config.eval_steps if run.name in self.rows else None
 
     def due(self, config: AdapterConfig, steps_done: int, finished: bool) -> bool:
         """Whether ``config``'s adapter validates after its optimizer step ``steps_done``."""
