@@ -17,6 +17,10 @@ Used by tests/test_reliability_*.py as ``python tests/reliability_harness.py ARG
 
 ``MLORA_TEST_KILL_RANK`` — under torchrun, only the process of this rank is killed.
 
+``MLORA_TEST_STEP_SECONDS`` — every global step takes at least this long (a sleep before it),
+so a kill from outside at a moment shorter than the remaining steps lands in the middle of the
+run, never after its end.
+
 ``MLORA_TEST_FSDP_REPORT`` — a folder: under ``--fsdp`` each rank writes ``rank<R>.json`` with
 the base parameter bytes it held before and after ``load_sharded_base`` (a probe, not a fault).
 
@@ -145,6 +149,20 @@ def _held_bytes(model) -> int:  # type: ignore[no-untyped-def]
     return total
 
 
+def install_step_seconds(seconds: float) -> None:
+    import time
+
+    from mlora.training.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def train_step(self, step):  # type: ignore[no-untyped-def]
+        time.sleep(seconds)
+        return real_step(self, step)
+
+    Trainer.train_step = train_step  # type: ignore[method-assign]
+
+
 def install_fsdp_report(folder: str) -> None:
     import json
 
@@ -170,6 +188,8 @@ if __name__ == "__main__":
         install_kill(os.environ["MLORA_TEST_KILL"])
     if os.environ.get("MLORA_TEST_FAIL"):
         install_failure(os.environ["MLORA_TEST_FAIL"])
+    if os.environ.get("MLORA_TEST_STEP_SECONDS"):
+        install_step_seconds(float(os.environ["MLORA_TEST_STEP_SECONDS"]))
     if os.environ.get("MLORA_TEST_FSDP_REPORT"):
         install_fsdp_report(os.environ["MLORA_TEST_FSDP_REPORT"])
     sys.argv = [str(ROOT / "mlora.py"), *sys.argv[1:]]

@@ -477,7 +477,9 @@ def test_trained_folder_serves_evaluation_generate_and_inference(
     common = ["--base_model", str(tiny_model_dir), "--config", str(config), "--dir", str(out)]
     assert mlora_main([*common, "--evaluate"]) == 0
     result = json.loads((out / "evaluate_result.json").read_text())["met"]
-    assert result["rows"] == 8 and 0 <= result["exact_match"] <= 1
+    assert result["rows"] == len(result["predictions"]) == 8
+    hits = [p.strip() == r["output"] for p, r in zip(result["predictions"], rows, strict=True)]
+    assert result["exact_match"] == sum(hits) / 8  # the score of the answers it wrote
     capsys.readouterr()
     assert (
         generate_main([*common, "--use", "met", "owl=", "--max_new_tokens", "5", "--output", "-"])
@@ -489,9 +491,7 @@ def test_trained_folder_serves_evaluation_generate_and_inference(
     assert expected.text in capsys.readouterr().out
 
 
-def test_interrupted_run_resumes_exactly(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_interrupted_run_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     rows = [{"instruction": w, "output": w[::-1], "task": t}
             for w, t in zip(WORDS[:8], ["water", "fire"] * 4, strict=True)]  # fmt: skip
@@ -502,6 +502,6 @@ def test_interrupted_run_resumes_exactly(
     )  # fmt: skip
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"cutoff_len": 32, "save_step": 1, "lora": [entry]}))
-    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path, monkeypatch)
+    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path)
     clean = read_adapter(clean_dir / "met")[1]
     assert max_relative_difference(read_adapter(cut_dir / "met")[1], clean) <= 1e-6

@@ -476,12 +476,14 @@ class AdapterConfig:
     @property
     def accumulation_steps(self) -> int:
         """Micro-batches whose gradients make one optimizer step."""
-        assert self.micro_batch_size is not None
+        if self.micro_batch_size is None:  # parse_config fills it: a config built elsewhere
+            raise ValueError(f"adapter {self.name!r}: micro_batch_size is unset (not validated)")
         return self.batch_size // self.micro_batch_size
 
     def moe(self, key: str) -> Any:
         """A MoE key's value: the one set, else its routing_strategy's default."""
-        assert self.routing_strategy is not None
+        if self.routing_strategy is None:
+            raise ValueError(f"adapter {self.name!r} is no MoE adapter: it has no {key!r}")
         value = getattr(self, key)
         return MOE_STRATEGY_DEFAULTS[self.routing_strategy][key] if value is None else value
 

@@ -24,6 +24,19 @@ IGNORE_INDEX = -100
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 REQUIRED_FIELDS = ("instruction", "output")
 
+
+def dataset_load_errors() -> tuple[type[BaseException], ...]:
+    """What ``datasets.load_dataset`` raises on a bad source: its own ``DatasetsError``s
+    (a file it cannot parse, a dataset not found), pyarrow's ``ArrowException``s, ``OSError``
+    (missing or unreadable file, offline, the hub's HTTP errors) and ``ValueError`` (bad JSON,
+    CSV or encoding). Anything else is a bug: a traceback. (Imported here, on failure only:
+    ``datasets`` is slow to import.)"""
+    import pyarrow
+    from datasets.exceptions import DatasetsError
+
+    return (DatasetsError, pyarrow.ArrowException, OSError, ValueError)
+
+
 logger = logging.getLogger("mlora")
 
 
@@ -74,7 +87,7 @@ def load_rows(source: str) -> list[dict[str, Any]]:
     try:
         with no_usage_counter():  # no request beyond the data itself
             dataset = datasets.load_dataset(**loader_args, split="train")
-    except Exception as exc:  # datasets raises many types; the user needs one line naming the file
+    except dataset_load_errors() as exc:  # the user needs one line naming the file
         if path is not None and is_empty_data_file(path):
             raise DataError(f"{source}: the dataset is empty") from None
         where = json_problem_location(path) if path is not None and fmt == "json" else None

@@ -213,7 +213,7 @@ def convert_gguf(path: Path, target: Path) -> None:
             tokenizer = AutoTokenizer.from_pretrained(
                 path.parent, gguf_file=path.name, trust_remote_code=False
             )
-    except Exception as exc:  # the gguf reader and transformers raise many kinds on bad files
+    except GGUF_READ_ERRORS as exc:  # a damaged file, or what transformers does not support
         raise MloraError(f"cannot read GGUF file {path}: {_reason(exc)}") from None
     config = gguf_model.config
     if hasattr(config, "quantization_config"):  # transformers 5 marks it "quantized with gguf"
@@ -225,6 +225,13 @@ def convert_gguf(path: Path, target: Path) -> None:
     with transformers_progress_bars_off():
         model.save_pretrained(target)
     tokenizer.save_pretrained(target)
+
+
+# What reading a bad GGUF file raises: the gguf reader's ValueError (no magic bytes, a short
+# read: "cannot reshape array"), EOFError/IndexError (it ends early), KeyError (a missing
+# metadata field), OSError; transformers' ValueError/NotImplementedError (an architecture or
+# tensor type it does not support). Anything else is a bug: a traceback.
+GGUF_READ_ERRORS = (OSError, EOFError, IndexError, KeyError, ValueError, NotImplementedError)
 
 
 def _reason(exc: Exception) -> str:

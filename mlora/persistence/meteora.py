@@ -101,7 +101,8 @@ def check_same_base(adapters: list[EmbeddedLora], where: str) -> None:
     """
     seen: dict[tuple[str, str], tuple[int, str]] = {}  # (layer, in|out) -> (size, folder)
     for adapter in adapters:
-        assert adapter.folder is not None
+        if adapter.folder is None:  # from a saved MeteoRA folder: its weights come with it
+            raise ValueError(f"embedded adapter {adapter.name!r} has no folder to read")
         for key, shape in tensor_shapes(adapter.folder).items():
             for suffix, side, size in ((".lora_A.weight", "in", -1), (".lora_B.weight", "out", 0)):
                 if not key.endswith(suffix) or len(shape) != 2:
@@ -172,7 +173,8 @@ def load_embedded_adapters(model: Any, name: str) -> None:
     """
     spec: MeteoraSpec = model.specs[name]
     for index, adapter in enumerate(spec.adapters):
-        assert adapter.folder is not None
+        if adapter.folder is None:  # from a saved MeteoRA folder: its weights come with it
+            raise ValueError(f"embedded adapter {adapter.name!r} has no folder to read")
         _, tensors = read_adapter(adapter.folder)
         params = {
             f"{PEFT_PREFIX}{path}.{suffix}": tensor

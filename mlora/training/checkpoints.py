@@ -60,6 +60,7 @@ from mlora.core.integrity import (
 )
 from mlora.hardware.backends import RngState
 from mlora.persistence.adapter_files import adapter_files_problem, read_adapter, write_adapter_files
+from mlora.persistence.peft_files import TORCH_LOAD_ERRORS
 from mlora.training.run_records import (
     RUN_DIR,
     RunIdentity,
@@ -538,7 +539,7 @@ def check_same_run(point: ResumePoint, identity: RunIdentity) -> None:
 def _load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file is one line naming it
+    except TORCH_LOAD_ERRORS as exc:  # a damaged or unreadable file is one line naming it
         raise MloraError(f"cannot read {path}: {first_line(exc)}") from None
 
 

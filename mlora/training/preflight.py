@@ -108,7 +108,7 @@ def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[
             model = AutoModelForCausalLM.from_config(
                 model_config, trust_remote_code=trust_remote_code
             )
-    except Exception as exc:  # any failure here only postpones the check
+    except (OSError, ValueError, KeyError, ImportError) as exc:  # unreadable here: postponed
         logger.debug("target module check postponed: %s", exc)
         return None
     sizes: dict[str, int] = {}
