@@ -231,7 +231,7 @@ def test_trainer_stops_at_the_rule_step_and_save_best_holds_that_step(
     assert not (folder / "best").exists()
 
 
-def test_validation_state_survives_resume(files, tiny_model_dir, tmp_path, monkeypatch) -> None:
+def test_validation_state_survives_resume(files, tiny_model_dir, tmp_path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({
         "cutoff_len": 32, "save_step": 2,
@@ -241,7 +241,7 @@ def test_validation_state_survives_resume(files, tiny_model_dir, tmp_path, monke
             adapter("b", files.data, files.prompt, val_data=files.val, eval_steps=3, lr=1e-3),
         ],
     }))  # fmt: skip
-    clean, cut = train_killed_then_resumed(config, tiny_model_dir, tmp_path, monkeypatch, 5)
+    clean, cut = train_killed_then_resumed(config, tiny_model_dir, tmp_path, 5)
     for name in ("a", "b"):
         ours = json.loads((cut / name / "validation.json").read_text())
         theirs = json.loads((clean / name / "validation.json").read_text())
