@@ -250,3 +250,38 @@ def test_validation_state_survives_resume(files, tiny_model_dir, tmp_path) -> No
         a = load_file(cut / name / "adapter_model.safetensors")
         b = load_file(clean / name / "adapter_model.safetensors")
         assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_an_early_stopped_adapter_frees_its_place_at_once(
+    files, tiny_model_dir, tmp_path, monkeypatch
+) -> None:
+    """Two places, three adapters: when ``a`` early-stops, ``c`` takes its place in the next
+    step (not when ``b`` finishes)."""
+    from mlora.model.multi_lora import MultiLoraModel
+    from mlora.training.trainer import Trainer
+
+    curve = iter([3.0, 3.1, 3.2, 3.3])  # patience 2: a stops after its third step
+    monkeypatch.setattr(validation_module, "validation_losses", lambda m, p, sets: [next(curve)])
+    raw = {
+        "cutoff_len": 32, "train_lora_candidate_num": 2,
+        "lora": [adapter("a", files.data, files.prompt, val_set_size=3, eval_steps=1,
+                         early_stopping_patience=2, num_epochs=3),
+                 adapter("b", files.data, files.prompt, num_epochs=2),
+                 adapter("c", files.data, files.prompt)],
+    }  # fmt: skip
+    config = parse_config(raw, "test")
+    tokenizer = make_tokenizer()
+    stepped: list[tuple[int, list[str]]] = []
+    trainer = Trainer(
+        MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), tokenizer, config,
+        prepare_data(config, tokenizer, 7), tmp_path / "out", 7,
+        step_hooks=[lambda boundary, control: stepped.append(
+            (boundary.global_step, [r.name for r in boundary.stepped]))],
+    )  # fmt: skip
+    trainer.train()
+    first = {name: min(g for g, names in stepped if name in names) for name in "abc"}
+    last_a = max(g for g, names in stepped if "a" in names)
+    assert trainer.validation.states["a"].stopped == "early_stopping"
+    assert last_a == 3 and first["c"] == last_a + 1
+    b_steps = [g for g, names in stepped if "b" in names]
+    assert first["c"] < max(b_steps)  # b was still training: c took a's place
