@@ -42,6 +42,7 @@ from mlora.training.metrics.trackers import check_trackers, open_trackers
 from mlora.training.preflight import check_seed, preflight
 from mlora.training.run_records import RunIdentity
 from mlora.training.trainer import Trainer, prepare_data
+from mlora.training.validation import prepare_validation
 
 logger = logging.getLogger("mlora")
 
@@ -210,7 +211,8 @@ def _train(
             preflight(config, model_path, output_dir, trust_remote_code, load_adapter)
             backend.manual_seed(seed)
             tokenizer = plan.load_tokenizer(model_path, trust_remote_code)
-            data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
+            data = prepare_data(config, tokenizer, seed)  # before the model: fail fast on bad data
+            validation = prepare_validation(config, tokenizer, seed)
         except MloraError as exc:
             if not dist.enabled:
                 raise
@@ -246,6 +248,7 @@ def _train(
             base_model,
             init_from,
             dist,
+            validation_rows=validation,
         )
         if point is not None:
             trainer.load_state_dict(

@@ -66,7 +66,7 @@ def run_in_memory(
     math without fp32 rounding, which AdamW's sign-like steps would amplify).
     """
     config = parse_config(raw_config, "test-config")
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config, tokenizer, seed)
     trainer = Trainer(
         MultiLoraModel(model_factory()),
         tokenizer,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mlora.cli.plot import add_plot_verb
+from mlora.cli.sweep_config import add_sweep_parser
 from mlora.config.schema import (
     CHOICE_TASK_NAMES,
     MOE_STRATEGY_DEFAULTS,
@@ -598,12 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_evaluate(sub)
     add_plot_verb(sub)
+    add_sweep_parser(sub, read_template)
     avail = sub.add_parser("avail", help="list templates, prompt templates and bundled data")
     avail.set_defaults(func=cmd_avail)
     help_ = sub.add_parser("help", help="show this help, or one verb's help")
-    help_.add_argument(
-        "verb", nargs="?", choices=("gen", "run", "evaluate", "plot", "avail", "help")
-    )
+    verbs = ("gen", "run", "evaluate", "plot", "sweep", "avail", "help")
+    help_.add_argument("verb", nargs="?", choices=verbs)
     help_.set_defaults(func=cmd_help)
     return parser
 

@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     backend = get_backend(args.device)  # --device, else MLORA_BACKEND_TYPE, before any device use
     dtype = resolve_dtype(args.fp16, args.bf16, backend)
     args.base_model = with_gguf_file(args.base_model, args.gguf_file)
+    if config.sweep is not None:
+        return run_sweep_command(args, config, backend, dtype)
     if args.evaluate:
         from mlora.inference.evaluation import evaluate
 
@@ -153,6 +155,32 @@ def split_names(values: list[str] | None) -> list[str] | None:
     if values is None:
         return None
     return [name for value in values for name in value.split(",") if name]
+
+
+def run_sweep_command(args: argparse.Namespace, config, backend, dtype) -> int:
+    """A config with a ``sweep`` block: the trials trained in this process (README "Sweeps")."""
+    from mlora.core.errors import ConfigError
+    from mlora.core.launcher_env import env_world_size
+    from mlora.sweep.runner import run_sweep
+
+    for flag, given in (("--evaluate", args.evaluate), ("--load_adapter", args.load_adapter),
+                        ("--fsdp", args.fsdp), ("torchrun", env_world_size() > 1)):  # fmt: skip
+        if given:
+            raise ConfigError(f"{config.source}: a sweep runs in one process, without {flag}")
+    run_sweep(
+        config,
+        args.base_model,
+        Path(args.dir),
+        seed=args.seed,
+        dtype=dtype,
+        device=str(backend.device),
+        overwrite=args.overwrite,
+        resume=args.resume,
+        trust_remote_code=args.trust_remote_code,
+        quantize=quantize_choice(args),
+        attn_implementation=args.attn_impl,
+    )
+    return 0
 
 
 def launcher_words() -> list[str]:

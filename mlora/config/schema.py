@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlora.config.adapter_names import adapter_name_problem
+from mlora.config.sweep import SweepConfig, parse_sweep
 from mlora.config.upstream import translate_adapter, translate_top
 from mlora.core.errors import ConfigError
 from mlora.core.jsonfile import read_json_file
@@ -179,6 +180,12 @@ def _expert_lora(v: Any) -> str | None:
     return None
 
 
+def _val_set_size(v: Any) -> str | None:
+    if (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v < 1):
+        return None
+    return "a row count >= 1 or a fraction in (0, 1)"
+
+
 def probability(v: Any) -> str | None:
     return None if _is_num(v) and 0 < v <= 1 else "a number in (0, 1]"
 
@@ -324,6 +331,41 @@ class AdapterConfig:
     warmup_ratio: float = _key(0.0, "Warm-up as a fraction of this adapter's steps.", fraction)
     warmup_steps: int = _key(
         0, "Warm-up steps; when > 0 it takes precedence over warmup_ratio.", int_at_least(0)
+    )
+    val_data: str | None = _key(
+        None,
+        "Validation data, same formats as data: its loss is computed while training (see "
+        "eval_steps).",
+        optional(non_empty_string),
+    )
+    val_set_size: int | float | None = _key(
+        None,
+        "Hold this many rows (an integer) or this fraction of data (0 < f < 1) out of training "
+        "as validation data, chosen from the seed.",
+        optional(_val_set_size),
+    )
+    eval_steps: int | None = _key(
+        None,
+        "Validation loss every this many of this adapter's optimizer steps, and at its end "
+        "(unset: at its end only).",
+        optional(int_at_least(1)),
+    )
+    early_stopping_patience: int | None = _key(
+        None,
+        "Stop after this many validations in a row without an improvement of the validation "
+        "loss (HF EarlyStoppingCallback's meaning).",
+        optional(int_at_least(1)),
+    )
+    early_stopping_threshold: float = _key(
+        0.0,
+        "An improvement counts only when the loss drops below the best by more than this.",
+        non_negative_number,
+    )
+    save_best: bool = _key(
+        False,
+        "DIR/NAME holds the weights of the best validation loss (best_step, best_val_loss in "
+        "DIR/NAME/validation.json).",
+        boolean,
     )
     group_by_length: bool = _key(False, "Order rows by length to cut padding.", boolean)
     shuffle: bool = _key(
@@ -524,6 +566,7 @@ class TrainConfig:
         "'tensorboard', 'mlflow', 'trackio', 'wandb', or 'none'; --report_to overrides it.",
         lambda v: report_to_problem(v),
     )
+    sweep: SweepConfig | None = field(default=None, metadata={"internal": True})
     source: str = field(default="<config>", metadata={"internal": True})
     notes: list[str] = field(default_factory=list, metadata={"internal": True})
 
@@ -582,9 +625,25 @@ def _check_adapter(adapter: AdapterConfig, where: str, keys: set[str]) -> None:
             f"{where}: key 'micro_batch_size' ({adapter.micro_batch_size}) must divide "
             f"'batch_size' ({adapter.batch_size})"
         )
+    _check_validation(adapter, where)
     _check_moe(adapter, where)
     if adapter.routing_strategy == "meteora":
         _check_meteora(adapter, where, keys)
+
+
+def _check_validation(adapter: AdapterConfig, where: str) -> None:
+    """Validation keys: one source of validation rows; the keys that use it need one."""
+    if adapter.val_data is not None and adapter.val_set_size is not None:
+        raise ConfigError(f"{where}: keys 'val_data' and 'val_set_size' exclude each other")
+    if adapter.val_data is not None or adapter.val_set_size is not None:
+        return
+    for key, value in (
+        ("eval_steps", adapter.eval_steps),
+        ("early_stopping_patience", adapter.early_stopping_patience),
+        ("save_best", adapter.save_best or None),
+    ):
+        if value is not None:
+            raise ConfigError(f"{where}: key {key!r} needs 'val_data' or 'val_set_size'")
 
 
 def _check_meteora(adapter: AdapterConfig, where: str, keys: set[str]) -> None:
@@ -644,6 +703,8 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object")
+    if "sweep" in raw:
+        return _parse_sweep_config(raw, source)
     adapters_raw = raw.get("lora")
     if not isinstance(adapters_raw, list) or not adapters_raw:
         raise ConfigError(f"{source}: key 'lora' must be a non-empty list of adapters")
@@ -669,6 +730,29 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
     top.lora = adapters
     top.source = source
     top.notes = notes
+    return top
+
+
+def build_adapter(raw: dict[str, Any], where: str) -> AdapterConfig:
+    """Validate one adapter entry (its keys and their combinations) and build it.
+
+    Raises:
+        ConfigError: one line naming ``where`` and the key.
+    """
+    adapter = _build(AdapterConfig, raw, where)
+    _check_adapter(adapter, where, set(raw))
+    return adapter
+
+
+def _parse_sweep_config(raw: dict[str, Any], source: str) -> TrainConfig:
+    """A config with a ``sweep`` block (``mlora.config.sweep``) and no ``lora`` list."""
+    if raw.get("lora"):
+        raise ConfigError(f"{source}: keys 'sweep' and 'lora' exclude each other (a sweep's "
+                          "adapters are its trials)")  # fmt: skip
+    checks = {f.name: f.metadata["check"] for f in _user_fields(AdapterConfig)}
+    sweep = parse_sweep(raw["sweep"], source, checks, build_adapter)
+    top = _build(TrainConfig, {k: v for k, v in raw.items() if k != "sweep"} | {"lora": []}, source)
+    top.lora, top.source, top.sweep = [], source, sweep
     return top
 
 
@@ -698,6 +782,8 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     top["lora"] = [
         {f.name: getattr(a, f.name) for f in _user_fields(AdapterConfig)} for a in config.lora
     ]
+    if config.sweep is not None:
+        top["sweep"] = config.sweep.raw
     return top
 
 

@@ -35,8 +35,7 @@ from mlora.config.schema import AdapterConfig, TrainConfig, config_to_dict
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
 from mlora.data.prompts import load_template
-from mlora.data.rows import TokenizedRow, load_rows, pad_token_id, tokenize_rows
-from mlora.data.tasks import CHOICE_TASKS, training_rows
+from mlora.data.rows import TokenizedRow, pad_token_id, tokenize_rows
 from mlora.hardware.backends import get_backend
 from mlora.hardware.peak_flops import peak_flops
 from mlora.model.multi_lora import MultiLoraModel
@@ -46,13 +45,13 @@ from mlora.persistence.adapter_files import (
     peft_config,
     read_adapter,
     spec_from_peft_config,
-    write_adapter_files,
 )
 from mlora.persistence.kinds import kind_for_config
 from mlora.training.adapter_run import AdapterRun, cpu_copy, own_copy
 from mlora.training.checkpoint_policy import CheckpointPolicy
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
 from mlora.training.distributed import Distributed
+from mlora.training.evaluation_schedule import EvaluationSchedule
 from mlora.training.faults import FaultMonitor
 from mlora.training.gradient_sync import gradient_sync
 from mlora.training.metrics.collector import PendingStep, StepCollector, gradient_norm, now
@@ -67,7 +66,8 @@ from mlora.training.recompute import (
     resolve_checkpoint_mode,
 )
 from mlora.training.run_records import RunIdentity
-from mlora.training.step_hooks import Outcome, StepBoundary, StepHook
+from mlora.training.step_hooks import Outcome, RunControl, StepBoundary, StepHook
+from mlora.training.validation import Validation, prepare_validation, training_rows_of
 
 logger = logging.getLogger("mlora")
 
@@ -82,15 +82,13 @@ def spec_from_config(config: AdapterConfig) -> LoraSpec:
     return kind_for_config(config).spec_from_config(config)
 
 
-def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]]:
-    """Load and tokenize every adapter's training data (before the model loads: fail fast)."""
+def prepare_data(config: TrainConfig, tokenizer, seed: int = 42) -> dict[str, list[TokenizedRow]]:
+    """Load and tokenize every adapter's training data (before the model loads: fail fast);
+    ``seed`` (the trainer's) picks the rows ``val_set_size`` holds out of training."""
     out = {}
     for adapter in config.lora:
         template = load_template(adapter.prompt)
-        if adapter.task_name in CHOICE_TASKS:  # question -> right choice, as evaluation scores
-            rows = training_rows(adapter.task_name, adapter.data, adapter.name)
-        else:
-            rows = load_rows(adapter.data)
+        rows = training_rows_of(adapter, seed)  # choice tasks: question -> right choice
         task_field = kind_for_config(adapter).task_field(adapter)
         out[adapter.name] = tokenize_rows(
             rows,
@@ -128,7 +126,10 @@ class Trainer:
         dist: this process's place in a data-parallel group (default: a single process). Each
             rank trains on its share of every micro-batch; only rank 0 writes files and logs.
         sinks: where each log interval's per-adapter results go (default: the log lines).
-        step_hooks: called at every step boundary, in order (see ``step_hooks.py``).
+        step_hooks: called at every step boundary, in order (see ``step_hooks.py``), after
+            the validation of the adapters that have validation data (``validation.py``).
+        validation_rows: tokenized validation rows by adapter name (``prepare_validation``;
+            None: prepared here from the config and ``seed``).
     """
 
     def __init__(
@@ -144,13 +145,19 @@ class Trainer:
         dist: Distributed | None = None,
         sinks: Sequence[MetricsSink] | None = None,
         step_hooks: Sequence[StepHook] = (),
+        validation_rows: dict[str, list[TokenizedRow]] | None = None,
     ) -> None:
         self.model = model
         self.dist = dist or Distributed()
         self.sync = gradient_sync(self.dist, model.device)
         self.faults = FaultMonitor()
         self.sinks: list[MetricsSink] = [LogLineSink()] if sinks is None else list(sinks)
-        self.step_hooks: list[StepHook] = list(step_hooks)
+        if validation_rows is None:
+            validation_rows = prepare_validation(config, tokenizer, seed)
+        self.validation = Validation(model, pad_token_id(tokenizer), validation_rows, output_dir)
+        validate = EvaluationSchedule(self.validation.eval_steps, self._validate)
+        self.step_hooks: list[StepHook] = [validate, *step_hooks]
+        self.places: Any = None  # a sweep's trials: its state goes into each cut (mlora.sweep)
         self.tokenizer = tokenizer
         self.config = config
         self.output_dir = Path(output_dir)
@@ -470,6 +477,42 @@ class Trainer:
         self.model.train(self.model.training)  # its modules take the model's mode
         return run
 
+    def retire(self, run: AdapterRun) -> None:
+        """Take an adapter that left the run out of the model (its files are written or
+        queued): its weights, gradients and optimizer state are freed; the base is untouched."""
+        if not run.left:
+            raise RuntimeError(f"adapter {run.name!r} is still in the run")
+        self.model.remove_adapter(run.name)
+        run.optimizer.state.clear()
+        for group in run.optimizer.param_groups:
+            group["params"] = []
+        self.runs.remove(run)
+        del self._run_of_queue[id(run.queue)]
+        self.dispatcher.queues.remove(run.queue)
+        self.sync.adapters_changed(self.model, [r.name for r in self.runs])
+
+    # --- validation ------------------------------------------------------------------------
+
+    def _validate(self, due: Sequence[AdapterRun], control: RunControl) -> None:
+        """The evaluation schedule's callback: validate the due adapters that have validation
+        data in one pass, queue new best weights, and let those that early stopping (or a
+        sweep's pruner) ends leave the run (their place is free at once)."""
+        due = [r for r in due if self.validation.due(r.config, r.steps_done, r.finished)]
+        if not due:
+            return
+        by_name = {run.name: run for run in due}
+        stopping = self.validation.validate(
+            [(run.config, run.steps_done, run.finished) for run in due],
+            lambda name: self.weights_copy(by_name[name]),
+        )
+        for name in self.validation.take_fresh_best():  # queued before a final save removes them
+            if self.dist.is_main:
+                config = self.adapter_config_json(by_name[name])
+                self.checkpoints.writer.submit(self.validation.best_write(name, config))
+        for name in stopping:
+            state = self.validation.states[name]
+            control.leave(by_name[name], "finished", f"{state.stopped} at step {state.last_step}")
+
     # --- faults and metrics --------------------------------------------------------------------
 
     def consolidate_partial_steps(self) -> None:
@@ -604,8 +647,8 @@ class Trainer:
         of writes (a later cut that records it as finished is written after its files)."""
         folder = self.output_dir / run.name
         tensors = self.weights_copy(run)
-        config = self.adapter_config_json(run)
-        self.checkpoints.writer.submit(lambda: write_adapter_files(folder, tensors, config))
+        config = self.adapter_config_json(run)  # with save_best: its best weights instead
+        self.checkpoints.writer.submit(self.validation.final_write(run.name, tensors, config))
         self._saved.append(f"adapter {run.name}: finished, saved to {folder}")
         return folder
 
@@ -655,17 +698,23 @@ class Trainer:
         adapters = {}
         for run in self.runs:
             entry = run.progress_state()
+            validation = self.validation.state_dict(run.name)
+            if validation is not None:
+                entry["validation"] = validation
             if run.status == "running" and (full is None or run.name in full):
                 entry["snapshot"] = self._snapshot(run)
                 pending = run.pending_state()
                 if pending is not None:
                     entry["pending"] = pending
             adapters[run.name] = entry
-        return {
+        state = {
             "global_step": self.global_step,
             "adapter_rng": self.model.context.generators.state_dict(),
             "adapters": adapters,
         }
+        if self.places is not None:
+            state["sweep"] = self.places.state_dict()
+        return state
 
     def _snapshot(self, run: AdapterRun) -> dict[str, Any]:
         queue = run.queue.step_start_state()
@@ -695,6 +744,7 @@ class Trainer:
         replays = []
         for run in self.runs:
             entry = state["adapters"][run.name]
+            self.validation.load_state(run.name, entry.get("validation"), run.config.save_best)
             run.checkpoint_step = entry["checkpoint_step"]
             snapshot = entry.get("snapshot")
             if entry["status"] != "running":
