@@ -26,6 +26,7 @@ from typing import Any
 
 from mlora.core.atomic import atomic_directory
 from mlora.core.errors import MloraError, first_line
+from mlora.core.jsonfile import json_value
 
 logger = logging.getLogger("mlora")
 
@@ -137,11 +138,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _is_current(folder: Path, sha256: str) -> bool:
-    try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker == {**marker, **_marker_fields(sha256)}
+    marker, problem = json_value(folder / MARKER)  # the one reader: a damaged marker is stale
+    return problem is None and isinstance(marker, dict) and marker == {
+        **marker,
+        **_marker_fields(sha256),
+    }
 
 
 def _marker_fields(sha256: str) -> dict[str, Any]:

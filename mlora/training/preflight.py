@@ -7,7 +7,6 @@ not cost that. These checks need only the config, the file system and the model'
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -50,10 +49,9 @@ def check_remote_code(base_model: str, trust_remote_code: bool) -> None:
     path = Path(base_model).expanduser() / "config.json"
     if trust_remote_code or not path.is_file():
         return
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # transformers reports an unreadable config when it loads it
+    raw, problem = json_problem(path)
+    if problem:
+        return  # check_base_weights names an unreadable config
     from transformers import CONFIG_MAPPING
 
     known = isinstance(raw, dict) and raw.get("model_type") in CONFIG_MAPPING
