@@ -36,7 +36,7 @@ from mlora.training.distributed import (
     load_sharded_base,
     process_group,
 )
-from mlora.training.preflight import check_seed, preflight
+from mlora.training.preflight import check_adapter_paths, check_seed, preflight
 from mlora.training.run_records import RunIdentity
 from mlora.training.trainer import Trainer, prepare_data
 
@@ -190,6 +190,7 @@ def _train(
         try:
             if dist.is_main:  # before the checks: two runs must not both pass them
                 lock.enter_context(output_lock(output_dir))
+            check_adapter_paths(config, output_dir)
             point = find_resume_point(output_dir, identity) if resume else None
             if point is not None:
                 load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))

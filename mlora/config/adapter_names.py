@@ -3,6 +3,7 @@ on every platform (checked when the config is read, long before the model loads)
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 ADAPTER_NAME_MAX = 64
@@ -37,3 +38,32 @@ def adapter_name_problem(v: Any) -> str | None:
     if hasattr(torch.nn.ModuleDict(), v):
         return f"not {v!r}, which torch modules use for an attribute"
     return None
+
+
+def folder_key(name: str) -> str:
+    """The folder ``name`` becomes on the strictest common file system: macOS folds case and
+    Unicode normalization (``é`` typed as one code point or as ``e`` + accent), Windows folds
+    case. Two names with one key share one folder there (Unicode's canonical caseless match:
+    NFD(casefold(NFD(name))))."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
+def folder_clash(name: str, earlier: dict[str, str]) -> str | None:
+    """The earlier name whose folder ``name`` would share on macOS or Windows, or None.
+
+    Args:
+        earlier: folder key -> name of the names seen so far; ``name`` is added to it.
+    """
+    key = folder_key(name)
+    if key in earlier:
+        return earlier[key]
+    earlier[key] = name
+    return None
+
+
+def shown_names(first: str, second: str) -> tuple[str, str]:
+    """Two names as a message shows them: quoted, with code points escaped when they look
+    alike (``'caf\\xe9'`` and ``'cafe\\u0301'`` both print as café)."""
+    if unicodedata.normalize("NFC", first) == unicodedata.normalize("NFC", second):
+        return ascii(first), ascii(second)
+    return repr(first), repr(second)
