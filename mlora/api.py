@@ -14,6 +14,7 @@ from mlora.config.schema import TrainConfig, config_to_dict, load_config
 from mlora.core.atomic import output_lock
 from mlora.core.errors import MloraError
 from mlora.core.hub import before_loading
+from mlora.core.interrupt import GracefulStop
 from mlora.core.stderr_log import CurrentStderrHandler
 from mlora.data.rows import TokenizedRow
 from mlora.inference.loading import plan_base_load
@@ -184,7 +185,11 @@ def _train(
             "--fsdp shards the base over several processes: start mlora.py with torchrun "
             "--nproc_per_node N (N > 1)"
         )
-    with process_group(backend.device, dist_backend) as dist, ExitStack() as lock:
+    with (
+        GracefulStop() as stop,  # a signal before the first step or after the last is kept too
+        process_group(backend.device, dist_backend) as dist,
+        ExitStack() as lock,
+    ):
         identity = RunIdentity(config, seed, base_model)  # names this run's records
         point, error = None, None
         try:
@@ -248,6 +253,8 @@ def _train(
             clear_run_state(output_dir, identity)  # stale records of this run, if any
         dist.barrier()  # every rank has read the checkpoint before rank 0 writes again
         trainer.train()
+        if stop.signal_name:  # it came as the last files were written: nothing is left to do
+            logger.warning("%s received as the run ended: every adapter is saved", stop.signal_name)
         return trainer
 
 
