@@ -122,15 +122,20 @@ def run_forked(jobs: list[dict]) -> list[int]:
     return json.loads(result.stdout)
 
 
-def failure_line(code: int, stderr: str, allowed_warnings: tuple[str, ...] = ()) -> str:
+def failure_line(
+    code: int, stderr: str, allowed_warnings: tuple[str, ...] = (), mid_run: bool = False
+) -> str:
     """The one ``error:`` line of a failed command; checks there is nothing else but warnings
-    containing one of ``allowed_warnings`` (e.g. a damaged checkpoint being skipped)."""
+    containing one of ``allowed_warnings`` (e.g. a damaged checkpoint being skipped), or, for
+    a failure ``mid_run``, the run's log lines (else the model must not have loaded)."""
     assert code != 0, stderr
     assert "Traceback" not in stderr, stderr
     lines = stderr.splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
     others = [line for line in lines if not line.startswith("error: ")]
     assert len(errors) == 1, stderr
+    if mid_run:
+        return errors[0]
     for line in others:
         assert " WARNING " in line and any(w in line for w in allowed_warnings), stderr
     assert "Loading weights" not in stderr, "the model loaded before the error: " + stderr
