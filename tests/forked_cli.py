@@ -78,8 +78,10 @@ def run(jobs: list[dict]) -> list[int]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
+    import datasets  # noqa: F401  (what reading data imports: 0.6 s a fork otherwise)
     import transformers.models.llama.modeling_llama  # noqa: F401  (the tests' tiny base model)
 
+    import mlora.api
     import mlora.cli.train  # noqa: F401  (torch, transformers and mlora, imported once for every fork)
 
     print(json.dumps(run(json.load(sys.stdin))))
