@@ -142,10 +142,9 @@ def file_sha256(path: Path) -> str:
 
 def _is_current(folder: Path, sha256: str) -> bool:
     marker, problem = json_value(folder / MARKER)  # the one reader: a damaged marker is stale
-    return problem is None and isinstance(marker, dict) and marker == {
-        **marker,
-        **_marker_fields(sha256),
-    }
+    if problem is not None or not isinstance(marker, dict):
+        return False
+    return marker == {**marker, **_marker_fields(sha256)}
 
 
 def _marker_fields(sha256: str) -> dict[str, Any]:
