@@ -144,6 +144,11 @@ def symlink_loop(s: Scratch) -> list[str]:
     return ["--dir", "loop/out"]
 
 
+def log_file_under_a_file(s: Scratch) -> list[str]:
+    (s.folder / "notes.txt").write_text("a user's notes, not a folder")
+    return ["--log_file", "notes.txt/run.log"]
+
+
 def dangling_link(s: Scratch) -> list[str]:
     (s.folder / "gone").symlink_to("nowhere")
     return ["--dir", "gone"]
@@ -213,6 +218,8 @@ CASES = [
          "cannot write gone: gone is a symbolic link that leads to no folder"),
     Case("dir-name-too-long", lambda s: ["--dir", "x" * 300],
          "File name too long (the file system refuses a name or path that long"),
+    Case("log-file-under-a-file", log_file_under_a_file,
+         "--log_file: cannot write notes.txt/run.log: notes.txt is a file, not a folder"),
     # names that are one folder on macOS or Windows
     Case("case-folding", names("Chat", "chat"), "adapter names 'Chat' and 'chat' would be one "
          "folder on a case-insensitive or normalizing file system (macOS, Windows)"),

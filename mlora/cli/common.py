@@ -8,6 +8,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlora.core.errors import MloraError
+from mlora.core.os_errors import write_problem
+
 if TYPE_CHECKING:  # the library is imported where a command uses it, not for ``--help``
     from mlora.data.prompts import PromptTemplate
     from mlora.inference.generation import SamplingParams
@@ -62,7 +65,11 @@ def quantize_choice(args: argparse.Namespace) -> str | None:
 
 def setup_logging(verbose: bool, log_file: str | None) -> None:
     """Log to stderr (and ``log_file``); with several processes only rank 0 logs below
-    warnings, and only rank 0 writes the log file."""
+    warnings, and only rank 0 writes the log file.
+
+    Raises:
+        MloraError: the log file cannot be opened for writing (naming it, the cause, the fix).
+    """
     from mlora.core.launcher_env import env_rank
 
     main = env_rank() == 0
@@ -70,7 +77,11 @@ def setup_logging(verbose: bool, log_file: str | None) -> None:
 
     handlers: list[logging.Handler] = [CurrentStderrHandler()]
     if log_file and main:
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        try:
+            handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        except OSError as exc:
+            problem = write_problem(Path(log_file), exc)
+            raise MloraError(f"--log_file: cannot write {log_file}: {problem}") from None
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
         level=level if main else logging.WARNING,

@@ -14,7 +14,8 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {
 }
 # The attributes of an ``nn.ModuleDict`` (``dir(torch.nn.ModuleDict())`` on torch 2.13), which
 # ``add_module`` refuses as keys. Written out so that reading a config never imports torch;
-# tests/test_config.py checks it covers the installed torch's list.
+# tests/test_config.py checks it covers the installed torch's list. ``smart_apply``: transformers
+# adds it to every ``nn.Module`` when its modeling code loads.
 MODULE_DICT_ATTRIBUTES = frozenset(
     """
     T_destination __annotations__ __call__ __class__ __contains__ __delattr__ __delitem__
@@ -37,8 +38,8 @@ MODULE_DICT_ATTRIBUTES = frozenset(
     register_forward_pre_hook register_full_backward_hook register_full_backward_pre_hook
     register_load_state_dict_post_hook register_load_state_dict_pre_hook register_module
     register_parameter register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
-    set_extra_state set_submodule share_memory state_dict to to_empty train training type update
-    values xpu zero_grad
+    set_extra_state set_submodule share_memory smart_apply state_dict to to_empty train training
+    type update values xpu zero_grad
     """.split()  # noqa: SIM905 (one word per attribute, wrapped)
 )
 
