@@ -1,5 +1,6 @@
-"""Real file systems that refuse writes: a tiny tmpfs that fills up mid-run (ENOSPC) and
-read-only mounts (EROFS), before and during a run, through the real ``mlora.py``.
+"""Real file systems that refuse writes: a tiny tmpfs that fills up mid-run (ENOSPC; also
+under ``--log_file``) and read-only mounts (EROFS), before and during a run, through the real
+``mlora.py``.
 
 chmod is not enough (the tests run as root in CI, and root ignores permissions), so these mount
 file systems; where mounting is not permitted (not root, no CAP_SYS_ADMIN) they skip, saying so.
@@ -76,15 +77,17 @@ def test_disk_full_and_read_only_mounts(
     read_only(locked)
     during = tmp_path / "during"  # a writable folder; one adapter's folder is a read-only mount
     read_only(tmpfs(during / "sgd", "1m", mounts))
+    log = tmpfs(tmp_path / "log", "4k", mounts) / "run.log"  # fills up after a few lines
     before = {"full": files(full), "locked": files(locked)}
 
-    names = ["reference", "full", "locked", "during"]
-    outs = [tmp_path / "reference", full / "out", locked, during]
+    names = ["reference", "full", "locked", "during", "log"]
+    outs = [tmp_path / "reference", full / "out", locked, during, tmp_path / "logged"]
     jobs = [
         {"cwd": str(tmp_path), "argv": mlora_args(tiny_model_dir, config, out),
          "stdout": str(tmp_path / f"{n}.out"), "stderr": str(tmp_path / f"{n}.err")}
         for n, out in zip(names, outs, strict=True)
     ]  # fmt: skip
+    jobs[-1]["argv"] += ["--log_file", str(log)]
     codes = dict(zip(names, run_forked(jobs), strict=True))
     stderr = {n: (tmp_path / f"{n}.err").read_text() for n in names}
     assert codes["reference"] == 0, stderr["reference"]
@@ -114,6 +117,15 @@ def test_disk_full_and_read_only_mounts(
     assert codes["during"] == 2
     finished = load_file(during / "short" / "adapter_model.safetensors")  # written before
     assert finished.keys() == final_weights(tmp_path / "reference")["short"].keys()
+
+    # The log file's disk filled up: said once, the run goes on to the end.
+    assert codes["log"] == 0, stderr["log"]
+    assert "Traceback" not in stderr["log"] and "Logging error" not in stderr["log"]
+    warnings = [line for line in stderr["log"].splitlines() if "--log_file" in line]
+    assert warnings == [
+        f"warning: --log_file: cannot write {log}: No space left on device (free space on that "
+        "disk, or write to another place); the log goes on on stderr only"
+    ]
 
     # Space freed: --resume ends where the uninterrupted run ends.
     mount("-o", "remount,size=64m", str(full))
