@@ -14,6 +14,7 @@ from mlora.config.schema import TrainConfig, config_to_dict, load_config, report
 from mlora.core.atomic import output_lock
 from mlora.core.errors import MloraError
 from mlora.core.hub import before_loading
+from mlora.core.interrupt import GracefulStop
 from mlora.core.stderr_log import CurrentStderrHandler
 from mlora.data.rows import TokenizedRow
 from mlora.inference.loading import plan_base_load
@@ -39,7 +40,7 @@ from mlora.training.distributed import (
 from mlora.training.metrics.plots import PlotSink
 from mlora.training.metrics.sinks import MetricsFileSink
 from mlora.training.metrics.trackers import check_trackers, open_trackers
-from mlora.training.preflight import check_seed, preflight
+from mlora.training.preflight import check_adapter_paths, check_seed, preflight
 from mlora.training.run_records import RunIdentity
 from mlora.training.trainer import Trainer, prepare_data
 from mlora.training.validation import prepare_validation
@@ -195,12 +196,17 @@ def _train(
             "--fsdp shards the base over several processes: start mlora.py with torchrun "
             "--nproc_per_node N (N > 1)"
         )
-    with process_group(backend.device, dist_backend) as dist, ExitStack() as lock:
+    with (
+        GracefulStop() as stop,  # a signal before the first step or after the last is kept too
+        process_group(backend.device, dist_backend) as dist,
+        ExitStack() as lock,
+    ):
         identity = RunIdentity(config, seed, base_model)  # names this run's records
         point, error = None, None
         try:
             if dist.is_main:  # before the checks: two runs must not both pass them
                 lock.enter_context(output_lock(output_dir))
+            check_adapter_paths(config, output_dir)
             point = find_resume_point(output_dir, identity) if resume else None
             if point is not None:
                 load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
@@ -263,6 +269,8 @@ def _train(
                 trainer.row_sinks.add(sink)
         dist.barrier()  # every rank has read the checkpoint before rank 0 writes again
         trainer.train()
+        if stop.signal_name:  # it came as the last files were written: nothing is left to do
+            logger.warning("%s received as the run ended: every adapter is saved", stop.signal_name)
         return trainer
 
 

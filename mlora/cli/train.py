@@ -198,9 +198,9 @@ def launcher_words() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, printed as one line)."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, args.log_file)
 
     def train_or_report_resume() -> int:
+        setup_logging(args.verbose, args.log_file)  # an unwritable log file: one line too
         try:
             return run(args)
         except TrainingInterrupted as exc:

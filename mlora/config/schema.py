@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlora.config.adapter_names import adapter_name_problem
+from mlora.config.adapter_names import adapter_name_problem, folder_clash, shown_names
 from mlora.config.sweep import SweepConfig, parse_sweep
 from mlora.config.upstream import translate_adapter, translate_top
 from mlora.core.errors import ConfigError
@@ -712,6 +712,7 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
     adapters_raw = raw["lora"]
     adapters = []
     seen: set[str] = set()
+    folders: dict[str, str] = {}  # folder_key -> name
     for index, item in enumerate(adapters_raw):
         label = item.get("name") if isinstance(item, dict) else None
         where = (
@@ -725,6 +726,14 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
         if adapter.name in seen:
             raise ConfigError(f"{source}: duplicate adapter name {adapter.name!r}")
         seen.add(adapter.name)
+        clash = folder_clash(adapter.name, folders)
+        if clash is not None:
+            first, second = shown_names(clash, adapter.name)
+            raise ConfigError(
+                f"{source}: adapter names {first} and {second} would be one folder on a "
+                "case-insensitive or normalizing file system (macOS, Windows): they differ only "
+                "in case or Unicode normalization; rename one"
+            )
         adapters.append(adapter)
     top = _build(TrainConfig, {**raw, "lora": []}, source)
     top.lora = adapters

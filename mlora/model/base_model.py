@@ -29,6 +29,7 @@ from typing import Any
 
 from mlora.core.atomic import atomic_directory
 from mlora.core.errors import MloraError, first_line
+from mlora.core.jsonfile import json_value
 
 logger = logging.getLogger("mlora")
 
@@ -140,9 +141,8 @@ def file_sha256(path: Path) -> str:
 
 
 def _is_current(folder: Path, sha256: str) -> bool:
-    try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    marker, problem = json_value(folder / MARKER)  # the one reader: a damaged marker is stale
+    if problem is not None or not isinstance(marker, dict):
         return False
     return marker == {**marker, **_marker_fields(sha256)}
 

@@ -20,6 +20,7 @@ Loading it rebuilds the layers from the config and checks every tensor's presenc
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from mlora.adapters.meteora.layer import MeteoraAdapter
 from mlora.adapters.meteora.spec import EmbeddedLora, MeteoraSpec
 from mlora.config.schema import AdapterConfig
 from mlora.core.errors import MloraError
+from mlora.core.integrity import shape_problem
 from mlora.persistence.peft_files import (
     LEGACY_WEIGHTS_NAME,
     PEFT_PREFIX,
@@ -67,8 +69,11 @@ def embedded_lora(folder: str, where: str) -> EmbeddedLora:
         if config.get(key):
             raise MloraError(f"{what} sets {key!r}, which MeteoRA does not support")
     targets = config.get("target_modules")
-    if isinstance(targets, str) or not targets or "r" not in config:
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
         raise MloraError(f"{what}: adapter_config.json needs 'r' and a list of target_modules")
+    problem = shape_problem(config, {"r": int}) or _numbers_problem(config)
+    if problem or config["r"] < 1:
+        raise MloraError(f"{what}: adapter_config.json: {problem or 'key r must be >= 1'}")
     return EmbeddedLora(
         name=Path(folder).name,
         r=int(config["r"]),
@@ -78,6 +83,17 @@ def embedded_lora(folder: str, where: str) -> EmbeddedLora:
         lora_dropout=float(config.get("lora_dropout", 0.0)),
         folder=folder,
     )
+
+
+def _numbers_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the optional numbers of an embedded adapter's config, or None."""
+    for key in ("lora_alpha", "lora_dropout"):
+        value = config.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"key {key!r} must be a number"
+        if not math.isfinite(value):
+            return f"key {key!r} must be finite"
+    return None
 
 
 def tensor_shapes(folder: str) -> dict[str, tuple[int, ...]]:

@@ -8,7 +8,6 @@ format (``mlora.persistence.kinds``).
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,10 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     problem = adapter_files_problem(directory)
     if problem:
         raise MloraError(problem)
-    return json.loads((Path(directory) / CONFIG_NAME).read_text(encoding="utf-8"))
+    config, problem = json_problem(Path(directory) / CONFIG_NAME)
+    if problem:  # changed since the check a moment ago
+        raise MloraError(f"{Path(directory) / CONFIG_NAME}: {problem}")
+    return config
 
 
 def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -7,7 +7,6 @@ not cost that. These checks need only the config, the file system and the model'
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -18,6 +17,7 @@ import torch
 from mlora.config.schema import TrainConfig
 from mlora.core.errors import MloraError
 from mlora.core.integrity import json_problem, safetensors_problem, shape_problem
+from mlora.core.os_errors import write_problem
 from mlora.data.prompts import load_template
 from mlora.data.rows import local_data_path
 from mlora.persistence.kinds import kind_for_config
@@ -50,10 +50,9 @@ def check_remote_code(base_model: str, trust_remote_code: bool) -> None:
     path = Path(base_model).expanduser() / "config.json"
     if trust_remote_code or not path.is_file():
         return
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # transformers reports an unreadable config when it loads it
+    raw, problem = json_problem(path)
+    if problem:
+        return  # check_base_weights names an unreadable config
     from transformers import CONFIG_MAPPING
 
     known = isinstance(raw, dict) and raw.get("model_type") in CONFIG_MAPPING
@@ -234,6 +233,22 @@ def check_output_file(path: Path) -> None:
     check_writable(path.parent)
 
 
+def check_adapter_paths(config: TrainConfig, output_dir: Path) -> None:
+    """Each ``DIR/NAME`` is a folder or free, so the run never fails (or, with --overwrite,
+    replaces a user's file) where it saves an adapter; checked before anything is written.
+
+    Raises:
+        MloraError: naming the file in the way and the adapter that would be saved there.
+    """
+    for adapter in config.lora:
+        folder = output_dir / adapter.name
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise MloraError(
+                f"{folder} is a file, not a folder: adapter {adapter.name!r} is saved there; "
+                "move the file away or pass another --dir"
+            )
+
+
 def check_writable(output_dir: Path) -> None:
     """``output_dir`` can be created and written (else one line now, not after training).
 
@@ -246,7 +261,7 @@ def check_writable(output_dir: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise MloraError(f"cannot write {output_dir}: {exc.strerror or exc}") from None
+        raise MloraError(f"cannot write {output_dir}: {write_problem(output_dir, exc)}") from None
 
 
 def preflight(

@@ -340,7 +340,7 @@ class Trainer:
             signal_name = self.sync.agreed_signal(stop)
             if self.checkpoint_policy.cut_due or (signal_name and not self.dispatcher.finished):
                 cut = self.save_cut(every_adapter=bool(signal_name))
-                if signal_name:
+                if signal_name and not self.dispatcher.finished:  # (finished: nothing to stop)
                     self.checkpoints.writer.flush()  # written before we say so
                     interrupted = TrainingInterrupted(
                         f"stopped by {signal_name} after global step {self.global_step}; "
