@@ -109,6 +109,19 @@ FAMILIES = {
         ATTENTION,
         ["q_proj", "k_proj", "o_proj", "up_proj"],
     ),
+    # mixture-of-experts bases, LoRA on attention (experts and router: tests/test_moe_bases.py)
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {**ATTENTION, "num_local_experts": 4, "num_experts_per_tok": 2},
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {**ATTENTION, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48},
+        ["q_proj", "v_proj", "o_proj"],
+    ),
 }
 
 

@@ -76,6 +76,8 @@ class LoraSpec:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     init: str = "original"
     use_dora: bool = False
+    # parameter tensors adapted by name (PEFT's target_parameters): MoE experts and routers
+    target_parameters: tuple[str, ...] = ()
 
     @property
     def peft_type(self) -> str:

@@ -82,6 +82,7 @@ def lora_spec(config: AdapterConfig) -> LoraSpec:
         target_modules=tuple(config.target_module_names),
         init=config.lora_init,
         use_dora=config.use_dora,
+        target_parameters=tuple(config.target_parameters or ()),
     )
 
 
