@@ -40,9 +40,10 @@ def fused_experts_problem(module: nn.Module) -> str | None:
     params = {name: p for name, p in module.named_parameters(recurse=False)}
     if set(params) != set(FUSED_PARAMETERS):
         extra = sorted(set(params) - set(FUSED_PARAMETERS))
-        return f"its parameters are {', '.join(sorted(params))}, not gate_up_proj and down_proj" + (
-            f" alone ({extra[0]} would be left out)" if extra else ""
-        )
+        if extra:
+            return f"it has {', '.join(extra)} besides gate_up_proj and down_proj"
+        found = ", ".join(sorted(params)) or "no parameters"
+        return f"it has {found}, not gate_up_proj and down_proj"
     gate_up, down = params["gate_up_proj"], params["down_proj"]
     if gate_up.dim() != 3 or down.dim() != 3:
         return "gate_up_proj and down_proj are not (experts, out, in) tensors"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters import AdapterHost, LoraSpec, MultiLoraLinear
+from mlora.adapters.fused_experts import FUSED_PARAMETERS, fused_experts_problem
 from mlora.batching.collate import LossBatch
 from mlora.batching.layout import BatchLayout, LayoutContext
 from mlora.batching.packing import resolve_packing
@@ -66,12 +67,15 @@ def unadaptable_module(adapter: str, path: str, module: nn.Module) -> str:
         module = getattr(module, "base_layer", module)
     kind = type(module).__name__
     message = f"adapter {adapter!r}: cannot adapt {path} ({kind}): supported: {SUPPORTED_LAYERS}"
-    tensors = [n for n, p in module.named_parameters(recurse=False) if p.dim() in (2, 3)]
-    if tensors:  # fused MoE experts or a router: their tensors can be targeted instead
-        leaf = path.rsplit(".", 1)[-1]
-        named = ", ".join(f"{leaf}.{n}" for n in tensors)
-        message += f"; its tensors can be adapted with target_parameters ({named})"
-    return message
+    leaf = path.rsplit(".", 1)[-1]
+    params = dict(module.named_parameters(recurse=False))
+    if fused_experts_problem(module) is None:  # fused MoE experts
+        tensors = [f"{leaf}.{name}" for name in FUSED_PARAMETERS]
+    elif "weight" in params and params["weight"].dim() == 2:  # a router
+        tensors = [f"{leaf}.weight"]
+    else:
+        return message
+    return f"{message}; its tensors can be adapted with target_parameters ({', '.join(tensors)})"
 
 
 def freeze(model: nn.Module) -> None:

@@ -95,8 +95,7 @@ def plan_parameter_targets(
             chosen.append(parameter)
         if not chosen:
             continue
-        tensors = [getattr(module, p) for p in chosen]
-        if any(t.dim() == 3 for t in tensors):
+        if any(p.dim() == 3 for p in module.parameters(recurse=False)):  # an experts module
             problem = fused_experts_problem(module)
             if problem is not None:
                 raise MloraError(
