@@ -13,6 +13,7 @@ line, before anything changes.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from peft.utils import get_peft_model_state_dict
 from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import collate
 from mlora.batching.layout import BatchLayout
+from mlora.cli.train import main
 from mlora.config.schema import ConfigError, parse_config
 from mlora.core.errors import MloraError
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow
@@ -292,3 +294,36 @@ def test_config_refuses_what_peft_cannot_load(keys: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         parse_config({"lora": [entry]})
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("family", "parameters", "message"),
+    [
+        ("mixtral", ["experts.up_proj"], "'experts.up_proj' matches no parameter"),
+        ("gpt_oss", ["experts.down_proj"], "GptOssExperts is not a fused experts layout"),
+    ],
+)
+def test_mlora_py_refuses_a_layout_before_the_model_loads(
+    tmp_path: Path, capsys, monkeypatch, family: str, parameters: list[str], message: str
+) -> None:
+    """Through ``mlora.py``: one line naming the config, adapter and tensor, exit code 2,
+    checked on the model built from its config alone (no weights read, nothing written)."""
+    model_dir = tmp_path / family
+    (tiny_gpt_oss() if family == "gpt_oss" else build(family)[0]).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+
+    def read_weights(*args, **kwargs):
+        pytest.fail("the base model's weights were read before the refusal")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", read_weights)
+    entry = {"name": "moe", "data": write_json(tmp_path / "add.json", addition_rows(4)),
+             "lora_dropout": 0, "target_parameters": parameters}  # fmt: skip
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"lora": [entry]}))
+    out = tmp_path / "out"
+    args = ["--base_model", str(model_dir), "--config", str(config), "--dir", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {config}: adapter 'moe': target_parameters: ")
+    assert message in err[-1] and not any("Traceback" in line for line in err)
+    assert not (out / "moe").exists()
