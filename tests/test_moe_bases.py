@@ -32,7 +32,11 @@ from mlora.core.errors import MloraError
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow
 from mlora.inference.generation import SamplingParams, generate
 from mlora.model.multi_lora import MultiLoraModel
-from mlora.persistence.adapter_files import load_adapter_weights, read_adapter
+from mlora.persistence.adapter_files import (
+    load_adapter_weights,
+    read_adapter,
+    spec_from_peft_config,
+)
 from mlora.persistence.lora import named_parameters as peft_named_parameters
 from tests.conftest import make_tokenizer
 from tests.helpers import (
@@ -219,10 +223,21 @@ def test_trained_experts_adapter_is_saved_in_a_form_peft_loads(tmp_path: Path) -
         ours = model(ids, mask, BatchLayout.from_row_adapters(["moe", "moe"])).logits
         theirs = peft_model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    saved_spec = spec_from_peft_config(config, "moe")[0]
+    trained_spec = trainer.model.specs["moe"]  # what --load_adapter and load_trained read:
+    assert sorted(saved_spec.target_parameters) == sorted(trained_spec.target_parameters)
+    assert (saved_spec.r, saved_spec.scaling) == (trained_spec.r, trained_spec.scaling)
     reloaded = MultiLoraModel(build("mixtral")[0])
-    reloaded.add_adapter("moe", trainer.model.specs["moe"])
+    reloaded.add_adapter("moe", saved_spec)
     load_adapter_weights(reloaded, "moe", tensors, "moe")
     assert max_relative_difference(adapter_tensors_of(reloaded, "moe"), trained) == 0
+    # continuing it (--load_adapter) without its tensors would drop their LoRA: refused
+    del raw["lora"][0]["target_parameters"]
+    with pytest.raises(MloraError, match=r"target_parameters is \[\] in the config but"):
+        run_in_memory(
+            lambda: build("mixtral")[0], tokenizer, raw, tmp_path / "again",
+            init_from={"moe": tmp_path / "out" / "moe"},
+        )  # fmt: skip
 
 
 def adapter_tensors_of(model: MultiLoraModel, name: str) -> dict[str, torch.Tensor]:
