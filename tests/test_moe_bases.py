@@ -342,3 +342,22 @@ def test_mlora_py_refuses_a_layout_before_the_model_loads(
     assert err[-1].startswith(f"error: {config}: adapter 'moe': target_parameters: ")
     assert message in err[-1] and not any("Traceback" in line for line in err)
     assert not (out / "moe").exists()
+
+
+def test_mlora_py_trains_an_experts_adapter(tmp_path: Path) -> None:
+    """The whole command on a saved Mixtral: the preflight check passes, the folder loads."""
+    model_dir = tmp_path / "mixtral"
+    build("mixtral")[0].save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    entry = {"name": "moe", "data": write_json(tmp_path / "add.json", addition_rows(4)),
+             "prompt": write_template(tmp_path), "batch_size": 2, "num_epochs": 1,
+             "lora_dropout": 0, "target_parameters": list(EVERY_TENSOR)}  # fmt: skip
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"cutoff_len": 32, "lora": [entry]}))
+    out = tmp_path / "out"
+    assert main(["--base_model", str(model_dir), "--config", str(config), "--dir", str(out)]) == 0
+    peft_model = PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(model_dir), out / "moe"
+    )
+    assert sorted(peft_model.peft_config["default"].target_parameters) == sorted(EVERY_TENSOR)
+    assert any("experts" in n and "lora_B" in n for n, _ in peft_model.named_parameters())
