@@ -111,7 +111,9 @@ class MultiLoraExperts(nn.Module, AdapterHost):
         self.context = context
         self.adapters = nn.ModuleDict()  # adapter -> ModuleDict(parameter name -> ExpertsLora)
 
-    def add_adapter(self, name: str, parameters: list[str], r: int, scaling: float, init: str):
+    def add_adapter(
+        self, name: str, parameters: list[str], r: int, scaling: float, init: str
+    ) -> None:
         """Give adapter ``name`` a LoRA on each of ``parameters`` (fp32, the base's device)."""
         loras = nn.ModuleDict()
         for parameter in FUSED_PARAMETERS:
@@ -147,7 +149,7 @@ class MultiLoraExperts(nn.Module, AdapterHost):
         return self._with_lora(hidden_states, top_k_index, top_k_weights, mine)
 
     def _factors(
-        self, parameter: str, segments: list[AdapterSegment], num_tokens: int, device
+        self, parameter: str, segments: list[AdapterSegment], num_tokens: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The LoRA of every segment's adapter on ``parameter`` as one of rank R = sum r:
         A (E, R, in), B (E, out, R) and each token's scale per rank column (N, R), which is
@@ -186,7 +188,11 @@ class MultiLoraExperts(nn.Module, AdapterHost):
         factors = {p: self._factors(p, segments, num_tokens, device) for p in FUSED_PARAMETERS}
         experts = base.gate_up_proj.shape[0]
 
-        def project(parameter: str, x: torch.Tensor, expert, tokens) -> torch.Tensor:
+        def project(
+            parameter: str, x: torch.Tensor, expert: int, tokens: torch.Tensor
+        ) -> torch.Tensor:
+            """(n, out) ``x`` through ``expert``'s slice of ``parameter`` plus the LoRA of each
+            of the n tokens' adapter (``tokens``: their indices in the pass)."""
             y = F.linear(x, getattr(base, parameter)[expert])
             lora = factors[parameter]
             if lora is None:
@@ -199,7 +205,7 @@ class MultiLoraExperts(nn.Module, AdapterHost):
         with torch.no_grad():  # (E + 1, k, N): index E is "no expert" (expert parallelism)
             expert_mask = F.one_hot(top_k_index, num_classes=experts + 1).permute(2, 1, 0)
             hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert in hit[:, 0]:
+        for expert in hit[:, 0].tolist():  # one read of the experts hit (eager reads each)
             if expert == experts:
                 continue
             slot, tokens = torch.where(expert_mask[expert])
