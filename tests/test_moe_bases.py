@@ -31,6 +31,7 @@ from mlora.config.schema import ConfigError, parse_config
 from mlora.core.errors import MloraError
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow
 from mlora.inference.generation import SamplingParams, generate
+from mlora.inference.trained import load_trained
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import (
     load_adapter_weights,
@@ -362,6 +363,12 @@ def test_mlora_py_trains_an_experts_adapter(tmp_path: Path) -> None:
     )
     assert sorted(peft_model.peft_config["default"].target_parameters) == sorted(EVERY_TENSOR)
     assert any("experts" in n and "lora_B" in n for n, _ in peft_model.named_parameters())
+    # and generate.py's loader reads it back: greedy answers equal PEFT's
+    model, tokenizer = load_trained(str(model_dir), {"moe": out / "moe"})
+    outputs = generate(model, tokenizer, [("add 1 2=", "moe")], SamplingParams(max_new_tokens=6))
+    with torch.no_grad():
+        expected = peft_greedy(peft_model.eval(), tokenizer, "add 1 2=", "default", 6)
+    assert outputs[0].token_ids == expected[: len(outputs[0].token_ids)]
 
 
 def test_experts_adapter_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
