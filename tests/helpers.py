@@ -137,3 +137,22 @@ def in_row_order(batch, per_position: torch.Tensor) -> torch.Tensor:
     else:
         in_row = batch.positions % batch.input_ids.shape[1]
     return per_position[torch.argsort(batch.position_rows * 10_000 + in_row)]
+
+
+def peft_greedy(
+    peft_model, tokenizer, prompt: str, adapter: str | None, max_new_tokens: int = 12, **kw
+) -> list[int]:
+    """PEFT's greedy ``generate`` of one unpadded prompt with ``adapter`` (None: the base)."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if "stop_strings" in kw:
+        kw["tokenizer"] = tokenizer
+    common = dict(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kw
+    )
+    if adapter is None:
+        with peft_model.disable_adapter():
+            seq = peft_model.generate(input_ids=ids, **common)
+    else:
+        peft_model.set_adapter(adapter)
+        seq = peft_model.generate(input_ids=ids, **common)
+    return seq[0, ids.shape[1] :].tolist()

@@ -407,6 +407,7 @@ def test_config_errors_are_one_line(keys: dict, message: str) -> None:
         (None, {}, "no adapter at .*missing"),
         ({"use_dora": True}, {}, "is a DoRA adapter"),
         ({"peft_type": "MIXLORA"}, {}, "is a MIXLORA adapter"),
+        ({"target_parameters": ["experts.down_proj"]}, {}, "sets 'target_parameters'"),
         ({"out": 32}, {}, "do not share a base model .*q_proj has 32 output features"),
         ({}, {"gate_target_modules": ["down_proj"]}, "no adapter targets 'down_proj'"),
     ],

@@ -122,6 +122,8 @@ class LoraSpec:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     init: str = "original"
     use_dora: bool = False
+    # parameter tensors adapted by name (PEFT's target_parameters): MoE experts and routers
+    target_parameters: tuple[str, ...] = ()
     lora_alpha: float | None = None
     use_rslora: bool = False
 

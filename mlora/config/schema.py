@@ -288,6 +288,12 @@ class AdapterConfig:
         "Linear layers to adapt, by their last name component (q_proj, down_proj, ...).",
         _target_modules,
     )
+    target_parameters: list[str] | None = _key(
+        None,
+        "Parameter tensors to adapt, PEFT's target_parameters (a MoE base's "
+        "experts.gate_up_proj, experts.down_proj, router gate.weight); needs lora_dropout 0.",
+        optional(_name_list),
+    )
     use_dora: bool = _key(False, "DoRA: train a magnitude vector as well.", boolean)
     use_rslora: bool = _key(False, "rsLoRA: scale = alpha / sqrt(r).", boolean)
     loraplus_lr_ratio: float | None = _key(
@@ -627,6 +633,8 @@ def _check_adapter(adapter: AdapterConfig, where: str, keys: set[str]) -> None:
         )
     _check_validation(adapter, where)
     _check_moe(adapter, where)
+    if adapter.target_parameters:
+        _check_target_parameters(adapter, where)
     if adapter.routing_strategy == "meteora":
         _check_meteora(adapter, where, keys)
 
@@ -644,6 +652,22 @@ def _check_validation(adapter: AdapterConfig, where: str) -> None:
     ):
         if value is not None:
             raise ConfigError(f"{where}: key {key!r} needs 'val_data' or 'val_set_size'")
+
+
+def _check_target_parameters(adapter: AdapterConfig, where: str) -> None:
+    """A parameter LoRA is PEFT's weight delta: no dropout, no DoRA, plain LoRA only."""
+    if adapter.routing_strategy is not None:
+        raise ConfigError(
+            f"{where}: key 'target_parameters' applies to plain LoRA, not routing_strategy "
+            f"{adapter.routing_strategy!r}"
+        )
+    for key, off in (("lora_dropout", 0), ("use_dora", False)):
+        if getattr(adapter, key) != off:
+            raise ConfigError(
+                f"{where}: key {key!r} must be {json.dumps(off)} with 'target_parameters' (PEFT "
+                "applies a parameter LoRA to the weight, where input dropout and DoRA cannot "
+                "act, and refuses both)"
+            )
 
 
 def _check_meteora(adapter: AdapterConfig, where: str, keys: set[str]) -> None:

@@ -84,6 +84,7 @@ def lora_spec(config: AdapterConfig) -> LoraSpec:
         use_dora=config.use_dora,
         lora_alpha=config.lora_alpha,
         use_rslora=config.use_rslora,
+        target_parameters=tuple(config.target_parameters or ()),
     )
 
 

@@ -36,8 +36,11 @@ def legacy_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def peft_config(spec: LoraSpec, base_model: str | None) -> dict[str, Any]:
-    """The ``adapter_config.json`` PEFT's ``LoraConfig`` reads."""
+    """The ``adapter_config.json`` PEFT's ``LoraConfig`` reads (``target_parameters`` only
+    where the adapter has them, so other files stay as older PEFT versions read them)."""
+    parameters = {"target_parameters": sorted(spec.target_parameters)}
     return {
+        **(parameters if spec.target_parameters else {}),
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -81,6 +84,9 @@ def spec_from_peft_config(config: dict[str, Any], source: str) -> LoraSpec:
         raise MloraError(
             f"{source}: regex target_modules {targets!r} are not supported; list the names"
         )
+    parameters = config.get("target_parameters") or []
+    if not isinstance(parameters, list) or not all(isinstance(t, str) for t in parameters):
+        raise MloraError(f"{source}: {CONFIG_NAME} key 'target_parameters' is of the wrong type")
     spec = LoraSpec(
         r=r,
         scaling=lora_scaling(alpha, r, rslora),
@@ -90,5 +96,6 @@ def spec_from_peft_config(config: dict[str, Any], source: str) -> LoraSpec:
         use_dora=bool(config.get("use_dora", False)),
         lora_alpha=alpha,
         use_rslora=rslora,
+        target_parameters=tuple(sorted(parameters)),
     )
     return spec

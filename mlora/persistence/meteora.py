@@ -65,7 +65,7 @@ def embedded_lora(folder: str, where: str) -> EmbeddedLora:
         raise MloraError(f"{what} is a {peft_type} adapter; MeteoRA embeds LoRA adapters only")
     if config.get("use_dora"):
         raise MloraError(f"{what} is a DoRA adapter; MeteoRA embeds plain LoRA adapters only")
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "target_parameters"):
         if config.get(key):
             raise MloraError(f"{what} sets {key!r}, which MeteoRA does not support")
     targets = config.get("target_modules")

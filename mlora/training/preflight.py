@@ -89,6 +89,40 @@ def own_targets(config: TrainConfig) -> dict[str, list[str]]:
     return found
 
 
+def _meta_model(base_model: str, trust_remote_code: bool) -> torch.nn.Module | None:
+    """The model built on the ``meta`` device from its config, or None where the config
+    cannot be read here (the checks then happen when the model loads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                model_config, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError, KeyError, ImportError) as exc:  # unreadable here: postponed
+        logger.debug("target module check postponed: %s", exc)
+        return None
+
+
+def check_target_parameters(config: TrainConfig, base_model: str, trust_remote_code: bool) -> None:
+    """Every adapter's ``target_parameters`` name tensors of a layout mlora adapts (checked on
+    the ``meta`` model, before any weight is read; routers are probed when the model loads).
+
+    Raises:
+        MloraError: naming the config, the adapter, the parameter and why.
+    """
+    from mlora.model.parameter_targets import plan_parameter_targets
+
+    wanted = [adapter for adapter in config.lora if adapter.target_parameters]
+    model = _meta_model(base_model, trust_remote_code) if wanted else None
+    for adapter in wanted if model is not None else []:
+        try:
+            plan_parameter_targets(model, adapter.name, tuple(adapter.target_parameters))
+        except MloraError as exc:
+            raise MloraError(f"{config.source}: {exc}") from None
+
+
 def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[str, int] | None:
     """The layers adapters can wrap, by last name component, with the smallest of their input
     and output sizes over the model (the largest rank that makes sense for them).
@@ -97,18 +131,10 @@ def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[
     ``None`` when the config cannot be read here (e.g. a hub id while offline): the check then
     happens when the model loads.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from mlora.model.multi_lora import can_wrap
 
-    try:
-        model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                model_config, trust_remote_code=trust_remote_code
-            )
-    except (OSError, ValueError, KeyError, ImportError) as exc:  # unreadable here: postponed
-        logger.debug("target module check postponed: %s", exc)
+    model = _meta_model(base_model, trust_remote_code)
+    if model is None:
         return None
     sizes: dict[str, int] = {}
     for name, module in model.named_modules():
@@ -277,6 +303,7 @@ def preflight(
     check_base_weights(base_model)
     check_data_sources(config)
     check_target_modules(config, base_model, trust_remote_code, own_targets(config))
+    check_target_parameters(config, base_model, trust_remote_code)
     check_cutoff_len(config, base_model)
     check_writable(output_dir)
     if load_adapter:

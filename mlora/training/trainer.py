@@ -267,6 +267,11 @@ class Trainer:
         for key, ours, theirs in [
             ("r", spec.r, saved_spec.r),
             ("target_modules", sorted(spec.target_modules), sorted(saved_spec.target_modules)),
+            (
+                "target_parameters",
+                sorted(spec.target_parameters),
+                sorted(saved_spec.target_parameters),
+            ),
             ("use_dora", spec.use_dora, saved_spec.use_dora),
         ]:
             if ours != theirs:
