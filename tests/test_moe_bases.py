@@ -225,7 +225,7 @@ def test_trained_experts_adapter_is_saved_in_a_form_peft_loads(tmp_path: Path) -
         ours = model(ids, mask, BatchLayout.from_row_adapters(["moe", "moe"])).logits
         theirs = peft_model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    saved_spec = spec_from_peft_config(config, "moe")[0]
+    saved_spec = spec_from_peft_config(config, "moe")
     trained_spec = trainer.model.specs["moe"]  # what --load_adapter and load_trained read:
     assert sorted(saved_spec.target_parameters) == sorted(trained_spec.target_parameters)
     assert (saved_spec.r, saved_spec.scaling) == (trained_spec.r, trained_spec.scaling)
@@ -371,7 +371,7 @@ def test_mlora_py_trains_an_experts_adapter(tmp_path: Path) -> None:
     assert outputs[0].token_ids == expected[: len(outputs[0].token_ids)]
 
 
-def test_experts_adapter_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+def test_experts_adapter_resumes_exactly(tmp_path: Path) -> None:
     """Killed mid-run and ``--resume``d: the experts + router adapter (and an attention adapter
     with dropout beside it) equal the uninterrupted run."""
     model_dir = tmp_path / "mixtral"
@@ -387,7 +387,7 @@ def test_experts_adapter_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
     ]  # fmt: skip
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"cutoff_len": 32, "save_step": 1, "lora": entries}))
-    clean, cut = train_killed_then_resumed(config, model_dir, tmp_path, monkeypatch)
+    clean, cut = train_killed_then_resumed(config, model_dir, tmp_path)
     for name in ("moe", "attn"):
         resumed, uninterrupted = read_adapter(cut / name)[1], read_adapter(clean / name)[1]
         assert max_relative_difference(resumed, uninterrupted) <= 1e-6, name
