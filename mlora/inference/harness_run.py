@@ -21,12 +21,13 @@ import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mlora.config.schema import AdapterConfig, TrainConfig
 from mlora.core.errors import MloraError
+
+if TYPE_CHECKING:  # torch loads with the model, not for the checks before it
+    import torch
 
 logger = logging.getLogger("mlora")
 
@@ -65,49 +66,64 @@ def harness_result_path(evaluate_result: Path) -> Path:
     return evaluate_result.with_name(HARNESS_RESULT_NAME)
 
 
+def task_manager(names: set[str], include_path: Sequence[str] = ()) -> Any:
+    """The harness's ``TaskManager`` that knows ``names``: the include folders alone when they
+    have them all, else with lm-eval's own tasks (indexing those takes seconds).
+
+    Raises:
+        MloraError: a name no folder and no lm-eval task defines (checked before any model).
+    """
+    from lm_eval.tasks import TaskManager
+
+    folders = [str(p) for p in include_path] or None
+    manager = TaskManager(include_path=folders, include_defaults=False)
+    if not names <= set(manager.all_tasks):
+        manager = TaskManager(include_path=folders)
+    missing = sorted(names - set(manager.all_tasks))
+    if missing:
+        raise MloraError(f"--harness: unknown task {missing[0]!r} (lm-eval has no such task)")
+    return manager
+
+
 def run_tasks(
     session: Any,
     tasks: dict[str, list[Any]],
     include_path: Sequence[str] = (),
     limit: float | None = None,
     num_fewshot: int | None = None,
-    bootstrap_iters: int = 0,
+    manager: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """The harness's results for each adapter label of ``tasks`` (``{label: [PlannedTask]}``).
 
     Labels with the same task list share their batches; every label gets its own
-    ``simple_evaluate`` (its own metrics, exactly the harness's).
+    ``simple_evaluate`` (its own metrics, exactly the harness's; no bootstrap stderr).
     """
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     from mlora.inference.harness_model import MloraLM
 
-    names = {t.harness for planned in tasks.values() for t in planned}
-    manager = TaskManager(include_path=list(include_path) or None, include_defaults=False)
-    if not names <= set(manager.all_tasks):  # only then index lm-eval's thousands of tasks
-        manager = TaskManager(include_path=list(include_path) or None)
-    missing = sorted(names - set(manager.all_tasks))
-    if missing:
-        raise MloraError(f"--harness: unknown task {missing[0]!r} (lm-eval has no such task)")
+    if manager is None:
+        manager = task_manager({t.harness for p in tasks.values() for t in p}, include_path)
     groups: dict[tuple[str, ...], list[str]] = {}
     for label, planned in tasks.items():
         groups.setdefault(tuple(t.harness for t in planned), []).append(label)
     out: dict[str, dict[str, Any]] = {}
-    for task_names, labels in groups.items():
-        session.scoring = labels
-        for label in labels:
-            results = simple_evaluate(
-                model=MloraLM(session=session, adapter=label),
-                tasks=list(task_names),
-                task_manager=manager,
-                limit=limit,
-                num_fewshot=num_fewshot,
-                bootstrap_iters=bootstrap_iters,
-                log_samples=False,
-            )
-            out[label] = _reported(results or {}, tasks[label])
-    session.scoring = list(session.labels)
+    try:
+        for task_names, labels in groups.items():
+            session.scoring = labels
+            for label in labels:
+                results = simple_evaluate(
+                    model=MloraLM(session=session, adapter=label),
+                    tasks=list(task_names),
+                    task_manager=manager,
+                    limit=limit,
+                    num_fewshot=num_fewshot,
+                    bootstrap_iters=0,
+                    log_samples=False,
+                )
+                out[label] = _reported(results or {}, tasks[label])
+    finally:
+        session.scoring = list(session.labels)
     return out
 
 
@@ -147,7 +163,7 @@ def evaluate_harness(
     limit: float | None = None,
     num_fewshot: int | None = None,
     batch_size: int = 8,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     quantize: str | None = None,
@@ -162,6 +178,7 @@ def evaluate_harness(
         limit: rows per task (a count, or a fraction below 1), as the harness's ``--limit``.
         num_fewshot: the harness's ``--num_fewshot``.
         batch_size: requests per pass (each answered by every adapter in the pass).
+        dtype: the base's dtype (None: float32).
 
     Returns:
         ``{adapter: {"results": {task: {metric: value}}, ...}}``, also written to
@@ -172,6 +189,8 @@ def evaluate_harness(
             rows (one line each, checked before the model loads).
     """
     require_lm_eval()
+    import torch
+
     from mlora.inference.evaluation import result_path
     from mlora.inference.harness_model import load_session
     from mlora.inference.harness_tasks import plan_task
@@ -188,14 +207,19 @@ def evaluate_harness(
     target = harness_result_path(result_path(config, output_dir))
     check_output_file(target)
     with tempfile.TemporaryDirectory(prefix="mlora-harness-") as work:
-        planned = {a.name: [plan_task(t, a, Path(work)) for t in task_names] for a in selected}
+        planned = {
+            a.name: [plan_task(t, a, config.lora, Path(work)) for t in task_names] for a in selected
+        }
+        names = {t.harness for tasks_of in planned.values() for t in tasks_of}
+        manager = task_manager(names, [*include_path, work])  # before the model loads
         session = load_session(
-            base_model, folders, dtype=dtype, device=None if device is None else str(device),
+            base_model, folders, dtype=dtype or torch.float32,
+            device=None if device is None else str(device),
             trust_remote_code=trust_remote_code, quantize=quantize,
             attn_implementation=attn_implementation, batch_size=batch_size,
         )  # fmt: skip
         session.model.set_packing(config.packing)
-        results = run_tasks(session, planned, [*include_path, work], limit, num_fewshot)
+        results = run_tasks(session, planned, limit=limit, num_fewshot=num_fewshot, manager=manager)
     if show:
         print(format_table(results))
     from mlora.core.atomic import atomic_write_text

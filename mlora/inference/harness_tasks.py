@@ -13,8 +13,9 @@ Without a local file the harness's own task reads its hub dataset.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,24 +100,33 @@ class PlannedTask:
     rows: str | None = None
 
 
-def plan_task(asked: str, adapter: AdapterConfig | None, workdir: Path) -> PlannedTask:
-    """What ``asked`` means for ``adapter``: an mlora choice name over the adapter's own local
-    rows of that task (a generated task in ``workdir``), else the harness's task of that name.
+def plan_task(
+    asked: str, adapter: AdapterConfig, adapters: Sequence[AdapterConfig], workdir: Path
+) -> PlannedTask:
+    """What ``asked`` means for ``adapter``: an mlora choice name is the harness's task over
+    local rows of that task (the adapter's own test rows if it trains on it, else those of the
+    first adapter of ``adapters`` that does), or over the hub dataset when no adapter has a
+    local file; any other name is the harness's task of that name.
+
+    The generated task is named after its rows file, so adapters scored on the same rows run
+    the same task (and share their batches).
 
     Raises:
-        DataError: the adapter's rows are missing, empty or do not fit the task (row named).
+        DataError: the rows are missing, empty or do not fit the task (file and row named).
     """
     task = HARNESS_TASKS.get(asked)
     if task is None:
         return PlannedTask(asked, asked)
-    source = None
-    if adapter is not None and adapter.task_name == asked:
-        source = choice_source(adapter.test_data, adapter.data)
-    if source is None:
-        return PlannedTask(asked, task.name)
-    name = f"mlora_{task.name}__{adapter.name}" if adapter is not None else task.name
-    write_local_task(task, name, adapter.name if adapter else asked, source, asked, workdir)
-    return PlannedTask(asked, name, source)
+    owners = [adapter] + [a for a in adapters if a.name != adapter.name]
+    for owner in owners:
+        source = choice_source(owner.test_data, owner.data) if owner.task_name == asked else None
+        if source is not None:
+            digest = hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:10]
+            name = f"mlora_{task.name}_{digest}"
+            if not (workdir / f"{name}.yaml").is_file():
+                write_local_task(task, name, owner.name, source, asked, workdir)
+            return PlannedTask(asked, name, source)
+    return PlannedTask(asked, task.name)
 
 
 def write_local_task(
