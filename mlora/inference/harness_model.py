@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -489,6 +488,42 @@ def sampling_params(
     )
 
 
+@dataclass(frozen=True)
+class _ScoredRow:
+    """One input sequence and the requests it answers (those whose input is that sequence).
+
+    Attributes:
+        row: the tokens, supervised on the last ``scored`` positions' next tokens.
+        requests: ``(request index, continuation tokens)``; each reads the last
+            ``len(continuation)`` of the row's scored positions.
+    """
+
+    row: TokenizedRow
+    scored: int
+    requests: list[tuple[int, list[int]]]
+
+
+def _scored_rows(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int
+) -> list[_ScoredRow]:
+    """HFLM's rows, ``(context + continuation)[-(max_length + 1):]``, one per distinct input:
+    requests whose input is the same (a question's one-token choices) share its logits, as
+    the harness's own logits cache does."""
+    rows: dict[tuple[int, ...], tuple[list[int], list[tuple[int, list[int]]]]] = {}
+    for index, (context, continuation) in enumerate(pairs):
+        if not context or not continuation:
+            raise ValueError("a scored pair needs context and continuation tokens")
+        whole = (list(context) + list(continuation))[-(max_length + 1) :]
+        _, requests = rows.setdefault(tuple(whole[:-1]), (whole, []))
+        requests.append((index, whole[len(whole) - len(continuation) :]))
+    out = []
+    for whole, requests in rows.values():
+        scored = max(len(cont) for _, cont in requests)
+        labels = [IGNORE_INDEX] * (len(whole) - scored) + whole[-scored:]
+        out.append(_ScoredRow(TokenizedRow(whole, labels), scored, requests))
+    return out
+
+
 @torch.inference_mode()
 def score_token_pairs(
     session: HarnessSession, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
@@ -496,39 +531,45 @@ def score_token_pairs(
     """``(context tokens, continuation tokens)`` -> (log p(continuation | context), greedy?) for
     every scoring label, the rows of all labels in the same batches.
 
-    Each row is HFLM's: ``(context + continuation)[-(max_length + 1):]``, scored on the
-    continuation's tokens. A pass holds ``batch_size`` pairs (longest first) once per label,
-    one layout segment per label; the sums come to the host once per pass.
+    A pass holds ``batch_size`` distinct inputs (longest first) once per label, one layout
+    segment per label; ``lm_head`` runs on the scored positions only, and each continuation
+    token's log-probability is its logit minus the position's logsumexp (fp32, summed in
+    fp64). The sums come to the host once per pass.
     """
     model, labels = session.model, session.scoring
-    rows = []
-    for context, continuation in pairs:
-        if not context or not continuation:
-            raise ValueError("a scored pair needs context and continuation tokens")
-        whole = (list(context) + list(continuation))[-(session.max_length + 1) :]
-        scored = len(continuation)
-        rows.append(TokenizedRow(whole, [IGNORE_INDEX] * (len(whole) - scored) + whole[-scored:]))
+    rows = sorted(_scored_rows(pairs, session.max_length), key=lambda r: -len(r.row))
     out: dict[str, list[tuple[float, bool]]] = {
-        label: [(0.0, False)] * len(rows) for label in labels
+        label: [(0.0, False)] * len(pairs) for label in labels
     }
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     pad = pad_token_id(session.tokenizer)
     stream = model.packing_form == "stream"
-    for start in range(0, len(order), session.batch_size):
-        picked = order[start : start + session.batch_size]
-        groups = [(session.adapter_of(label), [rows[i] for i in picked]) for label in labels]
+    for start in range(0, len(rows), session.batch_size):
+        picked = rows[start : start + session.batch_size]
+        groups = [(session.adapter_of(label), [r.row for r in picked]) for label in labels]
         batch = collate(groups, pad, model.device, packed=model.packing, stream=stream)
-        logits = model.supervised_logits(batch)  # (N, V)
-        nll = F.cross_entropy(logits, batch.targets, reduction="none").double()  # (N,)
-        wrong = (logits.argmax(dim=-1) != batch.targets).double()  # (N,)
-        num_rows = len(picked) * len(labels)
-        row_nll = nll.new_zeros(num_rows).index_add(0, batch.position_rows, nll)
-        row_wrong = wrong.new_zeros(num_rows).index_add(0, batch.position_rows, wrong)
-        sums, misses = row_nll.tolist(), row_wrong.tolist()  # one sync per pass
-        for g, label in enumerate(labels):
-            for j, i in enumerate(picked):
-                k = g * len(picked) + j
-                out[label][i] = (-sums[k], misses[k] == 0)
+        logits = model.supervised_logits(batch)  # (N, V), positions grouped by segment
+        by_row = torch.sort(batch.position_rows, stable=True).indices  # (N,) row-major
+        where, tokens, owners = [], [], []  # per (label, request, token): host indices
+        first = 0  # the row's first scored position in ``by_row``
+        slots: list[tuple[str, int]] = []
+        for label in labels:
+            for r in picked:
+                for index, cont in r.requests:
+                    end = first + r.scored
+                    where += range(end - len(cont), end)
+                    tokens += cont
+                    owners += [len(slots)] * len(cont)
+                    slots.append((label, index))
+                first += r.scored
+        positions = by_row[torch.tensor(where, device=logits.device)]  # (M,)
+        token_ids = torch.tensor(tokens, device=logits.device)  # (M,)
+        logprob = logits[positions, token_ids] - logits.logsumexp(-1)[positions]  # (M,)
+        miss = (logits.argmax(dim=-1)[positions] != token_ids).double()  # (M,)
+        owner = torch.tensor(owners, device=logits.device)
+        sums = logprob.double().new_zeros(len(slots)).index_add(0, owner, logprob.double())
+        misses = miss.new_zeros(len(slots)).index_add(0, owner, miss)
+        for (label, index), total, wrong in zip(slots, sums.tolist(), misses.tolist(), strict=True):
+            out[label][index] = (total, wrong == 0)  # one host read per pass (above)
     return out
 
 
