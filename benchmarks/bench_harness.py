@@ -5,9 +5,9 @@ Both sides run the harness's ``simple_evaluate`` on two local tasks over the sam
 multiple-choice task (``acc``, ``acc_norm``: 4 choices per question) and a generation task
 (``exact_match``), and on one LoRA with random non-zero B saved by PEFT. Printed: the largest
 log-likelihood difference over every request, the metrics of both, whether every generation is
-the same text, and the wall time. In fp32 both sides sit ~3e-5 from an fp64 reference (30
-layers of fp32 rounding, in different orders); ``--dtype fp64`` loads the base in float64 on
-both sides (the LoRA deltas stay fp32 in both), where they agree well inside 1e-5.
+the same text, and the wall time. In fp32 the two sides differ by the rounding of 30 fp32
+layers done in different orders (each is printed against the hf model in fp64); ``--dtype
+fp64`` loads the base in float64 on both sides, where they agree within 1e-5.
 
 Then ``--adapters K`` LoRAs: ``--model mlora`` scores all K in one session (each request of the
 first harness run answered by every adapter in the same batches; the K harness reports come out
@@ -96,6 +96,7 @@ def save_lora(base: Any, folder: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(seed)  # PEFT draws lora_A from the global generator
     model = get_peft_model(
         copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=targets)
     )
@@ -158,6 +159,10 @@ def main() -> None:
         return HFLM(pretrained=str(folder), peft=str(lora), device="cpu",
                     batch_size=args.batch_size, dtype=dtype_name)  # fmt: skip
 
+    def hf64(lora: Path) -> Any:
+        return HFLM(pretrained=str(folder), peft=str(lora), device="cpu",
+                    batch_size=args.batch_size, dtype="float64")  # fmt: skip
+
     def mlora_session(adapters: list[Path]) -> Any:
         model = MultiLoraModel(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype))
         for i, path in enumerate(adapters):
@@ -176,6 +181,12 @@ def main() -> None:
           f"greedy flags equal {greedy}/{len(mine)}")  # fmt: skip
     generated = zip(answers(ours, "bench_gen"), answers(theirs, "bench_gen"), strict=True)
     texts = sum(a == b for a, b in generated)
+    if args.dtype == "fp32":  # how far each side is from the same model in fp64 (the harness's)
+        exact = evaluate(hf64(loras[0]), ["bench_mc"])[0]
+        truth = [a[0] for a in answers(exact, "bench_mc")]
+        for side, got in (("mlora", mine), ("hf", reference)):
+            off = max(abs(a[0] - b) for a, b in zip(got, truth, strict=True))
+            print(f"  {side} fp32 vs hf fp64: max {off:.2e}")
     print(f"  generations equal: {texts}/{args.gen_rows}")
     for task in names:
         print(f"  {task}: mlora {metrics(ours, task)} | hf {metrics(theirs, task)}")
