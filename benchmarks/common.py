@@ -68,6 +68,11 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Random models (no download): name -> LlamaConfig keywords. Llama-3.2-1B's shape; its rope
 # scaling is left out, it does not change the cost.
 SHAPES = {
+    "smollm2-shape": {  # SmolLM2-135M's config: its cost per token without its weights
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    },
     "llama1b": {
         "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
         "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
@@ -192,7 +197,9 @@ def prepare_model(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
         }  # fmt: skip
         about = f"random LLaMA, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
     else:
-        shape, about = SHAPES[args.model], "random LLaMA with Llama-3.2-1B's shape"
+        shape = SHAPES[args.model]
+        about = {"llama1b": "Llama-3.2-1B's", "smollm2-shape": "SmolLM2-135M's"}[args.model]
+        about = f"random LLaMA with {about} shape"
     build_random_llama(work / "model", shape, args.dtype, args.device)
     return work / "model", about + " (word-level tokenizer)"
 
@@ -365,7 +372,8 @@ def add_common_args(
         choices=["tiny", "smollm2", *SHAPES],
         default="tiny",
         help="tiny: random LLaMA (--hidden/--layers/--vocab); smollm2: pretrained "
-        "SmolLM2-135M-Instruct (offline, see smollm2.py); llama1b: random, Llama-3.2-1B shape",
+        "SmolLM2-135M-Instruct (offline, see smollm2.py); llama1b / smollm2-shape: random, "
+        "Llama-3.2-1B's / SmolLM2-135M's shape",
     )
     add("--hidden", type=int, default=256, help="tiny model only")
     add("--layers", type=int, default=4, help="tiny model only")

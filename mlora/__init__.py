@@ -5,6 +5,7 @@ Notebook use::
     import mlora
     config = mlora.load_config("config/example.json")
     trainer = mlora.train(config, base_model="path/to/model", output_dir="out")
+    # no model at hand: base_model=mlora.demo_model_path(), the random-weight demo model
     results = mlora.evaluate(config, base_model="path/to/model", output_dir="out")
     model, tokenizer = mlora.load_trained("path/to/model", {"math": "out/math"})
     answers = mlora.generate(model, tokenizer, [("What is 2+3?", "math")])
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors
         generate,
     )
     from mlora.inference.trained import load_trained
+    from mlora.model.demo_model import demo_model_path
     from mlora.model.multi_lora import MultiLoraModel, load_base_model
     from mlora.persistence.adapter_files import read_adapter, save_adapter
     from mlora.training.trainer import Trainer, prepare_data
@@ -57,6 +59,7 @@ _HOMES = {
     "SamplingParams": "mlora.inference.generation",
     "generate": "mlora.inference.generation",
     "load_trained": "mlora.inference.trained",
+    "demo_model_path": "mlora.model.demo_model",
     "MultiLoraModel": "mlora.model.multi_lora",
     "load_base_model": "mlora.model.multi_lora",
     "read_adapter": "mlora.persistence.adapter_files",
@@ -98,6 +101,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "check_outputs",
+    "demo_model_path",
     "evaluate",
     "generate",
     "load_base_model",

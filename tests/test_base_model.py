@@ -60,6 +60,16 @@ def test_converted_folder_equals_the_model_in_the_file(gguf_file, mlora_home: Pa
     assert ours.decode(ours(text)["input_ids"], skip_special_tokens=True) == text
 
 
+def test_conversion_shows_no_progress_bars_of_transformers(gguf_file, capfd) -> None:
+    """The log says what is converted; transformers' bars (its GGUF reader's own tqdm, loading
+    and writing shards) would mix with it on the terminal."""
+    path, _ = gguf_file
+    base_model.resolve_base_model(str(path))
+    err = capfd.readouterr().err
+    for bar in ("Converting and de-quantizing", "Loading weights", "Writing model shards", "it/s"):
+        assert bar not in err, err
+
+
 def test_conversion_is_cached_by_content(gguf_file, tmp_path: Path) -> None:
     path, _ = gguf_file
     folder = Path(base_model.resolve_base_model(str(path)))

@@ -85,6 +85,8 @@ def test_a_wheel_ships_the_templates_and_gen_finds_them(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads((user / "mlora.json").read_text())["lora"][0]["data"] == "rows.json"
     assert "next: python -m mlora.cli.launch run --dir out" in done.stdout
+    # gen cannot know the base model: the hint says how to name one (else: the demo model)
+    assert "add --base_model MODEL" in done.stdout and "demo model" in done.stdout
 
 
 # --- the network -------------------------------------------------------------------------------

@@ -165,3 +165,35 @@ def test_output_into_a_missing_folder_creates_it(trained, tiny_model_dir, tmp_pa
     target = tmp_path / "new" / "deeper" / "answers.jsonl"
     assert main([*argv, "--max_new_tokens", "6", "--output", str(target)]) == 0
     assert target.read_text(encoding="utf-8") == expected
+
+
+def test_a_terminal_is_told_what_generate_is_doing(trained, tiny_model_dir):  # noqa: F811
+    """Loading takes a while and answers come after it: at a terminal, stderr says so (the
+    streamed test above shows that a pipe gets nothing of it)."""
+    import pty
+
+    out, _ = trained
+    terminal, stderr = pty.openpty()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), "--base_model", str(tiny_model_dir),
+         "--dir", str(out), "--use", "rev", "owl", "--max_new_tokens", "2"],
+        stdout=subprocess.PIPE, stderr=stderr, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    os.close(stderr)
+    shown = b""
+    while True:
+        try:
+            piece = os.read(terminal, 4096)
+        except OSError:  # EIO: the other end is closed and everything was read
+            break
+        if not piece:
+            break
+        shown += piece
+    os.close(terminal)
+    assert done.returncode == 0, shown
+    lines = shown.decode().splitlines()
+    assert lines == [
+        f"loading {tiny_model_dir} with {len(ADAPTERS)} adapter(s) (--verbose shows how)",
+        "answering 1 prompt(s)",
+    ], lines

@@ -11,9 +11,8 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from mlora.batching.dispatcher import shard_bounds
 from mlora.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
@@ -26,10 +25,9 @@ from mlora.cli.program import program_name
 from mlora.core.atomic import atomic_write_text
 from mlora.core.errors import MloraError, exit_code_of
 from mlora.data.prompts import PromptTemplate, load_template
-from mlora.inference.generation import GenerationOutput, GenerationRequest, generate
-from mlora.inference.startup import quiet_loading
-from mlora.training.distributed import process_group
-from mlora.training.preflight import check_output_file
+
+if TYPE_CHECKING:  # torch loads after the arguments parse: --help answers at once
+    from mlora.inference.generation import GenerationOutput, GenerationRequest
 
 BASE = "base"  # --use value (and JSONL "adapter": null) for the base model without adapter
 
@@ -117,6 +115,7 @@ def build_requests(
     Raises:
         MloraError: no prompts, an unknown adapter name, --template auto without --config.
     """
+    from mlora.inference.generation import GenerationRequest
 
     def resolve(name: str | None, where: str) -> str | None:
         if name is None or (name == BASE and name not in known):
@@ -190,7 +189,19 @@ def header(request: GenerationRequest) -> str:
     return f"=== [{request.adapter or BASE}] {request.prompt!r}\n"
 
 
+def announce(message: str) -> None:
+    """A status line for a person at a terminal (loading a model takes a while and prints
+    nothing otherwise); pipes and logs get only the answers, warnings and errors."""
+    if sys.stderr.isatty():
+        print(message, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    from mlora.batching.dispatcher import shard_bounds
+    from mlora.inference.generation import generate
+    from mlora.training.distributed import process_group
+    from mlora.training.preflight import check_output_file
+
     params = sampling_params(args)
     if args.batch_size < 1:
         raise MloraError(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -199,7 +210,9 @@ def run(args: argparse.Namespace) -> int:
     to_stdout = args.output == "-"
     if args.output and not to_stdout:  # a bad --output found after generating loses the answers
         check_output_file(Path(args.output).resolve())
+    announce(f"loading {args.base_model} with {len(folders)} adapter(s) (--verbose shows how)")
     model, tokenizer = model_from_args(args, folders)
+    announce(f"answering {len(requests)} prompt(s)")
     with process_group(model.device) as dist:  # torchrun: each rank answers a share, rank 0
         start, end = shard_bounds(len(requests), dist.rank, dist.world_size)  # writes them all
         stream = args.stream and not to_stdout and not dist.enabled
@@ -244,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, None)
     if not args.verbose:  # stdout carries the answers; keep stderr to warnings and errors
+        from mlora.inference.startup import quiet_loading
+
         quiet_loading()
     return exit_code_of(lambda: run(args))
 

@@ -301,6 +301,10 @@ def cmd_gen(args: argparse.Namespace) -> int:
     config_flag = "" if target == Path(DEFAULT_CONFIG) else f" --config {target}"
     command = _command_name()
     print(f"next: {command} run{config_flag} --dir out  (adapters go to out/NAME)")
+    print(
+        "      add --base_model MODEL (a folder, a hub id, a .gguf file, or smollm2) to train "
+        "a real model; without it run uses the built-in demo model (random weights)"
+    )
     if any("test_data" in adapter for adapter in added):
         print(f"then: {command} evaluate{config_flag} --dir out")
     return 0
@@ -585,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_program_name(),
         description="Write mlora configs from templates and run them.",
         epilog="Quickstart: launch.py gen --template lora --tasks ./data/dummy_data.json; "
-        "launch.py run",
+        "launch.py run --dir out",
     )
     sub = parser.add_subparsers(dest="command", metavar="VERB", required=True)
     _add_gen(sub)

@@ -13,12 +13,14 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlora.core.errors import MloraError, exit_code_of
 from mlora.data.prompts import PromptTemplate
-from mlora.inference.generation import SamplingParams, generate
-from mlora.model.multi_lora import MultiLoraModel
+
+if TYPE_CHECKING:  # torch loads after the arguments parse: --help answers at once
+    from mlora.inference.generation import SamplingParams
+    from mlora.model.multi_lora import MultiLoraModel
 
 BASE_CHOICE = "(base model)"
 
@@ -66,6 +68,8 @@ class ChatBackend:
         template = self.templates.get(adapter or "") if use_template else None
         prompt = template.render(message) if template else message
         pieces: queue.Queue[str | BaseException | None] = queue.Queue()
+
+        from mlora.inference.generation import generate
 
         def work() -> None:
             try:

@@ -21,6 +21,9 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +173,27 @@ def converted_folder(path: Path) -> Path:
     return folder
 
 
+@contextmanager
+def transformers_progress_bars_off() -> Iterator[None]:
+    """transformers' own bars (loading/writing shards, converting GGUF) off for a call: they
+    would share the terminal with mlora's log lines and the training bar; the log says what
+    loaded instead. Its GGUF reader calls ``tqdm`` directly, not through transformers' switch,
+    so that module's ``tqdm`` is a disabled one for the call."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    gguf_tqdm = gguf_reader.tqdm
+    gguf_reader.tqdm = partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_reader.tqdm = gguf_tqdm
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def convert_gguf(path: Path, target: Path) -> None:
     """Dequantize GGUF file ``path`` with transformers and save it, with its tokenizer, to
     ``target`` as an ordinary fp32 model folder.
@@ -182,12 +206,13 @@ def convert_gguf(path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:  # GGUF architectures are transformers' own: never any remote code
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, trust_remote_code=False
-        )
-        tokenizer = AutoTokenizer.from_pretrained(
-            path.parent, gguf_file=path.name, trust_remote_code=False
-        )
+        with transformers_progress_bars_off():
+            gguf_model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, trust_remote_code=False
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                path.parent, gguf_file=path.name, trust_remote_code=False
+            )
     except Exception as exc:  # the gguf reader and transformers raise many kinds on bad files
         raise MloraError(f"cannot read GGUF file {path}: {_reason(exc)}") from None
     config = gguf_model.config
@@ -197,7 +222,8 @@ def convert_gguf(path: Path, target: Path) -> None:
         model: Any = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
     model.tie_weights()
-    model.save_pretrained(target)
+    with transformers_progress_bars_off():
+        model.save_pretrained(target)
     tokenizer.save_pretrained(target)
 
 

@@ -123,7 +123,7 @@ def build_demo_model(out_dir: str | Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config)
-    from mlora.model.multi_lora import transformers_progress_bars_off
+    from mlora.model.base_model import transformers_progress_bars_off
 
     with transformers_progress_bars_off():
         model.save_pretrained(out_dir, safe_serialization=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from mlora.batching.layout import BatchLayout, LayoutContext
 from mlora.batching.packing import resolve_packing
 from mlora.core.errors import MloraError, first_line
 from mlora.core.hub import before_loading
-from mlora.model.base_model import resolve_base_model
+from mlora.model.base_model import resolve_base_model, transformers_progress_bars_off
 from mlora.ops.varlen_attention import SEQUENCES_KWARG, streaming, streams_rows
 
 logger = logging.getLogger("mlora")
@@ -281,21 +281,6 @@ class MultiLoraModel(nn.Module):
         if cap:  # Gemma 2 style soft-capping, as the model's own forward does
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-
-@contextmanager
-def transformers_progress_bars_off() -> Iterator[None]:
-    """transformers' own bars (loading/writing shards) off for a call: they would share the
-    terminal with mlora's log lines and the training bar; the log says what loaded instead."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
