@@ -278,6 +278,7 @@ def test_harness_without_lm_eval_is_one_line(
             "--harness_include: no folder",
         ),
         (["--harness", "arc-e", "--adapters", "nope"], "unknown adapter 'nope'"),
+        (["--harness", "arc-e", "WORLD_SIZE=2"], "--harness runs in one process"),
     ],
 )
 def test_bad_harness_options_are_one_line(
@@ -287,6 +288,7 @@ def test_bad_harness_options_are_one_line(
     extra: list[str],
     message: str,
     local_tasks_only: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from mlora.cli.train import main
 
@@ -297,11 +299,40 @@ def test_bad_harness_options_are_one_line(
     base = make_model(vocab_size=len(make_tokenizer()), seed=5)
     save_peft_lora(base, out / "arc", seed=1)
     save_peft_lora(base, out / "yesno", seed=1)
+    for item in [e for e in extra if "=" in e]:  # an environment variable, not a flag
+        monkeypatch.setenv(*item.split("="))
     argv = ["--base_model", str(setup["base"]), "--config", str(config), "--evaluate",
-            "--dir", str(out), *extra]  # fmt: skip
+            "--dir", str(out), *[e for e in extra if "=" not in e]]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_task_data_that_cannot_be_read_is_one_line_before_the_model(
+    setup: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    from mlora.cli.train import main
+
+    rows = tmp_path / "arc.json"
+    rows.write_text(json.dumps(arc_rows(2)), encoding="utf-8")
+    config = _config(tmp_path, {"arc": rows, "boolq": rows})
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    missing = {"task": "gone", "dataset_path": "json", "test_split": "test",
+               "dataset_kwargs": {"data_files": {"test": str(tmp_path / "no.json")}},
+               "output_type": "multiple_choice", "doc_to_text": "{{question}}",
+               "doc_to_target": 0, "doc_to_choice": "{{choices.text}}"}  # fmt: skip
+    (tasks / "gone.yaml").write_text(json.dumps(missing), encoding="utf-8")
+    out = tmp_path / "out"
+    base = make_model(vocab_size=len(make_tokenizer()), seed=5)
+    save_peft_lora(base, out / "arc", seed=1)
+    argv = ["--base_model", str(setup["base"]), "--config", str(config), "--evaluate",
+            "--dir", str(out), "--adapters", "arc", "--harness", "gone",
+            "--harness_include", str(tasks)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--harness: task data could not be loaded" in err[0], err
+    assert not (out / "harness_result.json").exists()
 
 
 @pytest.mark.parametrize(

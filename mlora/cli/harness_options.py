@@ -78,6 +78,10 @@ def check_harness_options(args: argparse.Namespace) -> None:
         return
     if not evaluate:
         raise MloraError("--harness needs --evaluate (it scores trained adapters)")
+    from mlora.core.launcher_env import env_world_size
+
+    if env_world_size() > 1:
+        raise MloraError("--harness runs in one process: start it without torchrun")
     if args.harness_limit is not None and args.harness_limit <= 0:
         raise MloraError(f"--harness_limit must be > 0, got {args.harness_limit}")
     if args.harness_fewshot is not None and args.harness_fewshot < 0:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlora.config.schema import AdapterConfig, TrainConfig
-from mlora.core.errors import MloraError
+from mlora.core.errors import MloraError, first_line
 
 if TYPE_CHECKING:  # torch loads with the model, not for the checks before it
     import torch
@@ -83,6 +83,19 @@ def task_manager(names: set[str], include_path: Sequence[str] = ()) -> Any:
     if missing:
         raise MloraError(f"--harness: unknown task {missing[0]!r} (lm-eval has no such task)")
     return manager
+
+
+def check_tasks_load(manager: Any, names: set[str]) -> None:
+    """Build the tasks once (their data downloaded or read), so that data that cannot be had
+    (offline, a missing file) stops the run before the model loads.
+
+    Raises:
+        MloraError: one line naming what could not be read.
+    """
+    try:
+        manager.load(sorted(names))
+    except OSError as exc:  # offline hub, missing or unreadable file (ConnectionError included)
+        raise MloraError(f"--harness: task data could not be loaded: {first_line(exc)}") from None
 
 
 def run_tasks(
@@ -212,6 +225,7 @@ def evaluate_harness(
         }
         names = {t.harness for tasks_of in planned.values() for t in tasks_of}
         manager = task_manager(names, [*include_path, work])  # before the model loads
+        check_tasks_load(manager, names)
         session = load_session(
             base_model, folders, dtype=dtype or torch.float32,
             device=None if device is None else str(device),
