@@ -39,6 +39,7 @@ from tests.harness_support import (
     save_peft_lora,
     write_tasks,
 )
+from tests.test_evaluation_cli import SCHEMA_CASES
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["tiny_mc", "tiny_gen", "tiny_roll"]
@@ -386,3 +387,35 @@ def test_mlora_lm_eval_command_reports_each_adapter(
     session = load_session(str(setup["base"]), {"moe": setup["mixlora"]})
     alone = run_tasks(session, {"moe": [PlannedTask("tiny_mc", "tiny_mc")]}, [str(setup["tasks"])])
     assert scores["moe"] == alone["moe"]["results"]["tiny_mc"]["acc_norm,none"]
+
+
+@pytest.mark.parametrize("task", sorted(SCHEMA_CASES))
+def test_each_choice_task_reads_mloras_rows_as_mlora_does(task: str, tmp_path: Path) -> None:
+    """Every mlora choice task, over a row of its schema, is the harness's task with the same
+    choices and the same right answer as mlora's reader gives (winogrande: the harness's own
+    partial sentences, its gold option from the same ``answer``)."""
+    from mlora.config.schema import parse_config
+    from mlora.inference.harness_tasks import plan_task
+
+    row, expected = SCHEMA_CASES[task]
+    variants = [row]
+    if task == "hellaswag":  # rows with only ``ctx`` work too
+        variants.append({k: v for k, v in row.items() if k not in ("ctx_a", "ctx_b")})
+    if task == "winogrande":  # and answers as numbers
+        variants.append({**row, "answer": 1})
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps(variants), encoding="utf-8")
+    entry = {"name": "a", "task_name": task, "data": str(rows), "test_data": str(rows)}
+    adapter = parse_config({"lora": [entry]}).lora[0]
+    planned = plan_task(task, adapter, [adapter], tmp_path / "work")
+    assert planned.rows == str(rows) and planned.harness.startswith("mlora_")
+    manager = TaskManager(include_path=str(tmp_path / "work"), include_defaults=False)
+    harness_task = manager.load([planned.harness])["tasks"][planned.harness]
+    docs = list(harness_task.eval_docs)
+    assert len(docs) == len(variants)
+    for doc in docs:
+        if task == "winogrande":
+            assert harness_task.doc_to_text(doc) == expected.label
+            continue
+        assert harness_task.doc_to_choice(doc) == list(expected.choices)
+        assert int(harness_task.doc_to_target(doc)) == expected.label

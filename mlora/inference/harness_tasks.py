@@ -43,7 +43,10 @@ def _winogrande(row: Row, question: ChoiceQuestion) -> Row:
 
 def _hellaswag(row: Row, question: ChoiceQuestion) -> Row:
     # the harness builds its prompt from ctx_a + " " + ctx_b; rows with only ctx keep it whole
-    return {"ctx_a": row["ctx"], "ctx_b": "", **row, "label": question.label}
+    # (a file read whole gives every row every column: a missing one is None)
+    if row.get("ctx_a") is None or row.get("ctx_b") is None:
+        row = {**row, "ctx_a": row["ctx"], "ctx_b": ""}
+    return {**row, "label": question.label}
 
 
 def _same(row: Row, question: ChoiceQuestion) -> Row:
