@@ -413,8 +413,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate trained adapters in this process via ``mlora.cli.train.main --evaluate``."""
+    from mlora.cli.harness_options import check_harness_options, harness_flags
+
+    check_harness_options(args)
     adapters = ["--adapters", args.adapters] if args.adapters else []
-    return _call_mlora(args, ["--evaluate", *adapters])
+    return _call_mlora(args, ["--evaluate", *adapters, *harness_flags(args)])
 
 
 # --- avail / help ------------------------------------------------------------------------------
@@ -584,6 +587,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_args(p, dir_help="where the trained adapters are: DIR/NAME (default .)")
     p.add_argument("--adapters", help="comma-separated adapter names (default: all with test data)")
+    from mlora.cli.harness_options import add_harness_options
+
+    add_harness_options(p)
     p.set_defaults(func=cmd_evaluate)
 
 

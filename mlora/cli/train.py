@@ -15,6 +15,7 @@ from mlora.cli.common import (
     quantize_choice,
     setup_logging,
 )
+from mlora.cli.harness_options import add_harness_options, check_harness_options
 from mlora.cli.program import program_name
 from mlora.core.errors import exit_code_of
 from mlora.core.interrupt import TrainingInterrupted
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="With --evaluate: comma-separated adapter names (default: all with test data).",
     )
+    add_harness_options(parser)
     parser.add_argument(
         "--seed", type=int, default=42, help="Seed for data order and adapter init."
     )
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_inference(args)
     config = load_config(args.config)  # validate before torch and transformers even import
+    check_harness_options(args)  # and lm-eval is there when asked for, before the model loads
     from mlora.api import train
     from mlora.hardware.backends import get_backend
     from mlora.hardware.precision import resolve_dtype
@@ -111,6 +114,25 @@ def run(args: argparse.Namespace) -> int:
     args.base_model = with_gguf_file(args.base_model, args.gguf_file)
     if config.sweep is not None:
         return run_sweep_command(args, config, backend, dtype)
+    if args.evaluate and args.harness is not None:
+        from mlora.inference.harness_run import evaluate_harness
+
+        evaluate_harness(
+            config,
+            args.base_model,
+            args.dir,
+            args.harness,
+            adapters=args.adapters.split(",") if args.adapters else None,
+            include_path=args.harness_include or (),
+            limit=args.harness_limit,
+            num_fewshot=args.harness_fewshot,
+            dtype=dtype,
+            device=backend.device,
+            trust_remote_code=args.trust_remote_code,
+            quantize=quantize_choice(args),
+            attn_implementation=args.attn_impl,
+        )
+        return 0
     if args.evaluate:
         from mlora.inference.evaluation import evaluate
 

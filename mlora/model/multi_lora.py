@@ -293,6 +293,12 @@ class MultiLoraModel(nn.Module):
         of those gathered positions. Training reduces these per segment; evaluation also per
         row (a choice's log-likelihood is minus its row's sum).
         """
+        logits = self.supervised_logits(batch)  # (N, V)
+        return F.cross_entropy(logits, batch.targets, reduction="none")
+
+    def supervised_logits(self, batch: LossBatch) -> torch.Tensor:
+        """The logits (at least fp32) at each supervised position of ``batch``, shape (N, V):
+        what ``token_losses`` scores, for callers that also need the argmax (greedy checks)."""
         self.context.set(
             batch.layout,
             batch.token_mask,
@@ -317,8 +323,7 @@ class MultiLoraModel(nn.Module):
         with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
             logits = self._logits(picked)  # (N, V)
         # half-precision logits are upcast for the softmax; fp32 and fp64 keep their precision
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, batch.targets, reduction="none")
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)
