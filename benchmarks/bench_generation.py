@@ -49,7 +49,7 @@ def make_adapters(model_dir: Path, out: Path) -> None:
         model.add_adapter(name, spec)
         for _, module in model.adapter_modules(name):
             torch.nn.init.normal_(module.lora_B.weight, std=0.02)
-        save_adapter(model, name, out / name, peft_config(spec, spec.scaling * spec.r, False, None))
+        save_adapter(model, name, out / name, peft_config(spec, None))
 
 
 def best_of(repeat: int, fn) -> tuple[float, object]:

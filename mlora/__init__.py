@@ -9,6 +9,7 @@ Notebook use::
     results = mlora.evaluate(config, base_model="path/to/model", output_dir="out")
     model, tokenizer = mlora.load_trained("path/to/model", {"math": "out/math"})
     answers = mlora.generate(model, tokenizer, [("What is 2+3?", "math")])
+    result = mlora.run_sweep(mlora.load_config("sweep.json"), base_model="M", output_dir="out")
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors
     from mlora.model.demo_model import demo_model_path
     from mlora.model.multi_lora import MultiLoraModel, load_base_model
     from mlora.persistence.adapter_files import read_adapter, save_adapter
+    from mlora.sweep.runner import SweepResult, run_sweep
     from mlora.training.trainer import Trainer, prepare_data
 
 # Each public name and the module that defines it, imported on first use: ``import mlora`` (and
@@ -64,6 +66,8 @@ _HOMES = {
     "load_base_model": "mlora.model.multi_lora",
     "read_adapter": "mlora.persistence.adapter_files",
     "save_adapter": "mlora.persistence.adapter_files",
+    "SweepResult": "mlora.sweep.runner",
+    "run_sweep": "mlora.sweep.runner",
     "Trainer": "mlora.training.trainer",
     "prepare_data": "mlora.training.trainer",
 }
@@ -98,6 +102,7 @@ __all__ = [
     "MloraError",
     "MultiLoraModel",
     "SamplingParams",
+    "SweepResult",
     "TrainConfig",
     "Trainer",
     "check_outputs",
@@ -110,6 +115,7 @@ __all__ = [
     "parse_config",
     "prepare_data",
     "read_adapter",
+    "run_sweep",
     "save_adapter",
     "train",
 ]

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 
-from mlora.config.schema import TrainConfig, config_to_dict, load_config
+from mlora.config.schema import TrainConfig, config_to_dict, load_config, report_to_problem
 from mlora.core.atomic import output_lock
 from mlora.core.errors import MloraError
 from mlora.core.hub import before_loading
+from mlora.core.interrupt import GracefulStop
 from mlora.core.stderr_log import CurrentStderrHandler
 from mlora.data.rows import TokenizedRow
 from mlora.inference.loading import plan_base_load
@@ -36,9 +37,13 @@ from mlora.training.distributed import (
     load_sharded_base,
     process_group,
 )
-from mlora.training.preflight import check_seed, preflight
+from mlora.training.metrics.plots import PlotSink
+from mlora.training.metrics.sinks import MetricsFileSink
+from mlora.training.metrics.trackers import check_trackers, open_trackers
+from mlora.training.preflight import check_adapter_paths, check_seed, preflight
 from mlora.training.run_records import RunIdentity
 from mlora.training.trainer import Trainer, prepare_data
+from mlora.training.validation import prepare_validation
 
 logger = logging.getLogger("mlora")
 
@@ -101,6 +106,7 @@ def train(
     log: bool = True,
     dist_backend: str | None = None,
     fsdp: bool = False,
+    report_to: Sequence[str] | None = None,
 ) -> Trainer:
     """Train every adapter of ``config`` together on ``base_model``, saving to ``output_dir/NAME``.
 
@@ -128,6 +134,9 @@ def train(
             training").
         fsdp: with several processes, shard the frozen base over them with FSDP2 (each rank
             keeps 1/N of its weights between layers); adapters stay whole on every rank.
+        report_to: trackers that also get the metrics (``tensorboard``, ``mlflow``,
+            ``trackio``, ``wandb``, or ``none``); None: the config's ``report_to``. Every run
+            writes ``output_dir/metrics.jsonl`` and, with matplotlib, ``output_dir/plots``.
 
     Returns:
         The finished Trainer (``trainer.model`` holds the trained adapters).
@@ -141,6 +150,7 @@ def train(
             load_adapter=load_adapter, overwrite=overwrite,
             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
             resume=resume, quantize=quantize, tf32=tf32, dist_backend=dist_backend, fsdp=fsdp,
+            report_to=report_to,
         )  # fmt: skip
 
 
@@ -161,6 +171,7 @@ def _train(
     tf32: bool,
     dist_backend: str | None,
     fsdp: bool,
+    report_to: Sequence[str] | None,
 ) -> Trainer:
     """``train`` with its logging settled (same arguments)."""
     if fsdp and quantize:  # before the plan's CUDA check: every rank stops, rank 0 prints
@@ -175,6 +186,7 @@ def _train(
         config = load_config(config)
     for note in config.notes:  # upstream m-LoRA keys read with a different meaning or none
         logger.info(note)
+    trackers = tracker_names(config, report_to)
     check_seed(seed)
     if tf32:
         backend.allow_tf32(True)
@@ -184,12 +196,17 @@ def _train(
             "--fsdp shards the base over several processes: start mlora.py with torchrun "
             "--nproc_per_node N (N > 1)"
         )
-    with process_group(backend.device, dist_backend) as dist, ExitStack() as lock:
+    with (
+        GracefulStop() as stop,  # a signal before the first step or after the last is kept too
+        process_group(backend.device, dist_backend) as dist,
+        ExitStack() as lock,
+    ):
         identity = RunIdentity(config, seed, base_model)  # names this run's records
         point, error = None, None
         try:
             if dist.is_main:  # before the checks: two runs must not both pass them
                 lock.enter_context(output_lock(output_dir))
+            check_adapter_paths(config, output_dir)
             point = find_resume_point(output_dir, identity) if resume else None
             if point is not None:
                 load_adapter = load_adapter or bool(point.manifest.get("load_adapter"))
@@ -200,7 +217,8 @@ def _train(
             preflight(config, model_path, output_dir, trust_remote_code, load_adapter)
             backend.manual_seed(seed)
             tokenizer = plan.load_tokenizer(model_path, trust_remote_code)
-            data = prepare_data(config, tokenizer)  # before the model: fail fast on bad data
+            data = prepare_data(config, tokenizer, seed)  # before the model: fail fast on bad data
+            validation = prepare_validation(config, tokenizer, seed)
         except MloraError as exc:
             if not dist.enabled:
                 raise
@@ -236,6 +254,7 @@ def _train(
             base_model,
             init_from,
             dist,
+            validation_rows=validation,
         )
         if point is not None:
             trainer.load_state_dict(
@@ -245,9 +264,31 @@ def _train(
                 drop_newer_files(output_dir, point, identity)
         elif dist.is_main:
             clear_run_state(output_dir, identity)  # stale records of this run, if any
+        if dist.is_main:  # the file first: it is the record the others may be checked against
+            for sink in [MetricsFileSink(), *open_trackers(trackers), PlotSink()]:
+                trainer.row_sinks.add(sink)
         dist.barrier()  # every rank has read the checkpoint before rank 0 writes again
         trainer.train()
+        if stop.signal_name:  # it came as the last files were written: nothing is left to do
+            logger.warning("%s received as the run ended: every adapter is saved", stop.signal_name)
         return trainer
+
+
+def tracker_names(config: TrainConfig, report_to: Sequence[str] | None) -> list[str]:
+    """The trackers of a run: ``report_to`` when given, else the config's key; checked, and
+    their packages found, before anything loads.
+
+    Raises:
+        MloraError: an unknown name, or a tracker whose package is not installed (naming the
+            extra that installs it).
+    """
+    names = list(config.report_to if report_to is None else report_to)
+    problem = report_to_problem(names)
+    if problem is not None:
+        raise MloraError(f"--report_to must be {problem}, got {' '.join(names)}")
+    trackers = [name for name in names if name != "none"]
+    check_trackers(trackers)
+    return trackers
 
 
 def _fingerprint(

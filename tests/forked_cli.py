@@ -9,11 +9,14 @@ exception prints its traceback and exits 1). Nothing in the parent has run any t
 before it forks, so no thread pool is inherited half-initialised.
 
 Used as ``python tests/forked_cli.py < jobs.json`` (a list of ``{"cwd", "argv", "stdout",
-"stderr"}``), in the environment the commands should see; prints the exit codes as JSON.
+"stderr"}``, and optionally ``"env"``: variables for that command alone, e.g. the faults of
+``tests/reliability_harness.py``), in the environment the commands should see; prints the exit
+codes as JSON.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import runpy
@@ -35,6 +38,11 @@ def _child(job: dict) -> None:
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
+        if job.get("env"):  # test faults (tests/reliability_harness.py), this fork only
+            os.environ.update(job["env"])
+            from tests.reliability_harness import install_from_environment
+
+            install_from_environment()
         sys.argv = [MLORA, *job["argv"]]
         try:
             runpy.run_path(MLORA, run_name="__main__")
@@ -71,8 +79,11 @@ def run(jobs: list[dict]) -> list[int]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
+    import datasets  # noqa: F401  (what reading data imports: 0.6 s a fork otherwise)
     import transformers.models.llama.modeling_llama  # noqa: F401  (the tests' tiny base model)
 
+    import mlora.api
     import mlora.cli.train  # noqa: F401  (torch, transformers and mlora, imported once for every fork)
 
+    gc.freeze()  # the imported objects stay out of every fork's collections (fewer page copies)
     print(json.dumps(run(json.load(sys.stdin))))

@@ -15,7 +15,19 @@ Used by tests/test_reliability_*.py as ``python tests/reliability_harness.py ARG
     writer, so the moment is the same on a fast and a slow machine (a kill while a write is in
     flight is what ``write:N`` and the tests' kills from outside are for).
 
+``MLORA_TEST_SIGNAL`` — ``SIGNAL@PHASE``: this process sends itself SIGINT or SIGTERM once, in
+a phase of the run:
+    ``load``       as the base model starts loading;
+    ``step:N``     inside global step N + 1 (before its forward);
+    ``write:TEXT`` inside the first atomic file write whose temporary path contains TEXT (on
+                   the background writer thread: a checkpoint folder, a final adapter);
+    ``eval``       as ``--evaluate`` scores its first rows.
+
 ``MLORA_TEST_KILL_RANK`` — under torchrun, only the process of this rank is killed.
+
+``MLORA_TEST_STEP_SECONDS`` — every global step takes at least this long (a sleep before it),
+so a kill from outside at a moment shorter than the remaining steps lands in the middle of the
+run, never after its end.
 
 ``MLORA_TEST_FSDP_REPORT`` — a folder: under ``--fsdp`` each rank writes ``rank<R>.json`` with
 the base parameter bytes it held before and after ``load_sharded_base`` (a probe, not a fault).
@@ -135,6 +147,77 @@ def install_failure(spec: str) -> None:
     os.fsync = fsync
 
 
+def install_signal(spec: str) -> None:
+    name, _, phase = spec.partition("@")
+    sig = signal.Signals[name]
+    kind, _, value = phase.partition(":")
+    sent = False
+
+    def send() -> None:
+        nonlocal sent
+        if not sent:
+            sent = True
+            os.kill(os.getpid(), sig)
+
+    if kind == "load":
+        from mlora.inference.loading import BaseLoad
+
+        real_load = BaseLoad.load
+
+        def load(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            send()
+            return real_load(self, *args, **kwargs)
+
+        BaseLoad.load = load  # type: ignore[method-assign]
+    elif kind == "step":
+        from mlora.training.trainer import Trainer
+
+        real_step = Trainer.train_step
+
+        def train_step(self, step):  # type: ignore[no-untyped-def]
+            if self.global_step == int(value):
+                send()
+            return real_step(self, step)
+
+        Trainer.train_step = train_step  # type: ignore[method-assign]
+    elif kind == "write":
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            if _from_atomic() and _is_file(fd) and value in os.readlink(f"/proc/self/fd/{fd}"):
+                send()
+
+        os.fsync = fsync
+    elif kind == "eval":
+        import mlora.inference.evaluation as evaluation
+
+        real_score = evaluation.score_rows
+
+        def score_rows(*args, **kwargs):  # type: ignore[no-untyped-def]
+            send()
+            return real_score(*args, **kwargs)
+
+        evaluation.score_rows = score_rows
+    else:
+        raise SystemExit(f"bad MLORA_TEST_SIGNAL {spec!r}")
+
+
+def install_from_environment() -> None:
+    """Install the faults the environment asks for (this process, or a fork of the CLI)."""
+    kill_rank = os.environ.get("MLORA_TEST_KILL_RANK")
+    if os.environ.get("MLORA_TEST_KILL") and kill_rank in (None, os.environ.get("RANK", "0")):
+        install_kill(os.environ["MLORA_TEST_KILL"])
+    if os.environ.get("MLORA_TEST_FAIL"):
+        install_failure(os.environ["MLORA_TEST_FAIL"])
+    if os.environ.get("MLORA_TEST_SIGNAL"):
+        install_signal(os.environ["MLORA_TEST_SIGNAL"])
+    if os.environ.get("MLORA_TEST_STEP_SECONDS"):
+        install_step_seconds(float(os.environ["MLORA_TEST_STEP_SECONDS"]))
+    if os.environ.get("MLORA_TEST_FSDP_REPORT"):
+        install_fsdp_report(os.environ["MLORA_TEST_FSDP_REPORT"])
+
+
 def _held_bytes(model) -> int:  # type: ignore[no-untyped-def]
     """Parameter bytes with storage on this rank (a sharded parameter: its local shard)."""
     total = 0
@@ -143,6 +226,20 @@ def _held_bytes(model) -> int:  # type: ignore[no-untyped-def]
         if local.device.type != "meta":
             total += local.numel() * local.element_size()
     return total
+
+
+def install_step_seconds(seconds: float) -> None:
+    import time
+
+    from mlora.training.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def train_step(self, step):  # type: ignore[no-untyped-def]
+        time.sleep(seconds)
+        return real_step(self, step)
+
+    Trainer.train_step = train_step  # type: ignore[method-assign]
 
 
 def install_fsdp_report(folder: str) -> None:
@@ -165,12 +262,6 @@ def install_fsdp_report(folder: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    kill_rank = os.environ.get("MLORA_TEST_KILL_RANK")
-    if os.environ.get("MLORA_TEST_KILL") and kill_rank in (None, os.environ.get("RANK", "0")):
-        install_kill(os.environ["MLORA_TEST_KILL"])
-    if os.environ.get("MLORA_TEST_FAIL"):
-        install_failure(os.environ["MLORA_TEST_FAIL"])
-    if os.environ.get("MLORA_TEST_FSDP_REPORT"):
-        install_fsdp_report(os.environ["MLORA_TEST_FSDP_REPORT"])
+    install_from_environment()
     sys.argv = [str(ROOT / "mlora.py"), *sys.argv[1:]]
     runpy.run_path(str(ROOT / "mlora.py"), run_name="__main__")

@@ -80,15 +80,16 @@ def run_mlora(args: list[str], script: str = MLORA, **faults: str) -> subprocess
     )
 
 
-def start_mlora(args: list[str], script: str = MLORA) -> subprocess.Popen:
-    """Start ``python mlora.py ARGS``; read its log from ``.stderr`` line by line."""
+def start_mlora(args: list[str], script: str = MLORA, **faults: str) -> subprocess.Popen:
+    """Start ``python mlora.py ARGS`` (or the fault harness); read its log from ``.stderr``
+    line by line."""
     return subprocess.Popen(
         [sys.executable, script, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env=env_with(),
+        env=env_with(**faults),
     )
 
 

@@ -33,6 +33,7 @@ LAYERS: list[str] = [
     "persistence",  # adapters on disk (PEFT format), the registry of kinds
     "training",  # trainer, optimizers, recomputation, distributed, preflight, checkpoints
     "inference",  # loading trained adapters, generation, evaluation
+    "sweep",  # Optuna sweeps: trials entering and leaving the trainer, their outputs
     "api",  # mlora/api.py
     "cli",  # the command lines
     "mlora",  # mlora/__init__.py

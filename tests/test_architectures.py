@@ -1,30 +1,46 @@
 """Every architecture with standard projection names works: table-driven over tiny configs.
 
-For each model family: a mixed batch (two adapters + a base row) equals PEFT with each adapter,
-the labels-only ``segment_losses`` equals the model's own ``loss`` from full logits, and packed
-rows give the same per-token losses and gradients as padded rows. Families whose code does not
-keep packed rows apart (OPT, BLOOM) are caught by the packing probe, and "auto" pads them.
+For each model family (one row of ``FAMILIES``): a mixed batch (two adapters + a base row)
+equals PEFT with each adapter in its logits, and the LoRA gradients equal PEFT's; two adapters
+trained together (dropout on) get the gradients each gets alone; greedy generation with mixed
+adapters equals PEFT's ``generate``; the labels-only ``segment_losses`` equals the model's own
+``loss`` from full logits; and packed rows give the same per-token losses and gradients as
+padded rows. Families whose code does not keep packed rows apart (OPT, BLOOM) are caught by the
+packing probe, and "auto" pads them. README "Supported models" lists what each row shows.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from peft.utils import get_peft_model_state_dict
 
 from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import collate
 from mlora.batching.layout import BatchLayout
 from mlora.batching.packing import packing_problem, resolve_packing, use_stream
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow
+from mlora.inference.generation import SamplingParams, generate
 from mlora.model.multi_lora import MultiLoraModel
-from tests.helpers import in_row_order
+from mlora.persistence.adapter_files import load_adapter_weights
+from mlora.persistence.lora import named_parameters as peft_named_parameters
+from tests.conftest import make_tokenizer
+from tests.helpers import in_row_order, peft_greedy
 
-COMMON = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
+COMMON = {  # the vocabulary of tests.conftest.make_tokenizer, for generation
+    "vocab_size": 100,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 ATTENTION = {"num_attention_heads": 4, "num_key_value_heads": 2}
 FAMILIES = {
     "llama": (
@@ -64,6 +80,48 @@ FAMILIES = {
         ATTENTION,
         ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     ),
+    # GLM (ChatGLM's line, transformers' own classes): partial rotary, fused gate_up_proj
+    "glm": ("GlmConfig", "GlmForCausalLM", ATTENTION, ["q_proj", "o_proj", "gate_up_proj"]),
+    "glm4": (
+        "Glm4Config",
+        "Glm4ForCausalLM",
+        ATTENTION,
+        ["k_proj", "v_proj", "gate_up_proj", "down_proj"],
+    ),
+    # per-head q/k RMSNorm after the projections
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", ATTENTION, ["q_proj", "k_proj", "up_proj"]),
+    # text-only Gemma 3: a sliding-window layer (window 4, shorter than the rows) and a full one
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            **ATTENTION,
+            "head_dim": 16,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        ["q_proj", "v_proj", "gate_proj", "down_proj"],
+    ),
+    # q/k RMSNorm over the whole projection, norms after attention and MLP
+    "olmo2": (
+        "Olmo2Config",
+        "Olmo2ForCausalLM",
+        ATTENTION,
+        ["q_proj", "k_proj", "o_proj", "up_proj"],
+    ),
+    # mixture-of-experts bases, LoRA on attention (experts and router: tests/test_moe_bases.py)
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {**ATTENTION, "num_local_experts": 4, "num_experts_per_tok": 2},
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {**ATTENTION, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48},
+        ["q_proj", "v_proj", "o_proj"],
+    ),
 }
 
 
@@ -75,11 +133,11 @@ def build(family: str) -> tuple[torch.nn.Module, list[str]]:
     return getattr(transformers, model_name)(config).eval(), targets
 
 
-def randomise(model: torch.nn.Module) -> None:
+def randomise(model: torch.nn.Module, std: float = 0.1) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.normal_(std=0.1)
+                param.normal_(std=std)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -96,10 +154,6 @@ def test_mixed_batch_equals_peft_per_adapter(family: str) -> None:
         ours.add_adapter(
             name, LoraSpec(r=4, scaling=2.0, target_modules=tuple(subset), use_dora=dora)
         )
-        from peft.utils import get_peft_model_state_dict
-
-        from mlora.persistence.adapter_files import load_adapter_weights
-
         load_adapter_weights(ours, name, get_peft_model_state_dict(peft_model), family)
 
     ids = torch.randint(1, 96, (4, 7))
@@ -111,6 +165,130 @@ def test_mixed_batch_equals_peft_per_adapter(family: str) -> None:
         expected[None] = base(input_ids=ids, attention_mask=mask).logits
     for i, name in enumerate(rows):
         torch.testing.assert_close(mixed[i], expected[name][i], rtol=1e-4, atol=1e-5)
+
+
+def with_peft_adapters(
+    base: torch.nn.Module, family: str, targets: dict[str, list[str]], std: float = 0.1
+) -> tuple[torch.nn.Module, MultiLoraModel]:
+    """PEFT's model with a random LoRA per name (B != 0), and ours holding the same weights."""
+    first, *others = targets
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets[first]), first
+    )
+    for name in others:
+        peft_model.add_adapter(name, LoraConfig(r=4, lora_alpha=8, target_modules=targets[name]))
+    randomise(peft_model, std)
+    ours = MultiLoraModel(copy.deepcopy(base)).eval()
+    for name, modules in targets.items():
+        ours.add_adapter(name, LoraSpec(r=4, scaling=2.0, target_modules=tuple(modules)))
+        state = get_peft_model_state_dict(peft_model, adapter_name=name)
+        load_adapter_weights(ours, name, state, family)
+    return peft_model.eval(), ours
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_gradients_equal_peft(family: str) -> None:
+    """One backward of the model's own loss (rows of unequal length, padded): every LoRA
+    gradient equals PEFT's, key by key (fp32)."""
+    base, targets = build(family)
+    peft_model, ours = with_peft_adapters(base, family, {"x": targets})
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # the second row is 6 tokens long
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :2] = IGNORE_INDEX  # a prompt
+    peft_loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    peft_loss.backward()
+    rows = [TokenizedRow(ids[b, :n].tolist(), labels[b, :n].tolist()) for b, n in [(0, 9), (1, 6)]]
+    loss = ours.segment_losses(collate([("x", rows)], pad_token_id=0, packed=False))[0]
+    loss.backward()
+    torch.testing.assert_close(loss, peft_loss, rtol=1e-5, atol=1e-6)
+    theirs = {
+        re.sub(r"\.(lora_[AB])\.x\.", r".\1.", name): p.grad
+        for name, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
+    mine = {key: p.grad for key, p in peft_named_parameters(ours, "x").items()}
+    assert mine.keys() == theirs.keys() and len(mine) == 2 * 2 * len(targets)
+    assert all(g.abs().max() > 0 for g in theirs.values())  # every gradient reached PEFT's LoRA
+    for key, grad in theirs.items():
+        torch.testing.assert_close(mine[key], grad, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def _segment_losses_and_grads(
+    model: MultiLoraModel, groups: list, seed: int = 5
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each adapter's loss and every gradient of one packed pass, from freshly seeded streams."""
+    for name in model.specs:
+        model.context.generators.seed(name, seed)
+    model.zero_grad(set_to_none=True)
+    batch = collate(groups, pad_token_id=0, packed=True)
+    losses = model.segment_losses(batch)
+    losses.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {name: loss.detach() for (name, _), loss in zip(groups, losses, strict=True)}, grads
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_two_adapters_together_equal_each_alone(family: str) -> None:
+    """Dropout on (0.3, each adapter its own stream), packed rows, lm_head among a's targets:
+    a and b in one pass get the losses and gradients each gets in a model holding only it."""
+    base, targets = build(family)
+    both = MultiLoraModel(base)
+    specs = {
+        "x": LoraSpec(r=2, scaling=1.0, dropout=0.3, target_modules=(*targets, "lm_head")),
+        "y": LoraSpec(r=3, scaling=0.5, dropout=0.3, target_modules=tuple(targets[:2])),
+    }
+    for name, spec in specs.items():
+        both.add_adapter(name, spec)
+    randomise(both)
+    both.train()
+    rows = {  # a: lengths 12, 5, 6; b: 9, 4
+        "x": [
+            TokenizedRow(list(range(5, 17)), [IGNORE_INDEX] * 6 + list(range(11, 17))),
+            TokenizedRow(list(range(20, 25)), [IGNORE_INDEX] * 2 + list(range(22, 25))),
+            TokenizedRow(list(range(40, 46)), [IGNORE_INDEX] * 1 + list(range(41, 46))),
+        ],
+        "y": [
+            TokenizedRow(list(range(30, 39)), [IGNORE_INDEX] * 3 + list(range(33, 39))),
+            TokenizedRow(list(range(50, 54)), [IGNORE_INDEX] * 1 + list(range(51, 54))),
+        ],
+    }
+    alone_models = {}
+    for name in specs:
+        alone_models[name] = copy.deepcopy(both)
+        alone_models[name].remove_adapter("y" if name == "x" else "x")
+    together_losses, together_grads = _segment_losses_and_grads(both, list(rows.items()))
+    for name, model in alone_models.items():
+        losses, grads = _segment_losses_and_grads(model, [(name, rows[name])])
+        torch.testing.assert_close(together_losses[name], losses[name], rtol=1e-5, atol=1e-6)
+        assert grads and all(f".adapters.{name}." in key for key in grads)
+        for key, grad in grads.items():
+            torch.testing.assert_close(together_grads[key], grad, rtol=1e-5, atol=1e-5, msg=key)
+    # the draws are live: other streams give another loss (dropout is really on)
+    other, _ = _segment_losses_and_grads(both, list(rows.items()), seed=6)
+    assert (other["x"] - together_losses["x"]).abs() > 1e-5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_mixed_greedy_generation_equals_peft(family: str) -> None:
+    """Rows of two adapters and the base model in one left-padded batch, KV cache on: each
+    row's greedy tokens equal PEFT's ``generate`` with that adapter alone, unpadded."""
+    base, targets = build(family)
+    tokenizer = make_tokenizer()
+    peft_model, ours = with_peft_adapters(
+        base, family, {"x": [*targets, "lm_head"], "y": targets[:1]}, 0.5
+    )
+    prompts = ["add 3 4=", "rev owl=", "hello, how are you?"]
+    requests = [(prompt, name) for prompt in prompts for name in ("x", None, "y")]
+    outputs = generate(ours, tokenizer, requests, SamplingParams(max_new_tokens=8))
+    eos = tokenizer.eos_token_id
+    for out in outputs:
+        expected = peft_greedy(peft_model, tokenizer, out.request.prompt, out.request.adapter, 8)
+        assert out.token_ids == expected[: len(out.token_ids)], out.request
+        assert len(out.token_ids) == len(expected) or expected[len(out.token_ids) - 1] == eos
+    # the adapters really change the answers (otherwise the comparison above proves little)
+    assert len({tuple(o.token_ids) for o in outputs if o.request.prompt == prompts[2]}) > 1
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -111,13 +111,13 @@ def test_each_adapter_writes_only_on_its_own_steps(clean: tuple[Path, Path]) -> 
 
 
 def test_resume_replays_a_lagging_adapter_and_equals_the_uninterrupted_run(
-    clean: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path, monkeypatch, caplog
+    clean: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path, caplog
 ) -> None:
     """Killed before global step 8: the newest cut is G=6, where a (step 3, mid-way through
     nothing) resumes from its checkpoint-2 and replays its 2 micro-batches of step 3."""
     config, _ = clean
     with caplog.at_level(logging.INFO, logger="mlora"):
-        want, cut = train_killed_then_resumed(config, tiny_model_dir, tmp_path, monkeypatch, 7)
+        want, cut = train_killed_then_resumed(config, tiny_model_dir, tmp_path, 7)
     assert "adapter a: replaying 2 micro-batch(es) from checkpoint-2" in caplog.text
     assert "adapter b: replaying" not in caplog.text  # saved at G=6 exactly
     assert worst_difference(cut, want) <= REPLAY_TOLERANCE

@@ -122,15 +122,13 @@ def test_micro_batch_size_changes_memory_not_the_result(tmp_path: Path) -> None:
     assert max_relative_difference(results[2], results[4]) <= 1e-5
 
 
-def test_resume_with_dropout_equals_uninterrupted(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_with_dropout_equals_uninterrupted(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Killed mid-run, then ``--resume``: every adapter (dropout, jitter, lm_head) equals the
     uninterrupted run: the adapters' random streams are part of the checkpoint."""
     specs = adapters(tmp_path)
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"cutoff_len": 64, "save_step": 1, "lora": specs}))
-    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path, monkeypatch)
+    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path)
     for spec in specs:
         clean = read_adapter(clean_dir / spec["name"])[1]
         resumed = read_adapter(cut_dir / spec["name"])[1]

@@ -199,7 +199,22 @@ def test_choice_scores_equal_peft_loglikelihood(loaded, peft_model, trained, cho
             for r, y in zip(rows, labels, strict=True)
         )
         assert result.loss == pytest.approx(gold / gold_tokens, rel=1e-5)
-        assert result.exact_match is None and 0 <= result.accuracy_norm <= 1
+        assert result.exact_match is None
+        # accuracy_norm: the highest mean log-likelihood per choice token (PEFT's log-probs
+        # over each choice's own token count, from the tokenizer)
+        best_norm = []
+        for e, row in zip(expected, rows, strict=True):
+            question, choices, _ = schema(row)
+            counts = [continuation_tokens(tokenizer, PROMPT.render(question), c) for c in choices]
+            best_norm.append(max(range(len(e)), key=lambda c, e=e, n=counts: e[c] / n[c]))
+        assert result.accuracy_norm == pytest.approx(
+            sum(b == y for b, y in zip(best_norm, labels, strict=True)) / len(labels)
+        )
+
+
+def continuation_tokens(tokenizer, prompt: str, text: str) -> int:
+    """Tokens ``text`` adds after ``prompt``."""
+    return len(tokenizer(prompt + text)["input_ids"]) - len(tokenizer(prompt)["input_ids"])
 
 
 def test_mixed_batches_equal_each_adapter_alone(loaded, trained, choice_files, monkeypatch):  # noqa: F811

@@ -15,6 +15,7 @@ from mlora.core.errors import MloraError
 from mlora.inference.generation import GenerationRequest, SamplingParams, generate
 from mlora.inference.trained import load_trained
 from tests.eval_support import ADAPTERS, trained  # noqa: F401  (session fixture)
+from tests.helpers import peft_greedy
 
 PROMPTS = ["add 3 4=", "rev owl=", "up bee=", "dup cat=", "add 12 1=", "rev lion=", "hello"]
 
@@ -40,20 +41,6 @@ def mixed_requests() -> list[GenerationRequest]:
     """Adapters interleaved (not grouped) plus base-model rows; prompts of different lengths."""
     names = [*ADAPTERS, None]
     return [GenerationRequest(PROMPTS[i % len(PROMPTS)], names[i % len(names)]) for i in range(12)]
-
-
-def peft_greedy(peft_model, tokenizer, prompt: str, adapter: str | None, **kw) -> list[int]:
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if "stop_strings" in kw:
-        kw["tokenizer"] = tokenizer
-    common = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kw)
-    if adapter is None:
-        with peft_model.disable_adapter():
-            seq = peft_model.generate(input_ids=ids, **common)
-    else:
-        peft_model.set_adapter(adapter)
-        seq = peft_model.generate(input_ids=ids, **common)
-    return seq[0, ids.shape[1] :].tolist()
 
 
 def test_adapters_are_trained(loaded):

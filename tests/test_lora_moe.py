@@ -20,6 +20,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from mlora.adapters import MultiLoraLinear
 from mlora.adapters.lora_moe.layer import LoraMoeAdapter, MolaAdapter, load_balancing_loss
+from mlora.adapters.spec import AdapterInput
 from mlora.batching.layout import BatchLayout, LayoutContext
 from mlora.batching.randomness import SegmentRandom
 from mlora.ops.routed_lora import routed_lora
@@ -152,7 +153,7 @@ def test_routed_equals_reference_from_the_math(
     twin = twin_generator(generator) if training else None
     x_ours, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
 
-    ours = module(x_ours, base_result, weight, bias, SegmentRandom(generator))
+    ours = module(AdapterInput(x_ours, base_result, weight, bias, SegmentRandom(generator)))
     ref = mixture_reference(weights, x_ref, weight, bias, base_result, twin)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     if training:  # the test sees the dropout: without masks the result is another one
@@ -179,7 +180,7 @@ def test_loramoe_equals_weights_by_hand() -> None:
         probs[:, e : e + 1] * 2.0 * (x @ ex.lora_A.weight.T @ ex.lora_B.weight.T)
         for e, ex in enumerate(module.experts)
     )
-    torch.testing.assert_close(module(x, x @ weight.T), by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module(AdapterInput(x, x @ weight.T)), by_hand, rtol=1e-5, atol=1e-5)
 
 
 def test_mola_runs_each_expert_on_its_tokens_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,7 +196,7 @@ def test_mola_runs_each_expert_on_its_tokens_only(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(lora_moe, "routed_lora", spy)
     module, weight = make_module("mola", use_dora=False, top_k=2)
     x = torch.randn(50, IN)
-    module(x, x @ weight.T)
+    module(AdapterInput(x, x @ weight.T))
     assert seen == [50 * 2]  # k rows per token in all, not E
 
 
@@ -309,7 +310,7 @@ def test_routed_equals_reference_on_cuda_with_bf16_inputs(kind: str, top_k: int)
     base_result = (x.float() @ weight.T).bfloat16()
     generator = torch.Generator(device="cuda").manual_seed(11)
     twin = twin_generator(generator)
-    ours = module(x, base_result, weight, None, SegmentRandom(generator))
+    ours = module(AdapterInput(x, base_result, weight, None, SegmentRandom(generator)))
     with torch.no_grad():
         ref = mixture_reference(weights, x.float(), weight, None, base_result.float(), twin)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)

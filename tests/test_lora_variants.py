@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mlora.adapters import DoraVariant, LoraAdapter, LoraVariant
+from mlora.adapters.spec import AdapterInput
 
 IN, OUT, R, SCALE = 12, 10, 4, 0.5
 
@@ -45,7 +46,7 @@ def test_forward_and_merged_weight_equal_the_formula(use_dora: bool) -> None:
     assert adapter.needs_base_weight is use_dora
     expected = F.linear(x, reference_weight(adapter, weight, use_dora), bias)
     base = F.linear(x, weight, bias)
-    delta = adapter(x, base, weight if use_dora else None, bias)
+    delta = adapter(AdapterInput(x, base, weight if use_dora else None, bias))
     torch.testing.assert_close(base + delta, expected, atol=1e-5, rtol=1e-5)
     merged = adapter.merged_weight(weight)  # merged equals unmerged
     torch.testing.assert_close(F.linear(x, merged, bias), expected, atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from mlora.adapters.lora_moe.layer import LoraMoeAdapter
+from mlora.adapters.spec import AdapterInput
 from mlora.ops.routed_lora import weighted_lora
 
 IN, OUT, E, R, SCALE = 16, 12, 4, 3, 0.75
@@ -38,7 +39,7 @@ def test_rank_stacked_forward_and_gradients_equal_the_formula() -> None:
     module = make_loramoe().train()
     assert module.rank_stacked()
     x = torch.randn(9, IN)
-    delta = module(x, torch.zeros(9, OUT))
+    delta = module(AdapterInput(x, torch.zeros(9, OUT)))
     upstream = torch.randn_like(delta)
     (delta * upstream).sum().backward()
 
@@ -64,11 +65,11 @@ def test_dropout_in_training_runs_each_expert_on_its_own_mask() -> None:
     lora_a = [e.lora_A.weight.detach() for e in module.experts]
     lora_b = [e.lora_B.weight.detach() for e in module.experts]
     torch.manual_seed(3)
-    trained = module(x, torch.zeros(64, OUT)).detach()
+    trained = module(AdapterInput(x, torch.zeros(64, OUT))).detach()
     assert not torch.allclose(trained, formula(x, gate, lora_a, lora_b), atol=1e-3)
     module.eval()
     assert module.rank_stacked()
-    evaluated = module(x, torch.zeros(64, OUT)).detach()
+    evaluated = module(AdapterInput(x, torch.zeros(64, OUT))).detach()
     torch.testing.assert_close(evaluated, formula(x, gate, lora_a, lora_b), atol=1e-5, rtol=1e-5)
 
 

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from mlora.adapters.meteora.layer import MeteoraAdapter
 from mlora.adapters.meteora.spec import record_gates
+from mlora.adapters.spec import AdapterInput
 from mlora.api import train
 from mlora.batching.layout import BatchLayout
 from mlora.batching.randomness import SegmentRandom
@@ -145,7 +146,7 @@ def test_weights_are_softmax_of_top_k_logits_over_temperature() -> None:
         for i, s in ((0, 0.5), (1, 2.0))
     )  # fmt: skip
     loop.eval()
-    assert torch.allclose(loop(x, x), expected, atol=1e-5)
+    assert torch.allclose(loop(AdapterInput(x, x)), expected, atol=1e-5)
     assert (weights[:, 2] > 0).any()  # the adapter absent from this layer is chosen, adds 0
 
 
@@ -157,7 +158,7 @@ def test_grouped_equals_loop_in_outputs_and_gradients(train_loras: bool) -> None
     for module in (loop, grouped):
         generator = torch.Generator().manual_seed(5)  # the same dropout masks for both
         x.grad = None
-        out = module(x, x, random=SegmentRandom(generator))
+        out = module(AdapterInput(x, x, random=SegmentRandom(generator)))
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         outputs.append(out.detach())
         grads.append({"x": x.grad.clone()} | {
@@ -406,6 +407,7 @@ def test_config_errors_are_one_line(keys: dict, message: str) -> None:
         (None, {}, "no adapter at .*missing"),
         ({"use_dora": True}, {}, "is a DoRA adapter"),
         ({"peft_type": "MIXLORA"}, {}, "is a MIXLORA adapter"),
+        ({"target_parameters": ["experts.down_proj"]}, {}, "sets 'target_parameters'"),
         ({"out": 32}, {}, "do not share a base model .*q_proj has 32 output features"),
         ({}, {"gate_target_modules": ["down_proj"]}, "no adapter targets 'down_proj'"),
     ],
@@ -477,7 +479,9 @@ def test_trained_folder_serves_evaluation_generate_and_inference(
     common = ["--base_model", str(tiny_model_dir), "--config", str(config), "--dir", str(out)]
     assert mlora_main([*common, "--evaluate"]) == 0
     result = json.loads((out / "evaluate_result.json").read_text())["met"]
-    assert result["rows"] == 8 and 0 <= result["exact_match"] <= 1
+    assert result["rows"] == len(result["predictions"]) == 8
+    hits = [p.strip() == r["output"] for p, r in zip(result["predictions"], rows, strict=True)]
+    assert result["exact_match"] == sum(hits) / 8  # the score of the answers it wrote
     capsys.readouterr()
     assert (
         generate_main([*common, "--use", "met", "owl=", "--max_new_tokens", "5", "--output", "-"])
@@ -489,9 +493,7 @@ def test_trained_folder_serves_evaluation_generate_and_inference(
     assert expected.text in capsys.readouterr().out
 
 
-def test_interrupted_run_resumes_exactly(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_interrupted_run_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     rows = [{"instruction": w, "output": w[::-1], "task": t}
             for w, t in zip(WORDS[:8], ["water", "fire"] * 4, strict=True)]  # fmt: skip
@@ -502,6 +504,6 @@ def test_interrupted_run_resumes_exactly(
     )  # fmt: skip
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"cutoff_len": 32, "save_step": 1, "lora": [entry]}))
-    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path, monkeypatch)
+    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path)
     clean = read_adapter(clean_dir / "met")[1]
     assert max_relative_difference(read_adapter(cut_dir / "met")[1], clean) <= 1e-6

@@ -502,7 +502,7 @@ def test_save_load_gives_equal_logits(tmp_path: Path, tiny_model_dir: Path, stra
     from mlora.persistence.adapter_files import peft_config, save_adapter
 
     spec = model.specs[strategy]
-    save_adapter(model, strategy, tmp_path / strategy, peft_config(spec, 8, False, "tiny"))
+    save_adapter(model, strategy, tmp_path / strategy, peft_config(spec, "tiny"))
     saved, tensors = read_adapter(tmp_path / strategy)
     assert saved["peft_type"] == "MIXLORA" and saved["routing_strategy"] == strategy
     assert saved["expert_lora"] == {"r": 2, "lora_alpha": 4} and saved["act_fn"] == "silu"
@@ -527,9 +527,7 @@ def test_the_mixlora_package_loads_our_files_with_equal_logits(
     from mlora.persistence.adapter_files import peft_config, save_adapter
 
     folder = tmp_path / "mixlora"
-    save_adapter(
-        model, "mixlora", folder, peft_config(model.specs["mixlora"], 8, False, str(tiny_model_dir))
-    )
+    save_adapter(model, "mixlora", folder, peft_config(model.specs["mixlora"], str(tiny_model_dir)))
     their_config, weights = mixlora.load_adapter_weights(str(folder), device="cpu")
     theirs = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     mixlora.inject_adapter_in_model(theirs, their_config, weights)
@@ -653,16 +651,14 @@ def test_bad_moe_keys_are_one_line_cli_errors(
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
-def test_interrupted_run_resumes_exactly(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_interrupted_run_resumes_exactly(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Jitter, dropouts and capacity draw on the RNG: the resumed run must still match."""
     add = write_json(tmp_path / "add.json", addition_rows(8))
     switch = moe_adapter(add, write_template(tmp_path), "mixlora-switch", expert_capacity=4)
     switch.update(jitter_noise=0.1, ffn_dropout=0.1, lora_dropout=0.1, batch_size=4)
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"cutoff_len": 64, "save_step": 2, "lora": [switch]}))
-    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path, monkeypatch)
+    clean_dir, cut_dir = train_killed_then_resumed(path, tiny_model_dir, tmp_path)
     clean = read_adapter(clean_dir / "mixlora-switch")[1]
     resumed = read_adapter(cut_dir / "mixlora-switch")[1]
     assert max_relative_difference(resumed, clean) <= 1e-6

@@ -22,16 +22,17 @@ from mlora.persistence.adapter_files import (
 )
 from tests.conftest import make_model
 
-SPECS = {
-    "lora": (
-        LoraSpec(r=4, scaling=2.0, target_modules=("q_proj", "v_proj", "down_proj")),
-        8.0,
-        False,
+SPECS = {  # the scaling PEFT will derive from lora_alpha and use_rslora (8/4; 8/sqrt(2))
+    "lora": LoraSpec(
+        r=4, scaling=2.0, target_modules=("q_proj", "v_proj", "down_proj"), lora_alpha=8.0
     ),
-    "dora": (
-        LoraSpec(r=2, scaling=8 / 2**0.5, target_modules=("k_proj", "o_proj"), use_dora=True),
-        8.0,
-        True,
+    "dora": LoraSpec(
+        r=2,
+        scaling=8 / 2**0.5,
+        target_modules=("k_proj", "o_proj"),
+        use_dora=True,
+        lora_alpha=8.0,
+        use_rslora=True,
     ),
 }
 
@@ -40,7 +41,7 @@ def model_with_random_adapters() -> tuple[MultiLoraModel, torch.nn.Module]:
     base = make_model(vocab_size=64)
     model = MultiLoraModel(copy.deepcopy(base))
     torch.manual_seed(1)
-    for name, (spec, _, _) in SPECS.items():
+    for name, spec in SPECS.items():
         model.add_adapter(name, spec)
         with torch.no_grad():
             for param in model.adapter_parameters(name):
@@ -50,8 +51,8 @@ def model_with_random_adapters() -> tuple[MultiLoraModel, torch.nn.Module]:
 
 def test_peft_loads_our_adapters_and_gives_the_same_logits(tmp_path: Path) -> None:
     model, base = model_with_random_adapters()
-    for name, (spec, alpha, rslora) in SPECS.items():
-        save_adapter(model, name, tmp_path / name, peft_config(spec, alpha, rslora, "tiny"))
+    for name, spec in SPECS.items():
+        save_adapter(model, name, tmp_path / name, peft_config(spec, "tiny"))
 
     ids = torch.randint(4, 64, (5, 9))
     mask = torch.ones_like(ids)
@@ -73,8 +74,8 @@ def test_peft_loads_our_adapters_and_gives_the_same_logits(tmp_path: Path) -> No
 
 def test_saved_files_use_peft_key_names_and_config(tmp_path: Path) -> None:
     model, _ = model_with_random_adapters()
-    spec, alpha, rslora = SPECS["dora"]
-    save_adapter(model, "dora", tmp_path, peft_config(spec, alpha, rslora, "tiny"))
+    spec = SPECS["dora"]
+    save_adapter(model, "dora", tmp_path, peft_config(spec, "tiny"))
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight" in keys
     assert "base_model.model.model.layers.1.self_attn.o_proj.lora_magnitude_vector" in keys
@@ -85,10 +86,15 @@ def test_saved_files_use_peft_key_names_and_config(tmp_path: Path) -> None:
 
 def test_round_trip_through_read_adapter(tmp_path: Path) -> None:
     model, base = model_with_random_adapters()
-    spec, alpha, rslora = SPECS["lora"]
-    save_adapter(model, "lora", tmp_path, peft_config(spec, alpha, rslora, "tiny"))
+    spec = SPECS["lora"]
+    save_adapter(model, "lora", tmp_path, peft_config(spec, "tiny"))
     config, tensors = read_adapter(tmp_path)
-    loaded_spec, _, _ = spec_from_peft_config(config, str(tmp_path))
+    loaded_spec = spec_from_peft_config(config, str(tmp_path))
+    assert (loaded_spec.lora_alpha, loaded_spec.use_rslora, loaded_spec.scaling) == (
+        8.0,
+        False,
+        2.0,
+    )
     fresh = MultiLoraModel(copy.deepcopy(base))
     fresh.add_adapter("copy", loaded_spec)
     load_adapter_weights(fresh, "copy", tensors, str(tmp_path))

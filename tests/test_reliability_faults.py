@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from mlora.cli.train import main
-from tests.helpers import addition_rows, reverse_rows, write_json, write_template
+from tests.conftest import make_model, make_tokenizer
+from tests.helpers import addition_rows, reverse_rows, run_in_memory, write_json, write_template
 from tests.reliability_support import mlora_args, run_mlora
 
 
@@ -65,3 +66,36 @@ def test_non_finite_loss_stops_one_adapter_and_the_others_carry_on(
     assert got.keys() == want.keys()
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_a_fault_read_when_another_adapter_finishes_stops_it_where_its_loss_failed(
+    tmp_path: Path,
+) -> None:
+    """boom's loss is NaN at its step 2 (global step 2); nothing reads the fault flags until
+    steady finishes at global step 3, a step boom shares (and in which it comes second). The
+    read must stop boom as of its step 1 for good: no later update, step count or schedule."""
+    template = write_template(tmp_path)
+    config = {
+        "cutoff_len": 40,
+        "log_step": 100,  # the flags are first read when steady finishes
+        "lora": [
+            {"name": "steady", "data": write_json(tmp_path / "s.json", addition_rows(6)),
+             "prompt": template, "r": 4, "batch_size": 2, "num_epochs": 1, "lr": 1e-2},
+            {"name": "boom", "data": write_json(tmp_path / "b.json", reverse_rows(8)),
+             "prompt": template, "r": 2, "batch_size": 2, "num_epochs": 2, "lr": 1e30},
+        ],
+    }  # fmt: skip
+    trainer = run_in_memory(lambda: make_model(seed=3), make_tokenizer(), config, tmp_path / "out")
+    steady, boom = trainer.runs
+    assert (steady.status, steady.steps_done) == ("finished", 3)
+    assert boom.failed is not None
+    match = re.search(r"non-finite loss at adapter step (\d+) \(global step (\d+)\)", boom.failed)
+    assert match, boom.failed
+    assert (int(match.group(1)), int(match.group(2))) == (2, 2)
+    assert boom.status == "failed"
+    assert boom.steps_done == 1  # the steps from 2 on were skipped on the device
+    # Its schedule saw steps 1 to 3 (the flag was raised at 2, read after 3), never a 4th.
+    assert boom.scheduler.last_epoch == 3
+    assert trainer.global_step == 3
+    assert not (tmp_path / "out" / "boom" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "out" / "steady" / "adapter_model.safetensors").exists()

@@ -133,15 +133,18 @@ def test_sigkill_at_several_moments_then_resume_equals_uninterrupted(
     assert (out / "sgd" / "checkpoint-2").is_dir()  # complete, but its cut never was
     assert not (out / "acc" / "checkpoint-3").exists()  # each adapter on its own schedule
 
-    # 3. Resume (the half-written folder must be ignored), SIGKILL from outside at a random moment.
-    proc = start_mlora([*args, "--resume"])
+    # 3. Resume (the half-written folder must be ignored), SIGKILL from outside at a seeded
+    #    moment: each of the 8+ steps left takes 0.25 s or more, so the kill (at most 1.5 s
+    #    after the resume began) always lands in the middle of the run.
+    proc = start_mlora([*args, "--resume"], script=HARNESS, MLORA_TEST_STEP_SECONDS="0.25")
     lines = read_until(proc, "resuming from")
     assert "step-4" in lines[-1]
-    delay = random.uniform(0.0, 1.5)
+    delay = random.Random(24).uniform(0.0, 1.5)
     time.sleep(delay)
     proc.kill()
-    proc.communicate(timeout=60)
-    assert proc.returncode in (-signal.SIGKILL, 0)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(lines) + rest
+    assert "peak memory" not in rest  # killed before its end
 
     # 4. Finish through launch.py run --resume.
     last = run_mlora(["run", *args, "--resume"], script=str(ROOT / "launch.py"))

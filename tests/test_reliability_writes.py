@@ -33,6 +33,7 @@ from tests.reliability_support import (
 )
 
 PACKAGE = Path(mlora.__file__).parent
+DENIED = "Permission denied (give this user write permission there, or write to another place)"
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -59,13 +60,19 @@ def test_disk_full_and_permission_denied_mid_run(tmp_path: Path, tiny_model_dir:
 
     assert first.returncode == 2, first.stderr
     target = full / "short" / "adapter_model.safetensors"
-    assert one_error_line(first.stderr) == f"error: cannot write {target}: {os.strerror(28)}"
+    assert one_error_line(first.stderr) == (
+        f"error: cannot write {target}: {os.strerror(28)} (free space on that disk, or write to "
+        "another place)"
+    )
     assert target.read_bytes() == earlier
     assert not leftovers(full)
 
     assert second.returncode == 2, second.stderr
     target = denied / "acc" / "checkpoint-4" / "adapter_model.safetensors"
-    assert one_error_line(second.stderr) == f"error: cannot write {target}: {os.strerror(13)}"
+    assert one_error_line(second.stderr) == (
+        f"error: cannot write {target}: {os.strerror(13)} (give this user write permission "
+        "there, or write to another place)"
+    )
     assert not (denied / "acc" / "checkpoint-4").exists() and not leftovers(denied)
     assert [step for step, _ in list_checkpoints(denied / "acc")] == [2]  # its own schedule
     point = find_resume_point(denied, run_identity(config, tiny_model_dir))
@@ -83,7 +90,7 @@ def test_read_only_output_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
     finally:
         out.chmod(0o700)
     assert result.returncode == 2
-    assert one_error_line(result.stderr) == f"error: cannot write {out}: Permission denied"
+    assert one_error_line(result.stderr) == f"error: cannot write {out}: {DENIED}"
 
 
 def test_a_second_run_into_a_folder_in_use_stops_at_once(
@@ -136,7 +143,9 @@ def test_atomic_write_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> No
     path = tmp_path / "weights.bin"
     atomic_write_bytes(path, b"old")
     fail_fsync(monkeypatch, errno.ENOSPC)
-    with pytest.raises(WriteError, match=f"^cannot write {path}: No space left on device$"):
+    with pytest.raises(
+        WriteError, match=f"^cannot write {path}: No space left on device \\(free space"
+    ):
         atomic_write_bytes(path, b"new" * 1000)
     assert path.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [path]
 
@@ -171,7 +180,7 @@ def test_atomic_directory_is_complete_or_absent(tmp_path: Path, monkeypatch) -> 
     fail_fsync(monkeypatch, errno.EACCES)
     with pytest.raises(WriteError) as caught, atomic_directory(folder) as tmp:
         atomic_write_bytes(tmp / "b", b"3")
-    assert str(caught.value) == f"cannot write {folder / 'b'}: Permission denied"  # final name
+    assert str(caught.value) == f"cannot write {folder / 'b'}: {DENIED}"  # final name
     with pytest.raises(RuntimeError), atomic_directory(tmp_path / "other") as tmp:
         raise RuntimeError("a crash half-way")
     assert sorted(tmp_path.iterdir()) == [folder] and (folder / "a").read_bytes() == b"2"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mlora.ops import GROUPED_AVAILABLE, grouped_supported, resolve_impl, segmented_lora
+from mlora.ops import GROUPED_AVAILABLE, resolve_impl, segmented_lora
 
 IN, OUT = 32, 48  # 16-byte aligned for fp32 and bf16, so grouped_mm accepts them
 FAST_IMPLS = ["grouped", "function"] if GROUPED_AVAILABLE else ["function"]
@@ -247,6 +247,19 @@ def test_gradient_through_dropped_input(impl: str) -> None:
     assert torch.equal(results[impl][1][~keep], torch.zeros_like(results[impl][1][~keep]))
 
 
+def torch_grouped_mm_runs(features_in: int, features_out: int, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` itself multiplies (16, in) rows by two (in, out) groups."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    x = torch.randn(16, features_in, dtype=dtype)
+    weights = torch.randn(2, features_out, features_in, dtype=dtype).transpose(1, 2)
+    try:
+        torch._grouped_mm(x, weights, offs=torch.tensor([8, 16], dtype=torch.int32))
+    except RuntimeError:  # torch's refusal: a dtype or stride it has no kernel for
+        return False
+    return True
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_auto_picks_a_working_path(dtype: torch.dtype) -> None:
     """auto runs grouped where supported (fp32/bf16 with aligned features), else function."""
@@ -254,11 +267,13 @@ def test_auto_picks_a_working_path(dtype: torch.dtype) -> None:
     inputs = make_inputs(case, dtype=dtype)
     odd_x = inputs.x.detach()[:, : IN - 2].contiguous()  # 30 features: not 16-byte aligned
     odd_a = [a.detach()[:, : IN - 2] for a in inputs.lora_a]
-    supported = grouped_supported(inputs.x, inputs.lora_a, inputs.lora_b)
-    assert not (supported and dtype == torch.float64)  # grouped_mm has no float64
+    # What torch itself can run, asked directly (not through our support check): auto takes
+    # grouped exactly where torch's grouped matmul runs these shapes and dtype on the CPU.
+    out = inputs.lora_b[0].shape[0]
     assert resolve_impl("auto", inputs.x, inputs.lora_a, inputs.lora_b) == (
-        "grouped" if supported else "function"
+        "grouped" if torch_grouped_mm_runs(IN, out, dtype) else "function"
     )
+    assert not torch_grouped_mm_runs(IN - 2, out, dtype)  # torch refuses unaligned strides
     assert resolve_impl("auto", odd_x, odd_a, inputs.lora_b) == "function"
     for x, lora_a in ((inputs.x, inputs.lora_a), (odd_x, odd_a)):
         args = (x, case.segments, lora_a, inputs.lora_b, inputs.scales)

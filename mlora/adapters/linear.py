@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mlora.adapters.lora import LoraAdapter, LoraVariant
-from mlora.adapters.spec import AdapterHost
+from mlora.adapters.spec import AdapterHost, AdapterInput
 from mlora.batching.layout import AdapterSegment, LayoutContext
 from mlora.ops.segmented_lora import segmented_lora
 from mlora.ops.segments import join_segments, split_segments
@@ -156,17 +156,16 @@ class MultiLoraLinear(nn.Module, AdapterHost):
             adapter = self.adapters[seg.adapter]
             if adapter.needs_base_weight and dense is None:
                 dense = dense_weight(self.base_layer)
-            deltas.append(
-                adapter(
-                    seg_x,
-                    seg_y,
-                    dense if adapter.needs_base_weight else None,
-                    self.base_layer.bias,
-                    random=self.context.segment_random(seg, x.shape[0], x.device),
-                    token_mask=self.context.segment_token_mask(seg, x.shape[0]),
-                    token_tasks=self.context.segment_token_tasks(seg, x.shape[0]),
-                ).float()
+            inputs = AdapterInput(
+                seg_x,
+                seg_y,
+                dense if adapter.needs_base_weight else None,
+                self.base_layer.bias,
+                random=self.context.segment_random(seg, x.shape[0], x.device),
+                token_mask=self.context.segment_token_mask(seg, x.shape[0]),
+                token_tasks=self.context.segment_token_tasks(seg, x.shape[0]),
             )
+            deltas.append(adapter(inputs).float())
         return join_segments(deltas, ranges, x.shape[0])
 
 

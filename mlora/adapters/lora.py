@@ -11,12 +11,13 @@ the global RNG, so one adapter's masks do not depend on which other adapters sha
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlora.adapters.spec import AdapterInput
 from mlora.batching.randomness import SegmentRandom
 
 
@@ -153,17 +154,18 @@ class DoraVariant(LoraVariant):
         base_bias: torch.Tensor | None,
         random: SegmentRandom | None,
     ) -> torch.Tensor:
-        assert base_weight is not None
+        if base_weight is None:
+            raise ValueError("DoRA's forward needs the base weight")
         weight = base_weight.to(x.dtype)
-        mag_norm_scale = self.scale(adapter, weight).view(1, -1)
-        if adapter.dropout_p == 0 or not adapter.training:
-            lora_result = adapter.lora_B(adapter.lora_A(x))
-            base = base_result if base_bias is None else base_result - base_bias
-        else:  # the base term must see the dropped input too (PEFT)
-            x = adapter_dropout(x, adapter.dropout_p, adapter.training, random)
-            lora_result = adapter.lora_B(adapter.lora_A(x))
-            base = F.linear(x, weight)
-        return (mag_norm_scale - 1) * base + mag_norm_scale * lora_result * adapter.scaling
+        dropped = adapter_dropout(x, adapter.dropout_p, adapter.training, random)
+        return dora_delta(
+            self.scale(adapter, weight).view(1, -1),
+            adapter.lora_B(adapter.lora_A(dropped)) * adapter.scaling,
+            dropped,
+            weight,
+            adapter.dropout_p != 0 and adapter.training,
+            lambda: base_result if base_bias is None else base_result - base_bias,
+        )
 
     def merged_weight(self, adapter: LoraAdapter, base_weight: torch.Tensor) -> torch.Tensor:
         weight = base_weight.to(adapter.lora_A.weight.dtype)
@@ -222,33 +224,46 @@ class LoraAdapter(nn.Module):
         """B @ A, shape (out, in), without the scale."""
         return self.lora_B.weight @ self.lora_A.weight
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        base_result: torch.Tensor,
-        base_weight: torch.Tensor | None = None,
-        base_bias: torch.Tensor | None = None,
-        random: SegmentRandom | None = None,
-        token_mask: torch.Tensor | None = None,
-        token_tasks: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, inputs: AdapterInput) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens.
 
         Args:
-            x: (N, in) the segment's layer input.
-            base_result: (N, out) the frozen layer's output for the same tokens.
-            base_weight: (out, in) dense base weight; needed only for DoRA.
-            base_bias: the base layer's bias, removed from ``base_result`` for DoRA.
-            random: the adapter's random stream for dropout (see ``adapter_dropout``).
-            token_mask: (N,) real tokens; unused by LoRA (MoE modules share this signature).
-            token_tasks: (N,) task label of each token (-1: none), for MeteoRA's gate loss;
-                unused by LoRA.
+            inputs: the segment's tokens and what the layer gives (``AdapterInput``).
 
         Returns:
             (N, out) fp32 delta.
         """
+        x, base_result = inputs.x, inputs.base_result
+        base_weight, base_bias, random = inputs.base_weight, inputs.base_bias, inputs.random
         x = x.to(self.lora_A.weight.dtype)
         return self.variant.forward(self, x, base_result, base_weight, base_bias, random)
+
+
+def dora_delta(
+    scale: torch.Tensor,
+    lora: torch.Tensor,
+    dropped: torch.Tensor,
+    weight: torch.Tensor,
+    dropout_active: bool,
+    undropped_base: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """What DoRA adds to the frozen output: ``(g - 1) * W d(x) + g * s B A d(x)``, the one
+    place of the rule (Liu et al. 2024 with PEFT's dropout handling).
+
+    With dropout active the base term must see the dropped input, so it is recomputed as
+    ``W d(x)``; without, ``d(x) = x`` and PEFT reuses the frozen output without its bias.
+
+    Args:
+        scale: (N, out) or (1, out) ``g = m / ||W + s B A||`` (norm detached).
+        lora: (N, out) ``s B A d(x)``, already scaled.
+        dropped: (N, in) ``d(x)``, the adapter's dropped input.
+        weight: (out, in) ``W``, in ``dropped``'s dtype.
+        dropout_active: whether dropout was applied (training with p > 0).
+        undropped_base: returns (N, out) ``W x`` (the frozen output without bias); called
+            only without dropout.
+    """
+    base = F.linear(dropped, weight) if dropout_active else undropped_base()
+    return (scale - 1) * base + scale * lora
 
 
 def dora_scales(adapters: Sequence[LoraAdapter], weight: torch.Tensor) -> torch.Tensor:

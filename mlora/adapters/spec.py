@@ -5,6 +5,8 @@ MeteoRA) subclass it and override ``attach``. ``AdapterHost`` is any module that
 modules by name (a wrapped linear layer, a MixLoRA FFN): the model finds, lists and removes an
 adapter by walking hosts, so it never names a kind. ``AdapterModel`` is what a spec's
 ``attach`` may use of the model, so the kinds never import the model module.
+``AdapterModule`` is the contract of the module a host runs per adapter on its segment:
+one ``AdapterInput`` in, the (N, out) fp32 delta out.
 """
 
 from __future__ import annotations
@@ -13,9 +15,48 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+import torch
 from torch import nn
 
 from mlora.batching.layout import LayoutContext
+from mlora.batching.randomness import SegmentRandom
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    """What an adapter module gets for its segment of one layer's tokens.
+
+    Attributes:
+        x: (N, in) the segment's layer input.
+        base_result: (N, out) the frozen layer's output for the same tokens.
+        base_weight: (out, in) the dense base weight; given only to modules whose
+            ``needs_base_weight`` is set (DoRA), else None.
+        base_bias: (out,) the base layer's bias, or None.
+        random: the adapter's random stream over these tokens (dropout, jitter); None: the
+            global RNG.
+        token_mask: (N,) bool, the real (non-padding) tokens, for router statistics; None: all.
+        token_tasks: (N,) long, each token's task label (-1: none), for MeteoRA's gate loss;
+            None: no labels.
+    """
+
+    x: torch.Tensor
+    base_result: torch.Tensor
+    base_weight: torch.Tensor | None = None
+    base_bias: torch.Tensor | None = None
+    random: SegmentRandom | None = None
+    token_mask: torch.Tensor | None = None
+    token_tasks: torch.Tensor | None = None
+
+
+class AdapterModule(Protocol):
+    """The module a host (``MultiLoraLinear``) runs for one adapter on its segment: LoRA/DoRA
+    (``LoraAdapter``), LoRAMoE/MoLA's experts in a linear, MeteoRA's gated LoRAs."""
+
+    needs_base_weight: bool  # whether ``AdapterInput.base_weight`` must be given
+
+    def __call__(self, inputs: AdapterInput) -> torch.Tensor:
+        """(N, out) fp32: what the adapter adds to ``inputs.base_result``."""
+        ...
 
 
 class AdapterHost:
@@ -68,7 +109,12 @@ class AdapterModel(Protocol):
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """The shape of one LoRA adapter: flat arguments, so no config object reaches a layer."""
+    """The shape of one LoRA adapter: flat arguments, so no config object reaches a layer.
+
+    ``scaling`` is what the layers use; ``lora_alpha`` and ``use_rslora`` are where it came
+    from (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA), recorded in the saved
+    ``adapter_config.json``. A spec built from a scaling alone records ``alpha = scaling * r``.
+    """
 
     r: int
     scaling: float
@@ -76,6 +122,15 @@ class LoraSpec:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     init: str = "original"
     use_dora: bool = False
+    # parameter tensors adapted by name (PEFT's target_parameters): MoE experts and routers
+    target_parameters: tuple[str, ...] = ()
+    lora_alpha: float | None = None
+    use_rslora: bool = False
+
+    @property
+    def alpha(self) -> float:
+        """``lora_alpha`` as configured, else the one that gives ``scaling`` without rsLoRA."""
+        return self.scaling * self.r if self.lora_alpha is None else self.lora_alpha
 
     @property
     def peft_type(self) -> str:

@@ -28,10 +28,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-STAT_KEY = "\0router-stats\0"
+
+class RouterSlot(NamedTuple):
+    """Where one MoE module's router sums for one adapter are recorded in a pass (data
+    parallel): beside the adapters' losses, under a key of their own type."""
+
+    adapter: str
+    slot: int
+
+
+# A pass's side records: an adapter's aux loss (its name) or one module's router sums.
+SideKey = str | RouterSlot
 """Joins an adapter name and a module slot in the keys of recorded router sums: they travel
 with the losses through gradient checkpointing, and no adapter name contains it."""
 
@@ -104,11 +115,11 @@ class AuxLossCollector:
     """Aux losses of the current pass and routed-token counts since the last log, per adapter."""
 
     def __init__(self) -> None:
-        self._losses: dict[str, torch.Tensor] = {}
+        self._losses: dict[SideKey, torch.Tensor] = {}
         self._loads: dict[str, torch.Tensor] = {}
         # data parallel: adapter -> ({id(module): slot}, E + 2); None: losses are recorded whole
         self._slots: dict[str, tuple[dict[int, int], int]] | None = None
-        self._stat_counts: dict[str, tuple[torch.Tensor, tuple[float, float, float]]] = {}
+        self._stat_counts: dict[RouterSlot, tuple[torch.Tensor, tuple[float, float, float]]] = {}
 
     def clear(self) -> None:
         """Forget the losses of the previous pass (loads are kept until ``take_loads``)."""
@@ -130,8 +141,9 @@ class AuxLossCollector:
 
     def add_stats(self, adapter: str, module: object, stats: RouterStats) -> None:
         """Record one module's router sums for ``adapter`` in this pass."""
-        assert self._slots is not None
-        key = f"{adapter}{STAT_KEY}{self._slots[adapter][0][id(module)]}"
+        if self._slots is None:
+            raise RuntimeError("router sums recorded while losses are recorded whole")
+        key = RouterSlot(adapter, self._slots[adapter][0][id(module)])
         self.add(key, stats.values)  # the differentiable part rides with the losses
         self._stat_counts[key] = (stats.counts, stats.coefs)
 
@@ -155,7 +167,7 @@ class AuxLossCollector:
         """
         slots = self._slots or {}
         keys = [
-            (name, f"{name}{STAT_KEY}{i}", slots[name][1])
+            (name, RouterSlot(name, i), slots[name][1])
             for name in adapters
             if name in slots
             for i in range(len(slots[name][0]))
@@ -178,14 +190,15 @@ class AuxLossCollector:
             losses[name] = loss if name not in losses else losses[name] + loss
         return losses
 
-    def add(self, adapter: str, loss: torch.Tensor) -> None:
-        """Record a scalar aux loss (already multiplied by its coefficient) for ``adapter``."""
+    def add(self, adapter: SideKey, loss: torch.Tensor) -> None:
+        """Record a scalar aux loss (already multiplied by its coefficient) for ``adapter``
+        (or, under a ``RouterSlot``, a module's differentiable router sums)."""
         loss = loss.float()
         previous = self._losses.get(adapter)
         self._losses[adapter] = loss if previous is None else previous + loss
 
     @contextlib.contextmanager
-    def capture(self, keep_loads: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    def capture(self, keep_loads: bool = True) -> Iterator[dict[SideKey, torch.Tensor]]:
         """Record the losses added inside the block into the yielded dict, not into this pass.
 
         Gradient checkpointing (``mlora.training.recompute``) runs a layer without grad and again in

@@ -45,13 +45,6 @@ class MicroBatch:
     step_items: int = 0
 
     @property
-    def step_fraction(self) -> float:
-        """The share of its optimizer step this micro-batch makes (for loss bookkeeping)."""
-        if self.rows_per_item > 1:
-            return len(self.rows) / self.rows_per_item / self.step_items
-        return sum(row.num_supervised for row in self.rows) / self.step_tokens
-
-    @property
     def max_len(self) -> int:
         return max(len(row) for row in self.rows)
 
@@ -210,9 +203,7 @@ class AdapterQueue:
             for k, indices in enumerate(micro):
                 rows = tuple(self.rows[per * i + j] for i in indices for j in range(per))
                 ends = k == len(micro) - 1
-                out.append(
-                    MicroBatch(rows, epoch, len(micro), ends, step_tokens, per, len(batch))
-                )
+                out.append(MicroBatch(rows, epoch, len(micro), ends, step_tokens, per, len(batch)))
         return out
 
     @property
@@ -268,6 +259,12 @@ class AdapterQueue:
             "micro_steps_done": state["micro_steps_done"] - into,
         }
 
+    def popped_in_step(self) -> list[MicroBatch]:
+        """The micro-batches of the optimizer step in progress already popped (none between
+        steps): what a step resumed in the middle of its accumulation has already seen."""
+        start = self.step_start_state()["cursor"]
+        return [] if self.finished else self._epoch_batches[start : self.cursor]
+
     def check_same_order(self, epoch: int, order: list[int] | None, source: object) -> None:
         """Refuse to resume from ``source`` when ``order`` (the row order of ``epoch`` saved
         there) is not this queue's: the training data changed in number (or length) of rows.
@@ -316,6 +313,10 @@ class Dispatcher:
     @property
     def finished(self) -> bool:
         return all(q.finished for q in self.queues)
+
+    def add(self, queue: AdapterQueue) -> None:
+        """A new adapter's queue, last in config order (it may share the next step)."""
+        self.queues.append(queue)
 
     def _candidates(self) -> list[AdapterQueue]:
         return [q for q in self.queues if not q.finished][: self.candidate_num]

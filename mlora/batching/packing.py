@@ -22,6 +22,11 @@ logger = logging.getLogger("mlora")
 
 PACKING_CHOICES = ("auto", True, False, "stream", "bins")
 _PROBE_BINS = ((5, 3), (4, 4))  # row lengths packed into each of two batch rows
+# How a model's forward refuses packed rows: an argument it does not take (TypeError), a shape
+# or mask it rejects (ValueError, RuntimeError), a path it lacks (NotImplementedError). Any
+# other exception (AttributeError, KeyError, ...) is a bug and propagates as a traceback
+# instead of quietly turning packing off.
+PACKED_CALL_ERRORS = (TypeError, ValueError, RuntimeError, NotImplementedError)
 
 
 def packing_problem(hf_model: nn.Module) -> str | None:
@@ -84,7 +89,9 @@ def _probe(
                 **extra,
             ).last_hidden_state
             packed = packed.reshape(-1, packed.shape[-1]).float()
-    except Exception as exc:  # any failure of the packed call means: don't pack
+    except torch.OutOfMemoryError:
+        raise  # the device, not the model's code: no reason to pad
+    except PACKED_CALL_ERRORS as exc:  # the model's code does not take packed rows: pad
         return f"a forward of {what} fails ({type(exc).__name__}: {first_line(exc)})"
     finally:
         hf_model.train(was_training)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mlora.core.errors import MloraError
+from mlora.core.os_errors import write_problem
 
 if TYPE_CHECKING:  # the library is imported where a command uses it, not for ``--help``
     from mlora.data.prompts import PromptTemplate
@@ -60,9 +64,31 @@ def quantize_choice(args: argparse.Namespace) -> str | None:
     return "4bit" if args.load_4bit else "8bit" if args.load_8bit else None
 
 
+class LogFile(logging.FileHandler):
+    """``--log_file``: a write the operating system refuses (a full disk) is said once, as one
+    line, and the run goes on (its log still reaches stderr; its own files report their write
+    errors), instead of ``logging`` printing a traceback for every line."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+        elif not self.failed:
+            self.failed = True
+            path = Path(self.baseFilename)
+            print(f"warning: --log_file: cannot write {path}: {write_problem(path, error)}; "
+                  "the log goes on on stderr only", file=sys.stderr)  # fmt: skip
+
+
 def setup_logging(verbose: bool, log_file: str | None) -> None:
     """Log to stderr (and ``log_file``); with several processes only rank 0 logs below
-    warnings, and only rank 0 writes the log file."""
+    warnings, and only rank 0 writes the log file.
+
+    Raises:
+        MloraError: the log file cannot be opened for writing (naming it, the cause, the fix).
+    """
     from mlora.core.launcher_env import env_rank
 
     main = env_rank() == 0
@@ -70,7 +96,11 @@ def setup_logging(verbose: bool, log_file: str | None) -> None:
 
     handlers: list[logging.Handler] = [CurrentStderrHandler()]
     if log_file and main:
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        try:
+            handlers.append(LogFile(log_file, encoding="utf-8"))
+        except OSError as exc:
+            problem = write_problem(Path(log_file), exc)
+            raise MloraError(f"--log_file: cannot write {log_file}: {problem}") from None
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
         level=level if main else logging.WARNING,

@@ -24,6 +24,7 @@ from mlora.cli.common import (
 from mlora.cli.program import program_name
 from mlora.core.atomic import atomic_write_text
 from mlora.core.errors import MloraError, exit_code_of
+from mlora.core.jsonfile import TextProblem, parse_json, read_text
 from mlora.data.chat import ChatPrompt, bind_templates
 from mlora.data.prompts import PromptTemplate, load_template
 
@@ -86,19 +87,19 @@ def read_prompts_file(path: str) -> list[tuple[str, str | None, bool, str]]:
             raise MloraError(f"{path} is a directory, not a prompts file")
         raise MloraError(f"prompts file not found: {path}")
     try:
-        text = file.read_bytes().decode("utf-8")
+        text = read_text(file)
     except OSError as exc:
         raise MloraError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise MloraError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except TextProblem as exc:
+        raise MloraError(f"{path}: {exc}") from None
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MloraError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+            row = parse_json(line)
+        except TextProblem as exc:
+            raise MloraError(f"{path}:{number}: {exc}") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise MloraError(f'{path}:{number}: expected an object with a string "prompt"')
         adapter = row.get("adapter")

@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mlora.cli.plot import add_plot_verb
+from mlora.cli.sweep_config import add_sweep_parser
 from mlora.config.schema import (
     CHOICE_TASK_NAMES,
     MOE_STRATEGY_DEFAULTS,
@@ -344,6 +346,7 @@ RUN_FLAG_MAP: dict[str, Callable[[Any], list[str]]] = {
     "gguf_file": lambda v: ["--gguf_file", v],
     "dist_backend": lambda v: ["--dist_backend", v],
     "fsdp": lambda v: ["--fsdp"] if v else [],
+    "report_to": lambda v: ["--report_to", *v],
 }
 
 
@@ -413,8 +416,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate trained adapters in this process via ``mlora.cli.train.main --evaluate``."""
+    from mlora.cli.harness_options import check_harness_options, harness_flags
+
+    check_harness_options(args)
     adapters = ["--adapters", args.adapters] if args.adapters else []
-    return _call_mlora(args, ["--evaluate", *adapters])
+    return _call_mlora(args, ["--evaluate", *adapters, *harness_flags(args)])
 
 
 # --- avail / help ------------------------------------------------------------------------------
@@ -543,6 +549,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --nproc_per_node: shard the frozen base over the processes (FSDP2)",
     )
+    p.add_argument(
+        "--report_to",
+        nargs="+",
+        metavar="TRACKER",
+        help="trackers that also get the metrics: tensorboard, mlflow, trackio, wandb or none",
+    )
     p.set_defaults(func=cmd_run)
 
 
@@ -578,6 +590,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_args(p, dir_help="where the trained adapters are: DIR/NAME (default .)")
     p.add_argument("--adapters", help="comma-separated adapter names (default: all with test data)")
+    from mlora.cli.harness_options import add_harness_options
+
+    add_harness_options(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -592,10 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gen(sub)
     _add_run(sub)
     _add_evaluate(sub)
+    add_plot_verb(sub)
+    add_sweep_parser(sub, read_template)
     avail = sub.add_parser("avail", help="list templates, prompt templates and bundled data")
     avail.set_defaults(func=cmd_avail)
     help_ = sub.add_parser("help", help="show this help, or one verb's help")
-    help_.add_argument("verb", nargs="?", choices=("gen", "run", "evaluate", "avail", "help"))
+    verbs = ("gen", "run", "evaluate", "plot", "sweep", "avail", "help")
+    help_.add_argument("verb", nargs="?", choices=verbs)
     help_.set_defaults(func=cmd_help)
     return parser
 

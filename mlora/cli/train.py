@@ -15,6 +15,7 @@ from mlora.cli.common import (
     quantize_choice,
     setup_logging,
 )
+from mlora.cli.harness_options import add_harness_options, check_harness_options
 from mlora.cli.program import program_name
 from mlora.core.errors import exit_code_of
 from mlora.core.interrupt import TrainingInterrupted
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="With --evaluate: comma-separated adapter names (default: all with test data).",
     )
+    add_harness_options(parser)
     parser.add_argument(
         "--seed", type=int, default=42, help="Seed for data order and adapter init."
     )
@@ -79,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Under torchrun / accelerate launch with several processes: the torch.distributed "
         "backend (default: nccl on CUDA, gloo on CPU).",
     )
+    parser.add_argument(
+        "--report_to",
+        nargs="+",
+        default=None,
+        metavar="TRACKER",
+        help="Trackers that also get the metrics: tensorboard, mlflow, trackio, wandb (several "
+        "allowed, space- or comma-separated) or none; overrides the config's report_to. "
+        "DIR/metrics.jsonl is always written.",
+    )
     parser.add_argument("--log_file", default=None, help="Also write the log to this file.")
     parser.add_argument("--verbose", action="store_true", help="Debug logging.")
     return parser
@@ -92,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_inference(args)
     config = load_config(args.config)  # validate before torch and transformers even import
+    check_harness_options(args)  # and lm-eval is there when asked for, before the model loads
     from mlora.api import train
     from mlora.hardware.backends import get_backend
     from mlora.hardware.precision import resolve_dtype
@@ -100,6 +112,27 @@ def run(args: argparse.Namespace) -> int:
     backend = get_backend(args.device)  # --device, else MLORA_BACKEND_TYPE, before any device use
     dtype = resolve_dtype(args.fp16, args.bf16, backend)
     args.base_model = with_gguf_file(args.base_model, args.gguf_file)
+    if config.sweep is not None:
+        return run_sweep_command(args, config, backend, dtype)
+    if args.evaluate and args.harness is not None:
+        from mlora.inference.harness_run import evaluate_harness
+
+        evaluate_harness(
+            config,
+            args.base_model,
+            args.dir,
+            args.harness,
+            adapters=args.adapters.split(",") if args.adapters else None,
+            include_path=args.harness_include or (),
+            limit=args.harness_limit,
+            num_fewshot=args.harness_fewshot,
+            dtype=dtype,
+            device=backend.device,
+            trust_remote_code=args.trust_remote_code,
+            quantize=quantize_choice(args),
+            attn_implementation=args.attn_impl,
+        )
+        return 0
     if args.evaluate:
         from mlora.inference.evaluation import evaluate
 
@@ -131,11 +164,45 @@ def run(args: argparse.Namespace) -> int:
         tf32=args.tf32,
         dist_backend=args.dist_backend,
         fsdp=args.fsdp,
+        report_to=split_names(args.report_to),
     )
     failed = [run.failed for run in trainer.runs if run.failed]
     for message in failed:
         print(f"error: {message}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def split_names(values: list[str] | None) -> list[str] | None:
+    """``--report_to a b,c`` -> ``["a", "b", "c"]`` (None when the flag is not given)."""
+    if values is None:
+        return None
+    return [name for value in values for name in value.split(",") if name]
+
+
+def run_sweep_command(args: argparse.Namespace, config, backend, dtype) -> int:
+    """A config with a ``sweep`` block: the trials trained in this process (README "Sweeps")."""
+    from mlora.core.errors import ConfigError
+    from mlora.core.launcher_env import env_world_size
+    from mlora.sweep.runner import run_sweep
+
+    for flag, given in (("--evaluate", args.evaluate), ("--load_adapter", args.load_adapter),
+                        ("--fsdp", args.fsdp), ("torchrun", env_world_size() > 1)):  # fmt: skip
+        if given:
+            raise ConfigError(f"{config.source}: a sweep runs in one process, without {flag}")
+    run_sweep(
+        config,
+        args.base_model,
+        Path(args.dir),
+        seed=args.seed,
+        dtype=dtype,
+        device=str(backend.device),
+        overwrite=args.overwrite,
+        resume=args.resume,
+        trust_remote_code=args.trust_remote_code,
+        quantize=quantize_choice(args),
+        attn_implementation=args.attn_impl,
+    )
+    return 0
 
 
 def launcher_words() -> list[str]:
@@ -153,9 +220,9 @@ def launcher_words() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, printed as one line)."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, args.log_file)
 
     def train_or_report_resume() -> int:
+        setup_logging(args.verbose, args.log_file)  # an unwritable log file: one line too
         try:
             return run(args)
         except TrainingInterrupted as exc:

@@ -13,8 +13,10 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlora.cli.training_tab import add_training_tab
 from mlora.core.errors import MloraError, exit_code_of
 from mlora.data.prompts import PromptTemplate
 
@@ -94,61 +96,68 @@ class ChatBackend:
             yield text
 
 
-def build_app(backend: ChatBackend) -> Any:
-    """The Gradio ``Blocks`` page (elements have stable ids: adapter, chat, prompt, send)."""
+def build_app(backend: ChatBackend, training_dir: str | Path | None = None) -> Any:
+    """The Gradio ``Blocks`` page: a Chat tab (elements with stable ids: adapter, chat, prompt,
+    send) and a Training tab following ``training_dir/metrics.jsonl`` (see training_tab.py)."""
     import gradio as gr
 
     defaults = backend.params
     with gr.Blocks(title="mlora chat") as app:
-        gr.Markdown(
-            "### mlora: chat with trained adapters\n"
-            "Each message is answered on its own by the adapter picked below."
-        )
-        adapter = gr.Dropdown(
-            backend.choices, value=backend.choices[0], label="Adapter", elem_id="adapter"
-        )
-        chat = gr.Chatbot(label="Chat", elem_id="chat", render_markdown=False, height=360)
-        prompt = gr.Textbox(label="Message", elem_id="prompt", placeholder="Type and press Enter")
-        with gr.Row():
-            send = gr.Button("Send", variant="primary", elem_id="send")
-            clear = gr.Button("Clear", elem_id="clear")
-        with gr.Accordion("Sampling", open=False):
-            max_new_tokens = gr.Slider(1, 1024, defaults.max_new_tokens, step=1, label="Max new")
-            temperature = gr.Slider(0, 2, defaults.temperature, label="Temperature (0: greedy)")
-            top_p = gr.Slider(0.01, 1, defaults.top_p, label="Top p")
-            top_k = gr.Slider(0, 200, defaults.top_k, step=1, label="Top k (0: off)")
-            penalty = gr.Slider(0.5, 2, defaults.repetition_penalty, label="Repetition penalty")
-            use_template = gr.Checkbox(
-                bool(backend.templates), label="Render with the adapter's prompt template"
+        with gr.Tab("Chat", elem_id="chat-tab"):
+            gr.Markdown(
+                "### mlora: chat with trained adapters\n"
+                "Each message is answered on its own by the adapter picked below."
             )
-
-        def respond(message, history, choice, max_new, temp, p, k, rep, templ):
-            if not message.strip():
-                yield "", history
-                return
-            params = dataclasses.replace(
-                defaults,
-                max_new_tokens=int(max_new),
-                temperature=float(temp),
-                top_p=float(p),
-                top_k=int(k),
-                repetition_penalty=float(rep),
+            adapter = gr.Dropdown(
+                backend.choices, value=backend.choices[0], label="Adapter", elem_id="adapter"
             )
-            history = [*history, {"role": "user", "content": message}]
-            answer = {"role": "assistant", "content": ""}
-            try:
-                for text in backend.stream(message, choice, params, templ):
-                    answer["content"] = text
-                    yield "", [*history, answer]
-            except MloraError as exc:
-                raise gr.Error(str(exc)) from None
-            yield "", [*history, answer]
+            chat = gr.Chatbot(label="Chat", elem_id="chat", render_markdown=False, height=360)
+            prompt = gr.Textbox(
+                label="Message", elem_id="prompt", placeholder="Type and press Enter"
+            )
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="send")
+                clear = gr.Button("Clear", elem_id="clear")
+            with gr.Accordion("Sampling", open=False):
+                max_new_tokens = gr.Slider(
+                    1, 1024, defaults.max_new_tokens, step=1, label="Max new"
+                )
+                temperature = gr.Slider(0, 2, defaults.temperature, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.01, 1, defaults.top_p, label="Top p")
+                top_k = gr.Slider(0, 200, defaults.top_k, step=1, label="Top k (0: off)")
+                penalty = gr.Slider(0.5, 2, defaults.repetition_penalty, label="Repetition penalty")
+                use_template = gr.Checkbox(
+                    bool(backend.templates), label="Render with the adapter's prompt template"
+                )
 
-        inputs = [prompt, chat, adapter, max_new_tokens, temperature, top_p, top_k, penalty]
-        inputs.append(use_template)
-        send.click(respond, inputs, [prompt, chat])
-        prompt.submit(respond, inputs, [prompt, chat])
-        clear.click(lambda: [], None, chat)
+            def respond(message, history, choice, max_new, temp, p, k, rep, templ):
+                if not message.strip():
+                    yield "", history
+                    return
+                params = dataclasses.replace(
+                    defaults,
+                    max_new_tokens=int(max_new),
+                    temperature=float(temp),
+                    top_p=float(p),
+                    top_k=int(k),
+                    repetition_penalty=float(rep),
+                )
+                history = [*history, {"role": "user", "content": message}]
+                answer = {"role": "assistant", "content": ""}
+                try:
+                    for text in backend.stream(message, choice, params, templ):
+                        answer["content"] = text
+                        yield "", [*history, answer]
+                except MloraError as exc:
+                    raise gr.Error(str(exc)) from None
+                yield "", [*history, answer]
+
+            inputs = [prompt, chat, adapter, max_new_tokens, temperature, top_p, top_k, penalty]
+            inputs.append(use_template)
+            send.click(respond, inputs, [prompt, chat])
+            prompt.submit(respond, inputs, [prompt, chat])
+            clear.click(lambda: [], None, chat)
+        add_training_tab(training_dir)
     return app
 
 
@@ -160,14 +169,18 @@ def run(args: argparse.Namespace) -> int:
     from mlora.cli.common import model_from_args, sampling_params, sources_from_args
     from mlora.data.chat import bind_templates
     from mlora.inference.startup import quiet_loading
+    from mlora.inference.trained import find_adapters
 
     if not args.verbose:
         quiet_loading()
     params = sampling_params(args)
-    folders, templates = sources_from_args(args, require_all=False)
+    if args.dir and not args.config and not args.adapter and not find_adapters(args.dir):
+        folders, templates = {}, {}  # a run still training: chat with the base, follow the run
+    else:
+        folders, templates = sources_from_args(args, require_all=False)
     model, tokenizer = model_from_args(args, folders)
     templates = bind_templates(templates, tokenizer)  # chat adapters: the chat template
-    app = build_app(ChatBackend(model, tokenizer, templates, params))
+    app = build_app(ChatBackend(model, tokenizer, templates, params), args.dir)
     print(f"mlora chat: http://{args.host}:{args.port}", flush=True)
     app.queue().launch(server_name=args.host, server_port=args.port, quiet=True)
     return 0

@@ -3,6 +3,7 @@ on every platform (checked when the config is read, long before the model loads)
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 ADAPTER_NAME_MAX = 64
@@ -13,7 +14,8 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {
 }
 # The attributes of an ``nn.ModuleDict`` (``dir(torch.nn.ModuleDict())`` on torch 2.13), which
 # ``add_module`` refuses as keys. Written out so that reading a config never imports torch;
-# tests/test_config.py checks it covers the installed torch's list.
+# tests/test_config.py checks it covers the installed torch's list. ``smart_apply``: transformers
+# adds it to every ``nn.Module`` when its modeling code loads.
 MODULE_DICT_ATTRIBUTES = frozenset(
     """
     T_destination __annotations__ __call__ __class__ __contains__ __delattr__ __delitem__
@@ -36,8 +38,8 @@ MODULE_DICT_ATTRIBUTES = frozenset(
     register_forward_pre_hook register_full_backward_hook register_full_backward_pre_hook
     register_load_state_dict_post_hook register_load_state_dict_pre_hook register_module
     register_parameter register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
-    set_extra_state set_submodule share_memory state_dict to to_empty train training type update
-    values xpu zero_grad
+    set_extra_state set_submodule share_memory smart_apply state_dict to to_empty train training
+    type update values xpu zero_grad
     """.split()  # noqa: SIM905 (one word per attribute, wrapped)
 )
 
@@ -64,3 +66,32 @@ def adapter_name_problem(v: Any) -> str | None:
     if v in MODULE_DICT_ATTRIBUTES:
         return f"not {v!r}, which torch modules use for an attribute"
     return None
+
+
+def folder_key(name: str) -> str:
+    """The folder ``name`` becomes on the strictest common file system: macOS folds case and
+    Unicode normalization (``é`` typed as one code point or as ``e`` + accent), Windows folds
+    case. Two names with one key share one folder there (Unicode's canonical caseless match:
+    NFD(casefold(NFD(name))))."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
+def folder_clash(name: str, earlier: dict[str, str]) -> str | None:
+    """The earlier name whose folder ``name`` would share on macOS or Windows, or None.
+
+    Args:
+        earlier: folder key -> name of the names seen so far; ``name`` is added to it.
+    """
+    key = folder_key(name)
+    if key in earlier:
+        return earlier[key]
+    earlier[key] = name
+    return None
+
+
+def shown_names(first: str, second: str) -> tuple[str, str]:
+    """Two names as a message shows them: quoted, with code points escaped when they look
+    alike (``'caf\\xe9'`` and ``'cafe\\u0301'`` both print as café)."""
+    if unicodedata.normalize("NFC", first) == unicodedata.normalize("NFC", second):
+        return ascii(first), ascii(second)
+    return repr(first), repr(second)

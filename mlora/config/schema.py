@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlora.config.adapter_names import adapter_name_problem
+from mlora.config.adapter_names import adapter_name_problem, folder_clash, shown_names
+from mlora.config.sweep import SweepConfig, parse_sweep
 from mlora.config.upstream import translate_adapter, translate_top
 from mlora.core.errors import ConfigError
 from mlora.core.jsonfile import read_json_file
@@ -123,6 +124,21 @@ def one_of(*choices: str) -> Check:
     return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
 
 
+REPORT_TO_CHOICES = ("tensorboard", "mlflow", "trackio", "wandb", "none")
+
+
+def report_to_problem(v: Any) -> str | None:
+    """What ``report_to`` (the key, or ``--report_to``'s names) must be, or None when valid."""
+    names = "a list of " + ", ".join(repr(c) for c in REPORT_TO_CHOICES)
+    if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+        return names
+    if any(n not in REPORT_TO_CHOICES for n in v):
+        return names
+    if "none" in v and len(v) > 1:
+        return "'none' alone, or a list of trackers without it"
+    return None
+
+
 def _packing(v: Any) -> str | None:
     ok = v in ("auto", "stream", "bins") or isinstance(v, bool)
     return None if ok else "'auto', 'stream', 'bins', true or false"
@@ -179,6 +195,12 @@ def _expert_lora(v: Any) -> str | None:
 
 def half_fraction(v: Any) -> str | None:
     return None if _is_num(v) and 0 <= v < 0.5 else "a number in [0, 0.5)"
+
+
+def _val_set_size(v: Any) -> str | None:
+    if (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v < 1):
+        return None
+    return "a row count >= 1 or a fraction in (0, 1)"
 
 
 def probability(v: Any) -> str | None:
@@ -283,6 +305,12 @@ class AdapterConfig:
         "Linear layers to adapt, by their last name component (q_proj, down_proj, ...).",
         _target_modules,
     )
+    target_parameters: list[str] | None = _key(
+        None,
+        "Parameter tensors to adapt, PEFT's target_parameters (a MoE base's "
+        "experts.gate_up_proj, experts.down_proj, router gate.weight); needs lora_dropout 0.",
+        optional(_name_list),
+    )
     use_dora: bool = _key(False, "DoRA: train a magnitude vector as well.", boolean)
     use_rslora: bool = _key(False, "rsLoRA: scale = alpha / sqrt(r).", boolean)
     loraplus_lr_ratio: float | None = _key(
@@ -326,6 +354,41 @@ class AdapterConfig:
     warmup_ratio: float = _key(0.0, "Warm-up as a fraction of this adapter's steps.", fraction)
     warmup_steps: int = _key(
         0, "Warm-up steps; when > 0 it takes precedence over warmup_ratio.", int_at_least(0)
+    )
+    val_data: str | None = _key(
+        None,
+        "Validation data, same formats as data: its loss is computed while training (see "
+        "eval_steps).",
+        optional(non_empty_string),
+    )
+    val_set_size: int | float | None = _key(
+        None,
+        "Hold this many rows (an integer) or this fraction of data (0 < f < 1) out of training "
+        "as validation data, chosen from the seed.",
+        optional(_val_set_size),
+    )
+    eval_steps: int | None = _key(
+        None,
+        "Validation loss every this many of this adapter's optimizer steps, and at its end "
+        "(unset: at its end only).",
+        optional(int_at_least(1)),
+    )
+    early_stopping_patience: int | None = _key(
+        None,
+        "Stop after this many validations in a row without an improvement of the validation "
+        "loss (HF EarlyStoppingCallback's meaning).",
+        optional(int_at_least(1)),
+    )
+    early_stopping_threshold: float = _key(
+        0.0,
+        "An improvement counts only when the loss drops below the best by more than this.",
+        non_negative_number,
+    )
+    save_best: bool = _key(
+        False,
+        "DIR/NAME holds the weights of the best validation loss (best_step, best_val_loss in "
+        "DIR/NAME/validation.json).",
+        boolean,
     )
     group_by_length: bool = _key(False, "Order rows by length to cut padding.", boolean)
     shuffle: bool = _key(
@@ -494,7 +557,8 @@ class AdapterConfig:
     @property
     def accumulation_steps(self) -> int:
         """Micro-batches whose gradients make one optimizer step."""
-        assert self.micro_batch_size is not None
+        if self.micro_batch_size is None:  # parse_config fills it: a config built elsewhere
+            raise ValueError(f"adapter {self.name!r}: micro_batch_size is unset (not validated)")
         return self.batch_size // self.micro_batch_size
 
     def objective_value(self, key: str) -> Any:
@@ -504,7 +568,8 @@ class AdapterConfig:
 
     def moe(self, key: str) -> Any:
         """A MoE key's value: the one set, else its routing_strategy's default."""
-        assert self.routing_strategy is not None
+        if self.routing_strategy is None:
+            raise ValueError(f"adapter {self.name!r} is no MoE adapter: it has no {key!r}")
         value = getattr(self, key)
         return MOE_STRATEGY_DEFAULTS[self.routing_strategy][key] if value is None else value
 
@@ -566,6 +631,13 @@ class TrainConfig:
         "Where evaluation writes its JSON (default DIR/evaluate_result.json).",
         optional(non_empty_string),
     )
+    report_to: list[str] = _key(
+        [],
+        "Trackers that also receive the metrics (DIR/metrics.jsonl is always written): any of "
+        "'tensorboard', 'mlflow', 'trackio', 'wandb', or 'none'; --report_to overrides it.",
+        lambda v: report_to_problem(v),
+    )
+    sweep: SweepConfig | None = field(default=None, metadata={"internal": True})
     source: str = field(default="<config>", metadata={"internal": True})
     notes: list[str] = field(default_factory=list, metadata={"internal": True})
 
@@ -624,8 +696,11 @@ def _check_adapter(adapter: AdapterConfig, where: str, keys: set[str]) -> None:
             f"{where}: key 'micro_batch_size' ({adapter.micro_batch_size}) must divide "
             f"'batch_size' ({adapter.batch_size})"
         )
+    _check_validation(adapter, where)
     _check_moe(adapter, where)
     _check_objective(adapter, where)
+    if adapter.target_parameters:
+        _check_target_parameters(adapter, where)
     if adapter.routing_strategy == "meteora":
         _check_meteora(adapter, where, keys)
 
@@ -665,6 +740,37 @@ def objective_data_problem(objective: str) -> str:
             + ", ".join(repr(o) for o in OBJECTIVES if o != "sft")
         )
     return f"key 'objective' {objective!r} needs preference rows (prompt, chosen, rejected)"
+
+
+def _check_validation(adapter: AdapterConfig, where: str) -> None:
+    """Validation keys: one source of validation rows; the keys that use it need one."""
+    if adapter.val_data is not None and adapter.val_set_size is not None:
+        raise ConfigError(f"{where}: keys 'val_data' and 'val_set_size' exclude each other")
+    if adapter.val_data is not None or adapter.val_set_size is not None:
+        return
+    for key, value in (
+        ("eval_steps", adapter.eval_steps),
+        ("early_stopping_patience", adapter.early_stopping_patience),
+        ("save_best", adapter.save_best or None),
+    ):
+        if value is not None:
+            raise ConfigError(f"{where}: key {key!r} needs 'val_data' or 'val_set_size'")
+
+
+def _check_target_parameters(adapter: AdapterConfig, where: str) -> None:
+    """A parameter LoRA is PEFT's weight delta: no dropout, no DoRA, plain LoRA only."""
+    if adapter.routing_strategy is not None:
+        raise ConfigError(
+            f"{where}: key 'target_parameters' applies to plain LoRA, not routing_strategy "
+            f"{adapter.routing_strategy!r}"
+        )
+    for key, off in (("lora_dropout", 0), ("use_dora", False)):
+        if getattr(adapter, key) != off:
+            raise ConfigError(
+                f"{where}: key {key!r} must be {json.dumps(off)} with 'target_parameters' (PEFT "
+                "applies a parameter LoRA to the weight, where input dropout and DoRA cannot "
+                "act, and refuses both)"
+            )
 
 
 def _check_meteora(adapter: AdapterConfig, where: str, keys: set[str]) -> None:
@@ -724,6 +830,8 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object")
+    if "sweep" in raw:
+        return _parse_sweep_config(raw, source)
     adapters_raw = raw.get("lora")
     if not isinstance(adapters_raw, list) or not adapters_raw:
         raise ConfigError(f"{source}: key 'lora' must be a non-empty list of adapters")
@@ -731,6 +839,7 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
     adapters_raw = raw["lora"]
     adapters = []
     seen: set[str] = set()
+    folders: dict[str, str] = {}  # folder_key -> name
     for index, item in enumerate(adapters_raw):
         label = item.get("name") if isinstance(item, dict) else None
         where = (
@@ -744,11 +853,42 @@ def parse_config(raw: Any, source: str = "<config>") -> TrainConfig:
         if adapter.name in seen:
             raise ConfigError(f"{source}: duplicate adapter name {adapter.name!r}")
         seen.add(adapter.name)
+        clash = folder_clash(adapter.name, folders)
+        if clash is not None:
+            first, second = shown_names(clash, adapter.name)
+            raise ConfigError(
+                f"{source}: adapter names {first} and {second} would be one folder on a "
+                "case-insensitive or normalizing file system (macOS, Windows): they differ only "
+                "in case or Unicode normalization; rename one"
+            )
         adapters.append(adapter)
     top = _build(TrainConfig, {**raw, "lora": []}, source)
     top.lora = adapters
     top.source = source
     top.notes = notes
+    return top
+
+
+def build_adapter(raw: dict[str, Any], where: str) -> AdapterConfig:
+    """Validate one adapter entry (its keys and their combinations) and build it.
+
+    Raises:
+        ConfigError: one line naming ``where`` and the key.
+    """
+    adapter = _build(AdapterConfig, raw, where)
+    _check_adapter(adapter, where, set(raw))
+    return adapter
+
+
+def _parse_sweep_config(raw: dict[str, Any], source: str) -> TrainConfig:
+    """A config with a ``sweep`` block (``mlora.config.sweep``) and no ``lora`` list."""
+    if raw.get("lora"):
+        raise ConfigError(f"{source}: keys 'sweep' and 'lora' exclude each other (a sweep's "
+                          "adapters are its trials)")  # fmt: skip
+    checks = {f.name: f.metadata["check"] for f in _user_fields(AdapterConfig)}
+    sweep = parse_sweep(raw["sweep"], source, checks, build_adapter)
+    top = _build(TrainConfig, {k: v for k, v in raw.items() if k != "sweep"} | {"lora": []}, source)
+    top.lora, top.source, top.sweep = [], source, sweep
     return top
 
 
@@ -778,6 +918,8 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     top["lora"] = [
         {f.name: getattr(a, f.name) for f in _user_fields(AdapterConfig)} for a in config.lora
     ]
+    if config.sweep is not None:
+        top["sweep"] = config.sweep.raw
     return top
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mlora.core.errors import MloraError
+from mlora.core.os_errors import write_problem
 
 
 def _current_umask() -> int:
@@ -35,7 +36,7 @@ class WriteError(MloraError):
 
     Attributes:
         path: the file or folder the user will look for (never a temporary name).
-        reason: the operating system's words, e.g. "No space left on device".
+        reason: what went wrong and what to do (``os_errors.write_problem``).
     """
 
     def __init__(self, path: Path, reason: str) -> None:
@@ -44,7 +45,7 @@ class WriteError(MloraError):
 
 
 def _os_error(path: Path, exc: OSError) -> WriteError:
-    return WriteError(path, exc.strerror or str(exc))
+    return WriteError(path, write_problem(path, exc))
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -158,7 +159,7 @@ def output_lock(folder: Path) -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
     except OSError as exc:
-        raise MloraError(f"cannot write {folder}: {exc.strerror or exc}") from None
+        raise _os_error(folder, exc) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,8 +6,12 @@ its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
 
 
 class MloraError(Exception):
@@ -34,11 +38,32 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's stop) ends a command as Ctrl-C does: its cleanup runs
+    (temporary files removed, one line said) instead of the process vanishing mid-write.
+    Training replaces both with ``GracefulStop`` (finish the step, write a checkpoint)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def exit_code_of(body: Callable[[], int], interrupted_code: int = 130) -> int:
     """Run a command's body for its exit code: a ``MloraError`` prints as its one line and
-    gives 2; Ctrl-C gives ``interrupted_code`` (130, with a line; 0, silently, for a server)."""
+    gives 2; Ctrl-C or SIGTERM gives ``interrupted_code`` (130, with a line; 0, silently, for
+    a server)."""
     try:
-        return body()
+        with sigterm_as_ctrl_c():
+            return body()
     except MloraError as exc:
         if not exc.quiet:
             print(f"error: {exc}", file=sys.stderr)

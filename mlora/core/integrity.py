@@ -8,10 +8,11 @@ a short phrase, or ``None`` when the file looks whole; callers name the file in 
 
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 from typing import Any
+
+from mlora.core.jsonfile import TextProblem, decode_utf8, json_value, parse_json
 
 HEADER_SIZE_BYTES = 8
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
@@ -25,10 +26,10 @@ def safetensors_problem(path: Path) -> str | None:
             length = int.from_bytes(handle.read(HEADER_SIZE_BYTES), "little")
             if size < HEADER_SIZE_BYTES or length > min(MAX_HEADER_BYTES, size - HEADER_SIZE_BYTES):
                 return f"truncated or not a safetensors file ({size} bytes)"
-            header = json.loads(handle.read(length))
+            header = parse_json(decode_utf8(handle.read(length)))
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})"
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except TextProblem:
         return "not a safetensors file (its header is not JSON)"
     if not isinstance(header, dict):
         return "not a safetensors file (its header is not a JSON object)"
@@ -37,7 +38,11 @@ def safetensors_problem(path: Path) -> str | None:
         if key == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(offset) is int for offset in offsets)
+        ):
             return f"not a safetensors file (tensor {key!r} has no data_offsets)"
         end = max(end, offsets[1])
     expected = HEADER_SIZE_BYTES + length + end
@@ -60,17 +65,9 @@ def torch_file_problem(path: Path) -> str | None:
 
 
 def json_problem(path: Path) -> tuple[Any, str | None]:
-    """``(value, None)`` for a readable UTF-8 JSON file, else ``(None, what is wrong)``."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        return None, f"cannot be read ({exc.strerror or exc})"
-    except UnicodeDecodeError as exc:
-        return None, f"not UTF-8 text (byte {exc.start})"
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as exc:
-        return None, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    """``(value, None)`` for a readable UTF-8 JSON file, else ``(None, what is wrong)``
+    (the one reader's ``json_value``: strict UTF-8, bounded nesting, no repeated keys)."""
+    return json_value(path)
 
 
 def shape_problem(value: Any, fields: dict[str, type | tuple[type, ...]]) -> str | None:

@@ -18,11 +18,26 @@ from typing import Any
 from mlora.core.errors import DataError, first_line
 from mlora.core.hub import before_hub_access, no_usage_counter
 from mlora.core.integrity import json_type
+from mlora.core.jsonfile import TextProblem, read_text, text_file_problem
 from mlora.data.prompts import PromptTemplate
 
 IGNORE_INDEX = -100
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_FORMATS = ("json", "csv")  # read as text: checked by the one reader first
 REQUIRED_FIELDS = ("instruction", "output")
+
+
+def dataset_load_errors() -> tuple[type[BaseException], ...]:
+    """What ``datasets.load_dataset`` raises on a bad source: its own ``DatasetsError``s
+    (a file it cannot parse, a dataset not found), pyarrow's ``ArrowException``s, ``OSError``
+    (missing or unreadable file, offline, the hub's HTTP errors) and ``ValueError`` (bad JSON,
+    CSV or encoding). Anything else is a bug: a traceback. (Imported here, on failure only:
+    ``datasets`` is slow to import.)"""
+    import pyarrow
+    from datasets.exceptions import DatasetsError
+
+    return (DatasetsError, pyarrow.ArrowException, OSError, ValueError)
+
 
 logger = logging.getLogger("mlora")
 
@@ -72,6 +87,9 @@ def load_rows(source: str) -> list[dict[str, Any]]:
     path = local_data_path(source)
     if path is not None:
         fmt = LOCAL_FORMATS[path.suffix.lower()]
+        problem = fmt in TEXT_FORMATS and text_file_problem(path, is_json=fmt == "json")
+        if problem:  # before datasets: its readers fail obscurely or crash on these
+            raise DataError(f"{source}: {problem}")
         loader_args: dict[str, Any] = {"path": fmt, "data_files": str(path)}
     else:
         fmt, loader_args = "hub", {"path": source}
@@ -84,7 +102,7 @@ def load_rows(source: str) -> list[dict[str, Any]]:
     try:
         with no_usage_counter():  # no request beyond the data itself
             dataset = datasets.load_dataset(**loader_args, split="train")
-    except Exception as exc:  # datasets raises many types; the user needs one line naming the file
+    except dataset_load_errors() as exc:  # the user needs one line naming the file
         if path is not None and is_empty_data_file(path):
             raise DataError(f"{source}: the dataset is empty") from None
         where = json_problem_location(path) if path is not None and fmt == "json" else None
@@ -92,7 +110,11 @@ def load_rows(source: str) -> list[dict[str, Any]]:
                         f"{first_line(exc)}") from None  # fmt: skip
     finally:
         quiet.setLevel(level)
-    rows = dataset.to_list()
+    try:
+        rows = dataset.to_list()
+    except UnicodeDecodeError as exc:  # a binary format's string column holding other bytes
+        raise DataError(f"{source}: a text column holds bytes that are not UTF-8 ({exc.reason}); "
+                        "write it as UTF-8") from None  # fmt: skip
     if not rows:
         raise DataError(f"{source}: the dataset is empty")
     return rows
@@ -156,9 +178,9 @@ def json_problem_location(path: Path) -> str | None:
     """Where a JSON or JSON-lines data file goes wrong (``line N: ...`` / ``row N ...``), or
     None: read only after ``datasets`` failed on it, to name the line instead of its error."""
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return f"not UTF-8 text (byte {exc.start})"
+        text = read_text(path)
+    except TextProblem as exc:
+        return str(exc)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as whole:
@@ -172,6 +194,10 @@ def json_problem_location(path: Path) -> str | None:
                 if number == 1 and whole.lineno > 1:  # one JSON document, broken further down
                     return f"invalid JSON at line {whole.lineno}, column {whole.colno}: {whole.msg}"
                 return f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}"
+            except ValueError as exc:  # a number Python will not convert
+                return f"line {number}: {first_line(exc)}"
+    except ValueError as exc:  # a number Python will not convert
+        return first_line(exc)
     if not isinstance(rows, list):
         return f"must hold a list of rows (or one row per line), not {json_type(rows)}"
     alpaca = (

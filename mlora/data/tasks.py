@@ -16,7 +16,13 @@ from typing import Any
 
 from mlora.core.errors import DataError, first_line
 from mlora.core.hub import before_hub_access
-from mlora.data.rows import is_empty_data_file, is_local_source, load_rows, local_data_path
+from mlora.data.rows import (
+    dataset_load_errors,
+    is_empty_data_file,
+    is_local_source,
+    load_rows,
+    local_data_path,
+)
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ def _load_hub(
     before_hub_access(f"task {task_name} ({task.hub_path})")
     try:
         dataset = datasets.load_dataset(task.hub_path, task.hub_config, split=split or task.split)
-    except Exception as exc:  # offline, missing, renamed: the user needs one line
+    except dataset_load_errors() as exc:  # offline, missing, renamed: the user needs one line
         raise DataError(
             f"adapter {adapter!r}: task {task_name!r} needs a local data file in the "
             f"{task.hub_name} schema (fields: {', '.join(task.fields)}) or the hub dataset, "

@@ -174,7 +174,8 @@ def _token_count(row: TokenizedRow) -> int:
 
 
 def _casual_test_set(adapter: AdapterConfig, tokenizer: Any, cutoff_len: int) -> TestSet:
-    assert adapter.test_data is not None
+    if adapter.test_data is None:
+        raise ValueError(f"adapter {adapter.name!r} has no test_data to evaluate")
     source = adapter.test_data
     rows = read_test_rows(adapter.name, source)
     template = load_template(adapter.prompt)

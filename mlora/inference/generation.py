@@ -31,10 +31,15 @@ TextCallback = Callable[[int, str], None]
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt and the adapter that answers it (``None``: the base model alone)."""
+    """One prompt and the adapter that answers it (``None``: the base model alone).
+
+    ``prompt_ids``: the prompt's tokens when the caller has already tokenized (and perhaps
+    truncated) it, e.g. by lm-evaluation-harness's rules; None: ``tokenizer(prompt)``.
+    """
 
     prompt: str
     adapter: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -266,7 +271,9 @@ def generate_batch(
     layout = BatchLayout.from_row_adapters([r.adapter for r in requests])
     if len(set(layout.adapters)) != len(layout.adapters):
         raise ValueError("requests must be grouped by adapter (equal adapters adjacent)")
-    encoded = tokenizer([r.prompt for r in requests])["input_ids"]
+    texts = [r.prompt for r in requests if r.prompt_ids is None]
+    fresh = iter(tokenizer(texts)["input_ids"] if texts else [])
+    encoded = [next(fresh) if r.prompt_ids is None else list(r.prompt_ids) for r in requests]
     if any(not ids for ids in encoded):
         raise MloraError("empty prompt: the tokenizer produced no tokens")
     pad_id = pad_token_id(tokenizer)

@@ -40,7 +40,7 @@ def attach_adapter(model: MultiLoraModel, name: str, folder: str | Path) -> None
         MloraError: no adapter there, or its tensors do not fit the model (naming the folder).
     """
     config, tensors = read_adapter(folder)
-    spec, _, _ = spec_from_peft_config(config, str(folder))
+    spec = spec_from_peft_config(config, str(folder))
     model.add_adapter(name, spec)
     try:
         load_adapter_weights(model, name, tensors, str(folder))

@@ -29,6 +29,7 @@ from typing import Any
 
 from mlora.core.atomic import atomic_directory
 from mlora.core.errors import MloraError, first_line
+from mlora.core.jsonfile import json_value
 
 logger = logging.getLogger("mlora")
 
@@ -140,9 +141,8 @@ def file_sha256(path: Path) -> str:
 
 
 def _is_current(folder: Path, sha256: str) -> bool:
-    try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    marker, problem = json_value(folder / MARKER)  # the one reader: a damaged marker is stale
+    if problem is not None or not isinstance(marker, dict):
         return False
     return marker == {**marker, **_marker_fields(sha256)}
 
@@ -213,7 +213,7 @@ def convert_gguf(path: Path, target: Path) -> None:
             tokenizer = AutoTokenizer.from_pretrained(
                 path.parent, gguf_file=path.name, trust_remote_code=False
             )
-    except Exception as exc:  # the gguf reader and transformers raise many kinds on bad files
+    except GGUF_READ_ERRORS as exc:  # a damaged file, or what transformers does not support
         raise MloraError(f"cannot read GGUF file {path}: {_reason(exc)}") from None
     config = gguf_model.config
     if hasattr(config, "quantization_config"):  # transformers 5 marks it "quantized with gguf"
@@ -225,6 +225,13 @@ def convert_gguf(path: Path, target: Path) -> None:
     with transformers_progress_bars_off():
         model.save_pretrained(target)
     tokenizer.save_pretrained(target)
+
+
+# What reading a bad GGUF file raises: the gguf reader's ValueError (no magic bytes, a short
+# read: "cannot reshape array"), EOFError/IndexError (it ends early), KeyError (a missing
+# metadata field), OSError; transformers' ValueError/NotImplementedError (an architecture or
+# tensor type it does not support). Anything else is a bug: a traceback.
+GGUF_READ_ERRORS = (OSError, EOFError, IndexError, KeyError, ValueError, NotImplementedError)
 
 
 def _reason(exc: Exception) -> str:

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from mlora.core.errors import MloraError
+from mlora.core.jsonfile import json_value
 
 # Bump when anything below changes the generated files: an older cache is then rebuilt.
 DEMO_MODEL_VERSION = 1
@@ -60,11 +61,9 @@ def demo_model_home() -> Path:
 
 
 def _is_current(path: Path) -> bool:
-    try:
-        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("version") == DEMO_MODEL_VERSION
+    marker, problem = json_value(path / MARKER)  # the one reader: a damaged marker is stale
+    current = isinstance(marker, dict) and marker.get("version") == DEMO_MODEL_VERSION
+    return problem is None and current
 
 
 def _corpus() -> str:

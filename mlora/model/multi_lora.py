@@ -19,12 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters import AdapterHost, LoraSpec, MultiLoraLinear
+from mlora.adapters.fused_experts import FUSED_PARAMETERS, fused_experts_problem
 from mlora.batching.collate import LossBatch
 from mlora.batching.layout import BatchLayout, LayoutContext
 from mlora.batching.packing import resolve_packing
 from mlora.core.errors import MloraError, first_line
 from mlora.core.hub import before_loading
 from mlora.model.base_model import resolve_base_model, transformers_progress_bars_off
+from mlora.model.parameter_targets import (
+    ParameterTarget,
+    attach_parameter_loras,
+    plan_parameter_targets,
+)
 from mlora.ops.varlen_attention import SEQUENCES_KWARG, streaming, streams_rows
 
 logger = logging.getLogger("mlora")
@@ -56,6 +62,23 @@ def wrap_layer(module: nn.Module, context: LayoutContext) -> nn.Module:
         if matches(module):
             return factory(module, context)
     raise MloraError(f"cannot adapt a {type(module).__name__} layer; supported: {SUPPORTED_LAYERS}")
+
+
+def unadaptable_module(adapter: str, path: str, module: nn.Module) -> str:
+    """The one-line refusal of a target module that is no linear layer, with what to do."""
+    if isinstance(module, AdapterHost):  # already wrapped for target_parameters
+        module = getattr(module, "base_layer", module)
+    kind = type(module).__name__
+    message = f"adapter {adapter!r}: cannot adapt {path} ({kind}): supported: {SUPPORTED_LAYERS}"
+    leaf = path.rsplit(".", 1)[-1]
+    params = dict(module.named_parameters(recurse=False))
+    if fused_experts_problem(module) is None:  # fused MoE experts
+        tensors = [f"{leaf}.{name}" for name in FUSED_PARAMETERS]
+    elif "weight" in params and params["weight"].dim() == 2:  # a router
+        tensors = [f"{leaf}.weight"]
+    else:
+        return message
+    return f"{message}; its tensors can be adapted with target_parameters ({', '.join(tensors)})"
 
 
 def freeze(model: nn.Module) -> None:
@@ -122,7 +145,12 @@ class MultiLoraModel(nn.Module):
                 instead of a plain LoRA (per-linear MoE experts), or None for a plain LoRA.
         """
         targets = set(spec.target_modules)
+        plan = self._plan_parameters(name, spec)
         found: set[str] = set()
+        for path, module in list(self.model.named_modules()):
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf in targets and not isinstance(module, MultiLoraLinear) and not can_wrap(module):
+                raise MloraError(unadaptable_module(name, path, module))
         for path, module in list(self.model.named_modules()):
             leaf = path.rsplit(".", 1)[-1]
             if leaf not in targets:
@@ -149,6 +177,28 @@ class MultiLoraModel(nn.Module):
                 f"adapter {name!r}: target module {missing[0]!r} not found in "
                 f"{type(self.model).__name__} (its linear layers: {available})"
             )
+        if plan:
+            attach_parameter_loras(
+                self.model, self.context, name, plan, spec.r, spec.scaling, spec.init
+            )
+
+    def _plan_parameters(self, name: str, spec: LoraSpec) -> list[ParameterTarget]:
+        """The checked plan of ``spec.target_parameters`` (nothing is wrapped yet).
+
+        Raises:
+            MloraError: dropout or DoRA with parameter targets (PEFT applies a parameter LoRA
+                as a weight delta and refuses both), or a target the model cannot take.
+        """
+        if not spec.target_parameters:
+            return []
+        if spec.dropout or spec.use_dora:
+            key = "lora_dropout" if spec.dropout else "use_dora"
+            raise MloraError(
+                f"adapter {name!r}: {key} does not apply with target_parameters (PEFT applies a "
+                "parameter LoRA to the weight, where input dropout and DoRA cannot act, and "
+                "refuses both); set lora_dropout 0 and use_dora false"
+            )
+        return plan_parameter_targets(self.model, name, spec.target_parameters)
 
     def adapter_hosts(self) -> list[tuple[str, AdapterHost]]:
         """(module path, host) of every module that holds adapters: wrapped linear layers first,
@@ -251,6 +301,12 @@ class MultiLoraModel(nn.Module):
         of those gathered positions. Training reduces these per segment; evaluation also per
         row (a choice's log-likelihood is minus its row's sum).
         """
+        logits = self.supervised_logits(batch)  # (N, V)
+        return F.cross_entropy(logits, batch.targets, reduction="none")
+
+    def supervised_logits(self, batch: LossBatch) -> torch.Tensor:
+        """The logits (at least fp32) at each supervised position of ``batch``, shape (N, V):
+        what ``token_losses`` scores, for callers that also need the argmax (greedy checks)."""
         self.context.set(
             batch.layout,
             batch.token_mask,
@@ -275,8 +331,7 @@ class MultiLoraModel(nn.Module):
         with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
             logits = self._logits(picked)  # (N, V)
         # half-precision logits are upcast for the softmax; fp32 and fp64 keep their precision
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, batch.targets, reduction="none")
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)

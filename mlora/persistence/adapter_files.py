@@ -57,11 +57,9 @@ def adapter_state_dict(model: MultiLoraModel, name: str) -> dict[str, torch.Tens
     return export_tensors(_named_parameters(model, name))
 
 
-def peft_config(
-    spec: LoraSpec, lora_alpha: float, use_rslora: bool, base_model: str | None
-) -> dict[str, Any]:
+def peft_config(spec: LoraSpec, base_model: str | None) -> dict[str, Any]:
     """The ``adapter_config.json`` PEFT's ``LoraConfig`` reads (MoE: upstream's)."""
-    return kind_for_peft_type(spec.peft_type).peft_config(spec, lora_alpha, use_rslora, base_model)
+    return kind_for_peft_type(spec.peft_type).peft_config(spec, base_model)
 
 
 def save_adapter(
@@ -85,8 +83,8 @@ def write_adapter_files(
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def spec_from_peft_config(config: dict[str, Any], source: str) -> tuple[LoraSpec, float, bool]:
-    """(LoraSpec, lora_alpha, use_rslora) of a PEFT LoRA (or MoE) adapter_config."""
+def spec_from_peft_config(config: dict[str, Any], source: str) -> LoraSpec:
+    """The spec of a PEFT LoRA (or MoE) adapter_config (alpha and rsLoRA included)."""
     return kind_for_peft_type(config.get("peft_type")).spec_from_peft_config(config, source)
 
 

@@ -45,8 +45,8 @@ class AdapterKind:
         peft_types: the ``peft_type`` values of its ``adapter_config.json``.
         spec_from_config: the spec of a validated adapter config.
         named_parameters: ``(model, name)`` -> the adapter's live tensors by file key.
-        peft_config: ``(spec, lora_alpha, use_rslora, base_model)`` -> its adapter_config.
-        spec_from_peft_config: ``(adapter_config, source)`` -> (spec, lora_alpha, use_rslora).
+        peft_config: ``(spec, base_model)`` -> its adapter_config.
+        spec_from_peft_config: ``(adapter_config, source)`` -> its spec.
         optional_tensor: file keys that may be missing (the live value is kept).
         legacy_names: saved tensors renamed to today's keys before loading.
         writes_legacy_bin: also write ``adapter_model.bin`` (upstream MoE loaders read it).
@@ -63,8 +63,8 @@ class AdapterKind:
     peft_types: tuple[str, ...]
     spec_from_config: Callable[[AdapterConfig], LoraSpec]
     named_parameters: Callable[[AdapterModel, str], Tensors]
-    peft_config: Callable[[Any, float, bool, str | None], dict[str, Any]]
-    spec_from_peft_config: Callable[[dict[str, Any], str], tuple[LoraSpec, float, bool]]
+    peft_config: Callable[[Any, str | None], dict[str, Any]]
+    spec_from_peft_config: Callable[[dict[str, Any], str], LoraSpec]
     optional_tensor: Callable[[str], bool] = _never
     legacy_names: Callable[[Tensors], Tensors] = _same
     writes_legacy_bin: bool = False
@@ -82,23 +82,18 @@ def lora_spec(config: AdapterConfig) -> LoraSpec:
         target_modules=tuple(config.target_module_names),
         init=config.lora_init,
         use_dora=config.use_dora,
+        lora_alpha=config.lora_alpha,
+        use_rslora=config.use_rslora,
+        target_parameters=tuple(config.target_parameters or ()),
     )
 
 
 def _upstream_format(module: Any, **fields: Any) -> dict[str, Any]:
-    """The format fields of a MoE kind whose module follows its upstream package's layout
-    (the spec carries lora_alpha / use_rslora itself)."""
-
-    def spec_from_peft_config(config: dict[str, Any], source: str) -> tuple[LoraSpec, float, bool]:
-        spec = module.spec_from_config(config, source)
-        return spec, spec.lora_alpha, spec.use_rslora
-
+    """The format fields of a MoE kind whose module follows its upstream package's layout."""
     return dict(
         named_parameters=module.named_parameters,
-        peft_config=lambda spec, lora_alpha, use_rslora, base_model: module.peft_config(
-            spec, base_model
-        ),
-        spec_from_peft_config=spec_from_peft_config,
+        peft_config=module.peft_config,
+        spec_from_peft_config=module.spec_from_config,
         optional_tensor=module.optional_tensor,
         writes_legacy_bin=True,
         **fields,

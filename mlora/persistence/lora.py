@@ -35,19 +35,20 @@ def legacy_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def peft_config(
-    spec: LoraSpec, lora_alpha: float, use_rslora: bool, base_model: str | None
-) -> dict[str, Any]:
-    """The ``adapter_config.json`` PEFT's ``LoraConfig`` reads."""
+def peft_config(spec: LoraSpec, base_model: str | None) -> dict[str, Any]:
+    """The ``adapter_config.json`` PEFT's ``LoraConfig`` reads (``target_parameters`` only
+    where the adapter has them, so other files stay as older PEFT versions read them)."""
+    parameters = {"target_parameters": sorted(spec.target_parameters)}
     return {
+        **(parameters if spec.target_parameters else {}),
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": spec.r,
-        "lora_alpha": lora_alpha,
+        "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
         "target_modules": sorted(spec.target_modules),
-        "use_rslora": use_rslora,
+        "use_rslora": spec.use_rslora,
         "use_dora": spec.use_dora,
         "init_lora_weights": True if spec.init == "original" else "gaussian",
         "bias": "none",
@@ -62,8 +63,8 @@ def peft_config(
     }
 
 
-def spec_from_peft_config(config: dict[str, Any], source: str) -> tuple[LoraSpec, float, bool]:
-    """(LoraSpec, lora_alpha, use_rslora) of a PEFT LoRA adapter_config.
+def spec_from_peft_config(config: dict[str, Any], source: str) -> LoraSpec:
+    """The LoraSpec of a PEFT LoRA adapter_config.
 
     Raises:
         MloraError: not a LoRA ``peft_type``, or a key of the wrong type (naming ``source``).
@@ -83,6 +84,9 @@ def spec_from_peft_config(config: dict[str, Any], source: str) -> tuple[LoraSpec
         raise MloraError(
             f"{source}: regex target_modules {targets!r} are not supported; list the names"
         )
+    parameters = config.get("target_parameters") or []
+    if not isinstance(parameters, list) or not all(isinstance(t, str) for t in parameters):
+        raise MloraError(f"{source}: {CONFIG_NAME} key 'target_parameters' is of the wrong type")
     spec = LoraSpec(
         r=r,
         scaling=lora_scaling(alpha, r, rslora),
@@ -90,5 +94,8 @@ def spec_from_peft_config(config: dict[str, Any], source: str) -> tuple[LoraSpec
         target_modules=tuple(sorted(targets)),
         init="gaussian" if config.get("init_lora_weights") == "gaussian" else "original",
         use_dora=bool(config.get("use_dora", False)),
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        target_parameters=tuple(sorted(parameters)),
     )
-    return spec, alpha, rslora
+    return spec

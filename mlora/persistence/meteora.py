@@ -20,6 +20,7 @@ Loading it rebuilds the layers from the config and checks every tensor's presenc
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from mlora.adapters.meteora.layer import MeteoraAdapter
 from mlora.adapters.meteora.spec import EmbeddedLora, MeteoraSpec
 from mlora.config.schema import AdapterConfig
 from mlora.core.errors import MloraError
+from mlora.core.integrity import shape_problem
 from mlora.persistence.peft_files import (
     LEGACY_WEIGHTS_NAME,
     PEFT_PREFIX,
@@ -63,12 +65,15 @@ def embedded_lora(folder: str, where: str) -> EmbeddedLora:
         raise MloraError(f"{what} is a {peft_type} adapter; MeteoRA embeds LoRA adapters only")
     if config.get("use_dora"):
         raise MloraError(f"{what} is a DoRA adapter; MeteoRA embeds plain LoRA adapters only")
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "target_parameters"):
         if config.get(key):
             raise MloraError(f"{what} sets {key!r}, which MeteoRA does not support")
     targets = config.get("target_modules")
-    if isinstance(targets, str) or not targets or "r" not in config:
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
         raise MloraError(f"{what}: adapter_config.json needs 'r' and a list of target_modules")
+    problem = shape_problem(config, {"r": int}) or _numbers_problem(config)
+    if problem or config["r"] < 1:
+        raise MloraError(f"{what}: adapter_config.json: {problem or 'key r must be >= 1'}")
     return EmbeddedLora(
         name=Path(folder).name,
         r=int(config["r"]),
@@ -78,6 +83,17 @@ def embedded_lora(folder: str, where: str) -> EmbeddedLora:
         lora_dropout=float(config.get("lora_dropout", 0.0)),
         folder=folder,
     )
+
+
+def _numbers_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the optional numbers of an embedded adapter's config, or None."""
+    for key in ("lora_alpha", "lora_dropout"):
+        value = config.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"key {key!r} must be a number"
+        if not math.isfinite(value):
+            return f"key {key!r} must be finite"
+    return None
 
 
 def tensor_shapes(folder: str) -> dict[str, tuple[int, ...]]:
@@ -101,7 +117,8 @@ def check_same_base(adapters: list[EmbeddedLora], where: str) -> None:
     """
     seen: dict[tuple[str, str], tuple[int, str]] = {}  # (layer, in|out) -> (size, folder)
     for adapter in adapters:
-        assert adapter.folder is not None
+        if adapter.folder is None:  # from a saved MeteoRA folder: its weights come with it
+            raise ValueError(f"embedded adapter {adapter.name!r} has no folder to read")
         for key, shape in tensor_shapes(adapter.folder).items():
             for suffix, side, size in ((".lora_A.weight", "in", -1), (".lora_B.weight", "out", 0)):
                 if not key.endswith(suffix) or len(shape) != 2:
@@ -172,7 +189,8 @@ def load_embedded_adapters(model: Any, name: str) -> None:
     """
     spec: MeteoraSpec = model.specs[name]
     for index, adapter in enumerate(spec.adapters):
-        assert adapter.folder is not None
+        if adapter.folder is None:  # from a saved MeteoRA folder: its weights come with it
+            raise ValueError(f"embedded adapter {adapter.name!r} has no folder to read")
         _, tensors = read_adapter(adapter.folder)
         params = {
             f"{PEFT_PREFIX}{path}.{suffix}": tensor

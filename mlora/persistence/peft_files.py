@@ -8,7 +8,7 @@ format (``mlora.persistence.kinds``).
 
 from __future__ import annotations
 
-import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,10 @@ PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+# What ``torch.load(weights_only=True)`` raises on a damaged or foreign file: a broken zip
+# archive (RuntimeError), a short or empty file (EOFError), garbage (KeyError,
+# UnpicklingError), a forbidden global (UnpicklingError), an unreadable file (OSError).
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, ValueError, OSError)
 
 
 def adapter_files_problem(directory: str | Path) -> str | None:
@@ -64,7 +68,10 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     problem = adapter_files_problem(directory)
     if problem:
         raise MloraError(problem)
-    return json.loads((Path(directory) / CONFIG_NAME).read_text(encoding="utf-8"))
+    config, problem = json_problem(Path(directory) / CONFIG_NAME)
+    if problem:  # changed since the check a moment ago
+        raise MloraError(f"{Path(directory) / CONFIG_NAME}: {problem}")
+    return config
 
 
 def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -82,6 +89,6 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
         path = directory / LEGACY_WEIGHTS_NAME
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged pickle: one line naming it
+        except TORCH_LOAD_ERRORS as exc:  # a damaged pickle: one line naming it
             raise MloraError(f"{path}: cannot be read ({first_line(exc)})") from None
     return config, tensors

@@ -60,6 +60,7 @@ from mlora.core.integrity import (
 )
 from mlora.hardware.backends import RngState
 from mlora.persistence.adapter_files import adapter_files_problem, read_adapter, write_adapter_files
+from mlora.persistence.peft_files import TORCH_LOAD_ERRORS
 from mlora.training.run_records import (
     RUN_DIR,
     RunIdentity,
@@ -261,6 +262,8 @@ class RunCheckpoints:
                 "message": entry["message"],
                 "checkpoint": None if step is None or status != "running" else f"checkpoint-{step}",
             }
+            if "validation" in entry:  # validation curve, best step, patience (validation.py)
+                adapters[name]["validation"] = entry["validation"]
             pending = entry.get("pending")
             if pending is not None:
                 for i, grad in pending["grads"].items():
@@ -287,7 +290,11 @@ class RunCheckpoints:
             "config": self.identity.config_json,
             "adapters": adapters,
         }
+        if "sweep" in state:  # a sweep's trials and their order (mlora.sweep)
+            manifest["sweep"] = state["sweep"]
         target = self.cut_path(global_step)
+        # the config's adapters, and those that entered since (a sweep's trials)
+        names = list(dict.fromkeys([*self.identity.names, *adapters]))
 
         def write() -> None:
             for name, snapshot in snapshots:
@@ -295,7 +302,7 @@ class RunCheckpoints:
             with atomic_directory(target) as tmp:
                 atomic_write_bytes(tmp / TENSORS_NAME, save(tensors))
                 atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-            prune(self.output_dir, self.records, self.identity.names, self.keep)
+            prune(self.output_dir, self.records, names, self.keep)
             logger.debug("run state %s", target)
 
         self.writer.submit(write)
@@ -532,7 +539,7 @@ def check_same_run(point: ResumePoint, identity: RunIdentity) -> None:
 def _load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file is one line naming it
+    except TORCH_LOAD_ERRORS as exc:  # a damaged or unreadable file is one line naming it
         raise MloraError(f"cannot read {path}: {first_line(exc)}") from None
 
 
@@ -579,6 +586,8 @@ def read_run_state(
     for name, entry in point.manifest["adapters"].items():
         out: dict[str, Any] = {key: entry[key] for key in ENTRY_KEYS}
         out["message"], out["checkpoint_step"] = entry["message"], None
+        if "validation" in entry:
+            out["validation"] = entry["validation"]
         loss_sum = tensors.get(f"loss_sum/{name}")
         out["loss_sum"] = None if loss_sum is None else loss_sum.reshape(())
         if entry["status"] == "finished":
@@ -600,12 +609,15 @@ def read_run_state(
         point.global_step,
         f"; already finished: {', '.join(done)}" if done else "",
     )
-    return {
+    state = {
         "global_step": point.global_step,
         "adapter_rng": {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
         "rng": _rank_rng(tensors, point, rank, world_size),
         "adapters": adapters,
     }
+    if "sweep" in point.manifest:
+        state["sweep"] = point.manifest["sweep"]
+    return state
 
 
 def drop_newer_files(output_dir: Path, point: ResumePoint, identity: RunIdentity) -> None:

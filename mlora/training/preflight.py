@@ -7,7 +7,6 @@ not cost that. These checks need only the config, the file system and the model'
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -18,6 +17,7 @@ import torch
 from mlora.config.schema import TrainConfig
 from mlora.core.errors import MloraError
 from mlora.core.integrity import json_problem, safetensors_problem, shape_problem
+from mlora.core.os_errors import write_problem
 from mlora.data.prompts import load_template
 from mlora.data.rows import local_data_path
 from mlora.persistence.kinds import kind_for_config
@@ -50,10 +50,9 @@ def check_remote_code(base_model: str, trust_remote_code: bool) -> None:
     path = Path(base_model).expanduser() / "config.json"
     if trust_remote_code or not path.is_file():
         return
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # transformers reports an unreadable config when it loads it
+    raw, problem = json_problem(path)
+    if problem:
+        return  # check_base_weights names an unreadable config
     from transformers import CONFIG_MAPPING
 
     known = isinstance(raw, dict) and raw.get("model_type") in CONFIG_MAPPING
@@ -90,6 +89,40 @@ def own_targets(config: TrainConfig) -> dict[str, list[str]]:
     return found
 
 
+def _meta_model(base_model: str, trust_remote_code: bool) -> torch.nn.Module | None:
+    """The model built on the ``meta`` device from its config, or None where the config
+    cannot be read here (the checks then happen when the model loads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                model_config, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError, KeyError, ImportError) as exc:  # unreadable here: postponed
+        logger.debug("target module check postponed: %s", exc)
+        return None
+
+
+def check_target_parameters(config: TrainConfig, base_model: str, trust_remote_code: bool) -> None:
+    """Every adapter's ``target_parameters`` name tensors of a layout mlora adapts (checked on
+    the ``meta`` model, before any weight is read; routers are probed when the model loads).
+
+    Raises:
+        MloraError: naming the config, the adapter, the parameter and why.
+    """
+    from mlora.model.parameter_targets import plan_parameter_targets
+
+    wanted = [adapter for adapter in config.lora if adapter.target_parameters]
+    model = _meta_model(base_model, trust_remote_code) if wanted else None
+    for adapter in wanted if model is not None else []:
+        try:
+            plan_parameter_targets(model, adapter.name, tuple(adapter.target_parameters))
+        except MloraError as exc:
+            raise MloraError(f"{config.source}: {exc}") from None
+
+
 def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[str, int] | None:
     """The layers adapters can wrap, by last name component, with the smallest of their input
     and output sizes over the model (the largest rank that makes sense for them).
@@ -98,18 +131,10 @@ def adaptable_modules(base_model: str, trust_remote_code: bool = False) -> dict[
     ``None`` when the config cannot be read here (e.g. a hub id while offline): the check then
     happens when the model loads.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from mlora.model.multi_lora import can_wrap
 
-    try:
-        model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                model_config, trust_remote_code=trust_remote_code
-            )
-    except Exception as exc:  # any failure here only postpones the check
-        logger.debug("target module check postponed: %s", exc)
+    model = _meta_model(base_model, trust_remote_code)
+    if model is None:
         return None
     sizes: dict[str, int] = {}
     for name, module in model.named_modules():
@@ -234,6 +259,22 @@ def check_output_file(path: Path) -> None:
     check_writable(path.parent)
 
 
+def check_adapter_paths(config: TrainConfig, output_dir: Path) -> None:
+    """Each ``DIR/NAME`` is a folder or free, so the run never fails (or, with --overwrite,
+    replaces a user's file) where it saves an adapter; checked before anything is written.
+
+    Raises:
+        MloraError: naming the file in the way and the adapter that would be saved there.
+    """
+    for adapter in config.lora:
+        folder = output_dir / adapter.name
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise MloraError(
+                f"{folder} is a file, not a folder: adapter {adapter.name!r} is saved there; "
+                "move the file away or pass another --dir"
+            )
+
+
 def check_writable(output_dir: Path) -> None:
     """``output_dir`` can be created and written (else one line now, not after training).
 
@@ -246,7 +287,7 @@ def check_writable(output_dir: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise MloraError(f"cannot write {output_dir}: {exc.strerror or exc}") from None
+        raise MloraError(f"cannot write {output_dir}: {write_problem(output_dir, exc)}") from None
 
 
 def preflight(
@@ -262,6 +303,7 @@ def preflight(
     check_base_weights(base_model)
     check_data_sources(config)
     check_target_modules(config, base_model, trust_remote_code, own_targets(config))
+    check_target_parameters(config, base_model, trust_remote_code)
     check_cutoff_len(config, base_model)
     check_writable(output_dir)
     if load_adapter:

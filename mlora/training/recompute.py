@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from mlora.batching.aux_losses import SideKey
 from mlora.core.errors import MloraError
 from mlora.hardware.backends import Backend, get_backend
 
@@ -57,11 +58,11 @@ class SideLosses(Protocol):
 
     def capture(
         self, keep_loads: bool = True
-    ) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
+    ) -> contextlib.AbstractContextManager[dict[SideKey, torch.Tensor]]:
         """Divert the losses recorded inside the block into the yielded dict."""
 
-    def add(self, adapter: str, loss: torch.Tensor) -> None:
-        """Record ``loss`` for ``adapter`` in the current pass."""
+    def add(self, adapter: SideKey, loss: torch.Tensor) -> None:
+        """Record ``loss`` under ``adapter`` (or a ``RouterSlot``) in the current pass."""
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ def _recompute_forward(
         return original(*args, **kwargs)
     # The closure must not hold the input tensors: the Function saves them itself.
     template = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-    out_structure: list[tuple[list[Any], Any, list[str]]] = []
+    out_structure: list[tuple[list[Any], Any, list[SideKey]]] = []
 
     def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         first = not out_structure
@@ -252,7 +253,7 @@ def _recompute_forward(
         recorded = recorded or {}
         if first:
             template_out = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
-            out_structure.append((template_out, out_spec, sorted(recorded)))
+            out_structure.append((template_out, out_spec, list(recorded)))  # recording order
         extras = tuple(recorded[key] for key in out_structure[0][2])
         return (*(x for x in out_leaves if isinstance(x, torch.Tensor)), *extras)
 

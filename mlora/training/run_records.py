@@ -22,7 +22,7 @@ from mlora.config.schema import TrainConfig, config_to_dict
 RUN_DIR = ".mlora-run"
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 # Run-wide keys that may change between a run and its resume without changing the result.
-RESUME_FREE_KEYS = {"save_step", "save_total_limit", "log_step", "evaluate_result"}
+RESUME_FREE_KEYS = {"save_step", "save_total_limit", "log_step", "evaluate_result", "report_to"}
 # Per-adapter keys that may change on resume (checkpoint schedule only).
 ADAPTER_RESUME_FREE_KEYS = {"save_step"}
 

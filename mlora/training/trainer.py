@@ -12,12 +12,9 @@ alone), and each adapter steps its own optimizer and schedule when its batch is 
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import time
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +23,23 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mlora.adapters.spec import LoraSpec
-from mlora.batching.collate import collate
-from mlora.batching.dispatcher import AdapterQueue, Dispatcher, MicroBatch, name_seed
-from mlora.config.schema import AdapterConfig, TrainConfig
+from mlora.batching.collate import LossBatch, collate
+from mlora.batching.dispatcher import (
+    AdapterQueue,
+    Dispatcher,
+    MicroBatch,
+    MicroBatchShard,
+    name_seed,
+)
+from mlora.config.schema import AdapterConfig, TrainConfig, config_to_dict
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
 from mlora.data.dataset import tokenize_dataset
 from mlora.data.preference import PAIR_ROWS
 from mlora.data.prompts import load_template
-from mlora.data.rows import TokenizedRow, load_rows, pad_token_id
-from mlora.data.tasks import CHOICE_TASKS, training_rows
+from mlora.data.rows import TokenizedRow, pad_token_id
 from mlora.hardware.backends import get_backend
+from mlora.hardware.peak_flops import peak_flops
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import (
     adapter_state_dict,
@@ -44,24 +47,35 @@ from mlora.persistence.adapter_files import (
     peft_config,
     read_adapter,
     spec_from_peft_config,
-    write_adapter_files,
 )
 from mlora.persistence.kinds import kind_for_config
+from mlora.training.adapter_run import AdapterRun, cpu_copy, own_copy
+from mlora.training.checkpoint_policy import CheckpointPolicy
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
-from mlora.training.distributed import Distributed, grouped_expert_dropout, router_stat_slots
+from mlora.training.distributed import Distributed
+from mlora.training.evaluation_schedule import EvaluationSchedule
+from mlora.training.faults import FaultMonitor
+from mlora.training.gradient_sync import gradient_sync
+from mlora.training.metrics.collector import PendingStep, StepCollector, gradient_norm, now
+from mlora.training.metrics.progress import ProgressSink, in_notebook
+from mlora.training.metrics.sinks import RowSinks, RunStart
+from mlora.training.metrics.throughput import FlopsEstimate, RunMeter
+from mlora.training.metrics_sink import AdapterMetrics, LogLineSink, MetricsSink
 from mlora.training.objectives import (
     Objective,
     check_objective_fits,
     objective_rows,
     plan_objectives,
 )
-from mlora.training.optim import build_optimizer, build_scheduler, step_unless
+from mlora.training.optim import build_optimizer, build_scheduler
 from mlora.training.recompute import (
     apply_gradient_checkpointing,
     checkpoint_mode,
     resolve_checkpoint_mode,
 )
 from mlora.training.run_records import RunIdentity
+from mlora.training.step_hooks import Outcome, RunControl, StepBoundary, StepHook
+from mlora.training.validation import Validation, prepare_validation, training_rows_of
 
 logger = logging.getLogger("mlora")
 
@@ -76,15 +90,13 @@ def spec_from_config(config: AdapterConfig) -> LoraSpec:
     return kind_for_config(config).spec_from_config(config)
 
 
-def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]]:
-    """Load and tokenize every adapter's training data (before the model loads: fail fast)."""
+def prepare_data(config: TrainConfig, tokenizer, seed: int = 42) -> dict[str, list[TokenizedRow]]:
+    """Load and tokenize every adapter's training data (before the model loads: fail fast);
+    ``seed`` (the trainer's) picks the rows ``val_set_size`` holds out of training."""
     out = {}
     for adapter in config.lora:
         template = load_template(adapter.prompt)
-        if adapter.task_name in CHOICE_TASKS:  # question -> right choice, as evaluation scores
-            rows = training_rows(adapter.task_name, adapter.data, adapter.name)
-        else:
-            rows = load_rows(adapter.data)
+        rows = training_rows_of(adapter, seed)  # choice tasks: question -> right choice
         task_field = kind_for_config(adapter).task_field(adapter)
         fmt, out[adapter.name] = tokenize_dataset(
             rows,
@@ -101,90 +113,16 @@ def prepare_data(config: TrainConfig, tokenizer) -> dict[str, list[TokenizedRow]
     return out
 
 
-@dataclass
-class AdapterRun:
-    """Training state of one adapter."""
-
-    config: AdapterConfig
-    queue: AdapterQueue
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    steps_done: int = 0
-    loss_sum: torch.Tensor | None = None  # on device; read only when logging
-    step_loss: torch.Tensor | None = None  # on device; loss of the optimizer step in progress
-    failed: str | None = None  # why the adapter was stopped (non-finite loss)
-    # On the device: 1.0 once a step's loss was not finite (its updates are skipped from then
-    # on), and the (adapter step, global step) where that happened. Read when logging/saving.
-    fault: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
-    fault_at: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.long))
-    loss_count: float = 0.0  # optimizer steps ``loss_sum`` covers (fractions mid-step)
-    tokens: int = 0
-    history: list[float] = field(default_factory=list)
-    expert_load: list[list[float]] = field(default_factory=list)  # MoE: per-expert token share
-    checkpoint_step: int | None = None  # steps_done of its newest checkpoint folder
-    objective: Objective = field(default_factory=Objective)  # sft, or a preference objective
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def finished(self) -> bool:
-        return self.queue.finished
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        """The adapter's trainable parameters, in its optimizer's order."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    @property
-    def status(self) -> str:
-        if self.failed is not None:
-            return "failed"
-        return "finished" if self.finished else "running"
-
-    def progress_state(self) -> dict[str, Any]:
-        """Where the adapter stands (cheap: counters, data position, loss bookkeeping)."""
-        return {
-            "status": self.status,
-            "message": self.failed,
-            "steps_done": self.steps_done,
-            "queue": self.queue.state_dict(),
-            "loss_count": self.loss_count,
-            "tokens": self.tokens,
-            "history": list(self.history),
-            "loss_sum": None if self.loss_sum is None else _own(self.loss_sum),
-            "checkpoint_step": self.checkpoint_step,
-        }
-
-    def pending_state(self) -> dict[str, Any] | None:
-        """The gradients and loss of the optimizer step in progress (None between steps)."""
-        grads = {str(i): _own(p.grad) for i, p in enumerate(self.params) if p.grad is not None}
-        if not grads and self.step_loss is None:
-            return None
-        step_loss = None if self.step_loss is None else _own(self.step_loss)
-        return {"grads": grads, "step_loss": step_loss}
-
-
-def _own(value: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy with its own storage: the loop may change the original while a
-    background thread writes the copy (and safetensors refuses shared storage)."""
-    return value.detach().to("cpu", copy=True).contiguous()
-
-
-def _cpu_copy(value: Any) -> Any:
-    """``value`` (an optimizer or scheduler state dict) with every tensor copied to the CPU."""
-    if isinstance(value, torch.Tensor):
-        return _own(value)
-    if isinstance(value, dict):
-        return {k: _cpu_copy(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_cpu_copy(v) for v in value)
-    return copy.deepcopy(value)
-
-
 class Trainer:
     """Trains every adapter of a config on one ``MultiLoraModel``.
+
+    The step (``train_step``) is collate, forward, loss, backward, gradient sync and optimizer
+    steps; around it, at each step boundary, sit small collaborators: ``sync`` (one process or
+    data parallel, ``gradient_sync.py``), ``faults`` (non-finite losses, ``faults.py``),
+    ``checkpoint_policy`` (when a cut is written, ``checkpoint_policy.py``), ``sinks`` (where
+    logged results go, ``metrics_sink.py``) and ``step_hooks`` (evaluation and anything else
+    that acts between steps, ``step_hooks.py``). Adapters leave the run through ``leave``
+    (finished, stopped) and may enter through ``enter``, both at step boundaries.
 
     Args:
         model: the wrapped frozen base model.
@@ -197,6 +135,11 @@ class Trainer:
         init_from: adapter folders to continue from, by adapter name (``--load_adapter``).
         dist: this process's place in a data-parallel group (default: a single process). Each
             rank trains on its share of every micro-batch; only rank 0 writes files and logs.
+        sinks: where each log interval's per-adapter results go (default: the log lines).
+        step_hooks: called at every step boundary, in order (see ``step_hooks.py``), after
+            the validation of the adapters that have validation data (``validation.py``).
+        validation_rows: tokenized validation rows by adapter name (``prepare_validation``;
+            None: prepared here from the config and ``seed``).
     """
 
     def __init__(
@@ -210,9 +153,21 @@ class Trainer:
         base_model_name: str | None = None,
         init_from: dict[str, Path] | None = None,
         dist: Distributed | None = None,
+        sinks: Sequence[MetricsSink] | None = None,
+        step_hooks: Sequence[StepHook] = (),
+        validation_rows: dict[str, list[TokenizedRow]] | None = None,
     ) -> None:
         self.model = model
         self.dist = dist or Distributed()
+        self.sync = gradient_sync(self.dist, model.device)
+        self.faults = FaultMonitor()
+        self.sinks: list[MetricsSink] = [LogLineSink()] if sinks is None else list(sinks)
+        if validation_rows is None:
+            validation_rows = prepare_validation(config, tokenizer, seed)
+        self.validation = Validation(model, pad_token_id(tokenizer), validation_rows, output_dir)
+        validate = EvaluationSchedule(self.validation.eval_steps, self._validate)
+        self.step_hooks: list[StepHook] = [validate, *step_hooks]
+        self.places: Any = None  # a sweep's trials: its state goes into each cut (mlora.sweep)
         self.tokenizer = tokenizer
         self.config = config
         self.output_dir = Path(output_dir)
@@ -222,6 +177,7 @@ class Trainer:
         self.runs = [
             self._setup_adapter(a, data[a.name], (init_from or {}).get(a.name)) for a in config.lora
         ]
+        self._run_of_queue = {id(run.queue): run for run in self.runs}
         count = len(self.runs)
         self.dispatcher = Dispatcher(
             [run.queue for run in self.runs],
@@ -231,15 +187,15 @@ class Trainer:
         )
         self.global_step = 0
         self.init_from = dict(init_from or {})
+        identity = RunIdentity(config, seed, base_model_name)
+        self.run_id = identity.run_id  # names this run's metrics rows
         self.checkpoints = RunCheckpoints(
             self.output_dir,
-            RunIdentity(config, seed, base_model_name),
+            identity,
             config.save_total_limit,
             load_adapter=bool(self.init_from),
         )
-        self.checkpointing = any(r.config.checkpoint_every(config.save_step) for r in self.runs)
-        self._cut_due = False
-        self._due: set[str] = set()  # adapters whose checkpoint is due at this step
+        self.checkpoint_policy = CheckpointPolicy(config.save_step, self.runs)
         self._saved: list[str] = []  # "finished, saved" lines, logged after the step's line
         self.last_cut_step: int | None = None
         self.backend = get_backend(str(model.device))
@@ -254,20 +210,27 @@ class Trainer:
             )
             logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
         model.set_packing(config.packing)
-        if self.dist.enabled:  # router losses over whole micro-batches: sums reduced over ranks
-            names = [run.name for run in self.runs]
-            model.context.aux_losses.use_global_stats(router_stat_slots(model, names) or None)
-            inexact = grouped_expert_dropout(model, names)
-            if inexact and self.dist.is_main:
-                logger.warning(
-                    "distributed: the MoE experts of %s draw dropout per expert group, which "
-                    "depends on how the rows are split over processes: they train as one "
-                    "process does in distribution, not bit for bit (expert lora_dropout 0 "
-                    "makes them exact)",
-                    ", ".join(repr(n) for n in inexact),
-                )
+        self.sync.adapters_changed(model, [run.name for run in self.runs])
         self.tokens_seen = 0  # tokens of every pass so far, padding included
         self.padded_tokens = 0
+        # Per-step metrics rows: each step waits on the device in ``collector`` until the log
+        # interval, then goes to ``row_sinks`` (rank 0: metrics file, trackers, progress bar).
+        self.row_sinks = RowSinks()
+        self.collector = StepCollector()
+        self.step_counts: dict[str, tuple[int, int]] = {}  # rows, tokens of the step in progress
+        self.meter = RunMeter(
+            FlopsEstimate.of(
+                model.model, {r.name: sum(p.numel() for p in r.params) for r in self.runs}
+            ),
+            peak_flops(self.backend.device_name(), model.model.dtype),
+            self.dist.world_size,
+        )
+        self.resumed_at: int | None = None  # the global step load_state_dict resumed at
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether any adapter of the run writes checkpoints."""
+        return self.checkpoint_policy.enabled
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -314,10 +277,15 @@ class Trainer:
 
     def _load_initial_weights(self, config: AdapterConfig, spec: LoraSpec, folder: Path) -> None:
         saved, tensors = read_adapter(folder)
-        saved_spec, _, _ = spec_from_peft_config(saved, str(folder))
+        saved_spec = spec_from_peft_config(saved, str(folder))
         for key, ours, theirs in [
             ("r", spec.r, saved_spec.r),
             ("target_modules", sorted(spec.target_modules), sorted(saved_spec.target_modules)),
+            (
+                "target_parameters",
+                sorted(spec.target_parameters),
+                sorted(saved_spec.target_parameters),
+            ),
             ("use_dora", spec.use_dora, saved_spec.use_dora),
         ]:
             if ours != theirs:
@@ -338,10 +306,13 @@ class Trainer:
             total=total,
             desc="training",
             unit="micro-batch",
-            disable=None if self.dist.is_main else True,
+            # a terminal, or a notebook (its output is no terminal, yet shows a bar)
+            disable=True if not self.dist.is_main else False if in_notebook() else None,
         )
-        last_log = time.perf_counter()
-        by_queue = {id(run.queue): run for run in self.runs}
+        if self.dist.is_main:
+            self.row_sinks.add(ProgressSink(progress))
+            self.row_sinks.start(self._run_start())
+        self.meter.restart()
         consoles = [lg for lg in (logging.getLogger(), logger) if lg.handlers]
         try:  # log lines printed above the bar, never through it
             with (
@@ -351,11 +322,12 @@ class Trainer:
             ):
                 if self.checkpointing and self.global_step == 0:
                     self.save_cut()  # step-0: --resume after an early crash starts over exactly
-                self._loop(stop, progress, by_queue, last_log)
+                self._loop(stop, progress)
         finally:
             progress.close()
             self._log_saved()
             self.model.context.set(None)
+            self.row_sinks.close(finished=self.dispatcher.finished)
         peak = self.backend.memory_stats()["peak"]  # CPU: process peak RSS; GPU: allocator peak
         logger.info("peak memory %.0f MiB on %s", peak / 2**20, self.backend.device)
         if self.tokens_seen:
@@ -369,23 +341,25 @@ class Trainer:
             )
         return {run.name: run.history for run in self.runs}
 
-    def _loop(self, stop: GracefulStop, progress, by_queue: dict, last_log: float) -> None:
+    def _loop(self, stop: GracefulStop, progress) -> None:
+        last_report = time.perf_counter()
         while not self.dispatcher.finished:
             self.checkpoints.writer.check()  # a failed background write stops the run here
-            step = [(by_queue[id(q)], mb) for q, mb in self.dispatcher.next_step()]
+            step = [(self._run_of_queue[id(q)], mb) for q, mb in self.dispatcher.next_step()]
             self.train_step(step)
             self.global_step += 1
+            self._step_boundary([run for run, mb in step if mb.ends_step])
             progress.update(len(step))
             due = self.global_step % self.config.log_step == 0
             if due or self.dispatcher.finished or self._saved:
                 now = time.perf_counter()
-                self._log(now - last_log)
-                last_log = now
+                self._report(now - last_report)
+                last_report = now
             self._log_saved()
-            signal_name = self._agreed_signal(stop)
-            if self._cut_due or (signal_name and not self.dispatcher.finished):
+            signal_name = self.sync.agreed_signal(stop)
+            if self.checkpoint_policy.cut_due or (signal_name and not self.dispatcher.finished):
                 cut = self.save_cut(every_adapter=bool(signal_name))
-                if signal_name:
+                if signal_name and not self.dispatcher.finished:  # (finished: nothing to stop)
                     self.checkpoints.writer.flush()  # written before we say so
                     interrupted = TrainingInterrupted(
                         f"stopped by {signal_name} after global step {self.global_step}; "
@@ -396,115 +370,174 @@ class Trainer:
         if self.checkpointing and self.last_cut_step != self.global_step:
             self.save_cut()  # the end: --resume of a finished run has nothing left to do
 
-    def _agreed_signal(self, stop: GracefulStop) -> str | None:
-        """The signal that stops the run after this step, agreed by every rank (a launcher
-        signals its processes at slightly different moments: all must stop at the same step)."""
-        if not self.dist.enabled:
-            return stop.signal_name
-        if self.dist.any(stop.signal_name is not None):
-            return stop.signal_name or "a signal to another rank"
-        return None
-
     def train_step(self, step: list[tuple[AdapterRun, MicroBatch]]) -> None:
-        """One forward and one backward for every adapter in ``step``, then due optimizer steps.
+        """One forward and one backward for every adapter in ``step``, then the optimizer steps
+        of those whose batch is complete.
 
-        With several processes this rank runs its share of each micro-batch (possibly none of
+        With several processes this one runs its share of each micro-batch (possibly none of
         some adapter's); token losses are still divided by the whole step's supervised tokens,
-        so the gradients summed over ranks at the optimizer step are the one-process gradients.
+        so the gradients summed over processes at the optimizer step are the one-process ones.
         """
+        context = self.model.context
         for run, _ in step:  # each micro-batch's noise from (seed, adapter, its index) alone
-            self.model.context.generators.start_pass(run.name, run.queue.micro_steps_done)
-        losses = self._forward_backward(step)
-        zero = torch.zeros((), device=self.model.device)
-        for i, (run, mb) in enumerate(step):
-            loss = zero if losses[i] is None else losses[i]
-            run.step_loss = loss if run.step_loss is None else run.step_loss + loss
-            run.tokens += sum(len(row) for row in mb.rows)
-            if not self.dist.enabled:  # (data parallel: the global loss, at the step's end)
-                run.loss_sum = loss if run.loss_sum is None else run.loss_sum + loss
-                run.loss_count += mb.step_fraction
-        ending = [run for run, mb in step if mb.ends_step]
-        self._sum_over_ranks(ending)
-        for run in ending:
-            self._flag_non_finite(run)
-            run.step_loss = None
-            if run.config.max_grad_norm is not None:  # its own params; no host read
-                torch.nn.utils.clip_grad_norm_(run.params, run.config.max_grad_norm, foreach=True)
-            step_unless(run.optimizer, run.fault)  # a non-finite step is never applied
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            run.steps_done += 1
-            every = run.config.checkpoint_every(self.config.save_step)
-            if every and run.steps_done % every == 0 and not run.finished:
-                self._due.add(run.name)  # its own schedule: only this adapter is written
-                self._cut_due = True
-            if run.finished and self.checkpointing:
-                self._cut_due = True  # the manifest records it as finished
-            if run.finished:
-                self.check_faults()  # never save an adapter whose skipped step is unread
-                if run.failed is None and self.dist.is_main:
-                    self.save_final(run)
-
-    def _forward_backward(
-        self, step: list[tuple[AdapterRun, MicroBatch]]
-    ) -> list[torch.Tensor | None]:
-        """This rank's forward and backward over its rows of ``step``; each entry's detached
-        loss (its token-loss sum over the step's supervised tokens), None where it has no rows."""
-        dist = self.dist
-        shards = [mb.shard(dist.rank, dist.world_size) for _, mb in step]
+            context.generators.start_pass(run.name, run.queue.micro_steps_done)
+        shards = [self.sync.shard(mb) for _, mb in step]
         local = [i for i, shard in enumerate(shards) if shard.rows]
-        out: list[torch.Tensor | None] = [None] * len(step)
-        if not local:
-            self.model.context.aux_losses.clear()
-            self._router_losses(step, [])  # joins the ranks' reduction with zeros
-            return out
+        losses = [torch.zeros((), device=self.model.device)] * len(step)  # detached, per entry
+        if local:
+            batch = self._collate([(step[i][0].name, shards[i]) for i in local])
+            # (S, 2) queued before the forward: a blocking copy after it would wait for the GPU
+            divisors = torch.tensor(
+                [[step[i][1].step_tokens, step[i][1].accumulation] for i in local],
+                dtype=torch.float32,
+            ).to(self.model.device, non_blocking=True)
+            plan = plan_objectives(  # preference adapters: their objective over their pairs
+                [(step[i][0].objective, shards[i].rows, step[i][1].step_items,
+                  step[i][1].step_tokens) for i in local],
+                self.model.device,
+            )  # fmt: skip
+            # (S,) fp32: token-loss sums over the step's supervised tokens (+ router losses)
+            segment = self.model.segment_losses(batch, divisors[:, 0], divisors[:, 1], plan)
+        else:
+            context.aux_losses.clear()
+        names = [run.name for run, _ in step]
+        router = self.sync.router_losses(context.aux_losses, names, [names[i] for i in local])
+        if local:
+            if router is not None:  # data parallel: over the whole micro-batches, per micro
+                segment = segment + router / divisors[:, 1]
+            segment.sum().backward()
+            detached = segment.detach()
+            for k, i in enumerate(local):
+                losses[i] = detached[k]
+        for (run, mb), loss in zip(step, losses, strict=True):
+            tokens = sum(len(row) for row in mb.rows)
+            run.add_micro_batch(loss, tokens)
+            self._count_micro_batch(run, mb, tokens)
+        ending = [run for run, mb in step if mb.ends_step]
+        self.sync.sum_step(ending)  # gradients and step losses: the sums over processes
+        for run, mb in [(run, mb) for run, mb in step if mb.ends_step]:
+            self.faults.flag(run, self.global_step)  # a non-finite step is never applied
+            self._collect_step(run, mb)
+            run.optimizer_step()
+
+    def _collate(self, shards: list[tuple[str, MicroBatchShard]]) -> LossBatch:
+        """This process's rows of the step as one batch (packed or padded, as the model)."""
         batch = collate(
-            [(step[i][0].name, shards[i].rows) for i in local],
+            [(name, shard.rows) for name, shard in shards],
             self.pad_token_id,
             self.model.device,
             packed=self.model.packing,
             stream=self.model.packing_form == "stream",
-            shards=[shards[i] for i in local] if dist.enabled else None,
+            shards=[shard for _, shard in shards] if self.sync.sharded else None,
         )
         self.tokens_seen += batch.num_tokens
         self.padded_tokens += batch.padded_tokens
-        # Built and queued before the forward: a blocking copy after it would wait for the GPU.
-        divisors = torch.tensor(
-            [[step[i][1].step_tokens, step[i][1].accumulation] for i in local],
-            dtype=torch.float32,
-        ).to(self.model.device, non_blocking=True)
-        plan = plan_objectives(  # preference adapters: their objective over their pairs
-            [(step[i][0].objective, shards[i].rows, step[i][1].step_items, step[i][1].step_tokens)
-             for i in local],
-            self.model.device,
-        )  # fmt: skip
-        # (S,) fp32: token-loss sums over the step's supervised tokens, + router losses / micro
-        losses = self.model.segment_losses(batch, divisors[:, 0], divisors[:, 1], plan)
-        router = self._router_losses(step, [step[i][0].name for i in local])
-        if router is not None:
-            losses = losses + router / divisors[:, 1]
-        losses.sum().backward()
-        detached = losses.detach()
-        for k, i in enumerate(local):
-            out[i] = detached[k]
-        return out
+        return batch
 
-    def _router_losses(
-        self, step: list[tuple[AdapterRun, MicroBatch]], local: list[str]
-    ) -> torch.Tensor | None:
-        """Data parallel: (S,) router losses of this rank's segments (adapters ``local``) over
-        their whole micro-batches, from the router sums of this pass reduced over all ranks
-        (one collective, which every rank joins); None when no adapter has router sums."""
-        collector = self.model.context.aux_losses
-        if not collector.global_stats:
-            return None
-        zero = torch.zeros((), device=self.model.device)
-        found = collector.reduce_stats(
-            [run.name for run, _ in step], zero, self.dist.all_reduce_flat
+    def _step_boundary(self, stepped: list[AdapterRun]) -> None:
+        """After a global step: the checkpoint schedule, the step hooks, then the adapters
+        whose last step it was leave the run (saved)."""
+        for run in stepped:
+            self.checkpoint_policy.stepped(run)
+        if any(run.finished for run in stepped):
+            self.check_faults()  # never save an adapter whose skipped step is unread
+        boundary = StepBoundary(self.global_step, tuple(r for r in stepped if not r.left))
+        for hook in self.step_hooks:
+            hook(boundary, self)
+        for run in boundary.stepped:
+            if run.finished and not run.left:
+                self.leave(run, "finished")
+
+    # --- adapters entering and leaving ---------------------------------------------------------
+
+    def leave(self, run: AdapterRun, outcome: Outcome, message: str | None = None) -> None:
+        """``run`` leaves the run at this step boundary and takes no further step.
+
+        Args:
+            run: one of ``self.runs``, still in the run.
+            outcome: "finished" saves its adapter (its last step, or an early stop) to
+                ``output_dir/NAME``; "failed" saves nothing.
+            message: why (logged; "failed" records it as the adapter's status message).
+        """
+        if run.left:
+            raise RuntimeError(f"adapter {run.name!r} already left the run")
+        run.left = True
+        run.queue.stop()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step_loss = None
+        if outcome == "failed":
+            run.failed = message or f"adapter {run.name}: stopped"
+            logger.error("%s", run.failed)
+        else:
+            if message:
+                logger.info("adapter %s: %s", run.name, message)
+            if self.dist.is_main:
+                self.save_final(run)
+        self.checkpoint_policy.left(run)
+
+    def enter(self, config: AdapterConfig, rows: Sequence[TokenizedRow]) -> AdapterRun:
+        """Add an adapter at this step boundary; it takes part from the next step on, with its
+        own seeded init, noise, optimizer and schedule, so it trains as it would alone.
+
+        Args:
+            config: its validated config (a name no adapter of the run has).
+            rows: its tokenized training rows.
+
+        Raises:
+            MloraError: an adapter of that name is already in the run.
+        """
+        if any(run.name == config.name for run in self.runs):
+            raise MloraError(f"adapter {config.name!r} is already in the run")
+        run = self._setup_adapter(config, list(rows), None)
+        self.runs.append(run)
+        self._run_of_queue[id(run.queue)] = run
+        self.dispatcher.add(run.queue)
+        if not self.config.train_lora_candidate_num:  # (unset: every adapter is a candidate)
+            self.dispatcher.candidate_num = len(self.runs)
+        if not self.config.train_lora_simultaneously_num:
+            self.dispatcher.simultaneous_num = len(self.runs)
+        self.checkpoint_policy.entered(run)
+        self.sync.adapters_changed(self.model, [r.name for r in self.runs])
+        self.model.train(self.model.training)  # its modules take the model's mode
+        return run
+
+    def retire(self, run: AdapterRun) -> None:
+        """Take an adapter that left the run out of the model (its files are written or
+        queued): its weights, gradients and optimizer state are freed; the base is untouched."""
+        if not run.left:
+            raise RuntimeError(f"adapter {run.name!r} is still in the run")
+        self.model.remove_adapter(run.name)
+        run.optimizer.state.clear()
+        for group in run.optimizer.param_groups:
+            group["params"] = []
+        self.runs.remove(run)
+        del self._run_of_queue[id(run.queue)]
+        self.dispatcher.queues.remove(run.queue)
+        self.sync.adapters_changed(self.model, [r.name for r in self.runs])
+
+    # --- validation ------------------------------------------------------------------------
+
+    def _validate(self, due: Sequence[AdapterRun], control: RunControl) -> None:
+        """The evaluation schedule's callback: validate the due adapters that have validation
+        data in one pass, queue new best weights, and let those that early stopping (or a
+        sweep's pruner) ends leave the run (their place is free at once)."""
+        due = [r for r in due if self.validation.due(r.config, r.steps_done, r.finished)]
+        if not due:
+            return
+        by_name = {run.name: run for run in due}
+        stopping = self.validation.validate(
+            [(run.config, run.steps_done, run.finished) for run in due],
+            lambda name: self.weights_copy(by_name[name]),
         )
-        if not found or not local:
-            return None
-        return torch.stack([found.get(name, zero) for name in local])
+        for name in self.validation.take_fresh_best():  # queued before a final save removes them
+            if self.dist.is_main:
+                config = self.adapter_config_json(by_name[name])
+                self.checkpoints.writer.submit(self.validation.best_write(name, config))
+        for name in stopping:
+            state = self.validation.states[name]
+            control.leave(by_name[name], "finished", f"{state.stopped} at step {state.last_step}")
+
+    # --- faults and metrics --------------------------------------------------------------------
 
     def consolidate_partial_steps(self) -> None:
         """Before a checkpoint: move the partial gradients and step losses of adapters in the
@@ -515,127 +548,131 @@ class Trainer:
         the others with nothing pending): a resumed run does what the uninterrupted one did,
         with this world size or another.
         """
-        pending = [r for r in self.runs if r.step_loss is not None and r.failed is None]
-        if self.dist.enabled and pending:
-            self._reduce_over_ranks(pending, keep=self.dist.is_main)
-
-    def _reduce_over_ranks(self, runs: list[AdapterRun], keep: bool) -> None:
-        """One ``all_reduce`` over one flat buffer of ``runs``' gradients and step losses; the
-        sums replace this rank's own (``keep``), or this rank's share is dropped."""
-        params = [p for run in runs for p in run.params]
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        local_losses = [run.step_loss for run in runs]
-        summed = self.dist.all_reduce_flat([*grads, *(loss.reshape(1) for loss in local_losses)])
-        for param, grad in zip(params, summed, strict=False):
-            param.grad = grad if keep else None
-        for run, local, total in zip(runs, local_losses, summed[len(params) :], strict=True):
-            run.step_loss = total.reshape(()) if keep else torch.zeros_like(local)
-
-    def _sum_over_ranks(self, ending: list[AdapterRun]) -> None:
-        """Sum the gradients and step losses of the adapters that step now over every rank, so
-        every rank applies the same update (a rank without rows of an adapter adds zeros); the
-        logged loss is the global step loss."""
-        if not self.dist.enabled or not ending:
-            return
-        self._reduce_over_ranks(ending, keep=True)
-        for run in ending:
-            assert run.step_loss is not None
-            run.loss_sum = run.step_loss if run.loss_sum is None else run.loss_sum + run.step_loss
-            run.loss_count += 1
-
-    def _flag_non_finite(self, run: AdapterRun) -> None:
-        """Raise ``run``'s device fault flag if this step's loss is not finite (no host read);
-        from then on its updates are skipped until ``check_faults`` stops it."""
-        assert run.step_loss is not None
-        first = (run.fault == 0) & ~torch.isfinite(run.step_loss)
-        at = run.fault_at  # the Python ints below ride along as kernel scalars: no copy, no sync
-        run.fault_at = torch.stack(
-            [
-                torch.where(first, run.steps_done + 1, at[0]),
-                torch.where(first, self.global_step + 1, at[1]),
-            ]
+        self.sync.consolidate(
+            [r for r in self.runs if r.step_loss is not None and r.failed is None]
         )
-        run.fault = torch.maximum(run.fault, first.float())
 
     def check_faults(self) -> None:
         """Read every running adapter's fault flag (one host read) and stop those whose loss
-        was not finite. Called before logging and saving."""
-        watched = [r for r in self.runs if r.failed is None]
-        if not watched:
+        was not finite. Called before logging, saving and reading results."""
+        for fault in self.faults.read([r for r in self.runs if not r.left]):
+            run = fault.run
+            run.steps_done = fault.adapter_step - 1  # that update and later ones were skipped
+            good = (
+                "none (no checkpoint written yet)"
+                if run.checkpoint_step is None
+                else checkpoint_folder(self.output_dir, run.name, run.checkpoint_step)
+            )
+            self.leave(
+                run,
+                "failed",
+                f"adapter {run.name}: non-finite loss at adapter step {fault.adapter_step} "
+                f"(global step {fault.global_step}); stopped it, the others carry on; "
+                f"last good checkpoint: {good}",
+            )
+
+    def _count_micro_batch(self, run: AdapterRun, mb: MicroBatch, tokens: int) -> None:
+        """A micro-batch's rows and tokens: into its step's row, and the interval's run row."""
+        rows, counted = self.step_counts.get(run.name, (0, 0))
+        self.step_counts[run.name] = (rows + len(mb.rows), counted + tokens)
+        self.meter.count(run.name, tokens, sum(row.num_supervised for row in mb.rows))
+
+    def _collect_step(self, run: AdapterRun, mb: MicroBatch) -> None:
+        """Keep the ending optimizer step's row (device scalars until the log interval)."""
+        rows, tokens = self.step_counts.pop(run.name, (0, 0))
+        if not self.dist.is_main:
             return
-        flags = torch.stack([torch.cat([r.fault.view(1).long(), r.fault_at]) for r in watched])
-        for run, (bad, adapter_step, global_step) in zip(watched, flags.tolist(), strict=True):
-            if bad:
-                self._stop_adapter(run, adapter_step, global_step)
+        assert run.step_loss is not None
+        steps = run.steps_done + 1
+        self.collector.add(
+            PendingStep(
+                adapter=run.name, step=steps, global_step=self.global_step + 1,
+                epoch=steps / run.queue.steps_per_epoch, rows=rows, tokens=tokens,
+                supervised_tokens=mb.step_tokens, lr=run.optimizer.param_groups[0]["lr"],
+                loss=run.step_loss.detach(), grad_norm=gradient_norm(run.params), time=now(),
+            )
+        )  # fmt: skip
 
-    def _stop_adapter(self, run: AdapterRun, adapter_step: int, global_step: int) -> None:
-        """Stop an adapter whose loss was not finite at ``adapter_step``; that update and every
-        later one were skipped on the device, so its weights are those of the step before."""
-        run.optimizer.zero_grad(set_to_none=True)
-        run.queue.stop()
-        run.steps_done = adapter_step - 1
-        good = (
-            "none (no checkpoint written yet)"
-            if run.checkpoint_step is None
-            else checkpoint_folder(self.output_dir, run.name, run.checkpoint_step)
+    def _run_start(self) -> RunStart:
+        adapters = {a["name"]: a for a in config_to_dict(self.config)["lora"]}
+        return RunStart(
+            output_dir=self.output_dir,
+            run=self.run_id,
+            adapters=adapters,
+            resume_step=self.resumed_at,
+            positions={run.name: run.steps_done for run in self.runs},
         )
-        run.failed = (
-            f"adapter {run.name}: non-finite loss at adapter step {adapter_step} "
-            f"(global step {global_step}); stopped it, the others carry on; "
-            f"last good checkpoint: {good}"
-        )
-        logger.error("%s", run.failed)
-        self._due.discard(run.name)
-        if self.checkpointing:
-            self._cut_due = True
 
-    def _log(self, elapsed: float) -> None:
+    def emit_rows(self, run_row: bool) -> None:
+        """Hand the finished steps' rows to the row sinks (one host read), with the interval's
+        run row when ``run_row``."""
+        if not self.dist.is_main:
+            self.collector.clear()
+            return
+        self.row_sinks.log_steps(self.collector.take(self.run_id))
+        if run_row:
+            peak = self.backend.memory_stats()["peak"]
+            self.row_sinks.log_run(self.meter.row(self.run_id, self.global_step, peak))
+
+    def _report(self, elapsed: float) -> None:
+        """Each adapter's results since the last report, to every sink (one host read for
+        every adapter's mean loss, every ``log_step`` steps), and every step's row."""
+        self.emit_rows(run_row=True)
         self.check_faults()
         logged = [run for run in self.runs if run.loss_count]
         if not logged:
             return
-        # One host read for every adapter's mean loss, every log_step steps.
         means = torch.stack([run.loss_sum / run.loss_count for run in logged]).tolist()
-        for run, loss in zip(logged, means, strict=True):
-            run.history.append(loss)
-            lr = run.optimizer.param_groups[0]["lr"]
-            logger.info(
-                "step %d | %s | epoch %d | adapter step %d/%d | loss %.4f | lr %.3e | %.0f tok/s",
-                self.global_step, run.name, min(run.queue.epoch + 1, run.config.num_epochs),
-                run.steps_done, run.queue.total_steps, loss, lr, run.tokens / max(elapsed, 1e-9),
-            )  # fmt: skip
-            loads = self.model.context.aux_losses.take_loads(run.name)
-            if loads is not None:  # MoE adapters: share of routed tokens per expert, all layers
-                shares = loads.tolist()
-                run.expert_load.append(shares)
-                names = getattr(self.model.specs[run.name], "expert_names", None)  # MeteoRA
-                logger.info(
-                    "step %d | %s | %s load %s",
-                    self.global_step, run.name, "adapter" if names else "expert",
-                    " ".join(f"{n} {v:.2f}" if names else f"{v:.2f}"
-                             for n, v in zip(names or shares, shares, strict=True)),
-                )  # fmt: skip
-            if not math.isfinite(loss):
-                logger.warning("adapter %s: loss is %s", run.name, loss)
-            run.loss_sum, run.loss_count, run.tokens = None, 0.0, 0
+        metrics = [
+            self._metrics(run, loss, elapsed) for run, loss in zip(logged, means, strict=True)
+        ]
+        for sink in self.sinks:
+            sink.report(metrics)
+
+    def _metrics(self, run: AdapterRun, loss: float, elapsed: float) -> AdapterMetrics:
+        """``run``'s results over the interval ending now; its history grows and its interval
+        restarts."""
+        run.history.append(loss)
+        loads = self.model.context.aux_losses.take_loads(run.name)
+        shares = None if loads is None else tuple(loads.tolist())  # MoE: per expert, all layers
+        names = None
+        if shares is not None:
+            run.expert_load.append(list(shares))
+            names = getattr(self.model.specs[run.name], "expert_names", None)  # MeteoRA
+        metrics = AdapterMetrics(
+            global_step=self.global_step,
+            adapter=run.name,
+            epoch=min(run.queue.epoch + 1, run.config.num_epochs),
+            num_epochs=run.config.num_epochs,
+            adapter_step=run.steps_done,
+            total_steps=run.queue.total_steps,
+            loss=loss,
+            lr=run.optimizer.param_groups[0]["lr"],
+            tokens=run.tokens,
+            seconds=elapsed,
+            expert_load=shares,
+            expert_names=None if not names else tuple(names),
+        )
+        run.take_logged_loss()
+        return metrics
 
     # --- saving --------------------------------------------------------------------------------
 
     def adapter_config_json(self, run: AdapterRun) -> dict:
         spec = self.model.specs[run.name]
-        return peft_config(spec, run.config.lora_alpha, run.config.use_rslora, self.base_model_name)
+        return peft_config(spec, self.base_model_name)
 
     def weights_copy(self, run: AdapterRun) -> dict[str, torch.Tensor]:
         """The adapter's tensors under their file keys, as CPU copies the writer thread owns."""
-        return {key: _own(t) for key, t in adapter_state_dict(self.model, run.name).items()}
+        return {key: own_copy(t) for key, t in adapter_state_dict(self.model, run.name).items()}
 
     def save_final(self, run: AdapterRun) -> Path:
         """Queue the finished adapter's PEFT files on the checkpoint writer: one ordered stream
         of writes (a later cut that records it as finished is written after its files)."""
         folder = self.output_dir / run.name
         tensors = self.weights_copy(run)
-        config = self.adapter_config_json(run)
-        self.checkpoints.writer.submit(lambda: write_adapter_files(folder, tensors, config))
+        config = self.adapter_config_json(run)  # with save_best: its best weights instead
+        self.checkpoints.writer.submit(self.validation.final_write(run.name, tensors, config))
         self._saved.append(f"adapter {run.name}: finished, saved to {folder}")
         return folder
 
@@ -654,13 +691,15 @@ class Trainer:
                 the adapters whose own checkpoint is due get a folder.
         """
         self.check_faults()  # a stopped adapter is saved as failed, never with a skipped step
-        self._cut_due, self.last_cut_step = False, self.global_step
-        due = None if every_adapter else set(self._due)
-        self._due.clear()
+        self.last_cut_step = self.global_step
+        due = self.checkpoint_policy.take()
         if every_adapter:
+            due = None
             self.consolidate_partial_steps()
         rng = self.dist.gather(self.backend.get_rng_state())  # every rank's, for --resume
         path = self.checkpoints.cut_path(self.global_step)
+        self.emit_rows(run_row=False)  # rows 1..G on disk before the cut at G is queued
+        self.row_sinks.sync()
         if self.dist.is_main:
             path = self.checkpoints.save(self.state_dict(due), rng)
         for run in self.runs:
@@ -683,17 +722,23 @@ class Trainer:
         adapters = {}
         for run in self.runs:
             entry = run.progress_state()
+            validation = self.validation.state_dict(run.name)
+            if validation is not None:
+                entry["validation"] = validation
             if run.status == "running" and (full is None or run.name in full):
                 entry["snapshot"] = self._snapshot(run)
                 pending = run.pending_state()
                 if pending is not None:
                     entry["pending"] = pending
             adapters[run.name] = entry
-        return {
+        state = {
             "global_step": self.global_step,
             "adapter_rng": self.model.context.generators.state_dict(),
             "adapters": adapters,
         }
+        if self.places is not None:
+            state["sweep"] = self.places.state_dict()
+        return state
 
     def _snapshot(self, run: AdapterRun) -> dict[str, Any]:
         queue = run.queue.step_start_state()
@@ -703,8 +748,8 @@ class Trainer:
             "epoch_order": run.queue.epoch_order(queue["epoch"]),
             "weights": self.weights_copy(run),
             "adapter_config": self.adapter_config_json(run),
-            "optimizer": _cpu_copy(run.optimizer.state_dict()),
-            "scheduler": _cpu_copy(run.scheduler.state_dict()),
+            "optimizer": cpu_copy(run.optimizer.state_dict()),
+            "scheduler": cpu_copy(run.scheduler.state_dict()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -723,11 +768,13 @@ class Trainer:
         replays = []
         for run in self.runs:
             entry = state["adapters"][run.name]
+            self.validation.load_state(run.name, entry.get("validation"), run.config.save_best)
             run.checkpoint_step = entry["checkpoint_step"]
             snapshot = entry.get("snapshot")
             if entry["status"] != "running":
                 run.queue.load_state_dict(entry["queue"])
                 run.steps_done, run.failed = entry["steps_done"], entry["message"]
+                run.left = True
                 if snapshot is not None:  # finished: its final weights
                     load_adapter_weights(
                         self.model, run.name, snapshot["weights"], snapshot["source"]
@@ -750,7 +797,7 @@ class Trainer:
             run.history = list(entry["history"])
             loss_sum = entry["loss_sum"]
             run.loss_sum = None if loss_sum is None else loss_sum.to(self.model.device).reshape(())
-        self.global_step = self.last_cut_step = state["global_step"]
+        self.global_step = self.last_cut_step = self.resumed_at = state["global_step"]
         self.model.context.generators.load_state_dict(state["adapter_rng"])
         if state.get("rng") is not None:
             self.backend.set_rng_state(state["rng"])
@@ -768,6 +815,11 @@ class Trainer:
         """The step in progress: rank 0 takes the saved partial sums (the whole run's), the
         other ranks start the step from zero."""
         main = self.dist.is_main
+        popped = run.queue.popped_in_step()  # its metrics row counts the whole step
+        self.step_counts[run.name] = (
+            sum(len(mb.rows) for mb in popped),
+            sum(len(row) for mb in popped for row in mb.rows),
+        )
         for i, param in enumerate(run.params):
             grad = pending["grads"].get(str(i)) if main else None
             param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype)
@@ -806,8 +858,7 @@ class Trainer:
             self.model.train(training)
             self.model.context.set(None)
         self.tokens_seen, self.padded_tokens = seen, padded
-        self._cut_due = False
-        self._due.clear()
+        self.collector.clear()  # steps the interrupted run logged already
         for run, entry, _ in targets:
             self.model.context.aux_losses.take_loads(run.name)  # not this run's to log
             if run.queue.state_dict() != entry["queue"] or run.steps_done != entry["steps_done"]:

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters.lora import LoraAdapter, dora_scales, slot_dropout
+from mlora.adapters.lora import LoraAdapter, dora_delta, dora_scales, slot_dropout
 from mlora.adapters.routing import load_balance, top_k
 from mlora.adapters.routing import load_balancing_loss as load_balancing_loss  # re-exported
+from mlora.adapters.spec import AdapterInput
 from mlora.batching.aux_losses import RouterStats
 from mlora.batching.layout import LayoutContext
 from mlora.batching.randomness import SegmentRandom
@@ -109,29 +110,18 @@ class LoraMoeAdapter(ExpertMixture):
     (neither has upstream).
     """
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        base_result: torch.Tensor,
-        base_weight: torch.Tensor | None = None,
-        base_bias: torch.Tensor | None = None,
-        random: SegmentRandom | None = None,
-        token_mask: torch.Tensor | None = None,
-        token_tasks: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, inputs: AdapterInput) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens.
 
         Args:
-            x: (N, in) the segment's layer input.
-            base_result: (N, out) the frozen layer's output for the same tokens.
-            base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
-            random: the adapter's random stream over these tokens (its experts' dropout).
-            token_mask: (N,) real (non-padding) tokens, for router statistics; None: all.
-            token_tasks: unused (MeteoRA's gate labels; see ``LoraAdapter.forward``).
+            inputs: the segment's tokens and what the layer gives (``AdapterInput``).
 
         Returns:
             (N, out) fp32 delta.
         """
+        x, base_result = inputs.x, inputs.base_result
+        base_weight, base_bias = inputs.base_weight, inputs.base_bias
+        random, token_mask = inputs.random, inputs.token_mask
         probs = self.router_probs(x)  # (N, E)
         if self.rank_stacked():
             delta = self._stacked_delta(x, probs)
@@ -176,7 +166,7 @@ class LoraMoeAdapter(ExpertMixture):
             base_weight = base_weight.float()
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
         for e, expert in enumerate(self.experts):
-            out = expert(x, base_result, base_weight, base_bias, random)
+            out = expert(AdapterInput(x, base_result, base_weight, base_bias, random))
             delta = delta + probs[:, e : e + 1] * out
         return delta
 
@@ -219,29 +209,18 @@ class MolaAdapter(ExpertMixture):
         weights, selected = top_k(probs, self.top_k)
         return probs, weights, selected
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        base_result: torch.Tensor,
-        base_weight: torch.Tensor | None = None,
-        base_bias: torch.Tensor | None = None,
-        random: SegmentRandom | None = None,
-        token_mask: torch.Tensor | None = None,
-        token_tasks: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, inputs: AdapterInput) -> torch.Tensor:
         """What this adapter adds to the base output for its tokens (same contract as LoRA).
 
         Args:
-            x: (N, in) the segment's layer input.
-            base_result: (N, out) the frozen layer's output for the same tokens.
-            base_weight, base_bias: the base layer's dense weight and bias (DoRA experts only).
-            random: the adapter's random stream over these tokens (its experts' dropout).
-            token_mask: (N,) real (non-padding) tokens, for router statistics; None: all.
-            token_tasks: unused (MeteoRA's gate labels; see ``LoraAdapter.forward``).
+            inputs: the segment's tokens and what the layer gives (``AdapterInput``).
 
         Returns:
             (N, out) fp32 delta.
         """
+        x, base_result = inputs.x, inputs.base_result
+        base_weight, base_bias = inputs.base_weight, inputs.base_bias
+        random, token_mask = inputs.random, inputs.token_mask
         # the real tokens in canonical order: routing and the experts' draws never see
         # padding or the packing order (``SegmentRandom.canonical_order``)
         canonical = None if random is None else random.canonical_order(token_mask)
@@ -298,7 +277,7 @@ class MolaAdapter(ExpertMixture):
         else:
             bases = (base_result,) * num_experts  # unused by plain LoRA experts
         outputs = [
-            expert(x_e, base_e, base_weight, base_bias, subset_random)
+            expert(AdapterInput(x_e, base_e, base_weight, base_bias, subset_random))
             for expert, x_e, base_e, count in zip(
                 self.experts, xs.split(counts), bases, counts, strict=True
             )
@@ -344,13 +323,14 @@ class MolaAdapter(ExpertMixture):
             base_result, picked, base_weight, base_bias = dora
             weight = base_weight.to(pairs.dtype)
             scale = dora_scales(self.experts, weight).index_select(0, expert_of)  # (P, out)
-            if first.dropout_p == 0 or not self.training:
+
+            def undropped_base() -> torch.Tensor:  # W x of each pair's token, without the bias
                 rows = token_of if picked is None else picked.index_select(0, token_of)
                 base = base_result.index_select(0, rows).to(pairs.dtype)
-                base = base if base_bias is None else base - base_bias
-            else:  # DoRA rescales the base output of the dropped input (PEFT)
-                base = F.linear(pairs, weight)
-            out = (scale - 1) * base + scale * out
+                return base if base_bias is None else base - base_bias
+
+            active = first.dropout_p != 0 and self.training
+            out = dora_delta(scale, out, pairs, weight, active, undropped_base)
         kept = weights.reshape(-1).index_select(0, order)  # (P,)
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
         return delta.index_add(0, token_of, out.float() * kept[:, None])

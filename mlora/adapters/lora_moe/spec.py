@@ -103,7 +103,8 @@ def build_linear_moe_spec(
 def linear_moe_spec(config: AdapterConfig) -> LinearMoeSpec:
     """The LinearMoeSpec of a validated adapter config whose routing_strategy is loramoe/mola."""
     strategy = config.routing_strategy
-    assert strategy in LINEAR_MOE_STRATEGIES
+    if strategy not in LINEAR_MOE_STRATEGIES:
+        raise ValueError(f"adapter {config.name!r}: {strategy!r} is no LoRAMoE/MoLA strategy")
     value = strategy_reader(strategy, config.moe)
     return build_linear_moe_spec(
         strategy=strategy,

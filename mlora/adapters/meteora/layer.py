@@ -38,9 +38,9 @@ from torch import nn
 
 from mlora.adapters.lora import LoraAdapter, adapter_dropout
 from mlora.adapters.routing import top_k_weights
+from mlora.adapters.spec import AdapterInput
 from mlora.batching.aux_losses import RouterStats
 from mlora.batching.layout import LayoutContext
-from mlora.batching.randomness import SegmentRandom
 
 FORWARD_MODES = ("grouped", "loop")
 
@@ -118,29 +118,17 @@ class MeteoraAdapter(nn.Module):
         weights, chosen = top_k_weights(probs, self.top_k)
         return logits, weights, chosen
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        base_result: torch.Tensor,
-        base_weight: torch.Tensor | None = None,
-        base_bias: torch.Tensor | None = None,
-        random: SegmentRandom | None = None,
-        token_mask: torch.Tensor | None = None,
-        token_tasks: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, inputs: AdapterInput) -> torch.Tensor:
         """What the mixture adds to the base output for its tokens.
 
         Args:
-            x: (T, in) the segment's layer input.
-            base_result: (T, out) the frozen layer's output (unused: no DoRA).
-            base_weight, base_bias: unused (the shared adapter signature).
-            random: the adapter's random stream over these tokens (dropout).
-            token_mask: (T,) real (non-padding) tokens, for gate statistics; None: all.
-            token_tasks: (T,) each token's task label (-1: none) for the gate loss; None: none.
+            inputs: the segment's tokens and what the layer gives (``AdapterInput``).
 
         Returns:
             (T, out) fp32 delta.
         """
+        x, random = inputs.x, inputs.random
+        token_mask, token_tasks = inputs.token_mask, inputs.token_tasks
         x = x.to(self.gate.weight.dtype)
         logits, weights, _ = self.route(x)
         dropped = adapter_dropout(x, self.dropout_p, self.training, random)

@@ -22,13 +22,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mlora.adapters import LoraAdapter, MultiLoraLinear, dense_weight
-from mlora.adapters.lora import adapter_dropout, dora_scales, slot_dropout
+from mlora.adapters.lora import adapter_dropout, dora_delta, dora_scales, slot_dropout
 from mlora.adapters.routing import RouterSpec, route
-from mlora.adapters.spec import AdapterHost, LoraSpec
+from mlora.adapters.spec import AdapterHost, AdapterInput, LoraSpec
 from mlora.batching.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.batching.randomness import SegmentRandom
 from mlora.ops.routed_lora import group_by_expert, routed_lora
@@ -430,12 +429,16 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
             if pseudo:
                 scale = torch.cat([scale, torch.ones_like(scale[:1])])
             scale = scale.index_select(0, expert_of)  # (P, out)
-            if experts[0].dropout_p == 0 or not experts[0].training:
-                bias = self.linear(name).bias
-                plain = base if bias is None else base - bias  # W x, without the bias
-            else:  # DoRA rescales the base output of the dropped input (PEFT)
-                plain = F.linear(dropped, weight)
-            return (base + (scale - 1) * plain + scale * lora).to(base.dtype)
+            bias = self.linear(name).bias
+            delta = dora_delta(
+                scale,
+                lora,
+                dropped,
+                weight,
+                experts[0].dropout_p != 0 and experts[0].training,
+                lambda: base if bias is None else base - bias,  # W x, without the bias
+            )
+            return (base + delta).to(base.dtype)
 
         first = self.projections[0]
         shared = self.linear(first)(x).index_select(0, token_of)  # (P, I): once for all experts
@@ -472,7 +475,7 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
         if adapter is None:
             return base
         random = None if generator is None else SegmentRandom(generator)
-        delta = adapter(x, base, dense.get(name), self.linear(name).bias, random)
+        delta = adapter(AdapterInput(x, base, dense.get(name), self.linear(name).bias, random))
         return (base + delta).to(base.dtype)
 
     def _expert(

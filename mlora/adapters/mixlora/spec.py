@@ -131,7 +131,8 @@ def router_spec(strategy: str, lookup: Callable[[str], Any]) -> RouterSpec:
 def mixlora_spec(config: AdapterConfig) -> MixLoraSpec:
     """The MixLoraSpec of a validated adapter config whose routing_strategy is mixlora*."""
     strategy = config.routing_strategy
-    assert strategy in MIXLORA_STRATEGIES
+    if strategy not in MIXLORA_STRATEGIES:
+        raise ValueError(f"adapter {config.name!r}: {strategy!r} is no MixLoRA strategy")
     return build_mixlora_spec(
         **config.lora_fields(),
         router=router_spec(strategy, config.moe),

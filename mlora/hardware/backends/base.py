@@ -143,6 +143,11 @@ class Backend(ABC):
         MPS). Kernels with a fast path on some generations only ask this."""
         return None
 
+    def device_name(self) -> str | None:
+        """The accelerator's model name (``"NVIDIA H100 80GB HBM3"``); None on the CPU, where
+        no peak FLOP/s is known (see ``mlora.hardware.peak_flops``)."""
+        return None
+
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); no-op on synchronous devices."""
         return None

@@ -72,5 +72,8 @@ class CudaBackend(Backend):
     def compute_capability(self) -> tuple[int, int] | None:
         return torch.cuda.get_device_capability(self.device)
 
+    def device_name(self) -> str | None:
+        return torch.cuda.get_device_name(self.device)
+
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

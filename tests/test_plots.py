@@ -1,0 +1,105 @@
+"""``launch.py plot --dir D`` and the plots written at the end of a run: PNGs of a finished run
+and of one still training; a missing or empty metrics file is one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlora.cli.launch import main as launch_main
+from mlora.training.metrics.metrics_file import metrics_path, read_metrics
+from mlora.training.metrics.plots import adapter_figure, plot_run
+from mlora.training.metrics.series import adapter_curves, smoothed
+from tests.reliability_support import ROOT, env_with, mlora_args
+from tests.test_metrics import steps_of, train_config, two_adapter_config
+
+pytest.importorskip("matplotlib")
+
+
+def is_png(path: Path) -> bool:
+    from matplotlib.image import imread
+
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(path).shape[0] > 100
+
+
+def test_a_finished_run_is_plotted_at_its_end_and_by_the_command(tiny_model_dir, tmp_path, capsys):
+    train_config(tmp_path, tiny_model_dir, two_adapter_config(tmp_path))
+    out = tmp_path / "out"
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    assert plots == ["add.png", "loss.png", "rev.png"]  # written when the run ended
+    for name in plots:
+        (out / "plots" / name).unlink()
+    assert launch_main(["plot", "--dir", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / "plots" / n) for n in ("loss.png", "add.png", "rev.png")]
+    assert all(is_png(Path(p)) for p in printed)
+
+
+def test_the_figure_shows_the_rows_raw_and_smoothed(tiny_model_dir, tmp_path):
+    train_config(tmp_path, tiny_model_dir, two_adapter_config(tmp_path))
+    rows = read_metrics(metrics_path(tmp_path / "out"))
+    rows.append({"kind": "validation", "run": rows[0]["run"], "adapter": "add", "step": 3,
+                 "global_step": 3, "val_loss": 2.5})  # fmt: skip
+    curves = adapter_curves(rows)["add"]
+    figure = adapter_figure("add", curves)
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    mine = steps_of(rows, "add")
+    assert list(lines["train (raw)"].get_ydata()) == [row["loss"] for row in mine]
+    assert list(lines["validation"].get_xydata().tolist()) == [[3, 2.5]]
+    lr = figure.axes[1].get_lines()[0]
+    assert list(lr.get_ydata()) == [row["lr"] for row in mine]
+
+
+def test_smoothing_is_debiased():
+    """TensorBoard's debiased moving average: a constant stays itself from the first value, and
+    a jump is approached geometrically at rate ``weight``."""
+    assert smoothed([3.0] * 5) == pytest.approx([3.0] * 5)
+    values = smoothed([0.0] * 20 + [1.0] * 40, weight=0.9)
+    assert values[19] == 0.0
+    # after k + 1 ones: (1 - w^(k+1)) of the weight is on 1, debiased by 1 - w^(20+k+1)
+    want = [(1 - 0.9 ** (k + 1)) / (1 - 0.9 ** (21 + k)) for k in range(40)]
+    assert values[20:] == pytest.approx(want, rel=1e-12)
+    assert smoothed([1.0, None, 1.0]) == [1.0, None, 1.0]
+
+
+def test_a_running_training_is_plotted_while_it_writes(tiny_model_dir, tmp_path):
+    raw = two_adapter_config(tmp_path)
+    for adapter in raw["lora"]:
+        adapter["num_epochs"] = 40  # long enough to still run while we plot
+    config = tmp_path / "long.json"
+    config.write_text(json.dumps(raw), encoding="utf-8")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "mlora.py"), *mlora_args(tiny_model_dir, config, out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_with(), cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not metrics_path(out).exists() or metrics_path(out).stat().st_size < 4000:
+            assert proc.poll() is None and time.monotonic() < deadline, "no rows were written"
+            time.sleep(0.2)
+        written = plot_run(out)
+        assert proc.poll() is None, "the run ended before it was plotted"
+        assert all(is_png(path) for path in written)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_missing_or_empty_metrics_are_one_line(tmp_path, capsys):
+    assert launch_main(["plot", "--dir", str(tmp_path)]) == 2
+    path = tmp_path / "metrics.jsonl"
+    assert capsys.readouterr().err == (
+        f"error: {path}: no metrics file (a training run writes it into its --dir)\n"
+    )
+    path.write_text("", encoding="utf-8")
+    assert launch_main(["plot", "--dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}: no rows yet (the run has not logged a step)\n"
+    )
+    assert not (tmp_path / "plots").exists()
