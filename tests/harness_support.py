@@ -58,7 +58,7 @@ def save_mlora_kind(base_dir: Path, folder: Path, raw: dict[str, Any], seed: int
         model,
         config.name,
         folder,
-        peft_config(model.specs[config.name], config.lora_alpha, config.use_rslora, None),
+        peft_config(model.specs[config.name], None),
     )
     return folder
 

@@ -69,7 +69,7 @@ def test_training_tab_follows_a_running_training_in_chromium(tiny_model_dir, tmp
 
     raw = two_adapter_config(tmp_path)
     for adapter in raw["lora"]:
-        adapter["num_epochs"] = 5000  # runs for many minutes; killed at the end
+        adapter["num_epochs"] = 100_000  # runs far longer than the test; killed at the end
     config = tmp_path / "long.json"
     config.write_text(json.dumps(raw), encoding="utf-8")
     out = tmp_path / "out"

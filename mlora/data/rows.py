@@ -31,12 +31,13 @@ def dataset_load_errors() -> tuple[type[BaseException], ...]:
     """What ``datasets.load_dataset`` raises on a bad source: its own ``DatasetsError``s
     (a file it cannot parse, a dataset not found), pyarrow's ``ArrowException``s, ``OSError``
     (missing or unreadable file, offline, the hub's HTTP errors) and ``ValueError`` (bad JSON,
-    CSV or encoding). Anything else is a bug: a traceback. (Imported here, on failure only:
-    ``datasets`` is slow to import.)"""
+    CSV or encoding), and ``StopIteration``, where its json reader finds no first row in a file
+    that holds no JSON value. Anything else is a bug: a traceback. (Imported here, on failure
+    only: ``datasets`` is slow to import.)"""
     import pyarrow
     from datasets.exceptions import DatasetsError
 
-    return (DatasetsError, pyarrow.ArrowException, OSError, ValueError)
+    return (DatasetsError, pyarrow.ArrowException, OSError, ValueError, StopIteration)
 
 
 logger = logging.getLogger("mlora")
@@ -90,6 +91,8 @@ def load_rows(source: str) -> list[dict[str, Any]]:
         problem = fmt in TEXT_FORMATS and text_file_problem(path, is_json=fmt == "json")
         if problem:  # before datasets: its readers fail obscurely or crash on these
             raise DataError(f"{source}: {problem}")
+        if is_empty_data_file(path):  # datasets' json reader ends in StopIteration on these
+            raise DataError(f"{source}: the dataset is empty")
         loader_args: dict[str, Any] = {"path": fmt, "data_files": str(path)}
     else:
         fmt, loader_args = "hub", {"path": source}

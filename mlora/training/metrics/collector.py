@@ -71,7 +71,10 @@ def gradient_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     if not grads:
         device = params[0].device if params else torch.device("cpu")
         return torch.zeros((), device=device)
-    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+    dtype = torch.float32  # at least fp32 (half-precision squares overflow); fp64 stays fp64
+    for g in grads:
+        dtype = torch.promote_types(dtype, g.dtype)
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=dtype) for g in grads])
     return torch.linalg.vector_norm(norms)
 
 
