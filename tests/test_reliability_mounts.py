@@ -79,8 +79,8 @@ def test_disk_full_and_read_only_mounts(
     read_only(locked)
     during = tmp_path / "during"  # a writable folder; one adapter's folder is a read-only mount
     read_only(tmpfs(during / "sgd", "1m", mounts))
-    log = tmpfs(tmp_path / "log", "8k", mounts) / "run.log"
-    (log.parent / "filler").write_bytes(b"x" * 4096)  # one page left: full after a few lines
+    log = tmpfs(tmp_path / "log", "4k", mounts) / "run.log"
+    (log.parent / "filler").write_bytes(b"x" * 4096)  # full: the log's first write meets ENOSPC
     before = {"full": files(full), "locked": files(locked)}
 
     names = ["reference", "full", "locked", "during", "log"]
