@@ -52,6 +52,20 @@ def two_adapter_config(folder: Path, log_step: int = 1, **extra: object) -> dict
     }  # fmt: skip
 
 
+def with_validation(raw: dict, every: int = 2) -> dict:
+    """``add`` holds 3 of its rows out and validates on them every ``every`` steps (and at its
+    end); ``rev`` has no validation."""
+    raw["lora"][0].update(val_set_size=3, eval_steps=every)
+    return raw
+
+
+def validation_curve(output_dir: Path, adapter: str) -> list[list[float]]:
+    """The trainer's own record of an adapter's validations (``DIR/NAME/validation.json``,
+    whose losses tests/test_validation.py shows equal to PEFT's)."""
+    record = json.loads((output_dir / adapter / "validation.json").read_text(encoding="utf-8"))
+    return record["curve"]
+
+
 def train_config(tmp_path: Path, model_dir: Path, raw: dict, out: str = "out") -> Trainer:
     path = tmp_path / f"{out}.json"
     path.write_text(json.dumps(raw), encoding="utf-8")
@@ -81,6 +95,22 @@ def test_rows_are_the_loss_history_the_trainer_returns(tiny_model_dir: Path, tmp
     assert global_steps == list(range(1, trainer.global_step + 1))
     assert all(row["tokens_per_s"] > 0 and row["peak_memory_mib"] > 0 for row in rows
                if row["kind"] == "run")  # fmt: skip
+
+
+def test_validation_losses_ride_on_their_step_rows(tiny_model_dir: Path, tmp_path: Path):
+    """val_set_size + eval_steps: the row of each step after which the adapter validated holds
+    that validation's loss (every eval_steps and at the end); no other row has one."""
+    trainer = train_config(tmp_path, tiny_model_dir, with_validation(two_adapter_config(tmp_path)))
+    out = tmp_path / "out"
+    rows = read_metrics(metrics_path(out))
+    add = steps_of(rows, "add")
+    total = trainer.runs[0].queue.total_steps
+    validated = [[row["step"], row["val_loss"]] for row in add if "val_loss" in row]
+    assert [step for step, _ in validated] == [*range(2, total + 1, 2), *[total] * (total % 2)]
+    assert validated == validation_curve(out, "add")
+    assert all(math.isfinite(loss) and loss > 0 for _, loss in validated)
+    assert not any("val_loss" in row for row in steps_of(rows, "rev"))
+    assert [row["loss"] for row in add] == trainer.runs[0].history  # still every step's loss
 
 
 def test_a_log_interval_averages_its_steps(tiny_model_dir: Path, tmp_path: Path):

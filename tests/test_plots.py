@@ -13,10 +13,16 @@ import pytest
 
 from mlora.cli.launch import main as launch_main
 from mlora.training.metrics.metrics_file import metrics_path, read_metrics
-from mlora.training.metrics.plots import adapter_figure, plot_run
+from mlora.training.metrics.plots import adapter_figure, overview_figure, plot_run
 from mlora.training.metrics.series import adapter_curves, smoothed
 from tests.reliability_support import ROOT, env_with, mlora_args
-from tests.test_metrics import steps_of, train_config, two_adapter_config
+from tests.test_metrics import (
+    steps_of,
+    train_config,
+    two_adapter_config,
+    validation_curve,
+    with_validation,
+)
 
 pytest.importorskip("matplotlib")
 
@@ -41,18 +47,28 @@ def test_a_finished_run_is_plotted_at_its_end_and_by_the_command(tiny_model_dir,
 
 
 def test_the_figure_shows_the_rows_raw_and_smoothed(tiny_model_dir, tmp_path):
-    train_config(tmp_path, tiny_model_dir, two_adapter_config(tmp_path))
-    rows = read_metrics(metrics_path(tmp_path / "out"))
-    rows.append({"kind": "validation", "run": rows[0]["run"], "adapter": "add", "step": 3,
-                 "global_step": 3, "val_loss": 2.5})  # fmt: skip
-    curves = adapter_curves(rows)["add"]
-    figure = adapter_figure("add", curves)
+    """A run with validation: the adapter's figure draws the file's training losses, its
+    validation losses (the trainer's own record) and learning rates; the overview draws the
+    validation curve too."""
+    train_config(tmp_path, tiny_model_dir, with_validation(two_adapter_config(tmp_path)))
+    out = tmp_path / "out"
+    rows = read_metrics(metrics_path(out))
+    curves = adapter_curves(rows)
+    figure = adapter_figure("add", curves["add"])
     lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
     mine = steps_of(rows, "add")
     assert list(lines["train (raw)"].get_ydata()) == [row["loss"] for row in mine]
-    assert list(lines["validation"].get_xydata().tolist()) == [[3, 2.5]]
+    smooth = smoothed([row["loss"] for row in mine])
+    assert list(lines["train (smoothed)"].get_ydata()) == smooth
+    curve = validation_curve(out, "add")
+    assert len(curve) >= 3
+    assert lines["validation"].get_xydata().tolist() == curve
     lr = figure.axes[1].get_lines()[0]
     assert list(lr.get_ydata()) == [row["lr"] for row in mine]
+    overview = {line.get_label(): line for line in overview_figure(curves).axes[0].get_lines()}
+    assert overview["add (validation)"].get_xydata().tolist() == curve
+    assert "rev (validation)" not in overview and "rev" in overview
+    assert is_png(out / "plots" / "add.png")  # written at the run's end, with this curve
 
 
 def test_smoothing_is_debiased():

@@ -1,6 +1,7 @@
 """``report_to``: each tracker's own reader finds every adapter's run with the values of
-D/metrics.jsonl (TensorBoard's EventAccumulator, MLflow's client over its file store, Trackio's
-local store, W&B's offline run files); a missing package or a bad name is one line."""
+D/metrics.jsonl, validation loss (``eval/loss``) included (TensorBoard's EventAccumulator,
+MLflow's client over its file store, Trackio's local store, W&B's offline run files); a missing
+package or a bad name is one line."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ import pytest
 from mlora.cli.train import main as mlora_main
 from mlora.training.metrics.metrics_file import metrics_path, read_metrics
 from tests.reliability_support import env_with, mlora_args, one_error_line, run_mlora
-from tests.test_metrics import steps_of, two_adapter_config
+from tests.test_metrics import steps_of, two_adapter_config, validation_curve, with_validation
 
 INSTALLED = [n for n in ("tensorboard", "mlflow", "trackio") if importlib.util.find_spec(n)]
 
 
 def write_config(folder: Path, **top: object) -> Path:
+    """Two adapters; ``add`` validates every 2 steps on 3 held-out rows."""
     path = folder / "config.json"
-    path.write_text(json.dumps(two_adapter_config(folder, **top)), encoding="utf-8")
+    raw = with_validation(two_adapter_config(folder, **top))
+    path.write_text(json.dumps(raw), encoding="utf-8")
     return path
 
 
@@ -63,6 +66,12 @@ def test_each_tracker_reads_back_every_adapters_values(
     group = f"mlora-{run}"
     wanted = {name: steps_of(rows, name) for name in ("add", "rev")}
     throughput = [row for row in rows if row["kind"] == "run"]
+    validated = {  # adapter -> [(step, val_loss)] as metrics.jsonl has them
+        name: [(row["step"], row["val_loss"]) for row in mine if "val_loss" in row]
+        for name, mine in wanted.items()
+    }
+    assert [list(v) for v in validated["add"]] == validation_curve(out, "add")
+    assert len(validated["add"]) >= 3 and validated["rev"] == []
 
     if "tensorboard" in INSTALLED:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -74,6 +83,9 @@ def test_each_tracker_reads_back_every_adapters_values(
                 scalars = events.Scalars(tag)
                 assert [s.step for s in scalars] == [row["step"] for row in mine]
                 assert [s.value for s in scalars] == pytest.approx([r[key] for r in mine], 1e-6)
+            tags = events.Tags()["scalars"]
+            evals = events.Scalars("eval/loss") if "eval/loss" in tags else []
+            assert [(s.step, pytest.approx(s.value, rel=1e-6)) for s in evals] == validated[name]
         events = EventAccumulator(str(out / "tensorboard" / group / "run")).Reload()
         speeds = events.Scalars("run/tokens_per_s")
         assert [s.step for s in speeds] == [row["global_step"] for row in throughput]
@@ -97,6 +109,8 @@ def test_each_tracker_reads_back_every_adapters_values(
             assert sorted((m.step, m.value) for m in history) == [
                 (row["step"], pytest.approx(row["loss"], rel=1e-12)) for row in mine
             ]
+            evals = client.get_metric_history(child.info.run_id, "eval/loss")
+            assert sorted((m.step, m.value) for m in evals) == validated[name]
         speeds = client.get_metric_history(parent.info.run_id, "run/tokens_per_s")
         assert sorted(m.step for m in speeds) == [row["global_step"] for row in throughput]
 
@@ -107,6 +121,8 @@ def test_each_tracker_reads_back_every_adapters_values(
             assert [log["train/loss"] for log in logs] == pytest.approx(
                 [row["loss"] for row in mine], rel=1e-12
             )
+            evals = [(log["step"], log["eval/loss"]) for log in logs if "eval/loss" in log]
+            assert evals == validated[name]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="needs wandb")
@@ -121,8 +137,11 @@ def test_wandb_offline_has_one_run_per_adapter_in_the_group(tiny_model_dir, tmp_
         (folder,) = (out / "wandb").glob(f"offline-run-*-{group}-{key}")
         record = (folder / f"run-{group}-{key}.wandb").read_bytes()  # W&B's transaction log
         assert group.encode() in record  # the run group
-        metric = b"train/loss" if key != "run" else b"run/tokens_per_s"
-        assert metric in record
+        metrics = [b"train/loss", b"eval/loss"] if key == "add" else [b"train/loss"]
+        for metric in metrics if key != "run" else [b"run/tokens_per_s"]:
+            assert metric in record
+        if key == "rev":  # no validation: no eval/loss
+            assert b"eval/loss" not in record
 
 
 def test_a_missing_tracker_package_names_the_extra(tmp_path, monkeypatch, capsys):

@@ -20,7 +20,13 @@ import pytest
 
 from mlora.training.metrics.metrics_file import metrics_path, read_metrics
 from tests.reliability_support import ROOT, env_with, mlora_args
-from tests.test_metrics import steps_of, train_config, two_adapter_config
+from tests.test_metrics import (
+    steps_of,
+    train_config,
+    two_adapter_config,
+    validation_curve,
+    with_validation,
+)
 from tests.test_webui import BROWSER, DRIVER, MISSING, free_port, wait_for_page
 
 pytest.importorskip("pandas")
@@ -29,10 +35,15 @@ pytest.importorskip("pandas")
 def test_view_of_a_finished_run(tiny_model_dir: Path, tmp_path: Path):
     from mlora.cli.training_tab import training_view
 
-    train_config(tmp_path, tiny_model_dir, two_adapter_config(tmp_path))
+    train_config(tmp_path, tiny_model_dir, with_validation(two_adapter_config(tmp_path)))
     out = tmp_path / "out"
     rows = read_metrics(metrics_path(out))
     view = training_view(out)
+    curve = validation_curve(out, "add")  # add validates, rev does not
+    assert view.table["val loss"].tolist()[0] == round(curve[-1][1], 4)
+    assert view.table["val loss"].isna().tolist()[1]
+    val = view.loss[view.loss["adapter"] == "add (validation)"]
+    assert val[["step", "loss"]].values.tolist() == curve
     assert view.table["adapter"].tolist() == ["add", "rev"]
     for _, line in view.table.iterrows():
         last = steps_of(rows, line["adapter"])[-1]

@@ -58,6 +58,7 @@ from mlora.training.faults import FaultMonitor
 from mlora.training.gradient_sync import gradient_sync
 from mlora.training.metrics.collector import PendingStep, StepCollector, gradient_norm, now
 from mlora.training.metrics.progress import ProgressSink, in_notebook
+from mlora.training.metrics.rows import ValidationRow
 from mlora.training.metrics.sinks import RowSinks, RunStart
 from mlora.training.metrics.throughput import FlopsEstimate, RunMeter
 from mlora.training.metrics_sink import AdapterMetrics, LogLineSink, MetricsSink
@@ -529,6 +530,8 @@ class Trainer:
             [(run.config, run.steps_done, run.finished) for run in due],
             lambda name: self.weights_copy(by_name[name]),
         )
+        if self.dist.is_main:
+            self._log_validation(due)
         for name in self.validation.take_fresh_best():  # queued before a final save removes them
             if self.dist.is_main:
                 config = self.adapter_config_json(by_name[name])
@@ -536,6 +539,19 @@ class Trainer:
         for name in stopping:
             state = self.validation.states[name]
             control.leave(by_name[name], "finished", f"{state.stopped} at step {state.last_step}")
+
+    def _log_validation(self, validated: Sequence[AdapterRun]) -> None:
+        """Each validated adapter's loss: into its step's row (still pending), else a row of its
+        own (``kind: validation``)."""
+        alone = []
+        for run in validated:
+            step, loss = self.validation.states[run.name].curve[-1]
+            if not self.collector.add_validation(run.name, int(step), loss):
+                alone.append(ValidationRow(
+                    run=self.run_id, adapter=run.name, step=int(step),
+                    global_step=self.global_step, val_loss=loss, time=now(),
+                ))  # fmt: skip
+        self.row_sinks.log_validation(alone)
 
     # --- faults and metrics --------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ leaves its loss and gradient norm here as device scalars with its host-side coun
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,6 +30,7 @@ class PendingStep:
     loss: torch.Tensor  # () fp32, on the device
     grad_norm: torch.Tensor  # () fp32, on the device
     time: float
+    val_loss: float | None = None  # a validation after this step (a host value already)
 
 
 class StepCollector:
@@ -40,6 +41,16 @@ class StepCollector:
 
     def add(self, step: PendingStep) -> None:
         self.pending.append(step)
+
+    def add_validation(self, adapter: str, step: int, val_loss: float) -> bool:
+        """Put a validation loss on ``adapter``'s pending row of optimizer step ``step`` (the
+        validation runs right after the step, before its row is handed on); False when that
+        row is not pending (the caller then writes a validation row of its own)."""
+        for index, pending in enumerate(self.pending):
+            if pending.adapter == adapter and pending.step == step:
+                self.pending[index] = replace(pending, val_loss=val_loss)
+                return True
+        return False
 
     def clear(self) -> None:
         """Forget the pending steps (a resume's replay recomputes steps already logged)."""
@@ -57,7 +68,7 @@ class StepCollector:
                 run=run, adapter=p.adapter, step=p.step, global_step=p.global_step,
                 epoch=p.epoch, rows=p.rows, tokens=p.tokens,
                 supervised_tokens=p.supervised_tokens, loss=loss, lr=p.lr,
-                grad_norm=norm, time=p.time,
+                grad_norm=norm, time=p.time, val_loss=p.val_loss,
             )
             for p, (loss, norm) in zip(self.pending, values, strict=True)
         ]  # fmt: skip
