@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def test_rows_are_the_loss_history_the_trainer_returns(tiny_model_dir: Path, tmp
     assert global_steps == list(range(1, trainer.global_step + 1))
     assert all(row["tokens_per_s"] > 0 and row["peak_memory_mib"] > 0 for row in rows
                if row["kind"] == "run")  # fmt: skip
+    if "MLORA_PEAK_TFLOPS" not in os.environ:  # a CPU has no known peak: no MFU
+        assert all(row["mfu"] is None for row in rows if row["kind"] == "run")
 
 
 def test_validation_losses_ride_on_their_step_rows(tiny_model_dir: Path, tmp_path: Path):
@@ -168,10 +171,24 @@ def test_grad_norm_is_the_size_of_an_sgd_step(tmp_path: Path):
     assert row["grad_norm"] == pytest.approx(moved / 0.5, rel=1e-6)
 
 
-def test_mfu_from_the_flops_rule_and_the_given_peak(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("device_name", "override", "peak"),
+    [
+        (None, "0.5", 0.5e12),  # MLORA_PEAK_TFLOPS gives the peak
+        ("NVIDIA H100 80GB HBM3", None, 66.9e12),  # a known device: NVIDIA's fp32 (non-TF32)
+    ],
+)
+def test_mfu_from_the_flops_rule_and_the_given_peak(
+    tiny_model_dir, tmp_path, monkeypatch, device_name, override, peak
+):
     """MFU = (4 N per token + 4 H V per supervised token + 6 n per adapter token) / (seconds x
-    peak), with N counted here from the model's own linear layers."""
-    monkeypatch.setenv("MLORA_PEAK_TFLOPS", "0.5")
+    peak), with N counted here from the model's own linear layers; the peak from
+    MLORA_PEAK_TFLOPS, or from the device's name (the CPU backend is told it is an H100)."""
+    from mlora.hardware.backends.base import Backend
+
+    if override is not None:
+        monkeypatch.setenv("MLORA_PEAK_TFLOPS", override)
+    monkeypatch.setattr(Backend, "device_name", lambda self: device_name)
     trainer = train_config(tmp_path, tiny_model_dir, two_adapter_config(tmp_path))
     rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
     hf = trainer.model.model
@@ -189,6 +206,7 @@ def test_mfu_from_the_flops_rule_and_the_given_peak(tiny_model_dir, tmp_path, mo
     for row in rows:
         if row["kind"] == "step":
             by_step.setdefault(row["global_step"], []).append(row)
+    checked = 0
     for row in (r for r in rows if r["kind"] == "run"):
         steps = by_step.get(row["global_step"], [])
         if any(s["adapter"] == "rev" for s in steps) or not steps:
@@ -199,7 +217,9 @@ def test_mfu_from_the_flops_rule_and_the_given_peak(tiny_model_dir, tmp_path, mo
             for s in steps
         )  # fmt: skip
         assert row["tokens"] == sum(s["tokens"] for s in steps)
-        assert row["mfu"] == pytest.approx(flops / (row["seconds"] * 0.5e12), rel=1e-9)
+        assert row["mfu"] == pytest.approx(flops / (row["seconds"] * peak), rel=1e-9)
+        checked += 1
+    assert checked >= 3
 
 
 def test_peak_flops_table_and_a_bad_override(monkeypatch):
