@@ -16,7 +16,7 @@ from mlora.config.schema import parse_config
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.training.adapter_run import AdapterRun
 from mlora.training.evaluation_schedule import EvaluationSchedule
-from mlora.training.metrics_sink import AdapterMetrics
+from mlora.training.metrics.log_lines import AdapterMetrics
 from mlora.training.step_hooks import RunControl, StepBoundary
 from mlora.training.trainer import Trainer, prepare_data
 from tests.conftest import make_model, make_tokenizer

@@ -57,11 +57,11 @@ from mlora.training.evaluation_schedule import EvaluationSchedule
 from mlora.training.faults import FaultMonitor
 from mlora.training.gradient_sync import gradient_sync
 from mlora.training.metrics.collector import PendingStep, StepCollector, gradient_norm, now
+from mlora.training.metrics.log_lines import AdapterMetrics, LogLineSink, MetricsSink
 from mlora.training.metrics.progress import ProgressSink, in_notebook
 from mlora.training.metrics.rows import ValidationRow
 from mlora.training.metrics.sinks import RowSinks, RunStart
 from mlora.training.metrics.throughput import FlopsEstimate, RunMeter
-from mlora.training.metrics_sink import AdapterMetrics, LogLineSink, MetricsSink
 from mlora.training.objectives import (
     Objective,
     check_objective_fits,
@@ -121,7 +121,7 @@ class Trainer:
     steps; around it, at each step boundary, sit small collaborators: ``sync`` (one process or
     data parallel, ``gradient_sync.py``), ``faults`` (non-finite losses, ``faults.py``),
     ``checkpoint_policy`` (when a cut is written, ``checkpoint_policy.py``), ``sinks`` (where
-    logged results go, ``metrics_sink.py``) and ``step_hooks`` (evaluation and anything else
+    logged results go, ``metrics/log_lines.py``) and ``step_hooks`` (evaluation and anything else
     that acts between steps, ``step_hooks.py``). Adapters leave the run through ``leave``
     (finished, stopped) and may enter through ``enter``, both at step boundaries.
 

@@ -1,5 +1,5 @@
 """Where a run's metric rows go: the per-step interface the trainer reports to, and the fan-out
-(``training/metrics_sink.py``'s ``MetricsSink`` gets the log interval's summary, for the log
+(``log_lines.py``'s ``MetricsSink`` gets the log interval's summary, for the log
 line; a ``RowSink`` gets every optimizer step's row).
 
 The trainer hands finished rows (host values, read once per log interval) to one ``RowSinks``;

@@ -1,10 +1,10 @@
-"""Where per-adapter training results go: the metrics sinks.
+"""The log interval's per-adapter summary and the log line made of it.
 
 Every ``log_step`` steps (and when an adapter finishes) the trainer reads every adapter's mean
 loss from the device in one host read and hands one ``AdapterMetrics`` per adapter to each of
-its sinks. A sink turns them into whatever it writes: ``LogLineSink`` is the log line the
-command prints; a metrics file or an experiment tracker is another class with ``report``.
-Sinks never touch the device and never see the model.
+its ``MetricsSink``s: ``LogLineSink`` is the log line the command prints (a caller may pass
+others, ``Trainer(sinks=...)``). Per-step rows (the metrics file, trackers, the progress bar)
+go through ``sinks.py``'s ``RowSink`` instead. Sinks never touch the device nor see the model.
 """
 
 from __future__ import annotations
