@@ -13,7 +13,7 @@ import pytest
 
 from mlora.cli.launch import main as launch_main
 from mlora.training.metrics.metrics_file import metrics_path, read_metrics
-from mlora.training.metrics.plots import adapter_figure, overview_figure, plot_run
+from mlora.training.metrics.plots import adapter_figure, overview_figure
 from mlora.training.metrics.series import adapter_curves, smoothed
 from tests.reliability_support import ROOT, env_with, mlora_args
 from tests.test_metrics import (
@@ -86,7 +86,7 @@ def test_smoothing_is_debiased():
 def test_a_running_training_is_plotted_while_it_writes(tiny_model_dir, tmp_path):
     raw = two_adapter_config(tmp_path)
     for adapter in raw["lora"]:
-        adapter["num_epochs"] = 40  # long enough to still run while we plot
+        adapter["num_epochs"] = 100_000  # runs far longer than the test; killed at its end
     config = tmp_path / "long.json"
     config.write_text(json.dumps(raw), encoding="utf-8")
     out = tmp_path / "out"
@@ -99,8 +99,14 @@ def test_a_running_training_is_plotted_while_it_writes(tiny_model_dir, tmp_path)
         while not metrics_path(out).exists() or metrics_path(out).stat().st_size < 4000:
             assert proc.poll() is None and time.monotonic() < deadline, "no rows were written"
             time.sleep(0.2)
-        written = plot_run(out)
+        plotted = subprocess.run(  # the command itself, as a user runs it beside the training
+            [sys.executable, str(ROOT / "launch.py"), "plot", "--dir", str(out)],
+            capture_output=True, text=True, env=env_with(), cwd=ROOT, timeout=300,
+        )  # fmt: skip
         assert proc.poll() is None, "the run ended before it was plotted"
+        assert plotted.returncode == 0, plotted.stderr
+        written = [Path(line) for line in plotted.stdout.split()]
+        assert [p.name for p in written] == ["loss.png", "add.png", "rev.png"]
         assert all(is_png(path) for path in written)
     finally:
         proc.kill()
@@ -117,5 +123,15 @@ def test_missing_or_empty_metrics_are_one_line(tmp_path, capsys):
     assert launch_main(["plot", "--dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
         f"error: {path}: no rows yet (the run has not logged a step)\n"
+    )
+    path.write_text('{"kind": "step"}\n[1, 2]\n', encoding="utf-8")
+    assert launch_main(["plot", "--dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: line 2 is not a JSON object\n"
+    run_only = {"kind": "run", "run": "r", "global_step": 1, "tokens_per_s": 1.0,
+                "peak_memory_mib": 1.0}  # fmt: skip
+    path.write_text(json.dumps(run_only) + "\n", encoding="utf-8")
+    assert launch_main(["plot", "--dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}: no training step logged yet, nothing to plot\n"
     )
     assert not (tmp_path / "plots").exists()
