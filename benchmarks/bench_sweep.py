@@ -12,7 +12,12 @@ set (``--val-rows``) of two-digit products, ``--epochs`` epochs of batches of ``
   (``prepare_data`` + the trial's ``AdapterQueue``), so both engines see the same batches.
 - (b) mlora: ``run_sweep``, grid sampler, no pruner, ``--concurrent`` trials at once.
 - (c) mlora: the same with Optuna's ``SuccessiveHalvingPruner`` (``--min-resource``,
-  ``--reduction-factor``), validated every ``--eval-steps``.
+  ``--reduction-factor``), validated at the pruner's rungs only (``eval_steps`` as the list
+  ``min_resource * reduction_factor**k``: 2, 6, 18, ...; a validation between rungs decides
+  nothing), or every ``--eval-steps``.
+
+All three train with the same optimizer settings (AdamW, mlora's defaults: weight decay 0,
+constant learning rate) and score the same validation rows.
 
 Each mode's wall time includes its model load. The objective everywhere is the mean token
 cross-entropy over the validation set's supervised tokens after the trial's last step. Quick
@@ -62,7 +67,7 @@ def sweep_raw(args: argparse.Namespace, data: str, val: str, pruner: str) -> dic
             "num_epochs": args.epochs, "lora_alpha": 16, "lora_dropout": 0.05,
             "target_modules": TARGETS, "evaluate_batch_size": args.batch}  # fmt: skip
     if pruner != "none":  # the pruner needs a curve; without one, the last step's loss is all
-        base["eval_steps"] = args.eval_steps
+        base["eval_steps"] = args.eval_steps or rungs(args)
     block = {"name": f"sweep-{pruner}", "base": base, "sampler": "grid", "pruner": pruner,
              "concurrent": args.concurrent,
              "search_space": {"lr": args.lrs, "r": args.ranks}}  # fmt: skip
@@ -70,6 +75,21 @@ def sweep_raw(args: argparse.Namespace, data: str, val: str, pruner: str) -> dic
         block["pruner_options"] = {"min_resource": args.min_resource,
                                    "reduction_factor": args.reduction_factor}  # fmt: skip
     return {"cutoff_len": args.cutoff_len, "save_step": 0, "log_step": 1000, "sweep": block}
+
+
+def trial_steps(args: argparse.Namespace) -> int:
+    """Optimizer steps of one trial trained to its end."""
+    return -(-args.rows // args.batch) * args.epochs
+
+
+def rungs(args: argparse.Namespace) -> list[int]:
+    """The steps where ``SuccessiveHalvingPruner(min_resource, reduction_factor)`` decides:
+    ``min_resource * reduction_factor**k`` before a trial's last step (validated anyway)."""
+    steps, step = [], args.min_resource
+    while step < trial_steps(args):
+        steps.append(step)
+        step *= args.reduction_factor
+    return steps or [args.min_resource]
 
 
 def padded(rows: list[TokenizedRow], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -130,7 +150,10 @@ def run_peft(args: argparse.Namespace, model_path: str, data: str, val: str, see
             lora = LoraConfig(r=r, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS)
             model = get_peft_model(base, lora)
             model.train()
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr)
+            trained = [p for p in model.parameters() if p.requires_grad]
+            adapter = config.lora[0]  # mlora's optimizer settings, not torch's defaults
+            optimizer = torch.optim.AdamW(trained, lr, weight_decay=adapter.weight_decay)
+            assert adapter.scheduler_type == "constant" and adapter.optim == "adamw"
             while not queue.finished:
                 inputs = padded(list(queue.pop().rows), pad, model.device)
                 model(**inputs).loss.backward()
@@ -141,7 +164,8 @@ def run_peft(args: argparse.Namespace, model_path: str, data: str, val: str, see
             number += 1
     best = min(results, key=results.__getitem__)
     return {"wall": time.perf_counter() - start, "best": results[best], "params": best,
-            "trials": len(results), "pruned": 0}  # fmt: skip
+            "trials": len(results), "pruned": 0,
+            "steps": len(results) * trial_steps(args)}  # fmt: skip
 
 
 def run_mlora(args, model_path: str, data: str, val: str, pruner: str, out: Path) -> dict:
@@ -152,7 +176,8 @@ def run_mlora(args, model_path: str, data: str, val: str, pruner: str, out: Path
     best = next(r for r in result.records if r.number == result.best)
     return {"wall": time.perf_counter() - start, "best": best.value,
             "params": (best.params["lr"], best.params["r"]), "trials": len(result.records),
-            "pruned": sum(r.state == "pruned" for r in result.records)}  # fmt: skip
+            "pruned": sum(r.state == "pruned" for r in result.records),
+            "steps": sum(r.steps for r in result.records)}  # fmt: skip
 
 
 def main() -> None:
@@ -168,7 +193,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cutoff-len", type=int, default=64)
-    parser.add_argument("--eval-steps", type=int, default=2)
+    parser.add_argument(
+        "--eval-steps", type=int, help="(c) validates every N steps (default: at the rungs)"
+    )
     parser.add_argument("--concurrent", type=int, default=4)
     parser.add_argument("--min-resource", type=int, default=2)
     parser.add_argument("--reduction-factor", type=int, default=3)
@@ -204,17 +231,20 @@ def main() -> None:
              "c": "(c) mlora sweep, successive halving"}  # fmt: skip
     print(f"grid: lr {args.lrs} x r {args.ranks}; {args.rows} training rows, {args.val_rows} "
           f"validation rows, {args.epochs} epochs of batch {args.batch}; model {args.model}; "
-          f"{args.concurrent} at once; CPU threads {torch.get_num_threads()}")  # fmt: skip
+          f"{args.concurrent} at once; (c) validates at steps "
+          f"{args.eval_steps or rungs(args)} and at the end; CPU threads "
+          f"{torch.get_num_threads()}")  # fmt: skip
     print(
-        "| mode | wall s | trials (pruned) | best val loss | best (lr, r) | speed-up vs (a) "
-        "| best vs (a) |"
+        "| mode | wall s | trials (pruned) | trial-steps | best val loss | best (lr, r) "
+        "| speed-up vs (a) | best vs (a) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for key, got in found.items():
         ref = found.get("a")
         speed = f"{ref['wall'] / got['wall']:.2f}x" if ref else "-"
         gap = f"{100 * (got['best'] - ref['best']) / ref['best']:+.2f}%" if ref else "-"
         print(f"| {names[key]} | {got['wall']:.1f} | {got['trials']} ({got['pruned']}) | "
+              f"{got['steps']} | "
               f"{got['best']:.4f} | {got['params']} | {speed} | {gap} |")  # fmt: skip
 
 

@@ -229,7 +229,7 @@ def test_launch_sweep_writes_a_config_mlora_reads(tmp_path: Path, capsys) -> Non
     target = tmp_path / "sweep.json"
     argv = ["sweep", "--data", data, "--search", "lr=1e-5:1e-3:log", "--search", "r=4,8,16",
             "--search", "target_modules=q_proj+v_proj,q_proj", "--sampler", "tpe", "--trials",
-            "12", "--concurrent", "4", "--pruner", "successive_halving", "--eval_steps", "5",
+            "12", "--concurrent", "4", "--pruner", "successive_halving", "--eval_steps", "2,6,18",
             "--file_name", str(target), "--name", "search"]  # fmt: skip
     assert launch(argv) == 0
     config = parse_config(json.loads(target.read_text()), str(target))
@@ -240,7 +240,7 @@ def test_launch_sweep_writes_a_config_mlora_reads(tmp_path: Path, capsys) -> Non
     assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-5, 1e-3, True)
     assert sweep.space["r"].choices == (4, 8, 16)
     assert sweep.space["target_modules"].choices == (["q_proj", "v_proj"], ["q_proj"])
-    assert sweep.base["val_set_size"] == 0.1 and sweep.base["eval_steps"] == 5
+    assert sweep.base["val_set_size"] == 0.1 and sweep.base["eval_steps"] == [2, 6, 18]
     assert launch(argv) == 2  # never overwritten without --overwrite
     assert "already exists" in capsys.readouterr().err
     assert launch(["sweep", "--data", data, "--search", "rank=4", "--file_name",

@@ -88,6 +88,13 @@ def test_split_that_leaves_nothing_to_train_names_the_key(files) -> None:
     ("keys", "message"),
     [
         ({"eval_steps": 0, "val_set_size": 3}, r"key 'eval_steps' must be an integer >= 1"),
+        ({"eval_steps": [6, 2], "val_set_size": 3},
+         r"key 'eval_steps' must be .*an increasing list of integers >= 1.*, got \[6, 2\]$"),
+        ({"eval_steps": [0, 2], "val_set_size": 3}, r"key 'eval_steps' must be .*increasing list"),
+        ({"eval_steps": [2, 2], "val_set_size": 3}, r"key 'eval_steps' must be .*increasing list"),
+        ({"eval_steps": [], "val_set_size": 3}, r"key 'eval_steps' must be .*increasing list"),
+        ({"eval_steps": [2.0], "val_set_size": 3}, r"key 'eval_steps' must be .*increasing list"),
+        ({"eval_steps": [2, 6]}, r"key 'eval_steps' needs 'val_data'"),
         ({"early_stopping_patience": 2}, r"key 'early_stopping_patience' needs 'val_data'"),
         ({"save_best": True}, r"key 'save_best' needs 'val_data' or 'val_set_size'"),
         ({"eval_steps": 2}, r"key 'eval_steps' needs 'val_data'"),
@@ -95,7 +102,7 @@ def test_split_that_leaves_nothing_to_train_names_the_key(files) -> None:
         ({"val_set_size": 2, "val_data": "v.json"}, r"keys 'val_data' and 'val_set_size' exclude"),
         ({"val_set_size": 2, "early_stopping_threshold": -1}, r"key 'early_stopping_threshold'"),
     ],
-)
+)  # fmt: skip
 def test_bad_validation_keys_are_one_line(keys: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=r"^cfg\.json: adapter 'a': " + message):
         parse_config({"lora": [adapter("a", "d.json", "alpaca", **keys)]}, "cfg.json")
@@ -231,6 +238,32 @@ def test_trainer_stops_at_the_rule_step_and_save_best_holds_that_step(
     assert not (folder / "best").exists()
 
 
+def test_eval_steps_list_validates_at_exactly_those_steps(
+    files, tiny_model_dir, tmp_path, monkeypatch
+) -> None:
+    """``eval_steps`` as a list (a pruner's rungs) validates after those optimizer steps and the
+    last one, and nowhere else; an interval beside it keeps its own schedule, in the same passes."""
+    passes: list[list[str]] = []
+    real = validation_module.validation_losses
+
+    def counted(model, pad_id, sets):
+        passes.append([name for name, _, _ in sets])
+        return real(model, pad_id, sets)
+
+    monkeypatch.setattr(validation_module, "validation_losses", counted)
+    raw = {
+        "cutoff_len": 32,
+        "lora": [adapter("a", files.data, files.prompt, val_set_size=3, eval_steps=[2, 3, 7]),
+                 adapter("b", files.data, files.prompt, val_set_size=3, eval_steps=3)],
+    }  # fmt: skip
+    factory = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # noqa: E731
+    trainer = run_in_memory(factory, make_tokenizer(), raw, tmp_path / "out")
+    assert [run.steps_done for run in trainer.runs] == [8, 8]  # 32 rows, batch 4
+    steps = {name: [s for s, _ in trainer.validation.states[name].curve] for name in "ab"}
+    assert steps == {"a": [2, 3, 7, 8], "b": [3, 6, 8]}
+    assert passes == [["a"], ["a", "b"], ["b"], ["a"], ["a", "b"]]  # due together: one pass
+
+
 def test_validation_state_survives_resume(files, tiny_model_dir, tmp_path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({
@@ -238,10 +271,13 @@ def test_validation_state_survives_resume(files, tiny_model_dir, tmp_path) -> No
         "lora": [
             adapter("a", files.data, files.prompt, val_set_size=5, eval_steps=2,
                     early_stopping_patience=1, save_best=True, num_epochs=3),
-            adapter("b", files.data, files.prompt, val_data=files.val, eval_steps=3, lr=1e-3),
+            adapter("b", files.data, files.prompt, val_data=files.val, eval_steps=[1, 4, 7],
+                    lr=1e-3),
         ],
     }))  # fmt: skip
     clean, cut = train_killed_then_resumed(config, tiny_model_dir, tmp_path, 5)
+    b_curve = json.loads((cut / "b" / "validation.json").read_text())["curve"]
+    assert [step for step, _ in b_curve] == [1, 4, 7, 9]  # the listed steps and its last (9)
     for name in ("a", "b"):
         ours = json.loads((cut / name / "validation.json").read_text())
         theirs = json.loads((clean / name / "validation.json").read_text())

@@ -37,6 +37,12 @@ def _scalar(text: str) -> Any:
         return text
 
 
+def _steps(text: str) -> int | list[int]:
+    """``--eval_steps``: ``10`` (every 10 steps) or ``2,6,18`` (at those steps)."""
+    values = [int(part) for part in text.split(",")]
+    return values if "," in text else values[0]
+
+
 def _json_object(text: str) -> dict[str, Any]:
     """``--pruner_options``: a JSON object (argparse reports anything else as a usage error)."""
     value = json.loads(text)
@@ -150,7 +156,9 @@ def add_sweep_parser(
     p.add_argument("--val_data", help="validation data (key val_data)")
     p.add_argument("--val_set_size", type=_scalar, default=0.1,
                    help="rows (an integer) or fraction held out of --data (0.1)")  # fmt: skip
-    p.add_argument("--eval_steps", type=int, help="validate every N optimizer steps (10)")
+    p.add_argument("--eval_steps", type=_steps, metavar="N|S1,S2,...",
+                   help="validate every N optimizer steps (10), or at the steps listed "
+                   "(e.g. a pruner's rungs 2,6,18)")  # fmt: skip
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (tpe)")
     p.add_argument("--trials", type=int, help="trials to run (grid: every combination)")
     p.add_argument("--concurrent", type=int, default=4, help="trials trained at once (4)")

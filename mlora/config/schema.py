@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -197,6 +198,16 @@ def half_fraction(v: Any) -> str | None:
     return None if _is_num(v) and 0 <= v < 0.5 else "a number in [0, 0.5)"
 
 
+def eval_steps_problem(v: Any) -> str | None:
+    """``eval_steps``: an interval, or the steps themselves (e.g. a pruner's rungs)."""
+    if _is_int(v) and v >= 1:
+        return None
+    steps = isinstance(v, list) and v and all(_is_int(s) and s >= 1 for s in v)
+    if steps and all(a < b for a, b in itertools.pairwise(v)):
+        return None
+    return "an integer >= 1 or an increasing list of integers >= 1 (the steps to validate at)"
+
+
 def _val_set_size(v: Any) -> str | None:
     if (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v < 1):
         return None
@@ -367,11 +378,12 @@ class AdapterConfig:
         "as validation data, chosen from the seed.",
         optional(_val_set_size),
     )
-    eval_steps: int | None = _key(
+    eval_steps: int | list[int] | None = _key(
         None,
-        "Validation loss every this many of this adapter's optimizer steps, and at its end "
-        "(unset: at its end only).",
-        optional(int_at_least(1)),
+        "Validation loss every this many of this adapter's optimizer steps, or at the steps of "
+        "an increasing list (e.g. a pruner's rungs [2, 6, 18]); and at its end (unset: at its "
+        "end only).",
+        optional(eval_steps_problem),
     )
     early_stopping_patience: int | None = _key(
         None,

@@ -1,11 +1,11 @@
 """Validation while training: each adapter's validation loss, early stopping and its best weights.
 
 An adapter with ``val_data`` (or rows held out of ``data`` by ``val_set_size``) is validated
-every ``eval_steps`` of its optimizer steps and at its end. All adapters due at one step are
-validated together: their validation rows are packed into the same batches, one layout segment
-per adapter, and run once through the model without gradients (``MultiLoraModel.token_losses``,
-the loss code training uses). The validation loss is the mean token cross-entropy over the
-supervised tokens of all its rows.
+every ``eval_steps`` of its optimizer steps (or at the steps of a list) and at its end. All
+adapters due at one step are validated together: their validation rows are packed into the same
+batches, one layout segment per adapter, and run once through the model without gradients
+(``MultiLoraModel.token_losses``, the loss code training uses). The validation loss is the mean
+token cross-entropy over the supervised tokens of all its rows.
 
 Early stopping follows transformers' ``EarlyStoppingCallback`` on ``eval_loss``: a validation
 counts as an improvement when its loss is below the best so far by more than
@@ -43,6 +43,7 @@ from mlora.data.tasks import CHOICE_TASKS, training_rows
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import read_adapter, write_adapter_files
 from mlora.training.adapter_run import AdapterRun
+from mlora.training.evaluation_schedule import EvalSteps, evaluates_at
 
 logger = logging.getLogger("mlora")
 
@@ -244,8 +245,8 @@ class Validation:
             return None
         return self.states.setdefault(name, ValidationState())
 
-    def eval_steps(self, run: AdapterRun) -> int | None:
-        """``run``'s validation interval for the evaluation schedule (None: only at its end)."""
+    def eval_steps(self, run: AdapterRun) -> EvalSteps:
+        """``run``'s validation schedule for the evaluation schedule (None: only at its end)."""
         return run.config.eval_steps if run.name in self.rows else None
 
     def due(self, config: AdapterConfig, steps_done: int, finished: bool) -> bool:
@@ -253,8 +254,7 @@ class Validation:
         state = self.state(config.name)
         if state is None or steps_done <= state.last_step:  # replayed: already validated
             return False
-        every = config.eval_steps
-        return finished or bool(every and steps_done % every == 0)
+        return finished or evaluates_at(config.eval_steps, steps_done)
 
     def validate(
         self, due: Sequence[tuple[AdapterConfig, int, bool]], weights: Callable[[str], dict]
