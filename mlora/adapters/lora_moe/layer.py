@@ -197,6 +197,7 @@ class MolaAdapter(ExpertMixture):
         self.top_k = top_k
         self.router_loss = router_loss
         self.aux_loss_coef = aux_loss_coef
+        self.routed_impl = "auto"  # ``routed_lora``'s implementation; tests pin each one
 
     @property
     def router_stat_experts(self) -> int | None:
@@ -279,6 +280,7 @@ class MolaAdapter(ExpertMixture):
             [expert.lora_A.weight for expert in self.experts],
             [expert.lora_B.weight for expert in self.experts],
             [expert.scaling for expert in self.experts],
+            impl=self.routed_impl,
         )  # (P, out), scaled
         if dora is not None:
             base_result, picked, base_weight, base_bias = dora
