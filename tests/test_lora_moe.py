@@ -22,7 +22,7 @@ from mlora.adapters import MultiLoraLinear
 from mlora.adapters.lora_moe.layer import LoraMoeAdapter, MolaAdapter, load_balancing_loss
 from mlora.adapters.spec import AdapterInput
 from mlora.batching.layout import BatchLayout, LayoutContext
-from mlora.batching.randomness import SegmentRandom
+from mlora.batching.randomness import RealRows, SegmentRandom
 from mlora.ops.routed_lora import routed_lora
 from tests.references import keep_multipliers, lora_delta, twin_generator
 
@@ -314,3 +314,56 @@ def test_routed_equals_reference_on_cuda_with_bf16_inputs(kind: str, top_k: int)
     with torch.no_grad():
         ref = mixture_reference(weights, x.float(), weight, None, base_result.float(), twin)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_mola_with_padding_equals_canonical_path_and_reference(
+    dtype: torch.dtype, use_dora: bool, training: bool
+) -> None:
+    """A segment with padding inside: given only the token mask (MultiLoraModel.forward, eval
+    passes) or also the real tokens' canonical index (collate's training batches), MoLA gives
+    the reference's delta on the real tokens and zero on padding, outputs and gradients, in
+    fp64 and fp32, with the experts' dropout drawn over the real tokens in order."""
+    module, weight = make_module("mola", use_dora, top_k=2)
+    module = module.to(dtype).train(training)
+    weight = weight.to(dtype)
+    weights = read_weights(module)
+    bias = torch.randn(OUT, dtype=dtype)
+    x = torch.randn(30, IN, dtype=dtype)
+    mask = torch.rand(30, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[0] = mask[-1] = False  # padding at both ends too
+    real = mask.nonzero().squeeze(1)
+    base_result = x @ weight.T + bias
+    index = torch.where(mask, mask.long().cumsum(0) - 1, 0)  # canonical = segment order
+    rows = RealRows(index, real.numel())
+
+    def run(rows: RealRows | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        module.zero_grad()
+        x_in = x.clone().requires_grad_(True)
+        random = SegmentRandom(torch.Generator().manual_seed(11), rows)
+        out = module(AdapterInput(x_in, base_result, weight, bias, random, token_mask=mask))
+        out.backward(grad_out)
+        grads = {name: param.grad.clone() for name, param, _ in weight_pairs(module, weights)}
+        return out, {"x": x_in.grad, **grads}
+
+    twin = torch.Generator().manual_seed(11) if training else None
+    x_ref = x.clone().requires_grad_(True)
+    on_real = mixture_reference(
+        weights, x_ref[real], weight, bias, base_result[real], twin
+    )  # (n, out)
+    ref = torch.zeros(30, OUT, dtype=dtype).index_copy(0, real, on_real)
+    grad_out = torch.randn(30, OUT, dtype=dtype)
+    ref.backward(grad_out)
+    ref_grads = {
+        "x": x_ref.grad,
+        **{name: leaf.grad for name, _, leaf in weight_pairs(module, weights)},
+    }
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for path, given in (("padded", None), ("canonical", rows)):
+        out, grads = run(given)
+        assert out.dtype == dtype, path  # an fp64 adapter keeps fp64 (fp32 at least)
+        torch.testing.assert_close(out, ref, **tol, msg=path)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], **tol, msg=f"{path} {name}")

@@ -195,7 +195,6 @@ def test_routed_forward_equals_dense_reference(
     """``canonical``: the context also gives each token's canonical index (as a collated batch
     does), so the segment's real tokens are gathered and dispatched as n*k pairs (no sync;
     ``mixlora-dynamic`` as E pairs per token, as on accelerators)."""
-    monkeypatch.setattr(feed_forward, "DYNAMIC_AS_PAIRS", canonical)
     ffn_names = FFN if family == "llama" else ("fc1", "fc2")
     model = MultiLoraModel(make_model() if family == "llama" else make_phi())
     model.add_adapter("moe", mixlora(strategy, use_dora, ffn_names))
@@ -209,6 +208,7 @@ def test_routed_forward_equals_dense_reference(
     assert isinstance(ffn, MixLoraFeedForward)
     assert ffn.projections == ffn_names
     moe = ffn.moes["moe"]
+    moe.dynamic_as_pairs = canonical
     torch.manual_seed(0)
     x = torch.randn(6, 7, 64, requires_grad=True)  # rows: plain plain moe moe moe base
     layout = BatchLayout.from_row_adapters(["plain", "plain", "moe", "moe", "moe", None])
@@ -297,7 +297,6 @@ def test_dora_experts_with_dropout_equal_the_dense_formula(
         "slot_dropout",
         lambda x, _order, _k, p, training, _r: value_dropout(x, p, training),
     )
-    monkeypatch.setattr(feed_forward, "DYNAMIC_AS_PAIRS", True)
     monkeypatch.setattr(sys.modules[__name__], "lora_linear", dropped_lora_linear)
     ffn_names = FFN if family == "llama" else ("fc1", "fc2")
     model = MultiLoraModel(make_model() if family == "llama" else make_phi())
@@ -307,6 +306,7 @@ def test_dora_experts_with_dropout_equal_the_dense_formula(
     model.train()
     ffn = model.model.model.layers[0].mlp
     moe = ffn.moes["moe"]
+    moe.dynamic_as_pairs = True
     assert moe.expert(ffn_names[0], 0).dropout_p == 0.3
     torch.manual_seed(0)
     x = torch.randn(3, 7, 64, requires_grad=True)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mlora.ops.routed_lora as routed_lora_module
-from mlora.adapters.mixlora import feed_forward
+from mlora.adapters.mixlora.feed_forward import MixLoraExperts
 from mlora.batching.collate import collate
 from mlora.config.schema import parse_config
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow
@@ -80,14 +79,26 @@ ADAPTERS = {
 }  # fmt: skip
 
 
-def run_step(kind: str, device: torch.device = CPU) -> None:
+def run_step(
+    kind: str,
+    device: torch.device = CPU,
+    impl: str = "auto",
+    dynamic_as_pairs: bool | None = None,
+) -> None:
     """One forward + backward of adapter ``kind`` with host reads refused inside its layers and
-    the backward; asserts the guard was live in every adapter layer and the step completed."""
+    the backward; asserts the guard was live in every adapter layer and the step completed.
+
+    ``impl`` and ``dynamic_as_pairs`` are set on the adapter's MoE modules (``routed_impl``;
+    MixLoRA's ``dynamic_as_pairs``, None: chosen by the device)."""
     config = parse_config(
         {"lora": [{"name": kind, "data": "x.json", "r": 4, "lora_dropout": 0.1, **ADAPTERS[kind]}]}
     )
     model = MultiLoraModel(make_model(vocab_size=96))
     model.add_adapter(kind, spec_from_config(config.lora[0]))
+    for _, module in model.adapter_modules(kind):
+        module.routed_impl = impl
+        if isinstance(module, MixLoraExperts):
+            module.dynamic_as_pairs = dynamic_as_pairs
     model.to(device).train()
     rows = [
         TokenizedRow(list(range(4, 4 + n)), [IGNORE_INDEX, *range(5, 4 + n)]) for n in (9, 4, 5)
@@ -124,23 +135,17 @@ def run_step(kind: str, device: torch.device = CPU) -> None:
 
 @pytest.mark.parametrize("impl", ["grouped", "masked"])
 @pytest.mark.parametrize("kind", list(ADAPTERS))
-def test_moe_step_reads_nothing_back(kind: str, impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(routed_lora_module, "DEFAULT_IMPL", impl)
-    monkeypatch.setattr(feed_forward, "DYNAMIC_AS_PAIRS", True)  # what accelerators choose
-    run_step(kind)
+def test_moe_step_reads_nothing_back(kind: str, impl: str) -> None:
+    run_step(kind, impl=impl, dynamic_as_pairs=True)  # pairs: what accelerators choose
 
 
-def test_the_guard_catches_a_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(routed_lora_module, "DEFAULT_IMPL", "loop")
+def test_the_guard_catches_a_host_read() -> None:
     with pytest.raises(HostRead):
-        run_step("mola")
+        run_step("mola", impl="loop")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["auto", "masked"])
 @pytest.mark.parametrize("kind", list(ADAPTERS))
-def test_moe_step_does_not_sync_on_cuda(
-    kind: str, impl: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(routed_lora_module, "DEFAULT_IMPL", impl)
-    run_step(kind, torch.device("cuda"))
+def test_moe_step_does_not_sync_on_cuda(kind: str, impl: str) -> None:
+    run_step(kind, torch.device("cuda"), impl=impl)

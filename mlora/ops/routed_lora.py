@@ -17,7 +17,10 @@ per layer. Implementations (``impl=``), all tested equal to ``loop``:
   its expert's block of ``h``, then ``h @ [s_1 B_1, ..., s_E B_E].T``. Exact (the other blocks
   contribute exact zeros), no sync, E times the (small) LoRA FLOPs; rows need not be sorted.
 - ``auto``: ``grouped`` where supported; else ``loop`` on CPU (a "sync" is free there) and
-  ``masked`` on accelerators.
+  ``masked`` on accelerators (``resolve_impl``).
+
+The implementation is chosen per call; the MoE modules hold theirs as an attribute
+(``routed_impl``, "auto" unless a test pins one), never as a module-level switch.
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ import torch.nn.functional as F
 from mlora.ops.segmented_lora import grouped_mm, grouped_supported, host_to_device
 
 IMPLS = ("loop", "grouped", "masked", "auto")
-DEFAULT_IMPL = "auto"
-"""What ``routed_lora`` runs when no ``impl`` is given (tests pin it to check each path)."""
 
 
 def group_by_expert(
@@ -58,7 +59,7 @@ def routed_lora(
     lora_a: Sequence[torch.Tensor],
     lora_b: Sequence[torch.Tensor],
     scales: Sequence[float],
-    impl: str | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """(P, out) LoRA delta of each row through its expert's LoRA (see the module docstring).
 
@@ -66,22 +67,40 @@ def routed_lora(
         x: (P, in) rows, cast to the weights' dtype.
         experts: (P,) long, the expert of each row, ascending (``masked`` allows any order).
         lora_a: E tensors (r_e, in); lora_b: E tensors (out, r_e); scales: E floats.
-        impl: one of ``IMPLS``; None: ``DEFAULT_IMPL``.
+        impl: one of ``IMPLS`` (see ``resolve_impl``).
     """
-    impl = DEFAULT_IMPL if impl is None else impl
-    if impl not in IMPLS:
-        raise ValueError(f"unknown routed LoRA impl {impl!r}; choose one of {IMPLS}")
     x = x.to(lora_a[0].dtype)
-    if impl == "auto":
-        if grouped_supported(x, lora_a, lora_b):
-            impl = "grouped"
-        else:
-            impl = "loop" if x.device.type == "cpu" else "masked"
-    if impl == "loop":
+    chosen = resolve_impl(impl, x, lora_a, lora_b)
+    if chosen == "loop":
         return _loop(x, experts, lora_a, lora_b, scales)
-    if impl == "grouped":
+    if chosen == "grouped":
         return _grouped(x, experts, lora_a, lora_b, scales)
     return _masked(x, experts, lora_a, lora_b, scales)
+
+
+def resolve_impl(
+    impl: str, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]
+) -> str:
+    """The implementation ``routed_lora`` runs for ``impl`` on these tensors.
+
+    Args:
+        impl: one of ``IMPLS``; "auto" picks "grouped" where ``grouped_supported``, else
+            "loop" on the CPU (reading counts back costs nothing there) and "masked" elsewhere.
+        x: (P, in) rows in the weights' dtype; lora_a: E (r_e, in); lora_b: E (out, r_e).
+
+    Returns:
+        "loop", "grouped" or "masked".
+
+    Raises:
+        ValueError: an unknown ``impl``.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown routed LoRA impl {impl!r}; choose one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    if grouped_supported(x, lora_a, lora_b):
+        return "grouped"
+    return "loop" if x.device.type == "cpu" else "masked"
 
 
 def _loop(

@@ -318,7 +318,7 @@ def router_stat_slots(
 def grouped_expert_dropout(model: AdapterModel, names: Sequence[str]) -> list[str]:
     """Adapters whose MoE experts draw dropout per expert group (their modules'
     ``draws_dropout_per_group`` hook): MixLoRA ``mixlora-dynamic`` where it runs one group per
-    expert (the CPU, see ``feed_forward.DYNAMIC_AS_PAIRS``).
+    expert (the CPU, see ``MixLoraExperts.dynamic_as_pairs``).
 
     A group's masks are drawn for all of its (token, expert) pairs at once, so their values
     depend on how many tokens every rank sends to each expert: under data parallel such an

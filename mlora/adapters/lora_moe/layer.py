@@ -17,9 +17,10 @@ MoLA dispatches tokens to experts by index: the (token, expert) pairs are sorted
 pair runs through its expert's LoRA (``mlora.ops.routed_lora``: group offsets stay on the device)
 and the weighted results are scattered back. The segment's real tokens come in canonical order
 (``SegmentRandom.canonical_order``), so there are exactly n*k pairs, known on the host: no device
-sync. DoRA experts (a per-expert magnitude over each expert's own rows) still split the pairs
-with the per-expert counts read on the host, once per layer call, as upstream and transformers'
-Mixtral do.
+sync. DoRA experts scale each pair by its expert's magnitude over weight norm, in the same pass.
+A segment with padding but no canonical index (``MultiLoraModel.forward``, evaluation) takes
+its real tokens in segment order (one host sync for their count) and runs the same path: there
+is one routed path, tested against a dense loop in fp64 and fp32.
 
 In training, each module reports to its model's ``context.aux_losses`` (see
 ``mlora.batching.aux_losses``) the routed-token counts per expert (LoRAMoE: the router probability
@@ -163,7 +164,7 @@ class LoraMoeAdapter(ExpertMixture):
         """(N, out) the probability-weighted sum of each expert's own forward (its dropout
         mask drawn from ``random`` in expert order, its DoRA scale)."""
         if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
-            base_weight = base_weight.float()
+            base_weight = base_weight.to(self.experts[0].lora_A.weight.dtype)
         delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
         for e, expert in enumerate(self.experts):
             out = expert(AdapterInput(x, base_result, base_weight, base_bias, random))
@@ -196,6 +197,7 @@ class MolaAdapter(ExpertMixture):
         self.top_k = top_k
         self.router_loss = router_loss
         self.aux_loss_coef = aux_loss_coef
+        self.routed_impl = "auto"  # ``routed_lora``'s implementation; tests pin each one
 
     @property
     def router_stat_experts(self) -> int | None:
@@ -218,77 +220,37 @@ class MolaAdapter(ExpertMixture):
         Returns:
             (N, out) fp32 delta.
         """
-        x, base_result = inputs.x, inputs.base_result
-        base_weight, base_bias = inputs.base_weight, inputs.base_bias
-        random, token_mask = inputs.random, inputs.token_mask
+        x, random, token_mask = inputs.x, inputs.random, inputs.token_mask
         # the real tokens in canonical order: routing and the experts' draws never see
         # padding or the packing order (``SegmentRandom.canonical_order``)
         canonical = None if random is None else random.canonical_order(token_mask)
         if canonical is not None:
-            delta = self._routed(
-                x.index_select(0, canonical),
-                base_result,
-                canonical,
-                base_weight,
-                base_bias,
-                random.plain(),
-                None,
-            )
-            return delta.new_zeros(x.shape[0], delta.shape[1]).index_copy(0, canonical, delta)
-        return self._routed(x, base_result, None, base_weight, base_bias, random, token_mask)
+            random = random.plain()
+        elif token_mask is not None:  # padding, no canonical index: the real tokens in order
+            canonical = token_mask.nonzero().squeeze(1)  # a host sync, as reading group sizes
+        if canonical is None:
+            return self._routed(x, None, inputs, random)
+        delta = self._routed(x.index_select(0, canonical), canonical, inputs, random)
+        return delta.new_zeros(x.shape[0], delta.shape[1]).index_copy(0, canonical, delta)
 
     def _routed(
         self,
         x: torch.Tensor,
-        base_result: torch.Tensor,
         canonical: torch.Tensor | None,
-        base_weight: torch.Tensor | None,
-        base_bias: torch.Tensor | None,
+        inputs: AdapterInput,
         random: SegmentRandom | None,
-        token_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """``forward`` over tokens ``x`` (n, in) taken at ``canonical`` from the segment."""
-        n, k, num_experts = x.shape[0], self.top_k, self.num_experts
-        probs, weights, selected = self.route(x)  # (N, E), (N, k), (N, k)
-        flat_expert = selected.reshape(-1)  # (N*k,) expert of each (token, slot) pair
-        if token_mask is not None:  # padding is routed nowhere: a last, dropped group
-            flat_expert = flat_expert.masked_fill(~token_mask.repeat_interleave(k), num_experts)
-        order, token_of, expert_of = group_by_expert(flat_expert, k)
-        load = torch.bincount(flat_expert, minlength=num_experts + 1)[:num_experts]  # (E,)
-        if token_mask is None:  # every pair real: n*k, host-known
-            dora = (
-                (base_result, canonical, base_weight, base_bias) if self.needs_base_weight else None
-            )
-            delta = self._routed_lora(x, order, token_of, expert_of, weights, random, dora)
-            if self._reporting():
-                self._report(probs, selected, load, None)
-            return delta
-        counts = load.tolist()  # padding: group sizes on the host (a sync)
-        routed = sum(counts)
-        order, token_of = order[:routed], token_of[:routed]  # (P,) routed pairs, their tokens
-        xs = x.index_select(0, token_of)  # (P, in)
-        # an expert's tokens are real ones (padding is routed nowhere): draw for each of them
-        subset_random = None if random is None else SegmentRandom(random.generator)
-        if base_weight is not None:  # DoRA: cast once for all experts, not a copy each
-            base_weight = base_weight.float()
-        if self.needs_base_weight:  # DoRA experts rescale the base output of their tokens
-            picked = token_of if canonical is None else canonical.index_select(0, token_of)
-            bases = base_result.index_select(0, picked).split(counts)
-        else:
-            bases = (base_result,) * num_experts  # unused by plain LoRA experts
-        outputs = [
-            expert(AdapterInput(x_e, base_e, base_weight, base_bias, subset_random))
-            for expert, x_e, base_e, count in zip(
-                self.experts, xs.split(counts), bases, counts, strict=True
-            )
-            if count > 0
-        ]
-        delta = x.new_zeros(n, self.out_features, dtype=torch.float32)
-        if outputs:
-            kept = weights.reshape(-1).index_select(0, order)  # (P,)
-            delta = delta.index_add(0, token_of, torch.cat(outputs) * kept[:, None])
+        """The (n, out) delta of the real tokens ``x`` (n, in), taken at ``canonical`` from the
+        segment (None: ``x`` is the whole segment): every one of the n*k pairs is real."""
+        probs, weights, selected = self.route(x)  # (n, E), (n, k), (n, k)
+        flat_expert = selected.reshape(-1)  # (n*k,) expert of each (token, slot) pair
+        order, token_of, expert_of = group_by_expert(flat_expert, self.top_k)
+        dora = None
+        if self.needs_base_weight:
+            dora = (inputs.base_result, canonical, inputs.base_weight, inputs.base_bias)
+        delta = self._routed_lora(x, order, token_of, expert_of, weights, random, dora)
         if self._reporting():
-            self._report(probs, selected, load, token_mask)
+            self._report(probs, selected)
         return delta
 
     def _routed_lora(
@@ -318,6 +280,7 @@ class MolaAdapter(ExpertMixture):
             [expert.lora_A.weight for expert in self.experts],
             [expert.lora_B.weight for expert in self.experts],
             [expert.scaling for expert in self.experts],
+            impl=self.routed_impl,
         )  # (P, out), scaled
         if dora is not None:
             base_result, picked, base_weight, base_bias = dora
@@ -331,30 +294,23 @@ class MolaAdapter(ExpertMixture):
 
             active = first.dropout_p != 0 and self.training
             out = dora_delta(scale, out, pairs, weight, active, undropped_base)
-        kept = weights.reshape(-1).index_select(0, order)  # (P,)
-        delta = x.new_zeros(x.shape[0], self.out_features, dtype=torch.float32)
-        return delta.index_add(0, token_of, out.float() * kept[:, None])
+        dtype = torch.promote_types(out.dtype, torch.float32)  # fp32, or fp64 experts' fp64
+        kept = weights.reshape(-1).index_select(0, order).to(dtype)  # (P,)
+        delta = x.new_zeros(x.shape[0], self.out_features, dtype=dtype)
+        return delta.index_add(0, token_of, out.to(dtype) * kept[:, None])
 
-    def _report(
-        self,
-        probs: torch.Tensor,
-        selected: torch.Tensor,
-        load: torch.Tensor,
-        mask: torch.Tensor | None,
-    ) -> None:
-        """Routed counts over real tokens and, with ``router_loss``, the weighted aux loss."""
+    def _report(self, probs: torch.Tensor, selected: torch.Tensor) -> None:
+        """Routed counts of the (real) tokens and, with ``router_loss``, the weighted aux loss."""
         assert self.context is not None and self.adapter_name is not None
-        slots = F.one_hot(selected, self.num_experts)  # (N, k, E), built once for both
-        if mask is not None:  # count real tokens only
-            load = (slots.sum(dim=1) * mask[:, None]).sum(dim=0)
+        slots = F.one_hot(selected, self.num_experts)  # (n, k, E), built once for both
         collector = self.context.aux_losses
-        collector.add_load(self.adapter_name, load)
+        collector.add_load(self.adapter_name, slots.sum(dim=(0, 1)))
         if not self.router_loss:
             return
-        coef = self.aux_loss_coef * self.num_experts
-        if collector.global_stats and mask is None:  # data parallel: sums, finished over ranks
+        if collector.global_stats:  # data parallel: sums, finished over ranks
+            coef = self.aux_loss_coef * self.num_experts
             stats = RouterStats.balance(probs, slots.sum(dim=1), coef)
             collector.add_stats(self.adapter_name, self, stats)
         else:
-            loss = self.num_experts * load_balance(probs, slots, mask)
+            loss = self.num_experts * load_balance(probs, slots, None)
             collector.add(self.adapter_name, self.aux_loss_coef * loss)

@@ -111,6 +111,12 @@ class MixLoraExperts(nn.Module):
         self.activation = activation
         self.use_dora = expert.use_dora
         self.ffn_dropout = router.ffn_dropout
+        self.routed_impl = "auto"  # ``routed_lora``'s implementation; tests pin each one
+        # Whether ``mixlora-dynamic`` runs as E pairs per token (no host read; E/k times the
+        # expert work, as top-p keeps k of E experts on average) or as one group per expert
+        # (one host read of the group sizes per layer). None: pairs on accelerators, where a
+        # host read stalls the queue, groups on the CPU, where it costs nothing.
+        self.dynamic_as_pairs: bool | None = None
 
     def expert(self, projection: str, index: int) -> LoraAdapter | None:
         """Expert ``index``'s LoRA on ``projection``, or None if the projection is not adapted."""
@@ -127,9 +133,22 @@ class MixLoraExperts(nn.Module):
     def draws_dropout_per_group(self) -> bool:
         """Whether expert dropout is drawn per expert group (``mixlora-dynamic`` where it runs
         one group per expert): its masks then depend on how rows are split over processes."""
-        grouped = slots_per_token(self.router_spec, self.router.weight.device) is None
+        grouped = self.slots_per_token(self.router.weight.device) is None
         experts = list(self.experts.values())
         return grouped and bool(experts) and experts[0][0].dropout_p > 0
+
+    def slots_per_token(self, device: torch.device) -> int | None:
+        """How many (token, expert) slots ``dispatch_pairs`` gives each token on ``device``, or
+        None where the router runs through ``dispatch`` (grouped by expert, one host read)."""
+        spec = self.router_spec
+        if spec.strategy == "mixlora":
+            return spec.top_k
+        if spec.strategy == "mixlora-switch":
+            return 1
+        as_pairs = self.dynamic_as_pairs
+        if as_pairs is None:
+            as_pairs = device.type != "cpu"
+        return spec.num_experts if as_pairs else None
 
     def router_logits(self, x: torch.Tensor, random: SegmentRandom | None = None) -> torch.Tensor:
         """(N, E) fp32 logits; the router input gets multiplicative jitter in training, drawn
@@ -309,7 +328,7 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
             collector.add_stats(seg.adapter, moe, routing.stats)
         if routing.counts is not None:
             collector.add_load(seg.adapter, routing.counts)
-        k = slots_per_token(moe.router_spec, x.device)
+        k = moe.slots_per_token(x.device)
         if real is None and k is not None:  # k pairs per token: no sync
             out = self.dispatch_pairs(moe, x, routing.weights, routing.routed, k, random)
         else:
@@ -421,7 +440,7 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
             dropped = slot_dropout(
                 inp.to(a[0].dtype), order, k, experts[0].dropout_p, experts[0].training, random
             )
-            lora = routed_lora(dropped, expert_of, a, b, scales)  # (P, out), scaled
+            lora = routed_lora(dropped, expert_of, a, b, scales, moe.routed_impl)  # (P, out)
             if experts[0].magnitude is None:
                 return (base + lora).to(base.dtype)
             weight = dense[name].to(dropped.dtype)
@@ -505,24 +524,6 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
             down = "fc2"
         base = self.linear(down)(hidden)
         return self._project(moe, expert, down, hidden, base, dense, g).float()
-
-
-# Whether ``mixlora-dynamic`` runs as E pairs per token (no host read; E/k times the expert
-# work, as top-p keeps k of E experts on average) or as one group per expert (one host read of
-# the group sizes per layer). None: pairs on accelerators, where a host read stalls the queue,
-# and groups on the CPU, where it costs nothing.
-DYNAMIC_AS_PAIRS: bool | None = None
-
-
-def slots_per_token(spec: RouterSpec, device: torch.device) -> int | None:
-    """How many (token, expert) slots ``dispatch_pairs`` gives each token for this router, or
-    None where the router runs through ``dispatch`` (grouped by expert, one host read)."""
-    if spec.strategy == "mixlora":
-        return spec.top_k
-    if spec.strategy == "mixlora-switch":
-        return 1
-    as_pairs = DYNAMIC_AS_PAIRS if DYNAMIC_AS_PAIRS is not None else device.type != "cpu"
-    return spec.num_experts if as_pairs else None
 
 
 # --- attaching ---------------------------------------------------------------------------------
