@@ -78,7 +78,7 @@ def test_training_tab_follows_a_running_training_in_chromium(tiny_model_dir, tmp
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    raw = two_adapter_config(tmp_path)
+    raw = with_validation(two_adapter_config(tmp_path), every=5)  # add validates, rev not
     for adapter in raw["lora"]:
         adapter["num_epochs"] = 100_000  # runs far longer than the test; killed at the end
     config = tmp_path / "long.json"
@@ -108,15 +108,15 @@ def test_training_tab_follows_a_running_training_in_chromium(tiny_model_dir, tmp
         driver.get(f"http://127.0.0.1:{port}/")
         driver.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='Training']").click()
 
-        def table() -> dict[str, tuple[int, float]]:
+        def table() -> dict[str, tuple[int, float, str]]:
             cells = driver.find_elements(By.CSS_SELECTOR, "#training-table [role=row]")
             found = {}
             for row in cells:
                 texts = [
                     td.text for td in row.find_elements(By.CSS_SELECTOR, "[role=gridcell], td")
                 ]
-                if len(texts) >= 4 and texts[1].isdigit():
-                    found[texts[0]] = (int(texts[1]), float(texts[3]))
+                if len(texts) >= 6 and texts[1].isdigit():
+                    found[texts[0]] = (int(texts[1]), float(texts[3]), texts[5])
             return found
 
         def wait(until, what: str) -> None:
@@ -141,9 +141,13 @@ def test_training_tab_follows_a_running_training_in_chromium(tiny_model_dir, tmp
         assert trainer.poll() is None, "the training ended: the page must follow a running one"
         assert re.search(r"global step \d+ · [\d,]+ tokens/s", status), status
         rows = read_metrics(metrics_path(out))
-        for name, (step, loss) in later.items():  # what the page shows is the file's row
+        for name, (step, loss, val) in later.items():  # what the page shows is the file's row
             (row,) = [r for r in steps_of(rows, name) if r["step"] == step]
             assert loss == round(row["loss"], 4)
+            vals = [r["val_loss"] for r in steps_of(rows, name) if r["step"] <= step and
+                    "val_loss" in r]  # fmt: skip
+            assert (float(val) if val else None) == (round(vals[-1], 4) if vals else None)
+        assert later["add"][2] and not later["rev"][2]  # add's latest validation is shown
         plots = driver.find_elements(By.CSS_SELECTOR, "#training-loss canvas, #training-loss svg")
         assert plots, "the loss plot was not drawn"
         print(f"screenshot: {tmp_path / 'training-tab.png'}; table {first} -> {later}")
