@@ -17,12 +17,13 @@ import torch
 
 from mlora.config.schema import TrainConfig, build_adapter
 from mlora.config.sweep import SweepConfig
-from mlora.core.atomic import LOCK_NAME, output_lock
+from mlora.core.atomic import output_lock
 from mlora.core.errors import MloraError
 from mlora.core.hub import before_loading
 from mlora.inference.loading import plan_base_load
 from mlora.model.base_model import resolve_base_model
 from mlora.model.multi_lora import MultiLoraModel
+from mlora.sweep.folder import check_sweep_folder, clear_sweep_outputs
 from mlora.sweep.outputs import (
     CURVES_PNG,
     RESULT_JSON,
@@ -83,19 +84,6 @@ def preflight_config(config: TrainConfig, sweep: SweepConfig) -> TrainConfig:
     return dataclasses.replace(config, lora=adapters, sweep=None)
 
 
-def check_sweep_folder(folder: Path, overwrite: bool) -> None:
-    """Refuse to replace a sweep's folder that holds anything unless ``--overwrite``.
-
-    Raises:
-        MloraError: naming the folder.
-    """
-    held = [p for p in folder.iterdir() if p.name != LOCK_NAME] if folder.is_dir() else []
-    if not overwrite and held:
-        raise MloraError(
-            f"{folder} already exists; pass --overwrite to replace it (or --resume to continue it)"
-        )
-
-
 def run_sweep(
     config: TrainConfig,
     base_model: str,
@@ -140,6 +128,8 @@ def run_sweep(
         plan.backend.manual_seed(seed)
         tokenizer = plan.load_tokenizer(model_path, trust_remote_code)
         data = TrialData(train_config, sweep, tokenizer, seed)  # every trial's rows, now
+        if point is None:  # every check passed: an old sweep's outputs go (--overwrite)
+            clear_sweep_outputs(folder)
         study = SweepStudy(sweep, folder, seed, resume=point is not None)
         hf_model, _ = plan.load(model_path, trust_remote_code, tokenizer)
         trainer = Trainer(
