@@ -7,13 +7,16 @@ multiple-choice task (``acc``, ``acc_norm``: 4 choices per question) and a gener
 log-likelihood difference over every request, the metrics of both, whether every generation is
 the same text, and the wall time. In fp32 the two sides differ by the rounding of 30 fp32
 layers done in different orders (each is printed against the hf model in fp64); ``--dtype
-fp64`` loads the base in float64 on both sides, where they agree within 1e-5.
+fp64`` loads the base in float64 on both sides, where they agree within 1e-5. ``--exact``
+scores mlora's side in the hf model's own shapes (``exact=true``: its batches and padding at the
+same ``--batch_size``), where the two agree bit for bit.
 
 Then ``--adapters K`` LoRAs: ``--model mlora`` scores all K in one session (each request of the
 first harness run answered by every adapter in the same batches; the K harness reports come out
 of one model load) against K runs of ``--model hf ... peft=`` one adapter each.
 
     python benchmarks/bench_harness.py --rows 40 --dtype fp32 --adapters 3
+    python benchmarks/bench_harness.py --rows 40 --dtype fp32 --adapters 0 --exact
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("fp32", "fp64"), default="fp32")
     parser.add_argument("--batch_size", type=int, default=8, help="requests per pass")
     parser.add_argument("--adapters", type=int, default=3, help="LoRAs for the timing (0: skip)")
+    parser.add_argument(
+        "--exact", action="store_true", help="mlora scores in the hf model's shapes (exact=true)"
+    )
     return parser.parse_args()
 
 
@@ -168,12 +174,13 @@ def main() -> None:
         for i, path in enumerate(adapters):
             attach_adapter(model, f"lora{i}", path)
         labels = [f"lora{i}" for i in range(len(adapters))]
-        return session_for(model, tokenizer, labels, batch_size=args.batch_size)
+        return session_for(model, tokenizer, labels, batch_size=args.batch_size, exact=args.exact)
 
     theirs, hf_time = evaluate(hf(loras[0]), names)
     ours, our_time = evaluate(MloraLM(session=mlora_session(loras[:1])), names)
+    mode = "exact (hf shapes)" if args.exact else "packed"
     print(f"{DESCRIPTION}, {args.dtype}, {args.rows} questions x 4 choices, "
-          f"{args.gen_rows} generations, batch {args.batch_size}")  # fmt: skip
+          f"{args.gen_rows} generations, batch {args.batch_size}, mlora {mode}")  # fmt: skip
     mine, reference = answers(ours, "bench_mc"), answers(theirs, "bench_mc")
     worst = max(abs(a[0] - b[0]) for a, b in zip(mine, reference, strict=True))
     greedy = sum(a[1] == b[1] for a, b in zip(mine, reference, strict=True))

@@ -116,6 +116,27 @@ def test_mlora_model_equals_the_harness_hf_model_with_peft(
     assert ours["results"]["tiny_mc"]["acc,none"] > 0  # a task that says something
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_exact_mode_gives_the_hf_models_own_numbers(
+    setup: dict[str, Path], batch_size: int
+) -> None:
+    """``exact=true`` computes in the hf model's shapes (its batches, padding, full-vocabulary
+    log_softmax): every log-likelihood and rolling sum is the hf model's own, bit for bit."""
+    hf = HFLM(
+        pretrained=str(setup["base"]), peft=str(setup["lora"]), device="cpu",
+        batch_size=batch_size, dtype="float32",
+    )  # fmt: skip
+    theirs = _evaluate(hf, setup["tasks"])
+    ours_lm = MloraLM(
+        pretrained=str(setup["base"]), adapters=f"a={setup['lora']};b={setup['dora']}",
+        adapter="a", device="cpu", batch_size=batch_size, exact="true",
+    )  # fmt: skip
+    ours = _evaluate(ours_lm, setup["tasks"])
+    for task in TASKS:
+        assert sample_answers(ours, task) == sample_answers(theirs, task)
+        assert ours["results"][task] == theirs["results"][task]
+
+
 def _own_forward_loglikelihood(model, tokenizer, adapter: str, context: str, cont: str) -> float:
     """log p(cont | context) from ``MultiLoraModel.forward``'s full logits, one row alone."""
     whole = tokenizer(context + cont)["input_ids"]
@@ -345,6 +366,7 @@ def test_task_data_that_cannot_be_read_is_one_line_before_the_model(
         ({"dtype": "int8"}, "model_args dtype"),
         ({"bogus": "1"}, "model_args 'bogus' is not an argument of --model mlora"),
         ({}, "needs model_args pretrained"),
+        ({"adapters": "a=x;b=y"}, "2 adapters .a, b. .* add adapter=NAME .* run mlora-lm-eval"),
     ],
 )
 def test_bad_model_args_are_one_line(args: dict, message: str) -> None:
@@ -352,6 +374,32 @@ def test_bad_model_args_are_one_line(args: dict, message: str) -> None:
         args = {"pretrained": "unused", **args}
     with pytest.raises(MloraError, match=message):
         MloraLM(**args)
+
+
+def test_plain_lm_eval_with_several_adapters_is_one_line(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """lm-eval's own ``lm_eval --model mlora`` (the model registered as its entry point would)
+    with two adapters and no ``adapter``: one line naming adapter=NAME and mlora-lm-eval, exit
+    2, no traceback, before any model loads."""
+    import subprocess
+
+    script = (
+        "import sys, mlora.inference.harness_model\n"
+        "from lm_eval.__main__ import cli_evaluate\n"
+        "sys.argv[0] = 'lm_eval'\n"
+        "cli_evaluate()\n"
+    )
+    model_args = f"pretrained={setup['base']},adapters=a={setup['lora']};b={tmp_path / 'none'}"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "run", "--model", "mlora", "--model_args", model_args,
+         "--tasks", "tiny_mc", "--include_path", str(setup["tasks"]), "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert "add adapter=NAME" in line and "mlora-lm-eval" in line
 
 
 def test_registered_with_the_harness_and_as_an_entry_point() -> None:

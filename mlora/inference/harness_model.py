@@ -17,15 +17,16 @@ own helpers), so the harness's metrics mean the same thing for both models:
 Several adapters: every request is answered by EVERY adapter of the session, the rows of all
 adapters side by side in the same batches (one layout segment each), and the answers are kept
 per adapter. The harness itself reports one model per run, so the adapter it sees is the
-``adapter`` argument (default: the first); ``mlora.inference.harness_run`` runs the harness's
-evaluation once per adapter over one session, and from the second adapter on every answer is
-already there. Importing this module registers the model with the harness.
+``adapter`` argument (required with several adapters); ``mlora.inference.harness_run`` runs
+the harness's evaluation once per adapter over one session, and from the second adapter on
+every answer is already there. Importing this module registers the model with the harness.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,11 +45,11 @@ from lm_eval.models.utils import (
     resolve_max_length,
 )
 
-from mlora.batching.collate import collate
 from mlora.config.adapter_names import adapter_name_problem
 from mlora.core.errors import MloraError
-from mlora.data.rows import IGNORE_INDEX, TokenizedRow, pad_token_id
+from mlora.data.rows import pad_token_id
 from mlora.inference.generation import GenerationRequest, SamplingParams, generate
+from mlora.inference.harness_scoring import score_labels_like_hf, score_packed
 from mlora.model.multi_lora import MultiLoraModel
 
 logger = logging.getLogger("mlora")
@@ -109,6 +110,7 @@ class HarnessSession:
         scoring: the labels each new request is answered for (default: all).
         answers: ``{label: {request key: answer}}``.
         info: what ``get_model_info`` reports (base model, adapter folders).
+        exact: score log-likelihoods in the hf model's shapes (``harness_exact``), not packed.
     """
 
     model: MultiLoraModel
@@ -118,6 +120,7 @@ class HarnessSession:
     max_length: int = DEFAULT_MAX_LENGTH
     max_gen_toks: int = 256
     add_bos_token: bool | None = None
+    exact: bool = False
     scoring: list[str] = field(default_factory=list)
     answers: dict[str, dict[Hashable, Any]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +133,19 @@ class HarnessSession:
     def adapter_of(self, label: str) -> str | None:
         """The adapter a label stands for (None: the base model)."""
         return None if label == BASE_LABEL and label not in self.model.specs else label
+
+    def score(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], rolling: bool = False
+    ) -> dict[str, list[tuple[float, bool]]]:
+        """``(context, continuation)`` tokens -> (log-likelihood, greedy?) per scoring label:
+        packed (``score_packed``), or with ``exact`` in the hf model's shapes."""
+        adapters = {label: self.adapter_of(label) for label in self.scoring}
+        if not self.exact:
+            pad = pad_token_id(self.tokenizer)
+            return score_packed(self.model, adapters, pairs, self.batch_size, self.max_length, pad)
+        return score_labels_like_hf(
+            self.model, adapters, pairs, self.batch_size, self.max_length, rolling
+        )
 
 
 def load_session(
@@ -208,17 +224,27 @@ class MloraLM(TemplateLM):
     Args (``--model_args``, all strings on the command line):
         pretrained: the base model (folder, hub id, GGUF file or ``smollm2``).
         adapters: ``D/a;D/b`` or ``a=D/a;b=D/b``; none: the base model alone.
-        adapter: whose answers the harness gets (default: the first adapter).
+        adapter: whose answers the harness gets; required with several adapters (else an
+            error naming ``mlora-lm-eval``, which runs the harness once per adapter).
         dtype: float32 (default), bfloat16, float16. device: cpu, cuda, mps (default: best).
         batch_size: requests per pass; each pass holds them once per adapter.
         max_length, max_gen_toks, add_bos_token: as the harness's ``hf`` model.
+        exact: log-likelihoods in the ``hf`` model's batch shapes (``harness_exact``).
         quantize (4bit/8bit), attn_implementation, trust_remote_code: as mlora's loading.
 
     Raises:
         MloraError: an unknown argument or a bad value (naming it).
     """
 
-    def __init__(
+    def __init__(self, **model_args: Any) -> None:
+        super().__init__()
+        try:
+            self._open(**model_args)
+        except MloraError as exc:
+            _exit_under_lm_eval_cli(exc)
+            raise
+
+    def _open(
         self,
         pretrained: str | None = None,
         adapters: str | None = None,
@@ -232,11 +258,11 @@ class MloraLM(TemplateLM):
         trust_remote_code: bool | str = False,
         quantize: str | None = None,
         attn_implementation: str | None = None,
+        exact: bool | str = False,
         session: HarnessSession | None = None,
         max_batch_size: Any = None,  # the harness passes it; sizes are not searched here
         **unknown: Any,
     ) -> None:
-        super().__init__()
         if unknown:
             raise MloraError(
                 f"model_args {sorted(unknown)[0]!r} is not an argument of --model {MODEL_NAME}"
@@ -246,6 +272,13 @@ class MloraLM(TemplateLM):
                 raise MloraError(f"--model {MODEL_NAME} needs model_args pretrained=BASE_MODEL")
             if str(dtype).lower() not in DTYPES:
                 raise MloraError(f"model_args dtype: expected one of {', '.join(DTYPES)}")
+            names = parse_adapters(adapters)
+            if len(names) > 1 and not adapter:
+                raise MloraError(
+                    f"model_args adapters gives {len(names)} adapters ({', '.join(names)}) and "
+                    "the harness reports one model per run: add adapter=NAME to model_args, or "
+                    "run mlora-lm-eval, which runs lm-eval once per adapter over one model load"
+                )
             if str(batch_size).startswith("auto"):
                 batch_size = 8
             settings = {
@@ -255,9 +288,10 @@ class MloraLM(TemplateLM):
                 else _positive_int("max_length", max_length),
                 "max_gen_toks": _positive_int("max_gen_toks", max_gen_toks),
                 "add_bos_token": None if add_bos_token is None else _truthy(add_bos_token),
+                "exact": _truthy(exact),
             }
             load = {
-                "pretrained": str(pretrained), "adapters": parse_adapters(adapters),
+                "pretrained": str(pretrained), "adapters": names,
                 "dtype": DTYPES[str(dtype).lower()], "device": device,
                 "trust_remote_code": _truthy(trust_remote_code), "quantize": quantize,
                 "attn_implementation": attn_implementation,
@@ -343,7 +377,7 @@ class MloraLM(TemplateLM):
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], **kwargs: Any
     ) -> list[tuple[float, bool]]:
         """The harness's token-level entry: the active adapter's answers to token pairs."""
-        scored = score_token_pairs(self.session, [(ctx, cont) for _, ctx, cont in requests])
+        scored = self.session.score([(ctx, cont) for _, ctx, cont in requests])
         return scored[self.active]
 
     def _answered(
@@ -380,7 +414,7 @@ class MloraLM(TemplateLM):
                 tokens.append(([first], cont) if first != cont[0] else (cont[:1], cont[1:]))
             else:
                 tokens.append(self._encode_pair(context, continuation))
-        return score_token_pairs(self.session, tokens)
+        return self.session.score(tokens)
 
     def _score_rolling(self, strings: list[tuple[Any, ...]]) -> dict[str, list[float]]:
         """Each string's log-likelihood over the harness's disjoint rolling windows."""
@@ -395,7 +429,7 @@ class MloraLM(TemplateLM):
             ):
                 windows.append(lm_utils.make_disjoint_window(window))
                 owners.append(index)
-        scored = score_token_pairs(self.session, windows)
+        scored = self.session.score(windows, rolling=True)
         out: dict[str, list[float]] = {}
         for label, answers in scored.items():
             totals = [0.0] * len(strings)
@@ -488,89 +522,14 @@ def sampling_params(
     )
 
 
-@dataclass(frozen=True)
-class _ScoredRow:
-    """One input sequence and the requests it answers (those whose input is that sequence).
-
-    Attributes:
-        row: the tokens, supervised on the last ``scored`` positions' next tokens.
-        requests: ``(request index, continuation tokens)``; each reads the last
-            ``len(continuation)`` of the row's scored positions.
-    """
-
-    row: TokenizedRow
-    scored: int
-    requests: list[tuple[int, list[int]]]
-
-
-def _scored_rows(
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int
-) -> list[_ScoredRow]:
-    """HFLM's rows, ``(context + continuation)[-(max_length + 1):]``, one per distinct input:
-    requests whose input is the same (a question's one-token choices) share its logits, as
-    the harness's own logits cache does."""
-    rows: dict[tuple[int, ...], tuple[list[int], list[tuple[int, list[int]]]]] = {}
-    for index, (context, continuation) in enumerate(pairs):
-        if not context or not continuation:
-            raise ValueError("a scored pair needs context and continuation tokens")
-        whole = (list(context) + list(continuation))[-(max_length + 1) :]
-        _, requests = rows.setdefault(tuple(whole[:-1]), (whole, []))
-        requests.append((index, whole[len(whole) - len(continuation) :]))
-    out = []
-    for whole, requests in rows.values():
-        scored = max(len(cont) for _, cont in requests)
-        labels = [IGNORE_INDEX] * (len(whole) - scored) + whole[-scored:]
-        out.append(_ScoredRow(TokenizedRow(whole, labels), scored, requests))
-    return out
-
-
-@torch.inference_mode()
-def score_token_pairs(
-    session: HarnessSession, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
-) -> dict[str, list[tuple[float, bool]]]:
-    """``(context tokens, continuation tokens)`` -> (log p(continuation | context), greedy?) for
-    every scoring label, the rows of all labels in the same batches.
-
-    A pass holds ``batch_size`` distinct inputs (longest first) once per label, one layout
-    segment per label; ``lm_head`` runs on the scored positions only, and each continuation
-    token's log-probability is its logit minus the position's logsumexp (fp32, summed in
-    fp64). The sums come to the host once per pass.
-    """
-    model, labels = session.model, session.scoring
-    rows = sorted(_scored_rows(pairs, session.max_length), key=lambda r: -len(r.row))
-    out: dict[str, list[tuple[float, bool]]] = {
-        label: [(0.0, False)] * len(pairs) for label in labels
-    }
-    pad = pad_token_id(session.tokenizer)
-    stream = model.packing_form == "stream"
-    for start in range(0, len(rows), session.batch_size):
-        picked = rows[start : start + session.batch_size]
-        groups = [(session.adapter_of(label), [r.row for r in picked]) for label in labels]
-        batch = collate(groups, pad, model.device, packed=model.packing, stream=stream)
-        logits = model.supervised_logits(batch)  # (N, V), positions grouped by segment
-        by_row = torch.sort(batch.position_rows, stable=True).indices  # (N,) row-major
-        where, tokens, owners = [], [], []  # per (label, request, token): host indices
-        first = 0  # the row's first scored position in ``by_row``
-        slots: list[tuple[str, int]] = []
-        for label in labels:
-            for r in picked:
-                for index, cont in r.requests:
-                    end = first + r.scored
-                    where += range(end - len(cont), end)
-                    tokens += cont
-                    owners += [len(slots)] * len(cont)
-                    slots.append((label, index))
-                first += r.scored
-        positions = by_row[torch.tensor(where, device=logits.device)]  # (M,)
-        token_ids = torch.tensor(tokens, device=logits.device)  # (M,)
-        logprob = logits[positions, token_ids] - logits.logsumexp(-1)[positions]  # (M,)
-        miss = (logits.argmax(dim=-1)[positions] != token_ids).double()  # (M,)
-        owner = torch.tensor(owners, device=logits.device)
-        sums = logprob.double().new_zeros(len(slots)).index_add(0, owner, logprob.double())
-        misses = miss.new_zeros(len(slots)).index_add(0, owner, miss)
-        for (label, index), total, wrong in zip(slots, sums.tolist(), misses.tolist(), strict=True):
-            out[label][index] = (total, wrong == 0)  # one host read per pass (above)
-    return out
+def _exit_under_lm_eval_cli(exc: MloraError) -> None:
+    """Under lm-eval's own command line (``lm_eval --model mlora``, which lets exceptions out as
+    tracebacks), a bad model argument ends the process with its one line, as mlora's commands
+    do; anywhere else (Python, ``mlora-lm-eval``) the error is raised to the caller."""
+    program = Path(sys.argv[0]).name if sys.argv else ""
+    if program in ("lm_eval", "lm-eval") or sys.argv[0].endswith("lm_eval/__main__.py"):
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _hashable(value: Any) -> tuple[Any, ...]:
