@@ -16,6 +16,11 @@ measured with the allocation-tracking probe of ``bench_lora_op.py`` (torch profi
 
     python benchmarks/bench_step_memory.py            # N = 1, 4, 16
     python benchmarks/bench_step_memory.py --adapters 1 2 4 8 16 32
+
+``--loss-chunk-mb`` sets the head's loss chunk budget (config ``loss_chunk_mb``; default 32,
+0 = the full logits); several values measure each N under each, in the same run::
+
+    python benchmarks/bench_step_memory.py --adapters 4 --vocab 49152 --rows 64 --loss-chunk-mb 0 32
 """
 
 from __future__ import annotations
@@ -73,18 +78,20 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--loss-chunk-mb", type=float, nargs="+", default=[32.0])
     args = parser.parse_args()
     torch.set_num_threads(1)
     check_memory_probe()
     data = rows(args.rows, args.vocab)
     print(f"{args.rows} rows, {sum(map(len, data))} tokens per step, packed; CPU, fp32")
     print(
-        f"{'N':>4} {'adapter params':>15} {'pass tokens':>12} {'peak MiB':>9} {'kept MiB':>9} "
-        f"{'peak-kept':>10} {'KiB/token':>10}"
+        f"{'N':>4} {'chunk MiB':>9} {'adapter params':>15} {'pass tokens':>12} {'peak MiB':>9} "
+        f"{'kept MiB':>9} {'peak-kept':>10} {'KiB/token':>10}"
     )
-    temporaries = {}
-    for n in args.adapters:
+    temporaries, peaks = {}, {}
+    for n, chunk_mb in ((n, c) for n in args.adapters for c in args.loss_chunk_mb):
         model = build(n, args.vocab)
+        model.loss_chunk_mb = chunk_mb
         per = args.rows // n
         groups = [(f"a{i}", data[i * per : (i + 1) * per]) for i in range(n)]
         params = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
@@ -97,14 +104,18 @@ def main() -> None:
         step()  # warm-up: lazy initialisations out of the measurement
         peak, kept, _ = memory_of(step)
         tokens = collate(groups, pad_token_id=0, packed=True).num_tokens  # padding included
-        temporaries[n] = (peak - kept) / tokens
+        temporaries[n, chunk_mb], peaks[n, chunk_mb] = (peak - kept) / tokens, peak
         print(
-            f"{n:>4} {params / MIB:>12.1f} MiB {tokens:>12} {peak / MIB:>9.1f} "
-            f"{kept / MIB:>9.1f} {(peak - kept) / MIB:>10.1f} {temporaries[n] / 1024:>10.1f}"
+            f"{n:>4} {chunk_mb:>9g} {params / MIB:>12.1f} MiB {tokens:>12} {peak / MIB:>9.1f} "
+            f"{kept / MIB:>9.1f} {(peak - kept) / MIB:>10.1f} "
+            f"{temporaries[n, chunk_mb] / 1024:>10.1f}"
         )
-    first, last = args.adapters[0], args.adapters[-1]
-    ratio = temporaries[last] / temporaries[first]
+    first, last, chunk = args.adapters[0], args.adapters[-1], args.loss_chunk_mb[0]
+    ratio = temporaries[last, chunk] / temporaries[first, chunk]
     print(f"temporaries per pass token, N={last} / N={first}: {ratio:.2f}x")
+    for n, other in ((n, c) for n in args.adapters for c in args.loss_chunk_mb[1:]):
+        ratio = peaks[n, other] / peaks[n, chunk]
+        print(f"N={n}: peak with loss_chunk_mb={other:g} / with {chunk:g}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

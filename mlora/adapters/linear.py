@@ -124,9 +124,31 @@ class MultiLoraLinear(nn.Module, AdapterHost):
         assert delta is not None
         return (flat_y + delta).to(result.dtype).view_as(result)
 
-    def _plain_delta(self, x: torch.Tensor, segments: list[AdapterSegment]) -> torch.Tensor:
-        """(N, out) fp32 LoRA delta of every plain-LoRA segment, zero elsewhere."""
-        adapters: list[LoraAdapter] = [self.adapters[s.adapter] for s in segments]
+    def low_rank_terms(self, x: torch.Tensor) -> list[tuple[AdapterSegment, torch.Tensor]] | None:
+        """Each plain-LoRA segment with its (size, r) ``s * drop(x[seg]) @ A.T`` for this pass
+        (the same dropout draws as ``forward``), or None where some segment is no plain LoRA.
+
+        A chunked head loss (``mlora.ops.linear_cross_entropy``) adds ``u @ B.T`` per chunk
+        instead of materialising the (N, out) delta. ``x``: (N, in), the layer's whole input.
+        """
+        layout = self.context.layout_for(x.shape[0])
+        segments = [] if layout is None else layout.segments
+        mine = [s for s in segments if s.adapter in self.adapters and s.size > 0]
+        if not all(_is_plain_lora(self.adapters[s.adapter]) for s in mine):
+            return None
+        if not mine:
+            return []
+        adapters: list[LoraAdapter] = [self.adapters[s.adapter] for s in mine]
+        x = self._dropped(x, mine, adapters)
+        return [
+            (s, a.scaling * (x[s.start : s.end] @ a.lora_A.weight.T))
+            for s, a in zip(mine, adapters, strict=True)
+        ]
+
+    def _dropped(
+        self, x: torch.Tensor, segments: list[AdapterSegment], adapters: list[LoraAdapter]
+    ) -> torch.Tensor:
+        """(N, in) ``x`` in the adapters' dtype with each segment's dropout applied."""
         x = x.to(adapters[0].lora_A.weight.dtype)
         dropping = [(s, a.dropout_p) for s, a in zip(segments, adapters, strict=True)]
         dropping = [(s, p) for s, p in dropping if p > 0 and self.training]
@@ -136,6 +158,12 @@ class MultiLoraLinear(nn.Module, AdapterHost):
                 random = self.context.segment_random(seg, x.shape[0], x.device)
                 keep[seg.start : seg.end] = random.keep(x[seg.start : seg.end], p)
             x = x * keep
+        return x
+
+    def _plain_delta(self, x: torch.Tensor, segments: list[AdapterSegment]) -> torch.Tensor:
+        """(N, out) fp32 LoRA delta of every plain-LoRA segment, zero elsewhere."""
+        adapters: list[LoraAdapter] = [self.adapters[s.adapter] for s in segments]
+        x = self._dropped(x, segments, adapters)
         return segmented_lora(
             x,
             [(s.start, s.end) for s in segments],

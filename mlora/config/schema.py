@@ -628,6 +628,13 @@ class TrainConfig:
         "GPU (CUDA/MPS) and none on CPU.",
         one_of("auto", "none", "recompute", "offload"),
     )
+    loss_chunk_mb: float = _key(
+        32,
+        "MiB of fp32 logits the loss holds at once: lm_head and cross-entropy run over row "
+        "chunks of this size and backward recomputes each chunk's logits, so the full "
+        "(tokens x vocab) logits never exist; 0 computes the full logits.",
+        lambda v: None if _is_num(v) and v >= 0 else "a number >= 0",
+    )
     packing: str | bool = _key(
         "auto",
         "Pack each step's rows instead of padding them: 'stream' lays them end to end in one "

@@ -26,11 +26,13 @@ from mlora.batching.packing import resolve_packing
 from mlora.core.errors import MloraError, first_line
 from mlora.core.hub import before_loading
 from mlora.model.base_model import resolve_base_model, transformers_progress_bars_off
+from mlora.model.head_loss import chunked_head_losses
 from mlora.model.parameter_targets import (
     ParameterTarget,
     attach_parameter_loras,
     plan_parameter_targets,
 )
+from mlora.ops.linear_cross_entropy import DEFAULT_CHUNK_MB
 from mlora.ops.varlen_attention import SEQUENCES_KWARG, streaming, streams_rows
 
 logger = logging.getLogger("mlora")
@@ -102,6 +104,8 @@ class MultiLoraModel(nn.Module):
         # Whether training and loss evaluation pack rows (see mlora.batching.packing); padded by
         # default, the trainer and evaluation resolve the ``packing`` key.
         self.packing = False
+        # MiB of fp32 logits the head's loss holds at once (0: the full logits; ``loss_chunk_mb``)
+        self.loss_chunk_mb = DEFAULT_CHUNK_MB
 
     # --- adapters ------------------------------------------------------------------------------
 
@@ -301,12 +305,28 @@ class MultiLoraModel(nn.Module):
         of those gathered positions. Training reduces these per segment; evaluation also per
         row (a choice's log-likelihood is minus its row's sum).
         """
-        logits = self.supervised_logits(batch)  # (N, V)
+        picked = self._supervised_hidden(batch)  # (N, H)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        head = self.model.get_output_embeddings()
+        with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
+            losses = chunked_head_losses(head, picked, batch.targets, self.loss_chunk_mb, cap)
+            if losses is not None:  # row chunks: the full (N, V) logits never exist
+                return losses
+            logits = self._logits(picked)  # (N, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits, batch.targets, reduction="none")
 
     def supervised_logits(self, batch: LossBatch) -> torch.Tensor:
         """The logits (at least fp32) at each supervised position of ``batch``, shape (N, V):
         what ``token_losses`` scores, for callers that also need the argmax (greedy checks)."""
+        picked = self._supervised_hidden(batch)  # (N, H)
+        with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
+            logits = self._logits(picked)  # (N, V)
+        # half-precision logits are upcast for the softmax; fp32 and fp64 keep their precision
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def _supervised_hidden(self, batch: LossBatch) -> torch.Tensor:
+        """Run the backbone over ``batch`` under its layout; (N, H) states at its labels."""
         self.context.set(
             batch.layout,
             batch.token_mask,
@@ -327,11 +347,7 @@ class MultiLoraModel(nn.Module):
                 use_cache=False,
                 **rows,
             ).last_hidden_state  # (B, T, H) padded, (bins, W, H) packed or (1, sum L, H) stream
-        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # (N, H)
-        with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
-            logits = self._logits(picked)  # (N, V)
-        # half-precision logits are upcast for the softmax; fp32 and fp64 keep their precision
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)

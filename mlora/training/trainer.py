@@ -211,6 +211,7 @@ class Trainer:
             )
             logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
         model.set_packing(config.packing)
+        model.loss_chunk_mb = config.loss_chunk_mb
         self.sync.adapters_changed(model, [run.name for run in self.runs])
         self.tokens_seen = 0  # tokens of every pass so far, padding included
         self.padded_tokens = 0
