@@ -278,8 +278,8 @@ class MultiLoraModel(nn.Module):
             objective: replaces some segments' losses given the token losses (preference
                 adapters: ``mlora.training.objectives.ObjectivePlan``); None: SFT everywhere.
 
-        The layout stays set on the context until the next pass, so backward (and checkpoint
-        recomputation) sees it too.
+        The pass's state is installed on the context for the forward only; activation
+        recompute installs it again for its recomputation (``mlora.training.recompute``).
         """
         token_loss = self.token_losses(batch)  # (N,)
         sums = token_loss.new_zeros(len(batch.layout.segments)).index_add(
@@ -307,19 +307,12 @@ class MultiLoraModel(nn.Module):
     def supervised_logits(self, batch: LossBatch) -> torch.Tensor:
         """The logits (at least fp32) at each supervised position of ``batch``, shape (N, V):
         what ``token_losses`` scores, for callers that also need the argmax (greedy checks)."""
-        self.context.set(
-            batch.layout,
-            batch.token_mask,
-            batch.token_rows,
-            batch.token_real_index,
-            batch.token_tasks,
-        )
         self.context.aux_losses.clear()
         backbone = self.model.base_model
         rows = {} if batch.sequences is None else {SEQUENCES_KWARG: batch.sequences}
         if rows and not streams_rows(self.model):  # sdpa would let the rows see each other
             raise ValueError("a stream batch needs the model's per-row attention (use_stream)")
-        with streaming() if rows else nullcontext():
+        with streaming() if rows else nullcontext(), self.context.install(batch.pass_state()):
             hidden = backbone(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -328,7 +321,7 @@ class MultiLoraModel(nn.Module):
                 **rows,
             ).last_hidden_state  # (B, T, H) padded, (bins, W, H) packed or (1, sum L, H) stream
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)  # (N, H)
-        with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
+        with self.context.install(batch.head_pass_state()):
             logits = self._logits(picked)  # (N, V)
         # half-precision logits are upcast for the softmax; fp32 and fp64 keep their precision
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
