@@ -470,10 +470,10 @@ def test_dora_over_quantized_base_equals_dequantized_reference(bits: int, device
         torch.manual_seed(1)
         adapter = layer.add_adapter("d", r=4, scaling=2.0, dropout=0.2, use_dora=True)
         torch.nn.init.normal_(adapter.lora_B.weight, std=0.1)
-        context.layout = BatchLayout.from_row_adapters(["d", "d", None])
         layers.append(layer.train())
         twin = twin_generator(context.generators.get("d", torch.device(device)))
-        out = layer(x)
+        with context.use(BatchLayout.from_row_adapters(["d", "d", None])):
+            out = layer(x)
         (out.float() * grad_out).sum().backward()
         grads.append({n: p.grad for n, p in layer.adapters.named_parameters()})
         with torch.no_grad():

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlora.adapters import lora as lora_module
-from mlora.adapters.mixlora import MixLoraFeedForward, feed_forward
+from mlora.adapters.mixlora import MixLoraFeedForward
 from mlora.adapters.mixlora.spec import RouterSpec, build_mixlora_spec
 from mlora.adapters.spec import LoraSpec
 from mlora.batching.layout import BatchLayout
@@ -38,6 +37,7 @@ from tests.helpers import (
     write_json,
     write_template,
 )
+from tests.references import keep_multipliers, twin_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -258,46 +258,81 @@ def test_routed_forward_equals_dense_reference(
         torch.testing.assert_close(aux, want, atol=1e-6, rtol=1e-5)
 
 
-def value_dropout(x: torch.Tensor, p: float, training: bool, random=None) -> torch.Tensor:
-    """Inverted dropout whose mask is a fixed, coarse function of each element's value (about
-    a third of the units dropped; rounding differences between paths flip it only at bucket
-    edges), so every path (experts one by one, or all (token, expert) pairs at once, in any
-    order) and the dense reference drop the same units; real masks follow each path's own
-    draw order."""
-    if not training or p == 0:
-        return x
-    keep = torch.floor(x.detach() * 8) % 3 != 0
-    return x * keep / (1 - p)
+def dropped_moe(
+    ffn: MixLoraFeedForward, moe, x: torch.Tensor, masks: dict[str, torch.Tensor] | None
+) -> torch.Tensor:
+    """(N, H) ``dense_moe`` with expert dropout: ``masks[name]`` (E, N, in) holds the
+    multipliers of expert e's input to projection ``name`` at token t. PEFT's LoRA / DoRA with
+    dropout on the adapter's input: DoRA rescales the base output of the dropped input,
+    ``W x + (m/||W + sBA|| - 1) W d(x) + m/||.|| s B A d(x)``."""
+
+    def expert_out(e: int) -> torch.Tensor:
+        def proj(name: str, inp: torch.Tensor) -> torch.Tensor:
+            layer, adapter = ffn.linear(name), moe.expert(name, e)
+            dropped = inp if masks is None else inp * masks[name][e]
+            delta = adapter.lora_B.weight @ adapter.lora_A.weight * adapter.scaling  # (out, in)
+            if adapter.magnitude is None:
+                out = inp @ layer.weight.T + dropped @ delta.T
+            else:
+                norm = torch.linalg.norm(layer.weight + delta, dim=1).detach()
+                scale = adapter.magnitude.weight / norm
+                out = inp @ layer.weight.T + (scale - 1) * (dropped @ layer.weight.T)
+                out = out + scale * (dropped @ delta.T)
+            return out if layer.bias is None else out + layer.bias
+
+        return ffn_forward(ffn, proj, x, moe.activation)
+
+    spec = moe.router_spec
+    probs = (x.float() @ moe.router.weight.T).softmax(-1)
+    keep = kept_experts(probs.detach(), spec, 3, torch.ones(x.shape[0], dtype=torch.bool), True)
+    weights = probs * keep
+    if spec.strategy == "mixlora":
+        weights = weights / weights.sum(-1, keepdim=True)
+    out = sum(weights[:, e : e + 1] * expert_out(e) for e in range(spec.num_experts))
+    return out + (~keep.any(-1))[:, None] * dense_expert(ffn, moe, None, x)
 
 
-def dropped_lora_linear(weight: torch.Tensor, adapter, x: torch.Tensor) -> torch.Tensor:
-    """PEFT's LoRA / DoRA with dropout on the adapter's input: DoRA rescales the base output
-    of the dropped input, ``W x + (m/||W + sBA|| - 1) W d(x) + m/||.|| s B A d(x)``."""
-    dropped = value_dropout(x, adapter.dropout_p, True)
-    delta = adapter.lora_B.weight @ adapter.lora_A.weight * adapter.scaling  # (out, in)
-    if adapter.magnitude is None:
-        return x @ weight.T + dropped @ delta.T
-    scale = adapter.magnitude.weight / torch.linalg.norm(weight + delta, dim=1).detach()
-    return x @ weight.T + (scale - 1) * (dropped @ weight.T) + scale * (dropped @ delta.T)
+def expert_masks(
+    ffn: MixLoraFeedForward, moe, routed: torch.Tensor, path: str, p: float, twin: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Each expert's dropout multipliers per projection, rebuilt from the documented draw rule
+    (``keep_multipliers``) on a twin of the adapter's stream, in the order each path draws:
+
+    - ``experts`` (one group per expert): expert by expert, each projection in call order, one
+      (tokens of e, in) draw over the expert's tokens in token order;
+    - ``pairs``: each projection in call order, one (N, k * in) draw, token by token, a
+      token's k slots side by side (``slot_dropout``); a token's routed experts take its
+      slots in expert order.
+    """
+    n, num_experts = routed.shape
+    widths = {name: ffn.linear(name).in_features for name in ffn.projections}
+    masks = {name: torch.ones(num_experts, n, w) for name, w in widths.items()}
+    if path == "experts":
+        for e in range(num_experts):
+            tokens = routed[:, e].nonzero().squeeze(1)
+            if tokens.numel():
+                for name, w in widths.items():
+                    masks[name][e, tokens] = keep_multipliers((tokens.numel(), w), p, twin)
+        return masks
+    k = moe.slots_per_token(torch.device("cpu"))
+    slot_of = routed.long().cumsum(-1) - 1  # (N, E): a routed expert's slot of its token
+    for name, w in widths.items():
+        drawn = keep_multipliers((n, k * w), p, twin).view(n, k, w)
+        for e in range(num_experts):
+            tokens = routed[:, e].nonzero().squeeze(1)
+            masks[name][e, tokens] = drawn[tokens, slot_of[tokens, e]]
+    return masks
 
 
 @pytest.mark.parametrize(
     ("family", "strategy"),
     [("llama", "mixlora"), ("phi", "mixlora-switch"), ("llama", "mixlora-dynamic")],
 )
-def test_dora_experts_with_dropout_equal_the_dense_formula(
-    family: str, strategy: str, monkeypatch
-) -> None:
-    """DoRA experts with expert dropout on, both dispatch paths: experts one by one (a host
-    read per layer) and every (token, expert) pair at once (``dispatch_pairs``, no host read)."""
-    monkeypatch.setattr(lora_module, "adapter_dropout", value_dropout)
-    monkeypatch.setattr(feed_forward, "adapter_dropout", value_dropout)
-    monkeypatch.setattr(
-        feed_forward,
-        "slot_dropout",
-        lambda x, _order, _k, p, training, _r: value_dropout(x, p, training),
-    )
-    monkeypatch.setattr(sys.modules[__name__], "lora_linear", dropped_lora_linear)
+def test_dora_experts_with_dropout_equal_the_dense_formula(family: str, strategy: str) -> None:
+    """DoRA experts with expert dropout on (the real masks, from the adapter's stream), both
+    dispatch paths: experts one by one (a host read per layer) and every (token, expert) pair
+    at once (``dispatch_pairs``, no host read), each against the dense formula with the masks
+    rebuilt from the documented draw order."""
     ffn_names = FFN if family == "llama" else ("fc1", "fc2")
     model = MultiLoraModel(make_model() if family == "llama" else make_phi())
     spec = mixlora(strategy, True, ffn_names)
@@ -310,33 +345,35 @@ def test_dora_experts_with_dropout_equal_the_dense_formula(
     assert moe.expert(ffn_names[0], 0).dropout_p == 0.3
     torch.manual_seed(0)
     x = torch.randn(3, 7, 64, requires_grad=True)
+    flat = x.reshape(-1, 64)
     params = [p for _, m in model.adapter_modules("moe") for p in m.parameters()]
-    reference = dense_moe(ffn, moe, x.reshape(-1, 64), torch.ones(21, dtype=torch.bool), 3, True)
+    probs = (flat.detach() @ moe.router.weight.detach().T).softmax(-1)
+    routed = kept_experts(probs, moe.router_spec, 3, torch.ones(21, dtype=torch.bool), True)
     probe = torch.randn(21, 64)
-    expected = torch.autograd.grad((reference * probe).sum(), [x, *params], allow_unused=True)
     mask = torch.ones(21, dtype=torch.bool)
     rows = torch.arange(3).repeat_interleave(7)
     layouts = {  # experts one by one / all pairs (canonical indices: real tokens gathered)
         "experts": (BatchLayout.from_row_adapters(["moe"] * 3), mask, None, None),
         "pairs": (BatchLayout.from_lengths([("moe", 21)], [21]), mask, rows, torch.arange(21)),
     }
+    stream = model.context.generators.get("moe", torch.device("cpu"))
     for path, context in layouts.items():
+        twin = twin_generator(stream)
         with model.context.use(*context):
-            routed = ffn(x).reshape(-1, 64)
-        grads = torch.autograd.grad((routed * probe).sum(), [x, *params], allow_unused=True)
-        torch.testing.assert_close(routed, reference, atol=2e-5, rtol=1e-4, msg=path)
+            routed_out = ffn(x).reshape(-1, 64)
+        masks = expert_masks(ffn, moe, routed, path, 0.3, twin)
+        assert torch.equal(twin.get_state(), stream.get_state()), path  # the same draws
+        reference = dropped_moe(ffn, moe, flat, masks)
+        undropped = dropped_moe(ffn, moe, flat, None)
+        assert (undropped - reference).abs().max() > 1e-3  # the dropout is live
+        grads = torch.autograd.grad((routed_out * probe).sum(), [x, *params], allow_unused=True)
+        expected = torch.autograd.grad((reference * probe).sum(), [x, *params], allow_unused=True)
+        torch.testing.assert_close(routed_out, reference, atol=2e-5, rtol=1e-4, msg=path)
         for got, want in zip(grads, expected, strict=True):
             if want is None:
                 assert got is None or not got.any()
             else:
                 torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=path)
-    # the dropout is live: without it the output differs
-    monkeypatch.setattr(lora_module, "adapter_dropout", lambda x, *a, **k: x)
-    monkeypatch.setattr(feed_forward, "adapter_dropout", lambda x, *a, **k: x)
-    monkeypatch.setattr(feed_forward, "slot_dropout", lambda x, *a, **k: x)
-    with model.context.use(*layouts["pairs"]):
-        undropped = ffn(x).reshape(-1, 64)
-    assert (undropped - reference).abs().max() > 1e-3
 
 
 def test_switch_capacity_sends_overflow_to_the_frozen_ffn_only_in_training() -> None:

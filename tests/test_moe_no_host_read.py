@@ -114,18 +114,17 @@ def run_step(
         module = model.model.get_submodule(path)
         module.register_forward_pre_hook(guard.on)
         module.register_forward_hook(guard.off)
-    model.context.set(batch.layout, batch.token_mask, batch.token_rows, batch.token_real_index)
-    try:
-        hidden = model.model.model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
-        ).last_hidden_state
-        loss = hidden.float().pow(2).mean()
-        guarded_layers = guard.guarded
-        guard.on()
-        loss.backward()
-    finally:
-        guard.off()
-        model.context.set(None)
+    with model.context.install(batch.pass_state()):
+        try:
+            hidden = model.model.model(
+                input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+            ).last_hidden_state
+            loss = hidden.float().pow(2).mean()
+            guarded_layers = guard.guarded
+            guard.on()
+            loss.backward()
+        finally:
+            guard.off()
     modules = {path.split(".moes.")[0] for path, _ in model.adapter_modules(kind)}
     assert guarded_layers == len(modules) > 0  # each adapter layer ran under the guard
     params = [p for _, m in model.adapter_modules(kind) for p in m.parameters()]

@@ -11,14 +11,20 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mlora.adapters.spec import LoraSpec
 from mlora.batching.aux_losses import AuxLossCollector
+from mlora.batching.collate import collate
+from mlora.batching.layout import NO_PASS
 from mlora.core.errors import MloraError
+from mlora.data.rows import IGNORE_INDEX, TokenizedRow
 from mlora.hardware.backends import CpuBackend, RngState, get_backend
+from mlora.model.multi_lora import MultiLoraModel
 from mlora.training.recompute import (
     apply_gradient_checkpointing,
     checkpoint_mode,
     find_decoder_layers,
 )
+from tests.conftest import make_model
 
 VOCAB = 128
 
@@ -278,3 +284,42 @@ def test_checkpointing_lowers_peak_memory_on_cuda(mode: str) -> None:
         peaks[m] = backend.memory_stats()["peak"]
         del model
     assert peaks[mode] < peaks["none"]
+
+
+def adapters_loss_and_grads(mode: str) -> dict[str, torch.Tensor]:
+    """Two LoRA adapters (dropout on) in one padded pass through ``MultiLoraModel``; backward
+    runs while another pass (the same rows, adapters swapped) is installed on the context."""
+    model = MultiLoraModel(make_model(vocab_size=96))
+    for name in ("a", "b"):
+        model.add_adapter(name, LoraSpec(4, 2.0, 0.1, ("q_proj", "v_proj", "down_proj")))
+    with torch.no_grad():
+        for _, param in model.model.named_parameters():
+            if param.requires_grad:  # B != 0: every adapter weight gets a gradient
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(param.numel()))
+    model.train()
+    context = model.context
+    apply_gradient_checkpointing(
+        model.model, mode, get_backend("cpu"), context.aux_losses, context.generators, context
+    )
+    rows = [
+        TokenizedRow(list(range(4, 4 + n)), [IGNORE_INDEX, *range(5, 4 + n)]) for n in (9, 4, 6)
+    ]
+    batch = collate([("a", rows[:2]), ("b", rows[2:])], pad_token_id=0)
+    swapped = collate([("b", rows[:2]), ("a", rows[2:])], pad_token_id=0)
+    assert batch.token_mask is not None  # padding: the pass state carries per-token data
+    loss = model.segment_losses(batch).sum()
+    with context.install(swapped.pass_state()):
+        loss.backward()
+    assert context.state is NO_PASS  # every install was undone
+    return {n: p.grad for n, p in model.model.named_parameters() if p.requires_grad}
+
+
+def test_recompute_installs_the_pass_of_its_forward_again() -> None:
+    """A recomputed layer reads the pass its forward ran in, not the one installed when its
+    backward runs: gradients equal those of the unchecked run, dropout on."""
+    reference = adapters_loss_and_grads("none")
+    recomputed = adapters_loss_and_grads("recompute")
+    assert reference.keys() == recomputed.keys() and len(reference) == 2 * 3 * 2 * 2
+    for name, grad in reference.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(recomputed[name], grad, atol=1e-7, rtol=1e-6, msg=name)

@@ -41,10 +41,10 @@ class RouterSlot(NamedTuple):
     slot: int
 
 
-# A pass's side records: an adapter's aux loss (its name) or one module's router sums.
 SideKey = str | RouterSlot
-"""Joins an adapter name and a module slot in the keys of recorded router sums: they travel
-with the losses through gradient checkpointing, and no adapter name contains it."""
+"""The key of one side record of a pass: an adapter's aux loss (its name) or one module's
+router sums (a ``RouterSlot``, a type of its own, so no adapter name can collide with it).
+Both travel together through gradient checkpointing (``AuxLossCollector.capture``)."""
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from mlora.batching.dispatcher import MicroBatchShard
-from mlora.batching.layout import BatchLayout
+from mlora.batching.layout import BatchLayout, PassState
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow
 
 
@@ -91,6 +91,16 @@ class LossBatch:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
+
+    def pass_state(self) -> PassState:
+        """The state the layers read during this batch's backbone pass (forward, backward)."""
+        return PassState(
+            self.layout, self.token_mask, self.token_rows, self.token_real_index, self.token_tasks
+        )
+
+    def head_pass_state(self) -> PassState:
+        """The state of the ``lm_head`` pass over the gathered supervised positions."""
+        return PassState(self.head_layout, token_real_index=self.head_real_index)
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:

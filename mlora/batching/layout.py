@@ -16,7 +16,7 @@ another size is an error, never a guess.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -145,42 +145,101 @@ class BatchLayout:
         )
 
 
-class LayoutContext:
-    """The layout of the pass in flight, shared by every adapter-aware layer of one model.
+@dataclass(frozen=True)
+class PassState:
+    """What one pass gives the adapter-aware layers: its layout and per-token data.
 
-    The trainer sets it before the forward pass and keeps it until backward has finished, so
-    that recomputation during gradient checkpointing sees the same segments. It also holds each
-    adapter's random generators (dropout, router jitter: see ``mlora.batching.randomness``) and the
-    router losses recorded during the pass.
+    Built once per pass and never changed; ``LayoutContext.install`` makes it the state the
+    layers read for the forward and the backward (activation recompute installs it again), so
+    no field can outlive its layout or leak into another pass.
+
+    Attributes:
+        layout: the segments of the pass; None: every token runs the base model only.
+        token_mask: (N,) bool, True at real (non-padding) tokens; None: all tokens are real.
+        token_rows: (N,) long, the row of each token (packed rows have different lengths);
+            None: unknown.
+        token_real_index: (N,) long, each token's canonical index among its segment's real
+            tokens (``RealRows``); None: the segment order is canonical.
+        token_tasks: (N,) long, each token's task label for MeteoRA's gate loss (-1: none);
+            None: no labels.
+    """
+
+    layout: BatchLayout | None = None
+    token_mask: torch.Tensor | None = None
+    token_rows: torch.Tensor | None = None
+    token_real_index: torch.Tensor | None = None
+    token_tasks: torch.Tensor | None = None
+
+
+NO_PASS = PassState()
+"""The state between passes: no layout, so adapter-aware layers run the base model only."""
+
+
+class LayoutContext:
+    """The pass in flight, shared by every adapter-aware layer of one model.
+
+    The pass's ``PassState`` is installed for a ``with`` block (``install``, or ``use`` from
+    its fields) around the forward, and the trainer keeps it installed through the backward;
+    gradient checkpointing captures it at a layer's forward and installs it again for the
+    recomputation (``mlora.training.recompute``). The context also holds each adapter's random
+    generators (dropout, router jitter: see ``mlora.batching.randomness``) and the router losses
+    recorded during the pass (``aux_losses``).
     """
 
     def __init__(self) -> None:
-        self.layout: BatchLayout | None = None
-        # (N,) bool, True at real (non-padding) tokens of the pass; None: all tokens are real.
-        self.token_mask: torch.Tensor | None = None
-        # (N,) long, the row of each token (packed rows have different lengths); None: unknown.
-        self.token_rows: torch.Tensor | None = None
-        # (N,) long, each token's canonical index among its segment's real tokens (RealRows).
-        self.token_real_index: torch.Tensor | None = None
-        # (N,) long, each token's task label for MeteoRA's gate loss (-1: none); None: no labels.
-        self.token_tasks: torch.Tensor | None = None
+        self._state: PassState = NO_PASS
         self.aux_losses = AuxLossCollector()
         self.generators = AdapterGenerators()
         self._expanded: tuple[BatchLayout, BatchLayout] | None = None  # (per-row, expanded)
 
-    def set(
+    @contextmanager
+    def install(self, state: PassState) -> Iterator[PassState]:
+        """Make ``state`` the pass the layers read inside the block, then put back the one
+        installed before (blocks nest: MixLoRA runs its other tokens under a state of theirs)."""
+        previous = self._state
+        self._state = state
+        try:
+            yield state
+        finally:
+            self._state = previous
+
+    def use(
         self,
         layout: BatchLayout | None,
         token_mask: torch.Tensor | None = None,
         token_rows: torch.Tensor | None = None,
         token_real_index: torch.Tensor | None = None,
         token_tasks: torch.Tensor | None = None,
-    ) -> None:
-        """Set the pass's layout with its per-token data, so none outlives its layout
-        (``set(None)`` clears them all)."""
-        self.layout, self.token_mask = layout, token_mask
-        self.token_rows, self.token_real_index = token_rows, token_real_index
-        self.token_tasks = token_tasks
+    ) -> AbstractContextManager[PassState]:
+        """``install`` a ``PassState`` of these fields (a layout alone: generation, tests)."""
+        return self.install(
+            PassState(layout, token_mask, token_rows, token_real_index, token_tasks)
+        )
+
+    @property
+    def state(self) -> PassState:
+        """The pass installed now (``NO_PASS`` between passes)."""
+        return self._state
+
+    @property
+    def layout(self) -> BatchLayout | None:
+        return self.state.layout
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        return self.state.token_mask
+
+    @property
+    def token_rows(self) -> torch.Tensor | None:
+        return self.state.token_rows
+
+    @property
+    def token_real_index(self) -> torch.Tensor | None:
+        return self.state.token_real_index
+
+    @property
+    def token_tasks(self) -> torch.Tensor | None:
+        return self.state.token_tasks
 
     def layout_for(self, num_tokens: int) -> BatchLayout | None:
         """The current layout over a layer input of ``num_tokens`` tokens, or None.
@@ -235,26 +294,3 @@ class LayoutContext:
             return None
         assert per_token.numel() == num_tokens, "per-token data of another pass"
         return per_token[seg.start : seg.end]
-
-    @contextmanager
-    def use(
-        self,
-        layout: BatchLayout | None,
-        token_mask: torch.Tensor | None = None,
-        token_rows: torch.Tensor | None = None,
-        token_real_index: torch.Tensor | None = None,
-        token_tasks: torch.Tensor | None = None,
-    ) -> Iterator[None]:
-        """``set`` for the duration of a ``with`` block, then restore what was set before."""
-        previous = (
-            self.layout,
-            self.token_mask,
-            self.token_rows,
-            self.token_real_index,
-            self.token_tasks,
-        )
-        self.set(layout, token_mask, token_rows, token_real_index, token_tasks)
-        try:
-            yield
-        finally:
-            self.set(*previous)

@@ -282,8 +282,8 @@ class MultiLoraModel(nn.Module):
             objective: replaces some segments' losses given the token losses (preference
                 adapters: ``mlora.training.objectives.ObjectivePlan``); None: SFT everywhere.
 
-        The layout stays set on the context until the next pass, so backward (and checkpoint
-        recomputation) sees it too.
+        The pass's state is installed on the context for the forward only; activation
+        recompute installs it again for its recomputation (``mlora.training.recompute``).
         """
         token_loss = self.token_losses(batch)  # (N,)
         sums = token_loss.new_zeros(len(batch.layout.segments)).index_add(
@@ -308,7 +308,7 @@ class MultiLoraModel(nn.Module):
         picked = self._supervised_hidden(batch)  # (N, H)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         head = self.model.get_output_embeddings()
-        with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
+        with self.context.install(batch.head_pass_state()):
             losses = chunked_head_losses(head, picked, batch.targets, self.loss_chunk_mb, cap)
             if losses is not None:  # row chunks: the full (N, V) logits never exist
                 return losses
@@ -320,26 +320,19 @@ class MultiLoraModel(nn.Module):
         """The logits (at least fp32) at each supervised position of ``batch``, shape (N, V):
         what ``token_losses`` scores, for callers that also need the argmax (greedy checks)."""
         picked = self._supervised_hidden(batch)  # (N, H)
-        with self.context.use(batch.head_layout, token_real_index=batch.head_real_index):
+        with self.context.install(batch.head_pass_state()):
             logits = self._logits(picked)  # (N, V)
         # half-precision logits are upcast for the softmax; fp32 and fp64 keep their precision
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _supervised_hidden(self, batch: LossBatch) -> torch.Tensor:
-        """Run the backbone over ``batch`` under its layout; (N, H) states at its labels."""
-        self.context.set(
-            batch.layout,
-            batch.token_mask,
-            batch.token_rows,
-            batch.token_real_index,
-            batch.token_tasks,
-        )
+        """Run the backbone over ``batch`` under its pass state; (N, H) states at its labels."""
         self.context.aux_losses.clear()
         backbone = self.model.base_model
         rows = {} if batch.sequences is None else {SEQUENCES_KWARG: batch.sequences}
         if rows and not streams_rows(self.model):  # sdpa would let the rows see each other
             raise ValueError("a stream batch needs the model's per-row attention (use_stream)")
-        with streaming() if rows else nullcontext():
+        with streaming() if rows else nullcontext(), self.context.install(batch.pass_state()):
             hidden = backbone(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

@@ -296,7 +296,6 @@ def with_reference_logps(
         values = row_logps(model, rows, pad_id, batch_rows)
     finally:
         model.train(training)
-        model.context.set(None)
     return [replace(row, reference_logp=value) for row, value in zip(rows, values, strict=True)]
 
 

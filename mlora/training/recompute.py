@@ -13,8 +13,10 @@ bound them, applied to each decoder layer of a transformers model in place:
     Everything autograd saves inside the layer is copied to host memory (pinned on CUDA) and
     brought back for backward, via ``torch.autograd.graph.saved_tensors_hooks``.
 
-Adapter-aware layers read the batch layout from a shared context at forward time; the trainer
-keeps it set until backward has finished, so the recomputation sees the same segments. Losses a
+Adapter-aware layers read the pass's state (layout, per-token data: ``PassState``) from a shared
+context at forward time; a recomputed layer captures the state installed at its forward and
+installs it again for the recomputation, so it sees the same segments whatever pass is installed
+when backward runs. Losses a
 layer records on the side rather than returns (MoE router losses, see ``mlora.batching.aux_losses``)
 are captured as extra outputs of the recomputed layer, so they keep their gradient path.
 """
@@ -51,6 +53,18 @@ class RandomStreams(Protocol):
 
     def set_state(self, state: Any) -> None:
         """Put the streams back to ``state``."""
+
+
+class PassStates(Protocol):
+    """Where layers read the pass in flight (``LayoutContext`` implements it): the state is
+    captured at a layer's forward and installed again for its recomputation."""
+
+    @property
+    def state(self) -> Any:
+        """The state installed now."""
+
+    def install(self, state: Any) -> contextlib.AbstractContextManager[Any]:
+        """Make ``state`` the installed one inside the block, then restore the previous."""
 
 
 class SideLosses(Protocol):
@@ -223,6 +237,7 @@ def _recompute_forward(
     backend: Backend,
     side: SideLosses | None,
     streams: RandomStreams | None,
+    passes: PassStates | None,
     *args: Any,
     **kwargs: Any,
 ) -> Any:
@@ -230,6 +245,7 @@ def _recompute_forward(
 
     Side losses the layer records are returned by the Function as extra outputs (recorded
     without grad in the forward, recomputed with grad in backward) and re-added to ``side``.
+    The recomputation runs under the pass state ``passes`` had at the forward.
     """
     leaves, spec = tree_flatten((args, _drop_cache(kwargs)))
     slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
@@ -240,6 +256,7 @@ def _recompute_forward(
     # The closure must not hold the input tensors: the Function saves them itself.
     template = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
     out_structure: list[tuple[list[Any], Any, list[SideKey]]] = []
+    state = None if passes is None else passes.state  # the pass this forward belongs to
 
     def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         first = not out_structure
@@ -248,7 +265,8 @@ def _recompute_forward(
             call_leaves[slot] = tensor
         call_args, call_kwargs = tree_unflatten(call_leaves, spec)
         capture = side.capture(keep_loads=first) if side is not None else contextlib.nullcontext()
-        with capture as recorded:
+        installed = contextlib.nullcontext() if passes is None else passes.install(state)
+        with installed, capture as recorded:
             out_leaves, out_spec = tree_flatten(original(*call_args, **call_kwargs))
         recorded = recorded or {}
         if first:
@@ -272,6 +290,7 @@ def _offload_forward(
     backend: Backend,
     side: SideLosses | None,
     streams: RandomStreams | None,
+    passes: PassStates | None,
     *args: Any,
     **kwargs: Any,
 ) -> Any:
@@ -292,6 +311,7 @@ def _checkpointed_forward(
     backend: Backend,
     side: SideLosses | None,
     streams: RandomStreams | None,
+    passes: PassStates | None,
     *args: Any,
     **kwargs: Any,
 ) -> Any:
@@ -299,7 +319,7 @@ def _checkpointed_forward(
     else the original (evaluation and generation keep nothing for a backward)."""
     if not (layer.training and torch.is_grad_enabled()):
         return original(*args, **kwargs)
-    return mode_forward(layer, original, backend, side, streams, *args, **kwargs)
+    return mode_forward(layer, original, backend, side, streams, passes, *args, **kwargs)
 
 
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -336,6 +356,7 @@ def apply_gradient_checkpointing(
     backend: Backend | None = None,
     side_losses: SideLosses | None = None,
     random_streams: RandomStreams | None = None,
+    pass_states: PassStates | None = None,
 ) -> list[nn.Module]:
     """Checkpoint every decoder layer of ``model`` in place (``none`` undoes it).
 
@@ -351,6 +372,8 @@ def apply_gradient_checkpointing(
             ``aux_losses``); recompute keeps their gradient path.
         random_streams: Random streams the layers draw from besides the global RNG (the model
             context's ``generators``); recompute replays them.
+        pass_states: Where the layers read the pass in flight (the model context); recompute
+            installs the state of each layer's forward again for its recomputation.
 
     Returns:
         The layers now checkpointed (empty for ``none``).
@@ -377,6 +400,7 @@ def apply_gradient_checkpointing(
             backend,
             side_losses,
             random_streams,
+            pass_states,
         )
         layer.forward = functools.update_wrapper(wrapped, original)
         setattr(layer, _STATE_ATTR, (mode, previous))

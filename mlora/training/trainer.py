@@ -208,6 +208,7 @@ class Trainer:
                 self.backend,
                 model.context.aux_losses,
                 model.context.generators,
+                model.context,
             )
             logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
         model.set_packing(config.packing)
@@ -328,7 +329,6 @@ class Trainer:
         finally:
             progress.close()
             self._log_saved()
-            self.model.context.set(None)
             self.row_sinks.close(finished=self.dispatcher.finished)
         peak = self.backend.memory_stats()["peak"]  # CPU: process peak RSS; GPU: allocator peak
         logger.info("peak memory %.0f MiB on %s", peak / 2**20, self.backend.device)
@@ -407,7 +407,8 @@ class Trainer:
         if local:
             if router is not None:  # data parallel: over the whole micro-batches, per micro
                 segment = segment + router / divisors[:, 1]
-            segment.sum().backward()
+            with context.install(batch.pass_state()):  # what a recomputed layer reads
+                segment.sum().backward()
             detached = segment.detach()
             for k, i in enumerate(local):
                 losses[i] = detached[k]
@@ -873,7 +874,6 @@ class Trainer:
                 self.train_step([(run, run.queue.pop()) for run in behind])
         finally:
             self.model.train(training)
-            self.model.context.set(None)
         self.tokens_seen, self.padded_tokens = seen, padded
         self.collector.clear()  # steps the interrupted run logged already
         for run, entry, _ in targets:

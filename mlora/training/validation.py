@@ -141,7 +141,6 @@ def validation_losses(
             step += 1
     finally:
         model.train(was_training)
-        model.context.set(None)
     return [s / n if n else math.nan for s, n in zip(sums.tolist(), tokens, strict=True)]
 
 
