@@ -78,7 +78,10 @@ def overview_figure(curves: dict[str, AdapterCurves]):  # type: ignore[no-untype
         val_steps, val = _points(curve.val_steps, curve.val_loss)
         if val:
             axes.plot(val_steps, val, "o--", color=color, label=f"{name} (validation)")
-    axes.set(title="training loss (smoothed) per adapter", xlabel="optimizer step", ylabel="loss")
+    title = "training loss (smoothed) per adapter"
+    if any(v is not None for curve in curves.values() for v in curve.val_loss):
+        title += ", validation loss dashed"
+    axes.set(title=title, xlabel="optimizer step", ylabel="loss")
     axes.grid(alpha=0.3)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
