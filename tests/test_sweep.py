@@ -167,7 +167,21 @@ def test_sigkill_mid_sweep_then_resume_gives_the_same_sweep(
     done = run_mlora([*args, "--resume"])
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stderr
+    assert "already reported" not in done.stderr  # nothing told to Optuna twice
+    assert "ExperimentalWarning" not in done.stderr
     folder = out / "pruned"
+    studies = [  # Optuna's own record: every trial, report and prune once, as uninterrupted
+        optuna.load_study(study_name="pruned", storage=f"sqlite:///{f / 'study.db'}").trials
+        for f in (folder, reference)
+    ]
+    assert len(studies[0]) == len(studies[1]) == PRUNED["trials"]
+    for a, b in zip(*studies, strict=True):
+        assert (a.number, a.state, a.params) == (b.number, b.state, b.params)
+        assert a.intermediate_values.keys() == b.intermediate_values.keys()
+        assert list(a.intermediate_values.values()) == pytest.approx(
+            list(b.intermediate_values.values()), rel=1e-5
+        )
+        assert a.value == pytest.approx(b.value, rel=1e-5)
     ours, theirs = read_trials(folder), read_trials(reference)
     keys = ("number", "name", "state", "lr", "r", "steps", "tokens", "entered_at_step",
             "left_at_step")  # fmt: skip
