@@ -261,3 +261,28 @@ def test_launch_sweep_writes_a_config_mlora_reads(tmp_path: Path, capsys) -> Non
                    str(tmp_path / "x.json")]) == 2  # fmt: skip
     assert "'rank' is not searchable" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_readme_sweep_example_writes_a_valid_config(tmp_path: Path, monkeypatch) -> None:
+    """The README's offline example (``launch.py sweep`` then ``launch.py run``) as written:
+    its flags parse and the config it writes is one ``mlora.py`` accepts."""
+    import shlex
+
+    from mlora.cli.launch import main as launch
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("An example that runs offline on the demo model")[1]
+    block = block.split("```bash\n")[1].split("```")[0].replace("\\\n", " ")
+    lines = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert [line[:2] for line in lines] == [["python", "launch.py"]] * 2
+    sweep_args, run_args = lines[0][2:], lines[1][2:]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_json(tmp_path / "data" / "dummy_data.json", addition_rows(20))
+    assert launch(sweep_args) == 0
+    assert run_args[:3] == ["run", "--config", "sweep.json"]
+    config = parse_config(json.loads((tmp_path / "sweep.json").read_text()), "sweep.json")
+    sweep = config.sweep
+    assert sweep is not None and sweep.pruner == "successive_halving"
+    low, factor = sweep.pruner_options["min_resource"], sweep.pruner_options["reduction_factor"]
+    assert sweep.base["eval_steps"] == [low, low * factor]  # the rungs below its 14 steps
