@@ -141,12 +141,15 @@ def test_a_pruned_trial_frees_its_place_at_that_step(pruned) -> None:
     rows = read_trials(folder)
     cut = [r for r in rows if r["state"] == "pruned"]
     assert cut, "the median pruner pruned nothing"
+    taken = 0
     for row in cut:
         assert int(row["steps"]) < 8  # stopped before its end
         left = int(row["left_at_step"])
         later = [r for r in rows if int(r["number"]) > int(row["number"])]
         if later and any(int(r["entered_at_step"]) >= left for r in later):
             assert any(int(r["entered_at_step"]) == left for r in later), row  # its place
+            taken += 1
+    assert taken, "no pruned trial's place was taken: the test checked nothing"
     for step in range(max(int(r["left_at_step"]) for r in rows)):  # never more than 2 at once
         live = [r for r in rows if int(r["entered_at_step"]) <= step < int(r["left_at_step"])]
         assert len(live) <= 2
