@@ -105,7 +105,7 @@ def write_config(folder: Path, args: argparse.Namespace) -> Path:
 def trained_tokens(config: Path, model: Path) -> int:
     """Real tokens of one pass over every adapter's rows, times its epochs."""
     from mlora.config.schema import load_config
-    from mlora.model.multi_lora import load_tokenizer
+    from mlora.model.loading import load_tokenizer
     from mlora.training.trainer import prepare_data
 
     parsed = load_config(config)

@@ -140,7 +140,8 @@ def main() -> None:
     from mlora.inference.harness_run import run_tasks
     from mlora.inference.harness_tasks import PlannedTask
     from mlora.inference.trained import attach_adapter
-    from mlora.model.multi_lora import MultiLoraModel, load_tokenizer
+    from mlora.model.loading import load_tokenizer
+    from mlora.model.multi_lora import MultiLoraModel
 
     folder = smollm2_folder()
     dtype = torch.float64 if args.dtype == "fp64" else torch.float32

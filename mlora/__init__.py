@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors
     )
     from mlora.inference.trained import load_trained
     from mlora.model.demo_model import demo_model_path
-    from mlora.model.multi_lora import MultiLoraModel, load_base_model
+    from mlora.model.loading import load_base_model
+    from mlora.model.multi_lora import MultiLoraModel
     from mlora.persistence.adapter_files import read_adapter, save_adapter
     from mlora.sweep.runner import SweepResult, run_sweep
     from mlora.training.trainer import Trainer, prepare_data
@@ -63,7 +64,7 @@ _HOMES = {
     "load_trained": "mlora.inference.trained",
     "demo_model_path": "mlora.model.demo_model",
     "MultiLoraModel": "mlora.model.multi_lora",
-    "load_base_model": "mlora.model.multi_lora",
+    "load_base_model": "mlora.model.loading",
     "read_adapter": "mlora.persistence.adapter_files",
     "save_adapter": "mlora.persistence.adapter_files",
     "SweepResult": "mlora.sweep.runner",

@@ -17,8 +17,8 @@ from mlora.core.hub import before_loading
 from mlora.core.interrupt import GracefulStop
 from mlora.core.stderr_log import CurrentStderrHandler
 from mlora.data.rows import TokenizedRow
-from mlora.inference.loading import plan_base_load
 from mlora.model.base_model import resolve_base_model
+from mlora.model.loading import plan_base_load
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.training.checkpoints import (
     clear_run_state,

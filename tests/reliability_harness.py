@@ -160,7 +160,7 @@ def install_signal(spec: str) -> None:
             os.kill(os.getpid(), sig)
 
     if kind == "load":
-        from mlora.inference.loading import BaseLoad
+        from mlora.model.loading import BaseLoad
 
         real_load = BaseLoad.load
 

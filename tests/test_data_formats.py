@@ -218,7 +218,7 @@ def test_preference_pairs_equal_trl_dpo() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec(SMOLLM2_PACKAGE) is None, reason="no SmolLM2")
 def test_smollm2_chat_template_equals_trl() -> None:
-    from mlora.model.multi_lora import load_tokenizer
+    from mlora.model.loading import load_tokenizer
 
     stock = load_tokenizer("smollm2")
     marked = load_tokenizer("smollm2")

@@ -173,7 +173,7 @@ def test_evaluation_of_a_dpo_adapter_equals_its_rewards_under_peft(
     from trl.experimental.cpo import CPOTrainer
 
     from mlora.inference.evaluation import evaluate
-    from mlora.model.multi_lora import load_tokenizer
+    from mlora.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     pairs = preference_rows(12)

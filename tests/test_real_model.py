@@ -26,7 +26,8 @@ from mlora.model.base_model import (
     SMOLLM2_PACKAGE,
     resolve_base_model,
 )
-from mlora.model.multi_lora import MultiLoraModel, load_tokenizer
+from mlora.model.loading import load_tokenizer
+from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import _named_parameters, adapter_state_dict
 from mlora.training.trainer import Trainer, prepare_data
 from tests.helpers import (

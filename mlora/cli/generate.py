@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         args.template == "auto" and any(isinstance(t, ChatPrompt) for t in templates.values())
     ):
         from mlora.model.base_model import with_gguf_file
-        from mlora.model.multi_lora import load_tokenizer
+        from mlora.model.loading import load_tokenizer
 
         base = with_gguf_file(args.base_model, args.gguf_file)
         tokenizer = load_tokenizer(base, args.trust_remote_code)

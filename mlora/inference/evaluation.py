@@ -579,10 +579,10 @@ def evaluate(
             file (one line each, all checked before the model loads).
     """
     from mlora.config.schema import load_config
-    from mlora.inference.loading import plan_base_load
     from mlora.inference.trained import check_trained, load_trained
     from mlora.model.base_model import resolve_base_model
-    from mlora.training.preflight import check_base_model_path, check_output_file
+    from mlora.model.loading import check_base_model_path, plan_base_load
+    from mlora.training.preflight import check_output_file
 
     if not isinstance(config, TrainConfig):
         config = load_config(config)

@@ -165,10 +165,9 @@ def load_session(
     Raises:
         MloraError: a missing adapter folder or base model, a bad device or dtype (one line).
     """
-    from mlora.inference.loading import plan_base_load
     from mlora.inference.trained import load_trained
     from mlora.model.base_model import resolve_base_model
-    from mlora.training.preflight import check_base_model_path
+    from mlora.model.loading import check_base_model_path, plan_base_load
 
     plan = plan_base_load(device, dtype, quantize, attn_implementation)
     base = resolve_base_model(pretrained)

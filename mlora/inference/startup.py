@@ -15,7 +15,6 @@ import torch
 from mlora.config.schema import load_config
 from mlora.core.errors import MloraError
 from mlora.data.prompts import PromptTemplate
-from mlora.inference.loading import plan_base_load
 from mlora.inference.trained import (
     config_adapter_dirs,
     config_templates,
@@ -24,6 +23,7 @@ from mlora.inference.trained import (
     parse_adapter_arg,
 )
 from mlora.model.base_model import with_gguf_file
+from mlora.model.loading import plan_base_load
 from mlora.model.multi_lora import MultiLoraModel
 
 
@@ -78,7 +78,7 @@ def load_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[MultiLoraModel, Any]:
-    """The base model (see ``mlora.inference.loading``) with ``folders``' adapters attached, and its
+    """The base model (see ``mlora.model.loading``) with ``folders``' adapters attached, and its
     tokenizer."""
     plan = plan_base_load(device, dtype, quantize, attn_implementation, dtype_flag)
     return load_trained(

@@ -20,7 +20,7 @@ from mlora.data.chat import ChatPrompt
 from mlora.data.formats import CHAT_FORMATS, is_conversational, resolve_format
 from mlora.data.prompts import PromptTemplate, load_template
 from mlora.data.rows import load_rows
-from mlora.inference.loading import BaseLoad, plan_base_load
+from mlora.model.loading import BaseLoad, plan_base_load
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import (
     CONFIG_NAME,
@@ -102,7 +102,7 @@ def load_trained(
         quantize: ``"4bit"`` / ``"8bit"`` base through bitsandbytes (CUDA only).
         attn_implementation: ``eager``, ``sdpa`` or ``flash_attn`` (None: the best usable).
         tokenizer: one already loaded, to use instead of loading it again.
-        plan: a ``mlora.inference.loading.plan_base_load`` result (it then decides dtype, device,
+        plan: a ``mlora.model.loading.plan_base_load`` result (it then decides dtype, device,
             quantization and attention).
 
     Raises:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +22,7 @@ from mlora.adapters.fused_experts import FUSED_PARAMETERS, fused_experts_problem
 from mlora.batching.collate import LossBatch
 from mlora.batching.layout import BatchLayout, LayoutContext
 from mlora.batching.packing import resolve_packing
-from mlora.core.errors import MloraError, first_line
-from mlora.core.hub import before_loading
-from mlora.model.base_model import resolve_base_model, transformers_progress_bars_off
+from mlora.core.errors import MloraError
 from mlora.model.head_loss import chunked_head_losses
 from mlora.model.parameter_targets import (
     ParameterTarget,
@@ -348,67 +345,3 @@ class MultiLoraModel(nn.Module):
         if cap:  # Gemma 2 style soft-capping, as the model's own forward does
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a model folder, hub id or GGUF file, padding with EOS when it has no pad.
-
-    Raises:
-        MloraError: it cannot be loaded (one line naming it).
-    """
-    from transformers import AutoTokenizer
-
-    name_or_path = resolve_base_model(name_or_path)
-    before_loading(name_or_path, "base model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        message = f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}"
-        raise MloraError(message) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_base_model(
-    name_or_path: str,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
-    tokenizer: Any = None,
-    **from_pretrained_kwargs: Any,
-) -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer from a local directory, the hub or a GGUF file.
-
-    Args:
-        tokenizer: one already loaded (``load_tokenizer``) to return instead of loading it again.
-
-    Raises:
-        MloraError: the path/name cannot be loaded (one line naming it).
-    """
-    from transformers import AutoModelForCausalLM
-
-    name_or_path = resolve_base_model(name_or_path)
-    local = Path(name_or_path)
-    if (name_or_path.startswith((".", "/")) or local.exists()) and not (
-        local / "config.json"
-    ).is_file():
-        raise MloraError(f"base model not found: {name_or_path} (no config.json in that directory)")
-    if tokenizer is None:
-        tokenizer = load_tokenizer(name_or_path, trust_remote_code)
-    try:
-        with transformers_progress_bars_off():
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path,
-                dtype=dtype,
-                attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code,
-                **from_pretrained_kwargs,
-            )
-    except (OSError, ValueError) as exc:
-        raise MloraError(f"cannot load base model {name_or_path}: {first_line(exc)}") from None
-    if "quantization_config" not in from_pretrained_kwargs:
-        model.to(device)
-    logger.info("loaded %s (%s, %s)", name_or_path, type(model).__name__, dtype)
-    return model, tokenizer

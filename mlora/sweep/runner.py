@@ -20,8 +20,8 @@ from mlora.config.sweep import SweepConfig
 from mlora.core.atomic import output_lock
 from mlora.core.errors import MloraError
 from mlora.core.hub import before_loading
-from mlora.inference.loading import plan_base_load
 from mlora.model.base_model import resolve_base_model
+from mlora.model.loading import plan_base_load
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.sweep.folder import check_sweep_folder, clear_sweep_outputs
 from mlora.sweep.outputs import (

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,14 +45,6 @@ class AgreedError(MloraError):
     def __init__(self, message: str, rank: int) -> None:
         super().__init__(message)
         self.quiet = rank != 0
-
-
-def local_device(device: torch.device) -> torch.device:
-    """The device this rank uses: on CUDA with several processes, one GPU per local rank
-    (``cuda:LOCAL_RANK``; restrict the GPUs with ``CUDA_VISIBLE_DEVICES``)."""
-    if device.type == "cuda" and env_world_size() > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
-    return device
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:

@@ -20,22 +20,10 @@ from mlora.core.integrity import json_problem, safetensors_problem, shape_proble
 from mlora.core.os_errors import write_problem
 from mlora.data.prompts import load_template
 from mlora.data.rows import local_data_path
+from mlora.model.loading import check_base_model_path
 from mlora.persistence.kinds import kind_for_config
 
 logger = logging.getLogger("mlora")
-
-
-def check_base_model_path(base_model: str) -> None:
-    """A local-looking base model must be a folder with ``config.json``.
-
-    Raises:
-        MloraError: naming the path.
-    """
-    local = Path(base_model)
-    if (base_model.startswith((".", "/", "~")) or local.exists()) and not (
-        local.expanduser() / "config.json"
-    ).is_file():
-        raise MloraError(f"base model not found: {base_model} (no config.json in that directory)")
 
 
 def check_remote_code(base_model: str, trust_remote_code: bool) -> None:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
+
 from mlora.core.errors import MloraError
+from mlora.core.launcher_env import env_world_size
 from mlora.hardware.backends.base import Backend
 from mlora.hardware.backends.cpu import CpuBackend
 from mlora.hardware.backends.cuda import CudaBackend
@@ -50,6 +53,14 @@ def get_backend(name: str | None = None) -> Backend:
     if not cls.is_available():
         raise MloraError(f"{source}={name!r}: the {cls.label} backend is not available here")
     return _create(kind, int(index_text) if index_text else None)
+
+
+def local_device(device: torch.device) -> torch.device:
+    """The device this rank uses: on CUDA with several processes, one GPU per local rank
+    (``cuda:LOCAL_RANK``; restrict the GPUs with ``CUDA_VISIBLE_DEVICES``)."""
+    if device.type == "cuda" and env_world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return device
 
 
 def clear_backend_cache() -> None:

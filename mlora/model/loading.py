@@ -1,4 +1,4 @@
-"""One way to load the base model, for every entry point (train, evaluate, generate, chat).
+"""The one way to load the base model, for every entry point (train, evaluate, generate, chat).
 
 Loading has two halves with work between them: ``plan_base_load`` settles everything that can
 fail without reading weights (the backend, one GPU per local rank under torchrun, whether it
@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mlora.core.errors import MloraError, first_line
+from mlora.core.hub import before_loading
 from mlora.hardware.backends import Backend, get_backend
+from mlora.hardware.backends.selection import local_device
 from mlora.hardware.precision import base_model_load_options, check_dtype
-from mlora.model.multi_lora import load_base_model, load_tokenizer
-from mlora.training.distributed import local_device
+from mlora.model.base_model import resolve_base_model, transformers_progress_bars_off
 
 logger = logging.getLogger("mlora")
 
@@ -102,3 +105,76 @@ def plan_base_load(
     check_dtype(dtype, backend, dtype_flag)
     options = base_model_load_options(backend, dtype, quantize, attn_implementation)
     return BaseLoad(backend, dtype, quantize, options)
+
+
+def check_base_model_path(base_model: str) -> None:
+    """A local-looking base model must be a folder with ``config.json``.
+
+    Raises:
+        MloraError: naming the path.
+    """
+    local = Path(base_model)
+    if (base_model.startswith((".", "/", "~")) or local.exists()) and not (
+        local.expanduser() / "config.json"
+    ).is_file():
+        raise MloraError(f"base model not found: {base_model} (no config.json in that directory)")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model folder, hub id or GGUF file, padding with EOS when it has no pad.
+
+    Raises:
+        MloraError: it cannot be loaded (one line naming it).
+    """
+    from transformers import AutoTokenizer
+
+    name_or_path = resolve_base_model(name_or_path)
+    before_loading(name_or_path, "base model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        message = f"cannot load the tokenizer of {name_or_path}: {first_line(exc)}"
+        raise MloraError(message) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    tokenizer: Any = None,
+    **from_pretrained_kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local directory, the hub or a GGUF file.
+
+    Args:
+        tokenizer: one already loaded (``load_tokenizer``) to return instead of loading it again.
+
+    Raises:
+        MloraError: the path/name cannot be loaded (one line naming it).
+    """
+    from transformers import AutoModelForCausalLM
+
+    name_or_path = resolve_base_model(name_or_path)
+    check_base_model_path(name_or_path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    try:
+        with transformers_progress_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+                **from_pretrained_kwargs,
+            )
+    except (OSError, ValueError) as exc:
+        raise MloraError(f"cannot load base model {name_or_path}: {first_line(exc)}") from None
+    if "quantization_config" not in from_pretrained_kwargs:
+        model.to(device)
+    logger.info("loaded %s (%s, %s)", name_or_path, type(model).__name__, dtype)
+    return model, tokenizer
