@@ -10,6 +10,7 @@ adapter, and times forward + backward over N tokens of that adapter's segment:
 
     python benchmarks/bench_mixlora.py                      # CPU defaults
     python benchmarks/bench_mixlora.py --device cuda --tokens 16384
+    python benchmarks/bench_mixlora.py --strategy mixlora-dynamic   # top-p routing
 """
 
 from __future__ import annotations
@@ -28,13 +29,31 @@ from mlora.adapters.routing import route
 from mlora.batching.layout import BatchLayout, LayoutContext
 
 
+def expert_ffn(
+    ffn: MixLoraFeedForward,
+    moe: MixLoraExperts,
+    e: int,
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+) -> torch.Tensor:
+    """Expert ``e``'s gated FFN on every token: each projection's base output plus its LoRA."""
+
+    def project(name: str, inp: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        adapter = moe.expert(name, e)
+        return base + adapter.lora_B(adapter.lora_A(inp)) * adapter.scaling
+
+    hidden = moe.activation(project("gate_proj", x, gate)) * project("up_proj", x, up)
+    return project("down_proj", hidden, ffn.linear("down_proj")(hidden)).float()
+
+
 def dense(ffn: MixLoraFeedForward, moe: MixLoraExperts, x: torch.Tensor) -> torch.Tensor:
     """Every expert on every token, weighted by the routing weights (zeros where not kept)."""
     routing = route(moe.router_logits(x), moe.router_spec, None, 1, False)
     gate, up = ffn.linear("gate_proj")(x), ffn.linear("up_proj")(x)
     out = 0
     for e in range(moe.router_spec.num_experts):
-        out = out + routing.weights[:, e : e + 1] * ffn._expert(moe, e, x, [gate, up])
+        out = out + routing.weights[:, e : e + 1] * expert_ffn(ffn, moe, e, x, gate, up)
     return out
 
 
@@ -52,6 +71,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=1376)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top_k", type=int, default=2)
+    parser.add_argument("--strategy", default="mixlora", choices=["mixlora", "mixlora-dynamic"])
+    parser.add_argument("--top_p", type=float, default=0.5, help="mixlora-dynamic's")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
@@ -64,7 +85,9 @@ def main() -> None:
     spec = build_mixlora_spec(
         r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
         target_modules=("gate_proj", "up_proj", "down_proj"), init="original", use_dora=False,
-        use_rslora=False, router=RouterSpec(num_experts=args.experts, top_k=args.top_k),
+        use_rslora=False, router=RouterSpec(
+            strategy=args.strategy, num_experts=args.experts, top_k=args.top_k, top_p=args.top_p
+        ),
         act_fn=None, expert_lora=None,
     )  # fmt: skip
     moe = MixLoraExperts(
@@ -100,7 +123,9 @@ def main() -> None:
     naive = timed(lambda: (dense_step(), sync()), args.repeats)
     print(
         f"{args.tokens} tokens, hidden {args.hidden}, intermediate {args.intermediate}, "
-        f"{args.experts} experts top-{args.top_k}, r {args.r}, {args.device}: "
+        f"{args.experts} experts "
+        f"{f'top-{args.top_k}' if args.strategy == 'mixlora' else f'top-p {args.top_p}'}, "
+        f"r {args.r}, {args.device}: "
         f"routed {routed * 1e3:.1f} ms, every-expert {naive * 1e3:.1f} ms per forward+backward "
         f"({naive / routed:.2f}x); max |difference| {difference:.2e}"
     )

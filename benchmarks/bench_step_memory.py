@@ -21,6 +21,12 @@ measured with the allocation-tracking probe of ``bench_lora_op.py`` (torch profi
 0 = the full logits); several values measure each N under each, in the same run::
 
     python benchmarks/bench_step_memory.py --adapters 4 --vocab 49152 --rows 64 --loss-chunk-mb 0 32
+
+``--rows-per-adapter R`` gives every adapter its own R rows instead (the step grows with N, as
+when N adapters each bring their batch) and reports the step's peak per adapter, ``peak/N``,
+and with the frozen base's weights shared by all (``base`` in the header), ``(base+peak)/N``::
+
+    python benchmarks/bench_step_memory.py --adapters 1 2 4 8 16 --rows-per-adapter 8 --vocab 49152
 """
 
 from __future__ import annotations
@@ -79,22 +85,28 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--loss-chunk-mb", type=float, nargs="+", default=[32.0])
+    parser.add_argument("--rows-per-adapter", type=int, default=0, help="0: --rows split over N")
     args = parser.parse_args()
     torch.set_num_threads(1)
     check_memory_probe()
-    data = rows(args.rows, args.vocab)
-    print(f"{args.rows} rows, {sum(map(len, data))} tokens per step, packed; CPU, fp32")
+    own = args.rows_per_adapter
+    data = rows(own * max(args.adapters) if own else args.rows, args.vocab)
+    if own:
+        print(f"{own} rows per adapter, packed; CPU, fp32, vocab {args.vocab}")
+    else:
+        print(f"{args.rows} rows, {sum(map(len, data))} tokens per step, packed; CPU, fp32")
     print(
         f"{'N':>4} {'chunk MiB':>9} {'adapter params':>15} {'pass tokens':>12} {'peak MiB':>9} "
-        f"{'kept MiB':>9} {'peak-kept':>10} {'KiB/token':>10}"
+        f"{'kept MiB':>9} {'peak-kept':>10} {'KiB/token':>10} {'peak/N':>8} {'(base+peak)/N':>13}"
     )
     temporaries, peaks = {}, {}
     for n, chunk_mb in ((n, c) for n in args.adapters for c in args.loss_chunk_mb):
         model = build(n, args.vocab)
         model.loss_chunk_mb = chunk_mb
-        per = args.rows // n
+        per = own or args.rows // n
         groups = [(f"a{i}", data[i * per : (i + 1) * per]) for i in range(n)]
         params = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        base = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
 
         def step(model: MultiLoraModel = model, groups: list = groups) -> None:
             model.zero_grad(set_to_none=True)
@@ -108,8 +120,10 @@ def main() -> None:
         print(
             f"{n:>4} {chunk_mb:>9g} {params / MIB:>12.1f} MiB {tokens:>12} {peak / MIB:>9.1f} "
             f"{kept / MIB:>9.1f} {(peak - kept) / MIB:>10.1f} "
-            f"{temporaries[n, chunk_mb] / 1024:>10.1f}"
+            f"{temporaries[n, chunk_mb] / 1024:>10.1f} {peak / n / MIB:>8.1f} "
+            f"{(base + peak) / n / MIB:>13.1f}"
         )
+    print(f"base weights (frozen, shared by the adapters): {base / MIB:.1f} MiB")
     first, last, chunk = args.adapters[0], args.adapters[-1], args.loss_chunk_mb[0]
     ratio = temporaries[last, chunk] / temporaries[first, chunk]
     print(f"temporaries per pass token, N={last} / N={first}: {ratio:.2f}x")

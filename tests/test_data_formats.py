@@ -44,6 +44,10 @@ TINY_MARKED = TINY_TEMPLATE.replace(
     "{{ m['content'] + eos_token + '\n' }}",
     "{% generation %}{{ m['content'] + eos_token + '\n' }}{% endgeneration %}",
 )
+# The same, opening with the tokenizer's BOS as Llama / Mistral / Gemma templates do (the tiny
+# tokenizer also adds a BOS itself: tokenizing the rendered text naively doubles it).
+TINY_BOS = "{{ bos_token }}" + TINY_TEMPLATE
+TINY_BOS_MARKED = "{{ bos_token }}" + TINY_MARKED
 # SmolLM2-135M-Instruct's template with markers around each assistant turn's content + end.
 SMOL_MARKED = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -136,6 +140,8 @@ CASES = {
     "sharegpt": (SHAREGPT, TINY_MARKED, {"assistant_only_loss": True}),
     "prompt_completion": (PROMPT_COMPLETION, TINY_TEMPLATE, {}),
     "chat_prompt_completion": (CHAT_PROMPT_COMPLETION, TINY_TEMPLATE, {}),
+    "messages_bos_template": (MESSAGES, TINY_BOS_MARKED, {"assistant_only_loss": True}),
+    "chat_prompt_completion_bos_template": (CHAT_PROMPT_COMPLETION, TINY_BOS, {}),
     "text": (TEXT, TINY_TEMPLATE, {}),
 }
 
@@ -149,6 +155,29 @@ def test_tiny_tokenizer_rows_equal_trl_sft(case: str) -> None:
     expected = trl_sft_rows(tokenizer, converted, **options)
     assert ours(tokenizer, rows) == expected
     assert any(label == -100 for _, labels in expected for label in labels) or case == "text"
+
+
+@pytest.mark.parametrize("template", [TINY_TEMPLATE, TINY_BOS], ids=["no_bos", "bos"])
+def test_chat_prompts_are_tokenized_as_the_chat_template_tokenizes_them(template: str) -> None:
+    """A prompt rendered by the chat template (generation, evaluation) gets no second BOS from
+    the tokenizer: its ids are ``apply_chat_template(tokenize=True)``'s, the ids TRL trains on
+    (the tiny tokenizer adds a BOS to plain text; one template writes one itself)."""
+    from mlora.data.chat import ChatPrompt, encode_texts
+    from mlora.inference.evaluation import choice_rows
+
+    tokenizer = tiny_tokenizer(template)
+    turn = [{"role": "user", "content": "Opposite of up?"}]
+    expected = tokenizer.apply_chat_template(
+        turn, tokenize=True, add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    prompt = ChatPrompt(tokenizer).render("Opposite of up?")
+    assert expected.count(tokenizer.bos_token_id) == template.count("bos_token")
+    ids, plain = encode_texts(tokenizer, [prompt, "plain text"])
+    assert ids == expected
+    assert plain == tokenizer("plain text")["input_ids"]  # other text: the tokenizer's own rule
+    (row,) = choice_rows(tokenizer, prompt, ["down"], 200, "row 0")
+    assert row.input_ids[: len(expected)] == expected
+    assert row.labels == [-100] * len(expected) + row.input_ids[len(expected) :]
 
 
 def test_template_without_markers_masks_what_the_assistant_writes() -> None:

@@ -32,7 +32,7 @@ from tests.reliability_support import (
     mlora_args,
 )
 
-NAMES = ("acc", "odd", "topk", "switch", "dense", "mola")
+NAMES = ("acc", "odd", "topk", "switch", "topp", "dense", "mola")
 
 
 def write_config(folder: Path) -> Path:
@@ -63,11 +63,11 @@ def write_config(folder: Path) -> Path:
 def moe_adapters(folder: Path, template: Path) -> list[dict]:
     """Mixture-of-experts adapters whose router losses are means over a micro-batch split over
     the ranks: MixLoRA top-k (router jitter, load-balancing loss, dropout on its attention
-    LoRA), MixLoRA switch (a capacity that drops tokens, z-loss, FFN dropout), LoRAMoE (expert
-    dropout) and MoLA (load-balancing loss; 5 rows in micro-batches of 2, so rank 1 holds no
-    row of its last one). MixLoRA and MoLA experts train without dropout: their masks are drawn
-    per expert group, whose sizes on other ranks a rank does not know (README). SGD: Adam would
-    blow rounding in near-zero gradients up to its step size."""
+    LoRA), MixLoRA switch (a capacity that drops tokens, z-loss, FFN dropout), MixLoRA top-p
+    (``mixlora-dynamic``: on the CPU its unused slots are dropped after a host read), LoRAMoE
+    (expert dropout) and MoLA (load-balancing loss; 5 rows in micro-batches of 2, so rank 1
+    holds no row of its last one). SGD: Adam would blow rounding in near-zero gradients up to
+    its step size."""
     data = write_json(folder / "moe.json", addition_rows(6, offset=2))
     common = {
         "data": data,
@@ -87,6 +87,8 @@ def moe_adapters(folder: Path, template: Path) -> list[dict]:
         {**routed, "name": "switch", "routing_strategy": "mixlora-switch",
          "expert_capacity": 2, "ffn_dropout": 0.2, "router_z_loss_coef": 0.01,
          "target_modules": ["up_proj", "down_proj"]},
+        {**routed, "name": "topp", "routing_strategy": "mixlora-dynamic", "top_p": 0.6,
+         "target_modules": ["gate_proj", "up_proj", "down_proj"]},
         {**common, "name": "dense", "routing_strategy": "loramoe", "num_experts": 3,
          "target_modules": ["q_proj", "v_proj", "down_proj"]},
         {**routed, "name": "mola", "routing_strategy": "mola", "top_k": 2, "router_loss": True,
@@ -454,22 +456,16 @@ def test_router_sums_of_two_shares_give_the_load_balancing_loss_of_the_whole() -
     assert torch.allclose(shared.grad, whole_logits.grad, rtol=1e-5, atol=1e-8)
 
 
-def test_moe_modules_are_found_for_router_sums_and_grouped_expert_dropout(
-    tmp_path: Path,
-) -> None:
+def test_moe_modules_are_found_for_router_sums(tmp_path: Path) -> None:
     """Which adapters record router sums under data parallel (one slot per MoE module, in
-    model order) and which are named by the start-up line about expert dropout."""
+    model order)."""
     from mlora.config.schema import parse_config
     from mlora.model.multi_lora import MultiLoraModel
-    from mlora.training.distributed import grouped_expert_dropout, router_stat_slots
+    from mlora.training.distributed import router_stat_slots
     from mlora.training.trainer import spec_from_config
     from tests.conftest import make_model, make_tokenizer
 
     adapters = moe_adapters(tmp_path, write_template(tmp_path))
-    dynamic = {k: v for k, v in adapters[0].items() if k != "top_k"}
-    dynamic.update(routing_strategy="mixlora-dynamic", top_p=0.7)
-    adapters.append({**dynamic, "name": "dynamic"})
-    adapters.append({**dynamic, "name": "dynamic-0", "expert_lora": {"lora_dropout": 0.0}})
     config = parse_config({"lora": adapters})
     model = MultiLoraModel(make_model(vocab_size=len(make_tokenizer())))  # 2 decoder layers
     for adapter in config.lora:
@@ -479,10 +475,8 @@ def test_moe_modules_are_found_for_router_sums_and_grouped_expert_dropout(
     # MixLoRA: a router per FFN; MoLA: a mixture per target (q, v, down) per layer; LoRAMoE has
     # no router loss
     assert {name: (len(ids), width) for name, (ids, width) in slots.items()} == {
-        "topk": (2, 5), "switch": (2, 5), "dynamic": (2, 5), "dynamic-0": (2, 5), "mola": (6, 5),
+        "topk": (2, 5), "switch": (2, 5), "topp": (2, 5), "mola": (6, 5),
     }  # fmt: skip
-    # on the CPU mixlora-dynamic runs one group per expert: its expert dropout is per group
-    assert grouped_expert_dropout(model, names) == ["dynamic"]
 
 
 def test_router_sums_of_two_shares_give_the_z_loss_and_gate_loss_of_the_whole() -> None:

@@ -324,3 +324,22 @@ def test_flops_estimate_of_a_tied_head_counts_it_once():
         if isinstance(m, torch.nn.Linear) and n != "lm_head"
     )  # fmt: skip
     assert (estimate.base_params, estimate.head_params) == (linears, model.lm_head.weight.numel())
+
+
+def test_a_validation_lands_on_its_pending_step_row_only():
+    """The collector puts a validation loss on the pending row of that adapter and step; a
+    step it no longer holds is refused (the trainer then writes a ``validation`` row)."""
+    from mlora.training.metrics.collector import PendingStep, StepCollector
+
+    collector = StepCollector()
+    for adapter in ("a", "b"):
+        collector.add(PendingStep(
+            adapter=adapter, step=4, global_step=7, epoch=1.0, rows=2, tokens=20,
+            supervised_tokens=9, lr=1e-3, loss=torch.tensor(2.5), grad_norm=torch.tensor(0.5),
+            time=0.0,
+        ))  # fmt: skip
+    assert collector.add_validation("a", 4, 1.75)
+    assert not collector.add_validation("a", 3, 9.0) and not collector.add_validation("c", 4, 9.0)
+    rows = {row.adapter: row.to_json() for row in collector.take("r")}
+    assert rows["a"]["val_loss"] == 1.75 and "val_loss" not in rows["b"]
+    assert not collector.add_validation("a", 4, 1.75)  # taken: no longer pending

@@ -7,6 +7,7 @@ probabilities, with the strategy's selection rule written as a per-token Python 
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -193,8 +194,9 @@ def test_routed_forward_equals_dense_reference(
     family: str, strategy: str, use_dora: bool, canonical: bool, monkeypatch
 ) -> None:
     """``canonical``: the context also gives each token's canonical index (as a collated batch
-    does), so the segment's real tokens are gathered and dispatched as n*k pairs (no sync;
-    ``mixlora-dynamic`` as E pairs per token, as on accelerators)."""
+    does); without it the real tokens are gathered in segment order (a host read). Either way
+    they are dispatched as n*k pairs; ``mixlora-dynamic`` as E pairs per token with the unused
+    ones run (canonical, as on accelerators) or dropped after a host read (mask-only)."""
     ffn_names = FFN if family == "llama" else ("fc1", "fc2")
     model = MultiLoraModel(make_model() if family == "llama" else make_phi())
     model.add_adapter("moe", mixlora(strategy, use_dora, ffn_names))
@@ -208,13 +210,13 @@ def test_routed_forward_equals_dense_reference(
     assert isinstance(ffn, MixLoraFeedForward)
     assert ffn.projections == ffn_names
     moe = ffn.moes["moe"]
-    moe.dynamic_as_pairs = canonical
+    moe.drop_unused_slots = not canonical  # mixlora-dynamic: both ways
     torch.manual_seed(0)
     x = torch.randn(6, 7, 64, requires_grad=True)  # rows: plain plain moe moe moe base
     layout = BatchLayout.from_row_adapters(["plain", "plain", "moe", "moe", "moe", None])
     mask = torch.ones(6, 7, dtype=torch.bool)
     mask[3, 5:] = False  # padding inside the MixLoRA segment
-    probe = torch.randn(6, 7, 64)
+    probe = torch.randn(6, 7, 64) * mask[..., None]  # padding outputs are unspecified
     params = [p for _, m in model.adapter_modules("moe") for p in m.parameters()]
     params += [p for _, m in model.adapter_modules("plain") for p in m.parameters()]
 
@@ -223,7 +225,6 @@ def test_routed_forward_equals_dense_reference(
         layout = BatchLayout.from_lengths([("plain", 14), ("moe", 21), (None, 7)], [14, 19, 7])
         rows = torch.where(mask, torch.arange(6)[:, None], -1).reshape(-1)
         real_index = segment_real_index(mask, [0, 0, 1, 1, 1, 2])
-        probe = probe * mask[..., None]  # padding outputs are unspecified: real tokens only
     with model.context.use(layout, mask.reshape(-1), rows, real_index):
         model.context.aux_losses.clear()
         routed = ffn(x)
@@ -241,8 +242,6 @@ def test_routed_forward_equals_dense_reference(
     expected = torch.autograd.grad((reference * probe).sum(), [x, *params], allow_unused=True)
 
     torch.testing.assert_close(routed[mask], reference[mask], atol=2e-5, rtol=1e-4)
-    if not canonical:
-        torch.testing.assert_close(routed, reference, atol=2e-5, rtol=1e-4)
     for got, want in zip(grads, expected, strict=True):
         if want is None:
             assert got is None or not got.any()
@@ -293,28 +292,17 @@ def dropped_moe(
 
 
 def expert_masks(
-    ffn: MixLoraFeedForward, moe, routed: torch.Tensor, path: str, p: float, twin: torch.Generator
+    ffn: MixLoraFeedForward, moe, routed: torch.Tensor, p: float, twin: torch.Generator
 ) -> dict[str, torch.Tensor]:
     """Each expert's dropout multipliers per projection, rebuilt from the documented draw rule
-    (``keep_multipliers``) on a twin of the adapter's stream, in the order each path draws:
-
-    - ``experts`` (one group per expert): expert by expert, each projection in call order, one
-      (tokens of e, in) draw over the expert's tokens in token order;
-    - ``pairs``: each projection in call order, one (N, k * in) draw, token by token, a
-      token's k slots side by side (``slot_dropout``); a token's routed experts take its
-      slots in expert order.
-    """
+    (``keep_multipliers``) on a twin of the adapter's stream: each projection in call order,
+    one (N, k * in) draw, token by token, a token's k slots side by side (``slot_dropout``); a
+    token's routed experts take its slots in expert order (k: top-k's k, switch 1, top-p E)."""
     n, num_experts = routed.shape
     widths = {name: ffn.linear(name).in_features for name in ffn.projections}
     masks = {name: torch.ones(num_experts, n, w) for name, w in widths.items()}
-    if path == "experts":
-        for e in range(num_experts):
-            tokens = routed[:, e].nonzero().squeeze(1)
-            if tokens.numel():
-                for name, w in widths.items():
-                    masks[name][e, tokens] = keep_multipliers((tokens.numel(), w), p, twin)
-        return masks
-    k = moe.slots_per_token(torch.device("cpu"))
+    strategy = moe.router_spec.strategy
+    k = {"mixlora": moe.router_spec.top_k, "mixlora-switch": 1}.get(strategy, num_experts)
     slot_of = routed.long().cumsum(-1) - 1  # (N, E): a routed expert's slot of its token
     for name, w in widths.items():
         drawn = keep_multipliers((n, k * w), p, twin).view(n, k, w)
@@ -324,15 +312,19 @@ def expert_masks(
     return masks
 
 
+@pytest.mark.parametrize("impl", ["loop", "grouped", "masked"])
 @pytest.mark.parametrize(
     ("family", "strategy"),
     [("llama", "mixlora"), ("phi", "mixlora-switch"), ("llama", "mixlora-dynamic")],
 )
-def test_dora_experts_with_dropout_equal_the_dense_formula(family: str, strategy: str) -> None:
-    """DoRA experts with expert dropout on (the real masks, from the adapter's stream), both
-    dispatch paths: experts one by one (a host read per layer) and every (token, expert) pair
-    at once (``dispatch_pairs``, no host read), each against the dense formula with the masks
-    rebuilt from the documented draw order."""
+def test_dora_experts_with_dropout_equal_the_dense_formula(
+    family: str, strategy: str, impl: str
+) -> None:
+    """DoRA experts with expert dropout on (the real masks, from the adapter's stream), for
+    each ``routed_lora`` implementation, with and without a canonical index (mask only: the
+    real tokens gathered after a host read), ``mixlora-dynamic`` with its unused slots run and
+    dropped: each against the dense formula with the masks rebuilt from the documented draw
+    order, outputs and gradients."""
     ffn_names = FFN if family == "llama" else ("fc1", "fc2")
     model = MultiLoraModel(make_model() if family == "llama" else make_phi())
     spec = mixlora(strategy, True, ffn_names)
@@ -341,7 +333,7 @@ def test_dora_experts_with_dropout_equal_the_dense_formula(family: str, strategy
     model.train()
     ffn = model.model.model.layers[0].mlp
     moe = ffn.moes["moe"]
-    moe.dynamic_as_pairs = True
+    moe.routed_impl = impl
     assert moe.expert(ffn_names[0], 0).dropout_p == 0.3
     torch.manual_seed(0)
     x = torch.randn(3, 7, 64, requires_grad=True)
@@ -352,28 +344,31 @@ def test_dora_experts_with_dropout_equal_the_dense_formula(family: str, strategy
     probe = torch.randn(21, 64)
     mask = torch.ones(21, dtype=torch.bool)
     rows = torch.arange(3).repeat_interleave(7)
-    layouts = {  # experts one by one / all pairs (canonical indices: real tokens gathered)
-        "experts": (BatchLayout.from_row_adapters(["moe"] * 3), mask, None, None),
-        "pairs": (BatchLayout.from_lengths([("moe", 21)], [21]), mask, rows, torch.arange(21)),
+    layouts = {  # a per-row layout and a mask / a token layout with canonical indices
+        "mask-only": (BatchLayout.from_row_adapters(["moe"] * 3), mask, None, None),
+        "canonical": (BatchLayout.from_lengths([("moe", 21)], [21]), mask, rows, torch.arange(21)),
     }
     stream = model.context.generators.get("moe", torch.device("cpu"))
-    for path, context in layouts.items():
+    drops = (False, True) if strategy == "mixlora-dynamic" else (False,)
+    for (path, context), drop in itertools.product(layouts.items(), drops):
+        moe.drop_unused_slots = drop
         twin = twin_generator(stream)
         with model.context.use(*context):
             routed_out = ffn(x).reshape(-1, 64)
-        masks = expert_masks(ffn, moe, routed, path, 0.3, twin)
+        masks = expert_masks(ffn, moe, routed, 0.3, twin)
         assert torch.equal(twin.get_state(), stream.get_state()), path  # the same draws
         reference = dropped_moe(ffn, moe, flat, masks)
         undropped = dropped_moe(ffn, moe, flat, None)
         assert (undropped - reference).abs().max() > 1e-3  # the dropout is live
         grads = torch.autograd.grad((routed_out * probe).sum(), [x, *params], allow_unused=True)
         expected = torch.autograd.grad((reference * probe).sum(), [x, *params], allow_unused=True)
-        torch.testing.assert_close(routed_out, reference, atol=2e-5, rtol=1e-4, msg=path)
+        where = f"{path}, drop {drop}"
+        torch.testing.assert_close(routed_out, reference, atol=2e-5, rtol=1e-4, msg=where)
         for got, want in zip(grads, expected, strict=True):
             if want is None:
                 assert got is None or not got.any()
             else:
-                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=path)
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=where)
 
 
 def test_switch_capacity_sends_overflow_to_the_frozen_ffn_only_in_training() -> None:

@@ -83,13 +83,13 @@ def run_step(
     kind: str,
     device: torch.device = CPU,
     impl: str = "auto",
-    dynamic_as_pairs: bool | None = None,
+    drop_unused_slots: bool | None = None,
 ) -> None:
     """One forward + backward of adapter ``kind`` with host reads refused inside its layers and
     the backward; asserts the guard was live in every adapter layer and the step completed.
 
-    ``impl`` and ``dynamic_as_pairs`` are set on the adapter's MoE modules (``routed_impl``;
-    MixLoRA's ``dynamic_as_pairs``, None: chosen by the device)."""
+    ``impl`` and ``drop_unused_slots`` are set on the adapter's MoE modules (``routed_impl``;
+    MixLoRA's ``drop_unused_slots``, None: chosen by the device)."""
     config = parse_config(
         {"lora": [{"name": kind, "data": "x.json", "r": 4, "lora_dropout": 0.1, **ADAPTERS[kind]}]}
     )
@@ -98,7 +98,7 @@ def run_step(
     for _, module in model.adapter_modules(kind):
         module.routed_impl = impl
         if isinstance(module, MixLoraExperts):
-            module.dynamic_as_pairs = dynamic_as_pairs
+            module.drop_unused_slots = drop_unused_slots
     model.to(device).train()
     rows = [
         TokenizedRow(list(range(4, 4 + n)), [IGNORE_INDEX, *range(5, 4 + n)]) for n in (9, 4, 5)
@@ -135,7 +135,7 @@ def run_step(
 @pytest.mark.parametrize("impl", ["grouped", "masked"])
 @pytest.mark.parametrize("kind", list(ADAPTERS))
 def test_moe_step_reads_nothing_back(kind: str, impl: str) -> None:
-    run_step(kind, impl=impl, dynamic_as_pairs=True)  # pairs: what accelerators choose
+    run_step(kind, impl=impl, drop_unused_slots=False)  # what accelerators choose
 
 
 def test_the_guard_catches_a_host_read() -> None:

@@ -141,12 +141,15 @@ def test_a_pruned_trial_frees_its_place_at_that_step(pruned) -> None:
     rows = read_trials(folder)
     cut = [r for r in rows if r["state"] == "pruned"]
     assert cut, "the median pruner pruned nothing"
+    taken = 0
     for row in cut:
         assert int(row["steps"]) < 8  # stopped before its end
         left = int(row["left_at_step"])
         later = [r for r in rows if int(r["number"]) > int(row["number"])]
         if later and any(int(r["entered_at_step"]) >= left for r in later):
             assert any(int(r["entered_at_step"]) == left for r in later), row  # its place
+            taken += 1
+    assert taken, "no pruned trial's place was taken: the test checked nothing"
     for step in range(max(int(r["left_at_step"]) for r in rows)):  # never more than 2 at once
         live = [r for r in rows if int(r["entered_at_step"]) <= step < int(r["left_at_step"])]
         assert len(live) <= 2
@@ -167,7 +170,21 @@ def test_sigkill_mid_sweep_then_resume_gives_the_same_sweep(
     done = run_mlora([*args, "--resume"])
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stderr
+    assert "already reported" not in done.stderr  # nothing told to Optuna twice
+    assert "ExperimentalWarning" not in done.stderr
     folder = out / "pruned"
+    studies = [  # Optuna's own record: every trial, report and prune once, as uninterrupted
+        optuna.load_study(study_name="pruned", storage=f"sqlite:///{f / 'study.db'}").trials
+        for f in (folder, reference)
+    ]
+    assert len(studies[0]) == len(studies[1]) == PRUNED["trials"]
+    for a, b in zip(*studies, strict=True):
+        assert (a.number, a.state, a.params) == (b.number, b.state, b.params)
+        assert a.intermediate_values.keys() == b.intermediate_values.keys()
+        assert list(a.intermediate_values.values()) == pytest.approx(
+            list(b.intermediate_values.values()), rel=1e-5
+        )
+        assert a.value == pytest.approx(b.value, rel=1e-5)
     ours, theirs = read_trials(folder), read_trials(reference)
     keys = ("number", "name", "state", "lr", "r", "steps", "tokens", "entered_at_step",
             "left_at_step")  # fmt: skip
@@ -247,3 +264,28 @@ def test_launch_sweep_writes_a_config_mlora_reads(tmp_path: Path, capsys) -> Non
                    str(tmp_path / "x.json")]) == 2  # fmt: skip
     assert "'rank' is not searchable" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_readme_sweep_example_writes_a_valid_config(tmp_path: Path, monkeypatch) -> None:
+    """The README's offline example (``launch.py sweep`` then ``launch.py run``) as written:
+    its flags parse and the config it writes is one ``mlora.py`` accepts."""
+    import shlex
+
+    from mlora.cli.launch import main as launch
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("An example that runs offline on the demo model")[1]
+    block = block.split("```bash\n")[1].split("```")[0].replace("\\\n", " ")
+    lines = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert [line[:2] for line in lines] == [["python", "launch.py"]] * 2
+    sweep_args, run_args = lines[0][2:], lines[1][2:]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_json(tmp_path / "data" / "dummy_data.json", addition_rows(20))
+    assert launch(sweep_args) == 0
+    assert run_args[:3] == ["run", "--config", "sweep.json"]
+    config = parse_config(json.loads((tmp_path / "sweep.json").read_text()), "sweep.json")
+    sweep = config.sweep
+    assert sweep is not None and sweep.pruner == "successive_halving"
+    low, factor = sweep.pruner_options["min_resource"], sweep.pruner_options["reduction_factor"]
+    assert sweep.base["eval_steps"] == [low, low * factor]  # the rungs below its 14 steps

@@ -68,11 +68,9 @@ class AdapterHost:
             the order of ``MultiLoraModel.adapter_parameters`` and so of optimizer state in
             checkpoints; it must not change.
 
-    An adapter module a host holds may define two read-only hooks that training asks for
-    under data parallel (absent: neither applies): ``router_stat_experts`` (int or None: the
-    experts whose router sums it records, so the trainer reduces them over processes) and
-    ``draws_dropout_per_group`` (bool: its dropout masks depend on how rows are split over
-    processes, so runs of different world sizes differ in distribution only).
+    An adapter module a host holds may define a read-only hook that training asks for under
+    data parallel (absent: None): ``router_stat_experts`` (int or None: the experts whose
+    router sums it records, so the trainer reduces them over processes).
     """
 
     host_rank: ClassVar[int] = 0

@@ -83,9 +83,37 @@ def chat_ids(tokenizer: Any, messages: Sequence[Message], **kwargs: Any) -> dict
     )
 
 
-def chat_text(tokenizer: Any, messages: Sequence[Message]) -> str:
+class ChatText(str):
+    """Text rendered by a chat template. The template already wrote every special token it
+    wants (a BOS, if any), so it is tokenized without the tokenizer adding its own, as
+    ``apply_chat_template(tokenize=True)`` and TRL tokenize it: adding them would double a
+    BOS the template emits, or put one the model never saw in training (``encode_texts``)."""
+
+
+def chat_text(tokenizer: Any, messages: Sequence[Message]) -> ChatText:
     """The prompt text of ``messages`` with the assistant's generation prompt after it."""
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return ChatText(
+        tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    )
+
+
+def special_tokens_for(text: str) -> dict[str, bool]:
+    """``tokenizer(text, **special_tokens_for(text))``: none added to ``ChatText``."""
+    return {"add_special_tokens": False} if isinstance(text, ChatText) else {}
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's ids: ``tokenizer(texts)``, except that ``ChatText`` gets no special tokens
+    added (its template wrote them), so a chat prompt's ids equal ``apply_chat_template``'s."""
+    out: list[list[int]] = [[] for _ in texts]
+    for chat in (False, True):
+        picked = [i for i, t in enumerate(texts) if isinstance(t, ChatText) == chat]
+        if picked:
+            special = {"add_special_tokens": False} if chat else {}
+            ids = tokenizer([str(texts[i]) for i in picked], **special)["input_ids"]
+            for i, row in zip(picked, ids, strict=True):
+                out[i] = list(row)
+    return out
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from mlora.batching.collate import collate
 from mlora.batching.dispatcher import shard_bounds
 from mlora.config.schema import AdapterConfig, TrainConfig
 from mlora.core.errors import ConfigError, DataError, MloraError
+from mlora.data.chat import special_tokens_for
 from mlora.data.dataset import tokenize_dataset
 from mlora.data.formats import generation_examples
 from mlora.data.prompts import load_template
@@ -221,9 +222,10 @@ def choice_rows(
     Raises:
         DataError: a choice that adds no token after the prompt (``where`` names the row).
     """
-    prompt_len = len(tokenizer(prompt)["input_ids"])
+    special = special_tokens_for(prompt)  # a chat-rendered prompt: no special tokens added
+    prompt_len = len(tokenizer(str(prompt), **special)["input_ids"])
     rows = []
-    for ids in tokenizer([prompt + c for c in choices])["input_ids"]:
+    for ids in tokenizer([prompt + c for c in choices], **special)["input_ids"]:
         if len(ids) <= prompt_len:
             raise DataError(f"{where}: a choice adds no token after the prompt")
         labels = [IGNORE_INDEX] * prompt_len + ids[prompt_len:]

@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from mlora.batching.layout import BatchLayout
 from mlora.core.errors import MloraError
+from mlora.data.chat import encode_texts
 from mlora.data.rows import pad_token_id
 from mlora.model.multi_lora import MultiLoraModel
 
@@ -272,7 +273,7 @@ def generate_batch(
     if len(set(layout.adapters)) != len(layout.adapters):
         raise ValueError("requests must be grouped by adapter (equal adapters adjacent)")
     texts = [r.prompt for r in requests if r.prompt_ids is None]
-    fresh = iter(tokenizer(texts)["input_ids"] if texts else [])
+    fresh = iter(encode_texts(tokenizer, texts))  # chat-rendered prompts: no second BOS
     encoded = [next(fresh) if r.prompt_ids is None else list(r.prompt_ids) for r in requests]
     if any(not ids for ids in encoded):
         raise MloraError("empty prompt: the tokenizer produced no tokens")

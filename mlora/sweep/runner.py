@@ -36,7 +36,7 @@ from mlora.sweep.outputs import (
     write_trials_csv,
 )
 from mlora.sweep.places import SweepPlaces, TrialData
-from mlora.sweep.study import SweepStudy, check_pruner_options
+from mlora.sweep.study import SweepStudy, check_pruner_options, optuna_quiet
 from mlora.training.checkpoints import (
     clear_run_state,
     drop_newer_files,
@@ -118,7 +118,7 @@ def run_sweep(
     plan = plan_base_load(device, dtype, quantize, attn_implementation)
     train_config = sweep_train_config(config)
     identity = RunIdentity(train_config, seed, base_model)
-    with output_lock(folder):
+    with output_lock(folder), optuna_quiet():
         point = find_resume_point(folder, identity) if resume else None
         if point is None:
             check_sweep_folder(folder, overwrite)

@@ -16,9 +16,11 @@ made). Every ask, report and prune then gives what the uninterrupted sweep got.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,20 @@ PRUNER_CLASSES: dict[str, type[optuna.pruners.BasePruner]] = {
 PRIMITIVE = (type(None), bool, int, float, str)
 
 logger = logging.getLogger("mlora")
+
+
+@contextlib.contextmanager
+def optuna_quiet() -> Iterator[None]:
+    """Optuna's INFO lines (a study created, each trial told) off while a sweep runs, since our
+    log says what happens; Optuna's verbosity is put back after, so a program that imports mlora
+    keeps its own setting. (Optuna 5 warns about nothing a sweep uses: no ``ExperimentalWarning``
+    is raised, and a test keeps it so; none is silenced.)"""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
 def check_pruner_options(sweep: SweepConfig, source: str) -> None:
@@ -123,7 +139,6 @@ class SweepStudy:
         if not resume:
             self.path.unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log says what happens
         self.study = optuna.create_study(
             study_name=sweep.name,
             storage=f"sqlite:///{self.path}",

@@ -306,25 +306,6 @@ def router_stat_slots(
     return slots
 
 
-def grouped_expert_dropout(model: AdapterModel, names: Sequence[str]) -> list[str]:
-    """Adapters whose MoE experts draw dropout per expert group (their modules'
-    ``draws_dropout_per_group`` hook): MixLoRA ``mixlora-dynamic`` where it runs one group per
-    expert (the CPU, see ``MixLoraExperts.dynamic_as_pairs``).
-
-    A group's masks are drawn for all of its (token, expert) pairs at once, so their values
-    depend on how many tokens every rank sends to each expert: under data parallel such an
-    adapter trains as one process would in distribution, not bit for bit (and the later draws
-    of its stream in that micro-batch shift too). Every other expert path draws its pairs'
-    masks token by token (``slot_dropout``), and every per-token draw (LoRA dropout, router
-    jitter, FFN dropout) follows the canonical token index: exact.
-    """
-    return [
-        name
-        for name in names
-        if any(getattr(m, "draws_dropout_per_group", False) for _, m in model.adapter_modules(name))
-    ]
-
-
 @contextmanager
 def process_group(device: torch.device, backend: str | None = None) -> Iterator[Distributed]:
     """Join the launcher's process group for the duration of a run (nothing with one process).

@@ -10,7 +10,6 @@ class with these methods.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -21,9 +20,7 @@ from mlora.batching.dispatcher import MicroBatch, MicroBatchShard
 from mlora.core.interrupt import GracefulStop
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.training.adapter_run import AdapterRun
-from mlora.training.distributed import Distributed, grouped_expert_dropout, router_stat_slots
-
-logger = logging.getLogger("mlora")
+from mlora.training.distributed import Distributed, router_stat_slots
 
 
 class GradientSync(Protocol):
@@ -104,21 +101,10 @@ class DataParallelSync:
     def __init__(self, dist: Distributed, device: torch.device) -> None:
         self.dist = dist
         self.device = device
-        self._warned: set[str] = set()
 
     def adapters_changed(self, model: MultiLoraModel, names: Sequence[str]) -> None:
         """Router losses over whole micro-batches: their sums are reduced over ranks."""
         model.context.aux_losses.use_global_stats(router_stat_slots(model, names) or None)
-        inexact = [n for n in grouped_expert_dropout(model, names) if n not in self._warned]
-        self._warned.update(inexact)
-        if inexact and self.dist.is_main:
-            logger.warning(
-                "distributed: the MoE experts of %s draw dropout per expert group, which "
-                "depends on how the rows are split over processes: they train as one "
-                "process does in distribution, not bit for bit (expert lora_dropout 0 "
-                "makes them exact)",
-                ", ".join(repr(n) for n in inexact),
-            )
 
     def shard(self, micro_batch: MicroBatch) -> MicroBatchShard:
         return micro_batch.shard(self.dist.rank, self.dist.world_size)

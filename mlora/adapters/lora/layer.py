@@ -56,6 +56,7 @@ def slot_dropout(
     p: float,
     training: bool,
     random: SegmentRandom | None,
+    tokens: int | None = None,
 ) -> torch.Tensor:
     """Dropout of MoE (token, slot) pairs grouped by expert, drawn token by token.
 
@@ -68,10 +69,12 @@ def slot_dropout(
         pairs: (n * slots, in) the pairs' inputs, sorted by expert.
         order: (n * slots,) the token-order index (``token * slots + slot``) of each pair.
         random: the adapter's stream over the n tokens in canonical order (None: global RNG).
+        tokens: n, when ``pairs`` holds only some of the n * slots pairs (MixLoRA dropping the
+            unused slots of ``mixlora-dynamic``): the draw is the same as for all of them.
     """
     if not training or p == 0:
         return pairs
-    n = pairs.shape[0] // slots
+    n = pairs.shape[0] // slots if tokens is None else tokens
     keep = (random or SegmentRandom(None)).keep(pairs.new_empty(n, slots * pairs.shape[1]), p)
     return pairs * keep.view(n * slots, -1).index_select(0, order)
 

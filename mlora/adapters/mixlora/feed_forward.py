@@ -27,7 +27,7 @@ from torch import nn
 from mlora.adapters import LoraAdapter, MultiLoraLinear, dense_weight
 from mlora.adapters.lora import adapter_dropout, dora_delta, dora_scales, slot_dropout
 from mlora.adapters.routing import RouterSpec, route
-from mlora.adapters.spec import AdapterHost, AdapterInput, LoraSpec
+from mlora.adapters.spec import AdapterHost, LoraSpec
 from mlora.batching.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.batching.randomness import SegmentRandom
 from mlora.ops.routed_lora import group_by_expert, routed_lora
@@ -112,11 +112,12 @@ class MixLoraExperts(nn.Module):
         self.use_dora = expert.use_dora
         self.ffn_dropout = router.ffn_dropout
         self.routed_impl = "auto"  # ``routed_lora``'s implementation; tests pin each one
-        # Whether ``mixlora-dynamic`` runs as E pairs per token (no host read; E/k times the
-        # expert work, as top-p keeps k of E experts on average) or as one group per expert
-        # (one host read of the group sizes per layer). None: pairs on accelerators, where a
-        # host read stalls the queue, groups on the CPU, where it costs nothing.
-        self.dynamic_as_pairs: bool | None = None
+        # ``mixlora-dynamic`` gives every token E slots, the unused ones (top-p keeps k of E)
+        # with weight 0: whether they are dropped after one host read of how many are used
+        # (True), or run as zero-weight pairs (False: no read, E/k times the expert work).
+        # None: dropped on the CPU, where a read costs nothing; run on accelerators, where it
+        # would stall the queue. The draws are the same either way.
+        self.drop_unused_slots: bool | None = None
 
     def expert(self, projection: str, index: int) -> LoraAdapter | None:
         """Expert ``index``'s LoRA on ``projection``, or None if the projection is not adapted."""
@@ -130,25 +131,21 @@ class MixLoraExperts(nn.Module):
         return self.router_spec.num_experts if self.router_spec.router_loss else None
 
     @property
-    def draws_dropout_per_group(self) -> bool:
-        """Whether expert dropout is drawn per expert group (``mixlora-dynamic`` where it runs
-        one group per expert): its masks then depend on how rows are split over processes."""
-        grouped = self.slots_per_token(self.router.weight.device) is None
-        experts = list(self.experts.values())
-        return grouped and bool(experts) and experts[0][0].dropout_p > 0
-
-    def slots_per_token(self, device: torch.device) -> int | None:
-        """How many (token, expert) slots ``dispatch_pairs`` gives each token on ``device``, or
-        None where the router runs through ``dispatch`` (grouped by expert, one host read)."""
+    def slots_per_token(self) -> int:
+        """(token, expert) slots each token gets in ``dispatch_pairs``: top-k's k, switch's 1,
+        and E for ``mixlora-dynamic`` (top-p keeps a varying number)."""
         spec = self.router_spec
         if spec.strategy == "mixlora":
             return spec.top_k
-        if spec.strategy == "mixlora-switch":
-            return 1
-        as_pairs = self.dynamic_as_pairs
-        if as_pairs is None:
-            as_pairs = device.type != "cpu"
-        return spec.num_experts if as_pairs else None
+        return 1 if spec.strategy == "mixlora-switch" else spec.num_experts
+
+    def drops_unused_slots(self, device: torch.device) -> bool:
+        """Whether ``dispatch_pairs`` drops the zero-weight slots of ``mixlora-dynamic`` here
+        (one host read; see ``drop_unused_slots``)."""
+        if self.router_spec.strategy != "mixlora-dynamic":
+            return False
+        drop = self.drop_unused_slots
+        return device.type == "cpu" if drop is None else drop
 
     def router_logits(self, x: torch.Tensor, random: SegmentRandom | None = None) -> torch.Tensor:
         """(N, E) fp32 logits; the router input gets multiplicative jitter in training, drawn
@@ -307,82 +304,35 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
         The segment's real tokens are taken in canonical order (rows end to end, as given to
         collate), so routing, the switch capacity and every draw (router jitter, expert and FFN
         dropout) see the same token sequence however the rows were padded or packed; padding
-        gets a zero output.
+        gets a zero output. A segment with padding but no canonical index
+        (``MultiLoraModel.forward``, evaluation) takes its real tokens in segment order (one
+        host sync for their count).
         """
         moe = self.moes[seg.adapter]
         random = self.context.segment_random(seg, n, x.device)
         real = self.context.segment_token_mask(seg, n)
         order = random.canonical_order(real)
+        if order is None and real is not None:
+            order = real.nonzero().squeeze(1)
         rows = self.context.segment_token_rows(seg, n, x.device)
         if order is not None:  # only real tokens from here on
-            x, real = x.index_select(0, order), None
+            x = x.index_select(0, order)
             rows = None if rows is None else rows.index_select(0, order)
             random = random.plain()
         logits = moe.router_logits(x, random)
         collector = self.context.aux_losses
-        global_stats = collector.global_stats and order is not None
-        routing = route(logits, moe.router_spec, real, rows, self.training, global_stats)
+        routing = route(logits, moe.router_spec, None, rows, self.training, collector.global_stats)
         if routing.aux_loss is not None:
             collector.add(seg.adapter, routing.aux_loss)
         if routing.stats is not None:
             collector.add_stats(seg.adapter, moe, routing.stats)
         if routing.counts is not None:
             collector.add_load(seg.adapter, routing.counts)
-        k = moe.slots_per_token(x.device)
-        if real is None and k is not None:  # k pairs per token: no sync
-            out = self.dispatch_pairs(moe, x, routing.weights, routing.routed, k, random)
-        else:
-            out = self.dispatch(moe, x, routing.weights, routing.routed, random.generator)
+        out = self.dispatch_pairs(moe, x, routing.weights, routing.routed, random)
         out = adapter_dropout(out, moe.ffn_dropout, moe.training, random).to(x.dtype)
         if order is None:
             return out
         return out.new_zeros(seg.size, out.shape[1]).index_copy(0, order, out)
-
-    def dispatch(
-        self,
-        moe: MixLoraExperts,
-        x: torch.Tensor,
-        weights: torch.Tensor,
-        routed: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Sum of each token's routed experts, weighted; unrouted tokens get the frozen FFN.
-
-        Args:
-            x: (N, H) tokens.
-            weights: (N, E) routing weights; routed: (N, E) bool.
-            generator: the adapter's random stream (expert dropout).
-
-        Returns:
-            (N, H_out) fp32.
-        """
-        first = self.linear(self.projections[0])
-        shared = [first(x)]  # (N, I): the frozen gate (or fc1) projection, once for all experts
-        if self.projections == GATED:
-            shared.append(self.linear("up_proj")(x))
-        dense = self._dense_weights(moe)
-        n, num_experts = routed.shape
-        hit = routed.any(-1)  # (N,) False: a switch token past capacity
-        # The one host read of the layer: how many tokens each expert takes, and the overflow.
-        *sizes, overflow = torch.cat([routed.sum(0), (~hit).sum().view(1)]).tolist()
-        # Routed (expert, token) pairs first, grouped by expert, tokens in order: no more syncs.
-        pairs = torch.argsort(~routed.t().reshape(-1), stable=True)[: sum(sizes)]  # (P,)
-        expert_ids, token_ids = pairs // n, pairs % n
-        pair_weights = weights[token_ids, expert_ids]  # (P,)
-        out_features = self.linear(self.projections[-1]).out_features
-        y = x.new_zeros(n, out_features, dtype=torch.float32)
-        groups = zip(token_ids.split(sizes), pair_weights.split(sizes), strict=True)
-        for expert, (idx, w) in zip(range(num_experts), groups, strict=True):
-            if not sizes[expert]:
-                continue
-            picked = [s.index_select(0, idx) for s in shared]
-            out = self._expert(moe, expert, x.index_select(0, idx), picked, dense, generator)
-            y = y.index_add(0, idx, out * w[:, None])
-        if overflow:
-            idx = torch.argsort(hit, stable=True)[:overflow]  # the unrouted tokens
-            picked = [s.index_select(0, idx) for s in shared]
-            y = y.index_add(0, idx, self._expert(moe, None, x.index_select(0, idx), picked))
-        return y
 
     def dispatch_pairs(
         self,
@@ -390,29 +340,29 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
         x: torch.Tensor,
         weights: torch.Tensor,
         routed: torch.Tensor,
-        k: int,
         random: SegmentRandom | None = None,
     ) -> torch.Tensor:
-        """``dispatch`` for routers that give every token at most ``k`` slots, without a sync.
+        """Sum of each token's routed experts' FFN outputs, weighted, as (token, slot) pairs.
 
-        Every token is real (canonical order), so there are n*k (token, slot) pairs, a number
-        the host knows. A slot that is not routed goes to a pseudo-expert E with zero LoRA
-        weights: with weight 1 for a switch token past capacity (the frozen FFN, as in
-        ``dispatch``), with weight 0 for the unused slots of ``mixlora-dynamic`` (k = E there:
-        top-p keeps a varying number of experts). Pairs are sorted by expert and each
-        projection's expert LoRAs run as one ``routed_lora`` (offsets on the device); DoRA
-        experts rescale each pair's output by its expert's magnitude over weight norm, which
-        is computed from the weights alone.
+        Every token is real (canonical order) and gets k slots (``slots_per_token``), so there
+        are n*k pairs, a number the host knows: no sync. A slot that is not routed goes to a
+        pseudo-expert E with zero LoRA weights: with weight 1 for a switch token past capacity
+        (the frozen FFN), with weight 0 for the unused slots of ``mixlora-dynamic`` (dropped
+        after one host read where ``drops_unused_slots``). Pairs are sorted by expert and each
+        projection's expert LoRAs run as one ``routed_lora`` (``moe.routed_impl``: loop,
+        grouped or masked); DoRA experts rescale each pair's output by its expert's magnitude
+        over weight norm, which is computed from the weights alone.
 
         Args:
             x: (N, H) real tokens; weights: (N, E); routed: (N, E) bool, at most k per token.
             random: the adapter's stream over the N tokens in canonical order (expert dropout,
-                drawn token by token: ``slot_dropout``).
+                drawn token by token for all n*k slots: ``slot_dropout``).
 
         Returns:
             (N, H_out) fp32.
         """
         n, num_experts = routed.shape
+        k = moe.slots_per_token
         strategy = moe.router_spec.strategy
         pseudo = strategy in ("mixlora-switch", "mixlora-dynamic")
         slots = torch.argsort(~routed, dim=-1, stable=True)[:, :k]  # (N, k) routed ones first
@@ -421,6 +371,9 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
         unrouted = 1.0 if strategy == "mixlora-switch" else 0.0
         slot_weight = torch.where(hit, weights.gather(1, slots), unrouted).reshape(-1)
         order, token_of, expert_of = group_by_expert(slot_expert, k)
+        if moe.drops_unused_slots(x.device):  # the pseudo-expert's pairs sort last
+            used = int(routed.sum())  # the host read
+            order, token_of, expert_of = order[:used], token_of[:used], expert_of[:used]
         xs = x.index_select(0, token_of)  # (P, H)
         dense = self._dense_weights(moe)
 
@@ -437,9 +390,8 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
                     [*b, b[0].new_zeros(b[0].shape)],
                     [*scales, 0.0],
                 )
-            dropped = slot_dropout(
-                inp.to(a[0].dtype), order, k, experts[0].dropout_p, experts[0].training, random
-            )
+            p, training = experts[0].dropout_p, experts[0].training
+            dropped = slot_dropout(inp.to(a[0].dtype), order, k, p, training, random, n)
             lora = routed_lora(dropped, expert_of, a, b, scales, moe.routed_impl)  # (P, out)
             if experts[0].magnitude is None:
                 return (base + lora).to(base.dtype)
@@ -478,52 +430,6 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
             return {}
         adapted = [name for name in self.projections if moe.expert(name, 0) is not None]
         return {name: dense_weight(self.linear(name)).float() for name in adapted}
-
-    def _project(
-        self,
-        moe: MixLoraExperts,
-        expert: int | None,
-        name: str,
-        x: torch.Tensor,
-        base: torch.Tensor,
-        dense: dict[str, torch.Tensor],
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        """Base output ``base`` of projection ``name`` plus expert ``expert``'s LoRA delta."""
-        adapter = None if expert is None else moe.expert(name, expert)
-        if adapter is None:
-            return base
-        random = None if generator is None else SegmentRandom(generator)
-        delta = adapter(AdapterInput(x, base, dense.get(name), self.linear(name).bias, random))
-        return (base + delta).to(base.dtype)
-
-    def _expert(
-        self,
-        moe: MixLoraExperts,
-        expert: int | None,
-        x: torch.Tensor,
-        shared: list[torch.Tensor],
-        dense: dict[str, torch.Tensor] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Expert ``expert``'s FFN output for its tokens (None: the frozen FFN), fp32.
-
-        ``dense``: ``_dense_weights(moe)``, needed with DoRA experts only; ``generator``: the
-        adapter's stream for the experts' dropout.
-        """
-        dense = dense or {}
-        act = moe.activation
-        g = generator
-        if self.projections == GATED:
-            gate = self._project(moe, expert, "gate_proj", x, shared[0], dense, g)
-            up = self._project(moe, expert, "up_proj", x, shared[1], dense, g)
-            hidden = act(gate) * up
-            down = "down_proj"
-        else:
-            hidden = act(self._project(moe, expert, "fc1", x, shared[0], dense, g))
-            down = "fc2"
-        base = self.linear(down)(hidden)
-        return self._project(moe, expert, down, hidden, base, dense, g).float()
 
 
 # --- attaching ---------------------------------------------------------------------------------
