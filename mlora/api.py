@@ -18,7 +18,7 @@ from mlora.core.interrupt import GracefulStop
 from mlora.core.stderr_log import CurrentStderrHandler
 from mlora.data.rows import TokenizedRow
 from mlora.model.base_model import resolve_base_model
-from mlora.model.loading import plan_base_load
+from mlora.model.loading import empty_base_model, plan_base_load
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.training.checkpoints import (
     clear_run_state,
@@ -30,7 +30,6 @@ from mlora.training.checkpoints import (
 from mlora.training.distributed import (
     AgreedError,
     check_world_size,
-    empty_base_model,
     env_rank,
     env_world_size,
     fingerprint,

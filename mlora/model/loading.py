@@ -178,3 +178,21 @@ def load_base_model(
         model.to(device)
     logger.info("loaded %s (%s, %s)", name_or_path, type(model).__name__, dtype)
     return model, tokenizer
+
+
+def empty_base_model(
+    model_path: str, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool
+) -> nn.Module:
+    """The base model built from its config on the meta device: modules and shapes, no memory
+    (the ranks other than 0 under ``--fsdp``, whose shards come from rank 0; the preflight's
+    checks of module names and tensor layouts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )

@@ -232,23 +232,6 @@ class ShardedBase:
     full_bytes: int
 
 
-def empty_base_model(
-    model_path: str, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool
-) -> nn.Module:
-    """The base model built from its config on the meta device: modules and shapes, no memory
-    (the ranks other than 0 under ``--fsdp``; their shards come from rank 0)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(
-            config,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-        )
-
-
 def load_sharded_base(model: nn.Module, state: Distributed) -> ShardedBase:
     """FSDP2 over a base model that only rank 0 holds in full; the others built it on meta.
 

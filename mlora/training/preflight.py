@@ -21,7 +21,7 @@ from mlora.core.integrity import json_problem, safetensors_problem, shape_proble
 from mlora.core.os_errors import write_problem
 from mlora.data.prompts import load_template
 from mlora.data.rows import local_data_path
-from mlora.model.loading import check_base_model_path
+from mlora.model.loading import check_base_model_path, empty_base_model
 
 logger = logging.getLogger("mlora")
 
@@ -80,14 +80,8 @@ def own_targets(config: TrainConfig) -> dict[str, list[str]]:
 def _meta_model(base_model: str, trust_remote_code: bool) -> torch.nn.Module | None:
     """The model built on the ``meta`` device from its config, or None where the config
     cannot be read here (the checks then happen when the model loads)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
-        model_config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(
-                model_config, trust_remote_code=trust_remote_code
-            )
+        return empty_base_model(base_model, torch.float32, None, trust_remote_code)
     except (OSError, ValueError, KeyError, ImportError) as exc:  # unreadable here: postponed
         logger.debug("target module check postponed: %s", exc)
         return None
