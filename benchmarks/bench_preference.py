@@ -72,7 +72,8 @@ def dpo_part(args: argparse.Namespace, work: Path) -> bool:
     from mlora.inference.evaluation import evaluate_model, prepare_test_sets
     from mlora.inference.preference_eval import fill_references
     from mlora.model.base_model import resolve_base_model
-    from mlora.model.multi_lora import MultiLoraModel, load_base_model
+    from mlora.model.loading import load_base_model
+    from mlora.model.multi_lora import MultiLoraModel
     from mlora.training.objectives import with_reference_logps
     from mlora.training.trainer import Trainer, prepare_data
 

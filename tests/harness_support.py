@@ -38,10 +38,10 @@ def save_mlora_kind(base_dir: Path, folder: Path, raw: dict[str, Any], seed: int
     """An adapter of any mlora kind (from a config entry) with random weights, saved by mlora."""
     from transformers import AutoModelForCausalLM
 
+    from mlora.adapters.kinds import kind_for_config
     from mlora.config.schema import parse_config
     from mlora.model.multi_lora import MultiLoraModel
     from mlora.persistence.adapter_files import peft_config, save_adapter
-    from mlora.persistence.kinds import kind_for_config
 
     config = parse_config({"lora": [raw]}).lora[0]
     kind = kind_for_config(config)

@@ -30,7 +30,7 @@ LAYERS: list[str] = [
     "batching",  # the packed batch's layout, random streams, side losses, dispatcher, collation
     "adapters",  # LoRA/DoRA layers and the MoE kinds (MixLoRA, LoRAMoE/MoLA, MeteoRA)
     "model",  # the base model and MultiLoraModel
-    "persistence",  # adapters on disk (PEFT format), the registry of kinds
+    "persistence",  # adapters on disk (PEFT format), through the registry of kinds (adapters/)
     "training",  # trainer, optimizers, recomputation, distributed, preflight, checkpoints
     "inference",  # loading trained adapters, generation, evaluation
     "sweep",  # Optuna sweeps: trials entering and leaving the trainer, their outputs

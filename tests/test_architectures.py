@@ -21,6 +21,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
+from mlora.adapters.lora.format import named_parameters as peft_named_parameters
 from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import collate
 from mlora.batching.layout import BatchLayout
@@ -29,7 +30,6 @@ from mlora.data.rows import IGNORE_INDEX, TokenizedRow
 from mlora.inference.generation import SamplingParams, generate
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import load_adapter_weights
-from mlora.persistence.lora import named_parameters as peft_named_parameters
 from tests.conftest import make_tokenizer
 from tests.helpers import in_row_order, peft_greedy
 

@@ -92,7 +92,7 @@ def test_defaults_and_derived_values() -> None:
 
 def shipped_configs() -> list[Path]:
     return sorted((ROOT / "config").glob("*.json")) + sorted(
-        (ROOT / "mlora" / "cli" / "templates").glob("*.json")
+        (ROOT / "mlora" / "adapters").glob("*/templates/*.json")
     )
 
 

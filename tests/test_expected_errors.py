@@ -15,10 +15,10 @@ import datasets
 import pytest
 import torch
 
+from mlora.adapters.peft_files import read_adapter
 from mlora.batching.packing import packing_problem
 from mlora.core.errors import DataError, MloraError
 from mlora.data.rows import load_rows
-from mlora.persistence.peft_files import read_adapter
 from tests.conftest import make_model
 
 

@@ -67,7 +67,9 @@ def test_a_wheel_ships_the_templates_and_gen_finds_them(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "dist").glob("mlora-*.whl")
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)
-    assert (installed / "mlora" / "cli" / "templates" / "lora.json").is_file()
+    templates = sorted((REPO / "mlora" / "adapters").glob("*/templates/*.json"))
+    assert templates  # each kind's templates, package data
+    assert all((installed / t.relative_to(REPO)).is_file() for t in templates)
     assert (installed / "mlora" / "model" / "resources" / "demo_corpus.txt").is_file()
     packages = {p.parent for p in (REPO / "mlora").rglob("__init__.py")}  # every layer's folder
     assert {installed / p.relative_to(REPO) for p in packages} <= {

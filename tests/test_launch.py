@@ -19,7 +19,10 @@ from mlora.config.schema import load_config
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "dummy_data.json"
 TEST_DATA = REPO / "data" / "dummy_test.json"
-TEMPLATES = sorted(p.stem for p in (REPO / "mlora" / "cli" / "templates").glob("*.json"))
+TEMPLATE_FILES = {
+    p.stem: p for p in sorted((REPO / "mlora" / "adapters").glob("*/templates/*.json"))
+}
+TEMPLATES = sorted(TEMPLATE_FILES)
 
 
 def launch_cli(cwd: Path, *args: str, home: Path) -> subprocess.CompletedProcess[str]:
@@ -51,11 +54,28 @@ def test_the_required_templates_ship() -> None:
     assert {"lora", "dora", "rslora", "loraplus", "qlora"} <= set(TEMPLATES)
 
 
+def test_each_template_lives_in_the_folder_of_the_kind_it_trains() -> None:
+    """A template sits in ``mlora/adapters/KIND/templates/``: the kind its config selects in the
+    registry is the one that folder's ``kind.py`` registers; no two kinds ship the same name."""
+    import importlib
+
+    from mlora.adapters.kinds import kind_for_config
+
+    folders = [
+        p.parent.parent.name for p in (REPO / "mlora" / "adapters").glob("*/templates/*.json")
+    ]
+    assert len(folders) == len(TEMPLATE_FILES)  # names are unique across kinds
+    for name, path in TEMPLATE_FILES.items():
+        kind = importlib.import_module(f"mlora.adapters.{path.parent.parent.name}.kind").KIND
+        _, config, _ = launch.read_template(name, TEMPLATE_FILES)  # as gen reads it
+        assert kind_for_config(config.lora[0]) is kind, name
+
+
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_every_template_is_a_valid_config_and_gen_output_validates(
     template: str, tmp_path: Path
 ) -> None:
-    load_config(REPO / "mlora" / "cli" / "templates" / f"{template}.json")
+    load_config(TEMPLATE_FILES[template])
     assert gen(tmp_path, "--template", template, "--tasks", f"{DATA};{TEST_DATA}") == 0
     config = load_config(tmp_path / "mlora.json")
     assert [a.name for a in config.lora] == [f"{template}_0", f"{template}_1"]

@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from mlora.adapters.meteora.format import load_embedded_adapters, meteora_spec, peft_config
 from mlora.adapters.meteora.layer import MeteoraAdapter
 from mlora.adapters.meteora.spec import record_gates
 from mlora.adapters.spec import AdapterInput
@@ -35,7 +36,6 @@ from mlora.inference.generation import SamplingParams, generate
 from mlora.inference.trained import attach_adapter
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import read_adapter, save_adapter
-from mlora.persistence.meteora import load_embedded_adapters, meteora_spec, peft_config
 from mlora.training.trainer import prepare_data
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import (

@@ -23,6 +23,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
+from mlora.adapters.lora.format import named_parameters as peft_named_parameters
 from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import collate
 from mlora.batching.layout import BatchLayout
@@ -38,7 +39,6 @@ from mlora.persistence.adapter_files import (
     read_adapter,
     spec_from_peft_config,
 )
-from mlora.persistence.lora import named_parameters as peft_named_parameters
 from tests.conftest import make_tokenizer
 from tests.helpers import (
     adapter_tensors,

@@ -23,12 +23,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from mlora.adapters.lora.format import named_parameters
 from mlora.batching.collate import collate
 from mlora.data.preference import tokenize_pairs, with_chosen_prompt_labels
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow
 from mlora.inference.trained import attach_adapter
 from mlora.model.multi_lora import MultiLoraModel
-from mlora.persistence.lora import named_parameters
 from mlora.training.objectives import Objective, plan_objectives, with_reference_logps
 from tests.conftest import make_model, make_tokenizer
 

@@ -198,7 +198,7 @@ def test_top_level_group_by_length_applies_to_adapters_without_their_own() -> No
 
 
 def test_expert_lora_use_rslora_scales_the_experts_and_survives_saving(tmp_path: Path) -> None:
-    from mlora.persistence.mixlora import peft_config, spec_from_config
+    from mlora.adapters.mixlora.format import peft_config, spec_from_config
 
     adapter = {
         "name": "m",

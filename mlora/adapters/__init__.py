@@ -1,7 +1,9 @@
-"""Adapter modules (LoRA and its variants) and the adapter-aware layers that hold them."""
+"""Adapter modules (LoRA and its variants), the adapter-aware layers that hold them, and the
+adapter kinds: one folder each (``lora/``, ``mixlora/``, ``lora_moe/``, ``meteora/``), listed
+in ``kinds.py``."""
 
 from mlora.adapters.linear import MultiLoraLinear, dense_weight
-from mlora.adapters.lora import DoraMagnitude, DoraVariant, LoraAdapter, LoraVariant
+from mlora.adapters.lora.layer import DoraMagnitude, DoraVariant, LoraAdapter, LoraVariant
 from mlora.adapters.spec import AdapterHost, AdapterModel, LoraSpec
 
 __all__ = [

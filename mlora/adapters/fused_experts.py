@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters.lora import init_lora_weights
+from mlora.adapters.lora.layer import init_lora_weights
 from mlora.adapters.spec import AdapterHost
 from mlora.batching.layout import AdapterSegment, LayoutContext
 

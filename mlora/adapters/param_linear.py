@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from mlora.adapters.lora import LoraAdapter
+from mlora.adapters.lora.layer import LoraAdapter
 from mlora.adapters.spec import AdapterHost
 from mlora.batching.layout import LayoutContext
 from mlora.ops.segmented_lora import segmented_lora

@@ -2,8 +2,8 @@
 
 Verbs (each a plain function; ``main`` only parses and dispatches):
 
-- ``gen``: one adapter per task, from ``mlora/cli/templates/NAME.json`` (or ``./templates``),
-  validated before it is written.
+- ``gen``: one adapter per task, from ``mlora/adapters/KIND/templates/NAME.json`` (or
+  ``./templates``), validated before it is written.
 - ``run``: calls ``mlora.cli.train.main`` in the same process (no shelling out); without
   ``--base_model`` it trains on the built-in random-weight demo model. With
   ``--nproc_per_node N`` (N > 1) it starts ``torchrun`` (``torch.distributed.run``) with N
@@ -62,9 +62,11 @@ logger = logging.getLogger("mlora")
 
 
 def template_dirs() -> list[Path]:
-    """Where templates are looked up: ``./templates`` (the user's own), then the package's
-    (``mlora/cli/templates``, package data: a wheel install has them too)."""
-    dirs = [Path.cwd() / "templates", Path(__file__).parent / "templates"]
+    """Where templates are looked up: ``./templates`` (the user's own), then each adapter kind's
+    (``mlora/adapters/KIND/templates``, package data: a wheel install has them too). The kind
+    folders are found on disk, not imported, so ``gen`` loads no torch."""
+    kinds = Path(__file__).resolve().parents[1] / "adapters"
+    dirs = [Path.cwd() / "templates", *sorted(kinds.glob("*/templates"))]
     unique: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
@@ -482,7 +484,7 @@ def _add_gen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "gen",
         help="write a config from a template, one adapter per task",
-        description="Write a config from a template (mlora/cli/templates/NAME.json, "
+        description="Write a config from a template (mlora/adapters/KIND/templates/NAME.json, "
         "./templates/NAME.json or a .json file) with one adapter per task; it is "
         "validated before it is written. Unset options keep the template's values.",
     )

@@ -1,5 +1,5 @@
-"""Persistence: adapters on disk in PEFT format, one module per kind's format, and the
-registry of kinds.
+"""Persistence: adapters on disk in PEFT format, a whole folder at a time.
 
-``kinds`` is the registry every caller asks; ``adapter_files`` saves and reads a whole folder.
+``adapter_files`` saves and reads a folder through the registry of kinds
+(``mlora.adapters.kinds``); each kind's format is in its own folder (``mlora/adapters/KIND/``).
 """

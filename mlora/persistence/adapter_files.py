@@ -1,9 +1,10 @@
 """Adapters on disk in PEFT format, so PEFT, transformers and vLLM load what we train.
 
-Every kind's folder is ``adapter_config.json`` + ``adapter_model.safetensors`` (``peft_files``);
-the key names and the config are the kind's own format, found through ``mlora.persistence.kinds``:
-plain LoRA and DoRA use PEFT's (``mlora.persistence.lora``), the MoE kinds their upstream
-packages'. Loading accepts our files and any PEFT LoRA.
+Every kind's folder is ``adapter_config.json`` + ``adapter_model.safetensors``
+(``mlora.adapters.peft_files``); the key names and the config are the kind's own format
+(``mlora/adapters/KIND/format.py``), found through ``mlora.adapters.kinds``: plain LoRA and
+DoRA use PEFT's, the MoE kinds their upstream packages'. Loading accepts our files and any
+PEFT LoRA.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import torch
 from safetensors.torch import save
 
 from mlora.adapters import LoraSpec
-from mlora.core.atomic import atomic_write_bytes, atomic_write_text
-from mlora.model.multi_lora import MultiLoraModel
-from mlora.persistence.kinds import kind_for_peft_type
-from mlora.persistence.peft_files import (
+from mlora.adapters.format_tensors import copy_into, export_tensors
+from mlora.adapters.kinds import kind_for_peft_type
+from mlora.adapters.peft_files import (
     CONFIG_NAME,
     LEGACY_WEIGHTS_NAME,
     PEFT_PREFIX,
@@ -29,7 +29,8 @@ from mlora.persistence.peft_files import (
     read_adapter,
     read_adapter_config,
 )
-from mlora.persistence.tensors import copy_into, export_tensors
+from mlora.core.atomic import atomic_write_bytes, atomic_write_text
+from mlora.model.multi_lora import MultiLoraModel
 
 __all__ = [
     "CONFIG_NAME",

@@ -14,9 +14,9 @@ import re
 import shutil
 from pathlib import Path
 
+from mlora.adapters.peft_files import CONFIG_NAME, WEIGHTS_NAME
 from mlora.core.atomic import LOCK_NAME
 from mlora.core.errors import MloraError
-from mlora.persistence.peft_files import CONFIG_NAME, WEIGHTS_NAME
 from mlora.sweep.outputs import BEST_ADAPTER, CURVES_PNG, RESULT_JSON, TRIALS_CSV
 from mlora.sweep.study import STUDY_FILE
 from mlora.training.checkpoints import CHECKPOINT_PATTERN, TEMP_PATTERN

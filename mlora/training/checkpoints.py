@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from mlora.adapters.peft_files import TORCH_LOAD_ERRORS
 from mlora.batching.dispatcher import AdapterQueue
 from mlora.core.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
 from mlora.core.background import BackgroundWriter
@@ -60,7 +61,6 @@ from mlora.core.integrity import (
 )
 from mlora.hardware.backends import RngState
 from mlora.persistence.adapter_files import adapter_files_problem, read_adapter, write_adapter_files
-from mlora.persistence.peft_files import TORCH_LOAD_ERRORS
 from mlora.training.run_records import (
     RUN_DIR,
     RunIdentity,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mlora.adapters.kinds import kind_for_config
 from mlora.config.schema import TrainConfig
 from mlora.core.errors import MloraError
 from mlora.core.integrity import json_problem, safetensors_problem, shape_problem
@@ -21,7 +22,6 @@ from mlora.core.os_errors import write_problem
 from mlora.data.prompts import load_template
 from mlora.data.rows import local_data_path
 from mlora.model.loading import check_base_model_path
-from mlora.persistence.kinds import kind_for_config
 
 logger = logging.getLogger("mlora")
 
@@ -67,7 +67,7 @@ def own_targets(config: TrainConfig) -> dict[str, list[str]]:
     the LoRAs it embeds), those files read and checked.
 
     Raises:
-        MloraError: a file the kind cannot use (e.g. ``mlora.persistence.meteora.meteora_spec``).
+        MloraError: a file the kind cannot use (e.g. MeteoRA's ``meteora_spec``).
     """
     found = {}
     for adapter in config.lora:

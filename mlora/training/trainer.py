@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mlora.adapters.kinds import kind_for_config
 from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import LossBatch, collate
 from mlora.batching.dispatcher import (
@@ -48,7 +49,6 @@ from mlora.persistence.adapter_files import (
     read_adapter,
     spec_from_peft_config,
 )
-from mlora.persistence.kinds import kind_for_config
 from mlora.training.adapter_run import AdapterRun, cpu_copy, own_copy
 from mlora.training.checkpoint_policy import CheckpointPolicy
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
@@ -87,7 +87,7 @@ def adapter_seed(seed: int, name: str) -> int:
 
 
 def spec_from_config(config: AdapterConfig) -> LoraSpec:
-    """The spec of a validated adapter config, built by its kind (``mlora.persistence.kinds``)."""
+    """The spec of a validated adapter config, built by its kind (``mlora.adapters.kinds``)."""
     return kind_for_config(config).spec_from_config(config)
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlora.adapters.lora import LoraAdapter, adapter_dropout
+from mlora.adapters.lora.layer import LoraAdapter, adapter_dropout
 from mlora.adapters.routing import top_k_weights
 from mlora.adapters.spec import AdapterInput
 from mlora.batching.aux_losses import RouterStats

@@ -4,7 +4,7 @@ A MeteoRA adapter (``routing_strategy`` "meteora") embeds N existing LoRA adapte
 ``MeteoraAdapter`` (``mlora.adapters.meteora.layer``: a gate ``Linear(in, N)`` plus the N LoRAs) on
 every gated linear layer; a token's output adds the weighted deltas of its top-k adapters. An
 embedded adapter that does not target a gated layer adds nothing there when chosen. The spec
-comes from a config (``mlora.persistence.meteora.meteora_spec`` reads the adapter folders) or a
+comes from a config (``mlora.adapters.meteora.format.meteora_spec`` reads the adapter folders) or a
 saved MeteoRA folder; this module only builds the layers.
 """
 

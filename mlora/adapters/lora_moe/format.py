@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
-from mlora.adapters.lora_moe.layer import ExpertMixture
-from mlora.adapters.lora_moe.spec import LinearMoeSpec, build_linear_moe_spec
-from mlora.config.schema import LINEAR_MOE_STRATEGIES, MOE_STRATEGY_DEFAULTS
-from mlora.core.errors import MloraError
-from mlora.persistence.tensors import (
+from mlora.adapters.format_tensors import (
     layer_key,
     lora_tensors,
     moe_lora_config,
     moe_lora_fields,
 )
+from mlora.adapters.lora_moe.layer import ExpertMixture
+from mlora.adapters.lora_moe.spec import LinearMoeSpec, build_linear_moe_spec
+from mlora.config.schema import LINEAR_MOE_STRATEGIES, MOE_STRATEGY_DEFAULTS
+from mlora.core.errors import MloraError
 
 
 def named_parameters(model: Any, name: str) -> dict[str, torch.Tensor]:

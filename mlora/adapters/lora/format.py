@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from mlora.adapters import AdapterModel, LoraSpec
+from mlora.adapters.format_tensors import lora_tensors
+from mlora.adapters.peft_files import CONFIG_NAME, PEFT_PREFIX
 from mlora.config.schema import lora_scaling
 from mlora.core.errors import MloraError
-from mlora.persistence.peft_files import CONFIG_NAME, PEFT_PREFIX
-from mlora.persistence.tensors import lora_tensors
 
 
 def named_parameters(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 ``adapter_config.json`` + ``adapter_model.safetensors`` (or the legacy ``adapter_model.bin``
 that upstream MoE loaders read). Torch pickle files are read with ``weights_only=True``.
 Every adapter kind stores its tensors in these files; what the keys are is the kind's own
-format (``mlora.persistence.kinds``).
+format (``mlora.adapters.kinds``).
 """
 
 from __future__ import annotations

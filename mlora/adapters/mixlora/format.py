@@ -19,17 +19,17 @@ from typing import Any
 
 import torch
 
-from mlora.adapters.mixlora.feed_forward import MixLoraExperts, mixlora_layers
-from mlora.adapters.mixlora.spec import MixLoraSpec, build_mixlora_spec, router_spec
-from mlora.config.schema import MIXLORA_STRATEGIES, MOE_STRATEGY_DEFAULTS
-from mlora.core.errors import MloraError
-from mlora.persistence.tensors import (
+from mlora.adapters.format_tensors import (
     alpha_number,
     layer_key,
     lora_tensors,
     moe_lora_config,
     moe_lora_fields,
 )
+from mlora.adapters.mixlora.feed_forward import MixLoraExperts, mixlora_layers
+from mlora.adapters.mixlora.spec import MixLoraSpec, build_mixlora_spec, router_spec
+from mlora.config.schema import MIXLORA_STRATEGIES, MOE_STRATEGY_DEFAULTS
+from mlora.core.errors import MloraError
 
 PEFT_TYPE = "MIXLORA"
 

@@ -27,19 +27,19 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from mlora.adapters.format_tensors import copy_into, lora_tensors
 from mlora.adapters.meteora.layer import MeteoraAdapter
 from mlora.adapters.meteora.spec import EmbeddedLora, MeteoraSpec
-from mlora.config.schema import AdapterConfig
-from mlora.core.errors import MloraError
-from mlora.core.integrity import shape_problem
-from mlora.persistence.peft_files import (
+from mlora.adapters.peft_files import (
     LEGACY_WEIGHTS_NAME,
     PEFT_PREFIX,
     WEIGHTS_NAME,
     read_adapter,
     read_adapter_config,
 )
-from mlora.persistence.tensors import copy_into, lora_tensors
+from mlora.config.schema import AdapterConfig
+from mlora.core.errors import MloraError
+from mlora.core.integrity import shape_problem
 
 logger = logging.getLogger("mlora")
 
