@@ -276,6 +276,35 @@ def test_sigkill_then_resume_logs_every_step_exactly_once(tiny_model_dir: Path, 
             assert [e.value for e in events] == pytest.approx([r["loss"] for r in mine], 1e-6)
 
 
+def test_sigkill_then_resume_keeps_each_validation_once(tiny_model_dir: Path, tmp_path: Path):
+    """A validating adapter killed mid-run (a real SIGKILL, rows and validations past the last
+    checkpoint already written), then --resume: each validation is on its step's row once,
+    with the uninterrupted run's loss."""
+    raw = with_validation(two_adapter_config(tmp_path, save_step=3), every=2)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(raw), encoding="utf-8")
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    api.train(config, str(tiny_model_dir), clean, seed=5, device="cpu", log=False)
+    args = mlora_args(tiny_model_dir, config, out)
+    first = run_mlora(args, script=HARNESS, MLORA_TEST_KILL="optim:15")  # in step 9; cut at 6
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    killed = read_metrics(metrics_path(out))
+    assert any("val_loss" in row and row["global_step"] > 6 for row in killed)  # past a cut
+    last = run_mlora([*args, "--resume"])
+    assert last.returncode == 0, last.stderr
+
+    def validations(rows: list[dict]) -> list[tuple[str, int]]:
+        return [(r["adapter"], r["step"]) for r in rows if r["kind"] == "step" and "val_loss" in r]
+
+    got, want = read_metrics(metrics_path(out)), read_metrics(metrics_path(clean))
+    assert row_keys(got) == row_keys(want)  # every step once
+    assert validations(got) == validations(want)  # every validation once, on its step
+    assert [r["val_loss"] for r in steps_of(got, "add") if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in steps_of(want, "add") if "val_loss" in r], rel=1e-5
+    )
+    assert ("add", 8) in validations(got)  # the one the kill had written past the cut
+
+
 def run_row(run: str, step: int) -> str:
     return json.dumps({"kind": "step", "run": run, "adapter": "a", "step": step,
                        "global_step": step, "loss": 1.0}) + "\n"  # fmt: skip

@@ -82,3 +82,29 @@ def test_group_by_expert_sorts_pairs_stably_and_names_their_tokens() -> None:
     assert order.tolist() == [1, 3, 2, 0, 4, 5]
     assert token.tolist() == [0, 1, 1, 0, 2, 2]
     assert expert.tolist() == [0, 0, 1, 2, 2, 3]
+
+
+def test_routed_pairs_combine_each_tokens_slots_with_their_weights() -> None:
+    """Gather, a per-pair function, combine: each token's sum over its k slots of the slot's
+    weight times the function of (token, expert), written as a per-token loop; ``first``
+    keeps the pairs of the experts before a cut (a pseudo-expert's pairs, sorted last)."""
+    from mlora.ops.routed_lora import RoutedPairs
+
+    torch.manual_seed(0)
+    n, k, experts = 7, 3, 4
+    x = torch.randn(n, 5, dtype=torch.float64)
+    slot_expert = torch.randint(0, experts + 1, (n * k,))  # expert 4: the pseudo-expert
+    slot_weight = torch.rand(n * k, dtype=torch.float64)
+    shift = torch.randn(experts + 1, 5, dtype=torch.float64)  # the "expert": x + shift[e]
+    pairs = RoutedPairs.group(slot_expert, slot_weight, k)
+    assert pairs.expert.tolist() == sorted(slot_expert.tolist())
+    real = int((slot_expert < experts).sum())
+    for kept, cut in ((pairs, experts + 1), (pairs.first(real), experts)):
+        got = kept.combine(kept.gather(x) + shift.index_select(0, kept.expert))
+        expected = torch.zeros(n, 5, dtype=torch.float64)
+        for t in range(n):
+            for s in range(k):
+                e = int(slot_expert[t * k + s])
+                if e < cut:
+                    expected[t] += slot_weight[t * k + s] * (x[t] + shift[e])
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -21,11 +21,16 @@ per layer. Implementations (``impl=``), all tested equal to ``loop``:
 
 The implementation is chosen per call; the MoE modules hold theirs as an attribute
 (``routed_impl``, "auto" unless a test pins one), never as a module-level switch.
+
+``RoutedPairs`` is the one dispatch every MoE kind with a router shares (MoLA's LoRAs in a
+linear, MixLoRA's FFN experts): (token, slot) pairs grouped by expert, gathered from per-token
+tensors, run through ``routed_lora`` and summed back per token with their routing weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +56,64 @@ def group_by_expert(
     """
     order = torch.argsort(slot_expert, stable=True)
     return order, order // k, slot_expert.index_select(0, order)
+
+
+@dataclass(frozen=True)
+class RoutedPairs:
+    """The (token, slot) pairs of n tokens with k slots each, grouped by expert: what every MoE
+    kind runs its experts over (MoLA's LoRAs in a linear, MixLoRA's FFN experts).
+
+    A pair's rows are gathered from per-token tensors (``gather``), run through the experts
+    (``routed_lora`` per LoRA, on ``expert``), and summed back per token with their routing
+    weights (``combine``).
+
+    Attributes:
+        order: (P,) each sorted pair's index ``token * k + slot`` (per-pair draws follow it).
+        token: (P,) its token.
+        expert: (P,) its expert, ascending; an index past the last expert (pairs that go
+            nowhere, or to a pseudo-expert) sorts last.
+        weight: (P,) its routing weight.
+        tokens: n.
+        slots: k.
+    """
+
+    order: torch.Tensor
+    token: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+    tokens: int
+    slots: int
+
+    @classmethod
+    def group(cls, slot_expert: torch.Tensor, slot_weight: torch.Tensor, slots: int) -> RoutedPairs:
+        """Pairs from (n*k,) ``slot_expert`` and ``slot_weight`` of pairs ``token * k + slot``
+        (``group_by_expert``: stable, token order within an expert)."""
+        order, token, expert = group_by_expert(slot_expert, slots)
+        weight = slot_weight.index_select(0, order)
+        return cls(order, token, expert, weight, slot_expert.numel() // slots, slots)
+
+    def first(self, count: int) -> RoutedPairs:
+        """The first ``count`` pairs: those whose experts come before the pairs cut off."""
+        cut = slice(0, count)
+        return RoutedPairs(
+            self.order[cut],
+            self.token[cut],
+            self.expert[cut],
+            self.weight[cut],
+            self.tokens,
+            self.slots,
+        )
+
+    def gather(self, per_token: torch.Tensor) -> torch.Tensor:
+        """(P, ...) each pair's row of the (n, ...) ``per_token``."""
+        return per_token.index_select(0, self.token)
+
+    def combine(self, per_pair: torch.Tensor) -> torch.Tensor:
+        """(n, d) each token's routing-weighted sum of its pairs' (P, d) rows, at least fp32."""
+        dtype = torch.promote_types(per_pair.dtype, torch.float32)
+        weighted = per_pair.to(dtype) * self.weight.to(dtype)[:, None]
+        out = per_pair.new_zeros(self.tokens, per_pair.shape[1], dtype=dtype)
+        return out.index_add(0, self.token, weighted)
 
 
 def routed_lora(

@@ -19,6 +19,7 @@ from torch import nn
 
 from mlora.adapters.spec import AdapterInput
 from mlora.batching.randomness import SegmentRandom
+from mlora.ops.routed_lora import RoutedPairs
 
 
 def init_lora_weights(lora_A: nn.Linear, lora_B: nn.Linear, init: str, r: int) -> None:
@@ -50,13 +51,11 @@ def adapter_dropout(
 
 
 def slot_dropout(
-    pairs: torch.Tensor,
-    order: torch.Tensor,
-    slots: int,
+    x: torch.Tensor,
+    pairs: RoutedPairs,
     p: float,
     training: bool,
     random: SegmentRandom | None,
-    tokens: int | None = None,
 ) -> torch.Tensor:
     """Dropout of MoE (token, slot) pairs grouped by expert, drawn token by token.
 
@@ -66,17 +65,16 @@ def slot_dropout(
     rank draws exactly its tokens' part of the whole micro-batch (``SegmentRandom.plain``).
 
     Args:
-        pairs: (n * slots, in) the pairs' inputs, sorted by expert.
-        order: (n * slots,) the token-order index (``token * slots + slot``) of each pair.
+        x: (P, in) the pairs' inputs, in ``pairs``' order (all n * slots of them, or the first
+            ones: MixLoRA dropping the unused slots of ``mixlora-dynamic`` draws the same).
+        pairs: the pairs (their token-order index ``token * slots + slot``: ``pairs.order``).
         random: the adapter's stream over the n tokens in canonical order (None: global RNG).
-        tokens: n, when ``pairs`` holds only some of the n * slots pairs (MixLoRA dropping the
-            unused slots of ``mixlora-dynamic``): the draw is the same as for all of them.
     """
     if not training or p == 0:
-        return pairs
-    n = pairs.shape[0] // slots if tokens is None else tokens
-    keep = (random or SegmentRandom(None)).keep(pairs.new_empty(n, slots * pairs.shape[1]), p)
-    return pairs * keep.view(n * slots, -1).index_select(0, order)
+        return x
+    n, slots = pairs.tokens, pairs.slots
+    keep = (random or SegmentRandom(None)).keep(x.new_empty(n, slots * x.shape[1]), p)
+    return x * keep.view(n * slots, -1).index_select(0, pairs.order)
 
 
 class DoraMagnitude(nn.Module):

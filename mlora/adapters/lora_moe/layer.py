@@ -44,7 +44,7 @@ from mlora.adapters.spec import AdapterInput
 from mlora.batching.aux_losses import RouterStats
 from mlora.batching.layout import LayoutContext
 from mlora.batching.randomness import SegmentRandom
-from mlora.ops.routed_lora import group_by_expert, routed_lora, weighted_lora
+from mlora.ops.routed_lora import RoutedPairs, routed_lora, weighted_lora
 
 DEFAULT_ROUTER_INIT_RANGE = 5.0  # upstream's default for loramoe / mola: nn.Linear's own init
 
@@ -243,12 +243,11 @@ class MolaAdapter(ExpertMixture):
         """The (n, out) delta of the real tokens ``x`` (n, in), taken at ``canonical`` from the
         segment (None: ``x`` is the whole segment): every one of the n*k pairs is real."""
         probs, weights, selected = self.route(x)  # (n, E), (n, k), (n, k)
-        flat_expert = selected.reshape(-1)  # (n*k,) expert of each (token, slot) pair
-        order, token_of, expert_of = group_by_expert(flat_expert, self.top_k)
+        pairs = RoutedPairs.group(selected.reshape(-1), weights.reshape(-1), self.top_k)
         dora = None
         if self.needs_base_weight:
             dora = (inputs.base_result, canonical, inputs.base_weight, inputs.base_bias)
-        delta = self._routed_lora(x, order, token_of, expert_of, weights, random, dora)
+        delta = self._routed_lora(x, pairs, random, dora)
         if self._reporting():
             self._report(probs, selected)
         return delta
@@ -256,10 +255,7 @@ class MolaAdapter(ExpertMixture):
     def _routed_lora(
         self,
         x: torch.Tensor,
-        order: torch.Tensor,
-        token_of: torch.Tensor,
-        expert_of: torch.Tensor,
-        weights: torch.Tensor,
+        pairs: RoutedPairs,
         random: SegmentRandom | None,
         dora: tuple | None = None,
     ) -> torch.Tensor:
@@ -272,11 +268,11 @@ class MolaAdapter(ExpertMixture):
         expert's magnitude over weight norm, as ``LoraAdapter.forward`` does for one expert.
         """
         first = self.experts[0]
-        pairs = x.index_select(0, token_of).to(first.lora_A.weight.dtype)  # (P, in)
-        pairs = slot_dropout(pairs, order, self.top_k, first.dropout_p, self.training, random)
+        inp = pairs.gather(x).to(first.lora_A.weight.dtype)  # (P, in)
+        inp = slot_dropout(inp, pairs, first.dropout_p, self.training, random)
         out = routed_lora(
-            pairs,
-            expert_of,
+            inp,
+            pairs.expert,
             [expert.lora_A.weight for expert in self.experts],
             [expert.lora_B.weight for expert in self.experts],
             [expert.scaling for expert in self.experts],
@@ -284,20 +280,17 @@ class MolaAdapter(ExpertMixture):
         )  # (P, out), scaled
         if dora is not None:
             base_result, picked, base_weight, base_bias = dora
-            weight = base_weight.to(pairs.dtype)
-            scale = dora_scales(self.experts, weight).index_select(0, expert_of)  # (P, out)
+            weight = base_weight.to(inp.dtype)
+            scale = dora_scales(self.experts, weight).index_select(0, pairs.expert)  # (P, out)
 
             def undropped_base() -> torch.Tensor:  # W x of each pair's token, without the bias
-                rows = token_of if picked is None else picked.index_select(0, token_of)
-                base = base_result.index_select(0, rows).to(pairs.dtype)
+                rows = pairs.token if picked is None else pairs.gather(picked)
+                base = base_result.index_select(0, rows).to(inp.dtype)
                 return base if base_bias is None else base - base_bias
 
             active = first.dropout_p != 0 and self.training
-            out = dora_delta(scale, out, pairs, weight, active, undropped_base)
-        dtype = torch.promote_types(out.dtype, torch.float32)  # fp32, or fp64 experts' fp64
-        kept = weights.reshape(-1).index_select(0, order).to(dtype)  # (P,)
-        delta = x.new_zeros(x.shape[0], self.out_features, dtype=dtype)
-        return delta.index_add(0, token_of, out.to(dtype) * kept[:, None])
+            out = dora_delta(scale, out, inp, weight, active, undropped_base)
+        return pairs.combine(out)  # (n, out): fp32, or fp64 experts' fp64
 
     def _report(self, probs: torch.Tensor, selected: torch.Tensor) -> None:
         """Routed counts of the (real) tokens and, with ``router_loss``, the weighted aux loss."""

@@ -30,7 +30,7 @@ from mlora.adapters.routing import RouterSpec, route
 from mlora.adapters.spec import AdapterHost, LoraSpec
 from mlora.batching.layout import AdapterSegment, BatchLayout, LayoutContext
 from mlora.batching.randomness import SegmentRandom
-from mlora.ops.routed_lora import group_by_expert, routed_lora
+from mlora.ops.routed_lora import RoutedPairs, routed_lora
 from mlora.ops.segments import join_segments, split_segments
 
 # The MLP shapes we know: (projection names in call order, kind).
@@ -361,7 +361,7 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
         Returns:
             (N, H_out) fp32.
         """
-        n, num_experts = routed.shape
+        num_experts = routed.shape[1]
         k = moe.slots_per_token
         strategy = moe.router_spec.strategy
         pseudo = strategy in ("mixlora-switch", "mixlora-dynamic")
@@ -370,11 +370,10 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
         slot_expert = torch.where(hit, slots, num_experts).reshape(-1)  # (N*k,)
         unrouted = 1.0 if strategy == "mixlora-switch" else 0.0
         slot_weight = torch.where(hit, weights.gather(1, slots), unrouted).reshape(-1)
-        order, token_of, expert_of = group_by_expert(slot_expert, k)
+        pairs = RoutedPairs.group(slot_expert, slot_weight, k)
         if moe.drops_unused_slots(x.device):  # the pseudo-expert's pairs sort last
-            used = int(routed.sum())  # the host read
-            order, token_of, expert_of = order[:used], token_of[:used], expert_of[:used]
-        xs = x.index_select(0, token_of)  # (P, H)
+            pairs = pairs.first(int(routed.sum()))  # the host read
+        xs = pairs.gather(x)  # (P, H)
         dense = self._dense_weights(moe)
 
         def project(name: str, inp: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -391,15 +390,15 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
                     [*scales, 0.0],
                 )
             p, training = experts[0].dropout_p, experts[0].training
-            dropped = slot_dropout(inp.to(a[0].dtype), order, k, p, training, random, n)
-            lora = routed_lora(dropped, expert_of, a, b, scales, moe.routed_impl)  # (P, out)
+            dropped = slot_dropout(inp.to(a[0].dtype), pairs, p, training, random)
+            lora = routed_lora(dropped, pairs.expert, a, b, scales, moe.routed_impl)  # (P, out)
             if experts[0].magnitude is None:
                 return (base + lora).to(base.dtype)
             weight = dense[name].to(dropped.dtype)
             scale = dora_scales(experts, weight)  # (E, out); the pseudo-expert's row is 1
             if pseudo:
                 scale = torch.cat([scale, torch.ones_like(scale[:1])])
-            scale = scale.index_select(0, expert_of)  # (P, out)
+            scale = scale.index_select(0, pairs.expert)  # (P, out)
             bias = self.linear(name).bias
             delta = dora_delta(
                 scale,
@@ -412,16 +411,15 @@ class MixLoraFeedForward(nn.Module, AdapterHost):
             return (base + delta).to(base.dtype)
 
         first = self.projections[0]
-        shared = self.linear(first)(x).index_select(0, token_of)  # (P, I): once for all experts
+        shared = pairs.gather(self.linear(first)(x))  # (P, I): once for all experts
         if self.projections == GATED:
-            up = self.linear("up_proj")(x).index_select(0, token_of)
+            up = pairs.gather(self.linear("up_proj")(x))
             hidden = moe.activation(project(first, xs, shared)) * project("up_proj", xs, up)
         else:
             hidden = moe.activation(project(first, xs, shared))
         down = self.projections[-1]
         out = project(down, hidden, self.linear(down)(hidden)).float()  # (P, H_out)
-        y = x.new_zeros(n, out.shape[1], dtype=torch.float32)
-        return y.index_add(0, token_of, out * slot_weight.index_select(0, order)[:, None])
+        return pairs.combine(out)
 
     def _dense_weights(self, moe: MixLoraExperts) -> dict[str, torch.Tensor]:
         """The fp32 dense base weight of each adapted projection for DoRA experts (else none):
