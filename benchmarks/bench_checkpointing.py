@@ -63,7 +63,10 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     for name in names:
         model.add_adapter(name, LoraSpec(r=16, scaling=2.0, dropout=0.05, target_modules=targets))
     model.train()
-    apply_gradient_checkpointing(model.model, args.mode, backend)
+    context = model.context  # recompute replays the adapters' draws under the pass's state
+    apply_gradient_checkpointing(
+        model.model, args.mode, backend, context.aux_losses, context.generators, context
+    )
     rows_per_adapter = args.batch // args.adapters
     groups = []
     for name in names:
