@@ -22,22 +22,11 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mlora.adapters.kinds import kind_for_config
-from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import LossBatch, collate
-from mlora.batching.dispatcher import (
-    AdapterQueue,
-    Dispatcher,
-    MicroBatch,
-    MicroBatchShard,
-    name_seed,
-)
+from mlora.batching.dispatcher import Dispatcher, MicroBatch, MicroBatchShard
 from mlora.config.schema import AdapterConfig, TrainConfig, config_to_dict
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
-from mlora.data.dataset import tokenize_dataset
-from mlora.data.preference import PAIR_ROWS
-from mlora.data.prompts import load_template
 from mlora.data.rows import TokenizedRow, pad_token_id
 from mlora.hardware.backends import get_backend
 from mlora.hardware.peak_flops import peak_flops
@@ -46,12 +35,12 @@ from mlora.persistence.adapter_files import (
     adapter_state_dict,
     load_adapter_weights,
     peft_config,
-    read_adapter,
-    spec_from_peft_config,
 )
 from mlora.training.adapter_run import AdapterRun, cpu_copy, own_copy
+from mlora.training.adapter_setup import setup_adapter
 from mlora.training.checkpoint_policy import CheckpointPolicy
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
+from mlora.training.data_preparation import adapter_seed, prepare_data, spec_from_config
 from mlora.training.distributed import Distributed
 from mlora.training.evaluation_schedule import EvaluationSchedule
 from mlora.training.faults import FaultMonitor
@@ -62,13 +51,7 @@ from mlora.training.metrics.progress import ProgressSink, in_notebook
 from mlora.training.metrics.rows import ValidationRow
 from mlora.training.metrics.sinks import RowSinks, RunStart
 from mlora.training.metrics.throughput import FlopsEstimate, RunMeter
-from mlora.training.objectives import (
-    Objective,
-    check_objective_fits,
-    objective_rows,
-    plan_objectives,
-)
-from mlora.training.optim import build_optimizer, build_scheduler
+from mlora.training.objectives import plan_objectives
 from mlora.training.recompute import (
     apply_gradient_checkpointing,
     checkpoint_mode,
@@ -76,42 +59,12 @@ from mlora.training.recompute import (
 )
 from mlora.training.run_records import RunIdentity
 from mlora.training.step_hooks import Outcome, RunControl, StepBoundary, StepHook
-from mlora.training.validation import Validation, prepare_validation, training_rows_of
+from mlora.training.validation import Validation, prepare_validation
+
+# prepare_data, spec_from_config, adapter_seed: still importable from here, as before
+__all__ = ["Trainer", "adapter_seed", "prepare_data", "spec_from_config"]
 
 logger = logging.getLogger("mlora")
-
-
-def adapter_seed(seed: int, name: str) -> int:
-    """A per-adapter seed, so an adapter's init does not depend on which others exist."""
-    return name_seed(seed, name) % (2**63)
-
-
-def spec_from_config(config: AdapterConfig) -> LoraSpec:
-    """The spec of a validated adapter config, built by its kind (``mlora.adapters.kinds``)."""
-    return kind_for_config(config).spec_from_config(config)
-
-
-def prepare_data(config: TrainConfig, tokenizer, seed: int = 42) -> dict[str, list[TokenizedRow]]:
-    """Load and tokenize every adapter's training data (before the model loads: fail fast);
-    ``seed`` (the trainer's) picks the rows ``val_set_size`` holds out of training."""
-    out = {}
-    for adapter in config.lora:
-        template = load_template(adapter.prompt)
-        rows = training_rows_of(adapter, seed)  # choice tasks: question -> right choice
-        task_field = kind_for_config(adapter).task_field(adapter)
-        fmt, out[adapter.name] = tokenize_dataset(
-            rows,
-            tokenizer,
-            template,
-            config.cutoff_len,
-            adapter.data_format,
-            adapter.train_on_inputs,
-            source=adapter.data,
-            task_field=task_field,
-            task_names=[Path(folder).name for folder in adapter.adapters or ()],
-        )
-        check_objective_fits(adapter, fmt)
-    return out
 
 
 class Trainer:
@@ -240,64 +193,8 @@ class Trainer:
     def _setup_adapter(
         self, config: AdapterConfig, rows: list[TokenizedRow], init_from: Path | None
     ) -> AdapterRun:
-        spec = spec_from_config(config)
-        objective = Objective.from_config(config)
-        rows = objective_rows(objective, rows, self.model, self.pad_token_id)  # before the adapter
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(adapter_seed(self.seed, config.name))
-            self.model.add_adapter(config.name, spec)
-        self.model.context.generators.seed(config.name, adapter_seed(self.seed, config.name))
-        if init_from is not None:
-            self._load_initial_weights(config, spec, init_from)
-        elif (load_fresh := kind_for_config(config).load_fresh) is not None:
-            load_fresh(self.model, config.name)  # MeteoRA: the LoRAs it embeds, from their folders
-        queue = AdapterQueue(
-            config.name,
-            rows,
-            config.batch_size,
-            config.micro_batch_size or config.batch_size,
-            config.num_epochs,
-            shuffle=config.shuffle,
-            group_by_length=config.group_by_length,
-            seed=self.seed,
-            rows_per_item=PAIR_ROWS if objective.pairs else 1,
-            max_steps=config.max_steps,
-        )
-        named = [
-            (f"{path}.{n}", p)
-            for path, module in self.model.adapter_modules(config.name)
-            for n, p in module.named_parameters()
-            if p.requires_grad  # MeteoRA's embedded LoRAs are frozen unless train_loras
-        ]
-        optimizer = build_optimizer(config, named)
-        scheduler = build_scheduler(config, optimizer, queue.total_steps)
-        run = AdapterRun(config, queue, optimizer, scheduler, objective=objective)
-        run.fault, run.fault_at = (
-            run.fault.to(self.model.device),
-            run.fault_at.to(self.model.device),
-        )
-        return run
-
-    def _load_initial_weights(self, config: AdapterConfig, spec: LoraSpec, folder: Path) -> None:
-        saved, tensors = read_adapter(folder)
-        saved_spec = spec_from_peft_config(saved, str(folder))
-        for key, ours, theirs in [
-            ("r", spec.r, saved_spec.r),
-            ("target_modules", sorted(spec.target_modules), sorted(saved_spec.target_modules)),
-            (
-                "target_parameters",
-                sorted(spec.target_parameters),
-                sorted(saved_spec.target_parameters),
-            ),
-            ("use_dora", spec.use_dora, saved_spec.use_dora),
-        ]:
-            if ours != theirs:
-                raise MloraError(
-                    f"adapter {config.name!r}: {key} is {ours} in the config "
-                    f"but {theirs} in {folder}"
-                )
-        load_adapter_weights(self.model, config.name, tensors, str(folder))
-        logger.info("adapter %s: continuing from %s", config.name, folder)
+        """One adapter's run (``adapter_setup.py``) on this trainer's model, seed and pad id."""
+        return setup_adapter(self.model, config, rows, init_from, self.seed, self.pad_token_id)
 
     # --- the loop ------------------------------------------------------------------------------
 
