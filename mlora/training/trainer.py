@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,99 +22,49 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mlora.adapters.kinds import kind_for_config
-from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import LossBatch, collate
-from mlora.batching.dispatcher import (
-    AdapterQueue,
-    Dispatcher,
-    MicroBatch,
-    MicroBatchShard,
-    name_seed,
-)
-from mlora.config.schema import AdapterConfig, TrainConfig, config_to_dict
+from mlora.batching.dispatcher import Dispatcher, MicroBatch, MicroBatchShard
+from mlora.config.schema import AdapterConfig, TrainConfig
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
-from mlora.data.dataset import tokenize_dataset
-from mlora.data.preference import PAIR_ROWS
-from mlora.data.prompts import load_template
 from mlora.data.rows import TokenizedRow, pad_token_id
 from mlora.hardware.backends import get_backend
 from mlora.hardware.peak_flops import peak_flops
 from mlora.model.multi_lora import MultiLoraModel
-from mlora.persistence.adapter_files import (
-    adapter_state_dict,
-    load_adapter_weights,
-    peft_config,
-    read_adapter,
-    spec_from_peft_config,
-)
-from mlora.training.adapter_run import AdapterRun, cpu_copy, own_copy
+from mlora.training.adapter_run import AdapterRun
+from mlora.training.adapter_setup import setup_adapter
 from mlora.training.checkpoint_policy import CheckpointPolicy
 from mlora.training.checkpoints import RunCheckpoints, checkpoint_folder
+from mlora.training.data_preparation import adapter_seed, prepare_data, spec_from_config
 from mlora.training.distributed import Distributed
 from mlora.training.evaluation_schedule import EvaluationSchedule
 from mlora.training.faults import FaultMonitor
 from mlora.training.gradient_sync import gradient_sync
-from mlora.training.metrics.collector import PendingStep, StepCollector, gradient_norm, now
-from mlora.training.metrics.log_lines import AdapterMetrics, LogLineSink, MetricsSink
+from mlora.training.metrics.collector import StepCollector
+from mlora.training.metrics.log_lines import LogLineSink, MetricsSink
 from mlora.training.metrics.progress import ProgressSink, in_notebook
-from mlora.training.metrics.rows import ValidationRow
-from mlora.training.metrics.sinks import RowSinks, RunStart
+from mlora.training.metrics.sinks import RowSinks
 from mlora.training.metrics.throughput import FlopsEstimate, RunMeter
-from mlora.training.objectives import (
-    Objective,
-    check_objective_fits,
-    objective_rows,
-    plan_objectives,
-)
-from mlora.training.optim import build_optimizer, build_scheduler
+from mlora.training.objectives import plan_objectives
 from mlora.training.recompute import (
     apply_gradient_checkpointing,
     checkpoint_mode,
     resolve_checkpoint_mode,
 )
+from mlora.training.reporting import ReportingTrainer
+from mlora.training.resume import ResumableTrainer
 from mlora.training.run_records import RunIdentity
+from mlora.training.saving import SavingTrainer
 from mlora.training.step_hooks import Outcome, RunControl, StepBoundary, StepHook
-from mlora.training.validation import Validation, prepare_validation, training_rows_of
+from mlora.training.validation import Validation, prepare_validation
+
+# prepare_data, spec_from_config, adapter_seed: still importable from here, as before
+__all__ = ["Trainer", "adapter_seed", "prepare_data", "spec_from_config"]
 
 logger = logging.getLogger("mlora")
 
 
-def adapter_seed(seed: int, name: str) -> int:
-    """A per-adapter seed, so an adapter's init does not depend on which others exist."""
-    return name_seed(seed, name) % (2**63)
-
-
-def spec_from_config(config: AdapterConfig) -> LoraSpec:
-    """The spec of a validated adapter config, built by its kind (``mlora.adapters.kinds``)."""
-    return kind_for_config(config).spec_from_config(config)
-
-
-def prepare_data(config: TrainConfig, tokenizer, seed: int = 42) -> dict[str, list[TokenizedRow]]:
-    """Load and tokenize every adapter's training data (before the model loads: fail fast);
-    ``seed`` (the trainer's) picks the rows ``val_set_size`` holds out of training."""
-    out = {}
-    for adapter in config.lora:
-        template = load_template(adapter.prompt)
-        rows = training_rows_of(adapter, seed)  # choice tasks: question -> right choice
-        task_field = kind_for_config(adapter).task_field(adapter)
-        fmt, out[adapter.name] = tokenize_dataset(
-            rows,
-            tokenizer,
-            template,
-            config.cutoff_len,
-            adapter.data_format,
-            adapter.train_on_inputs,
-            source=adapter.data,
-            task_field=task_field,
-            task_names=[Path(folder).name for folder in adapter.adapters or ()],
-        )
-        check_objective_fits(adapter, fmt)
-    return out
-
-
-class Trainer:
+class Trainer(ReportingTrainer, SavingTrainer, ResumableTrainer):
     """Trains every adapter of a config on one ``MultiLoraModel``.
 
     The step (``train_step``) is collate, forward, loss, backward, gradient sync and optimizer
@@ -123,7 +73,11 @@ class Trainer:
     ``checkpoint_policy`` (when a cut is written, ``checkpoint_policy.py``), ``sinks`` (where
     logged results go, ``metrics/log_lines.py``) and ``step_hooks`` (evaluation and anything else
     that acts between steps, ``step_hooks.py``). Adapters leave the run through ``leave``
-    (finished, stopped) and may enter through ``enter``, both at step boundaries.
+    (finished, stopped) and may enter through ``enter``, both at step boundaries. Its other
+    parts sit in modules beside it: building an adapter's run (``adapter_setup.py``), metrics
+    rows and reports (``ReportingTrainer``, ``reporting.py``), final saves and checkpoint cuts
+    (``SavingTrainer``, ``saving.py``) and ``state_dict`` / ``load_state_dict``
+    (``ResumableTrainer``, ``resume.py``).
 
     Args:
         model: the wrapped frozen base model.
@@ -240,64 +194,8 @@ class Trainer:
     def _setup_adapter(
         self, config: AdapterConfig, rows: list[TokenizedRow], init_from: Path | None
     ) -> AdapterRun:
-        spec = spec_from_config(config)
-        objective = Objective.from_config(config)
-        rows = objective_rows(objective, rows, self.model, self.pad_token_id)  # before the adapter
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(adapter_seed(self.seed, config.name))
-            self.model.add_adapter(config.name, spec)
-        self.model.context.generators.seed(config.name, adapter_seed(self.seed, config.name))
-        if init_from is not None:
-            self._load_initial_weights(config, spec, init_from)
-        elif (load_fresh := kind_for_config(config).load_fresh) is not None:
-            load_fresh(self.model, config.name)  # MeteoRA: the LoRAs it embeds, from their folders
-        queue = AdapterQueue(
-            config.name,
-            rows,
-            config.batch_size,
-            config.micro_batch_size or config.batch_size,
-            config.num_epochs,
-            shuffle=config.shuffle,
-            group_by_length=config.group_by_length,
-            seed=self.seed,
-            rows_per_item=PAIR_ROWS if objective.pairs else 1,
-            max_steps=config.max_steps,
-        )
-        named = [
-            (f"{path}.{n}", p)
-            for path, module in self.model.adapter_modules(config.name)
-            for n, p in module.named_parameters()
-            if p.requires_grad  # MeteoRA's embedded LoRAs are frozen unless train_loras
-        ]
-        optimizer = build_optimizer(config, named)
-        scheduler = build_scheduler(config, optimizer, queue.total_steps)
-        run = AdapterRun(config, queue, optimizer, scheduler, objective=objective)
-        run.fault, run.fault_at = (
-            run.fault.to(self.model.device),
-            run.fault_at.to(self.model.device),
-        )
-        return run
-
-    def _load_initial_weights(self, config: AdapterConfig, spec: LoraSpec, folder: Path) -> None:
-        saved, tensors = read_adapter(folder)
-        saved_spec = spec_from_peft_config(saved, str(folder))
-        for key, ours, theirs in [
-            ("r", spec.r, saved_spec.r),
-            ("target_modules", sorted(spec.target_modules), sorted(saved_spec.target_modules)),
-            (
-                "target_parameters",
-                sorted(spec.target_parameters),
-                sorted(saved_spec.target_parameters),
-            ),
-            ("use_dora", spec.use_dora, saved_spec.use_dora),
-        ]:
-            if ours != theirs:
-                raise MloraError(
-                    f"adapter {config.name!r}: {key} is {ours} in the config "
-                    f"but {theirs} in {folder}"
-                )
-        load_adapter_weights(self.model, config.name, tensors, str(folder))
-        logger.info("adapter %s: continuing from %s", config.name, folder)
+        """One adapter's run (``adapter_setup.py``) on this trainer's model, seed and pad id."""
+        return setup_adapter(self.model, config, rows, init_from, self.seed, self.pad_token_id)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -542,20 +440,7 @@ class Trainer:
             state = self.validation.states[name]
             control.leave(by_name[name], "finished", f"{state.stopped} at step {state.last_step}")
 
-    def _log_validation(self, validated: Sequence[AdapterRun]) -> None:
-        """Each validated adapter's loss: into its step's row (still pending), else a row of its
-        own (``kind: validation``)."""
-        alone = []
-        for run in validated:
-            step, loss = self.validation.states[run.name].curve[-1]
-            if not self.collector.add_validation(run.name, int(step), loss):
-                alone.append(ValidationRow(
-                    run=self.run_id, adapter=run.name, step=int(step),
-                    global_step=self.global_step, val_loss=loss, time=now(),
-                ))  # fmt: skip
-        self.row_sinks.log_validation(alone)
-
-    # --- faults and metrics --------------------------------------------------------------------
+    # --- faults ----------------------------------------------------------------------------------
 
     def consolidate_partial_steps(self) -> None:
         """Before a checkpoint: move the partial gradients and step losses of adapters in the
@@ -588,298 +473,3 @@ class Trainer:
                 f"(global step {fault.global_step}); stopped it, the others carry on; "
                 f"last good checkpoint: {good}",
             )
-
-    def _count_micro_batch(self, run: AdapterRun, mb: MicroBatch, tokens: int) -> None:
-        """A micro-batch's rows and tokens: into its step's row, and the interval's run row."""
-        rows, counted = self.step_counts.get(run.name, (0, 0))
-        self.step_counts[run.name] = (rows + len(mb.rows), counted + tokens)
-        self.meter.count(run.name, tokens, sum(row.num_supervised for row in mb.rows))
-
-    def _collect_step(self, run: AdapterRun, mb: MicroBatch) -> None:
-        """Keep the ending optimizer step's row (device scalars until the log interval)."""
-        rows, tokens = self.step_counts.pop(run.name, (0, 0))
-        if not self.dist.is_main:
-            return
-        assert run.step_loss is not None
-        steps = run.steps_done + 1
-        self.collector.add(
-            PendingStep(
-                adapter=run.name, step=steps, global_step=self.global_step + 1,
-                epoch=steps / run.queue.steps_per_epoch, rows=rows, tokens=tokens,
-                supervised_tokens=mb.step_tokens, lr=run.optimizer.param_groups[0]["lr"],
-                loss=run.step_loss.detach(), grad_norm=gradient_norm(run.params), time=now(),
-            )
-        )  # fmt: skip
-
-    def _run_start(self) -> RunStart:
-        adapters = {a["name"]: a for a in config_to_dict(self.config)["lora"]}
-        return RunStart(
-            output_dir=self.output_dir,
-            run=self.run_id,
-            adapters=adapters,
-            resume_step=self.resumed_at,
-            positions={run.name: run.steps_done for run in self.runs},
-        )
-
-    def emit_rows(self, run_row: bool) -> None:
-        """Hand the finished steps' rows to the row sinks (one host read), with the interval's
-        run row when ``run_row``."""
-        if not self.dist.is_main:
-            self.collector.clear()
-            return
-        self.row_sinks.log_steps(self.collector.take(self.run_id))
-        if run_row:
-            peak = self.backend.memory_stats()["peak"]
-            self.row_sinks.log_run(self.meter.row(self.run_id, self.global_step, peak))
-
-    def _report(self, elapsed: float) -> None:
-        """Each adapter's results since the last report, to every sink (one host read for
-        every adapter's mean loss, every ``log_step`` steps), and every step's row."""
-        self.emit_rows(run_row=True)
-        self.check_faults()
-        logged = [run for run in self.runs if run.loss_count]
-        if not logged:
-            return
-        means = torch.stack([run.loss_sum / run.loss_count for run in logged]).tolist()
-        metrics = [
-            self._metrics(run, loss, elapsed) for run, loss in zip(logged, means, strict=True)
-        ]
-        for sink in self.sinks:
-            sink.report(metrics)
-
-    def _metrics(self, run: AdapterRun, loss: float, elapsed: float) -> AdapterMetrics:
-        """``run``'s results over the interval ending now; its history grows and its interval
-        restarts."""
-        run.history.append(loss)
-        loads = self.model.context.aux_losses.take_loads(run.name)
-        shares = None if loads is None else tuple(loads.tolist())  # MoE: per expert, all layers
-        names = None
-        if shares is not None:
-            run.expert_load.append(list(shares))
-            names = getattr(self.model.specs[run.name], "expert_names", None)  # MeteoRA
-        metrics = AdapterMetrics(
-            global_step=self.global_step,
-            adapter=run.name,
-            epoch=min(run.queue.epoch + 1, run.config.num_epochs),
-            num_epochs=run.config.num_epochs,
-            adapter_step=run.steps_done,
-            total_steps=run.queue.total_steps,
-            loss=loss,
-            lr=run.optimizer.param_groups[0]["lr"],
-            tokens=run.tokens,
-            seconds=elapsed,
-            expert_load=shares,
-            expert_names=None if not names else tuple(names),
-        )
-        run.take_logged_loss()
-        return metrics
-
-    # --- saving --------------------------------------------------------------------------------
-
-    def adapter_config_json(self, run: AdapterRun) -> dict:
-        spec = self.model.specs[run.name]
-        return peft_config(spec, self.base_model_name)
-
-    def weights_copy(self, run: AdapterRun) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under their file keys, as CPU copies the writer thread owns."""
-        return {key: own_copy(t) for key, t in adapter_state_dict(self.model, run.name).items()}
-
-    def save_final(self, run: AdapterRun) -> Path:
-        """Queue the finished adapter's PEFT files on the checkpoint writer: one ordered stream
-        of writes (a later cut that records it as finished is written after its files)."""
-        folder = self.output_dir / run.name
-        tensors = self.weights_copy(run)
-        config = self.adapter_config_json(run)  # with save_best: its best weights instead
-        self.checkpoints.writer.submit(self.validation.final_write(run.name, tensors, config))
-        self._saved.append(f"adapter {run.name}: finished, saved to {folder}")
-        return folder
-
-    def _log_saved(self) -> None:
-        """The adapters saved this step, said after the step's loss line (not before it)."""
-        for line in self._saved:
-            logger.info("%s", line)
-        self._saved.clear()
-
-    def save_cut(self, every_adapter: bool = False) -> Path:
-        """Take a run-level cut at this global step (see checkpoints.py); returns its path.
-
-        Args:
-            every_adapter: save every running adapter at this step, gradients in progress
-                included (Ctrl-C / SIGTERM: the resume then replays nothing); otherwise only
-                the adapters whose own checkpoint is due get a folder.
-        """
-        self.check_faults()  # a stopped adapter is saved as failed, never with a skipped step
-        self.last_cut_step = self.global_step
-        due = self.checkpoint_policy.take()
-        if every_adapter:
-            due = None
-            self.consolidate_partial_steps()
-        rng = self.dist.gather(self.backend.get_rng_state())  # every rank's, for --resume
-        path = self.checkpoints.cut_path(self.global_step)
-        self.emit_rows(run_row=False)  # rows 1..G on disk before the cut at G is queued
-        self.row_sinks.sync()
-        if self.dist.is_main:
-            path = self.checkpoints.save(self.state_dict(due), rng)
-        for run in self.runs:
-            if run.status == "running" and (due is None or run.name in due) and run.steps_done:
-                run.checkpoint_step = run.steps_done  # its folder now (or already) holds this step
-        return path
-
-    # --- state -----------------------------------------------------------------------------
-
-    def state_dict(self, full: Collection[str] | None = None) -> dict[str, Any]:
-        """The training state as plain values and CPU tensor copies (torch's convention).
-
-        Every adapter's progress (status, step counters, data position, loss bookkeeping, and
-        ``checkpoint_step``: the step of its newest checkpoint folder), the global step and
-        each adapter's noise stream. The running adapters in ``full`` (None: all) also carry
-        a ``snapshot`` (weights under PEFT names, ``adapter_config``, optimizer and scheduler
-        state, ``steps_done`` and the data position at the start of the step in progress) and
-        that step's ``pending`` gradients and loss, if any.
-        """
-        adapters = {}
-        for run in self.runs:
-            entry = run.progress_state()
-            validation = self.validation.state_dict(run.name)
-            if validation is not None:
-                entry["validation"] = validation
-            if run.status == "running" and (full is None or run.name in full):
-                entry["snapshot"] = self._snapshot(run)
-                pending = run.pending_state()
-                if pending is not None:
-                    entry["pending"] = pending
-            adapters[run.name] = entry
-        state = {
-            "global_step": self.global_step,
-            "adapter_rng": self.model.context.generators.state_dict(),
-            "adapters": adapters,
-        }
-        if self.places is not None:
-            state["sweep"] = self.places.state_dict()
-        return state
-
-    def _snapshot(self, run: AdapterRun) -> dict[str, Any]:
-        queue = run.queue.step_start_state()
-        return {
-            "steps_done": run.steps_done,
-            "queue": queue,
-            "epoch_order": run.queue.epoch_order(queue["epoch"]),
-            "weights": self.weights_copy(run),
-            "adapter_config": self.adapter_config_json(run),
-            "optimizer": cpu_copy(run.optimizer.state_dict()),
-            "scheduler": cpu_copy(run.scheduler.state_dict()),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Put a freshly built trainer in the state ``state`` describes (``state_dict``'s
-        form; ``checkpoint.read_run_state`` reads one from disk, with ``rng``: this rank's
-        global RNG state).
-
-        A running adapter without ``pending`` is restored from its ``snapshot`` (or its
-        initial state when it has none) and replayed, alone, up to its position in ``state``:
-        its results depend on its own data, noise and state only, so the replay recomputes
-        exactly the state it had.
-
-        Raises:
-            MloraError: a snapshot of other training data, or a position it cannot reach.
-        """
-        replays = []
-        for run in self.runs:
-            entry = state["adapters"][run.name]
-            self.validation.load_state(run.name, entry.get("validation"), run.config.save_best)
-            run.checkpoint_step = entry["checkpoint_step"]
-            snapshot = entry.get("snapshot")
-            if entry["status"] != "running":
-                run.queue.load_state_dict(entry["queue"])
-                run.steps_done, run.failed = entry["steps_done"], entry["message"]
-                run.left = True
-                if snapshot is not None:  # finished: its final weights
-                    load_adapter_weights(
-                        self.model, run.name, snapshot["weights"], snapshot["source"]
-                    )
-                continue
-            if snapshot is not None:
-                self._load_snapshot(run, snapshot)
-            elif run.steps_done or run.queue.micro_steps_done:
-                raise MloraError(f"adapter {run.name!r}: load_state_dict needs a fresh trainer")
-            if "pending" in entry:
-                run.queue.load_state_dict(entry["queue"])
-                run.steps_done = entry["steps_done"]
-                self._load_pending(run, entry["pending"])
-            else:
-                replays.append((run, entry))
-        self._replay(replays)
-        for run in self.runs:
-            entry = state["adapters"][run.name]
-            run.loss_count, run.tokens = entry["loss_count"], entry["tokens"]
-            run.history = list(entry["history"])
-            loss_sum = entry["loss_sum"]
-            run.loss_sum = None if loss_sum is None else loss_sum.to(self.model.device).reshape(())
-        self.global_step = self.last_cut_step = self.resumed_at = state["global_step"]
-        self.model.context.generators.load_state_dict(state["adapter_rng"])
-        if state.get("rng") is not None:
-            self.backend.set_rng_state(state["rng"])
-
-    def _load_snapshot(self, run: AdapterRun, snapshot: dict[str, Any]) -> None:
-        source = snapshot.get("source", f"the state of adapter {run.name!r}")
-        run.queue.check_same_order(snapshot["queue"]["epoch"], snapshot.get("epoch_order"), source)
-        load_adapter_weights(self.model, run.name, snapshot["weights"], str(source))
-        run.optimizer.load_state_dict(snapshot["optimizer"])
-        run.scheduler.load_state_dict(snapshot["scheduler"])
-        run.steps_done = snapshot["steps_done"]
-        run.queue.load_state_dict(snapshot["queue"])
-
-    def _load_pending(self, run: AdapterRun, pending: dict[str, Any]) -> None:
-        """The step in progress: rank 0 takes the saved partial sums (the whole run's), the
-        other ranks start the step from zero."""
-        main = self.dist.is_main
-        popped = run.queue.popped_in_step()  # its metrics row counts the whole step
-        self.step_counts[run.name] = (
-            sum(len(mb.rows) for mb in popped),
-            sum(len(row) for mb in popped for row in mb.rows),
-        )
-        for i, param in enumerate(run.params):
-            grad = pending["grads"].get(str(i)) if main else None
-            param.grad = None if grad is None else grad.to(device=param.device, dtype=param.dtype)
-        step_loss = pending["step_loss"]
-        if step_loss is not None and not main:
-            step_loss = torch.zeros_like(step_loss)
-        run.step_loss = None if step_loss is None else step_loss.to(self.model.device).reshape(())
-
-    def _replay(self, replays: list[tuple[AdapterRun, dict[str, Any]]]) -> None:
-        """Re-run the micro-batches of ``replays``' adapters from their restored position to
-        their position in the state (several adapters share each pass, as in training)."""
-        targets = []
-        for run, entry in replays:
-            target = entry["queue"]["micro_steps_done"]
-            if run.queue.micro_steps_done > target:
-                raise MloraError(
-                    f"adapter {run.name!r}: its checkpoint is past the position it resumes to "
-                    f"({run.queue.micro_steps_done} > {target} micro-batches)"
-                )
-            if run.queue.micro_steps_done < target:
-                logger.info(
-                    "adapter %s: replaying %d micro-batch(es) from %s",
-                    run.name,
-                    target - run.queue.micro_steps_done,
-                    f"checkpoint-{run.steps_done}" if run.steps_done else "the start",
-                )
-                targets.append((run, entry, target))
-        if not targets:
-            return
-        seen, padded, training = self.tokens_seen, self.padded_tokens, self.model.training
-        self.model.train()
-        try:
-            while behind := [r for r, _, t in targets if r.queue.micro_steps_done < t]:
-                self.train_step([(run, run.queue.pop()) for run in behind])
-        finally:
-            self.model.train(training)
-        self.tokens_seen, self.padded_tokens = seen, padded
-        self.collector.clear()  # steps the interrupted run logged already
-        for run, entry, _ in targets:
-            self.model.context.aux_losses.take_loads(run.name)  # not this run's to log
-            if run.queue.state_dict() != entry["queue"] or run.steps_done != entry["steps_done"]:
-                raise MloraError(
-                    f"adapter {run.name!r}: replaying its checkpoint did not reach the saved "
-                    f"position {entry['queue']} (step {entry['steps_done']})"
-                )
