@@ -163,7 +163,7 @@ def test_chat_prompts_are_tokenized_as_the_chat_template_tokenizes_them(template
     the tokenizer: its ids are ``apply_chat_template(tokenize=True)``'s, the ids TRL trains on
     (the tiny tokenizer adds a BOS to plain text; one template writes one itself)."""
     from mlora.data.chat import ChatPrompt, encode_texts
-    from mlora.inference.evaluation import choice_rows
+    from mlora.inference.test_sets import choice_rows
 
     tokenizer = tiny_tokenizer(template)
     turn = [{"role": "user", "content": "Opposite of up?"}]
@@ -317,7 +317,7 @@ def test_chat_adapters_are_asked_through_the_chat_template(tmp_path) -> None:
     from mlora.cli.generate import build_requests
     from mlora.data.chat import ChatPrompt
     from mlora.data.prompts import PromptTemplate
-    from mlora.inference.evaluation import prepare_test_sets
+    from mlora.inference.test_sets import prepare_test_sets
     from mlora.inference.trained import config_templates
 
     tokenizer = tiny_tokenizer()

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from mlora.config.schema import parse_config
 from mlora.data.prompts import PromptTemplate
 from mlora.data.rows import tokenize_rows
-from mlora.inference import evaluation
+from mlora.inference import test_sets
 from mlora.inference.evaluation import accuracy, evaluate_model, prepare_test_sets
 from mlora.inference.trained import load_trained
 from tests.eval_support import ADAPTERS, TEMPLATE, task_rows, trained  # noqa: F401
@@ -246,7 +246,7 @@ def test_exact_match_agrees_with_peft_greedy(loaded, peft_model, trained, tmp_pa
     """Half the references are PEFT's own greedy answers, so matches really happen."""
     _, raw = trained
     _, tokenizer = loaded
-    monkeypatch.setattr(evaluation, "ANSWER_SLACK_TOKENS", 0)
+    monkeypatch.setattr(test_sets, "ANSWER_SLACK_TOKENS", 0)
     raw = json.loads(json.dumps(raw))
     expected = {}
     for adapter in raw["lora"][:2]:  # add, rev

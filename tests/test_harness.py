@@ -166,6 +166,17 @@ def test_moe_kinds_equal_mloras_own_forward(setup: dict[str, Path]) -> None:
         for (context, cont), (logprob, _) in zip(pairs, answers, strict=True):
             expected = _own_forward_loglikelihood(reference, tokenizer, kind, context, cont)
             assert logprob == pytest.approx(expected, abs=1e-5)
+    exact = MloraLM(
+        pretrained=str(setup["base"]), adapters=adapters, adapter="mixlora", exact=True,
+        batch_size=2,
+    )  # fmt: skip
+    for kind in kinds:  # exact=true (padded batches, every kind at once) gives the same
+        for (context, cont), (logprob, _) in zip(
+            pairs, MloraLM(session=exact.session, adapter=kind).loglikelihood(requests(*pairs)),
+            strict=True,
+        ):  # fmt: skip
+            expected = _own_forward_loglikelihood(reference, tokenizer, kind, context, cont)
+            assert logprob == pytest.approx(expected, abs=1e-5)
     base_only = MloraLM(pretrained=str(setup["base"]))  # no adapters: the base alone
     (logprob, _), *_ = base_only.loglikelihood(requests(pairs[0]))
     assert logprob != pytest.approx(session.answers["mixlora"][("loglikelihood", *pairs[0])][0])
