@@ -194,3 +194,38 @@ def test_liger_kernel_equals_the_plain_op_on_cuda() -> None:
     assert _relative(losses, want) <= 1e-5
     for key in ("hidden", "weight", "bias"):
         assert _relative(cuda[key].grad, plain[key].grad) <= 1e-5, key
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_model_token_losses_chunked_or_falling_back(use_dora: bool) -> None:
+    """Plain LoRA on lm_head takes the chunked op; DoRA there falls back to full logits; both
+    equal ``loss_chunk_mb: 0`` (eval mode, so the two passes draw no dropout)."""
+    from mlora.adapters.spec import LoraSpec
+    from mlora.batching.collate import collate
+    from mlora.data.rows import IGNORE_INDEX, TokenizedRow
+    from mlora.model.head_loss import chunked_head_losses
+
+    model = MultiLoraModel(make_model(vocab_size=99))
+    for name, dora in (("plain", False), ("other", use_dora)):
+        spec = LoraSpec(r=2, scaling=2.0, target_modules=("v_proj", "lm_head"), use_dora=dora)
+        model.add_adapter(name, spec)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    g = torch.Generator().manual_seed(3)
+    rows = [
+        TokenizedRow(ids, [IGNORE_INDEX] * 3 + ids[3:])
+        for ids in (torch.randint(4, 99, (n,), generator=g).tolist() for n in (9, 6, 11, 7))
+    ]
+    batch = collate([("plain", rows[:2]), ("other", rows[2:])], pad_token_id=0)
+    model.eval()
+    model.loss_chunk_mb = 0
+    full = model.token_losses(batch)
+    model.loss_chunk_mb = 3 * 4 * 99 / 2**20  # 3 rows per chunk
+    chunked = model.token_losses(batch)
+    assert _relative(chunked, full) <= 1e-6
+    head = model.model.get_output_embeddings()
+    hidden = torch.randn(batch.targets.shape[0], 64)
+    with model.context.use(batch.head_layout, token_real_index=batch.head_real_index):
+        used = chunked_head_losses(head, hidden, batch.targets, 1.0)
+    assert (used is None) == use_dora
