@@ -45,13 +45,14 @@ def _inputs(seed: int, bias: bool) -> dict:
                for (s, e), r in zip(SPANS, RANKS, strict=True)],
         "bs": [torch.randn(V, r, generator=g).requires_grad_() for r in RANKS],
         "targets": targets,
+        "spans": SPANS,
     }  # fmt: skip
 
 
 def _dense(inputs: dict, softcap: float | None) -> torch.Tensor:
     logits = F.linear(inputs["hidden"], inputs["weight"], inputs["bias"])
     deltas = torch.zeros_like(logits)
-    for (start, end), u, b in zip(SPANS, inputs["us"], inputs["bs"], strict=True):
+    for (start, end), u, b in zip(inputs["spans"], inputs["us"], inputs["bs"], strict=True):
         deltas = deltas.index_add(0, torch.arange(start, end), u @ b.T)
     logits = logits + deltas
     if softcap:
@@ -62,7 +63,7 @@ def _dense(inputs: dict, softcap: float | None) -> torch.Tensor:
 def _chunked(inputs: dict, rows: int, softcap: float | None) -> torch.Tensor:
     terms = [
         LowRankTerm(s, e, u, b)
-        for (s, e), u, b in zip(SPANS, inputs["us"], inputs["bs"], strict=True)
+        for (s, e), u, b in zip(inputs["spans"], inputs["us"], inputs["bs"], strict=True)
     ]
     return linear_cross_entropy(
         inputs["hidden"], inputs["weight"], inputs["targets"], rows, inputs["bias"], terms, softcap
@@ -73,10 +74,10 @@ def _grads(inputs: dict, losses: torch.Tensor) -> list[torch.Tensor]:
     weights = torch.linspace(0.5, 2.0, N)  # per-token grad_output, as a per-segment mean gives
     (losses * weights).sum().backward()
     leaves = [inputs["hidden"], inputs["weight"], inputs["bias"], *inputs["us"], *inputs["bs"]]
-    grads = [t.grad.clone() for t in leaves if t is not None]
+    leaves = [t for t in leaves if t is not None and t.requires_grad]
+    grads = [t.grad.clone() for t in leaves]
     for t in leaves:
-        if t is not None:
-            t.grad = None
+        t.grad = None
     return grads
 
 
@@ -97,6 +98,25 @@ def test_chunks_equal_full_logits(rows: int, bias: bool, softcap: float | None) 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| over max |want|: fp32 rounding of values of any magnitude."""
     return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("rows", [1, 8, 37])
+@pytest.mark.parametrize(("bias", "softcap"), [(False, None), (True, 30.0)])
+def test_frozen_plain_head_forms_the_gradient_in_forward(
+    rows: int, bias: bool, softcap: float | None
+) -> None:
+    """No LoRA terms, frozen weight and bias: the path that forms the hidden gradient in forward."""
+    inputs = _inputs(4, bias)
+    inputs["us"], inputs["bs"], inputs["spans"] = [], [], []
+    inputs["weight"].requires_grad_(False)
+    if bias:
+        inputs["bias"].requires_grad_(False)
+    want = _dense(inputs, softcap)
+    (want_grad,) = _grads(inputs, want)
+    got = _chunked(inputs, rows, softcap)
+    (got_grad,) = _grads(inputs, got)
+    assert _relative(got, want) <= 1e-6
+    assert _relative(got_grad, want_grad) <= 1e-6
 
 
 def test_frozen_weight_gets_no_gradient_and_no_grad_mode_works() -> None:

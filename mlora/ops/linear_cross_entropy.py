@@ -17,7 +17,10 @@ Why: the logits of a 49k vocabulary are the largest activation of a small model'
 (64 rows: 12 MiB of fp32 logits, and autograd keeps the logits, the softmax and their
 gradient). Here forward keeps only each row's ``logsumexp`` (N,) and backward recomputes one
 chunk's logits at a time to form ``softmax - onehot`` and its products with ``W``, ``x``,
-``u_g`` and ``B_g`` (Liger's fused-linear-cross-entropy idea, in plain PyTorch). Peak memory
+``u_g`` and ``B_g``. When only ``x`` needs a gradient (a frozen head without LoRA terms, the
+usual case) forward also forms each row's ``(softmax - onehot) @ W`` (N, H) and backward only
+scales it by the incoming per-token gradient: no recomputation, no extra matmul (Liger's
+fused-linear-cross-entropy idea, in plain PyTorch). Peak memory
 of the head is then one chunk's logits, chosen from a memory budget (``chunk_rows``).
 On CUDA, ``liger_linear_cross_entropy`` runs Liger's own Triton kernel instead where
 ``liger-kernel`` is installed (extra ``liger``) in a version whose ``reduction="none"`` takes
@@ -171,21 +174,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
         lse = torch.zeros(n, dtype=dtype, device=hidden.device)
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0)
+        need = ctx.needs_input_grad
+        # Only the hidden states need a gradient (a frozen head, no LoRA terms: the usual case):
+        # d loss_i / d x_i = g_i * (softmax(z_i) - onehot(t_i)) @ W, whose factor after g_i is
+        # formed here, so backward scales it by g and recomputes nothing.
+        early = need[0] and not need[1] and not need[2] and not spans
+        unit_grad = torch.zeros_like(hidden) if early else None  # (N, H)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             z = _chunk_logits(hidden, weight, bias, spans, us, bs, start, stop)
+            capped = torch.tanh(z / softcap) if softcap else None
             if softcap:
-                z = torch.tanh(z / softcap) * softcap
+                z = capped * softcap
             lse[start:stop] = torch.logsumexp(z, dim=-1)
             picked = z.gather(1, safe[start:stop, None]).squeeze(1)
             losses[start:stop] = torch.where(valid[start:stop], lse[start:stop] - picked, 0)
+            if unit_grad is not None:
+                keep = valid[start:stop, None].to(z.dtype)
+                grad = torch.exp(z - lse[start:stop, None]).mul_(keep)
+                grad.scatter_add_(1, safe[start:stop, None], -keep)
+                if softcap:
+                    grad.mul_(1 - capped * capped)
+                unit_grad[start:stop] = grad.to(weight.dtype) @ weight
         ctx.meta = meta
-        ctx.save_for_backward(hidden, weight, bias, safe, valid, lse, *terms)
+        if unit_grad is not None:
+            ctx.save_for_backward(unit_grad, valid)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, safe, valid, lse, *terms)
+        ctx.early = unit_grad is not None
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         spans, rows, softcap, _ = ctx.meta
+        if ctx.early:
+            unit_grad, valid = ctx.saved_tensors
+            g = torch.where(valid, grad_losses, 0).to(unit_grad.dtype)
+            return unit_grad * g[:, None], None, None, None, None
         hidden, weight, bias, safe, valid, lse, *terms = ctx.saved_tensors
         us, bs = terms[: len(spans)], terms[len(spans) :]
         need = ctx.needs_input_grad
