@@ -43,7 +43,8 @@ from smollm2 import DESCRIPTION, smollm2_folder
 from mlora.adapters.spec import LoraSpec
 from mlora.batching.collate import collate
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow
-from mlora.model.multi_lora import MultiLoraModel, load_base_model
+from mlora.model.loading import load_base_model
+from mlora.model.multi_lora import MultiLoraModel
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
