@@ -57,6 +57,7 @@ def one(**adapter) -> dict:
         ),
         ({"lora": []}, "key 'lora' must be a non-empty list"),
         ({**one(), "cutof_len": 3}, "unknown key 'cutof_len' (did you mean 'cutoff_len'?)"),
+        ({**one(), "loss_chunk_mb": -1}, "key 'loss_chunk_mb' must be a number >= 0, got -1"),
         (
             {**one(), "train_strategy": "fast"},
             "key 'train_strategy' must be one of 'optim', 'none'",

@@ -375,6 +375,7 @@ def test_task_data_that_cannot_be_read_is_one_line_before_the_model(
         ({"adapters": "a.b=x"}, "adapter name 'a.b'"),
         ({"batch_size": "zero"}, "model_args batch_size: expected an integer >= 1"),
         ({"dtype": "int8"}, "model_args dtype"),
+        ({"exact": "maybe"}, "model_args exact: expected true or false, got 'maybe'"),
         ({"bogus": "1"}, "model_args 'bogus' is not an argument of --model mlora"),
         ({}, "needs model_args pretrained"),
         ({"adapters": "a=x;b=y"}, "2 adapters .a, b. .* add adapter=NAME .* run mlora-lm-eval"),

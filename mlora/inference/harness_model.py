@@ -286,13 +286,16 @@ class MloraLM(TemplateLM):
                 if max_length is None
                 else _positive_int("max_length", max_length),
                 "max_gen_toks": _positive_int("max_gen_toks", max_gen_toks),
-                "add_bos_token": None if add_bos_token is None else _truthy(add_bos_token),
-                "exact": _truthy(exact),
+                "add_bos_token": None
+                if add_bos_token is None
+                else _truthy(add_bos_token, "add_bos_token"),
+                "exact": _truthy(exact, "exact"),
             }
             load = {
                 "pretrained": str(pretrained), "adapters": names,
                 "dtype": DTYPES[str(dtype).lower()], "device": device,
-                "trust_remote_code": _truthy(trust_remote_code), "quantize": quantize,
+                "trust_remote_code": _truthy(trust_remote_code, "trust_remote_code"),
+                "quantize": quantize,
                 "attn_implementation": attn_implementation,
             }  # fmt: skip
             session = _shared_session(load, settings)
@@ -539,8 +542,17 @@ def _hashable(value: Any) -> tuple[Any, ...]:
     )
 
 
-def _truthy(value: bool | str) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
+def _truthy(value: bool | str, key: str) -> bool:
+    """A boolean model_arg; a word that is neither true nor false is one line naming the key
+    (not a silent false)."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in ("1", "true", "yes"):
+        return True
+    if word in ("0", "false", "no"):
+        return False
+    raise MloraError(f"model_args {key}: expected true or false, got {value!r}")
 
 
 def _shared_session(load: dict[str, Any], settings: dict[str, Any]) -> HarnessSession:
