@@ -156,3 +156,17 @@ def peft_greedy(
         peft_model.set_adapter(adapter)
         seq = peft_model.generate(input_ids=ids, **common)
     return seq[0, ids.shape[1] :].tolist()
+
+
+def read_terminal(leader: int) -> bytes:
+    """Everything a pseudo-terminal's other end wrote, read from ``leader`` until it closes
+    (Linux answers EIO once the follower is closed and everything was read)."""
+    shown = b""
+    while True:
+        try:
+            piece = os.read(leader, 65536)
+        except OSError:
+            return shown
+        if not piece:
+            return shown
+        shown += piece

@@ -14,6 +14,7 @@ from mlora.cli.generate import main
 from mlora.inference.generation import GenerationRequest, SamplingParams, generate
 from mlora.inference.trained import load_trained
 from tests.eval_support import ADAPTERS, trained  # noqa: F401  (session fixture)
+from tests.helpers import read_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,15 +182,7 @@ def test_a_terminal_is_told_what_generate_is_doing(trained, tiny_model_dir):  # 
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     os.close(stderr)
-    shown = b""
-    while True:
-        try:
-            piece = os.read(terminal, 4096)
-        except OSError:  # EIO: the other end is closed and everything was read
-            break
-        if not piece:
-            break
-        shown += piece
+    shown = read_terminal(terminal)
     os.close(terminal)
     assert done.returncode == 0, shown
     lines = shown.decode().splitlines()

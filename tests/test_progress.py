@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from mlora.training.metrics.metrics_file import metrics_path, read_metrics
+from tests.helpers import read_terminal
 from tests.reliability_support import MLORA, ROOT, env_with, mlora_args
 from tests.test_metrics import steps_of, two_adapter_config
 
@@ -49,15 +50,7 @@ def test_a_terminal_run_shows_tokens_per_s_and_each_adapters_loss(tiny_model_dir
         stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env, cwd=ROOT,
     )  # fmt: skip
     os.close(follower)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closed: the run ended
-            break
-        if not chunk:
-            break
-        shown += chunk
+    shown = read_terminal(leader)
     os.close(leader)
     assert proc.wait(timeout=300) == 0, shown.decode(errors="replace")[-3000:]
     text = shown.decode("utf-8", errors="replace")
