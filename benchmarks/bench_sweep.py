@@ -48,6 +48,9 @@ from mlora.batching.dispatcher import AdapterQueue  # noqa: E402
 from mlora.config.schema import parse_config  # noqa: E402
 from mlora.data.rows import IGNORE_INDEX, TokenizedRow, pad_token_id  # noqa: E402
 from mlora.sweep.runner import run_sweep  # noqa: E402
+from mlora.sweep.study import SweepStudy  # noqa: E402
+from mlora.training.data_preparation import adapter_seed  # noqa: E402
+from mlora.training.optim import warmup_steps  # noqa: E402
 from mlora.training.trainer import prepare_data  # noqa: E402
 from mlora.training.validation import prepare_validation  # noqa: E402
 from tests.helpers import write_json, write_template  # noqa: E402
@@ -65,8 +68,11 @@ def task_row(i: int) -> dict[str, str]:
 def sweep_raw(args: argparse.Namespace, data: str, val: str, pruner: str) -> dict:
     prompt = str(Path(data).parent / "short_template.json")
     base = {"data": data, "val_data": val, "prompt": prompt, "batch_size": args.batch,
-            "num_epochs": args.epochs, "lora_alpha": 16, "lora_dropout": 0.05,
-            "target_modules": TARGETS, "evaluate_batch_size": args.batch}  # fmt: skip
+            "num_epochs": args.epochs, "lora_alpha": 16, "lora_dropout": args.lora_dropout,
+            "target_modules": TARGETS, "evaluate_batch_size": args.batch,
+            "scheduler_type": args.scheduler, "warmup_ratio": args.warmup_ratio}  # fmt: skip
+    if args.max_grad_norm:
+        base["max_grad_norm"] = args.max_grad_norm
     if pruner != "none":  # the pruner needs a curve; without one, the last step's loss is all
         base["eval_steps"] = args.eval_steps or rungs(args)
     block = {"name": f"sweep-{pruner}", "base": base, "sampler": "grid", "pruner": pruner,
@@ -145,45 +151,70 @@ def warm_imports(model_path: str) -> None:
     optuna.create_study(storage="sqlite:///:memory:")  # SQLAlchemy, Alembic, the schema
 
 
+def mlora_trial_names(args: argparse.Namespace, data: str, val: str) -> dict[tuple, str]:
+    """The trial name mlora's grid sweep gives each ``(lr, r)``: asked from mlora's own study
+    (the grid sampler's order depends only on the seed), so (a) can train each configuration
+    under the same name, hence the same LoRA init and the same batches in the same order."""
+    sweep = parse_config(sweep_raw(args, data, val, "none"), "bench").sweep
+    with tempfile.TemporaryDirectory() as tmp:
+        study = SweepStudy(sweep, Path(tmp), args.seed, resume=False)
+        names = {}
+        for number in range(sweep.trials):
+            values = study.trial(number)
+            names[(values["lr"], values["r"])] = sweep.trial_name(number)
+    return names
+
+
 def run_peft(args: argparse.Namespace, model_path: str, data: str, val: str, seed: int) -> dict:
-    """(a): every trial to its end, one after another, on the once-loaded base."""
+    """(a): every trial to its end, one after another, on the once-loaded base. Each
+    configuration starts from the LoRA init mlora gives it (PEFT's own initializer, seeded
+    as mlora seeds that trial: the A matrices come out equal) and takes the same batches."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     pad = pad_token_id(tokenizer)
     results = {}
-    number = 0
+    names = mlora_trial_names(args, data, val)
     for lr in args.lrs:
         for r in args.ranks:
-            name = f"trial-{number:03d}"
+            name = names[(lr, r)]
             config = parse_config({"cutoff_len": args.cutoff_len, "lora": [
                 {**sweep_raw(args, data, val, "none")["sweep"]["base"], "name": name, "lr": lr,
                  "r": r}]}, "bench")  # fmt: skip
             rows = prepare_data(config, tokenizer, seed)[name]
             val_rows = prepare_validation(config, tokenizer, seed)[name]
             queue = AdapterQueue(name, rows, args.batch, args.batch, args.epochs, seed=seed)
-            torch.manual_seed(seed + number)
-            lora = LoraConfig(r=r, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS)
+            torch.manual_seed(adapter_seed(seed, name))  # mlora's init of this trial
+            lora = LoraConfig(
+                r=r, lora_alpha=16, lora_dropout=args.lora_dropout, target_modules=TARGETS
+            )
             model = get_peft_model(base, lora)
             model.train()
             trained = [p for p in model.parameters() if p.requires_grad]
             adapter = config.lora[0]  # mlora's optimizer settings, not torch's defaults
             optimizer = torch.optim.AdamW(trained, lr, weight_decay=adapter.weight_decay)
-            assert adapter.scheduler_type == "constant" and adapter.optim == "adamw"
+            assert adapter.optim == "adamw"
+            schedule = get_scheduler(
+                adapter.scheduler_type, optimizer, warmup_steps(adapter, trial_steps(args)),
+                trial_steps(args),
+            )  # fmt: skip
             while not queue.finished:
                 inputs = padded(list(queue.pop().rows), pad, model.device)
                 model(**inputs).loss.backward()
+                if adapter.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trained, adapter.max_grad_norm)
                 optimizer.step()
+                schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             results[(lr, r)] = peft_val_loss(model, val_rows, pad, args.batch)
             base = model.unload()  # the base without LoRA layers, for the next trial
-            number += 1
     best = min(results, key=results.__getitem__)
+    each = {params: f"{value:.4f}" for params, value in results.items()}
     return {"wall": time.perf_counter() - start, "best": results[best], "params": best,
-            "trials": len(results), "pruned": 0,
+            "trials": len(results), "pruned": 0, "each": each,
             "steps": len(results) * trial_steps(args)}  # fmt: skip
 
 
@@ -193,7 +224,9 @@ def run_mlora(args, model_path: str, data: str, val: str, pruner: str, out: Path
     config = parse_config(sweep_raw(args, data, val, pruner), "bench")
     result = run_sweep(config, model_path, out, seed=args.seed, show=False)
     best = next(r for r in result.records if r.number == result.best)
-    return {"wall": time.perf_counter() - start, "best": best.value,
+    each = {(r.params["lr"], r.params["r"]): f"{r.value:.4f}" if r.state == "complete"
+            else f"{r.state} at {r.steps}" for r in result.records}  # fmt: skip
+    return {"wall": time.perf_counter() - start, "best": best.value, "each": each,
             "params": (best.params["lr"], best.params["r"]), "trials": len(result.records),
             "pruned": sum(r.state == "pruned" for r in result.records),
             "steps": sum(r.steps for r in result.records)}  # fmt: skip
@@ -220,6 +253,10 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--modes", default="a,b,c", help="which of a (PEFT), b, c to run")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--scheduler", default="constant", help="scheduler_type, both engines")
+    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="both engines")
+    parser.add_argument("--max-grad-norm", type=float, help="clip each trial's gradient (both)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,7 +289,9 @@ def main() -> None:
     print(f"grid: lr {args.lrs} x r {args.ranks}; {args.rows} training rows, {args.val_rows} "
           f"validation rows, {args.epochs} epochs of batch {args.batch}; model {args.model}; "
           f"{args.concurrent} at once; (c) validates at steps "
-          f"{args.eval_steps or rungs(args)} and at the end; CPU threads "
+          f"{args.eval_steps or rungs(args)} and at the end; schedule {args.scheduler}, warm-up "
+          f"ratio {args.warmup_ratio}, max_grad_norm {args.max_grad_norm}, lora_dropout "
+          f"{args.lora_dropout}; CPU threads "
           f"{torch.get_num_threads()}")  # fmt: skip
     print(
         "| mode | wall s | trials (pruned) | trial-steps | best val loss | best (lr, r) "
@@ -266,6 +305,12 @@ def main() -> None:
         print(f"| {names[key]} | {got['wall']:.1f} | {got['trials']} ({got['pruned']}) | "
               f"{got['steps']} | "
               f"{got['best']:.4f} | {got['params']} | {speed} | {gap} |")  # fmt: skip
+    print("\nEach configuration's final validation loss (or where it was pruned):")
+    print("| (lr, r) | " + " | ".join(found) + " |")
+    print("|---|" + "---|" * len(found))
+    for params in [(lr, r) for lr in args.lrs for r in args.ranks]:
+        print(f"| {params} | " + " | ".join(got["each"].get(params, "-") for got in found.values())
+              + " |")  # fmt: skip
 
 
 if __name__ == "__main__":
