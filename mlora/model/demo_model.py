@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
 
+from mlora.core.content_cache import mlora_home
 from mlora.core.errors import MloraError
 from mlora.core.jsonfile import json_value
 
@@ -55,9 +55,7 @@ logger = logging.getLogger("mlora")
 
 def demo_model_home() -> Path:
     """The cache folder: ``$MLORA_HOME/demo-model``, else ``~/.cache/mlora/demo-model``."""
-    home = os.environ.get("MLORA_HOME")
-    root = Path(home).expanduser() if home else Path.home() / ".cache" / "mlora"
-    return root / "demo-model"
+    return mlora_home() / "demo-model"
 
 
 def _is_current(path: Path) -> bool:
