@@ -645,6 +645,13 @@ class TrainConfig:
         "false pads.",
         _packing,
     )
+    data_cache: bool = _key(
+        True,
+        "Cache each adapter's tokenized rows in $MLORA_HOME/tokenized, keyed by the data "
+        "file's content, the tokenizer and the settings that shape the rows; false reads and "
+        "tokenizes the data every run and writes nothing there.",
+        boolean,
+    )
     evaluate_result: str | None = _key(
         None,
         "Where evaluation writes its JSON (default DIR/evaluate_result.json).",

@@ -72,7 +72,9 @@ class TrialData:
     ) -> tuple[list[TokenizedRow], list[TokenizedRow]]:
         single = dataclasses.replace(self.config, lora=[adapter], sweep=None)
         train = prepare_data(single, tokenizer, self.seed)[adapter.name]
-        validation = validation_rows_of(adapter, tokenizer, self.config.cutoff_len, self.seed)
+        validation = validation_rows_of(
+            adapter, tokenizer, self.config.cutoff_len, self.seed, self.config
+        )
         return train, validation
 
     def of(self, adapter: AdapterConfig) -> tuple[list[TokenizedRow], list[TokenizedRow]]:

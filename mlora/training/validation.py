@@ -40,6 +40,7 @@ from mlora.data.holdout import split_rows
 from mlora.data.prompts import load_template
 from mlora.data.rows import TokenizedRow, load_rows, tokenize_rows
 from mlora.data.tasks import CHOICE_TASKS, training_rows
+from mlora.data.token_cache import cached_rows, data_key
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.persistence.adapter_files import read_adapter, write_adapter_files
 from mlora.training.adapter_run import AdapterRun
@@ -73,22 +74,65 @@ def training_rows_of(adapter: AdapterConfig, seed: int) -> list[dict[str, Any]]:
     return split_rows(rows, adapter.val_set_size, seed, adapter.data)[0]
 
 
+def adapter_data_key(
+    config: TrainConfig,
+    adapter: AdapterConfig,
+    tokenizer: Any,
+    seed: int,
+    split: str,
+    settings: dict[str, Any] | None = None,
+) -> str | None:
+    """The tokenized data cache's key for ``adapter``'s ``"train"`` or ``"validation"`` rows
+    (None: ``data_cache`` is off, or the data cannot be cached). Every key that changes the
+    rows goes in here; ``settings`` adds the caller's own (format, task field).
+
+    A new config key that changes tokenization must be added here (see CONTRIBUTING.md)."""
+    if not config.data_cache:
+        return None
+    source = adapter.val_data if split == "validation" and adapter.val_data else adapter.data
+    held_out = source == adapter.data and adapter.val_set_size is not None
+    template = load_template(adapter.prompt)
+    parts = {
+        "split": split,
+        "task_name": adapter.task_name if adapter.task_name in CHOICE_TASKS else None,
+        "val_set_size": adapter.val_set_size if held_out else None,
+        "seed": seed if held_out else None,
+        "template": [template.prompt_input, template.prompt_no_input],
+        "cutoff_len": config.cutoff_len,
+        "train_on_inputs": adapter.train_on_inputs,
+        **(settings or {}),
+    }
+    return data_key(source, tokenizer, parts)
+
+
 def validation_rows_of(
-    adapter: AdapterConfig, tokenizer: Any, cutoff_len: int, seed: int
+    adapter: AdapterConfig,
+    tokenizer: Any,
+    cutoff_len: int,
+    seed: int,
+    config: TrainConfig | None = None,
 ) -> list[TokenizedRow]:
     """The adapter's tokenized validation rows (``val_data``, or the held-out rows), tokenized
-    exactly as its training rows are (same template, cutoff and label masking)."""
-    if adapter.val_data is not None:
-        rows, source = _raw_rows(adapter, adapter.val_data), adapter.val_data
-    else:
-        assert adapter.val_set_size is not None
-        all_rows = _raw_rows(adapter, adapter.data)
-        rows = split_rows(all_rows, adapter.val_set_size, seed, adapter.data)[1]
-        source = adapter.data
-    return tokenize_rows(
-        rows, tokenizer, load_template(adapter.prompt), cutoff_len, adapter.train_on_inputs,
-        source=source,
-    )  # fmt: skip
+    exactly as its training rows are (same template, cutoff and label masking); from the
+    tokenized data cache when ``config`` is given and its ``data_cache`` is on."""
+
+    def build() -> tuple[str, list[TokenizedRow]]:
+        if adapter.val_data is not None:
+            rows, source = _raw_rows(adapter, adapter.val_data), adapter.val_data
+        else:
+            assert adapter.val_set_size is not None
+            all_rows = _raw_rows(adapter, adapter.data)
+            rows = split_rows(all_rows, adapter.val_set_size, seed, adapter.data)[1]
+            source = adapter.data
+        return "alpaca", tokenize_rows(
+            rows, tokenizer, load_template(adapter.prompt), cutoff_len, adapter.train_on_inputs,
+            source=source,
+        )  # fmt: skip
+
+    key = None
+    if config is not None:
+        key = adapter_data_key(config, adapter, tokenizer, seed, "validation")
+    return cached_rows(key, build)[1]
 
 
 def prepare_validation(
@@ -96,7 +140,7 @@ def prepare_validation(
 ) -> dict[str, list[TokenizedRow]]:
     """Every validated adapter's tokenized validation rows (before the model loads)."""
     return {
-        a.name: validation_rows_of(a, tokenizer, config.cutoff_len, seed)
+        a.name: validation_rows_of(a, tokenizer, config.cutoff_len, seed, config)
         for a in config.lora
         if has_validation(a)
     }
