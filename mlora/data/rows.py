@@ -19,6 +19,7 @@ from mlora.core.errors import DataError, first_line
 from mlora.core.hub import before_hub_access, no_usage_counter
 from mlora.core.integrity import json_type
 from mlora.core.jsonfile import TextProblem, read_text, text_file_problem
+from mlora.data.json_rows import small_json_rows
 from mlora.data.prompts import PromptTemplate
 
 IGNORE_INDEX = -100
@@ -78,13 +79,12 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def load_rows(source: str) -> list[dict[str, Any]]:
-    """Read a local json/jsonl/csv/parquet file, or a hub dataset by name, as a list of dicts.
+    """Read a local json/jsonl/csv/parquet file, or a hub dataset by name, as a list of dicts
+    (through ``datasets``, except small plain JSON files: ``mlora.data.json_rows``).
 
     Raises:
         DataError: missing file, unreadable file, unsupported extension or an empty dataset.
     """
-    import datasets
-
     path = local_data_path(source)
     if path is not None:
         fmt = LOCAL_FORMATS[path.suffix.lower()]
@@ -93,9 +93,14 @@ def load_rows(source: str) -> list[dict[str, Any]]:
             raise DataError(f"{source}: {problem}")
         if is_empty_data_file(path):  # datasets' json reader ends in StopIteration on these
             raise DataError(f"{source}: the dataset is empty")
+        small = small_json_rows(path) if fmt == "json" else None
+        if small is not None:  # the rows datasets would give, without importing it
+            return small
         loader_args: dict[str, Any] = {"path": fmt, "data_files": str(path)}
     else:
         fmt, loader_args = "hub", {"path": source}
+    import datasets
+
     datasets.disable_progress_bars()
     if path is None:
         before_hub_access(f"data {source}")
