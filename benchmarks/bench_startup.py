@@ -1,19 +1,26 @@
 """Fixed costs of a small run: where the wall time of ``python mlora.py --config ...`` goes.
 
 Builds a tiny random LLaMA and a config of 4 adapters x ``--steps`` steps x 8 rows (the small
-job of issue 29), then runs the real command in a fresh process twice: once plain (its wall
-time), once under ``cProfile``, whose cumulative times split the run into phases:
+job of issue 29) and runs the real command in fresh processes, each wrapped by this script
+(``--child``), which timestamps the phases of the run as it goes (no profiler: the figures are
+the run's own):
 
-- imports: ``mlora.api`` and everything it pulls in (torch, transformers, datasets);
-- preflight, data (read + tokenize), model load, trainer setup (adapters, packing probe);
-- training loop (the steps, first-step warm-up included), plots at the end, the rest
-  (saving, writer joins, exit).
+- start: the interpreter up to mlora's command line; imports: ``mlora.api`` and what it pulls
+  in (torch, transformers); config: reading and checking the config file;
+- preflight checks, tokenizer, data (read + tokenize, training and validation rows), model
+  load, trainer setup (adapters, of it the packing probe), the first optimizer step (warm-up
+  included), the other steps, plots at the end, saving (the writes after the last step and
+  the rest of ``mlora.train``), exit (thread joins and interpreter teardown).
 
-    python benchmarks/bench_startup.py
-    python benchmarks/bench_startup.py --steps 12 --keep /tmp/startup   # keep the files
+Runs: ``cold`` (an empty ``$MLORA_HOME``: the tokenized data cache is written), ``warm`` (the
+same home again: rows read from the cache) and, with ``--baseline``, ``data_cache: false``
+(no cache at all). ``--code PATH`` runs another checkout's mlora (e.g. the main branch, for a
+before/after comparison; it needs the same phase functions). ``--tokenize N`` instead times
+preparing N alpaca rows in-process: uncached, cold (tokenize + write) and warm (read).
 
-Profiling slows Python-heavy phases more than tensor code, so the phase shares are a guide and
-the plain wall time is the figure to compare.
+    python benchmarks/bench_startup.py --repeat 3 --baseline
+    python benchmarks/bench_startup.py --repeat 3 --code /path/to/other/checkout
+    python benchmarks/bench_startup.py --tokenize 20000
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,29 +36,29 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and "--child" not in sys.argv:
+    sys.path.insert(0, str(ROOT))
 
-# (phase, pattern of the profiled function whose cumulative time it is)
+WORDS = (
+    "the", "a", "of", "to", "and", "in", "is", "it", "you", "that", "he", "was", "for", "on",
+    "are", "with", "as", "I", "his", "they", "alpaca", "instruction", "response", "number",
+)  # fmt: skip
 PHASES = (
-    ("imports (mlora.api)", "mlora/api.py", "<module>"),
-    ("preflight checks", "mlora/training/preflight.py", "preflight"),
-    ("data: read + tokenize", "mlora/training/trainer.py", "prepare_data"),
-    ("model load", "mlora/inference/loading.py", "load"),
-    ("trainer setup", "mlora/training/trainer.py", "__init__"),
-    ("  of it: packing probe", "mlora/model/multi_lora.py", "set_packing"),
-    ("training loop", "mlora/training/trainer.py", "_loop"),
-    ("plots at the end", "mlora/training/metrics/plots.py", "plot_run"),
-)
+    "start", "imports", "config", "preflight", "tokenizer", "data", "model load",
+    "trainer setup", "first step", "other steps", "plots", "saving", "exit",
+)  # fmt: skip
 
 
-def write_job(folder: Path, steps: int) -> list[str]:
-    """The tiny model, data and config; returns the command's arguments after ``mlora.py``."""
+def write_job(folder: Path, steps: int, data_cache: bool | None) -> list[str]:
+    """The tiny model, data and config; returns the command's arguments after ``mlora.py``
+    (``data_cache`` None: the key is left out, for checkouts that do not know it)."""
     from tests.conftest import make_model, make_tokenizer
     from tests.helpers import addition_rows, write_json, write_template
 
-    tokenizer = make_tokenizer()
-    make_model(vocab_size=len(tokenizer)).save_pretrained(folder / "tiny")
-    tokenizer.save_pretrained(folder / "tiny")
+    if not (folder / "tiny").exists():
+        tokenizer = make_tokenizer()
+        make_model(vocab_size=len(tokenizer)).save_pretrained(folder / "tiny")
+        tokenizer.save_pretrained(folder / "tiny")
     template, data = (
         write_template(folder),
         write_json(folder / "add.json", addition_rows(steps * 8)),
@@ -61,57 +68,207 @@ def write_job(folder: Path, steps: int) -> list[str]:
          "num_epochs": 1, "target_modules": ["q_proj", "v_proj"]}
         for i in range(4)
     ]  # fmt: skip
-    (folder / "config.json").write_text(json.dumps({"cutoff_len": 64, "lora": adapters}))
+    config: dict = {"cutoff_len": 64, "lora": adapters}
+    if data_cache is not None:
+        config["data_cache"] = data_cache
+    name = "config.json" if data_cache is not False else "config-nocache.json"
+    (folder / name).write_text(json.dumps(config))
     return [
-        "--base_model", str(folder / "tiny"), "--config", str(folder / "config.json"),
+        "--base_model", str(folder / "tiny"), "--config", str(folder / name),
         "--dir", str(folder / "out"), "--overwrite",
     ]  # fmt: skip
 
 
-def cumulative(stats: pstats.Stats, path: str, name: str) -> float:
-    """Cumulative seconds of the profiled function ``name`` defined in a file ending ``path``."""
-    total = 0.0
-    for (filename, _, function), row in stats.stats.items():  # type: ignore[attr-defined]
-        if function == name and filename.endswith(path):
-            total += row[3]
-    return total
+# --- the child: mlora.py's main, its phases timestamped ---------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per adapter")
-    parser.add_argument("--keep", type=Path, help="write the job here and keep it")
-    args = parser.parse_args()
-    folder = args.keep or Path(tempfile.mkdtemp(prefix="mlora-startup-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    command = write_job(folder, args.steps)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    script = str(ROOT / "mlora.py")
-    start = time.perf_counter()
-    subprocess.run([sys.executable, script, *command], env=env, check=True, capture_output=True)
-    wall = time.perf_counter() - start
-    profile = folder / "run.prof"
-    start = time.perf_counter()
+def child(marks_path: str, argv: list[str]) -> int:
+    """Run ``mlora.py argv`` in this process, writing each phase's (start, end) times to
+    ``marks_path`` as the interpreter exits."""
+    import atexit
+
+    marks: dict[str, list[list[float]]] = {"main": [[time.time(), 0.0]]}
+    atexit.register(lambda: Path(marks_path).write_text(json.dumps(marks)))
+
+    def timed(owner: object, name: str, label: str) -> None:
+        function = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                marks.setdefault(label, []).append([start, time.time()])
+
+        setattr(owner, name, wrapper)
+
+    start = time.time()
+    import mlora.api
+    import mlora.cli.train
+    import mlora.config.schema
+    import mlora.model.loading
+    import mlora.model.multi_lora
+    import mlora.training.metrics.plots
+    import mlora.training.trainer
+
+    marks["imports"] = [[start, time.time()]]
+    timed(mlora.config.schema, "load_config", "config")
+    timed(mlora.api, "preflight", "preflight")
+    timed(mlora.api, "prepare_data", "data")
+    timed(mlora.api, "prepare_validation", "data")
+    timed(mlora.model.loading.BaseLoad, "load_tokenizer", "tokenizer")
+    timed(mlora.model.loading.BaseLoad, "load", "model load")
+    timed(mlora.training.trainer.Trainer, "__init__", "trainer setup")
+    timed(mlora.model.multi_lora.MultiLoraModel, "set_packing", "packing probe")
+    timed(mlora.training.trainer.Trainer, "train_step", "step")
+    timed(mlora.training.trainer.Trainer, "_loop", "loop")
+    timed(mlora.training.metrics.plots.PlotSink, "close", "plots")
+    timed(mlora.api, "train", "train")
+    try:
+        return mlora.cli.train.main(argv)
+    finally:
+        marks["main"][0][1] = time.time()
+
+
+# --- the parent: runs and tables --------------------------------------------------------------
+
+
+def spans(marks: dict, label: str) -> float:
+    return sum(end - start for start, end in marks.get(label, []))
+
+
+def phases(marks: dict, launched: float, ended: float) -> dict[str, float]:
+    """Seconds per phase (``PHASES``) from one child's marks and the parent's clock."""
+    out = {"start": marks["imports"][0][0] - launched, "imports": spans(marks, "imports")}
+    for label in ("config", "preflight", "tokenizer", "data", "model load", "plots"):
+        out[label] = spans(marks, label)
+    out["trainer setup"] = spans(marks, "trainer setup")
+    out["  of it: packing probe"] = spans(marks, "packing probe")
+    steps = marks.get("step", [])
+    out["first step"] = steps[0][1] - steps[0][0] if steps else 0.0
+    out["other steps"] = spans(marks, "loop") - out["first step"]
+    inside = ("preflight", "tokenizer", "data", "model load", "trainer setup", "plots")
+    out["saving"] = spans(marks, "train") - spans(marks, "loop") - sum(out[k] for k in inside)
+    out["exit"] = ended - marks["main"][0][1]
+    out["total"] = ended - launched
+    return out
+
+
+def run_once(code: Path, command: list[str], home: Path, folder: Path) -> dict[str, float]:
+    """One whole ``mlora.py`` process (wrapped by ``--child``); its phases."""
+    marks_path = folder / "marks.json"
+    env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "MLORA_HOME": str(home)}
+    launched = time.time()
     subprocess.run(
-        [sys.executable, "-m", "cProfile", "-o", str(profile), script, *command],
+        [sys.executable, __file__, "--child", str(marks_path), "--", *command],
         env=env,
         check=True,
         capture_output=True,
+        cwd=code,
     )
-    profiled = time.perf_counter() - start
-    stats = pstats.Stats(str(profile))
-    total = cumulative(stats, "mlora/cli/train.py", "main")
-    print(f"4 adapters x {args.steps} steps x 8 rows, tiny LLaMA; plain run {wall:.2f} s wall")
-    print(f"profiled run {profiled:.2f} s wall, {total:.2f} s in mlora.cli.train.main")
-    print(f"{'phase':<26} {'seconds':>8} {'share':>6}")
-    accounted = 0.0
-    for label, path, name in PHASES:
-        seconds = cumulative(stats, path, name)
-        if not label.startswith(" "):
-            accounted += seconds
-        print(f"{label:<26} {seconds:>8.2f} {seconds / total:>6.1%}")
-    rest = total - accounted
-    print(f"{'the rest (save, exit)':<26} {rest:>8.2f} {rest / total:>6.1%}")
+    ended = time.time()
+    return phases(json.loads(marks_path.read_text()), launched, ended)
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> None:
+    """Median seconds per phase of each kind of run (and the spread of the totals)."""
+    kinds = list(results)
+    print(f"{'phase':<24}" + "".join(f"{k:>14}" for k in kinds))
+    rows = [*PHASES[:8], "  of it: packing probe", *PHASES[8:], "total"]
+    for phase in rows:
+        cells = [statistics.median(r[phase] for r in results[k]) for k in kinds]
+        print(f"{phase:<24}" + "".join(f"{c:>14.2f}" for c in cells))
+    spread = [
+        f"{min(r['total'] for r in results[k]):.2f}-{max(r['total'] for r in results[k]):.2f}"
+        for k in kinds
+    ]
+    print(f"{'total [min-max]':<24}" + "".join(f"{s:>14}" for s in spread))
+
+
+def whole_runs(args: argparse.Namespace) -> None:
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="mlora-startup-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    knows_key = (args.code / "mlora" / "data" / "token_cache.py").exists()
+    cached = write_job(folder, args.steps, True if knows_key else None)
+    kinds = {"cold": cached, "warm": cached}
+    if args.baseline:
+        kinds["no cache"] = write_job(folder, args.steps, False)
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+    for repeat in range(args.repeat):  # interleaved: a busy spell hits every kind alike
+        home = folder / f"home-{repeat}"  # empty: cold; the next run: warm
+        for kind, command in kinds.items():
+            results[kind].append(run_once(args.code, command, home, folder))
+    print(f"4 adapters x {args.steps} steps x 8 rows, tiny LLaMA, mlora of {args.code}; "
+          f"median seconds of {args.repeat} runs")  # fmt: skip
+    table(results)
+
+
+# --- tokenizing many rows in-process ----------------------------------------------------------
+
+
+def tokenize_runs(args: argparse.Namespace) -> None:
+    """Prepare ``args.tokenize`` alpaca rows: uncached, cold cache, warm cache (median)."""
+    os.environ["MLORA_HOME"] = tempfile.mkdtemp(prefix="mlora-home-")
+    import random
+
+    from mlora.config.schema import parse_config
+    from mlora.model.loading import load_tokenizer
+    from mlora.training.data_preparation import prepare_data
+
+    folder = Path(tempfile.mkdtemp(prefix="mlora-tokenize-"))
+    rng = random.Random(0)
+    rows = [
+        {"instruction": " ".join(rng.choices(WORDS, k=rng.randint(5, 40))),
+         "input": " ".join(rng.choices(WORDS, k=rng.randint(0, 30))),
+         "output": " ".join(rng.choices(WORDS, k=rng.randint(5, 80)))}
+        for _ in range(args.tokenize)
+    ]  # fmt: skip
+    data = folder / "rows.json"
+    data.write_text(json.dumps(rows))
+    tokenizer_path = args.tokenizer
+    if tokenizer_path == "smollm2":
+        from benchmarks.smollm2 import smollm2_folder
+
+        tokenizer_path = str(smollm2_folder())
+    tokenizer = load_tokenizer(tokenizer_path)
+
+    def timed(cache: bool, home: str) -> float:
+        os.environ["MLORA_HOME"] = home
+        raw = {"cutoff_len": 256, "data_cache": cache,
+               "lora": [{"name": "a", "data": str(data), "prompt": "alpaca"}]}  # fmt: skip
+        start = time.perf_counter()
+        prepare_data(parse_config(raw, "bench"), tokenizer)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"uncached": [], "cold cache": [], "warm cache": []}
+    for _ in range(args.repeat):
+        home = tempfile.mkdtemp(prefix="mlora-home-")
+        times["uncached"].append(timed(False, home))
+        times["cold cache"].append(timed(True, home))
+        times["warm cache"].append(timed(True, home))
+    print(f"{args.tokenize} alpaca rows, tokenizer {args.tokenizer}, cutoff_len 256; "
+          f"seconds, median [min-max] of {args.repeat}")  # fmt: skip
+    for kind, values in times.items():
+        print(f"{kind:<12} {statistics.median(values):8.2f} [{min(values):.2f}-{max(values):.2f}]")
+
+
+def main() -> None:
+    if "--child" in sys.argv:  # python bench_startup.py --child MARKS -- mlora.py's arguments
+        split = sys.argv.index("--")
+        raise SystemExit(child(sys.argv[sys.argv.index("--child") + 1], sys.argv[split + 1 :]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per adapter")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each kind")
+    parser.add_argument("--baseline", action="store_true", help="also runs with data_cache off")
+    parser.add_argument("--code", type=Path, default=ROOT, help="the mlora checkout to run")
+    parser.add_argument("--keep", type=Path, help="write the job here and keep it")
+    parser.add_argument("--tokenize", type=int, help="time preparing this many rows instead")
+    parser.add_argument("--tokenizer", default="smollm2", help="--tokenize: a tokenizer folder")
+    args = parser.parse_args()
+    if args.tokenize:
+        tokenize_runs(args)
+    else:
+        whole_runs(args)
 
 
 if __name__ == "__main__":
