@@ -208,7 +208,6 @@ def whole_runs(args: argparse.Namespace) -> None:
 
 def tokenize_runs(args: argparse.Namespace) -> None:
     """Prepare ``args.tokenize`` alpaca rows: uncached, cold cache, warm cache (median)."""
-    os.environ["MLORA_HOME"] = tempfile.mkdtemp(prefix="mlora-home-")
     import random
 
     from mlora.config.schema import parse_config
