@@ -116,6 +116,10 @@ def test_a_changed_file_tokenizer_or_key_misses(home, tmp_path, monkeypatch) -> 
         assert prepared(cfg, other) == reference
         assert len(entries(home)) > seen, keys
         seen = len(entries(home))
+    tok.chat_template = CHAT + "{# changed #}"  # the same tokenizer object, changed
+    prepared(config(data, tmp_path), tok)
+    assert len(entries(home)) == seen + 1
+    seen += 1
     write_json(path, addition_rows(8, offset=3))  # the same path, other rows
     reference = prepared(config(data, tmp_path, data_cache=False), tok)
     assert prepared(config(data, tmp_path), tok) == reference

@@ -42,7 +42,8 @@ logger = logging.getLogger("mlora")
 
 Built = tuple[str, list[TokenizedRow]]  # (data format, rows)
 
-_tokenizer_ids: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+# tokenizer -> (its cheap settings when hashed, its digest): the serialization is hashed once
+_tokenizer_ids: weakref.WeakKeyDictionary[Any, tuple[str, str | None]] = weakref.WeakKeyDictionary()
 _file_ids: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
 
 
@@ -71,8 +72,11 @@ def tokenizer_identity(tokenizer: Any) -> str | None:
     """A digest of what decides a tokenizer's ids: a fast tokenizer's full serialization
     (vocabulary, merges, normalizer, pre-tokenizer, post-processor), else its vocabulary
     file's bytes; with its special tokens and chat template. None: not identifiable."""
+    settings = _tokenizer_settings(tokenizer)
     try:
-        return _tokenizer_ids[tokenizer]
+        known, digest = _tokenizer_ids[tokenizer]
+        if known == settings:  # nothing changed since it was hashed (the cheap part)
+            return digest
     except (KeyError, TypeError):
         pass
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -83,20 +87,27 @@ def tokenizer_identity(tokenizer: Any) -> str | None:
         body = file_sha256(Path(vocab_file))
     else:
         body = None
-    digest = None
-    if body is not None:
-        described = {
+    digest = None if body is None else _digest({"body": body, "settings": settings})
+    with suppress(TypeError):  # not weak-referenceable: computed each time
+        _tokenizer_ids[tokenizer] = (settings, digest)
+    return digest
+
+
+def _tokenizer_settings(tokenizer: Any) -> str:
+    """The cheap part of a tokenizer's identity, read each time: a changed chat template,
+    special token or added token is seen even on a tokenizer hashed before."""
+    return json.dumps(
+        {
             "class": type(tokenizer).__name__,
-            "body": body,
+            "size": len(tokenizer),
             "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
             "ids": [tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id],
             "chat_template": getattr(tokenizer, "chat_template", None),
             "add": [getattr(tokenizer, k, None) for k in ("add_bos_token", "add_eos_token")],
-        }
-        digest = _digest(described)
-    with suppress(TypeError):  # not weak-referenceable: computed each time
-        _tokenizer_ids[tokenizer] = digest
-    return digest
+        },
+        sort_keys=True,
+        default=str,
+    )
 
 
 def data_key(source: str, tokenizer: Any, settings: dict[str, Any]) -> str | None:
