@@ -2,8 +2,8 @@
 
 Builds a tiny random LLaMA and a config of 4 adapters x ``--steps`` steps x 8 rows (the small
 job of issue 29) and runs the real command in fresh processes, each wrapped by this script
-(``--child``), which timestamps the phases of the run as it goes (no profiler: the figures are
-the run's own):
+(``--child``: the checkout's ``mlora.py`` run as ``__main__``), which timestamps the phases of
+the run as it goes (no profiler: the figures are the run's own):
 
 - start: the interpreter up to mlora's command line; imports: ``mlora.api`` and what it pulls
   in (torch, transformers); config: reading and checking the config file;
@@ -14,12 +14,14 @@ the run's own):
 
 Runs: ``cold`` (an empty ``$MLORA_HOME``: the tokenized data cache is written), ``warm`` (the
 same home again: rows read from the cache) and, with ``--baseline``, ``data_cache: false``
-(no cache at all). ``--code PATH`` runs another checkout's mlora (e.g. the main branch, for a
-before/after comparison; it needs the same phase functions). ``--tokenize N`` instead times
-preparing N alpaca rows in-process: uncached, cold (tokenize + write) and warm (read).
+(no cache at all). ``--code PATH ...`` runs these checkouts' mlora, interleaved (e.g. this
+one and the main branch, for a before/after comparison; each needs the same phase functions).
+``--threads N`` sets the runs' ``OMP_NUM_THREADS`` (on a busy machine torch's default threads
+wait on each other for most of a tiny model's time). ``--tokenize N`` instead times preparing
+N alpaca rows in-process: uncached, cold (tokenize + write) and warm (read).
 
     python benchmarks/bench_startup.py --repeat 3 --baseline
-    python benchmarks/bench_startup.py --repeat 3 --code /path/to/other/checkout
+    python benchmarks/bench_startup.py --repeat 3 --threads 1 --code . /path/to/main/checkout
     python benchmarks/bench_startup.py --tokenize 20000
 """
 
@@ -71,7 +73,9 @@ def write_job(folder: Path, steps: int, data_cache: bool | None) -> list[str]:
     config: dict = {"cutoff_len": 64, "lora": adapters}
     if data_cache is not None:
         config["data_cache"] = data_cache
-    name = "config.json" if data_cache is not False else "config-nocache.json"
+    name = {True: "config.json", False: "config-nocache.json", None: "config-plain.json"}[
+        data_cache
+    ]
     (folder / name).write_text(json.dumps(config))
     return [
         "--base_model", str(folder / "tiny"), "--config", str(folder / name),
@@ -82,12 +86,15 @@ def write_job(folder: Path, steps: int, data_cache: bool | None) -> list[str]:
 # --- the child: mlora.py's main, its phases timestamped ---------------------------------------
 
 
-def child(marks_path: str, argv: list[str]) -> int:
-    """Run ``mlora.py argv`` in this process, writing each phase's (start, end) times to
-    ``marks_path`` as the interpreter exits."""
+def child(marks_path: str, argv: list[str]) -> None:
+    """Run the checkout's ``mlora.py argv`` (the working folder's) as ``__main__`` in this
+    process, as the interpreter would, writing each phase's (start, end) times to
+    ``marks_path`` when the process exits (an ``atexit`` handler: ``mlora.py`` may end
+    without the interpreter's teardown)."""
     import atexit
+    import runpy
 
-    marks: dict[str, list[list[float]]] = {"main": [[time.time(), 0.0]]}
+    marks: dict[str, list[list[float]]] = {}
     atexit.register(lambda: Path(marks_path).write_text(json.dumps(marks)))
 
     def timed(owner: object, name: str, label: str) -> None:
@@ -112,6 +119,7 @@ def child(marks_path: str, argv: list[str]) -> int:
     import mlora.training.trainer
 
     marks["imports"] = [[start, time.time()]]
+    timed(mlora.cli.train, "main", "main")
     timed(mlora.config.schema, "load_config", "config")
     timed(mlora.api, "preflight", "preflight")
     timed(mlora.api, "prepare_data", "data")
@@ -124,10 +132,9 @@ def child(marks_path: str, argv: list[str]) -> int:
     timed(mlora.training.trainer.Trainer, "_loop", "loop")
     timed(mlora.training.metrics.plots.PlotSink, "close", "plots")
     timed(mlora.api, "train", "train")
-    try:
-        return mlora.cli.train.main(argv)
-    finally:
-        marks["main"][0][1] = time.time()
+    script = str(Path.cwd() / "mlora.py")
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
 
 
 # --- the parent: runs and tables --------------------------------------------------------------
@@ -149,56 +156,71 @@ def phases(marks: dict, launched: float, ended: float) -> dict[str, float]:
     out["other steps"] = spans(marks, "loop") - out["first step"]
     inside = ("preflight", "tokenizer", "data", "model load", "trainer setup", "plots")
     out["saving"] = spans(marks, "train") - spans(marks, "loop") - sum(out[k] for k in inside)
-    out["exit"] = ended - marks["main"][0][1]
+    out["exit"] = ended - marks["main"][0][1]  # after main: threads, exit handlers, teardown
     out["total"] = ended - launched
     return out
 
 
-def run_once(code: Path, command: list[str], home: Path, folder: Path) -> dict[str, float]:
-    """One whole ``mlora.py`` process (wrapped by ``--child``); its phases."""
+def run_once(
+    code: Path, command: list[str], home: Path, folder: Path, threads: int | None
+) -> dict[str, float]:
+    """One whole ``mlora.py`` process of checkout ``code`` (wrapped by ``--child``); its phases."""
     marks_path = folder / "marks.json"
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "MLORA_HOME": str(home)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     launched = time.time()
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, __file__, "--child", str(marks_path), "--", *command],
         env=env,
-        check=True,
         capture_output=True,
+        text=True,
         cwd=code,
     )
     ended = time.time()
+    if done.returncode != 0:
+        raise SystemExit(f"error: mlora.py of {code} exited {done.returncode}:\n{done.stderr}")
     return phases(json.loads(marks_path.read_text()), launched, ended)
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> None:
     """Median seconds per phase of each kind of run (and the spread of the totals)."""
     kinds = list(results)
-    print(f"{'phase':<24}" + "".join(f"{k:>14}" for k in kinds))
+    width = max(14, *(len(k) + 2 for k in kinds))
+    print(f"{'phase':<24}" + "".join(f"{k:>{width}}" for k in kinds))
     rows = [*PHASES[:8], "  of it: packing probe", *PHASES[8:], "total"]
     for phase in rows:
         cells = [statistics.median(r[phase] for r in results[k]) for k in kinds]
-        print(f"{phase:<24}" + "".join(f"{c:>14.2f}" for c in cells))
+        print(f"{phase:<24}" + "".join(f"{c:>{width}.2f}" for c in cells))
     spread = [
         f"{min(r['total'] for r in results[k]):.2f}-{max(r['total'] for r in results[k]):.2f}"
         for k in kinds
     ]
-    print(f"{'total [min-max]':<24}" + "".join(f"{s:>14}" for s in spread))
+    print(f"{'total [min-max]':<24}" + "".join(f"{s:>{width}}" for s in spread))
 
 
 def whole_runs(args: argparse.Namespace) -> None:
+    """Each checkout's runs (cold, warm, and with ``--baseline`` no cache; a checkout without
+    the cache: one plain run), interleaved so a busy spell hits every kind alike."""
     folder = args.keep or Path(tempfile.mkdtemp(prefix="mlora-startup-"))
     folder.mkdir(parents=True, exist_ok=True)
-    knows_key = (args.code / "mlora" / "data" / "token_cache.py").exists()
-    cached = write_job(folder, args.steps, True if knows_key else None)
-    kinds = {"cold": cached, "warm": cached}
-    if args.baseline:
-        kinds["no cache"] = write_job(folder, args.steps, False)
+    kinds: dict[str, tuple[Path, list[str]]] = {}
+    for code in args.code:
+        prefix = f"{code.name}: " if len(args.code) > 1 else ""
+        if (code / "mlora" / "data" / "token_cache.py").exists():
+            cached = write_job(folder, args.steps, True)
+            kinds[prefix + "cold"] = kinds[prefix + "warm"] = (code, cached)
+            if args.baseline:
+                kinds[prefix + "no cache"] = (code, write_job(folder, args.steps, False))
+        else:
+            kinds[prefix + "no cache"] = (code, write_job(folder, args.steps, None))
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
-    for repeat in range(args.repeat):  # interleaved: a busy spell hits every kind alike
-        home = folder / f"home-{repeat}"  # empty: cold; the next run: warm
-        for kind, command in kinds.items():
-            results[kind].append(run_once(args.code, command, home, folder))
-    print(f"4 adapters x {args.steps} steps x 8 rows, tiny LLaMA, mlora of {args.code}; "
+    for repeat in range(args.repeat):
+        for kind, (code, command) in kinds.items():
+            home = folder / f"home-{code.name}-{repeat}"  # empty: cold; the next run: warm
+            results[kind].append(run_once(code, command, home, folder, args.threads))
+    threads = f"OMP_NUM_THREADS={args.threads}" if args.threads else "default threads"
+    print(f"4 adapters x {args.steps} steps x 8 rows, tiny LLaMA, {threads}; "
           f"median seconds of {args.repeat} runs")  # fmt: skip
     table(results)
 
@@ -254,16 +276,21 @@ def tokenize_runs(args: argparse.Namespace) -> None:
 def main() -> None:
     if "--child" in sys.argv:  # python bench_startup.py --child MARKS -- mlora.py's arguments
         split = sys.argv.index("--")
-        raise SystemExit(child(sys.argv[sys.argv.index("--child") + 1], sys.argv[split + 1 :]))
+        child(sys.argv[sys.argv.index("--child") + 1], sys.argv[split + 1 :])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per adapter")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each kind")
     parser.add_argument("--baseline", action="store_true", help="also runs with data_cache off")
-    parser.add_argument("--code", type=Path, default=ROOT, help="the mlora checkout to run")
+    parser.add_argument(
+        "--code", type=Path, nargs="+", default=[ROOT], help="the mlora checkouts to run"
+    )
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs")
     parser.add_argument("--keep", type=Path, help="write the job here and keep it")
     parser.add_argument("--tokenize", type=int, help="time preparing this many rows instead")
     parser.add_argument("--tokenizer", default="smollm2", help="--tokenize: a tokenizer folder")
     args = parser.parse_args()
+    args.code = [path.resolve() for path in args.code]
     if args.tokenize:
         tokenize_runs(args)
     else:
