@@ -187,3 +187,16 @@ def test_an_unwritable_cache_is_a_warning(home, tmp_path, caplog) -> None:
     assert rows == prepared(config(data, tmp_path, data_cache=False), tok)
     assert "tokenized data not cached: cannot write" in caplog.text
     assert json.loads(Path(data).read_text()) == addition_rows(8)
+
+
+def test_errors_read_as_without_the_cache(home, tmp_path) -> None:
+    from mlora.core.errors import DataError
+
+    data = write_json(tmp_path / "add.json", addition_rows(8))
+    errors = []
+    for cache in (False, True):
+        cfg = config(data, tmp_path, data_cache=cache, val_data=str(tmp_path / "missing.json"))
+        with pytest.raises(DataError) as caught:
+            prepare_validation(cfg, tokenizer(), 42)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "missing.json" in errors[0]

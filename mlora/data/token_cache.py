@@ -53,9 +53,12 @@ def cache_folder() -> Path:
 
 def source_identity(source: str) -> str | None:
     """The content hash of a local data file (hashed once per process per version of the
-    file), or None for a hub dataset (its rows have no identity without loading them) or an
-    unreadable file."""
-    path = local_data_path(source)
+    file), or None for a hub dataset (its rows have no identity without loading them) or a
+    file the uncached path will report (missing, unreadable, another format)."""
+    try:
+        path = local_data_path(source)
+    except MloraError:  # missing, a folder, another format: the uncached path says so its way
+        return None
     if path is None:
         return None
     try:
@@ -114,7 +117,10 @@ def data_key(source: str, tokenizer: Any, settings: dict[str, Any]) -> str | Non
     """The cache key of ``source``'s rows tokenized by ``tokenizer`` with ``settings`` (every
     setting that changes the rows, JSON-able), or None where the rows cannot be cached."""
     content = source_identity(source)
-    tokenizer_id = tokenizer_identity(tokenizer) if content is not None else None
+    try:
+        tokenizer_id = tokenizer_identity(tokenizer) if content is not None else None
+    except (AttributeError, TypeError):  # not a transformers tokenizer: not identifiable
+        tokenizer_id = None
     if tokenizer_id is None:
         return None
     parts = {"version": CACHE_VERSION, "source": source, "content": content}
