@@ -44,7 +44,8 @@ Built = tuple[str, list[TokenizedRow]]  # (data format, rows)
 
 # tokenizer -> (its cheap settings when hashed, its digest): the serialization is hashed once
 _tokenizer_ids: weakref.WeakKeyDictionary[Any, tuple[str, str | None]] = weakref.WeakKeyDictionary()
-_file_ids: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+# (path, inode, size, mtime, ctime) -> sha256: a file read twice in a run is hashed once
+_file_ids: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def cache_folder() -> Path:
@@ -63,7 +64,7 @@ def source_identity(source: str) -> str | None:
         return None
     try:
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         if key not in _file_ids:
             _file_ids[key] = file_sha256(path)
     except OSError:  # unreadable: the uncached path reports it in its words
