@@ -42,6 +42,9 @@ LEFT_TO_DATASETS = {
     "messages of other fields": '[{"m": [{"role": "user"}]}, {"m": [{"role": "u", "x": "y"}]}]',
     "an object value": '[{"a": {"x": 1}}]',
     "one row per line, one of them a list": '{"a": "x"}\n[1]\n',
+    "dates (Arrow reads timestamps)": '{"instruction": "when", "output": "2020-01-01"}\n',
+    "a date in a message": '[{"m": [{"role": "user", "content": "2020-01-01 10:00:00"}]}]',
+    "a date in a list": '[{"t": ["x", "2020-1-2"]}]',
 }
 
 

@@ -6,7 +6,8 @@ object per line; every column of one type: text, booleans, integers, floats, lis
 messages: lists of objects of text with the same fields), the rows are exactly what
 ``datasets.load_dataset("json", ...).to_list()`` gives: every row has every column, in order
 of first appearance, ``None`` where a row lacks one. Anything else (a larger file, bad JSON,
-mixed column types, duplicate keys, deeper nesting) returns None and the caller takes the
+mixed column types, duplicate keys, deeper nesting, text that starts like a date, which Arrow
+reads as a timestamp) returns None and the caller takes the
 ``datasets`` path, which is then the one that reads the rows and words the errors.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from mlora.core.jsonfile import TextProblem, read_text
 
 FAST_LIMIT = 96 * 1024  # bytes
 INT64 = range(-(2**63), 2**63)
+ISO_DATE = re.compile(r"\s*\d{4}-\d{1,2}-\d{1,2}")  # Arrow infers timestamps from these
 
 
 class _NotPlain(Exception):
@@ -80,6 +83,7 @@ def _constant(name: str) -> Any:
 def _kind(value: Any) -> str:
     """The column type a value asks for (``"empty"``: an empty list, which fits either list)."""
     if isinstance(value, str):
+        _check_text(value)
         return "text"
     if isinstance(value, bool):
         return "bool"
@@ -95,10 +99,20 @@ def _kind(value: Any) -> str:
         if not value:
             return "empty"
         if all(isinstance(item, str) for item in value):
+            for item in value:
+                _check_text(item)
             return "texts"
         if all(isinstance(item, dict) for item in value):
             return "messages"
     raise _NotPlain(f"a value of another shape: {type(value).__name__}")
+
+
+def _check_text(text: str) -> None:
+    """Raises:
+    _NotPlain: text that starts like an ISO 8601 date: Arrow's JSON reader turns such columns
+        into timestamps (``datasets`` gives ``datetime`` objects), so ``datasets`` decides."""
+    if ISO_DATE.match(text):
+        raise _NotPlain("text that Arrow may read as a timestamp")
 
 
 def _column_kind(values: list[Any]) -> list[str] | None:
@@ -114,6 +128,10 @@ def _column_kind(values: list[Any]) -> list[str] | None:
     if kinds != {"messages"}:
         return None
     messages = [m for v in values if v for m in v]
+    for message in messages:
+        for text in message.values():
+            if isinstance(text, str):
+                _check_text(text)
     fields = {frozenset(m) for m in messages}
     if len(fields) != 1 or not all(isinstance(x, str) for m in messages for x in m.values()):
         raise _NotPlain("messages of different fields or with non-text values")
