@@ -26,6 +26,16 @@ from tests.conftest import make_model
 from tests.test_architectures import UNPACKABLE, build
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny forwards: one thread keeps them at milliseconds on a busy machine (two threads
+    wait on each other there for most of each op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])
 def test_rows_alone_are_bit_identical_under_either_attention(family: str) -> None:
     base, _ = build(family)
