@@ -21,6 +21,8 @@ from torch import nn
 from mlora.adapters.lora import LoraAdapter, LoraVariant
 from mlora.adapters.spec import AdapterHost, AdapterInput
 from mlora.batching.layout import AdapterSegment, LayoutContext
+from mlora.batching.randomness import keep_scale
+from mlora.ops.masked_dropout import dropout_branch
 from mlora.ops.segmented_lora import segmented_lora
 from mlora.ops.segments import join_segments, split_segments
 
@@ -161,16 +163,33 @@ class MultiLoraLinear(nn.Module, AdapterHost):
         return x
 
     def _plain_delta(self, x: torch.Tensor, segments: list[AdapterSegment]) -> torch.Tensor:
-        """(N, out) fp32 LoRA delta of every plain-LoRA segment, zero elsewhere."""
+        """(N, out) fp32 LoRA delta of every plain-LoRA segment, zero elsewhere.
+
+        With dropout the branch runs through ``dropout_branch``: what backward keeps is ``x``
+        (alive anyway; q/k/v share it) and a bool mask, not the fp32 multipliers and dropped
+        input of ``x * keep`` (the same draws as ``_dropped``, the same gradients).
+        """
         adapters: list[LoraAdapter] = [self.adapters[s.adapter] for s in segments]
-        x = self._dropped(x, segments, adapters)
-        return segmented_lora(
-            x,
-            [(s.start, s.end) for s in segments],
-            [a.lora_A.weight for a in adapters],
-            [a.lora_B.weight for a in adapters],
-            [a.scaling for a in adapters],
-        )
+        x = x.to(adapters[0].lora_A.weight.dtype)
+        ranges = [(s.start, s.end) for s in segments]
+        lora_a = [a.lora_A.weight for a in adapters]
+        lora_b = [a.lora_B.weight for a in adapters]
+        scales = [a.scaling for a in adapters]
+        dropping = [(s, a.dropout_p) for s, a in zip(segments, adapters, strict=True)]
+        dropping = [(s, p) for s, p in dropping if p > 0 and self.training]
+        if not dropping:
+            return segmented_lora(x, ranges, lora_a, lora_b, scales)
+        mask = torch.ones(x.shape, dtype=torch.bool, device=x.device)  # True: kept
+        for seg, p in dropping:
+            random = self.context.segment_random(seg, x.shape[0], x.device)
+            mask[seg.start : seg.end] = random.keep_mask(x[seg.start : seg.end], p)
+        count = len(segments)
+
+        def branch(dropped: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+            return segmented_lora(dropped, ranges, weights[:count], weights[count:], scales)
+
+        scaled = [(s.start, s.end, keep_scale(p)) for s, p in dropping]
+        return dropout_branch(x, mask, scaled, branch, *lora_a, *lora_b)
 
     def _custom_delta(
         self, x: torch.Tensor, y: torch.Tensor, segments: list[AdapterSegment]

@@ -113,23 +113,41 @@ KEEP_LEVELS = 1 << 16
 """Dropout draws are 16-bit: a unit is kept when its draw is below round((1 - p) * 2**16)."""
 
 
-def fill_keep(out: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Fill ``out`` with inverted-dropout multipliers: 0, or ``2**16 / K`` with probability
-    ``K / 2**16``, ``K = round((1 - p) * 2**16)`` (within 8e-6 of 1 - p; unbiased: the scale is
-    the inverse of the rate actually used).
+def keep_levels(p: float) -> int:
+    """``K = round((1 - p) * 2**16)`` (at least 1): a unit is kept when its 16-bit draw is
+    below it."""
+    return max(1, round((1 - p) * KEEP_LEVELS))
+
+
+def keep_scale(p: float) -> float:
+    """The multiplier of a kept unit, ``2**16 / K``: the inverse of the keep rate used."""
+    return KEEP_LEVELS / keep_levels(p)
+
+
+def draw_keep_mask(
+    shape: torch.Size, p: float, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """(shape) bool: True where a unit is kept, with probability ``K / 2**16`` (``keep_levels``).
 
     Why not ``bernoulli_``: on CPU it costs one generator call per element. Here one 64-bit
     ``random_`` word gives three 16-bit draws (its low 48 bits; ``random_`` leaves the top bit
     0), about 3x cheaper on CPU, on any device, from the adapter's own generator.
     """
-    kept = max(1, round((1 - p) * KEEP_LEVELS))
-    n = out.numel()
-    words = torch.empty(-(-n // 3), dtype=torch.int64, device=out.device)
+    kept = keep_levels(p)
+    n = shape.numel()
+    words = torch.empty(-(-n // 3), dtype=torch.int64, device=device)
     words.random_(generator=generator)  # uniform in [0, 2**63)
     draws = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]  # little-endian: low 48
     # int16 holds the 16 bits b signed; flipping the sign bit orders them as b - 2**15
-    keep = (draws.view(out.shape) ^ -(KEEP_LEVELS // 2)) < kept - KEEP_LEVELS // 2
-    return out.copy_(keep).mul_(KEEP_LEVELS / kept)
+    return (draws.view(shape) ^ -(KEEP_LEVELS // 2)) < kept - KEEP_LEVELS // 2
+
+
+def fill_keep(out: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill ``out`` with inverted-dropout multipliers: 0, or ``keep_scale(p)`` where
+    ``draw_keep_mask`` keeps the unit (within 8e-6 of 1 - p; unbiased: the scale is the
+    inverse of the rate actually used)."""
+    keep = draw_keep_mask(out.shape, p, generator, out.device)
+    return out.copy_(keep).mul_(keep_scale(p))
 
 
 @dataclass(frozen=True)
@@ -207,6 +225,12 @@ class SegmentRandom:
         """Inverted-dropout multipliers shaped like ``like``: 0, or the inverse keep rate
         (see ``fill_keep``)."""
         return self._spread(like, lambda t: fill_keep(t, p, self.generator))
+
+    def keep_mask(self, like: torch.Tensor, p: float) -> torch.Tensor:
+        """The draws of ``keep`` as a bool mask shaped like ``like`` (1 byte a unit, not 4): True
+        where kept. ``keep`` equals ``keep_mask(...) * keep_scale(p)``, the same draws."""
+        flags = torch.empty(like.shape, dtype=torch.bool, device=like.device)
+        return self._spread(flags, lambda t: draw_keep_mask(t.shape, p, self.generator, t.device))
 
     def uniform(self, like: torch.Tensor, low: float, high: float) -> torch.Tensor:
         """Uniform noise in [low, high) shaped like ``like``."""
