@@ -36,12 +36,10 @@ from typing import Any
 import torch
 from common import (
     DTYPES,
-    HF_ATTENTION,
     ROOT,
     add_common_args,
     prepare_model,
     resolve_device,
-    schedule,
     supervised,
     write_config,
 )
@@ -158,22 +156,14 @@ def run_mlora(args: argparse.Namespace, log: PhaseLog) -> None:
 def run_peft(args: argparse.Namespace, log: PhaseLog) -> None:
     """PEFT's loop of ``peft_train_one.py``, one adapter after another, ``--steps`` each."""
     from peft import LoraConfig, get_peft_model
-    from peft_train_one import padded_batch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft_train_one import load_base_and_plan, padded_batch
 
     import mlora
     from mlora.data.rows import pad_token_id
-    from mlora.training.trainer import prepare_data
 
     config = mlora.load_config(args.config)
     device = torch.device(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    plan = schedule(config, prepare_data(config, tokenizer), args.seed)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir,
-        dtype=getattr(torch, DTYPES[args.dtype]),
-        attn_implementation=HF_ATTENTION[args.attn_impl],
-    ).to(device)
+    tokenizer, plan, model = load_base_and_plan(args, config)
     torch.manual_seed(args.seed)
     log.mark("setup")
     for a in config.lora:

@@ -93,6 +93,19 @@ def train_adapter(
     return ends, first_loss
 
 
+def load_base_and_plan(args: argparse.Namespace, config: TrainConfig) -> tuple[Any, Any, Any]:
+    """The tokenizer, the micro-batch plan (mlora's rows and order) and the base model on
+    ``args.device``: PEFT's side of every comparison starts from these."""
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    plan = schedule(config, prepare_data(config, tokenizer), args.seed)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir,
+        dtype=getattr(torch, DTYPES[args.dtype]),
+        attn_implementation=HF_ATTENTION[args.attn_impl],
+    ).to(torch.device(args.device))
+    return tokenizer, plan, model
+
+
 def run_peft(args: argparse.Namespace, config: TrainConfig, run: int) -> dict[str, Any]:
     """Load the base once, train ``config``'s adapters one after another, save each.
 
@@ -102,13 +115,7 @@ def run_peft(args: argparse.Namespace, config: TrainConfig, run: int) -> dict[st
     """
     device = torch.device(args.device)
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    plan = schedule(config, prepare_data(config, tokenizer), args.seed)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir,
-        dtype=getattr(torch, DTYPES[args.dtype]),
-        attn_implementation=HF_ATTENTION[args.attn_impl],
-    ).to(device)
+    tokenizer, plan, model = load_base_and_plan(args, config)
     if config.gradient_checkpoint == "recompute":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(args.seed)
