@@ -373,16 +373,22 @@ UNPACKABLE = {
 }
 
 
-@pytest.mark.parametrize("family", list(UNPACKABLE))
-def test_auto_packing_falls_back_where_rows_would_mix(family: str, caplog) -> None:
-    """Why "auto" pads some models: packed rows really would attend to each other there, so
-    the probe refuses and says why in one log line; the padded batch is then exact."""
+def build_unpackable(family: str) -> torch.nn.Module:
+    """A tiny random ``UNPACKABLE`` model in eval mode (seeded: the same weights every call)."""
     config_name, model_name, extra = UNPACKABLE[family]
     torch.manual_seed(0)
     config = getattr(transformers, config_name)(
         vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **extra
     )
-    hf_model = getattr(transformers, model_name)(config).eval()
+    return getattr(transformers, model_name)(config).eval()
+
+
+@pytest.mark.parametrize("family", list(UNPACKABLE))
+def test_auto_packing_falls_back_where_rows_would_mix(family: str, caplog) -> None:
+    """Why "auto" pads some models: packed rows really would attend to each other there, so
+    the probe refuses and says why in one log line; the padded batch is then exact."""
+    model_name = UNPACKABLE[family][1]
+    hf_model = build_unpackable(family)
     model = MultiLoraModel(hf_model)
     rows = [  # lengths 12, 5, 6: the last two share a packed batch row
         TokenizedRow(list(range(5, 17)), [IGNORE_INDEX] * 6 + list(range(11, 17))),

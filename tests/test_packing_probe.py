@@ -23,7 +23,7 @@ from mlora.batching.packing import (
 )
 from mlora.ops.varlen_attention import VARLEN_ATTENTION
 from tests.conftest import make_model
-from tests.test_architectures import UNPACKABLE, build
+from tests.test_architectures import UNPACKABLE, build, build_unpackable
 
 
 @pytest.fixture(autouse=True)
@@ -68,14 +68,7 @@ def test_auto_runs_six_forwards_and_decides_as_fresh_probes() -> None:
 
 @pytest.mark.parametrize("family", list(UNPACKABLE))
 def test_a_model_that_mixes_rows_is_still_refused(family: str, caplog) -> None:
-    import transformers
-
-    config_name, model_name, extra = UNPACKABLE[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(
-        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **extra
-    )
-    hf_model = getattr(transformers, model_name)(config).eval()
+    hf_model = build_unpackable(family)
     fresh = packing_problem(hf_model)
     assert fresh is not None
     with caplog.at_level("INFO", logger="mlora"):
