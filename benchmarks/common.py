@@ -145,6 +145,10 @@ def write_config(folder: Path, args: argparse.Namespace, names: Sequence[str]) -
         "gradient_checkpoint": args.gradient_checkpoint,
         "lora": adapters,
     }
+    if args.pass_tokens is not None:  # else the engine's default
+        config["pass_tokens"] = (
+            args.pass_tokens if args.pass_tokens == "auto" else int(args.pass_tokens)
+        )
     if args.mlora_packing is not None:  # else the engine's default
         config["packing"] = {"on": True, "off": False, "auto": "auto"}[args.mlora_packing]
     path = folder / "bench.json"
@@ -387,6 +391,12 @@ def add_common_args(
         choices=["auto", "on", "off"],
         default=None,
         help="mlora's packing key (default: not set, the engine's default)",
+    )
+    add(
+        "--pass-tokens",
+        default=None,
+        help="mlora's pass_tokens key: 'auto', or most tokens per forward pass, 0 for one pass "
+        "per step (default: not set, the engine's default)",
     )
     add("--rows", type=int, default=rows, help="training rows per adapter")
     add("--batch", type=int, default=batch, help="rows per optimizer step per adapter")

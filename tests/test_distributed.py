@@ -38,11 +38,13 @@ NAMES = ("acc", "odd", "topk", "switch", "topp", "dense", "mola")
 def write_config(folder: Path) -> Path:
     """``acc``: micro-batches of 2 rows (one per rank), 2 per optimizer step, ``lm_head`` among
     its targets; ``odd``: DoRA, 7 rows in steps of 3, so its last step has one row and rank 1
-    none of it. Dropout 0.2 on both, packed rows."""
+    none of it. Dropout 0.2 on both, packed rows. ``pass_tokens`` 90 splits most steps into
+    several passes (the same groups on every rank: they follow the whole micro-batches), so
+    the router losses' cross-rank sums run once per pass."""
     folder.mkdir(parents=True, exist_ok=True)
     template = write_template(folder)
     config = {
-        "cutoff_len": 40, "save_step": 2, "log_step": 1, "packing": True,
+        "cutoff_len": 40, "save_step": 2, "log_step": 1, "packing": True, "pass_tokens": 90,
         "lora": [
             {"name": "acc", "data": write_json(folder / "acc.json", addition_rows(10)),
              "prompt": template, "r": 4, "batch_size": 4, "micro_batch_size": 2,

@@ -635,6 +635,14 @@ class TrainConfig:
         "(tokens x vocab) logits never exist; 0 computes the full logits.",
         lambda v: None if _is_num(v) and v >= 0 else "a number >= 0",
     )
+    pass_tokens: int | str = _key(
+        "auto",
+        "Most tokens one forward pass holds: a step whose adapters' micro-batches hold more "
+        "runs as several passes of whole micro-batches, a backward after each, so only one "
+        "pass's activations are kept at a time (each adapter's gradients are the same); 0: one "
+        "pass per step; 'auto': 1024 on CPU, where larger passes are no faster, 0 on a GPU.",
+        lambda v: None if v == "auto" or (_is_int(v) and v >= 0) else "'auto' or an integer >= 0",
+    )
     packing: str | bool = _key(
         "auto",
         "Pack each step's rows instead of padding them: 'stream' lays them end to end in one "

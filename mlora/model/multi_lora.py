@@ -29,6 +29,7 @@ from mlora.model.parameter_targets import (
     attach_parameter_loras,
     plan_parameter_targets,
 )
+from mlora.ops.activation_recompute import recompute_activations
 from mlora.ops.linear_cross_entropy import DEFAULT_CHUNK_MB
 from mlora.ops.varlen_attention import SEQUENCES_KWARG, streaming, streams_rows
 
@@ -329,7 +330,11 @@ class MultiLoraModel(nn.Module):
         rows = {} if batch.sequences is None else {SEQUENCES_KWARG: batch.sequences}
         if rows and not streams_rows(self.model):  # sdpa would let the rows see each other
             raise ValueError("a stream batch needs the model's per-row attention (use_stream)")
-        with streaming() if rows else nullcontext(), self.context.install(batch.pass_state()):
+        with (
+            streaming() if rows else nullcontext(),
+            self.context.install(batch.pass_state()),
+            recompute_activations(backbone) if torch.is_grad_enabled() else nullcontext(),
+        ):
             hidden = backbone(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

@@ -24,6 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mlora.batching.collate import LossBatch, collate
 from mlora.batching.dispatcher import Dispatcher, MicroBatch, MicroBatchShard
+from mlora.batching.passes import forward_passes, pass_size, resolve_pass_tokens
 from mlora.config.schema import AdapterConfig, TrainConfig
 from mlora.core.errors import MloraError
 from mlora.core.interrupt import GracefulStop, TrainingInterrupted
@@ -167,6 +168,7 @@ class Trainer(ReportingTrainer, SavingTrainer, ResumableTrainer):
             logger.info("gradient checkpointing: %s per decoder layer", self.gradient_checkpoint)
         model.set_packing(config.packing)
         model.loss_chunk_mb = config.loss_chunk_mb
+        self.pass_tokens = resolve_pass_tokens(config.pass_tokens, self.backend.name)
         self.sync.adapters_changed(model, [run.name for run in self.runs])
         self.tokens_seen = 0  # tokens of every pass so far, padding included
         self.padded_tokens = 0
@@ -271,8 +273,12 @@ class Trainer(ReportingTrainer, SavingTrainer, ResumableTrainer):
             self.save_cut()  # the end: --resume of a finished run has nothing left to do
 
     def train_step(self, step: list[tuple[AdapterRun, MicroBatch]]) -> None:
-        """One forward and one backward for every adapter in ``step``, then the optimizer steps
-        of those whose batch is complete.
+        """A forward and a backward for every adapter in ``step``, then the optimizer steps of
+        those whose batch is complete.
+
+        The step's micro-batches share one pass, or several where they hold more tokens than
+        ``pass_tokens`` (``forward_passes``): each adapter's segment lies whole in one pass and
+        draws from its own random stream, so its gradients are the same either way.
 
         With several processes this one runs its share of each micro-batch (possibly none of
         some adapter's); token losses are still divided by the whole step's supervised tokens,
@@ -282,8 +288,31 @@ class Trainer(ReportingTrainer, SavingTrainer, ResumableTrainer):
         for run, _ in step:  # each micro-batch's noise from (seed, adapter, its index) alone
             context.generators.start_pass(run.name, run.queue.micro_steps_done)
         shards = [self.sync.shard(mb) for _, mb in step]
-        local = [i for i, shard in enumerate(shards) if shard.rows]
         losses = [torch.zeros((), device=self.model.device)] * len(step)  # detached, per entry
+        sizes = [pass_size(mb.rows, self.model.packing_form) for _, mb in step]
+        for entries in forward_passes(sizes, self.pass_tokens):
+            done = self._forward_backward([step[i] for i in entries], [shards[i] for i in entries])
+            for i, loss in zip(entries, done, strict=True):
+                losses[i] = loss
+        for (run, mb), loss in zip(step, losses, strict=True):
+            tokens = sum(len(row) for row in mb.rows)
+            run.add_micro_batch(loss, tokens)
+            self._count_micro_batch(run, mb, tokens)
+        ending = [run for run, mb in step if mb.ends_step]
+        self.sync.sum_step(ending)  # gradients and step losses: the sums over processes
+        for run, mb in [(run, mb) for run, mb in step if mb.ends_step]:
+            self.faults.flag(run, self.global_step)  # a non-finite step is never applied
+            self._collect_step(run, mb)
+            run.optimizer_step()
+
+    def _forward_backward(
+        self, step: list[tuple[AdapterRun, MicroBatch]], shards: list[MicroBatchShard]
+    ) -> list[torch.Tensor]:
+        """One pass over these entries of a step: forward, losses, backward. Returns their
+        detached losses (zero where this process has no rows)."""
+        context = self.model.context
+        local = [i for i, shard in enumerate(shards) if shard.rows]
+        losses = [torch.zeros((), device=self.model.device)] * len(step)
         if local:
             batch = self._collate([(step[i][0].name, shards[i]) for i in local])
             # (S, 2) queued before the forward: a blocking copy after it would wait for the GPU
@@ -310,16 +339,7 @@ class Trainer(ReportingTrainer, SavingTrainer, ResumableTrainer):
             detached = segment.detach()
             for k, i in enumerate(local):
                 losses[i] = detached[k]
-        for (run, mb), loss in zip(step, losses, strict=True):
-            tokens = sum(len(row) for row in mb.rows)
-            run.add_micro_batch(loss, tokens)
-            self._count_micro_batch(run, mb, tokens)
-        ending = [run for run, mb in step if mb.ends_step]
-        self.sync.sum_step(ending)  # gradients and step losses: the sums over processes
-        for run, mb in [(run, mb) for run, mb in step if mb.ends_step]:
-            self.faults.flag(run, self.global_step)  # a non-finite step is never applied
-            self._collect_step(run, mb)
-            run.optimizer_step()
+        return losses
 
     def _collate(self, shards: list[tuple[str, MicroBatchShard]]) -> LossBatch:
         """This process's rows of the step as one batch (packed or padded, as the model)."""
