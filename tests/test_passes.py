@@ -22,8 +22,8 @@ from mlora.core.errors import ConfigError
 from mlora.data.rows import TokenizedRow
 from mlora.training.trainer import Trainer
 from tests.conftest import make_model, make_tokenizer
-from tests.helpers import adapter_tensors, max_relative_difference, run_in_memory
-from tests.test_concurrent import adapters
+from tests.helpers import run_in_memory
+from tests.test_concurrent import adapters, assert_each_trains_as_alone
 
 
 def test_one_pass_when_unbounded_or_within_budget() -> None:
@@ -94,10 +94,4 @@ def test_split_passes_equal_isolated_training(
     )
     assert together.pass_tokens == budget
     assert max(passes) == 1 if budget == 1 else 1 < max(passes) < len(specs)
-    for spec in specs:
-        alone = run_in_memory(factory, tokenizer, {**shared, "lora": [spec]}, tmp_path / "a")
-        name = spec["name"]
-        difference = max_relative_difference(
-            adapter_tensors(together, name), adapter_tensors(alone, name)
-        )
-        assert difference <= 1e-4, f"{name}: {difference}"
+    assert_each_trains_as_alone(together, specs, factory, tokenizer, shared, tmp_path / "a")
