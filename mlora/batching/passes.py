@@ -21,10 +21,11 @@ AUTO_CPU_PASS_TOKENS = 1024
 def resolve_pass_tokens(value: int | str, device_type: str) -> int:
     """The budget the ``pass_tokens`` key asks for; 0 means one pass per step.
 
-    ``auto`` is ``AUTO_CPU_PASS_TOKENS`` on CPU, where larger passes are no faster
-    (``benchmarks/bench_pass_tokens.py``), and 0 on a GPU, where the per-layer recompute that
-    ``gradient_checkpoint: auto`` turns on already bounds activation memory and a large pass
-    keeps the device busy.
+    ``auto`` is ``AUTO_CPU_PASS_TOKENS`` on CPU: about 40% less peak memory on the SmolLM2
+    benchmark for 0-25% more time, by measurements that disagree
+    (``benchmarks/bench_pass_tokens.py``, README). On a GPU it is 0: the per-layer recompute
+    that ``gradient_checkpoint: auto`` turns on there already bounds activation memory, and a
+    large pass keeps the device busy.
     """
     if value == "auto":
         return AUTO_CPU_PASS_TOKENS if device_type == "cpu" else 0
