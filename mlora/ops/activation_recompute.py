@@ -33,8 +33,9 @@ _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations"
 
 def is_activation(module: nn.Module) -> bool:
     """An elementwise activation module of torch or transformers without parameters."""
-    return type(module).__module__ in _ACTIVATION_MODULES and not any(
-        True for _ in module.parameters(recurse=False)
+    return (
+        type(module).__module__ in _ACTIVATION_MODULES
+        and next(module.parameters(recurse=False), None) is None
     )
 
 

@@ -288,12 +288,14 @@ class Trainer(ReportingTrainer, SavingTrainer, ResumableTrainer):
         for run, _ in step:  # each micro-batch's noise from (seed, adapter, its index) alone
             context.generators.start_pass(run.name, run.queue.micro_steps_done)
         shards = [self.sync.shard(mb) for _, mb in step]
-        losses = [torch.zeros((), device=self.model.device)] * len(step)  # detached, per entry
         sizes = [pass_size(mb.rows, self.model.packing_form) for _, mb in step]
-        for entries in forward_passes(sizes, self.pass_tokens):
-            done = self._forward_backward([step[i] for i in entries], [shards[i] for i in entries])
-            for i, loss in zip(entries, done, strict=True):
-                losses[i] = loss
+        losses = [  # detached, per entry: the passes are consecutive groups, in step order
+            loss
+            for entries in forward_passes(sizes, self.pass_tokens)
+            for loss in self._forward_backward(
+                [step[i] for i in entries], [shards[i] for i in entries]
+            )
+        ]
         for (run, mb), loss in zip(step, losses, strict=True):
             tokens = sum(len(row) for row in mb.rows)
             run.add_micro_batch(loss, tokens)
