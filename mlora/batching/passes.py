@@ -14,16 +14,16 @@ from collections.abc import Sequence
 
 from mlora.data.rows import TokenizedRow
 
-AUTO_CPU_PASS_TOKENS = 1024
+AUTO_CPU_PASS_TOKENS = 1536
 """``pass_tokens: "auto"`` on CPU (see ``resolve_pass_tokens``)."""
 
 
 def resolve_pass_tokens(value: int | str, device_type: str) -> int:
     """The budget the ``pass_tokens`` key asks for; 0 means one pass per step.
 
-    ``auto`` is ``AUTO_CPU_PASS_TOKENS`` on CPU: about 40% less peak memory on the SmolLM2
-    benchmark for 0-25% more time, by measurements that disagree
-    (``benchmarks/bench_pass_tokens.py``, README). On a GPU it is 0: the per-layer recompute
+    ``auto`` is ``AUTO_CPU_PASS_TOKENS`` on CPU: about a third less peak memory on the SmolLM2
+    benchmark for at most a few percent more time (``benchmarks/bench_pass_tokens.py``, README;
+    1024 saved a little more memory and cost more time). On a GPU it is 0: the per-layer recompute
     that ``gradient_checkpoint: auto`` turns on there already bounds activation memory, and a
     large pass keeps the device busy.
     """

@@ -640,7 +640,7 @@ class TrainConfig:
         "Most tokens one forward pass holds: a step whose adapters' micro-batches hold more "
         "runs as several passes of whole micro-batches, a backward after each, so only one "
         "pass's activations are kept at a time (each adapter's gradients are the same); 0: one "
-        "pass per step (fastest); 'auto': 1024 on CPU, 0 on a GPU.",
+        "pass per step (fastest); 'auto': 1536 on CPU, 0 on a GPU.",
         lambda v: None if v == "auto" or (_is_int(v) and v >= 0) else "'auto' or an integer >= 0",
     )
     packing: str | bool = _key(
