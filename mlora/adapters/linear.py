@@ -22,8 +22,7 @@ from mlora.adapters.lora import LoraAdapter, LoraVariant
 from mlora.adapters.spec import AdapterHost, AdapterInput
 from mlora.batching.layout import AdapterSegment, LayoutContext
 from mlora.batching.randomness import keep_scale
-from mlora.ops.masked_dropout import dropout_branch
-from mlora.ops.segmented_lora import segmented_lora
+from mlora.ops.segmented_lora import dropout_segmented_lora, segmented_lora
 from mlora.ops.segments import join_segments, split_segments
 
 
@@ -165,7 +164,7 @@ class MultiLoraLinear(nn.Module, AdapterHost):
     def _plain_delta(self, x: torch.Tensor, segments: list[AdapterSegment]) -> torch.Tensor:
         """(N, out) fp32 LoRA delta of every plain-LoRA segment, zero elsewhere.
 
-        With dropout the branch runs through ``dropout_branch``: what backward keeps is ``x``
+        With dropout it runs through ``dropout_segmented_lora``: what backward keeps is ``x``
         (alive anyway; q/k/v share it) and a bool mask, not the fp32 multipliers and dropped
         input of ``x * keep`` (the same draws as ``_dropped``, the same gradients).
         """
@@ -183,13 +182,8 @@ class MultiLoraLinear(nn.Module, AdapterHost):
         for seg, p in dropping:
             random = self.context.segment_random(seg, x.shape[0], x.device)
             mask[seg.start : seg.end] = random.keep_mask(x[seg.start : seg.end], p)
-        count = len(segments)
-
-        def branch(dropped: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-            return segmented_lora(dropped, ranges, weights[:count], weights[count:], scales)
-
         scaled = [(s.start, s.end, keep_scale(p)) for s, p in dropping]
-        return dropout_branch(x, mask, scaled, branch, *lora_a, *lora_b)
+        return dropout_segmented_lora(x, mask, scaled, ranges, lora_a, lora_b, scales)
 
     def _custom_delta(
         self, x: torch.Tensor, y: torch.Tensor, segments: list[AdapterSegment]

@@ -48,6 +48,11 @@ What ``grouped_mm`` accepts in torch 2.13 (tried on CPU; CUDA from its source, G
   CUDA only there.
 
 ``grouped`` multiplies gap tokens by zero weights, so gap tokens must be finite (0 * inf = nan).
+
+``dropout_segmented_lora`` is ``segmented_lora(x * keep, ...)`` for LoRA dropout given as a bool
+mask (``mlora.ops.masked_dropout``): the ``function`` implementation, which forms the dropped
+input in forward and again in backward, so what it keeps is ``x`` and the 1-byte mask, and its
+backward is plain matmuls (no nested autograd, no recomputed (T, out) output).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from mlora.hardware.backends import get_backend
+from mlora.ops.masked_dropout import KeepRanges, keep_multipliers
 
 IMPLS = ("loop", "grouped", "function", "auto")
 
@@ -104,7 +110,40 @@ def segmented_lora(
         return _loop(x, segments, lora_a, lora_b, scales)
     if chosen == "grouped":
         return _grouped(x, segments, lora_a, lora_b, scales)
-    return _SegmentedLoraFunction.apply(x, segments, scales, *lora_a, *lora_b)
+    return _SegmentedLoraFunction.apply(x, segments, scales, None, (), *lora_a, *lora_b)
+
+
+def dropout_segmented_lora(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    keep_ranges: Sequence[tuple[int, int, float]],
+    segments: Sequence[tuple[int, int]],
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> torch.Tensor:
+    """``segmented_lora(x * keep, ...)`` with ``keep = keep_multipliers(mask, keep_ranges)``,
+    keeping ``x`` and the bool mask for backward, not the (T, in) dropped input.
+
+    Values and gradients are bit for bit those of ``segmented_lora(x * keep, ..., impl=
+    "function")`` under plain autograd: the same ops on the same inputs.
+
+    Args:
+        x: (T, in) input, cast to the weights' dtype.
+        mask: (T, in) bool, True where a unit is kept (everywhere outside ``keep_ranges``).
+        keep_ranges: ``(start, end, scale)`` rows whose kept units are multiplied by ``scale``.
+        segments, lora_a, lora_b, scales: as ``segmented_lora``.
+    """
+    _check_inputs(x, segments, lora_a, lora_b, scales)
+    if mask.shape != x.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must be bool of shape {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+        )
+    x = x.to(lora_a[0].dtype)
+    segments = tuple((int(start), int(end)) for start, end in segments)
+    scales = tuple(float(scale) for scale in scales)
+    ranges = tuple((int(start), int(end), float(scale)) for start, end, scale in keep_ranges)
+    return _SegmentedLoraFunction.apply(x, segments, scales, mask, ranges, *lora_a, *lora_b)
 
 
 def resolve_impl(
@@ -319,7 +358,9 @@ def host_to_device(
 class _SegmentedLoraFunction(torch.autograd.Function):
     """Segment loop writing into preallocated buffers; temporaries do not grow with G.
 
-    ``apply(x, segments, scales, *lora_a, *lora_b)`` with x (T, in) in the weights' dtype.
+    ``apply(x, segments, scales, mask, keep_ranges, *lora_a, *lora_b)`` with x (T, in) in the
+    weights' dtype; ``mask`` None (no dropout) or the bool mask of ``dropout_segmented_lora``,
+    whose dropped input ``x * keep`` is formed in forward and again in backward.
     """
 
     @staticmethod
@@ -328,9 +369,12 @@ class _SegmentedLoraFunction(torch.autograd.Function):
         x: torch.Tensor,
         segments: tuple[tuple[int, int], ...],
         scales: tuple[float, ...],
+        mask: torch.Tensor | None,
+        keep_ranges: KeepRanges,
         *weights: torch.Tensor,
     ) -> torch.Tensor:
         lora_a, lora_b = weights[: len(segments)], weights[len(segments) :]
+        dropped = x if mask is None else x * keep_multipliers(mask, keep_ranges, x.dtype)
         delta = x.new_empty(x.shape[0], lora_b[0].shape[0])  # (T, out)
         for start, end in _gaps(segments, x.shape[0]):
             delta[start:end].zero_()
@@ -345,11 +389,15 @@ class _SegmentedLoraFunction(torch.autograd.Function):
             segments, lora_a, lora_b, scales, sizes, strict=True
         ):
             h = hidden[offset : offset + size].view(end - start, a.shape[0])
-            torch.mm(x[start:end], a.T, out=h).mul_(scale)
+            torch.mm(dropped[start:end], a.T, out=h).mul_(scale)
             torch.mm(h, b.T, out=delta[start:end])
             offset += size
-        ctx.save_for_backward(x, hidden, *weights)
-        ctx.segments, ctx.scales, ctx.sizes = segments, scales, sizes
+        if mask is None:
+            ctx.save_for_backward(x, hidden, *weights)
+        else:
+            ctx.save_for_backward(x, hidden, mask, *weights)
+        ctx.dropout = mask is not None
+        ctx.segments, ctx.scales, ctx.sizes, ctx.keep_ranges = segments, scales, sizes, keep_ranges
         return delta
 
     @staticmethod
@@ -358,12 +406,17 @@ class _SegmentedLoraFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_delta: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         x, hidden, *weights = ctx.saved_tensors
+        keep = None
+        if ctx.dropout:  # the dropped input again, from x and the mask
+            mask, *weights = weights
+            keep = keep_multipliers(mask, ctx.keep_ranges, x.dtype)
         segments, scales, sizes = ctx.segments, ctx.scales, ctx.sizes
         num_segments = len(segments)
         lora_a, lora_b = weights[:num_segments], weights[num_segments:]
         needs_x = ctx.needs_input_grad[0]
-        needs_a = ctx.needs_input_grad[3 : 3 + num_segments]
-        needs_b = ctx.needs_input_grad[3 + num_segments :]
+        needs_a = ctx.needs_input_grad[5 : 5 + num_segments]
+        needs_b = ctx.needs_input_grad[5 + num_segments :]
+        dropped = x if keep is None or not any(needs_a) else x * keep
         grad_x = None
         if needs_x:
             grad_x = torch.empty_like(x)  # (T, in)
@@ -383,7 +436,9 @@ class _SegmentedLoraFunction(torch.autograd.Function):
             if needs_x or needs_a[g]:
                 grad_h = (grad_seg @ b).mul_(scale)  # (tokens_g, r_g)
                 if needs_a[g]:
-                    grads_a[g] = grad_h.T @ x[start:end]  # (r_g, in)
+                    grads_a[g] = grad_h.T @ dropped[start:end]  # (r_g, in)
                 if needs_x:
                     torch.mm(grad_h, a, out=grad_x[start:end])
-        return grad_x, None, None, *grads_a, *grads_b
+        if grad_x is not None and keep is not None:  # through x * keep, as autograd's mul
+            grad_x = grad_x * keep
+        return grad_x, None, None, None, None, *grads_a, *grads_b
