@@ -14,8 +14,8 @@ KEEP_LEVELS = 65536  # 16-bit draws
 
 
 def keep_multipliers(shape: tuple[int, ...], p: float, generator: torch.Generator) -> torch.Tensor:
-    """Inverted-dropout multipliers by mlora's documented rule: three 16-bit draws from the low
-    48 bits of each 64-bit ``random_`` word, a unit kept when its draw is below
+    """Inverted-dropout multipliers by mlora's documented rule: four 16-bit draws from each
+    64-bit ``random_`` word over the whole int64 range, low bits first, a unit kept when its draw is below
     K = round((1 - p) * 2**16), kept units scaled by 2**16 / K.
 
     Args:
@@ -26,9 +26,9 @@ def keep_multipliers(shape: tuple[int, ...], p: float, generator: torch.Generato
     n = 1
     for size in shape:
         n *= size
-    words = torch.empty((n + 2) // 3, dtype=torch.int64, device=generator.device)
-    words.random_(generator=generator)
-    draws = torch.stack([(words >> (16 * j)) & 0xFFFF for j in range(3)], dim=1).reshape(-1)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=generator.device)
+    words.random_(-(2**63), None, generator=generator)
+    draws = torch.stack([(words >> (16 * j)) & 0xFFFF for j in range(4)], dim=1).reshape(-1)
     kept = round((1 - p) * KEEP_LEVELS)
     return (draws[:n] < kept).view(shape).float() * (KEEP_LEVELS / kept)
 

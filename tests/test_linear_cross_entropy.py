@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from mlora.config.schema import parse_config
 from mlora.model import multi_lora
 from mlora.model.multi_lora import MultiLoraModel
-from mlora.ops.linear_cross_entropy import LowRankTerm, chunk_rows, linear_cross_entropy
+from mlora.ops.linear_cross_entropy import (
+    LowRankTerm,
+    _chunks,
+    chunk_rows,
+    linear_cross_entropy,
+)
 from mlora.training.trainer import Trainer, prepare_data
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import (
@@ -131,6 +136,35 @@ def test_frozen_weight_gets_no_gradient_and_no_grad_mode_works() -> None:
 def test_chunk_rows_follow_the_budget() -> None:
     assert chunk_rows(32, 49152) == 170  # 32 MiB of fp32 rows of 49152 logits
     assert chunk_rows(1e-9, 49152) == 1
+
+
+@pytest.mark.parametrize(("n", "rows"), [(37, 8), (1100, 340), (5, 100), (8, 8), (0, 3)])
+def test_chunks_split_rows_evenly_within_the_budget(n: int, rows: int) -> None:
+    """As few chunks as the budget allows, sizes within one row of each other (no ragged tail
+    of a few rows, where the head's matmul runs slowly), in order, covering every row."""
+    chunks = _chunks(n, rows)
+    sizes = [stop - start for start, stop in chunks]
+    assert len(chunks) == -(-n // rows)
+    starts, stops = [start for start, _ in chunks], [stop for _, stop in chunks]
+    assert starts == [0, *stops[:-1]][: len(chunks)]
+    assert sum(sizes) == n and all(0 < size <= rows for size in sizes)
+    assert not sizes or max(sizes) - min(sizes) <= 1
+
+
+def test_half_precision_head_equals_its_full_logits() -> None:
+    """A bf16 head: logits in bf16 upcast to fp32 for the softmax, as the unchunked head; the
+    chunked op then computes what the full logits' cross-entropy does, to bf16 rounding of the
+    gradient's product with the weight."""
+    inputs = _inputs(5, False)
+    hidden = inputs["hidden"].detach().bfloat16().requires_grad_()
+    weight = inputs["weight"].detach().bfloat16()
+    targets = inputs["targets"]
+    want = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+    (want_grad,) = torch.autograd.grad(want.sum(), hidden)
+    got = linear_cross_entropy(hidden, weight, targets, 8)
+    (got_grad,) = torch.autograd.grad(got.sum(), hidden)
+    assert got.dtype == torch.float32 and _relative(got, want) <= 1e-6
+    assert _relative(got_grad.float(), want_grad.float()) <= 2**-8  # bf16: 8 bits of mantissa
 
 
 def _config(tmp_path: Path, chunk_mb: float) -> dict:

@@ -11,7 +11,7 @@ from mlora.adapters import MultiLoraLinear
 from mlora.batching.layout import BatchLayout, LayoutContext
 from mlora.batching.randomness import RealRows, SegmentRandom, keep_scale
 from mlora.ops import GROUPED_AVAILABLE, segmented_lora
-from mlora.ops.masked_dropout import keep_multipliers
+from mlora.ops.masked_dropout import dropped_input, keep_multipliers, scale_by_keep_
 from mlora.ops.segmented_lora import dropout_segmented_lora
 
 IN, OUT = 32, 48
@@ -64,6 +64,26 @@ def test_masked_op_equals_plain_autograd(impl: str, dtype: torch.dtype) -> None:
     tolerance = 0 if exact else (1e-12 if dtype == torch.float64 else 1e-5)
     for got, want in zip(run(True), run(False), strict=True):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_dropped_input_rounds_as_the_multipliers(dtype: torch.dtype) -> None:
+    """``x`` times the mask's bytes, then each range times its scale, is ``x * keep`` bit for
+    bit (signed zeros included), in place or not: in half precision too, where a Python-float
+    scale would enter at fp32 precision instead of ``keep``'s rounded value."""
+    torch.manual_seed(3)
+    ranges = [(2, 9, keep_scale(0.3)), (12, 20, keep_scale(0.05))]  # rows 0-2, 9-12: no dropout
+    mask = random_mask(20, ranges, seed=4)
+    x = torch.randn(20, IN).to(dtype)
+    grad = torch.randn(20, IN).to(dtype)
+    keep = keep_multipliers(mask, ranges, dtype)
+    bits = BITS[dtype.itemsize]
+    assert torch.equal(dropped_input(x, mask, ranges).view(bits), (x * keep).view(bits))
+    scaled = scale_by_keep_(grad.clone(), mask, ranges)
+    assert torch.equal(scaled.view(bits), (grad * keep).view(bits))
 
 
 def test_masked_op_takes_only_the_gradients_asked_for() -> None:

@@ -130,16 +130,17 @@ def draw_keep_mask(
     """(shape) bool: True where a unit is kept, with probability ``K / 2**16`` (``keep_levels``).
 
     Why not ``bernoulli_``: on CPU it costs one generator call per element. Here one 64-bit
-    ``random_`` word gives three 16-bit draws (its low 48 bits; ``random_`` leaves the top bit
-    0), about 3x cheaper on CPU, on any device, from the adapter's own generator.
+    ``random_`` word over the whole int64 range gives four 16-bit draws, about 4x cheaper on
+    CPU, on any device, from the adapter's own generator; every step after the draw is one
+    contiguous elementwise pass (picking three lanes of four cost as much as drawing).
     """
     kept = keep_levels(p)
     n = shape.numel()
-    words = torch.empty(-(-n // 3), dtype=torch.int64, device=device)
-    words.random_(generator=generator)  # uniform in [0, 2**63)
-    draws = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]  # little-endian: low 48
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)  # all 64 bits uniform
+    draws = words.view(torch.int16)[:n]  # little-endian: draw j of a word is its bits 16j..16j+15
     # int16 holds the 16 bits b signed; flipping the sign bit orders them as b - 2**15
-    return (draws.view(shape) ^ -(KEEP_LEVELS // 2)) < kept - KEEP_LEVELS // 2
+    return ((draws ^ -(KEEP_LEVELS // 2)) < kept - KEEP_LEVELS // 2).view(shape)
 
 
 def fill_keep(out: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+from itertools import pairwise
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_MB = 32.0
+DEFAULT_CHUNK_MB = 64.0
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,21 @@ def _chunk_logits(
     bs: Sequence[torch.Tensor],
     start: int,
     stop: int,
+    buffer: torch.Tensor,
 ) -> torch.Tensor:
-    """(stop - start, V) logits before the soft cap, upcast as the unchunked head does."""
-    base = torch.nn.functional.linear(hidden[start:stop], weight, bias)  # (c, V) weight dtype
+    """(stop - start, V) logits before the soft cap, upcast as the unchunked head does.
+
+    Written into ``buffer`` (at least (stop - start, V), in the logits' dtype) where no upcast
+    is needed: one allocation of a chunk per call of the op, not one per chunk and pass (a
+    fresh chunk of 32 MiB or more is new pages to fault in each time)."""
+    rows = hidden[start:stop]
+    out = buffer[: stop - start]
+    if weight.dtype != out.dtype:
+        base = torch.nn.functional.linear(rows, weight, bias)  # (c, V) weight dtype
+    elif bias is None:
+        base = torch.mm(rows, weight.T, out=out)
+    else:
+        base = torch.addmm(bias, rows, weight.T, out=out)
     if not spans:
         return base.to(_logit_dtype(base.dtype))
     logits = base.to(_logit_dtype(torch.promote_types(base.dtype, us[0].dtype)))  # may be base
@@ -159,6 +172,37 @@ def _chunk_logits(
             logits[a - start : z - start] += u[a - lo : z - lo] @ b.T
     # the layer returns (base + delta) in the base's dtype, then the head upcasts it
     return logits.to(base.dtype).to(_logit_dtype(base.dtype))
+
+
+def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``rows`` rows covering ``n``, as equal as possible: a
+    ragged last chunk of a few rows would run the head's matmul at a fraction of its speed."""
+    count = -(-n // rows)
+    if count == 0:
+        return []
+    bounds = [n * i // count for i in range(count + 1)]  # sizes differ by at most one row
+    return list(pairwise(bounds))
+
+
+def _logits_buffer(
+    hidden: torch.Tensor, chunks: Sequence[tuple[int, int]], vocab: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """One (largest chunk, V) buffer that every chunk's logits are written into."""
+    rows = max((stop - start for start, stop in chunks), default=0)
+    return hidden.new_empty(rows, vocab, dtype=dtype)
+
+
+def _exp_shifted_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn ``z`` (c, V) into ``exp(z - max)`` in place; returns each row's logsumexp (c,) and
+    the row sums of the exponentials (c, 1), by which they divide into the softmax.
+
+    One pass for the shift and exponential and one for the sum, over a buffer that already
+    exists: ``torch.logsumexp`` and then ``exp(z - lse)`` take two of each, each into a
+    freshly allocated chunk."""
+    top = z.amax(dim=1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0)  # rows of -inf stay -inf, as logsumexp's
+    total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
+    return (total.log() + top).squeeze(1), total
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -179,23 +223,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # d loss_i / d x_i = g_i * (softmax(z_i) - onehot(t_i)) @ W, whose factor after g_i is
         # formed here, so backward scales it by g and recomputes nothing.
         early = need[0] and not need[1] and not need[2] and not spans
-        unit_grad = torch.zeros_like(hidden) if early else None  # (N, H)
-        for start in range(0, n, rows):
-            stop = min(start + rows, n)
-            z = _chunk_logits(hidden, weight, bias, spans, us, bs, start, stop)
+        unit_grad = torch.empty_like(hidden) if early else None  # (N, H), every row written
+        chunks = _chunks(n, rows)
+        buffer = _logits_buffer(hidden, chunks, weight.shape[0], dtype)
+        for start, stop in chunks:
+            z = _chunk_logits(hidden, weight, bias, spans, us, bs, start, stop, buffer)
             capped = torch.tanh(z / softcap) if softcap else None
             if softcap:
                 z = capped * softcap
-            lse[start:stop] = torch.logsumexp(z, dim=-1)
             picked = z.gather(1, safe[start:stop, None]).squeeze(1)
+            lse[start:stop], total = _exp_shifted_(z)  # z is exp(z - max) from here
             losses[start:stop] = torch.where(valid[start:stop], lse[start:stop] - picked, 0)
             if unit_grad is not None:
                 keep = valid[start:stop, None].to(z.dtype)
-                grad = torch.exp(z - lse[start:stop, None]).mul_(keep)
+                grad = z.mul_(keep / total)  # the softmax, 0 on ignored rows
                 grad.scatter_add_(1, safe[start:stop, None], -keep)
                 if softcap:
                     grad.mul_(1 - capped * capped)
-                unit_grad[start:stop] = grad.to(weight.dtype) @ weight
+                torch.mm(grad.to(weight.dtype), weight, out=unit_grad[start:stop])
         ctx.meta = meta
         if unit_grad is not None:
             ctx.save_for_backward(unit_grad, valid)
@@ -223,13 +268,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
         grad_us = [torch.zeros_like(u) for u in us]
         grad_bs = [torch.zeros_like(b) for b in bs]
-        for start in range(0, n, rows):
-            stop = min(start + rows, n)
-            z = _chunk_logits(hidden, weight, bias, spans, us, bs, start, stop)  # (c, V)
+        chunks = _chunks(n, rows)
+        buffer = _logits_buffer(hidden, chunks, weight.shape[0], lse.dtype)
+        for start, stop in chunks:
+            z = _chunk_logits(hidden, weight, bias, spans, us, bs, start, stop, buffer)  # (c, V)
             capped = torch.tanh(z / softcap) if softcap else None
             capped_z = capped * softcap if softcap else z
-            # d loss / d z = g * (softmax(z) - onehot(t)), written into the chunk's buffer
-            grad = torch.exp(capped_z - lse[start:stop, None])
+            # d loss / d z = g * (softmax(z) - onehot(t)), written over the chunk's logits
+            grad = capped_z.sub_(lse[start:stop, None]).exp_()
             grad.mul_(g[start:stop, None])
             grad.scatter_add_(1, safe[start:stop, None], -g[start:stop, None])
             if softcap:

@@ -7,7 +7,10 @@ The math, exactly. Given a bool ``mask`` (T, in) and row ranges with scales
     keep[t, i] = mask[t, i]           for t in no range (mask True there: no dropout)
 
 and an adapted projection's LoRA branch takes ``x * keep``
-(``mlora.ops.segmented_lora.dropout_segmented_lora``).
+(``mlora.ops.segmented_lora.dropout_segmented_lora``), formed by ``dropped_input`` without the
+multipliers themselves: ``x`` times the mask's bytes, then each range times ``s``, which rounds
+exactly as ``x * keep`` (``x * 1`` and ``x * 0`` are exact) in two passes where building ``keep``
+first takes three, one of them the slow bool-to-float conversion.
 
 Why: written plainly, autograd keeps the (T, in) fp32 multipliers (for the gradient of ``x``)
 and the branch keeps the (T, in) fp32 dropped input (for A's gradient): 8 bytes a unit, per
@@ -18,6 +21,8 @@ elementwise pass over the input.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -35,3 +40,27 @@ def keep_multipliers(mask: torch.Tensor, ranges: KeepRanges, dtype: torch.dtype)
     for start, end, scale in ranges:
         keep[start:end].mul_(scale)
     return keep
+
+
+def dropped_input(x: torch.Tensor, mask: torch.Tensor, ranges: KeepRanges) -> torch.Tensor:
+    """``x * keep_multipliers(mask, ranges, x.dtype)``, bit for bit, without the multipliers."""
+    return scale_by_keep_(torch.mul(x, mask.view(torch.uint8)), None, ranges)
+
+
+def scale_by_keep_(
+    values: torch.Tensor, mask: torch.Tensor | None, ranges: KeepRanges
+) -> torch.Tensor:
+    """``values *= keep_multipliers(mask, ranges, values.dtype)`` in place, bit for bit; a
+    ``mask`` of None: it is already applied. Returns ``values``."""
+    if mask is not None:
+        values.mul_(mask.view(torch.uint8))  # uint8 promotes in the vectorized loop; bool does not
+    for start, end, scale in ranges:
+        values[start:end].mul_(_rounded(scale, values.dtype))
+    return values
+
+
+@functools.cache
+def _rounded(scale: float, dtype: torch.dtype) -> float:
+    """``scale`` rounded to ``dtype`` as ``keep`` holds it: a half-precision tensor times a
+    Python float would otherwise use the float at fp32 precision."""
+    return torch.tensor(scale, dtype=dtype).item()

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from mlora.hardware.backends import get_backend
-from mlora.ops.masked_dropout import KeepRanges, keep_multipliers
+from mlora.ops.masked_dropout import KeepRanges, dropped_input, scale_by_keep_
 
 IMPLS = ("loop", "grouped", "function", "auto")
 
@@ -374,7 +374,7 @@ class _SegmentedLoraFunction(torch.autograd.Function):
         *weights: torch.Tensor,
     ) -> torch.Tensor:
         lora_a, lora_b = weights[: len(segments)], weights[len(segments) :]
-        dropped = x if mask is None else x * keep_multipliers(mask, keep_ranges, x.dtype)
+        dropped = x if mask is None else dropped_input(x, mask, keep_ranges)
         delta = x.new_empty(x.shape[0], lora_b[0].shape[0])  # (T, out)
         for start, end in _gaps(segments, x.shape[0]):
             delta[start:end].zero_()
@@ -406,17 +406,18 @@ class _SegmentedLoraFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_delta: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         x, hidden, *weights = ctx.saved_tensors
-        keep = None
-        if ctx.dropout:  # the dropped input again, from x and the mask
+        mask = None
+        if ctx.dropout:
             mask, *weights = weights
-            keep = keep_multipliers(mask, ctx.keep_ranges, x.dtype)
         segments, scales, sizes = ctx.segments, ctx.scales, ctx.sizes
         num_segments = len(segments)
         lora_a, lora_b = weights[:num_segments], weights[num_segments:]
         needs_x = ctx.needs_input_grad[0]
         needs_a = ctx.needs_input_grad[5 : 5 + num_segments]
         needs_b = ctx.needs_input_grad[5 + num_segments :]
-        dropped = x if keep is None or not any(needs_a) else x * keep
+        dropped = x  # the dropped input again, from x and the mask
+        if mask is not None and any(needs_a):
+            dropped = dropped_input(x, mask, ctx.keep_ranges)
         grad_x = None
         if needs_x:
             grad_x = torch.empty_like(x)  # (T, in)
@@ -439,6 +440,6 @@ class _SegmentedLoraFunction(torch.autograd.Function):
                     grads_a[g] = grad_h.T @ dropped[start:end]  # (r_g, in)
                 if needs_x:
                     torch.mm(grad_h, a, out=grad_x[start:end])
-        if grad_x is not None and keep is not None:  # through x * keep, as autograd's mul
-            grad_x = grad_x * keep
+        if grad_x is not None and mask is not None:  # through x * keep, as autograd's mul
+            scale_by_keep_(grad_x, mask, ctx.keep_ranges)
         return grad_x, None, None, None, None, *grads_a, *grads_b
