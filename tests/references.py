@@ -15,8 +15,8 @@ KEEP_LEVELS = 65536  # 16-bit draws
 
 def keep_multipliers(shape: tuple[int, ...], p: float, generator: torch.Generator) -> torch.Tensor:
     """Inverted-dropout multipliers by mlora's documented rule: four 16-bit draws from each
-    64-bit ``random_`` word over the whole int64 range, low bits first, a unit kept when its draw is below
-    K = round((1 - p) * 2**16), kept units scaled by 2**16 / K.
+    64-bit ``random_`` word over the whole int64 range, low bits first, a unit kept when its
+    draw is below K = round((1 - p) * 2**16), kept units scaled by 2**16 / K.
 
     Args:
         shape: the dropped tensor's shape; units are drawn in its row-major order.

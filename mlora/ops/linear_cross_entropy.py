@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from itertools import pairwise
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
