@@ -17,7 +17,7 @@ measured with the allocation-tracking probe of ``bench_lora_op.py`` (torch profi
     python benchmarks/bench_step_memory.py            # N = 1, 4, 16
     python benchmarks/bench_step_memory.py --adapters 1 2 4 8 16 32
 
-``--loss-chunk-mb`` sets the head's loss chunk budget (config ``loss_chunk_mb``; default 32,
+``--loss-chunk-mb`` sets the head's loss chunk budget (config ``loss_chunk_mb``; default 64,
 0 = the full logits); several values measure each N under each, in the same run::
 
     python benchmarks/bench_step_memory.py --adapters 4 --vocab 49152 --rows 64 --loss-chunk-mb 0 32

@@ -17,6 +17,7 @@ from mlora.config.schema import parse_config
 from mlora.model import multi_lora
 from mlora.model.multi_lora import MultiLoraModel
 from mlora.ops.linear_cross_entropy import (
+    DEFAULT_CHUNK_MB,
     LowRankTerm,
     _chunks,
     chunk_rows,
@@ -184,6 +185,14 @@ def _config(tmp_path: Path, chunk_mb: float) -> dict:
         {"name": "head2", "data": rev, "r": 2, "target_modules": ["lm_head"], **common},
         {"name": "body", "data": rev, "r": 4, "target_modules": ["q_proj", "down_proj"], **common},
     ]}  # fmt: skip
+
+
+def test_config_default_budget_is_the_ops(tmp_path: Path) -> None:
+    """The config key's default and the model's (a notebook's ``MultiLoraModel``) are one budget."""
+    config = _config(tmp_path, 0)
+    del config["loss_chunk_mb"]
+    assert parse_config(config, "test-config").loss_chunk_mb == DEFAULT_CHUNK_MB
+    assert MultiLoraModel(make_model()).loss_chunk_mb == DEFAULT_CHUNK_MB
 
 
 def _updates(tmp_path: Path, chunk_mb: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:

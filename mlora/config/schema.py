@@ -629,7 +629,7 @@ class TrainConfig:
         one_of("auto", "none", "recompute", "offload"),
     )
     loss_chunk_mb: float = _key(
-        32,
+        64,  # mlora.ops.linear_cross_entropy.DEFAULT_CHUNK_MB (this module imports no torch)
         "MiB of fp32 logits the loss holds at once: lm_head and cross-entropy run over row "
         "chunks of this size and backward recomputes each chunk's logits, so the full "
         "(tokens x vocab) logits never exist; 0 computes the full logits.",
