@@ -148,21 +148,20 @@ def _chunk_logits(
     bs: Sequence[torch.Tensor],
     start: int,
     stop: int,
-    buffer: torch.Tensor,
+    buffer: torch.Tensor | None,
 ) -> torch.Tensor:
     """(stop - start, V) logits before the soft cap, upcast as the unchunked head does.
 
-    Written into ``buffer`` (at least (stop - start, V), in the logits' dtype) where no upcast
-    is needed: one allocation of a chunk per call of the op, not one per chunk and pass (a
-    fresh chunk of 32 MiB or more is new pages to fault in each time)."""
+    Written into ``buffer`` (``_logits_buffer``; None: the weight's dtype needs an upcast):
+    one allocation of a chunk per call of the op, not one per chunk and pass (a fresh chunk of
+    32 MiB or more is new pages to fault in each time)."""
     rows = hidden[start:stop]
-    out = buffer[: stop - start]
-    if weight.dtype != out.dtype:
+    if buffer is None:
         base = torch.nn.functional.linear(rows, weight, bias)  # (c, V) weight dtype
     elif bias is None:
-        base = torch.mm(rows, weight.T, out=out)
+        base = torch.mm(rows, weight.T, out=buffer[: stop - start])
     else:
-        base = torch.addmm(bias, rows, weight.T, out=out)
+        base = torch.addmm(bias, rows, weight.T, out=buffer[: stop - start])
     if not spans:
         return base.to(_logit_dtype(base.dtype))
     logits = base.to(_logit_dtype(torch.promote_types(base.dtype, us[0].dtype)))  # may be base
@@ -185,11 +184,15 @@ def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
 
 
 def _logits_buffer(
-    hidden: torch.Tensor, chunks: Sequence[tuple[int, int]], vocab: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """One (largest chunk, V) buffer that every chunk's logits are written into."""
+    hidden: torch.Tensor, weight: torch.Tensor, chunks: Sequence[tuple[int, int]]
+) -> torch.Tensor | None:
+    """One (largest chunk, V) buffer that every chunk's logits are written into; None where
+    the head's products are upcast to the logits' dtype (a half-precision head), which makes
+    a new tensor anyway."""
+    if _logit_dtype(weight.dtype) != weight.dtype:
+        return None
     rows = max((stop - start for start, stop in chunks), default=0)
-    return hidden.new_empty(rows, vocab, dtype=dtype)
+    return hidden.new_empty(rows, weight.shape[0], dtype=weight.dtype)
 
 
 def _exp_shifted_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +228,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         early = need[0] and not need[1] and not need[2] and not spans
         unit_grad = torch.empty_like(hidden) if early else None  # (N, H), every row written
         chunks = _chunks(n, rows)
-        buffer = _logits_buffer(hidden, chunks, weight.shape[0], dtype)
+        buffer = _logits_buffer(hidden, weight, chunks)
         for start, stop in chunks:
             z = _chunk_logits(hidden, weight, bias, spans, us, bs, start, stop, buffer)
             capped = torch.tanh(z / softcap) if softcap else None
@@ -269,7 +272,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_us = [torch.zeros_like(u) for u in us]
         grad_bs = [torch.zeros_like(b) for b in bs]
         chunks = _chunks(n, rows)
-        buffer = _logits_buffer(hidden, chunks, weight.shape[0], lse.dtype)
+        buffer = _logits_buffer(hidden, weight, chunks)
         for start, stop in chunks:
             z = _chunk_logits(hidden, weight, bias, spans, us, bs, start, stop, buffer)  # (c, V)
             capped = torch.tanh(z / softcap) if softcap else None

@@ -1,4 +1,4 @@
-"""LoRA dropout as a 1-byte mask: the inverted-dropout multipliers rebuilt from it on demand.
+"""LoRA dropout as a 1-byte mask: the dropped input rebuilt from it on demand.
 
 The math, exactly. Given a bool ``mask`` (T, in) and row ranges with scales
 ``[(start_g, end_g, s_g)]`` (sorted, non-overlapping), the inverted-dropout multipliers are::
@@ -16,8 +16,8 @@ Why: written plainly, autograd keeps the (T, in) fp32 multipliers (for the gradi
 and the branch keeps the (T, in) fp32 dropped input (for A's gradient): 8 bytes a unit, per
 projection, per layer, until backward. ``x`` itself is kept alive anyway by the layer that
 made it, and q/k/v share it. Keeping ``x`` and the mask alone (1 byte a unit) and rebuilding
-``keep`` and ``x * keep`` in backward gives the same gradients, bit for bit, for one more
-elementwise pass over the input.
+``x * keep`` in backward gives the same gradients, bit for bit, for one more elementwise pass
+over the input.
 """
 
 from __future__ import annotations
@@ -44,16 +44,22 @@ def keep_multipliers(mask: torch.Tensor, ranges: KeepRanges, dtype: torch.dtype)
 
 def dropped_input(x: torch.Tensor, mask: torch.Tensor, ranges: KeepRanges) -> torch.Tensor:
     """``x * keep_multipliers(mask, ranges, x.dtype)``, bit for bit, without the multipliers."""
-    return scale_by_keep_(torch.mul(x, mask.view(torch.uint8)), None, ranges)
+    return _scale_ranges_(torch.mul(x, _bytes(mask)), ranges)
 
 
-def scale_by_keep_(
-    values: torch.Tensor, mask: torch.Tensor | None, ranges: KeepRanges
-) -> torch.Tensor:
-    """``values *= keep_multipliers(mask, ranges, values.dtype)`` in place, bit for bit; a
-    ``mask`` of None: it is already applied. Returns ``values``."""
-    if mask is not None:
-        values.mul_(mask.view(torch.uint8))  # uint8 promotes in the vectorized loop; bool does not
+def scale_by_keep_(values: torch.Tensor, mask: torch.Tensor, ranges: KeepRanges) -> torch.Tensor:
+    """``values *= keep_multipliers(mask, ranges, values.dtype)`` in place, bit for bit."""
+    return _scale_ranges_(values.mul_(_bytes(mask)), ranges)
+
+
+def _bytes(mask: torch.Tensor) -> torch.Tensor:
+    """The bool mask read as uint8: a float tensor times uint8 promotes in the vectorized
+    loop, times bool it takes a slow conversion."""
+    return mask.view(torch.uint8)
+
+
+def _scale_ranges_(values: torch.Tensor, ranges: KeepRanges) -> torch.Tensor:
+    """Each range's rows times its scale, as ``keep`` holds it; returns ``values``."""
     for start, end, scale in ranges:
         values[start:end].mul_(_rounded(scale, values.dtype))
     return values

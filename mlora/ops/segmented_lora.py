@@ -101,10 +101,7 @@ def segmented_lora(
     Raises:
         ValueError: inconsistent arguments, or an implementation that cannot run on them.
     """
-    _check_inputs(x, segments, lora_a, lora_b, scales)
-    x = x.to(lora_a[0].dtype)
-    segments = tuple((int(start), int(end)) for start, end in segments)
-    scales = tuple(float(scale) for scale in scales)
+    x, segments, scales = _checked(x, segments, lora_a, lora_b, scales)
     chosen = resolve_impl(impl, x, lora_a, lora_b)
     if chosen == "loop":
         return _loop(x, segments, lora_a, lora_b, scales)
@@ -134,16 +131,27 @@ def dropout_segmented_lora(
         keep_ranges: ``(start, end, scale)`` rows whose kept units are multiplied by ``scale``.
         segments, lora_a, lora_b, scales: as ``segmented_lora``.
     """
-    _check_inputs(x, segments, lora_a, lora_b, scales)
     if mask.shape != x.shape or mask.dtype != torch.bool:
         raise ValueError(
             f"mask must be bool of shape {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}"
         )
-    x = x.to(lora_a[0].dtype)
-    segments = tuple((int(start), int(end)) for start, end in segments)
-    scales = tuple(float(scale) for scale in scales)
+    x, segments, scales = _checked(x, segments, lora_a, lora_b, scales)
     ranges = tuple((int(start), int(end), float(scale)) for start, end, scale in keep_ranges)
     return _SegmentedLoraFunction.apply(x, segments, scales, mask, ranges, *lora_a, *lora_b)
+
+
+def _checked(
+    x: torch.Tensor,
+    segments: Sequence[tuple[int, int]],
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> tuple[torch.Tensor, tuple[tuple[int, int], ...], tuple[float, ...]]:
+    """The arguments checked (``_check_inputs``), ``x`` in the weights' dtype, and the
+    segments and scales as the hashable tuples the autograd function keeps."""
+    _check_inputs(x, segments, lora_a, lora_b, scales)
+    segments = tuple((int(start), int(end)) for start, end in segments)
+    return x.to(lora_a[0].dtype), segments, tuple(float(scale) for scale in scales)
 
 
 def resolve_impl(
